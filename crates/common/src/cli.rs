@@ -1,0 +1,86 @@
+//! What every mysnap binary shares: global flags, logging to stderr, and the
+//! mapping of errors to documented exit codes.
+
+use std::path::PathBuf;
+
+use crate::config::{self, Config};
+use crate::error::{exit_code_of, ExitCode};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Flags common to every program (CONTRACT.md).
+#[derive(Debug, Clone, clap::Args)]
+pub struct GlobalArgs {
+    /// Config file [default: $MYSNAP_CONFIG, else /etc/mysnap/mysnap.toml]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// More log output (-v debug, -vv trace)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Less log output (-q warnings only, -qq errors only); no progress
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub quiet: u8,
+    /// Log format on stderr
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl GlobalArgs {
+    pub fn init_logging(&self) {
+        let level = match i16::from(self.verbose) - i16::from(self.quiet) {
+            i16::MIN..=-2 => "error",
+            -1 => "warn",
+            0 => "info",
+            1 => "debug",
+            _ => "trace",
+        };
+        // Our crates at `level`; the SDK and friends only warn.
+        let filter = tracing_subscriber::EnvFilter::try_from_env("MYSNAP_LOG").unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(format!(
+                "warn,common={level},snapshotter={level},archiver={level},restorer={level},volprep={level}"
+            ))
+        });
+        let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        let _ = match self.log_format {
+            LogFormat::Text => builder.with_target(false).try_init(),
+            LogFormat::Json => builder.json().try_init(),
+        };
+    }
+
+    pub fn load_config(&self) -> anyhow::Result<Config> {
+        Config::load(&config::resolve_path(self.config.as_deref()))
+    }
+
+    pub fn quiet(&self) -> bool {
+        self.quiet > 0
+    }
+}
+
+/// Runs a binary's body and turns its outcome into the documented exit code,
+/// printing a failure as one line on stderr.
+pub fn exit_with(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let code = exit_code_of(&e);
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {msg}");
+            std::process::ExitCode::from(code as u8)
+        }
+    }
+}
+
+/// A multi-threaded tokio runtime for a binary.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("cannot start the tokio runtime")
+}
+
+impl From<ExitCode> for std::process::ExitCode {
+    fn from(c: ExitCode) -> Self {
+        std::process::ExitCode::from(c as u8)
+    }
+}

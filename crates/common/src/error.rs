@@ -1,0 +1,55 @@
+//! Error kinds that decide the exit code of every mysnap program.
+//!
+//! Library code returns `anyhow::Error` with context; where the kind of failure
+//! matters to the operator (configuration, lock, integrity), the chain holds one
+//! of these variants, and [`exit_code_of`] finds it.
+
+/// The documented exit codes (CONTRACT.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitCode {
+    Success = 0,
+    Failure = 1,
+    Usage = 2,
+    LockTimeout = 3,
+    Integrity = 4,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad configuration or usage: exit 2.
+    #[error("{0}")]
+    Config(String),
+    /// FLUSH TABLES WITH READ LOCK could not be taken within its retries: exit 3.
+    #[error("{0}")]
+    LockTimeout(String),
+    /// Checksum, size, truncated or unsafe archive: exit 4.
+    #[error("{0}")]
+    Integrity(String),
+}
+
+impl Error {
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            Error::Config(_) => ExitCode::Usage,
+            Error::LockTimeout(_) => ExitCode::LockTimeout,
+            Error::Integrity(_) => ExitCode::Integrity,
+        }
+    }
+}
+
+/// The exit code for an error chain: the first [`Error`] in it decides, else 1.
+pub fn exit_code_of(err: &anyhow::Error) -> ExitCode {
+    err.chain()
+        .find_map(|e| e.downcast_ref::<Error>())
+        .map_or(ExitCode::Failure, Error::exit_code)
+}
+
+/// Shorthand for a configuration error (exit 2).
+pub fn config_err(msg: impl Into<String>) -> anyhow::Error {
+    Error::Config(msg.into()).into()
+}
+
+/// Shorthand for an integrity error (exit 4).
+pub fn integrity_err(msg: impl Into<String>) -> anyhow::Error {
+    Error::Integrity(msg.into()).into()
+}

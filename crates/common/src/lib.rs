@@ -1,0 +1,24 @@
+//! Shared library of mysnap: everything the four programs have in common.
+//!
+//! - [`config`]: the one TOML file of the contract.
+//! - [`manifest`]: the hand-off file between snapshotter, archiver and restorer.
+//! - [`store`]: where archives live (S3 or a directory), behind one trait.
+//! - [`codec`]: zstd, xz, none; and the SHA-256 of the stored bytes.
+//! - [`snapshot`]: filesystem snapshots (btrfs, lvm) behind one trait.
+//! - [`mysql`]: connecting to the server and reading what it reports.
+//! - [`cmd`]: the one way external commands are run (argv, never a shell string).
+//! - [`cli`]: flags, logging and exit codes shared by the binaries.
+
+pub mod cli;
+pub mod cmd;
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod manifest;
+pub mod mysql;
+pub mod progress;
+pub mod snapshot;
+pub mod state;
+pub mod store;
+
+pub use error::{Error, ExitCode};

@@ -1,0 +1,53 @@
+//! Filesystem snapshots behind one trait. Only snapshotter creates them and
+//! only archiver (or the next snapshotter, for a killed run) removes them.
+
+mod btrfs;
+
+use std::path::PathBuf;
+
+use crate::config::{Backend, Config};
+
+pub use btrfs::Btrfs;
+
+/// A snapshot that exists: its name, and where its files can be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+pub trait SnapshotBackend: Send + Sync {
+    fn kind(&self) -> Backend;
+    /// Creates a read-only snapshot of the volume named `name` and makes its
+    /// files readable at the returned path. Called under the server's lock:
+    /// must be quick.
+    fn create(&self, name: &str) -> anyhow::Result<Snapshot>;
+    /// Removes the snapshot `name` (unmounting it where needed). Removing one
+    /// that does not exist is not an error.
+    fn remove(&self, name: &str) -> anyhow::Result<()>;
+    /// Names of existing snapshots whose name starts with `prefix`.
+    fn list(&self, prefix: &str) -> anyhow::Result<Vec<String>>;
+    /// Checks, before the archive is declared complete, that the snapshot is
+    /// still whole (an LVM snapshot can overflow).
+    fn check_valid(&self, name: &str) -> anyhow::Result<()>;
+}
+
+/// The name of this config's snapshot for one backup: `mysnap-<name>-<id>`.
+pub fn snapshot_name(backup_name: &str, id: &str) -> String {
+    format!("{}{id}", snapshot_prefix(backup_name))
+}
+
+/// The prefix that marks a snapshot as this config's.
+pub fn snapshot_prefix(backup_name: &str) -> String {
+    format!("mysnap-{backup_name}-")
+}
+
+/// The backend the config names.
+pub fn backend(cfg: &Config) -> anyhow::Result<Box<dyn SnapshotBackend>> {
+    match cfg.volume.backend {
+        Backend::Btrfs => Ok(Box::new(Btrfs::new(cfg.volume.mountpoint.clone(), cfg.snapshot_dir()))),
+        Backend::Lvm => Err(crate::error::config_err(
+            "volume.backend = \"lvm\" is not available in this build yet; use \"btrfs\"",
+        )),
+    }
+}

@@ -1,0 +1,111 @@
+//! The local state directory (`backup.state_dir`): one directory per pending
+//! backup holding its manifest, and the lock that keeps two runs of the same
+//! config apart.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use nix::fcntl::{Flock, FlockArg};
+
+/// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename,
+/// fsync of the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path.parent().context("path has no parent directory")?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().context("path has no file name")?.to_string_lossy(),
+        std::process::id()
+    ));
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow::anyhow!("cannot write {}: {e}", path.display())
+    })
+}
+
+/// The state lock of one config: held by snapshotter and archiver while they run.
+/// Released when dropped (and by the kernel when the process dies).
+pub struct StateLock {
+    _lock: Flock<File>,
+    dir: PathBuf,
+}
+
+impl StateLock {
+    /// Takes the lock without waiting; another run holding it is an error.
+    pub fn acquire(state_dir: &Path) -> anyhow::Result<StateLock> {
+        std::fs::create_dir_all(state_dir).with_context(|| {
+            format!("cannot create state directory {} (backup.state_dir)", state_dir.display())
+        })?;
+        let path = state_dir.join("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open state lock {}", path.display()))?;
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+            anyhow::anyhow!(
+                "another snapshotter or archiver of this config is running (it holds {}: {e}); wait for it to finish",
+                path.display()
+            )
+        })?;
+        Ok(StateLock { _lock: lock, dir: state_dir.to_path_buf() })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The directory of one backup's local state.
+    pub fn backup_dir(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    /// Ids of backups with a local state directory (pending or left by a killed run).
+    pub fn pending_ids(&self) -> anyhow::Result<Vec<String>> {
+        let mut ids = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)
+            .with_context(|| format!("cannot list state directory {}", self.dir.display()))?
+        {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if crate::manifest::is_backup_id(&name) {
+                ids.push(name);
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_lock_is_refused_until_first_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = StateLock::acquire(dir.path()).unwrap();
+        let err = StateLock::acquire(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("another snapshotter or archiver"), "{err}");
+        drop(first);
+        StateLock::acquire(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn atomic_write_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.toml");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

@@ -1,0 +1,171 @@
+//! A store in a local or NFS directory: objects are files under the root,
+//! written to a temporary name, fsynced and renamed into place.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::{Chunk, Store};
+
+pub struct FileStore {
+    root: PathBuf,
+}
+
+impl FileStore {
+    pub fn new(root: PathBuf) -> FileStore {
+        FileStore { root }
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    fn temp_path(path: &Path) -> PathBuf {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        path.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f).await.context("store task panicked")?
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[async_trait]
+impl Store for FileStore {
+    fn url(&self, key: &str) -> String {
+        format!("file://{}", self.path(key).display())
+    }
+
+    async fn check(&self) -> anyhow::Result<()> {
+        let root = self.root.clone();
+        blocking(move || {
+            let md = std::fs::metadata(&root).with_context(|| {
+                format!("store directory {} does not exist: create it or fix store.url", root.display())
+            })?;
+            anyhow::ensure!(md.is_dir(), "store path {} is not a directory (store.url)", root.display());
+            let probe = root.join(format!(".mysnap-probe-{}", std::process::id()));
+            std::fs::write(&probe, b"")
+                .with_context(|| format!("store directory {} is not writable", root.display()))?;
+            let _ = std::fs::remove_file(probe);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn put(&self, key: &str, body: Bytes) -> anyhow::Result<()> {
+        let path = self.path(key);
+        blocking(move || {
+            let dir = path.parent().context("key has no parent")?;
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            crate::state::write_atomic(&path, &body)
+        })
+        .await
+    }
+
+    async fn put_stream(&self, key: &str, mut parts: mpsc::Receiver<Chunk>, _concurrency: usize) -> anyhow::Result<u64> {
+        let path = self.path(key);
+        let tmp = Self::temp_path(&path);
+        let url = self.url(key);
+        let (tmp2, path2) = (tmp.clone(), path.clone());
+        let result = blocking(move || {
+            let dir = path2.parent().context("key has no parent")?;
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            let mut f = std::io::BufWriter::with_capacity(
+                1 << 20,
+                std::fs::File::create(&tmp2).with_context(|| format!("cannot create {}", tmp2.display()))?,
+            );
+            let mut total = 0u64;
+            loop {
+                match parts.blocking_recv() {
+                    Some(Chunk::Data(b)) => {
+                        f.write_all(&b).with_context(|| format!("cannot write {}", tmp2.display()))?;
+                        total += b.len() as u64;
+                    }
+                    Some(Chunk::End) => break,
+                    None => anyhow::bail!("the archive stream ended before its end; upload abandoned"),
+                }
+            }
+            let f = f.into_inner().map_err(|e| e.into_error())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp2, &path2)?;
+            sync_dir(dir)?;
+            Ok(total)
+        })
+        .await;
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result.with_context(|| format!("upload to {url} failed"))
+    }
+
+    async fn size(&self, key: &str) -> anyhow::Result<Option<u64>> {
+        match tokio::fs::metadata(self.path(key)).await {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot stat {}", self.url(key))),
+        }
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> anyhow::Result<Bytes> {
+        let path = self.path(key);
+        let url = self.url(key);
+        blocking(move || {
+            let mut f = std::fs::File::open(&path)?;
+            f.seek(SeekFrom::Start(range.start))?;
+            let mut buf = Vec::with_capacity((range.end - range.start) as usize);
+            f.take(range.end - range.start).read_to_end(&mut buf)?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+        .with_context(|| format!("cannot read {url}"))
+    }
+
+    async fn get(&self, key: &str) -> anyhow::Result<Bytes> {
+        let data = tokio::fs::read(self.path(key)).await.with_context(|| format!("cannot read {}", self.url(key)))?;
+        Ok(Bytes::from(data))
+    }
+
+    async fn list(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
+        let root = self.root.clone();
+        let prefix = prefix.to_string();
+        blocking(move || {
+            // Walk the deepest directory the prefix names, then filter.
+            let dir_part = prefix.rsplit_once('/').map_or("", |(d, _)| d);
+            let start = root.join(dir_part);
+            let mut keys = Vec::new();
+            if !start.exists() {
+                return Ok(keys);
+            }
+            for entry in walkdir::WalkDir::new(&start) {
+                let entry = entry.with_context(|| format!("cannot list {}", start.display()))?;
+                if !entry.file_type().is_file() || entry.file_name().to_string_lossy().starts_with('.') {
+                    continue;
+                }
+                let key = entry.path().strip_prefix(&root)?.to_string_lossy().into_owned();
+                if key.starts_with(&prefix) {
+                    keys.push(key);
+                }
+            }
+            keys.sort();
+            Ok(keys)
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str) -> anyhow::Result<()> {
+        match tokio::fs::remove_file(self.path(key)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("cannot delete {}", self.url(key))),
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Where archives live: S3 (or an S3-compatible server) or a local/NFS
+//! directory, behind one trait. Keys are relative to the store's prefix.
+
+mod file;
+mod s3;
+
+use std::io;
+use std::ops::Range;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use tokio::sync::mpsc;
+
+use crate::config::StoreConfig;
+use crate::error::config_err;
+
+pub use file::FileStore;
+pub use s3::S3Store;
+
+/// S3's limit on the number of parts of one upload.
+pub const MAX_PARTS: u64 = 10_000;
+/// S3's smallest part (all but the last).
+pub const MIN_PART: u64 = 5 << 20;
+/// S3's largest part.
+pub const MAX_PART: u64 = 5 << 30;
+
+/// One message of a streamed upload: a part, or the end of a complete stream.
+/// A stream whose sender goes away without [`Chunk::End`] is aborted.
+#[derive(Debug)]
+pub enum Chunk {
+    Data(Bytes),
+    End,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// The full address of `key`, for messages (`s3://bucket/prefix/key`).
+    fn url(&self, key: &str) -> String;
+    /// Fails with a clear message when the store cannot be written (missing bucket,
+    /// directory, credentials).
+    async fn check(&self) -> anyhow::Result<()>;
+    /// Writes a small object in one request.
+    async fn put(&self, key: &str, body: Bytes) -> anyhow::Result<()>;
+    /// Streams parts to `key` with up to `concurrency` in flight; the object
+    /// appears only after [`Chunk::End`]; any failure aborts the upload and
+    /// leaves no object. Returns the bytes written.
+    async fn put_stream(&self, key: &str, parts: mpsc::Receiver<Chunk>, concurrency: usize) -> anyhow::Result<u64>;
+    /// Size of `key`, or `None` when it does not exist.
+    async fn size(&self, key: &str) -> anyhow::Result<Option<u64>>;
+    /// Bytes `range` of `key`.
+    async fn get_range(&self, key: &str, range: Range<u64>) -> anyhow::Result<Bytes>;
+    /// The whole of a small object.
+    async fn get(&self, key: &str) -> anyhow::Result<Bytes>;
+    /// Every key that starts with `prefix`, sorted.
+    async fn list(&self, prefix: &str) -> anyhow::Result<Vec<String>>;
+    async fn delete(&self, key: &str) -> anyhow::Result<()>;
+}
+
+/// A parsed `store.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    S3 { bucket: String, prefix: String },
+    File { root: PathBuf },
+}
+
+impl StoreUrl {
+    pub fn parse(url: &str) -> Result<StoreUrl, String> {
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            let ok = (3..=63).contains(&bucket.len())
+                && bucket.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-".contains(c));
+            if !ok {
+                return Err(format!("{bucket:?} is not a valid S3 bucket name (3-63 lowercase letters, digits, '.', '-')"));
+            }
+            Ok(StoreUrl::S3 { bucket: bucket.into(), prefix: prefix.trim_matches('/').into() })
+        } else if let Some(path) = url.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(format!("{url:?}: a file store needs an absolute path, like file:///var/backups/mysnap"));
+            }
+            Ok(StoreUrl::File { root: PathBuf::from(path) })
+        } else {
+            Err(format!("{url:?} is neither s3://bucket/prefix nor file:///path"))
+        }
+    }
+}
+
+/// Opens the store named by the config.
+pub async fn open(cfg: &StoreConfig) -> anyhow::Result<Box<dyn Store>> {
+    match StoreUrl::parse(&cfg.url).map_err(|e| config_err(format!("store.url: {e}")))? {
+        StoreUrl::S3 { bucket, prefix } => Ok(Box::new(S3Store::new(cfg, bucket, prefix).await?)),
+        StoreUrl::File { root } => Ok(Box::new(FileStore::new(root))),
+    }
+}
+
+/// The part size for an upload expected to be about `expected` bytes: the
+/// configured size, grown so the upload stays within 10,000 parts.
+pub fn plan_part_size(configured: u64, expected: u64) -> u64 {
+    let needed = (expected + expected / 50 + (64 << 20)).div_ceil(MAX_PARTS - 100);
+    let mib = 1 << 20;
+    configured.max(needed.div_ceil(mib) * mib).clamp(MIN_PART, MAX_PART)
+}
+
+/// The writing end of a streamed upload: a blocking `Write` that cuts the
+/// stream into parts of `part_size` and hands them over without copying.
+pub struct PartWriter {
+    tx: mpsc::Sender<Chunk>,
+    buf: BytesMut,
+    part_size: usize,
+}
+
+/// A part channel: the writer for a blocking producer, the receiver for
+/// [`Store::put_stream`]. One part is queued besides those in flight.
+pub fn part_channel(part_size: u64) -> (PartWriter, mpsc::Receiver<Chunk>) {
+    let (tx, rx) = mpsc::channel(1);
+    let part_size = part_size as usize;
+    (PartWriter { tx, buf: BytesMut::with_capacity(part_size), part_size }, rx)
+}
+
+impl PartWriter {
+    fn send(&mut self, chunk: Chunk) -> io::Result<()> {
+        self.tx
+            .blocking_send(chunk)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))
+    }
+
+    /// Sends the last part and marks the stream complete.
+    pub fn finish(mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let part = self.buf.split().freeze();
+            self.send(Chunk::Data(part))?;
+        }
+        self.send(Chunk::End)
+    }
+}
+
+impl io::Write for PartWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(self.part_size - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == self.part_size {
+            let part = std::mem::replace(&mut self.buf, BytesMut::with_capacity(self.part_size)).freeze();
+            self.send(Chunk::Data(part))?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            StoreUrl::parse("s3://my-bucket/a/b/").unwrap(),
+            StoreUrl::S3 { bucket: "my-bucket".into(), prefix: "a/b".into() }
+        );
+        assert_eq!(StoreUrl::parse("s3://my-bucket").unwrap(), StoreUrl::S3 { bucket: "my-bucket".into(), prefix: "".into() });
+        assert_eq!(StoreUrl::parse("file:///srv/b").unwrap(), StoreUrl::File { root: "/srv/b".into() });
+        assert!(StoreUrl::parse("file://rel").is_err());
+        assert!(StoreUrl::parse("s3://A_B").is_err());
+        assert!(StoreUrl::parse("/srv").is_err());
+    }
+
+    #[test]
+    fn part_size_grows_so_5_tb_fits_in_10000_parts() {
+        assert_eq!(plan_part_size(64 << 20, 1 << 30), 64 << 20);
+        let tb5 = 5u64 << 40;
+        let p = plan_part_size(64 << 20, tb5);
+        assert!(tb5.div_ceil(p) < MAX_PARTS, "{p}");
+        assert_eq!(p % (1 << 20), 0);
+        assert_eq!(plan_part_size(1, 0), MIN_PART);
+    }
+
+    #[test]
+    fn part_writer_cuts_exact_parts_and_ends() {
+        let (mut w, mut rx) = part_channel(8);
+        let t = std::thread::spawn(move || {
+            io::Write::write_all(&mut w, b"0123456789abcdefXYZ").unwrap();
+            w.finish().unwrap();
+        });
+        let mut got = Vec::new();
+        while let Some(c) = rx.blocking_recv() {
+            got.push(match c {
+                Chunk::Data(b) => String::from_utf8(b.to_vec()).unwrap(),
+                Chunk::End => "END".into(),
+            });
+        }
+        t.join().unwrap();
+        assert_eq!(got, ["01234567", "89abcdef", "XYZ", "END"]);
+    }
+}
