@@ -1,1 +1,190 @@
-//! placeholder
+//! archiver: the streaming half of a backup.
+//!
+//! tar (relative paths, modes, owners, mtimes) → codec → SHA-256 → store,
+//! with no local staging: a blocking thread produces parts, the store uploads
+//! them with bounded concurrency. The manifest is stored last, only after the
+//! archive is complete and the snapshot proved whole. The snapshot and the
+//! local state are removed in every outcome.
+
+mod tar_stream;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use common::config::Config;
+use common::manifest::{ArchiveInfo, Manifest};
+use common::progress::Progress;
+use common::snapshot::{self, SnapshotBackend};
+use common::state::StateLock;
+use common::store;
+
+pub use tar_stream::{write_tar, TarStats};
+
+/// Set on SIGINT/SIGTERM: the pipeline stops, the upload is aborted, the
+/// snapshot removed.
+#[derive(Clone, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+    /// Cancels on SIGINT or SIGTERM.
+    pub fn on_signals(&self) -> anyhow::Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            tracing::warn!("signal received: aborting the upload and removing the snapshot");
+            me.cancel();
+        });
+        Ok(())
+    }
+}
+
+/// Archives the snapshot of `manifest_path`; returns the backup id.
+pub async fn run(cfg: &Config, manifest_path: &Path, progress: &dyn Progress, cancel: &Cancel) -> anyhow::Result<String> {
+    let state = StateLock::acquire(&cfg.backup.state_dir)?;
+    let manifest = Manifest::load(manifest_path)?;
+    anyhow::ensure!(
+        manifest.name == cfg.backup.name,
+        "manifest {} belongs to backup.name {:?}, this config is {:?}",
+        manifest_path.display(),
+        manifest.name,
+        cfg.backup.name
+    );
+    anyhow::ensure!(
+        manifest.archive.is_none(),
+        "manifest {} was archived already (backup {})",
+        manifest_path.display(),
+        manifest.backup_id
+    );
+    let backend = snapshot::backend(cfg)?;
+    let result = archive(cfg, &manifest, backend.as_ref(), progress, cancel).await;
+    // Every outcome: no snapshot and no pending state left behind.
+    let removed = backend.remove(&manifest.snapshot.name);
+    let state_dir = state.backup_dir(&manifest.backup_id);
+    if let Err(e) = std::fs::remove_dir_all(&state_dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!("cannot remove {}: {e}", state_dir.display());
+        }
+    }
+    match (result, removed) {
+        (Ok(()), Ok(())) => Ok(manifest.backup_id),
+        (Ok(()), Err(e)) => {
+            tracing::error!("backup {} is complete, but its snapshot could not be removed: {e:#}", manifest.backup_id);
+            Err(e.context(format!("remove snapshot {}", manifest.snapshot.name)))
+        }
+        (Err(e), removed) => {
+            if let Err(e2) = removed {
+                tracing::error!("cannot remove snapshot {}: {e2:#}", manifest.snapshot.name);
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn archive(cfg: &Config, manifest: &Manifest, backend: &dyn SnapshotBackend, progress: &dyn Progress, cancel: &Cancel) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let snap = manifest.snapshot.path.clone();
+    anyhow::ensure!(snap.is_dir(), "snapshot {} does not exist (was it removed by a later run?)", snap.display());
+    let store = store::open(&cfg.store).await?;
+    let compression = cfg.archive.compression;
+    let key = format!("{}/{}/{}", manifest.name, manifest.backup_id, compression.file_name());
+
+    let estimate = tar_stream::estimate(&snap, &manifest.data)?;
+    progress.set_total(estimate);
+    let part_size = store::plan_part_size(cfg.store.part_size.as_u64(), estimate);
+    let (writer, parts) = store::part_channel(part_size);
+    tracing::info!(
+        "archiving {} (about {}) to {} in parts of {}",
+        snap.display(),
+        bytesize(estimate),
+        store.url(&key),
+        bytesize(part_size)
+    );
+
+    let level = cfg.level();
+    let threads = common::codec::threads(cfg.archive.threads);
+    let layout = manifest.data.clone();
+    let cancel2 = cancel.clone();
+    let (produced, uploaded) = std::thread::scope(|scope| {
+        let producer = scope.spawn(|| -> anyhow::Result<TarStats> {
+            let mut enc = common::codec::Hashing::new(writer);
+            let enc_writer = common::codec::Encoder::new(&mut enc, compression, level, threads)?;
+            let (enc_writer, stats) = write_tar(&snap, &layout, enc_writer, progress, &|| cancel2.is_cancelled())?;
+            enc_writer.finish().context("finishing compression")?;
+            let (writer, size, sha) = enc.finish();
+            writer.finish().context("handing the last part to the upload")?;
+            Ok(TarStats { stored_size: size, sha256: sha, ..stats })
+        });
+        let uploaded = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(store.put_stream(&key, parts, cfg.store.concurrency))
+        });
+        (producer.join().map_err(|_| anyhow::anyhow!("the archive thread panicked")), uploaded)
+    });
+    progress.finish();
+    let incomplete = || format!("upload of {} failed; the backup is incomplete and not listed", store.url(&key));
+    let (stats, size) = match (produced?, uploaded) {
+        (Ok(stats), Ok(size)) => (stats, size),
+        // The upload stopped first: its error is the cause.
+        (Err(p), Err(u)) if is_broken_pipe(&p) => return Err(u.context(incomplete())),
+        (Err(p), _) => return Err(p.context("the backup is incomplete and not listed")),
+        (Ok(_), Err(u)) => return Err(u.context(incomplete())),
+    };
+    anyhow::ensure!(size == stats.stored_size, "stored {size} bytes but produced {}", stats.stored_size);
+    if cancel.is_cancelled() {
+        store.delete(&key).await?;
+        anyhow::bail!("interrupted by a signal; the backup is incomplete and not listed");
+    }
+
+    // An overflowed snapshot (LVM) means the archive may be inconsistent.
+    if let Err(e) = backend.check_valid(&manifest.snapshot.name) {
+        let _ = store.delete(&key).await;
+        return Err(e.context("the snapshot became invalid during the backup; the archive was deleted"));
+    }
+
+    let mut complete = manifest.clone();
+    complete.archive = Some(ArchiveInfo {
+        key: key.clone(),
+        size,
+        compression,
+        level,
+        sha256: stats.sha256,
+        tar_size: stats.tar_size,
+        unpacked_size: stats.content_bytes,
+        files: stats.files,
+        archive_secs: started.elapsed().as_secs_f64(),
+    });
+    store.put(&complete.key(), complete.to_toml().into()).await?;
+    tracing::info!(
+        "backup {} complete: {} files, {} of data stored as {} in {:.1}s ({}/s)",
+        complete.backup_id,
+        stats.files,
+        bytesize(stats.content_bytes),
+        bytesize(size),
+        started.elapsed().as_secs_f64(),
+        bytesize((stats.content_bytes as f64 / started.elapsed().as_secs_f64().max(1e-3)) as u64)
+    );
+    Ok(())
+}
+
+fn bytesize(n: u64) -> String {
+    bytesize::ByteSize(n).to_string()
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}

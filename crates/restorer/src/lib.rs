@@ -1,1 +1,1 @@
-//! placeholder
+//! restorer: not yet implemented.

@@ -1,1 +1,146 @@
-//! placeholder
+//! snapshotter: the locked phase of a backup.
+//!
+//! Connect, read where the server keeps its data and refuse paths off the
+//! volume (before any lock), wait out long queries, take FLUSH TABLES WITH
+//! READ LOCK bounded by `lock_timeout` (session `lock_wait_timeout` plus a
+//! watcher that `KILL QUERY`s the attempt), and under the lock flush the
+//! binary logs, record coordinates, and snapshot. `UNLOCK TABLES` runs in
+//! every outcome. The manifest goes to `STATE_DIR/<id>/manifest.toml`.
+
+mod layout;
+mod lock;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use common::config::Config;
+use common::manifest::{self, Manifest, SnapshotInfo, FORMAT_VERSION, MANIFEST_FILE};
+use common::mysql::{query_rows, ConnectInfo, ServerVersion};
+use common::snapshot::{self, SnapshotBackend};
+use common::state::StateLock;
+
+pub use layout::{plan_layout, DataVars};
+pub use lock::LockOutcome;
+
+/// Takes one snapshot and returns the path of its manifest.
+pub async fn run(cfg: &Config) -> anyhow::Result<PathBuf> {
+    let state = StateLock::acquire(&cfg.backup.state_dir)?;
+    let backend = snapshot::backend(cfg)?;
+    remove_stale(&state, backend.as_ref(), &cfg.backup.name)?;
+
+    // Everything that can be checked is checked before the server is locked.
+    let store = common::store::open(&cfg.store).await?;
+    store.check().await?;
+    let info = ConnectInfo::from_config(&cfg.mysql)?;
+    let mut conn = info.connect().await?;
+    let watcher = info.connect().await?;
+    let version = ServerVersion::parse(&query_one(&mut conn, "SELECT VERSION()").await?.unwrap_or_default());
+    let vars = DataVars::query(&mut conn).await?;
+    let layout = plan_layout(&vars, &cfg.volume.mountpoint)?;
+    if vars.datadir.canonicalize().ok() != cfg.volume.datadir.canonicalize().ok() {
+        tracing::warn!(
+            "the server's datadir {} differs from volume.datadir {}; backing up the server's",
+            vars.datadir.display(),
+            cfg.volume.datadir.display()
+        );
+    }
+    let server = manifest::Server {
+        flavor: version.flavor,
+        version: version.text.clone(),
+        hostname: query_one(&mut conn, "SELECT @@hostname").await?.unwrap_or_default(),
+        server_id: query_one(&mut conn, "SELECT @@server_id").await?.and_then(|s| s.parse().ok()).unwrap_or(0),
+    };
+
+    let id = next_backup_id(&state).await?;
+    let name = snapshot::snapshot_name(&cfg.backup.name, &id);
+    lock::wait_for_long_queries(&mut conn, cfg.mysql.lock_timeout, cfg.mysql.long_query_wait).await?;
+    let outcome = lock::locked_snapshot(
+        conn,
+        watcher,
+        &version,
+        vars.log_bin,
+        cfg.mysql.lock_timeout,
+        cfg.mysql.lock_retries,
+        backend.as_ref(),
+        &name,
+    )
+    .await?;
+    tracing::info!(
+        "snapshot {} taken: lock waited {:.3}s, held {:.3}s ({} attempt(s))",
+        outcome.snapshot.name,
+        outcome.lock.wait_secs,
+        outcome.lock.hold_secs,
+        outcome.lock.attempts
+    );
+
+    let m = Manifest {
+        format_version: FORMAT_VERSION,
+        backup_id: id.clone(),
+        name: cfg.backup.name.clone(),
+        created_at: outcome.at.format(&time::format_description::well_known::Rfc3339)?,
+        server,
+        binlog: outcome.binlog,
+        gtid: outcome.gtid,
+        source: outcome.source,
+        lock: outcome.lock,
+        snapshot: SnapshotInfo { backend: backend.kind(), name: outcome.snapshot.name, path: outcome.snapshot.path },
+        data: layout,
+        archive: None,
+    };
+    let dir = state.backup_dir(&id);
+    let path = dir.join(MANIFEST_FILE);
+    let saved = std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create {}", dir.display()))
+        .and_then(|()| m.save(&path));
+    if let Err(e) = saved {
+        // No manifest, no archiver to remove the snapshot: remove it now.
+        if let Err(e2) = backend.remove(&name) {
+            tracing::error!("cannot remove snapshot {name}: {e2:#}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(e);
+    }
+    Ok(path)
+}
+
+/// Removes snapshots and state left by earlier runs that were killed. Only
+/// this config's, known by the naming and the state directory.
+fn remove_stale(state: &StateLock, backend: &dyn SnapshotBackend, backup_name: &str) -> anyhow::Result<()> {
+    for name in backend.list(&snapshot::snapshot_prefix(backup_name))? {
+        tracing::warn!("removing snapshot {name} left by an earlier run that did not finish");
+        backend.remove(&name).with_context(|| format!("cannot remove stale snapshot {name}"))?;
+    }
+    for id in state.pending_ids()? {
+        let dir = state.backup_dir(&id);
+        tracing::warn!("removing state {} of backup {id}, which never completed", dir.display());
+        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// The backup id for now; strictly after the previous one of this config, so
+/// two backups in the same second cannot share an id.
+async fn next_backup_id(state: &StateLock) -> anyhow::Result<String> {
+    let last_path = state.dir().join("last-id");
+    let last = std::fs::read_to_string(&last_path).unwrap_or_default().trim().to_string();
+    let mut id = manifest::backup_id(time::OffsetDateTime::now_utc());
+    for _ in 0..25 {
+        if id > last {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        id = manifest::backup_id(time::OffsetDateTime::now_utc());
+    }
+    anyhow::ensure!(
+        id > last,
+        "the clock says {id}, but the previous backup of this config was {last} ({}): check the system clock",
+        last_path.display()
+    );
+    common::state::write_atomic(&last_path, id.as_bytes())?;
+    Ok(id)
+}
+
+async fn query_one(conn: &mut mysql_async::Conn, sql: &str) -> anyhow::Result<Option<String>> {
+    Ok(query_rows(conn, sql).await?.into_iter().next().and_then(|r| r.into_values().next().flatten()))
+}

@@ -1,1 +1,1 @@
-//! placeholder
+//! volprep: not yet implemented.

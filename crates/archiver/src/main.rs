@@ -1,0 +1,47 @@
+//! archiver: streams a snapshot to the store and prints the backup id.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+
+use clap::Parser;
+use common::cli::{exit_with, runtime, GlobalArgs};
+
+/// Archives the snapshot a manifest names (tar, compress, SHA-256) straight
+/// into the store, stores the manifest last, and removes the snapshot.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    /// The manifest snapshotter printed [default: one line on stdin]
+    #[arg(long, value_name = "PATH")]
+    manifest: Option<PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    cli.global.init_logging();
+    exit_with(runtime().block_on(async {
+        let cfg = cli.global.load_config()?;
+        let manifest = match cli.manifest {
+            Some(p) => p,
+            None => {
+                let mut line = String::new();
+                std::io::stdin().lock().read_line(&mut line)?;
+                let line = line.trim();
+                if line.is_empty() {
+                    return Err(common::error::config_err(
+                        "no manifest: pass --manifest PATH or pipe snapshotter's output in (snapshotter | archiver)",
+                    ));
+                }
+                PathBuf::from(line)
+            }
+        };
+        let cancel = archiver::Cancel::default();
+        cancel.on_signals()?;
+        let progress = common::progress::for_stderr("archiving", cli.global.quiet());
+        let id = archiver::run(&cfg, &manifest, progress.as_ref(), &cancel).await?;
+        println!("{id}");
+        Ok(())
+    }))
+}

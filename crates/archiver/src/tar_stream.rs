@@ -1,0 +1,166 @@
+//! The tar stream of a snapshot: the recorded directories as paths relative
+//! to the volume root, keeping mode, owner ids and mtimes; excluded files
+//! (pid file, socket, ibtmp1) and special files left out.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read, Write};
+use std::path::Path;
+
+use anyhow::Context;
+use common::codec::Counting;
+use common::manifest::DataLayout;
+use common::progress::Progress;
+use tar::{Builder, EntryType, Header, HeaderMode};
+use walkdir::WalkDir;
+
+/// What the tar stream held, and (filled in by the caller) what was stored.
+#[derive(Debug, Clone, Default)]
+pub struct TarStats {
+    pub files: u64,
+    pub content_bytes: u64,
+    pub tar_size: u64,
+    pub stored_size: u64,
+    pub sha256: String,
+}
+
+fn entries<'a>(snap: &'a Path, layout: &'a DataLayout) -> impl Iterator<Item = anyhow::Result<(String, walkdir::DirEntry)>> + 'a {
+    layout.paths.iter().flat_map(move |rel| {
+        WalkDir::new(snap.join(rel)).follow_links(false).sort_by_file_name().into_iter().filter_map(move |e| {
+            let e = match e {
+                Ok(e) => e,
+                Err(err) => return Some(Err(anyhow::Error::new(err).context(format!("cannot read snapshot {}", snap.display())))),
+            };
+            let name = e.path().strip_prefix(snap).ok()?.to_string_lossy().into_owned();
+            if name.is_empty() || layout.exclude.contains(&name) {
+                return None;
+            }
+            Some(Ok((name, e)))
+        })
+    })
+}
+
+/// Bytes the tar stream will be about (file contents plus headers): sizes the
+/// upload's parts and the progress bar.
+pub fn estimate(snap: &Path, layout: &DataLayout) -> anyhow::Result<u64> {
+    let mut total = 1024;
+    for e in entries(snap, layout) {
+        let (_, e) = e?;
+        let len = e.metadata().map(|m| if m.is_file() { m.len() } else { 0 }).unwrap_or(0);
+        total += 512 + len.div_ceil(512) * 512;
+    }
+    Ok(total)
+}
+
+struct ProgressReader<'a, R> {
+    inner: R,
+    progress: &'a dyn Progress,
+    cancelled: &'a dyn Fn() -> bool,
+}
+
+impl<R: Read> Read for ProgressReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if (self.cancelled)() {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted by a signal"));
+        }
+        let n = self.inner.read(buf)?;
+        self.progress.advance(n as u64);
+        Ok(n)
+    }
+}
+
+/// Writes the tar stream of the snapshot into `out`; returns `out` and the stats.
+pub fn write_tar<W: Write>(
+    snap: &Path,
+    layout: &DataLayout,
+    out: W,
+    progress: &dyn Progress,
+    cancelled: &dyn Fn() -> bool,
+) -> anyhow::Result<(W, TarStats)> {
+    let mut tar = Builder::new(Counting::new(out));
+    tar.mode(HeaderMode::Complete);
+    tar.follow_symlinks(false);
+    let mut stats = TarStats::default();
+    for e in entries(snap, layout) {
+        let (name, e) = e?;
+        if cancelled() {
+            anyhow::bail!("interrupted by a signal");
+        }
+        let path = e.path();
+        let md = e.metadata().with_context(|| format!("cannot stat {}", path.display()))?;
+        let mut header = Header::new_gnu();
+        header.set_metadata_in_mode(&md, HeaderMode::Complete);
+        let ft = md.file_type();
+        let result = if ft.is_dir() {
+            tar.append_data(&mut header, &name, io::empty())
+        } else if ft.is_file() {
+            let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+            let reader = ProgressReader { inner: BufReader::with_capacity(1 << 20, f), progress, cancelled };
+            stats.files += 1;
+            stats.content_bytes += md.len();
+            tar.append_data(&mut header, &name, reader)
+        } else if ft.is_symlink() {
+            let target = std::fs::read_link(path).with_context(|| format!("cannot read link {}", path.display()))?;
+            header.set_entry_type(EntryType::Symlink);
+            header.set_size(0);
+            tar.append_link(&mut header, &name, target)
+        } else {
+            tracing::warn!("leaving out {} (not a file, directory or symlink)", path.display());
+            continue;
+        };
+        result.with_context(|| format!("cannot archive {}", path.display()))?;
+    }
+    let counting = tar.into_inner().context("cannot finish the tar stream")?;
+    stats.tar_size = counting.bytes;
+    Ok((counting.inner, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{symlink, PermissionsExt};
+
+    #[test]
+    fn archives_relative_paths_with_modes_and_leaves_out_excluded_and_special_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("mysql/db1")).unwrap();
+        std::fs::write(root.join("mysql/ibdata1"), vec![7u8; 70_000]).unwrap();
+        std::fs::write(root.join("mysql/ibtmp1"), b"tmp").unwrap();
+        std::fs::write(root.join("mysql/db1/t.ibd"), b"rows").unwrap();
+        std::fs::set_permissions(root.join("mysql/db1/t.ibd"), std::fs::Permissions::from_mode(0o640)).unwrap();
+        symlink("../elsewhere", root.join("mysql/link")).unwrap();
+        nix::unistd::mkfifo(&root.join("mysql/fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        std::fs::write(root.join("outside"), b"not archived").unwrap();
+        let layout = DataLayout {
+            volume_root: "/mnt".into(),
+            datadir: "mysql".into(),
+            paths: vec!["mysql".into()],
+            exclude: vec!["mysql/ibtmp1".into()],
+        };
+        let (bytes, stats) = write_tar(root, &layout, Vec::new(), &common::progress::Silent, &|| false).unwrap();
+        assert_eq!(stats.files, 2);
+        assert_eq!(stats.content_bytes, 70_004);
+        assert_eq!(stats.tar_size, bytes.len() as u64);
+        assert!(estimate(root, &layout).unwrap() >= 70_004);
+        let mut names = Vec::new();
+        for e in tar::Archive::new(&bytes[..]).entries().unwrap() {
+            let e = e.unwrap();
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            if name == "mysql/db1/t.ibd" {
+                assert_eq!(e.header().mode().unwrap() & 0o777, 0o640);
+            }
+            names.push(name);
+        }
+        assert_eq!(names, ["mysql", "mysql/db1", "mysql/db1/t.ibd", "mysql/ibdata1", "mysql/link"]);
+    }
+
+    #[test]
+    fn cancellation_stops_the_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join("d/f"), b"x").unwrap();
+        let layout = DataLayout { volume_root: "/".into(), datadir: "d".into(), paths: vec!["d".into()], exclude: vec![] };
+        let err = write_tar(dir.path(), &layout, Vec::new(), &common::progress::Silent, &|| true).unwrap_err();
+        assert!(err.to_string().contains("interrupted"), "{err}");
+    }
+}

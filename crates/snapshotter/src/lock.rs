@@ -1,0 +1,251 @@
+//! The locked phase: FLUSH TABLES WITH READ LOCK, bounded and retried, and
+//! what happens under it. The server is never left locked: UNLOCK TABLES runs
+//! in every outcome, and a broken connection releases the lock server-side.
+
+use std::time::{Duration, Instant};
+
+use common::error::Error;
+use common::manifest::{Binlog, LockTimes, SourceCoordinates};
+use common::mysql::{exec, query_rows, ServerVersion};
+use common::snapshot::{Snapshot, SnapshotBackend};
+use mysql_async::prelude::Queryable;
+use mysql_async::Conn;
+use rand::Rng;
+use tokio::sync::oneshot;
+
+/// What the locked phase produced.
+#[derive(Debug)]
+pub struct LockOutcome {
+    pub snapshot: Snapshot,
+    pub lock: LockTimes,
+    pub binlog: Option<Binlog>,
+    pub gtid: Option<String>,
+    pub source: Option<SourceCoordinates>,
+    /// When the snapshot was taken.
+    pub at: time::OffsetDateTime,
+}
+
+/// Waits (at most `max_wait`) while a statement has been running longer than
+/// `lock_timeout`: a lock attempt now would only stall writers behind it.
+pub async fn wait_for_long_queries(conn: &mut Conn, lock_timeout: Duration, max_wait: Duration) -> anyhow::Result<()> {
+    let sql = format!(
+        "SELECT ID, USER, TIME FROM information_schema.PROCESSLIST \
+         WHERE COMMAND = 'Query' AND ID <> CONNECTION_ID() AND TIME >= {} ORDER BY TIME DESC LIMIT 1",
+        lock_timeout.as_secs().max(1)
+    );
+    let start = Instant::now();
+    loop {
+        let rows = query_rows(conn, &sql).await?;
+        let Some(row) = rows.first() else { return Ok(()) };
+        let describe = || {
+            format!(
+                "statement id {} of user {} has been running {}s",
+                row.get("ID").cloned().flatten().unwrap_or_default(),
+                row.get("USER").cloned().flatten().unwrap_or_default(),
+                row.get("TIME").cloned().flatten().unwrap_or_default()
+            )
+        };
+        if start.elapsed() >= max_wait {
+            tracing::warn!("{}; trying the lock anyway after waiting {:?}", describe(), max_wait);
+            return Ok(());
+        }
+        if start.elapsed() < Duration::from_secs(1) {
+            tracing::info!("{}; waiting up to {:?} (mysql.long_query_wait) before locking", describe(), max_wait);
+        }
+        tokio::time::sleep(Duration::from_secs(1).min(max_wait)).await;
+    }
+}
+
+/// The server error code in an error chain, if any.
+fn server_code(e: &anyhow::Error) -> Option<u16> {
+    e.chain().find_map(|c| match c.downcast_ref::<mysql_async::Error>() {
+        Some(mysql_async::Error::Server(s)) => Some(s.code),
+        _ => None,
+    })
+}
+
+/// Lock wait timeout (1205) or the watcher's KILL QUERY (1317, 1927).
+fn is_lock_timeout(e: &anyhow::Error) -> bool {
+    matches!(server_code(e), Some(1205 | 1317 | 1927))
+}
+
+/// Kills the query of connection `target` if `cancel` does not fire within
+/// `after`. Returns its connection and whether it killed.
+async fn watch(mut w: Conn, target: u32, after: Duration, cancel: oneshot::Receiver<()>) -> (Conn, bool) {
+    tokio::select! {
+        _ = cancel => (w, false),
+        () = tokio::time::sleep(after) => {
+            if let Err(e) = w.query_drop(format!("KILL QUERY {target}")).await {
+                tracing::warn!("KILL QUERY {target} failed: {e}");
+            }
+            (w, true)
+        }
+    }
+}
+
+/// Takes the lock (bounded, retried), runs `create` under it with the
+/// coordinates recorded, and unlocks.
+pub async fn locked_snapshot(
+    mut conn: Conn,
+    mut watcher: Conn,
+    version: &ServerVersion,
+    log_bin: bool,
+    timeout: Duration,
+    retries: u32,
+    backend: &dyn SnapshotBackend,
+    name: &str,
+) -> anyhow::Result<LockOutcome> {
+    let secs = timeout.as_secs_f64().ceil().max(1.0) as u64;
+    exec(&mut conn, &format!("SET SESSION lock_wait_timeout = {secs}")).await?;
+    let conn_id = conn.id();
+    let attempts = retries + 1;
+    let mut granted = None;
+    for attempt in 1..=attempts {
+        let (cancel_tx, cancel_rx) = oneshot::channel();
+        let w = tokio::spawn(watch(watcher, conn_id, timeout + Duration::from_millis(250), cancel_rx));
+        let mut wait = Duration::ZERO;
+        let r = async {
+            // Closing tables first keeps the locked flush short.
+            exec(&mut conn, "FLUSH NO_WRITE_TO_BINLOG TABLES").await?;
+            let t = Instant::now();
+            let r = exec(&mut conn, "FLUSH TABLES WITH READ LOCK").await;
+            wait = t.elapsed();
+            r
+        }
+        .await;
+        let _ = cancel_tx.send(());
+        let (w, killed) = w.await?;
+        watcher = w;
+        match r {
+            Ok(()) => {
+                granted = Some((attempt, wait));
+                break;
+            }
+            Err(e) if is_lock_timeout(&e) || killed => {
+                // Make sure nothing is held before backing off.
+                exec(&mut conn, "UNLOCK TABLES").await?;
+                tracing::warn!(
+                    "FLUSH TABLES WITH READ LOCK attempt {attempt} of {attempts} gave up after {:.1}s (mysql.lock_timeout): {e:#}",
+                    timeout.as_secs_f64()
+                );
+                if attempt < attempts {
+                    let backoff = timeout.min(Duration::from_secs(attempt as u64))
+                        + Duration::from_millis(rand::thread_rng().gen_range(0..500));
+                    tokio::time::sleep(backoff).await;
+                }
+            }
+            Err(e) => {
+                let _ = exec(&mut conn, "UNLOCK TABLES").await;
+                return Err(e);
+            }
+        }
+    }
+    let Some((attempt, wait)) = granted else {
+        let culprit = longest_writer(&mut watcher).await.unwrap_or_default();
+        let _ = watcher.disconnect().await;
+        let _ = conn.disconnect().await;
+        return Err(Error::LockTimeout(format!(
+            "could not take FLUSH TABLES WITH READ LOCK within {:?} in {attempts} attempts{culprit}; nothing is locked and no snapshot was taken: retry later or raise mysql.lock_timeout",
+            timeout
+        ))
+        .into());
+    };
+
+    let locked_at = Instant::now();
+    let mut snapshot = None;
+    let inner = async {
+        let (binlog, gtid) = coordinates(&mut conn, version, log_bin).await?;
+        let source = replica_source(&mut conn, version).await?;
+        let at = time::OffsetDateTime::now_utc();
+        snapshot = Some(backend.create(name)?);
+        anyhow::Ok((binlog, gtid, source, at))
+    }
+    .await;
+    let unlocked = exec(&mut conn, "UNLOCK TABLES").await;
+    let hold = locked_at.elapsed();
+    if unlocked.is_err() {
+        // The server drops the lock with the connection.
+        drop(conn);
+    } else {
+        let _ = conn.disconnect().await;
+    }
+    let _ = watcher.disconnect().await;
+    match (inner, unlocked) {
+        (Ok((binlog, gtid, source, at)), Ok(())) => Ok(LockOutcome {
+            snapshot: snapshot.expect("created when inner succeeded"),
+            lock: LockTimes {
+                method: "ftwrl".into(),
+                attempts: attempt,
+                wait_secs: wait.as_secs_f64(),
+                hold_secs: hold.as_secs_f64(),
+            },
+            binlog,
+            gtid,
+            source,
+            at,
+        }),
+        (Err(e), _) | (Ok(_), Err(e)) => {
+            if let Some(s) = snapshot {
+                tracing::warn!("removing snapshot {} of a failed locked phase", s.name);
+                if let Err(e2) = backend.remove(&s.name) {
+                    tracing::error!("cannot remove snapshot {}: {e2:#}", s.name);
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Binary log file and position, and the GTID state, under the lock.
+async fn coordinates(conn: &mut Conn, version: &ServerVersion, log_bin: bool) -> anyhow::Result<(Option<Binlog>, Option<String>)> {
+    if !log_bin {
+        tracing::warn!("the binary log is off: the backup records no coordinates and cannot seed replicas");
+        return Ok((None, None));
+    }
+    exec(conn, "FLUSH BINARY LOGS").await?;
+    let rows = query_rows(conn, version.binlog_status_sql()).await?;
+    let binlog = rows.first().and_then(|r| {
+        Some(Binlog {
+            file: r.get("File")?.clone()?,
+            position: r.get("Position")?.as_deref()?.parse().ok()?,
+        })
+    });
+    let gtid = query_rows(conn, version.gtid_sql())
+        .await?
+        .into_iter()
+        .next()
+        .and_then(|mut r| r.remove("gtid").flatten())
+        .filter(|g| !g.trim().is_empty());
+    Ok((binlog, gtid))
+}
+
+/// Where this server replicates from, when it is a replica.
+async fn replica_source(conn: &mut Conn, version: &ServerVersion) -> anyhow::Result<Option<SourceCoordinates>> {
+    let rows = query_rows(conn, version.replica_status_sql()).await?;
+    let Some(r) = rows.first() else { return Ok(None) };
+    let [host, port, file, pos, gtid] = version.replica_columns();
+    let get = |k: &str| r.get(k).cloned().flatten();
+    Ok(Some(SourceCoordinates {
+        host: get(host).unwrap_or_default(),
+        port: get(port).and_then(|p| p.parse().ok()).unwrap_or(3306),
+        file: get(file).unwrap_or_default(),
+        position: get(pos).and_then(|p| p.parse().ok()).unwrap_or(0),
+        gtid: get(gtid).filter(|g| !g.trim().is_empty()),
+    }))
+}
+
+/// ", the longest running statement is id N of user U (Ts)" for the lock timeout message.
+async fn longest_writer(conn: &mut Conn) -> anyhow::Result<String> {
+    let rows = query_rows(
+        conn,
+        "SELECT ID, USER, TIME FROM information_schema.PROCESSLIST WHERE COMMAND = 'Query' AND ID <> CONNECTION_ID() ORDER BY TIME DESC LIMIT 1",
+    )
+    .await?;
+    Ok(rows
+        .first()
+        .map(|r| {
+            let g = |k: &str| r.get(k).cloned().flatten().unwrap_or_default();
+            format!("; the longest running statement is id {} of user {} ({}s, see SHOW PROCESSLIST)", g("ID"), g("USER"), g("TIME"))
+        })
+        .unwrap_or_default())
+}
