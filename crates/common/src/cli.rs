@@ -44,7 +44,10 @@ impl GlobalArgs {
                 "warn,common={level},snapshotter={level},archiver={level},restorer={level},volprep={level}"
             ))
         });
-        let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
         let _ = match self.log_format {
             LogFormat::Text => builder.with_target(false).try_init(),
             LogFormat::Json => builder.json().try_init(),
