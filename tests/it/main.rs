@@ -1,1 +1,6 @@
+//! End-to-end tests of mysnap (one test binary). Tests that need root,
+//! MariaDB or loop devices are skipped unless `MYSNAP_REAL=1`.
 
+mod backup;
+mod smoke;
+mod store;

@@ -46,12 +46,17 @@ fn main() {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is in the workspace")
+        .to_path_buf()
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("xtask: running {cmd:?}");
-    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed ({status})");
     }
@@ -60,23 +65,39 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 
 fn have(cmd: &str) -> bool {
     Command::new("sh")
-        .args(["-c", "command -v \"$1\" >/dev/null || [ -x \"/usr/sbin/$1\" ] || [ -x \"/sbin/$1\" ]", "sh", cmd])
+        .args([
+            "-c",
+            "command -v \"$1\" >/dev/null || [ -x \"/usr/sbin/$1\" ] || [ -x \"/sbin/$1\" ]",
+            "sh",
+            cmd,
+        ])
         .status()
         .is_ok_and(|s| s.success())
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
 }
 
 /// Installs the missing Debian packages (needs root).
 fn install_prerequisites() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().filter(|(_, cmd)| !have(cmd)).map(|(p, _)| *p).collect();
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, cmd)| !have(cmd))
+        .map(|(p, _)| *p)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
     if !is_root() {
-        bail!("the tests need {} (missing); run as root, or install them: apt-get install {}", missing.join(", "), missing.join(" "));
+        bail!(
+            "the tests need {} (missing); run as root, or install them: apt-get install {}",
+            missing.join(", "),
+            missing.join(" ")
+        );
     }
     eprintln!("xtask: installing {}", missing.join(" "));
     run(Command::new("apt-get").args(["update", "-qq"]))?;
@@ -99,9 +120,18 @@ fn ci() -> anyhow::Result<()> {
         bail!("the end-to-end tests need root (loop devices, mount, btrfs); run cargo xtask ci as root");
     }
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
-    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     run(cargo().args(["build", "--workspace", "--bins"]))?;
-    run(cargo().args(["test", "--workspace"]).env("MYSNAP_REAL", "1"))?;
+    run(cargo()
+        .args(["test", "--workspace"])
+        .env("MYSNAP_REAL", "1"))?;
     eprintln!("xtask: ci passed");
     Ok(())
 }
@@ -112,12 +142,27 @@ fn bin(name: &str) -> PathBuf {
 
 /// snapshotter | archiver, as the contract composes them.
 fn backup(args: &[String]) -> anyhow::Result<()> {
-    run(cargo().args(["build", "--quiet", "--bins", "-p", "snapshotter", "-p", "archiver"]))?;
-    let snap = Command::new(bin("snapshotter")).args(args).stdout(Stdio::piped()).stderr(Stdio::inherit()).output()?;
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "--bins",
+        "-p",
+        "snapshotter",
+        "-p",
+        "archiver",
+    ]))?;
+    let snap = Command::new(bin("snapshotter"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()?;
     if !snap.status.success() {
         std::process::exit(snap.status.code().unwrap_or(1));
     }
     let manifest = String::from_utf8(snap.stdout)?.trim().to_string();
-    let status = Command::new(bin("archiver")).args(args).args(["--manifest", &manifest]).status()?;
+    let status = Command::new(bin("archiver"))
+        .args(args)
+        .args(["--manifest", &manifest])
+        .status()?;
     std::process::exit(status.code().unwrap_or(1));
 }

@@ -54,7 +54,12 @@ impl Cancel {
 }
 
 /// Archives the snapshot of `manifest_path`; returns the backup id.
-pub async fn run(cfg: &Config, manifest_path: &Path, progress: &dyn Progress, cancel: &Cancel) -> anyhow::Result<String> {
+pub async fn run(
+    cfg: &Config,
+    manifest_path: &Path,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+) -> anyhow::Result<String> {
     let state = StateLock::acquire(&cfg.backup.state_dir)?;
     let manifest = Manifest::load(manifest_path)?;
     anyhow::ensure!(
@@ -83,7 +88,10 @@ pub async fn run(cfg: &Config, manifest_path: &Path, progress: &dyn Progress, ca
     match (result, removed) {
         (Ok(()), Ok(())) => Ok(manifest.backup_id),
         (Ok(()), Err(e)) => {
-            tracing::error!("backup {} is complete, but its snapshot could not be removed: {e:#}", manifest.backup_id);
+            tracing::error!(
+                "backup {} is complete, but its snapshot could not be removed: {e:#}",
+                manifest.backup_id
+            );
             Err(e.context(format!("remove snapshot {}", manifest.snapshot.name)))
         }
         (Err(e), removed) => {
@@ -95,13 +103,28 @@ pub async fn run(cfg: &Config, manifest_path: &Path, progress: &dyn Progress, ca
     }
 }
 
-async fn archive(cfg: &Config, manifest: &Manifest, backend: &dyn SnapshotBackend, progress: &dyn Progress, cancel: &Cancel) -> anyhow::Result<()> {
+async fn archive(
+    cfg: &Config,
+    manifest: &Manifest,
+    backend: &dyn SnapshotBackend,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let snap = manifest.snapshot.path.clone();
-    anyhow::ensure!(snap.is_dir(), "snapshot {} does not exist (was it removed by a later run?)", snap.display());
+    anyhow::ensure!(
+        snap.is_dir(),
+        "snapshot {} does not exist (was it removed by a later run?)",
+        snap.display()
+    );
     let store = store::open(&cfg.store).await?;
     let compression = cfg.archive.compression;
-    let key = format!("{}/{}/{}", manifest.name, manifest.backup_id, compression.file_name());
+    let key = format!(
+        "{}/{}/{}",
+        manifest.name,
+        manifest.backup_id,
+        compression.file_name()
+    );
 
     let estimate = tar_stream::estimate(&snap, &manifest.data)?;
     progress.set_total(estimate);
@@ -123,19 +146,41 @@ async fn archive(cfg: &Config, manifest: &Manifest, backend: &dyn SnapshotBacken
         let producer = scope.spawn(|| -> anyhow::Result<TarStats> {
             let mut enc = common::codec::Hashing::new(writer);
             let enc_writer = common::codec::Encoder::new(&mut enc, compression, level, threads)?;
-            let (enc_writer, stats) = write_tar(&snap, &layout, enc_writer, progress, &|| cancel2.is_cancelled())?;
+            let (enc_writer, stats) = write_tar(&snap, &layout, enc_writer, progress, &|| {
+                cancel2.is_cancelled()
+            })?;
             enc_writer.finish().context("finishing compression")?;
             let (writer, size, sha) = enc.finish();
-            writer.finish().context("handing the last part to the upload")?;
-            Ok(TarStats { stored_size: size, sha256: sha, ..stats })
+            writer
+                .finish()
+                .context("handing the last part to the upload")?;
+            Ok(TarStats {
+                stored_size: size,
+                sha256: sha,
+                ..stats
+            })
         });
         let uploaded = tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(store.put_stream(&key, parts, cfg.store.concurrency))
+            tokio::runtime::Handle::current().block_on(store.put_stream(
+                &key,
+                parts,
+                cfg.store.concurrency,
+            ))
         });
-        (producer.join().map_err(|_| anyhow::anyhow!("the archive thread panicked")), uploaded)
+        (
+            producer
+                .join()
+                .map_err(|_| anyhow::anyhow!("the archive thread panicked")),
+            uploaded,
+        )
     });
     progress.finish();
-    let incomplete = || format!("upload of {} failed; the backup is incomplete and not listed", store.url(&key));
+    let incomplete = || {
+        format!(
+            "upload of {} failed; the backup is incomplete and not listed",
+            store.url(&key)
+        )
+    };
     let (stats, size) = match (produced?, uploaded) {
         (Ok(stats), Ok(size)) => (stats, size),
         // The upload stopped first: its error is the cause.
@@ -143,7 +188,11 @@ async fn archive(cfg: &Config, manifest: &Manifest, backend: &dyn SnapshotBacken
         (Err(p), _) => return Err(p.context("the backup is incomplete and not listed")),
         (Ok(_), Err(u)) => return Err(u.context(incomplete())),
     };
-    anyhow::ensure!(size == stats.stored_size, "stored {size} bytes but produced {}", stats.stored_size);
+    anyhow::ensure!(
+        size == stats.stored_size,
+        "stored {size} bytes but produced {}",
+        stats.stored_size
+    );
     if cancel.is_cancelled() {
         store.delete(&key).await?;
         anyhow::bail!("interrupted by a signal; the backup is incomplete and not listed");
@@ -152,7 +201,9 @@ async fn archive(cfg: &Config, manifest: &Manifest, backend: &dyn SnapshotBacken
     // An overflowed snapshot (LVM) means the archive may be inconsistent.
     if let Err(e) = backend.check_valid(&manifest.snapshot.name) {
         let _ = store.delete(&key).await;
-        return Err(e.context("the snapshot became invalid during the backup; the archive was deleted"));
+        return Err(
+            e.context("the snapshot became invalid during the backup; the archive was deleted")
+        );
     }
 
     let mut complete = manifest.clone();
@@ -167,7 +218,9 @@ async fn archive(cfg: &Config, manifest: &Manifest, backend: &dyn SnapshotBacken
         files: stats.files,
         archive_secs: started.elapsed().as_secs_f64(),
     });
-    store.put(&complete.key(), complete.to_toml().into()).await?;
+    store
+        .put(&complete.key(), complete.to_toml().into())
+        .await?;
     tracing::info!(
         "backup {} complete: {} files, {} of data stored as {} in {:.1}s ({}/s)",
         complete.backup_id,
@@ -185,6 +238,8 @@ fn bytesize(n: u64) -> String {
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain()
-        .any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

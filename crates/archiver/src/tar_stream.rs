@@ -23,19 +23,34 @@ pub struct TarStats {
     pub sha256: String,
 }
 
-fn entries<'a>(snap: &'a Path, layout: &'a DataLayout) -> impl Iterator<Item = anyhow::Result<(String, walkdir::DirEntry)>> + 'a {
+fn entries<'a>(
+    snap: &'a Path,
+    layout: &'a DataLayout,
+) -> impl Iterator<Item = anyhow::Result<(String, walkdir::DirEntry)>> + 'a {
     layout.paths.iter().flat_map(move |rel| {
-        WalkDir::new(snap.join(rel)).follow_links(false).sort_by_file_name().into_iter().filter_map(move |e| {
-            let e = match e {
-                Ok(e) => e,
-                Err(err) => return Some(Err(anyhow::Error::new(err).context(format!("cannot read snapshot {}", snap.display())))),
-            };
-            let name = e.path().strip_prefix(snap).ok()?.to_string_lossy().into_owned();
-            if name.is_empty() || layout.exclude.contains(&name) {
-                return None;
-            }
-            Some(Ok((name, e)))
-        })
+        WalkDir::new(snap.join(rel))
+            .follow_links(false)
+            .sort_by_file_name()
+            .into_iter()
+            .filter_map(move |e| {
+                let e = match e {
+                    Ok(e) => e,
+                    Err(err) => {
+                        return Some(Err(anyhow::Error::new(err)
+                            .context(format!("cannot read snapshot {}", snap.display()))))
+                    }
+                };
+                let name = e
+                    .path()
+                    .strip_prefix(snap)
+                    .ok()?
+                    .to_string_lossy()
+                    .into_owned();
+                if name.is_empty() || layout.exclude.contains(&name) {
+                    return None;
+                }
+                Some(Ok((name, e)))
+            })
     })
 }
 
@@ -45,7 +60,10 @@ pub fn estimate(snap: &Path, layout: &DataLayout) -> anyhow::Result<u64> {
     let mut total = 1024;
     for e in entries(snap, layout) {
         let (_, e) = e?;
-        let len = e.metadata().map(|m| if m.is_file() { m.len() } else { 0 }).unwrap_or(0);
+        let len = e
+            .metadata()
+            .map(|m| if m.is_file() { m.len() } else { 0 })
+            .unwrap_or(0);
         total += 512 + len.div_ceil(512) * 512;
     }
     Ok(total)
@@ -60,7 +78,10 @@ struct ProgressReader<'a, R> {
 impl<R: Read> Read for ProgressReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if (self.cancelled)() {
-            return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted by a signal"));
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "interrupted by a signal",
+            ));
         }
         let n = self.inner.read(buf)?;
         self.progress.advance(n as u64);
@@ -86,7 +107,9 @@ pub fn write_tar<W: Write>(
             anyhow::bail!("interrupted by a signal");
         }
         let path = e.path();
-        let md = e.metadata().with_context(|| format!("cannot stat {}", path.display()))?;
+        let md = e
+            .metadata()
+            .with_context(|| format!("cannot stat {}", path.display()))?;
         let mut header = Header::new_gnu();
         header.set_metadata_in_mode(&md, HeaderMode::Complete);
         let ft = md.file_type();
@@ -94,17 +117,25 @@ pub fn write_tar<W: Write>(
             tar.append_data(&mut header, &name, io::empty())
         } else if ft.is_file() {
             let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-            let reader = ProgressReader { inner: BufReader::with_capacity(1 << 20, f), progress, cancelled };
+            let reader = ProgressReader {
+                inner: BufReader::with_capacity(1 << 20, f),
+                progress,
+                cancelled,
+            };
             stats.files += 1;
             stats.content_bytes += md.len();
             tar.append_data(&mut header, &name, reader)
         } else if ft.is_symlink() {
-            let target = std::fs::read_link(path).with_context(|| format!("cannot read link {}", path.display()))?;
+            let target = std::fs::read_link(path)
+                .with_context(|| format!("cannot read link {}", path.display()))?;
             header.set_entry_type(EntryType::Symlink);
             header.set_size(0);
             tar.append_link(&mut header, &name, target)
         } else {
-            tracing::warn!("leaving out {} (not a file, directory or symlink)", path.display());
+            tracing::warn!(
+                "leaving out {} (not a file, directory or symlink)",
+                path.display()
+            );
             continue;
         };
         result.with_context(|| format!("cannot archive {}", path.display()))?;
@@ -127,7 +158,11 @@ mod tests {
         std::fs::write(root.join("mysql/ibdata1"), vec![7u8; 70_000]).unwrap();
         std::fs::write(root.join("mysql/ibtmp1"), b"tmp").unwrap();
         std::fs::write(root.join("mysql/db1/t.ibd"), b"rows").unwrap();
-        std::fs::set_permissions(root.join("mysql/db1/t.ibd"), std::fs::Permissions::from_mode(0o640)).unwrap();
+        std::fs::set_permissions(
+            root.join("mysql/db1/t.ibd"),
+            std::fs::Permissions::from_mode(0o640),
+        )
+        .unwrap();
         symlink("../elsewhere", root.join("mysql/link")).unwrap();
         nix::unistd::mkfifo(&root.join("mysql/fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
         std::fs::write(root.join("outside"), b"not archived").unwrap();
@@ -137,7 +172,14 @@ mod tests {
             paths: vec!["mysql".into()],
             exclude: vec!["mysql/ibtmp1".into()],
         };
-        let (bytes, stats) = write_tar(root, &layout, Vec::new(), &common::progress::Silent, &|| false).unwrap();
+        let (bytes, stats) = write_tar(
+            root,
+            &layout,
+            Vec::new(),
+            &common::progress::Silent,
+            &|| false,
+        )
+        .unwrap();
         assert_eq!(stats.files, 2);
         assert_eq!(stats.content_bytes, 70_004);
         assert_eq!(stats.tar_size, bytes.len() as u64);
@@ -151,7 +193,16 @@ mod tests {
             }
             names.push(name);
         }
-        assert_eq!(names, ["mysql", "mysql/db1", "mysql/db1/t.ibd", "mysql/ibdata1", "mysql/link"]);
+        assert_eq!(
+            names,
+            [
+                "mysql",
+                "mysql/db1",
+                "mysql/db1/t.ibd",
+                "mysql/ibdata1",
+                "mysql/link"
+            ]
+        );
     }
 
     #[test]
@@ -159,8 +210,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("d")).unwrap();
         std::fs::write(dir.path().join("d/f"), b"x").unwrap();
-        let layout = DataLayout { volume_root: "/".into(), datadir: "d".into(), paths: vec!["d".into()], exclude: vec![] };
-        let err = write_tar(dir.path(), &layout, Vec::new(), &common::progress::Silent, &|| true).unwrap_err();
+        let layout = DataLayout {
+            volume_root: "/".into(),
+            datadir: "d".into(),
+            paths: vec!["d".into()],
+            exclude: vec![],
+        };
+        let err = write_tar(
+            dir.path(),
+            &layout,
+            Vec::new(),
+            &common::progress::Silent,
+            &|| true,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("interrupted"), "{err}");
     }
 }

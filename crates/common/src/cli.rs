@@ -79,7 +79,10 @@ pub fn exit_with(result: anyhow::Result<()>) -> std::process::ExitCode {
 
 /// A multi-threaded tokio runtime for a binary.
 pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("cannot start the tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("cannot start the tokio runtime")
 }
 
 impl From<ExitCode> for std::process::ExitCode {

@@ -9,7 +9,11 @@ pub enum CmdError {
     #[error("cannot start `{cmd}`: {source} (is it installed and on PATH?)")]
     Spawn { cmd: String, source: std::io::Error },
     #[error("`{cmd}` failed ({status}): {stderr}")]
-    Failed { cmd: String, status: String, stderr: String },
+    Failed {
+        cmd: String,
+        status: String,
+        stderr: String,
+    },
 }
 
 /// Renders argv for messages, quoting arguments with spaces.
@@ -47,14 +51,21 @@ pub fn output<S: AsRef<OsStr>>(argv: &[S]) -> Result<Output, CmdError> {
         .stdin(Stdio::null())
         .env("LVM_SUPPRESS_FD_WARNINGS", "1")
         .output()
-        .map_err(|source| CmdError::Spawn { cmd: cmd.clone(), source })?;
+        .map_err(|source| CmdError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
     if out.status.success() {
         Ok(out)
     } else {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let tail: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
         let tail = tail[tail.len().saturating_sub(3)..].join(" | ");
-        Err(CmdError::Failed { cmd, status: out.status.to_string(), stderr: tail })
+        Err(CmdError::Failed {
+            cmd,
+            status: out.status.to_string(),
+            stderr: tail,
+        })
     }
 }
 
@@ -66,14 +77,20 @@ mod tests {
     fn failure_quotes_command_and_stderr() {
         let err = run(&["sh", "-c", "echo boom >&2; exit 3", "arg with space"]).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("`sh -c 'echo boom >&2; exit 3' 'arg with space'`"), "{msg}");
+        assert!(
+            msg.contains("`sh -c 'echo boom >&2; exit 3' 'arg with space'`"),
+            "{msg}"
+        );
         assert!(msg.contains("boom"), "{msg}");
     }
 
     #[test]
     fn missing_program_says_so() {
         let err = run(&["/nonexistent/mysnap-prog"]).unwrap_err().to_string();
-        assert!(err.contains("cannot start `/nonexistent/mysnap-prog`"), "{err}");
+        assert!(
+            err.contains("cannot start `/nonexistent/mysnap-prog`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -73,10 +73,16 @@ impl<W: Write> Write for Encoder<W> {
 }
 
 /// A decompressing reader over the stored bytes.
-pub fn decoder<'a, R: Read + 'a>(inner: R, compression: Compression) -> io::Result<Box<dyn Read + 'a>> {
+pub fn decoder<'a, R: Read + 'a>(
+    inner: R,
+    compression: Compression,
+) -> io::Result<Box<dyn Read + 'a>> {
     Ok(match compression {
         Compression::Zstd => Box::new(zstd::Decoder::new(inner)?),
-        Compression::Xz => Box::new(xz2::read::XzDecoder::new(io::BufReader::with_capacity(1 << 20, inner))),
+        Compression::Xz => Box::new(xz2::read::XzDecoder::new(io::BufReader::with_capacity(
+            1 << 20,
+            inner,
+        ))),
         Compression::None => Box::new(inner),
     })
 }
@@ -90,7 +96,11 @@ pub struct Hashing<T> {
 
 impl<T> Hashing<T> {
     pub fn new(inner: T) -> Self {
-        Hashing { inner, hasher: Sha256::new(), bytes: 0 }
+        Hashing {
+            inner,
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
     }
     pub fn bytes(&self) -> u64 {
         self.bytes
@@ -162,7 +172,9 @@ mod tests {
 
     #[test]
     fn every_codec_round_trips_and_hashes_stored_bytes() {
-        let data: Vec<u8> = (0..300_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let data: Vec<u8> = (0..300_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
         for c in [Compression::Zstd, Compression::Xz, Compression::None] {
             let mut enc = Encoder::new(Hashing::new(Vec::new()), c, 1, 2).unwrap();
             enc.write_all(&data).unwrap();
@@ -170,7 +182,10 @@ mod tests {
             assert_eq!(n as usize, stored.len());
             assert_eq!(sha, hex::encode(Sha256::digest(&stored)));
             let mut back = Vec::new();
-            decoder(&stored[..], c).unwrap().read_to_end(&mut back).unwrap();
+            decoder(&stored[..], c)
+                .unwrap()
+                .read_to_end(&mut back)
+                .unwrap();
             assert_eq!(back, data, "{c:?}");
         }
     }

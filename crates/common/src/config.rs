@@ -164,7 +164,11 @@ pub struct ArchiveConfig {
 
 impl Default for ArchiveConfig {
     fn default() -> Self {
-        ArchiveConfig { compression: default_compression(), level: None, threads: 0 }
+        ArchiveConfig {
+            compression: default_compression(),
+            level: None,
+            threads: 0,
+        }
     }
 }
 
@@ -236,7 +240,11 @@ impl Config {
                 .span()
                 .map(|s| format!(" line {}", text[..s.start].matches('\n').count() + 1))
                 .unwrap_or_default();
-            config_err(format!("config {}{line}: {}", path.display(), e.message().trim()))
+            config_err(format!(
+                "config {}{line}: {}",
+                path.display(),
+                e.message().trim()
+            ))
         })?;
         cfg.validate()
             .map_err(|e| config_err(format!("config {}: {e}", path.display())))?;
@@ -254,7 +262,10 @@ impl Config {
         ] {
             if let Some(p) = p {
                 if !p.is_absolute() {
-                    return Err(format!("{key} must be an absolute path, got {}", p.display()));
+                    return Err(format!(
+                        "{key} must be an absolute path, got {}",
+                        p.display()
+                    ));
                 }
             }
         }
@@ -266,12 +277,22 @@ impl Config {
             ));
         }
         if self.volume.backend == Backend::Lvm {
-            let vg = self.volume.vg.as_deref().ok_or("volume.vg is required with backend = \"lvm\"")?;
-            let lv = self.volume.lv.as_deref().ok_or("volume.lv is required with backend = \"lvm\"")?;
+            let vg = self
+                .volume
+                .vg
+                .as_deref()
+                .ok_or("volume.vg is required with backend = \"lvm\"")?;
+            let lv = self
+                .volume
+                .lv
+                .as_deref()
+                .ok_or("volume.lv is required with backend = \"lvm\"")?;
             check_name("volume.vg", vg)?;
             check_name("volume.lv", lv)?;
         }
-        if self.volume.backend == Backend::Btrfs && self.snapshot_dir().starts_with(&self.volume.datadir) {
+        if self.volume.backend == Backend::Btrfs
+            && self.snapshot_dir().starts_with(&self.volume.datadir)
+        {
             return Err(format!(
                 "the snapshot directory {} is inside volume.datadir; set volume.snapshot_dir to a directory on the same btrfs volume outside the data directory",
                 self.snapshot_dir().display()
@@ -312,10 +333,12 @@ impl Config {
 
     /// The compression level in effect.
     pub fn level(&self) -> u32 {
-        self.archive.level.unwrap_or(match self.archive.compression {
-            Compression::Xz => 1,
-            _ => 3,
-        })
+        self.archive
+            .level
+            .unwrap_or(match self.archive.compression {
+                Compression::Xz => 1,
+                _ => 3,
+            })
     }
 }
 
@@ -325,7 +348,9 @@ pub fn check_name(key: &str, value: &str) -> Result<(), String> {
     let ok = !value.is_empty()
         && value.len() <= 127
         && !value.starts_with(['-', '.'])
-        && value.chars().all(|c| c.is_ascii_alphanumeric() || "_-.+".contains(c));
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.+".contains(c));
     if ok {
         Ok(())
     } else {
@@ -396,10 +421,18 @@ name = "db1"
     fn bad_values_are_refused() {
         for (from, to, needle) in [
             ("name = \"db1\"", "name = \"../x\"", "backup.name"),
-            ("datadir = \"/mnt/mysql\"", "datadir = \"/srv/mysql\"", "not under volume.mountpoint"),
+            (
+                "datadir = \"/mnt/mysql\"",
+                "datadir = \"/srv/mysql\"",
+                "not under volume.mountpoint",
+            ),
             ("file:///var", "ftp:///var", "store.url"),
             ("backend = \"btrfs\"", "backend = \"lvm\"", "volume.vg"),
-            ("datadir = \"/mnt/mysql\"", "datadir = \"/mnt\"", "volume.snapshot_dir"),
+            (
+                "datadir = \"/mnt/mysql\"",
+                "datadir = \"/mnt\"",
+                "volume.snapshot_dir",
+            ),
         ] {
             let err = parse(&MINIMAL.replace(from, to)).unwrap_err();
             assert!(err.contains(needle), "{to}: {err}");

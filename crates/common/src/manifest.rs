@@ -131,8 +131,12 @@ struct VersionOnly {
 impl Manifest {
     /// Parses a manifest, refusing formats newer than this program knows.
     pub fn parse(text: &str, origin: &str) -> anyhow::Result<Manifest> {
-        let v: VersionOnly = toml::from_str(text)
-            .map_err(|e| anyhow::anyhow!("manifest {origin} is not a mysnap manifest: {}", e.message()))?;
+        let v: VersionOnly = toml::from_str(text).map_err(|e| {
+            anyhow::anyhow!(
+                "manifest {origin} is not a mysnap manifest: {}",
+                e.message()
+            )
+        })?;
         if v.format_version > FORMAT_VERSION {
             return Err(crate::error::integrity_err(format!(
                 "manifest {origin} has format version {}, this mysnap reads up to {FORMAT_VERSION}: upgrade mysnap",
@@ -167,8 +171,10 @@ impl Manifest {
 /// Backup ids are the UTC start time, `YYYYMMDDTHHMMSSZ`.
 pub fn backup_id(t: time::OffsetDateTime) -> String {
     let t = t.to_offset(time::UtcOffset::UTC);
-    t.format(time::macros::format_description!("[year][month][day]T[hour][minute][second]Z"))
-        .expect("formatting a UTC time cannot fail")
+    t.format(time::macros::format_description!(
+        "[year][month][day]T[hour][minute][second]Z"
+    ))
+    .expect("formatting a UTC time cannot fail")
 }
 
 /// Whether `s` has the shape of a backup id.
@@ -196,10 +202,18 @@ pub(crate) mod tests {
                 hostname: "db1".into(),
                 server_id: 1,
             },
-            binlog: Some(Binlog { file: "binlog.000002".into(), position: 385 }),
+            binlog: Some(Binlog {
+                file: "binlog.000002".into(),
+                position: 385,
+            }),
             gtid: Some("0-1-42".into()),
             source: None,
-            lock: LockTimes { method: "ftwrl".into(), attempts: 1, wait_secs: 0.01, hold_secs: 0.02 },
+            lock: LockTimes {
+                method: "ftwrl".into(),
+                attempts: 1,
+                wait_secs: 0.01,
+                hold_secs: 0.02,
+            },
             snapshot: SnapshotInfo {
                 backend: crate::config::Backend::Btrfs,
                 name: "mysnap-db1-20261126T093000Z".into(),
@@ -224,7 +238,9 @@ pub(crate) mod tests {
 
     #[test]
     fn newer_format_is_refused_with_advice() {
-        let text = sample().to_toml().replace("format_version = 1", "format_version = 9");
+        let text = sample()
+            .to_toml()
+            .replace("format_version = 1", "format_version = 9");
         let err = Manifest::parse(&text, "s3://b/db1/x/manifest.toml").unwrap_err();
         assert_eq!(crate::error::exit_code_of(&err), crate::ExitCode::Integrity);
         assert!(err.to_string().contains("upgrade mysnap"), "{err}");

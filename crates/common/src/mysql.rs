@@ -98,7 +98,10 @@ impl ConnectInfo {
                 info.host = client.get("host").cloned();
                 if let Some(p) = client.get("port") {
                     info.port = p.parse().map_err(|_| {
-                        config_err(format!("mysql.defaults_file {}: port {p:?} is not a number", path.display()))
+                        config_err(format!(
+                            "mysql.defaults_file {}: port {p:?} is not a number",
+                            path.display()
+                        ))
                     })?;
                 }
             }
@@ -119,10 +122,14 @@ impl ConnectInfo {
     }
 
     pub async fn connect(&self) -> anyhow::Result<Conn> {
-        let mut opts = OptsBuilder::default().user(Some(&self.user)).pass(self.password.clone());
+        let mut opts = OptsBuilder::default()
+            .user(Some(&self.user))
+            .pass(self.password.clone());
         opts = match (&self.socket, &self.host) {
             (Some(s), _) => opts.socket(Some(s.to_string_lossy())),
-            (None, h) => opts.ip_or_hostname(h.clone().unwrap_or_else(|| "127.0.0.1".into())).tcp_port(self.port),
+            (None, h) => opts
+                .ip_or_hostname(h.clone().unwrap_or_else(|| "127.0.0.1".into()))
+                .tcp_port(self.port),
         }
         .prefer_socket(false);
         let conn = tokio::time::timeout(Duration::from_secs(15), Conn::new(opts))
@@ -141,14 +148,22 @@ impl ConnectInfo {
 }
 
 /// Runs `sql`, naming the statement when it fails.
-pub async fn query_rows(conn: &mut Conn, sql: &str) -> anyhow::Result<Vec<HashMap<String, Option<String>>>> {
-    let rows: Vec<Row> = conn.query(sql).await.with_context(|| format!("SQL `{sql}` failed"))?;
+pub async fn query_rows(
+    conn: &mut Conn,
+    sql: &str,
+) -> anyhow::Result<Vec<HashMap<String, Option<String>>>> {
+    let rows: Vec<Row> = conn
+        .query(sql)
+        .await
+        .with_context(|| format!("SQL `{sql}` failed"))?;
     Ok(rows.iter().map(row_map).collect())
 }
 
 /// Runs a statement that returns nothing, naming it when it fails.
 pub async fn exec(conn: &mut Conn, sql: &str) -> anyhow::Result<()> {
-    conn.query_drop(sql).await.with_context(|| format!("SQL `{sql}` failed"))
+    conn.query_drop(sql)
+        .await
+        .with_context(|| format!("SQL `{sql}` failed"))
 }
 
 /// A row as column name → text value.
@@ -180,7 +195,11 @@ pub struct ServerVersion {
 
 impl ServerVersion {
     pub fn parse(text: &str) -> ServerVersion {
-        let flavor = if text.to_ascii_lowercase().contains("mariadb") { Flavor::Mariadb } else { Flavor::Mysql };
+        let flavor = if text.to_ascii_lowercase().contains("mariadb") {
+            Flavor::Mariadb
+        } else {
+            Flavor::Mysql
+        };
         // "5.5.5-10.11.6-MariaDB" is how old clients were shown MariaDB 10+.
         let core = text.strip_prefix("5.5.5-").unwrap_or(text);
         let mut nums = core
@@ -220,16 +239,36 @@ impl ServerVersion {
     pub fn gtid_sql(&self) -> &'static str {
         match self.flavor {
             Flavor::Mariadb => "SELECT @@GLOBAL.gtid_binlog_pos AS gtid",
-            Flavor::Mysql => "SELECT IF(@@GLOBAL.gtid_mode = 'ON', @@GLOBAL.gtid_executed, NULL) AS gtid",
+            Flavor::Mysql => {
+                "SELECT IF(@@GLOBAL.gtid_mode = 'ON', @@GLOBAL.gtid_executed, NULL) AS gtid"
+            }
         }
     }
 
     /// The column names of the replica status row: host, port, file, position, gtid.
     pub fn replica_columns(&self) -> [&'static str; 5] {
         match self.replica_status_sql() {
-            "SHOW REPLICA STATUS" => ["Source_Host", "Source_Port", "Relay_Source_Log_File", "Exec_Source_Log_Pos", "Executed_Gtid_Set"],
-            _ if self.flavor == Flavor::Mariadb => ["Master_Host", "Master_Port", "Relay_Master_Log_File", "Exec_Master_Log_Pos", "Gtid_Slave_Pos"],
-            _ => ["Master_Host", "Master_Port", "Relay_Master_Log_File", "Exec_Master_Log_Pos", "Executed_Gtid_Set"],
+            "SHOW REPLICA STATUS" => [
+                "Source_Host",
+                "Source_Port",
+                "Relay_Source_Log_File",
+                "Exec_Source_Log_Pos",
+                "Executed_Gtid_Set",
+            ],
+            _ if self.flavor == Flavor::Mariadb => [
+                "Master_Host",
+                "Master_Port",
+                "Relay_Master_Log_File",
+                "Exec_Master_Log_Pos",
+                "Gtid_Slave_Pos",
+            ],
+            _ => [
+                "Master_Host",
+                "Master_Port",
+                "Relay_Master_Log_File",
+                "Exec_Master_Log_Pos",
+                "Executed_Gtid_Set",
+            ],
         }
     }
 }
@@ -241,7 +280,10 @@ mod tests {
     #[test]
     fn versions_pick_the_right_sql() {
         let maria = ServerVersion::parse("10.11.6-MariaDB-0+deb12u1-log");
-        assert_eq!((maria.flavor, maria.major, maria.minor, maria.patch), (Flavor::Mariadb, 10, 11, 6));
+        assert_eq!(
+            (maria.flavor, maria.major, maria.minor, maria.patch),
+            (Flavor::Mariadb, 10, 11, 6)
+        );
         assert_eq!(maria.binlog_status_sql(), "SHOW MASTER STATUS");
         assert_eq!(maria.replica_status_sql(), "SHOW SLAVE STATUS");
         assert!(maria.gtid_sql().contains("gtid_binlog_pos"));
@@ -278,7 +320,10 @@ mod tests {
         assert!(err.to_string().contains("chmod 600"), "{err}");
         assert_eq!(crate::error::exit_code_of(&err), crate::ExitCode::Usage);
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let cfg = MysqlConfig { password_file: Some(p), ..MysqlConfig::default() };
+        let cfg = MysqlConfig {
+            password_file: Some(p),
+            ..MysqlConfig::default()
+        };
         let info = ConnectInfo::from_config(&cfg).unwrap();
         assert_eq!(info.password.as_deref(), Some("pw"));
         assert!(!format!("{info:?}").contains("pw"));

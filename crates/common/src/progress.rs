@@ -84,7 +84,11 @@ impl Progress for LogLines {
         let secs = self.start.elapsed().as_secs_f64();
         let rate = done as f64 / secs.max(1e-3);
         let total = self.total.load(Ordering::Relaxed);
-        let eta = if total > done && rate > 0.0 { format!("{:.0}s", (total - done) as f64 / rate) } else { "-".into() };
+        let eta = if total > done && rate > 0.0 {
+            format!("{:.0}s", (total - done) as f64 / rate)
+        } else {
+            "-".into()
+        };
         tracing::info!(
             "{}: {} of {} read, {}/s, ETA {eta}",
             self.what,

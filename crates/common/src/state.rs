@@ -15,7 +15,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = path.parent().context("path has no parent directory")?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
-        path.file_name().context("path has no file name")?.to_string_lossy(),
+        path.file_name()
+            .context("path has no file name")?
+            .to_string_lossy(),
         std::process::id()
     ));
     let write = || -> std::io::Result<()> {
@@ -42,7 +44,10 @@ impl StateLock {
     /// Takes the lock without waiting; another run holding it is an error.
     pub fn acquire(state_dir: &Path) -> anyhow::Result<StateLock> {
         std::fs::create_dir_all(state_dir).with_context(|| {
-            format!("cannot create state directory {} (backup.state_dir)", state_dir.display())
+            format!(
+                "cannot create state directory {} (backup.state_dir)",
+                state_dir.display()
+            )
         })?;
         let path = state_dir.join("lock");
         let file = OpenOptions::new()
@@ -57,7 +62,10 @@ impl StateLock {
                 path.display()
             )
         })?;
-        Ok(StateLock { _lock: lock, dir: state_dir.to_path_buf() })
+        Ok(StateLock {
+            _lock: lock,
+            dir: state_dir.to_path_buf(),
+        })
     }
 
     pub fn dir(&self) -> &Path {

@@ -18,5 +18,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     cli.global.init_logging();
     let _ = cli.rest;
-    exit_with(Err(anyhow::anyhow!("restorer is not yet implemented in this version of mysnap")))
+    exit_with(Err(anyhow::anyhow!(
+        "restorer is not yet implemented in this version of mysnap"
+    )))
 }

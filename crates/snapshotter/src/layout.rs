@@ -40,12 +40,21 @@ const NAMES: &[&str] = &[
 
 impl DataVars {
     pub async fn query(conn: &mut mysql_async::Conn) -> anyhow::Result<DataVars> {
-        let list = NAMES.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(",");
+        let list = NAMES
+            .iter()
+            .map(|n| format!("'{n}'"))
+            .collect::<Vec<_>>()
+            .join(",");
         let sql = format!("SHOW GLOBAL VARIABLES WHERE Variable_name IN ({list})");
         let rows = common::mysql::query_rows(conn, &sql).await?;
         let vars: HashMap<String, String> = rows
             .into_iter()
-            .filter_map(|mut r| Some((r.remove("Variable_name")??, r.remove("Value")?.unwrap_or_default())))
+            .filter_map(|mut r| {
+                Some((
+                    r.remove("Variable_name")??,
+                    r.remove("Value")?.unwrap_or_default(),
+                ))
+            })
             .collect();
         Ok(DataVars::from_map(&vars))
     }
@@ -72,7 +81,11 @@ impl DataVars {
 /// Resolves `p` against `base`, removing `.` and `..` lexically, then follows
 /// symlinks where the path exists.
 fn resolve(base: &Path, p: &str) -> PathBuf {
-    let joined = if p.is_empty() { base.to_path_buf() } else { base.join(p) };
+    let joined = if p.is_empty() {
+        base.to_path_buf()
+    } else {
+        base.join(p)
+    };
     let mut out = PathBuf::new();
     for c in joined.components() {
         match c {
@@ -88,29 +101,45 @@ fn resolve(base: &Path, p: &str) -> PathBuf {
 
 /// The file names of an InnoDB file path spec (`ibdata1:12M;ibdata2:1G:autoextend`).
 fn spec_files(spec: &str) -> impl Iterator<Item = &str> {
-    spec.split(';').filter_map(|f| f.split(':').next()).filter(|f| !f.is_empty())
+    spec.split(';')
+        .filter_map(|f| f.split(':').next())
+        .filter(|f| !f.is_empty())
 }
 
 fn relative(root: &Path, p: &Path) -> String {
-    p.strip_prefix(root).map(|r| r.to_string_lossy().into_owned()).unwrap_or_default()
+    p.strip_prefix(root)
+        .map(|r| r.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Decides what to archive, refusing any data path that is not on the volume.
 pub fn plan_layout(vars: &DataVars, mountpoint: &Path) -> anyhow::Result<DataLayout> {
-    let root = mountpoint.canonicalize().map_err(|e| {
-        config_err(format!("volume.mountpoint {}: {e}", mountpoint.display()))
-    })?;
+    let root = mountpoint
+        .canonicalize()
+        .map_err(|e| config_err(format!("volume.mountpoint {}: {e}", mountpoint.display())))?;
     let datadir = resolve(Path::new("/"), &vars.datadir.to_string_lossy());
     let data_home = resolve(&datadir, &vars.innodb_data_home_dir);
 
     let mut needed: Vec<(String, PathBuf)> = vec![("datadir".into(), datadir.clone())];
     for f in spec_files(&vars.innodb_data_file_path) {
         let file = resolve(&data_home, f);
-        needed.push(("innodb_data_file_path".into(), file.parent().unwrap_or(&file).to_path_buf()));
+        needed.push((
+            "innodb_data_file_path".into(),
+            file.parent().unwrap_or(&file).to_path_buf(),
+        ));
     }
-    needed.push(("innodb_log_group_home_dir".into(), resolve(&datadir, &vars.innodb_log_group_home_dir)));
-    needed.push(("innodb_undo_directory".into(), resolve(&datadir, &vars.innodb_undo_directory)));
-    for (key, base) in [("log_bin_basename", &vars.log_bin_basename), ("relay_log_basename", &vars.relay_log_basename)] {
+    needed.push((
+        "innodb_log_group_home_dir".into(),
+        resolve(&datadir, &vars.innodb_log_group_home_dir),
+    ));
+    needed.push((
+        "innodb_undo_directory".into(),
+        resolve(&datadir, &vars.innodb_undo_directory),
+    ));
+    for (key, base) in [
+        ("log_bin_basename", &vars.log_bin_basename),
+        ("relay_log_basename", &vars.relay_log_basename),
+    ] {
         if let Some(b) = base {
             let b = resolve(&datadir, b);
             needed.push((key.into(), b.parent().unwrap_or(&b).to_path_buf()));
@@ -154,7 +183,12 @@ pub fn plan_layout(vars: &DataVars, mountpoint: &Path) -> anyhow::Result<DataLay
         skip(resolve(&datadir, p));
     }
 
-    Ok(DataLayout { volume_root: root.clone(), datadir: relative(&root, &datadir), paths, exclude })
+    Ok(DataLayout {
+        volume_root: root.clone(),
+        datadir: relative(&root, &datadir),
+        paths,
+        exclude,
+    })
 }
 
 #[cfg(test)]
@@ -200,10 +234,17 @@ mod tests {
         let mut v = vars("/mnt/mysql/");
         v.innodb_log_group_home_dir = "/var/lib/redo".into();
         let err = plan_layout(&v, Path::new("/mnt")).unwrap_err();
-        assert!(err.to_string().contains("innodb_log_group_home_dir is in /var/lib/redo"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("innodb_log_group_home_dir is in /var/lib/redo"),
+            "{err}"
+        );
         assert_eq!(common::error::exit_code_of(&err), common::ExitCode::Usage);
         let err = plan_layout(&vars("/var/lib/mysql/"), Path::new("/mnt")).unwrap_err();
-        assert!(err.to_string().contains("datadir is in /var/lib/mysql"), "{err}");
+        assert!(
+            err.to_string().contains("datadir is in /var/lib/mysql"),
+            "{err}"
+        );
     }
 
     #[test]

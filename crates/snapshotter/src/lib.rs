@@ -35,7 +35,11 @@ pub async fn run(cfg: &Config) -> anyhow::Result<PathBuf> {
     let info = ConnectInfo::from_config(&cfg.mysql)?;
     let mut conn = info.connect().await?;
     let watcher = info.connect().await?;
-    let version = ServerVersion::parse(&query_one(&mut conn, "SELECT VERSION()").await?.unwrap_or_default());
+    let version = ServerVersion::parse(
+        &query_one(&mut conn, "SELECT VERSION()")
+            .await?
+            .unwrap_or_default(),
+    );
     let vars = DataVars::query(&mut conn).await?;
     let layout = plan_layout(&vars, &cfg.volume.mountpoint)?;
     if vars.datadir.canonicalize().ok() != cfg.volume.datadir.canonicalize().ok() {
@@ -48,13 +52,19 @@ pub async fn run(cfg: &Config) -> anyhow::Result<PathBuf> {
     let server = manifest::Server {
         flavor: version.flavor,
         version: version.text.clone(),
-        hostname: query_one(&mut conn, "SELECT @@hostname").await?.unwrap_or_default(),
-        server_id: query_one(&mut conn, "SELECT @@server_id").await?.and_then(|s| s.parse().ok()).unwrap_or(0),
+        hostname: query_one(&mut conn, "SELECT @@hostname")
+            .await?
+            .unwrap_or_default(),
+        server_id: query_one(&mut conn, "SELECT @@server_id")
+            .await?
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
     };
 
     let id = next_backup_id(&state).await?;
     let name = snapshot::snapshot_name(&cfg.backup.name, &id);
-    lock::wait_for_long_queries(&mut conn, cfg.mysql.lock_timeout, cfg.mysql.long_query_wait).await?;
+    lock::wait_for_long_queries(&mut conn, cfg.mysql.lock_timeout, cfg.mysql.long_query_wait)
+        .await?;
     let outcome = lock::locked_snapshot(
         conn,
         watcher,
@@ -78,13 +88,19 @@ pub async fn run(cfg: &Config) -> anyhow::Result<PathBuf> {
         format_version: FORMAT_VERSION,
         backup_id: id.clone(),
         name: cfg.backup.name.clone(),
-        created_at: outcome.at.format(&time::format_description::well_known::Rfc3339)?,
+        created_at: outcome
+            .at
+            .format(&time::format_description::well_known::Rfc3339)?,
         server,
         binlog: outcome.binlog,
         gtid: outcome.gtid,
         source: outcome.source,
         lock: outcome.lock,
-        snapshot: SnapshotInfo { backend: backend.kind(), name: outcome.snapshot.name, path: outcome.snapshot.path },
+        snapshot: SnapshotInfo {
+            backend: backend.kind(),
+            name: outcome.snapshot.name,
+            path: outcome.snapshot.path,
+        },
         data: layout,
         archive: None,
     };
@@ -106,15 +122,25 @@ pub async fn run(cfg: &Config) -> anyhow::Result<PathBuf> {
 
 /// Removes snapshots and state left by earlier runs that were killed. Only
 /// this config's, known by the naming and the state directory.
-fn remove_stale(state: &StateLock, backend: &dyn SnapshotBackend, backup_name: &str) -> anyhow::Result<()> {
+fn remove_stale(
+    state: &StateLock,
+    backend: &dyn SnapshotBackend,
+    backup_name: &str,
+) -> anyhow::Result<()> {
     for name in backend.list(&snapshot::snapshot_prefix(backup_name))? {
         tracing::warn!("removing snapshot {name} left by an earlier run that did not finish");
-        backend.remove(&name).with_context(|| format!("cannot remove stale snapshot {name}"))?;
+        backend
+            .remove(&name)
+            .with_context(|| format!("cannot remove stale snapshot {name}"))?;
     }
     for id in state.pending_ids()? {
         let dir = state.backup_dir(&id);
-        tracing::warn!("removing state {} of backup {id}, which never completed", dir.display());
-        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+        tracing::warn!(
+            "removing state {} of backup {id}, which never completed",
+            dir.display()
+        );
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("cannot remove {}", dir.display()))?;
     }
     Ok(())
 }
@@ -123,7 +149,10 @@ fn remove_stale(state: &StateLock, backend: &dyn SnapshotBackend, backup_name: &
 /// two backups in the same second cannot share an id.
 async fn next_backup_id(state: &StateLock) -> anyhow::Result<String> {
     let last_path = state.dir().join("last-id");
-    let last = std::fs::read_to_string(&last_path).unwrap_or_default().trim().to_string();
+    let last = std::fs::read_to_string(&last_path)
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     let mut id = manifest::backup_id(time::OffsetDateTime::now_utc());
     for _ in 0..25 {
         if id > last {
@@ -142,5 +171,9 @@ async fn next_backup_id(state: &StateLock) -> anyhow::Result<String> {
 }
 
 async fn query_one(conn: &mut mysql_async::Conn, sql: &str) -> anyhow::Result<Option<String>> {
-    Ok(query_rows(conn, sql).await?.into_iter().next().and_then(|r| r.into_values().next().flatten()))
+    Ok(query_rows(conn, sql)
+        .await?
+        .into_iter()
+        .next()
+        .and_then(|r| r.into_values().next().flatten()))
 }

@@ -27,7 +27,11 @@ pub struct LockOutcome {
 
 /// Waits (at most `max_wait`) while a statement has been running longer than
 /// `lock_timeout`: a lock attempt now would only stall writers behind it.
-pub async fn wait_for_long_queries(conn: &mut Conn, lock_timeout: Duration, max_wait: Duration) -> anyhow::Result<()> {
+pub async fn wait_for_long_queries(
+    conn: &mut Conn,
+    lock_timeout: Duration,
+    max_wait: Duration,
+) -> anyhow::Result<()> {
     let sql = format!(
         "SELECT ID, USER, TIME FROM information_schema.PROCESSLIST \
          WHERE COMMAND = 'Query' AND ID <> CONNECTION_ID() AND TIME >= {} ORDER BY TIME DESC LIMIT 1",
@@ -36,7 +40,9 @@ pub async fn wait_for_long_queries(conn: &mut Conn, lock_timeout: Duration, max_
     let start = Instant::now();
     loop {
         let rows = query_rows(conn, &sql).await?;
-        let Some(row) = rows.first() else { return Ok(()) };
+        let Some(row) = rows.first() else {
+            return Ok(());
+        };
         let describe = || {
             format!(
                 "statement id {} of user {} has been running {}s",
@@ -46,11 +52,19 @@ pub async fn wait_for_long_queries(conn: &mut Conn, lock_timeout: Duration, max_
             )
         };
         if start.elapsed() >= max_wait {
-            tracing::warn!("{}; trying the lock anyway after waiting {:?}", describe(), max_wait);
+            tracing::warn!(
+                "{}; trying the lock anyway after waiting {:?}",
+                describe(),
+                max_wait
+            );
             return Ok(());
         }
         if start.elapsed() < Duration::from_secs(1) {
-            tracing::info!("{}; waiting up to {:?} (mysql.long_query_wait) before locking", describe(), max_wait);
+            tracing::info!(
+                "{}; waiting up to {:?} (mysql.long_query_wait) before locking",
+                describe(),
+                max_wait
+            );
         }
         tokio::time::sleep(Duration::from_secs(1).min(max_wait)).await;
     }
@@ -58,10 +72,11 @@ pub async fn wait_for_long_queries(conn: &mut Conn, lock_timeout: Duration, max_
 
 /// The server error code in an error chain, if any.
 fn server_code(e: &anyhow::Error) -> Option<u16> {
-    e.chain().find_map(|c| match c.downcast_ref::<mysql_async::Error>() {
-        Some(mysql_async::Error::Server(s)) => Some(s.code),
-        _ => None,
-    })
+    e.chain()
+        .find_map(|c| match c.downcast_ref::<mysql_async::Error>() {
+            Some(mysql_async::Error::Server(s)) => Some(s.code),
+            _ => None,
+        })
 }
 
 /// Lock wait timeout (1205) or the watcher's KILL QUERY (1317, 1927).
@@ -71,7 +86,12 @@ fn is_lock_timeout(e: &anyhow::Error) -> bool {
 
 /// Kills the query of connection `target` if `cancel` does not fire within
 /// `after`. Returns its connection and whether it killed.
-async fn watch(mut w: Conn, target: u32, after: Duration, cancel: oneshot::Receiver<()>) -> (Conn, bool) {
+async fn watch(
+    mut w: Conn,
+    target: u32,
+    after: Duration,
+    cancel: oneshot::Receiver<()>,
+) -> (Conn, bool) {
     tokio::select! {
         _ = cancel => (w, false),
         () = tokio::time::sleep(after) => {
@@ -96,13 +116,22 @@ pub async fn locked_snapshot(
     name: &str,
 ) -> anyhow::Result<LockOutcome> {
     let secs = timeout.as_secs_f64().ceil().max(1.0) as u64;
-    exec(&mut conn, &format!("SET SESSION lock_wait_timeout = {secs}")).await?;
+    exec(
+        &mut conn,
+        &format!("SET SESSION lock_wait_timeout = {secs}"),
+    )
+    .await?;
     let conn_id = conn.id();
     let attempts = retries + 1;
     let mut granted = None;
     for attempt in 1..=attempts {
         let (cancel_tx, cancel_rx) = oneshot::channel();
-        let w = tokio::spawn(watch(watcher, conn_id, timeout + Duration::from_millis(250), cancel_rx));
+        let w = tokio::spawn(watch(
+            watcher,
+            conn_id,
+            timeout + Duration::from_millis(250),
+            cancel_rx,
+        ));
         let mut wait = Duration::ZERO;
         let r = async {
             // Closing tables first keeps the locked flush short.
@@ -197,9 +226,15 @@ pub async fn locked_snapshot(
 }
 
 /// Binary log file and position, and the GTID state, under the lock.
-async fn coordinates(conn: &mut Conn, version: &ServerVersion, log_bin: bool) -> anyhow::Result<(Option<Binlog>, Option<String>)> {
+async fn coordinates(
+    conn: &mut Conn,
+    version: &ServerVersion,
+    log_bin: bool,
+) -> anyhow::Result<(Option<Binlog>, Option<String>)> {
     if !log_bin {
-        tracing::warn!("the binary log is off: the backup records no coordinates and cannot seed replicas");
+        tracing::warn!(
+            "the binary log is off: the backup records no coordinates and cannot seed replicas"
+        );
         return Ok((None, None));
     }
     exec(conn, "FLUSH BINARY LOGS").await?;
@@ -220,9 +255,14 @@ async fn coordinates(conn: &mut Conn, version: &ServerVersion, log_bin: bool) ->
 }
 
 /// Where this server replicates from, when it is a replica.
-async fn replica_source(conn: &mut Conn, version: &ServerVersion) -> anyhow::Result<Option<SourceCoordinates>> {
+async fn replica_source(
+    conn: &mut Conn,
+    version: &ServerVersion,
+) -> anyhow::Result<Option<SourceCoordinates>> {
     let rows = query_rows(conn, version.replica_status_sql()).await?;
-    let Some(r) = rows.first() else { return Ok(None) };
+    let Some(r) = rows.first() else {
+        return Ok(None);
+    };
     let [host, port, file, pos, gtid] = version.replica_columns();
     let get = |k: &str| r.get(k).cloned().flatten();
     Ok(Some(SourceCoordinates {
@@ -245,7 +285,12 @@ async fn longest_writer(conn: &mut Conn) -> anyhow::Result<String> {
         .first()
         .map(|r| {
             let g = |k: &str| r.get(k).cloned().flatten().unwrap_or_default();
-            format!("; the longest running statement is id {} of user {} ({}s, see SHOW PROCESSLIST)", g("ID"), g("USER"), g("TIME"))
+            format!(
+                "; the longest running statement is id {} of user {} ({}s, see SHOW PROCESSLIST)",
+                g("ID"),
+                g("USER"),
+                g("TIME")
+            )
         })
         .unwrap_or_default())
 }

@@ -48,7 +48,10 @@ impl SnapshotBackend for Btrfs {
                 self.subvolume.display()
             )
         })?;
-        Ok(Snapshot { name: name.to_string(), path })
+        Ok(Snapshot {
+            name: name.to_string(),
+            path,
+        })
     }
 
     fn remove(&self, name: &str) -> anyhow::Result<()> {
@@ -56,7 +59,12 @@ impl SnapshotBackend for Btrfs {
         if !path.exists() {
             return Ok(());
         }
-        cmd::run(&["btrfs".as_ref(), "subvolume".as_ref(), "delete".as_ref(), path.as_os_str()])?;
+        cmd::run(&[
+            "btrfs".as_ref(),
+            "subvolume".as_ref(),
+            "delete".as_ref(),
+            path.as_os_str(),
+        ])?;
         Ok(())
     }
 
@@ -79,7 +87,11 @@ impl SnapshotBackend for Btrfs {
 
     fn check_valid(&self, name: &str) -> anyhow::Result<()> {
         let path = self.path(name)?;
-        anyhow::ensure!(path.is_dir(), "snapshot {} disappeared during the backup", path.display());
+        anyhow::ensure!(
+            path.is_dir(),
+            "snapshot {} disappeared during the backup",
+            path.display()
+        );
         Ok(())
     }
 }

@@ -45,7 +45,10 @@ pub fn snapshot_prefix(backup_name: &str) -> String {
 /// The backend the config names.
 pub fn backend(cfg: &Config) -> anyhow::Result<Box<dyn SnapshotBackend>> {
     match cfg.volume.backend {
-        Backend::Btrfs => Ok(Box::new(Btrfs::new(cfg.volume.mountpoint.clone(), cfg.snapshot_dir()))),
+        Backend::Btrfs => Ok(Box::new(Btrfs::new(
+            cfg.volume.mountpoint.clone(),
+            cfg.snapshot_dir(),
+        ))),
         Backend::Lvm => Err(crate::error::config_err(
             "volume.backend = \"lvm\" is not available in this build yet; use \"btrfs\"",
         )),

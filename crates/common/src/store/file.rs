@@ -26,13 +26,20 @@ impl FileStore {
     }
 
     fn temp_path(path: &Path) -> PathBuf {
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         path.with_file_name(format!(".{name}.partial-{}", std::process::id()))
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
-    tokio::task::spawn_blocking(f).await.context("store task panicked")?
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .context("store task panicked")?
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -49,9 +56,16 @@ impl Store for FileStore {
         let root = self.root.clone();
         blocking(move || {
             let md = std::fs::metadata(&root).with_context(|| {
-                format!("store directory {} does not exist: create it or fix store.url", root.display())
+                format!(
+                    "store directory {} does not exist: create it or fix store.url",
+                    root.display()
+                )
             })?;
-            anyhow::ensure!(md.is_dir(), "store path {} is not a directory (store.url)", root.display());
+            anyhow::ensure!(
+                md.is_dir(),
+                "store path {} is not a directory (store.url)",
+                root.display()
+            );
             let probe = root.join(format!(".mysnap-probe-{}", std::process::id()));
             std::fs::write(&probe, b"")
                 .with_context(|| format!("store directory {} is not writable", root.display()))?;
@@ -65,33 +79,44 @@ impl Store for FileStore {
         let path = self.path(key);
         blocking(move || {
             let dir = path.parent().context("key has no parent")?;
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
             crate::state::write_atomic(&path, &body)
         })
         .await
     }
 
-    async fn put_stream(&self, key: &str, mut parts: mpsc::Receiver<Chunk>, _concurrency: usize) -> anyhow::Result<u64> {
+    async fn put_stream(
+        &self,
+        key: &str,
+        mut parts: mpsc::Receiver<Chunk>,
+        _concurrency: usize,
+    ) -> anyhow::Result<u64> {
         let path = self.path(key);
         let tmp = Self::temp_path(&path);
         let url = self.url(key);
         let (tmp2, path2) = (tmp.clone(), path.clone());
         let result = blocking(move || {
             let dir = path2.parent().context("key has no parent")?;
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
             let mut f = std::io::BufWriter::with_capacity(
                 1 << 20,
-                std::fs::File::create(&tmp2).with_context(|| format!("cannot create {}", tmp2.display()))?,
+                std::fs::File::create(&tmp2)
+                    .with_context(|| format!("cannot create {}", tmp2.display()))?,
             );
             let mut total = 0u64;
             loop {
                 match parts.blocking_recv() {
                     Some(Chunk::Data(b)) => {
-                        f.write_all(&b).with_context(|| format!("cannot write {}", tmp2.display()))?;
+                        f.write_all(&b)
+                            .with_context(|| format!("cannot write {}", tmp2.display()))?;
                         total += b.len() as u64;
                     }
                     Some(Chunk::End) => break,
-                    None => anyhow::bail!("the archive stream ended before its end; upload abandoned"),
+                    None => {
+                        anyhow::bail!("the archive stream ended before its end; upload abandoned")
+                    }
                 }
             }
             let f = f.into_inner().map_err(|e| e.into_error())?;
@@ -130,7 +155,9 @@ impl Store for FileStore {
     }
 
     async fn get(&self, key: &str) -> anyhow::Result<Bytes> {
-        let data = tokio::fs::read(self.path(key)).await.with_context(|| format!("cannot read {}", self.url(key)))?;
+        let data = tokio::fs::read(self.path(key))
+            .await
+            .with_context(|| format!("cannot read {}", self.url(key)))?;
         Ok(Bytes::from(data))
     }
 
@@ -147,10 +174,16 @@ impl Store for FileStore {
             }
             for entry in walkdir::WalkDir::new(&start) {
                 let entry = entry.with_context(|| format!("cannot list {}", start.display()))?;
-                if !entry.file_type().is_file() || entry.file_name().to_string_lossy().starts_with('.') {
+                if !entry.file_type().is_file()
+                    || entry.file_name().to_string_lossy().starts_with('.')
+                {
                     continue;
                 }
-                let key = entry.path().strip_prefix(&root)?.to_string_lossy().into_owned();
+                let key = entry
+                    .path()
+                    .strip_prefix(&root)?
+                    .to_string_lossy()
+                    .into_owned();
                 if key.starts_with(&prefix) {
                     keys.push(key);
                 }

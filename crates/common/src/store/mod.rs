@@ -45,7 +45,12 @@ pub trait Store: Send + Sync {
     /// Streams parts to `key` with up to `concurrency` in flight; the object
     /// appears only after [`Chunk::End`]; any failure aborts the upload and
     /// leaves no object. Returns the bytes written.
-    async fn put_stream(&self, key: &str, parts: mpsc::Receiver<Chunk>, concurrency: usize) -> anyhow::Result<u64>;
+    async fn put_stream(
+        &self,
+        key: &str,
+        parts: mpsc::Receiver<Chunk>,
+        concurrency: usize,
+    ) -> anyhow::Result<u64>;
     /// Size of `key`, or `None` when it does not exist.
     async fn size(&self, key: &str) -> anyhow::Result<Option<u64>>;
     /// Bytes `range` of `key`.
@@ -69,18 +74,29 @@ impl StoreUrl {
         if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             let ok = (3..=63).contains(&bucket.len())
-                && bucket.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-".contains(c));
+                && bucket
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-".contains(c));
             if !ok {
                 return Err(format!("{bucket:?} is not a valid S3 bucket name (3-63 lowercase letters, digits, '.', '-')"));
             }
-            Ok(StoreUrl::S3 { bucket: bucket.into(), prefix: prefix.trim_matches('/').into() })
+            Ok(StoreUrl::S3 {
+                bucket: bucket.into(),
+                prefix: prefix.trim_matches('/').into(),
+            })
         } else if let Some(path) = url.strip_prefix("file://") {
             if !path.starts_with('/') {
-                return Err(format!("{url:?}: a file store needs an absolute path, like file:///var/backups/mysnap"));
+                return Err(format!(
+                    "{url:?}: a file store needs an absolute path, like file:///var/backups/mysnap"
+                ));
             }
-            Ok(StoreUrl::File { root: PathBuf::from(path) })
+            Ok(StoreUrl::File {
+                root: PathBuf::from(path),
+            })
         } else {
-            Err(format!("{url:?} is neither s3://bucket/prefix nor file:///path"))
+            Err(format!(
+                "{url:?} is neither s3://bucket/prefix nor file:///path"
+            ))
         }
     }
 }
@@ -98,7 +114,9 @@ pub async fn open(cfg: &StoreConfig) -> anyhow::Result<Box<dyn Store>> {
 pub fn plan_part_size(configured: u64, expected: u64) -> u64 {
     let needed = (expected + expected / 50 + (64 << 20)).div_ceil(MAX_PARTS - 100);
     let mib = 1 << 20;
-    configured.max(needed.div_ceil(mib) * mib).clamp(MIN_PART, MAX_PART)
+    configured
+        .max(needed.div_ceil(mib) * mib)
+        .clamp(MIN_PART, MAX_PART)
 }
 
 /// The writing end of a streamed upload: a blocking `Write` that cuts the
@@ -114,7 +132,14 @@ pub struct PartWriter {
 pub fn part_channel(part_size: u64) -> (PartWriter, mpsc::Receiver<Chunk>) {
     let (tx, rx) = mpsc::channel(1);
     let part_size = part_size as usize;
-    (PartWriter { tx, buf: BytesMut::with_capacity(part_size), part_size }, rx)
+    (
+        PartWriter {
+            tx,
+            buf: BytesMut::with_capacity(part_size),
+            part_size,
+        },
+        rx,
+    )
 }
 
 impl PartWriter {
@@ -139,7 +164,8 @@ impl io::Write for PartWriter {
         let n = data.len().min(self.part_size - self.buf.len());
         self.buf.extend_from_slice(&data[..n]);
         if self.buf.len() == self.part_size {
-            let part = std::mem::replace(&mut self.buf, BytesMut::with_capacity(self.part_size)).freeze();
+            let part =
+                std::mem::replace(&mut self.buf, BytesMut::with_capacity(self.part_size)).freeze();
             self.send(Chunk::Data(part))?;
         }
         Ok(n)
@@ -157,10 +183,24 @@ mod tests {
     fn urls() {
         assert_eq!(
             StoreUrl::parse("s3://my-bucket/a/b/").unwrap(),
-            StoreUrl::S3 { bucket: "my-bucket".into(), prefix: "a/b".into() }
+            StoreUrl::S3 {
+                bucket: "my-bucket".into(),
+                prefix: "a/b".into()
+            }
         );
-        assert_eq!(StoreUrl::parse("s3://my-bucket").unwrap(), StoreUrl::S3 { bucket: "my-bucket".into(), prefix: "".into() });
-        assert_eq!(StoreUrl::parse("file:///srv/b").unwrap(), StoreUrl::File { root: "/srv/b".into() });
+        assert_eq!(
+            StoreUrl::parse("s3://my-bucket").unwrap(),
+            StoreUrl::S3 {
+                bucket: "my-bucket".into(),
+                prefix: "".into()
+            }
+        );
+        assert_eq!(
+            StoreUrl::parse("file:///srv/b").unwrap(),
+            StoreUrl::File {
+                root: "/srv/b".into()
+            }
+        );
         assert!(StoreUrl::parse("file://rel").is_err());
         assert!(StoreUrl::parse("s3://A_B").is_err());
         assert!(StoreUrl::parse("/srv").is_err());

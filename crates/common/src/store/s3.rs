@@ -80,7 +80,11 @@ impl S3Store {
         if let Some(endpoint) = &cfg.endpoint {
             b = b.endpoint_url(endpoint);
         }
-        Ok(S3Store { client: Client::from_conf(b.build()), bucket, prefix })
+        Ok(S3Store {
+            client: Client::from_conf(b.build()),
+            bucket,
+            prefix,
+        })
     }
 
     fn key(&self, key: &str) -> String {
@@ -91,7 +95,13 @@ impl S3Store {
         }
     }
 
-    async fn multipart(&self, key: &str, first: Bytes, parts: &mut mpsc::Receiver<Chunk>, concurrency: usize) -> anyhow::Result<u64> {
+    async fn multipart(
+        &self,
+        key: &str,
+        first: Bytes,
+        parts: &mut mpsc::Receiver<Chunk>,
+        concurrency: usize,
+    ) -> anyhow::Result<u64> {
         let url = self.url(key);
         let full = self.key(key);
         let created = self
@@ -102,8 +112,13 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| s3_error("CreateMultipartUpload", &url, e))?;
-        let upload_id = created.upload_id().context("CreateMultipartUpload returned no upload id")?.to_string();
-        let result = self.upload_parts(&full, &url, &upload_id, first, parts, concurrency).await;
+        let upload_id = created
+            .upload_id()
+            .context("CreateMultipartUpload returned no upload id")?
+            .to_string();
+        let result = self
+            .upload_parts(&full, &url, &upload_id, first, parts, concurrency)
+            .await;
         if result.is_err() {
             // Leave nothing behind: a failed upload must not cost storage or look complete.
             if let Err(e) = self
@@ -140,7 +155,9 @@ impl S3Store {
                 match parts.recv().await {
                     Some(Chunk::Data(b)) => next = Some(b),
                     Some(Chunk::End) => break,
-                    None => anyhow::bail!("the archive stream ended before its end; upload aborted"),
+                    None => {
+                        anyhow::bail!("the archive stream ended before its end; upload aborted")
+                    }
                 }
                 continue;
             };
@@ -148,7 +165,10 @@ impl S3Store {
                 done.push(inflight.join_next().await.expect("set is not empty")??);
             }
             number += 1;
-            anyhow::ensure!(number as u64 <= super::MAX_PARTS, "upload to {url} needs more than 10,000 parts");
+            anyhow::ensure!(
+                number as u64 <= super::MAX_PARTS,
+                "upload to {url} needs more than 10,000 parts"
+            );
             total += data.len() as u64;
             let req = self
                 .client
@@ -160,8 +180,14 @@ impl S3Store {
                 .body(ByteStream::from(data));
             let url = url.to_string();
             inflight.spawn(async move {
-                let out = req.send().await.map_err(|e| s3_error(&format!("UploadPart {number} of"), &url, e))?;
-                Ok(CompletedPart::builder().part_number(number).set_e_tag(out.e_tag().map(str::to_string)).build())
+                let out = req
+                    .send()
+                    .await
+                    .map_err(|e| s3_error(&format!("UploadPart {number} of"), &url, e))?;
+                Ok(CompletedPart::builder()
+                    .part_number(number)
+                    .set_e_tag(out.e_tag().map(str::to_string))
+                    .build())
             });
         }
         while let Some(r) = inflight.join_next().await {
@@ -173,7 +199,11 @@ impl S3Store {
             .bucket(&self.bucket)
             .key(full)
             .upload_id(upload_id)
-            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(done)).build())
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(done))
+                    .build(),
+            )
             .send()
             .await
             .map_err(|e| s3_error("CompleteMultipartUpload", url, e))?;
@@ -194,9 +224,13 @@ impl Store for S3Store {
             .send()
             .await
             .map_err(|e| {
-                let not_found = matches!(&e, SdkError::ServiceError(s) if s.raw().status().as_u16() == 404);
+                let not_found =
+                    matches!(&e, SdkError::ServiceError(s) if s.raw().status().as_u16() == 404);
                 if not_found {
-                    anyhow::anyhow!("bucket {} does not exist: create it or fix store.url", self.bucket)
+                    anyhow::anyhow!(
+                        "bucket {} does not exist: create it or fix store.url",
+                        self.bucket
+                    )
                 } else {
                     s3_error("HeadBucket", &format!("s3://{}", self.bucket), e)
                 }
@@ -216,11 +250,19 @@ impl Store for S3Store {
         Ok(())
     }
 
-    async fn put_stream(&self, key: &str, mut parts: mpsc::Receiver<Chunk>, concurrency: usize) -> anyhow::Result<u64> {
+    async fn put_stream(
+        &self,
+        key: &str,
+        mut parts: mpsc::Receiver<Chunk>,
+        concurrency: usize,
+    ) -> anyhow::Result<u64> {
         let first = match parts.recv().await {
             Some(Chunk::Data(b)) => b,
             Some(Chunk::End) => Bytes::new(),
-            None => anyhow::bail!("the archive stream for {} ended before its end; nothing uploaded", self.url(key)),
+            None => anyhow::bail!(
+                "the archive stream for {} ended before its end; nothing uploaded",
+                self.url(key)
+            ),
         };
         // One part and the end: a single PutObject.
         if first.len() < super::MIN_PART as usize {
@@ -232,15 +274,29 @@ impl Store for S3Store {
                     let n = first.len() as u64;
                     self.put(key, first).await.map(|()| n)
                 }
-                Some(Chunk::Data(_)) => anyhow::bail!("upload to {}: a part smaller than 5 MiB before the last", self.url(key)),
-                None => anyhow::bail!("the archive stream for {} ended before its end; nothing uploaded", self.url(key)),
+                Some(Chunk::Data(_)) => anyhow::bail!(
+                    "upload to {}: a part smaller than 5 MiB before the last",
+                    self.url(key)
+                ),
+                None => anyhow::bail!(
+                    "the archive stream for {} ended before its end; nothing uploaded",
+                    self.url(key)
+                ),
             };
         }
-        self.multipart(key, first, &mut parts, concurrency.max(1)).await
+        self.multipart(key, first, &mut parts, concurrency.max(1))
+            .await
     }
 
     async fn size(&self, key: &str) -> anyhow::Result<Option<u64>> {
-        match self.client.head_object().bucket(&self.bucket).key(self.key(key)).send().await {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.key(key))
+            .send()
+            .await
+        {
             Ok(out) => Ok(Some(out.content_length().unwrap_or(0) as u64)),
             Err(SdkError::ServiceError(e)) if e.err().is_not_found() => Ok(None),
             Err(e) => Err(s3_error("HeadObject", &self.url(key), e)),
@@ -261,7 +317,11 @@ impl Store for S3Store {
             .send()
             .await
             .map_err(|e| s3_error("GetObject", &url, e))?;
-        let body = out.body.collect().await.with_context(|| format!("reading {url}"))?;
+        let body = out
+            .body
+            .collect()
+            .await
+            .with_context(|| format!("reading {url}"))?;
         Ok(body.into_bytes())
     }
 
@@ -275,17 +335,37 @@ impl Store for S3Store {
             .send()
             .await
             .map_err(|e| s3_error("GetObject", &url, e))?;
-        Ok(out.body.collect().await.with_context(|| format!("reading {url}"))?.into_bytes())
+        Ok(out
+            .body
+            .collect()
+            .await
+            .with_context(|| format!("reading {url}"))?
+            .into_bytes())
     }
 
     async fn list(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
         let full = self.key(prefix);
-        let strip = if self.prefix.is_empty() { 0 } else { self.prefix.len() + 1 };
+        let strip = if self.prefix.is_empty() {
+            0
+        } else {
+            self.prefix.len() + 1
+        };
         let mut keys = Vec::new();
-        let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(&full).into_paginator().send();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full)
+            .into_paginator()
+            .send();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| s3_error("ListObjectsV2", &self.url(prefix), e))?;
-            keys.extend(page.contents().iter().filter_map(|o| o.key()).map(|k| k[strip..].to_string()));
+            keys.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key())
+                    .map(|k| k[strip..].to_string()),
+            );
         }
         keys.sort();
         Ok(keys)

@@ -1,0 +1,661 @@
+//! Backups end to end: real MariaDB on btrfs, the real binaries, S3 and
+//! directory stores.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::config::Compression;
+use common::manifest::Manifest;
+use mysnap_tests::{
+    bin, gate, sysbench_prepare, sysbench_run, BtrfsVolume, MariaDb, MariaOpts, S3Server,
+};
+use sha2::{Digest, Sha256};
+
+pub enum StoreKind {
+    File,
+    S3,
+}
+
+/// A MariaDB on a btrfs subvolume, a store, a state dir and a config.
+/// Fields drop in order: server, S3, volume, then the temp dir.
+pub struct Rig {
+    pub db: MariaDb,
+    pub s3: Option<S3Server>,
+    pub vol: BtrfsVolume,
+    pub config: PathBuf,
+    pub state: PathBuf,
+    pub store_url: String,
+    pub tmp: tempfile::TempDir,
+}
+
+impl Rig {
+    pub fn new(store: StoreKind) -> Rig {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let vol = BtrfsVolume::new(tmp.path(), 2048);
+        let db = MariaDb::start(&vol.subvol.join("mysql"), MariaOpts::default());
+        let (s3, store_url) = match store {
+            StoreKind::File => {
+                let dir = tmp.path().join("store");
+                std::fs::create_dir_all(&dir).unwrap();
+                (None, format!("file://{}", dir.display()))
+            }
+            StoreKind::S3 => {
+                let s3 = S3Server::start(&tmp.path().join("s3"));
+                s3.create_bucket("backups");
+                s3.set_process_env();
+                (Some(s3), "s3://backups/fleet".to_string())
+            }
+        };
+        let state = tmp.path().join("state");
+        let config = tmp.path().join("mysnap.toml");
+        let rig = Rig {
+            db,
+            s3,
+            vol,
+            config,
+            state,
+            store_url,
+            tmp,
+        };
+        rig.write_config(|_| {});
+        rig
+    }
+
+    /// Writes the config, after `tweak` edits its table.
+    pub fn write_config(&self, tweak: impl FnOnce(&mut toml::Table)) {
+        let mut store = toml::Table::new();
+        store.insert("url".into(), self.store_url.clone().into());
+        store.insert("part_size".into(), "5MiB".into());
+        store.insert("concurrency".into(), 4.into());
+        if let Some(s3) = &self.s3 {
+            store.insert("endpoint".into(), s3.endpoint.clone().into());
+            store.insert("force_path_style".into(), true.into());
+            store.insert("region".into(), "us-east-1".into());
+        }
+        let mut t: toml::Table = toml::from_str(&format!(
+            r#"
+[mysql]
+socket = "{sock}"
+user = "root"
+lock_timeout = "2s"
+lock_retries = 1
+long_query_wait = "1s"
+[volume]
+backend = "btrfs"
+mountpoint = "{vol}"
+datadir = "{vol}/mysql"
+[archive]
+compression = "zstd"
+[backup]
+name = "db1"
+state_dir = "{state}"
+"#,
+            sock = self.db.socket.display(),
+            vol = self.vol.subvol.display(),
+            state = self.state.display()
+        ))
+        .unwrap();
+        t.insert("store".into(), store.into());
+        tweak(&mut t);
+        std::fs::write(&self.config, toml::to_string(&t).unwrap()).unwrap();
+    }
+
+    /// Runs a mysnap binary with this rig's config and store credentials.
+    pub fn cmd(&self, name: &str) -> Command {
+        let mut c = Command::new(bin(name));
+        c.env("MYSNAP_CONFIG", &self.config).stdin(Stdio::null());
+        if let Some(s3) = &self.s3 {
+            c.envs(s3.env());
+        }
+        c
+    }
+
+    pub fn run(&self, name: &str, args: &[&str]) -> Output {
+        self.cmd(name).args(args).output().unwrap()
+    }
+
+    /// snapshotter; the manifest path it printed.
+    pub fn snapshot(&self) -> PathBuf {
+        let out = self.run("snapshotter", &[]);
+        assert_ok(&out, "snapshotter");
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    }
+
+    /// archiver; the backup id it printed.
+    pub fn archive(&self, manifest: &Path) -> String {
+        let out = self.run("archiver", &["--manifest", manifest.to_str().unwrap()]);
+        assert_ok(&out, "archiver");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    pub fn backup(&self) -> String {
+        let m = self.snapshot();
+        self.archive(&m)
+    }
+
+    pub fn snapshot_dir(&self) -> PathBuf {
+        self.vol.subvol.join(".mysnap-snapshots")
+    }
+
+    /// Snapshots that exist now.
+    pub fn snapshots(&self) -> Vec<String> {
+        std::fs::read_dir(self.snapshot_dir())
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Backup ids with local state (pending or left by a killed run).
+    pub fn pending(&self) -> Vec<String> {
+        std::fs::read_dir(&self.state)
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .filter(|n| common::manifest::is_backup_id(n))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The rig's store, independent of the config file (which tests break on purpose).
+    pub fn store_cfg(&self) -> common::config::StoreConfig {
+        common::config::StoreConfig {
+            url: self.store_url.clone(),
+            region: Some("us-east-1".into()),
+            endpoint: self.s3.as_ref().map(|s| s.endpoint.clone()),
+            force_path_style: true,
+            part_size: bytesize::ByteSize::mib(5),
+            concurrency: 4,
+            max_attempts: 3,
+        }
+    }
+
+    pub fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    /// Every key in the store.
+    pub fn store_keys(&self) -> Vec<String> {
+        let cfg = self.store_cfg();
+        self.block_on(async {
+            common::store::open(&cfg)
+                .await
+                .unwrap()
+                .list("")
+                .await
+                .unwrap()
+        })
+    }
+
+    pub fn fetch(&self, key: &str) -> Vec<u8> {
+        let cfg = self.store_cfg();
+        let key = key.to_string();
+        self.block_on(async {
+            common::store::open(&cfg)
+                .await
+                .unwrap()
+                .get(&key)
+                .await
+                .unwrap()
+                .to_vec()
+        })
+    }
+}
+
+/// Sets `[section] key = value` in a config table.
+pub fn set(t: &mut toml::Table, section: &str, key: &str, value: impl Into<toml::Value>) {
+    t.entry(section)
+        .or_insert_with(|| toml::Table::new().into())
+        .as_table_mut()
+        .unwrap()
+        .insert(key.into(), value.into());
+}
+
+pub fn assert_ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The one `error:` line of a failed run; asserts the exit code.
+pub fn error_line(out: &Output, code: i32) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "exit code; stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "one error line: {stderr}");
+    lines[0].to_string()
+}
+
+fn sha(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// Relative path → SHA-256 (files) or "dir"/"link:<target>", of `paths` under `root`.
+fn listing(root: &Path, paths: &[String], exclude: &[String]) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for p in paths {
+        for e in walkdir::WalkDir::new(root.join(p)) {
+            let e = e.unwrap();
+            let rel = e
+                .path()
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            if rel.is_empty() || exclude.contains(&rel) {
+                continue;
+            }
+            let v = if e.file_type().is_dir() {
+                "dir".to_string()
+            } else if e.file_type().is_symlink() {
+                format!("link:{}", std::fs::read_link(e.path()).unwrap().display())
+            } else {
+                sha(&std::fs::read(e.path()).unwrap())
+            };
+            out.insert(rel, v);
+        }
+    }
+    out
+}
+
+/// The same listing, of a tar stream.
+fn tar_listing(data: impl Read) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut ar = tar::Archive::new(data);
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e
+            .path()
+            .unwrap()
+            .to_string_lossy()
+            .trim_end_matches('/')
+            .to_string();
+        let v = match e.header().entry_type() {
+            tar::EntryType::Directory => "dir".to_string(),
+            tar::EntryType::Symlink => {
+                format!("link:{}", e.link_name().unwrap().unwrap().display())
+            }
+            _ => {
+                let mut buf = Vec::new();
+                e.read_to_end(&mut buf).unwrap();
+                sha(&buf)
+            }
+        };
+        out.insert(name, v);
+    }
+    out
+}
+
+#[test]
+fn a_backup_under_load_records_the_locked_coordinates_and_archives_the_snapshot() {
+    if !gate("a_backup_under_load_records_the_locked_coordinates_and_archives_the_snapshot") {
+        return;
+    }
+    let rig = Rig::new(StoreKind::S3);
+    sysbench_prepare(&rig.db.socket, 4, 10_000);
+    let mut load = sysbench_run(&rig.db.socket, 4, 10_000, 120);
+    std::thread::sleep(Duration::from_secs(3));
+
+    let manifest_path = rig.snapshot();
+    let m = Manifest::load(&manifest_path).unwrap();
+    assert!(m.snapshot.path.is_dir());
+    // Under the lock nothing is written: the snapshot's current binary log ends
+    // exactly at the recorded position, and it is the newest one.
+    let binlog = m.binlog.clone().expect("binlog coordinates");
+    let datadir = m.snapshot.path.join(&m.data.datadir);
+    let size = std::fs::metadata(datadir.join(&binlog.file)).unwrap().len();
+    assert_eq!(
+        size, binlog.position,
+        "binlog {} in the snapshot",
+        binlog.file
+    );
+    let index = std::fs::read_to_string(datadir.join("binlog.index")).unwrap();
+    assert!(index.trim_end().ends_with(&binlog.file), "{index}");
+    assert!(
+        m.gtid.as_deref().is_some_and(|g| g.starts_with("0-1-")),
+        "{:?}",
+        m.gtid
+    );
+    assert!(m.lock.hold_secs < 10.0 && m.lock.attempts >= 1);
+    let expected = listing(&m.snapshot.path, &m.data.paths, &m.data.exclude);
+    assert!(expected.keys().any(|k| k.ends_with("sbtest/sbtest1.ibd")));
+    assert!(!expected.contains_key("mysql/ibtmp1"));
+
+    let id = rig.archive(&manifest_path);
+    let _ = load.kill();
+    let _ = load.wait();
+    assert_eq!(id, m.backup_id);
+    assert!(!m.snapshot.path.exists(), "snapshot removed");
+    assert!(rig.pending().is_empty());
+
+    let stored =
+        Manifest::parse(&String::from_utf8(rig.fetch(&m.key())).unwrap(), "store").unwrap();
+    let info = stored.archive.clone().expect("archive info");
+    assert_eq!(
+        Manifest {
+            archive: None,
+            ..stored.clone()
+        },
+        m
+    );
+    assert_eq!(info.key, format!("db1/{id}/data.tar.zst"));
+    let data = rig.fetch(&info.key);
+    assert_eq!(data.len() as u64, info.size);
+    assert_eq!(sha(&data), info.sha256);
+    let got = tar_listing(common::codec::decoder(&data[..], Compression::Zstd).unwrap());
+    assert_eq!(
+        got, expected,
+        "the archive holds exactly the snapshot's files"
+    );
+    assert_eq!(
+        rig.store_keys(),
+        [
+            format!("db1/{id}/data.tar.zst"),
+            format!("db1/{id}/manifest.toml")
+        ]
+    );
+}
+
+#[test]
+fn a_backup_to_a_directory_store_with_xz() {
+    if !gate("a_backup_to_a_directory_store_with_xz") {
+        return;
+    }
+    let rig = Rig::new(StoreKind::File);
+    rig.write_config(|t| {
+        set(t, "archive", "compression", "xz");
+    });
+    rig.db.sql("CREATE DATABASE d; CREATE TABLE d.t (id INT PRIMARY KEY, v TEXT); INSERT INTO d.t VALUES (1, 'one'), (2, 'two')");
+    let id = rig.backup();
+    let m = Manifest::parse(
+        &String::from_utf8(rig.fetch(&format!("db1/{id}/manifest.toml"))).unwrap(),
+        "store",
+    )
+    .unwrap();
+    let info = m.archive.unwrap();
+    assert_eq!(info.compression, Compression::Xz);
+    let data = rig.fetch(&info.key);
+    assert_eq!(sha(&data), info.sha256);
+    let got = tar_listing(common::codec::decoder(&data[..], Compression::Xz).unwrap());
+    assert!(
+        got.contains_key("mysql/d/t.ibd"),
+        "{:?}",
+        got.keys().collect::<Vec<_>>()
+    );
+    assert!(rig.snapshots().is_empty());
+    // No temporary files are left in the store directory.
+    let leftovers: Vec<_> = walkdir::WalkDir::new(rig.tmp.path().join("store"))
+        .into_iter()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn a_long_write_makes_the_lock_give_up_with_exit_3_and_writers_barely_wait() {
+    if !gate("a_long_write_makes_the_lock_give_up_with_exit_3_and_writers_barely_wait") {
+        return;
+    }
+    let rig = Rig::new(StoreKind::File);
+    rig.write_config(|t| {
+        set(t, "mysql", "lock_timeout", "1s");
+        set(t, "mysql", "lock_retries", 1);
+    });
+    rig.db.sql(
+        "CREATE DATABASE d; CREATE TABLE d.t (id INT PRIMARY KEY); INSERT INTO d.t VALUES (1); \
+         CREATE TABLE d.w (id INT AUTO_INCREMENT PRIMARY KEY)",
+    );
+    // A write that runs for 30 s: FLUSH TABLES WITH READ LOCK must wait for it.
+    let mut long = Command::new("mariadb")
+        .arg("-S")
+        .arg(&rig.db.socket)
+        .args([
+            "-uroot",
+            "-e",
+            "UPDATE d.t SET id = id + 0 WHERE SLEEP(30) = 0",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let started = Instant::now();
+    let mut snap = rig
+        .cmd("snapshotter")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A concurrent writer: every INSERT's latency while the snapshotter tries.
+    let mut worst = Duration::ZERO;
+    while snap.try_wait().unwrap().is_none() {
+        let t = Instant::now();
+        rig.db.sql("INSERT INTO d.w VALUES ()");
+        worst = worst.max(t.elapsed());
+    }
+    let out = snap.wait_with_output().unwrap();
+    let line = error_line(&out, 3);
+    assert!(
+        line.contains("could not take FLUSH TABLES WITH READ LOCK"),
+        "{line}"
+    );
+    assert!(line.contains("2 attempts"), "{line}");
+    // One attempt is bounded by lock_timeout (1 s) plus the watcher's margin.
+    assert!(
+        worst < Duration::from_millis(3000),
+        "a writer waited {worst:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(
+        rig.snapshots().is_empty(),
+        "no snapshot: {:?}",
+        rig.snapshots()
+    );
+    assert!(rig.pending().is_empty());
+    // Nothing holds a lock: a write goes through at once.
+    let t = Instant::now();
+    rig.db.sql("INSERT INTO d.w VALUES ()");
+    assert!(t.elapsed() < Duration::from_secs(2));
+    let _ = long.kill();
+    let _ = long.wait();
+}
+
+#[test]
+fn an_archiver_killed_mid_upload_leaves_no_listed_backup_and_the_next_run_cleans_up() {
+    if !gate("an_archiver_killed_mid_upload_leaves_no_listed_backup_and_the_next_run_cleans_up") {
+        return;
+    }
+    let rig = Rig::new(StoreKind::S3);
+    sysbench_prepare(&rig.db.socket, 4, 20_000);
+    // Slow compression keeps the archiver busy long enough to be killed mid-way.
+    rig.write_config(|t| {
+        set(t, "archive", "level", 19);
+        set(t, "archive", "threads", 1);
+        set(t, "store", "concurrency", 1);
+    });
+    let manifest = rig.snapshot();
+    let m = Manifest::load(&manifest).unwrap();
+    let mut archiver = rig
+        .cmd("archiver")
+        .args(["--manifest", manifest.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        archiver.try_wait().unwrap().is_none(),
+        "the archiver finished before it could be killed"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(archiver.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = archiver.wait();
+    assert!(
+        rig.snapshots().contains(&m.snapshot.name),
+        "kill -9 leaves the snapshot"
+    );
+    assert!(
+        !rig.store_keys()
+            .iter()
+            .any(|k| k.ends_with("manifest.toml")),
+        "a killed backup is never listed: {:?}",
+        rig.store_keys()
+    );
+
+    rig.write_config(|_| {});
+    let id = rig.backup();
+    assert_ne!(id, m.backup_id);
+    assert!(
+        rig.snapshots().is_empty(),
+        "the stale snapshot was removed: {:?}",
+        rig.snapshots()
+    );
+    assert!(rig.pending().is_empty());
+    let manifests: Vec<String> = rig
+        .store_keys()
+        .into_iter()
+        .filter(|k| k.ends_with("manifest.toml"))
+        .collect();
+    assert_eq!(manifests, [format!("db1/{id}/manifest.toml")]);
+    assert!(
+        !rig.store_keys().iter().any(|k| k.contains(&m.backup_id)),
+        "{:?}",
+        rig.store_keys()
+    );
+}
+
+#[test]
+fn bad_input_is_one_clear_line_with_the_right_exit_code_and_leaves_nothing() {
+    if !gate("bad_input_is_one_clear_line_with_the_right_exit_code_and_leaves_nothing") {
+        return;
+    }
+    let rig = Rig::new(StoreKind::S3);
+    let check_clean = |what: &str| {
+        assert!(
+            rig.snapshots().is_empty(),
+            "{what}: snapshots {:?}",
+            rig.snapshots()
+        );
+        assert!(
+            rig.pending().is_empty(),
+            "{what}: state {:?}",
+            rig.pending()
+        );
+        assert!(
+            rig.store_keys().is_empty(),
+            "{what}: store {:?}",
+            rig.store_keys()
+        );
+        let t = Instant::now();
+        rig.db
+            .sql("CREATE DATABASE IF NOT EXISTS probe; DROP DATABASE probe");
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "{what}: the server is locked"
+        );
+    };
+
+    // An unknown (mistyped) key: exit 2, naming the key and the file.
+    rig.write_config(|t| {
+        set(t, "mysql", "lock_timout", "5s");
+    });
+    let line = error_line(&rig.run("snapshotter", &[]), 2);
+    assert!(
+        line.contains("lock_timout") && line.contains(rig.config.to_str().unwrap()),
+        "{line}"
+    );
+    check_clean("unknown key");
+
+    // An unreachable server.
+    rig.write_config(|t| {
+        set(t, "mysql", "socket", "/nonexistent/mysqld.sock");
+    });
+    let line = error_line(&rig.run("snapshotter", &[]), 1);
+    assert!(
+        line.contains("cannot connect to MySQL at socket /nonexistent/mysqld.sock"),
+        "{line}"
+    );
+    check_clean("unreachable server");
+
+    // A wrong password: the error says access was denied, never the password.
+    rig.db.sql("CREATE USER mysnap@localhost IDENTIFIED BY 'right-pw'; GRANT RELOAD, PROCESS, SUPER ON *.* TO mysnap@localhost");
+    let pw = rig.tmp.path().join("mysql.pass");
+    std::fs::write(&pw, "wrong-pw\n").unwrap();
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    rig.write_config(|t| {
+        set(t, "mysql", "user", "mysnap");
+        set(t, "mysql", "password_file", pw.to_str().unwrap());
+    });
+    let out = rig.run("snapshotter", &[]);
+    let line = error_line(&out, 1);
+    assert!(
+        line.contains("Access denied") && line.contains("mysql.password_file"),
+        "{line}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("wrong-pw"));
+    check_clean("wrong password");
+
+    // A password file others can read: exit 2.
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let line = error_line(&rig.run("snapshotter", &[]), 2);
+    assert!(line.contains("chmod 600"), "{line}");
+    check_clean("readable password file");
+
+    // A missing bucket.
+    rig.write_config(|t| {
+        set(t, "store", "url", "s3://no-such-bucket/x");
+    });
+    let line = error_line(&rig.run("snapshotter", &[]), 1);
+    assert!(
+        line.contains("no-such-bucket") && line.contains("does not exist"),
+        "{line}"
+    );
+    check_clean("missing bucket");
+
+    // The server's data directory is not on the snapshotted volume.
+    let other = rig.vol.mnt.join("other");
+    assert!(Command::new("btrfs")
+        .args(["subvolume", "create"])
+        .arg(&other)
+        .status()
+        .unwrap()
+        .success());
+    rig.write_config(|t| {
+        set(t, "volume", "mountpoint", other.to_str().unwrap());
+        set(
+            t,
+            "volume",
+            "datadir",
+            other.join("mysql").to_str().unwrap(),
+        );
+    });
+    let line = error_line(&rig.run("snapshotter", &[]), 2);
+    assert!(
+        line.contains("datadir") && line.contains("not on the snapshotted volume"),
+        "{line}"
+    );
+    assert!(
+        std::fs::read_dir(other.join(".mysnap-snapshots")).map_or(true, |mut d| d.next().is_none())
+    );
+    check_clean("datadir off the volume");
+
+    // And with everything right again, a backup works.
+    rig.write_config(|_| {});
+    rig.backup();
+}
