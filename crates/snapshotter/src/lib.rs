@@ -70,8 +70,7 @@ pub async fn run(cfg: &Config) -> anyhow::Result<PathBuf> {
         watcher,
         &version,
         vars.log_bin,
-        cfg.mysql.lock_timeout,
-        cfg.mysql.lock_retries,
+        &cfg.mysql,
         backend.as_ref(),
         &name,
     )

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use common::config::MysqlConfig;
 use common::error::Error;
 use common::manifest::{Binlog, LockTimes, SourceCoordinates};
 use common::mysql::{exec, query_rows, ServerVersion};
@@ -110,11 +111,11 @@ pub async fn locked_snapshot(
     mut watcher: Conn,
     version: &ServerVersion,
     log_bin: bool,
-    timeout: Duration,
-    retries: u32,
+    policy: &MysqlConfig,
     backend: &dyn SnapshotBackend,
     name: &str,
 ) -> anyhow::Result<LockOutcome> {
+    let (timeout, retries) = (policy.lock_timeout, policy.lock_retries);
     let secs = timeout.as_secs_f64().ceil().max(1.0) as u64;
     exec(
         &mut conn,
