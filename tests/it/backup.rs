@@ -33,9 +33,13 @@ pub struct Rig {
 
 impl Rig {
     pub fn new(store: StoreKind) -> Rig {
+        Rig::with(store, MariaOpts::default())
+    }
+
+    pub fn with(store: StoreKind, opts: MariaOpts) -> Rig {
         let tmp = tempfile::tempdir().expect("tempdir");
         let vol = BtrfsVolume::new(tmp.path(), 2048);
-        let db = MariaDb::start(&vol.subvol.join("mysql"), MariaOpts::default());
+        let db = MariaDb::start(&vol.subvol.join("mysql"), opts);
         let (s3, store_url) = match store {
             StoreKind::File => {
                 let dir = tmp.path().join("store");

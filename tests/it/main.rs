@@ -2,5 +2,6 @@
 //! MariaDB or loop devices are skipped unless `MYSNAP_REAL=1`.
 
 mod backup;
+mod restore;
 mod smoke;
 mod store;

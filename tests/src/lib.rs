@@ -175,6 +175,8 @@ pub struct MariaDb {
     pub datadir: PathBuf,
     pub socket: PathBuf,
     pub port: Option<u16>,
+    /// The arguments `mariadbd` was started with.
+    args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -196,28 +198,29 @@ impl MariaDb {
         }
         let dir = runtime_tempdir("mysnap-mariadb-");
         let socket = dir.join("my.sock");
-        let mut cmd = Command::new("mariadbd");
-        cmd.arg("--user=root")
-            .arg(format!("--datadir={}", datadir.display()))
-            .arg(format!("--socket={}", socket.display()))
-            .arg(format!("--pid-file={}", dir.join("my.pid").display()))
-            .arg(format!("--log-error={}", dir.join("err.log").display()))
-            .arg(format!("--server-id={}", opts.server_id));
+        let mut args = vec![
+            "--user=root".to_string(),
+            format!("--datadir={}", datadir.display()),
+            format!("--socket={}", socket.display()),
+            format!("--pid-file={}", dir.join("my.pid").display()),
+            format!("--log-error={}", dir.join("err.log").display()),
+            format!("--server-id={}", opts.server_id),
+        ];
         if opts.log_bin {
-            cmd.arg(format!("--log-bin={}", datadir.join("binlog").display()));
+            args.push(format!("--log-bin={}", datadir.join("binlog").display()));
         }
         match opts.port {
-            None => {
-                cmd.arg("--skip-networking");
-            }
+            None => args.push("--skip-networking".into()),
             Some(p) => {
-                cmd.arg(format!("--port={p}"))
-                    .arg("--bind-address=127.0.0.1");
+                args.push(format!("--port={p}"));
+                args.push("--bind-address=127.0.0.1".into());
             }
         }
-        cmd.arg("--innodb-buffer-pool-size=128M")
-            .arg("--innodb-log-file-size=64M");
-        cmd.stdin(Stdio::null())
+        args.push("--innodb-buffer-pool-size=128M".into());
+        args.push("--innodb-log-file-size=64M".into());
+        let mut cmd = Command::new("mariadbd");
+        cmd.args(&args)
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let child = cmd.spawn().unwrap_or_else(|e| {
@@ -228,6 +231,7 @@ impl MariaDb {
             datadir: datadir.to_path_buf(),
             socket,
             port: opts.port,
+            args,
             child: Some(child),
         };
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -250,6 +254,23 @@ impl MariaDb {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// `mysql.stop_command` and `mysql.start_command` for mysnap's restorer:
+    /// shut this server down, and start it again the same way, detached.
+    pub fn service_commands(&self) -> (Vec<String>, Vec<String>) {
+        let stop = ["mariadb-admin", "-S", &self.socket.to_string_lossy(), "-uroot", "shutdown"]
+            .map(String::from)
+            .to_vec();
+        let mariadbd = ["/usr/sbin/mariadbd", "/usr/bin/mariadbd"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("mariadbd");
+        let mut start: Vec<String> = ["start-stop-daemon", "--start", "--background", "--exec", mariadbd, "--"]
+            .map(String::from)
+            .to_vec();
+        start.extend(self.args.iter().cloned());
+        (stop, start)
     }
 
     /// The last few KiB of the server's error log.

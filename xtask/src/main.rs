@@ -15,6 +15,9 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   ci                      install test prerequisites when missing, then fmt, clippy and all tests
   backup --config PATH    snapshotter, then archiver (a full backup)
+  bench [--size 1GiB] [--runs 3] [--lock-runs 10]
+                          measure backups against the hardware's limits (root);
+                          writes target/bench/report.md
 ";
 
 /// Debian packages the tests need, each with a command that shows it is there.
@@ -34,6 +37,7 @@ fn main() {
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("backup") => backup(&args[1..]),
+        Some("bench") => bench(&args[1..]),
         _ => {
             eprint!("{USAGE}");
             std::process::exit(2);
@@ -134,6 +138,19 @@ fn ci() -> anyhow::Result<()> {
         .env("MYSNAP_REAL", "1"))?;
     eprintln!("xtask: ci passed");
     Ok(())
+}
+
+/// Release builds of the programs and the bench driver, then the bench.
+fn bench(args: &[String]) -> anyhow::Result<()> {
+    install_prerequisites()?;
+    run(cargo().args(["build", "--release", "--bins", "-p", "snapshotter", "-p", "archiver", "-p", "mysnap-tests"]))?;
+    let release = root().join("target/release");
+    run(Command::new(release.join("mysnap-bench"))
+        .arg("--bin-dir")
+        .arg(&release)
+        .arg("--out")
+        .arg(root().join("target/bench"))
+        .args(args))
 }
 
 fn bin(name: &str) -> PathBuf {

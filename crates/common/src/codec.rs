@@ -28,6 +28,8 @@ impl<W: Write> Encoder<W> {
         Ok(match compression {
             Compression::Zstd => {
                 let mut e = zstd::Encoder::new(inner, level as i32)?;
+                // A frame checksum catches corruption while decoding, before the SHA-256 at the end.
+                e.include_checksum(true)?;
                 if threads > 1 {
                     e.multithread(threads)?;
                 }

@@ -1,6 +1,7 @@
 //! Where archives live: S3 (or an S3-compatible server) or a local/NFS
 //! directory, behind one trait. Keys are relative to the store's prefix.
 
+mod download;
 mod file;
 mod s3;
 
@@ -15,6 +16,7 @@ use tokio::sync::mpsc;
 use crate::config::StoreConfig;
 use crate::error::config_err;
 
+pub use download::Download;
 pub use file::FileStore;
 pub use s3::S3Store;
 
