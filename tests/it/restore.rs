@@ -5,7 +5,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::manifest::Manifest;
-use mysnap_tests::{free_port, gate, sysbench_prepare, sysbench_run, BtrfsVolume, MariaDb, MariaOpts};
+use mysnap_tests::{
+    free_port, gate, sysbench_prepare, sysbench_run, BtrfsVolume, MariaDb, MariaOpts,
+};
 use sha2::{Digest, Sha256};
 
 use crate::backup::{assert_ok, error_line, set, Rig, StoreKind};
@@ -24,27 +26,43 @@ impl Target {
     fn new(src: &Rig, opts: MariaOpts, vol_mib: Option<u64>) -> Target {
         let tmp = tempfile::tempdir().unwrap();
         let vol = vol_mib.map(|mib| BtrfsVolume::new(tmp.path(), mib));
-        let root = vol.as_ref().map_or_else(|| tmp.path().join("srv"), |v| v.subvol.clone());
+        let root = vol
+            .as_ref()
+            .map_or_else(|| tmp.path().join("srv"), |v| v.subvol.clone());
         let datadir = root.join("mysql");
         let db = MariaDb::start(&datadir, opts);
         db.sql("CREATE DATABASE target; CREATE TABLE target.marker (v TEXT); INSERT INTO target.marker VALUES ('old data')");
         let (stop, start) = db.service_commands();
         let config = tmp.path().join("target.toml");
-        let mut t: toml::Table = toml::from_str(&std::fs::read_to_string(&src.config).unwrap()).unwrap();
+        let mut t: toml::Table =
+            toml::from_str(&std::fs::read_to_string(&src.config).unwrap()).unwrap();
         set(&mut t, "mysql", "socket", db.socket.to_str().unwrap());
         set(&mut t, "mysql", "stop_command", stop);
         set(&mut t, "mysql", "start_command", start);
         set(&mut t, "volume", "mountpoint", root.to_str().unwrap());
         set(&mut t, "volume", "datadir", datadir.to_str().unwrap());
         set(&mut t, "volume", "owner", "root");
-        set(&mut t, "backup", "state_dir", tmp.path().join("state").to_str().unwrap());
+        set(
+            &mut t,
+            "backup",
+            "state_dir",
+            tmp.path().join("state").to_str().unwrap(),
+        );
         std::fs::write(&config, toml::to_string(&t).unwrap()).unwrap();
-        Target { db, config, datadir, _vol: vol, _tmp: tmp }
+        Target {
+            db,
+            config,
+            datadir,
+            _vol: vol,
+            _tmp: tmp,
+        }
     }
 
     fn restorer(&self, src: &Rig, args: &[&str]) -> Output {
         let mut c = Command::new(mysnap_tests::bin("restorer"));
-        c.env("MYSNAP_CONFIG", &self.config).args(args).stdin(Stdio::null());
+        c.env("MYSNAP_CONFIG", &self.config)
+            .args(args)
+            .stdin(Stdio::null());
         if let Some(s3) = &src.s3 {
             c.envs(s3.env());
         }
@@ -53,14 +71,22 @@ impl Target {
 
     /// The live data directory is the old one, untouched, and the server still serves it.
     fn assert_untouched(&self, what: &str) {
-        assert_eq!(self.db.sql("SELECT v FROM target.marker"), "old data", "{what}");
+        assert_eq!(
+            self.db.sql("SELECT v FROM target.marker"),
+            "old data",
+            "{what}"
+        );
         let parent = self.datadir.parent().unwrap();
         let others: Vec<String> = std::fs::read_dir(parent)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|n| n != "mysql" && n != ".mysnap-snapshots")
             .collect();
-        assert!(others.is_empty(), "{what}: staging or .old left in {}: {others:?}", parent.display());
+        assert!(
+            others.is_empty(),
+            "{what}: staging or .old left in {}: {others:?}",
+            parent.display()
+        );
     }
 }
 
@@ -74,14 +100,33 @@ fn a_backup_under_load_restores_as_a_replica_that_matches_the_source() {
         return;
     }
     let src_port = free_port();
-    let src = Rig::with(StoreKind::S3, MariaOpts { server_id: 1, port: Some(src_port), log_bin: true });
-    src.db.sql("CREATE USER repl@'%' IDENTIFIED BY 'repl-secret'; GRANT REPLICATION SLAVE ON *.* TO repl@'%'");
+    let src = Rig::with(
+        StoreKind::S3,
+        MariaOpts {
+            server_id: 1,
+            port: Some(src_port),
+            log_bin: true,
+        },
+    );
+    // Both host forms: MariaDB's anonymous ''@localhost would otherwise shadow repl@'%'.
+    src.db.sql(
+        "CREATE USER repl@'%' IDENTIFIED BY 'repl-secret'; GRANT REPLICATION SLAVE ON *.* TO repl@'%'; \
+         CREATE USER repl@localhost IDENTIFIED BY 'repl-secret'; GRANT REPLICATION SLAVE ON *.* TO repl@localhost",
+    );
     sysbench_prepare(&src.db.socket, 4, 10_000);
     let mut load = sysbench_run(&src.db.socket, 4, 10_000, 15);
     std::thread::sleep(Duration::from_secs(2));
     let id = src.backup();
 
-    let target = Target::new(&src, MariaOpts { server_id: 2, port: Some(free_port()), log_bin: true }, None);
+    let target = Target::new(
+        &src,
+        MariaOpts {
+            server_id: 2,
+            port: Some(free_port()),
+            log_bin: true,
+        },
+        None,
+    );
     let pw = target._tmp.path().join("repl.pass");
     std::fs::write(&pw, "repl-secret\n").unwrap();
     std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
@@ -99,11 +144,17 @@ fn a_backup_under_load_restores_as_a_replica_that_matches_the_source() {
         ],
     );
     assert_ok(&out, "restorer restore --replica-of");
-    assert!(!String::from_utf8_lossy(&out.stderr).contains("repl-secret"), "the password leaked");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("repl-secret"),
+        "the password leaked"
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["backup_id"], id.as_str());
     let old = PathBuf::from(report["old_datadir"].as_str().unwrap());
-    assert!(old.join("target").is_dir(), "the old data directory is kept");
+    assert!(
+        old.join("target").is_dir(),
+        "the old data directory is kept"
+    );
     assert!(!target.datadir.join("auto.cnf").exists());
 
     assert!(load.wait().unwrap().success(), "sysbench");
@@ -111,13 +162,20 @@ fn a_backup_under_load_restores_as_a_replica_that_matches_the_source() {
     let source_pos = src.db.sql("SELECT @@gtid_binlog_pos");
     let deadline = Instant::now() + Duration::from_secs(120);
     while target.db.sql("SELECT @@gtid_slave_pos") != source_pos {
-        assert!(Instant::now() < deadline, "the replica did not catch up: {}", target.db.sql("SHOW SLAVE STATUS\\G"));
+        assert!(
+            Instant::now() < deadline,
+            "the replica did not catch up: {}",
+            target.db.sql("SHOW SLAVE STATUS\\G")
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     let (a, b) = (src.db.checksums("sbtest"), target.db.checksums("sbtest"));
     assert_eq!(a.len(), 4);
     assert_eq!(a, b);
-    assert!(target.db.try_sql("SELECT 1 FROM target.marker").is_err(), "the restored server has the source's data");
+    assert!(
+        target.db.try_sql("SELECT 1 FROM target.marker").is_err(),
+        "the restored server has the source's data"
+    );
 }
 
 /// Writes a crafted archive and its manifest (copied from a real one) as backup `id`.
@@ -143,12 +201,16 @@ fn crafted(name: &str, kind: tar::EntryType, link: &str) -> Vec<u8> {
     dir.set_mode(0o755);
     dir.set_size(0);
     b.append_data(&mut dir, "mysql", std::io::empty()).unwrap();
-    let mut h = tar::Header::new_old();
+    let mut h = tar::Header::new_gnu();
     h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
     h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
     h.set_entry_type(kind);
     h.set_mode(0o644);
-    let data: &[u8] = if kind == tar::EntryType::Regular { b"evil" } else { b"" };
+    let data: &[u8] = if kind == tar::EntryType::Regular {
+        b"evil"
+    } else {
+        b""
+    };
     h.set_size(data.len() as u64);
     if matches!(kind, tar::EntryType::Char | tar::EntryType::Block) {
         h.set_device_major(1).unwrap();
@@ -165,10 +227,16 @@ fn tampered_and_unsafe_archives_are_refused_with_exit_4_and_the_target_keeps_ser
         return;
     }
     let src = Rig::new(StoreKind::File);
-    src.db.sql("CREATE DATABASE d; CREATE TABLE d.t (id INT PRIMARY KEY); INSERT INTO d.t VALUES (1)");
+    src.db.sql(
+        "CREATE DATABASE d; CREATE TABLE d.t (id INT PRIMARY KEY); INSERT INTO d.t VALUES (1)",
+    );
     let id = src.backup();
     let store_root = src.tmp.path().join("store");
-    let real = Manifest::parse(&std::fs::read_to_string(store_root.join(format!("db1/{id}/manifest.toml"))).unwrap(), "real").unwrap();
+    let real = Manifest::parse(
+        &std::fs::read_to_string(store_root.join(format!("db1/{id}/manifest.toml"))).unwrap(),
+        "real",
+    )
+    .unwrap();
     let archive = std::fs::read(store_root.join(format!("db1/{id}/data.tar.zst"))).unwrap();
 
     let mut flipped = archive.clone();
@@ -176,11 +244,31 @@ fn tampered_and_unsafe_archives_are_refused_with_exit_4_and_the_target_keeps_ser
     flipped[mid] ^= 0x40;
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("20300101T000001Z", flipped, "corrupt"),
-        ("20300101T000002Z", archive[..archive.len() / 2].to_vec(), "truncated"),
-        ("20300101T000003Z", crafted("mysql/../../evil", tar::EntryType::Regular, ""), "'..'"),
-        ("20300101T000004Z", crafted("/tmp/mysnap-evil", tar::EntryType::Regular, ""), "absolute"),
-        ("20300101T000005Z", crafted("mysql/link", tar::EntryType::Symlink, "../../../../etc"), "outside"),
-        ("20300101T000006Z", crafted("mysql/null", tar::EntryType::Char, ""), "device node"),
+        (
+            "20300101T000002Z",
+            archive[..archive.len() / 2].to_vec(),
+            "truncated",
+        ),
+        (
+            "20300101T000003Z",
+            crafted("mysql/../../evil", tar::EntryType::Regular, ""),
+            "'..'",
+        ),
+        (
+            "20300101T000004Z",
+            crafted("/tmp/mysnap-evil", tar::EntryType::Regular, ""),
+            "absolute",
+        ),
+        (
+            "20300101T000005Z",
+            crafted("mysql/link", tar::EntryType::Symlink, "../../../../etc"),
+            "outside",
+        ),
+        (
+            "20300101T000006Z",
+            crafted("mysql/null", tar::EntryType::Char, ""),
+            "device node",
+        ),
     ];
     for (cid, bytes, _) in &cases {
         plant(&store_root, &real, cid, bytes);
@@ -197,7 +285,14 @@ fn tampered_and_unsafe_archives_are_refused_with_exit_4_and_the_target_keeps_ser
     m.archive.as_mut().unwrap().size = archive.len() as u64;
     std::fs::write(&short, m.to_toml()).unwrap();
 
-    let target = Target::new(&src, MariaOpts { server_id: 2, ..MariaOpts::default() }, None);
+    let target = Target::new(
+        &src,
+        MariaOpts {
+            server_id: 2,
+            ..MariaOpts::default()
+        },
+        None,
+    );
     for (cid, _, needle) in &cases {
         for cmd in ["verify", "restore"] {
             let out = target.restorer(&src, &[cmd, cid]);
@@ -208,18 +303,36 @@ fn tampered_and_unsafe_archives_are_refused_with_exit_4_and_the_target_keeps_ser
     }
     assert!(!Path::new("/tmp/mysnap-evil").exists());
     // The real backup still verifies.
-    assert_ok(&target.restorer(&src, &["verify", &id]), "verify of the real backup");
+    assert_ok(
+        &target.restorer(&src, &["verify", &id]),
+        "verify of the real backup",
+    );
 }
 
 #[test]
 fn a_target_without_room_is_refused_before_anything_changes_and_a_full_disk_rolls_back() {
-    if !gate("a_target_without_room_is_refused_before_anything_changes_and_a_full_disk_rolls_back") {
+    if !gate("a_target_without_room_is_refused_before_anything_changes_and_a_full_disk_rolls_back")
+    {
         return;
     }
     let src = Rig::new(StoreKind::File);
-    sysbench_prepare(&src.db.socket, 4, 30_000);
+    sysbench_prepare(&src.db.socket, 4, 80_000);
     let id = src.backup();
-    let target = Target::new(&src, MariaOpts { server_id: 2, ..MariaOpts::default() }, Some(400));
+    let store_manifest = src.tmp.path().join(format!("store/db1/{id}/manifest.toml"));
+    let unpacked = Manifest::parse(&std::fs::read_to_string(&store_manifest).unwrap(), "x")
+        .unwrap()
+        .archive
+        .unwrap()
+        .unpacked_size;
+    // Room for a fresh server (about 100 MiB), btrfs' own overhead, and half the backup.
+    let target = Target::new(
+        &src,
+        MariaOpts {
+            server_id: 2,
+            ..MariaOpts::default()
+        },
+        Some(250 + (unpacked >> 21)),
+    );
 
     let out = target.restorer(&src, &["restore", &id]);
     let line = error_line(&out, 1);
@@ -260,7 +373,10 @@ fn latest_is_the_newest_complete_backup() {
     let out = src.run("restorer", &["list"]);
     assert_ok(&out, "list");
     let table = String::from_utf8(out.stdout).unwrap();
-    assert!(table.lines().nth(1).unwrap().starts_with(&second), "{table}");
+    assert!(
+        table.lines().nth(1).unwrap().starts_with(&second),
+        "{table}"
+    );
 
     let out = src.run("restorer", &["verify", "latest"]);
     assert_ok(&out, "verify latest");

@@ -259,16 +259,32 @@ impl MariaDb {
     /// `mysql.stop_command` and `mysql.start_command` for mysnap's restorer:
     /// shut this server down, and start it again the same way, detached.
     pub fn service_commands(&self) -> (Vec<String>, Vec<String>) {
-        let stop = ["mariadb-admin", "-S", &self.socket.to_string_lossy(), "-uroot", "shutdown"]
-            .map(String::from)
-            .to_vec();
+        let stop = [
+            "mariadb-admin",
+            "-S",
+            &self.socket.to_string_lossy(),
+            "-uroot",
+            "shutdown",
+        ]
+        .map(String::from)
+        .to_vec();
         let mariadbd = ["/usr/sbin/mariadbd", "/usr/bin/mariadbd"]
             .into_iter()
             .find(|p| Path::new(p).exists())
             .unwrap_or("mariadbd");
-        let mut start: Vec<String> = ["start-stop-daemon", "--start", "--background", "--exec", mariadbd, "--"]
-            .map(String::from)
-            .to_vec();
+        let pid = self.dir.join("my.pid").to_string_lossy().into_owned();
+        let mut start: Vec<String> = [
+            "start-stop-daemon",
+            "--start",
+            "--background",
+            "--pidfile",
+            &pid,
+            "--exec",
+            mariadbd,
+            "--",
+        ]
+        .map(String::from)
+        .to_vec();
         start.extend(self.args.iter().cloned());
         (stop, start)
     }

@@ -143,7 +143,17 @@ fn ci() -> anyhow::Result<()> {
 /// Release builds of the programs and the bench driver, then the bench.
 fn bench(args: &[String]) -> anyhow::Result<()> {
     install_prerequisites()?;
-    run(cargo().args(["build", "--release", "--bins", "-p", "snapshotter", "-p", "archiver", "-p", "mysnap-tests"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--bins",
+        "-p",
+        "snapshotter",
+        "-p",
+        "archiver",
+        "-p",
+        "mysnap-tests",
+    ]))?;
     let release = root().join("target/release");
     run(Command::new(release.join("mysnap-bench"))
         .arg("--bin-dir")

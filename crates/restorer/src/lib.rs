@@ -37,7 +37,10 @@ pub async fn list(cfg: &Config) -> anyhow::Result<Vec<Manifest>> {
 async fn list_in(store: &dyn Store, name: &str) -> anyhow::Result<Vec<Manifest>> {
     let keys = store.list(&format!("{name}/")).await?;
     let mut out = Vec::new();
-    for key in keys.iter().filter(|k| k.ends_with(&format!("/{MANIFEST_FILE}"))) {
+    for key in keys
+        .iter()
+        .filter(|k| k.ends_with(&format!("/{MANIFEST_FILE}")))
+    {
         let text = store.get(key).await?;
         let m = Manifest::parse(&String::from_utf8_lossy(&text), &store.url(key))?;
         if m.archive.is_some() {
@@ -49,28 +52,53 @@ async fn list_in(store: &dyn Store, name: &str) -> anyhow::Result<Vec<Manifest>>
 }
 
 /// The manifest of backup `id` (or the newest complete one for `latest`).
-async fn resolve(store: &dyn Store, cfg: &Config, id: &str) -> anyhow::Result<(Manifest, ArchiveInfo)> {
+async fn resolve(
+    store: &dyn Store,
+    cfg: &Config,
+    id: &str,
+) -> anyhow::Result<(Manifest, ArchiveInfo)> {
     let name = &cfg.backup.name;
     let m = if id == "latest" {
-        list_in(store, name).await?.into_iter().next().ok_or_else(|| {
-            anyhow::anyhow!("no complete backup of {name:?} in {} (backup.name, store.url)", store.url(name))
-        })?
+        list_in(store, name)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no complete backup of {name:?} in {} (backup.name, store.url)",
+                    store.url(name)
+                )
+            })?
     } else {
         if !common::manifest::is_backup_id(id) {
-            return Err(config_err(format!("{id:?} is not a backup id (YYYYMMDDTHHMMSSZ) or \"latest\"")));
+            return Err(config_err(format!(
+                "{id:?} is not a backup id (YYYYMMDDTHHMMSSZ) or \"latest\""
+            )));
         }
         let key = format!("{name}/{id}/{MANIFEST_FILE}");
         if store.size(&key).await?.is_none() {
             anyhow::bail!("backup {id} of {name:?} does not exist or is incomplete (no {}): see restorer list", store.url(&key));
         }
-        Manifest::parse(&String::from_utf8_lossy(&store.get(&key).await?), &store.url(&key))?
+        Manifest::parse(
+            &String::from_utf8_lossy(&store.get(&key).await?),
+            &store.url(&key),
+        )?
     };
-    let info = m.archive.clone().ok_or_else(|| anyhow::anyhow!("backup {} has no archive in its manifest", m.backup_id))?;
+    let info = m
+        .archive
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("backup {} has no archive in its manifest", m.backup_id))?;
     Ok((m, info))
 }
 
 /// Streams the archive of `m` into `target`: the one code path of verify and restore.
-async fn stream_archive(cfg: &Config, store: Arc<dyn Store>, info: &ArchiveInfo, target: Target<'_>, progress: &dyn Progress) -> anyhow::Result<Streamed> {
+async fn stream_archive(
+    cfg: &Config,
+    store: Arc<dyn Store>,
+    info: &ArchiveInfo,
+    target: Target<'_>,
+    progress: &dyn Progress,
+) -> anyhow::Result<Streamed> {
     match store.size(&info.key).await? {
         None => {
             return Err(common::error::integrity_err(format!(
@@ -89,14 +117,26 @@ async fn stream_archive(cfg: &Config, store: Arc<dyn Store>, info: &ArchiveInfo,
     }
     progress.set_total(info.size);
     let failed = Arc::new(AtomicBool::new(false));
-    let download = Download::start(store, info.key.clone(), info.size, cfg.store.part_size.as_u64(), cfg.store.concurrency, failed.clone());
-    let r = tokio::task::block_in_place(|| unpack::stream(download, info, target, progress, &failed));
+    let download = Download::start(
+        store,
+        info.key.clone(),
+        info.size,
+        cfg.store.part_size.as_u64(),
+        cfg.store.concurrency,
+        failed.clone(),
+    );
+    let r =
+        tokio::task::block_in_place(|| unpack::stream(download, info, target, progress, &failed));
     progress.finish();
     r
 }
 
 /// Reads the whole archive as restore would, writing nothing.
-pub async fn verify(cfg: &Config, id: &str, progress: &dyn Progress) -> anyhow::Result<(Manifest, Streamed)> {
+pub async fn verify(
+    cfg: &Config,
+    id: &str,
+    progress: &dyn Progress,
+) -> anyhow::Result<(Manifest, Streamed)> {
     let store: Arc<dyn Store> = store::open(&cfg.store).await?.into();
     let (m, info) = resolve(store.as_ref(), cfg, id).await?;
     let s = stream_archive(cfg, store, &info, Target::Discard, progress).await?;
@@ -135,10 +175,13 @@ pub struct Report {
 /// The uid and gid restored files get: `volume.owner`, else the `mysql` user where it exists.
 fn owner(cfg: &Config) -> anyhow::Result<Option<(u32, u32)>> {
     let name = cfg.volume.owner.as_deref();
-    let user = nix::unistd::User::from_name(name.unwrap_or("mysql")).context("cannot read the user database")?;
+    let user = nix::unistd::User::from_name(name.unwrap_or("mysql"))
+        .context("cannot read the user database")?;
     match (user, name) {
         (Some(u), _) => Ok(Some((u.uid.as_raw(), u.gid.as_raw()))),
-        (None, Some(n)) => Err(config_err(format!("volume.owner: no user {n:?} on this machine"))),
+        (None, Some(n)) => Err(config_err(format!(
+            "volume.owner: no user {n:?} on this machine"
+        ))),
         (None, None) => Ok(None),
     }
 }
@@ -146,7 +189,8 @@ fn owner(cfg: &Config) -> anyhow::Result<Option<(u32, u32)>> {
 /// The installed server's version: the running server's answer, else the binary's.
 async fn installed_version(cfg: &Config) -> Option<ServerVersion> {
     if let Ok(info) = ConnectInfo::from_config(&cfg.mysql) {
-        if let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_secs(5), info.connect()).await {
+        if let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_secs(5), info.connect()).await
+        {
             if let Ok(rows) = query_rows(&mut conn, "SELECT VERSION() AS v").await {
                 let _ = conn.disconnect().await;
                 if let Some(v) = rows.first().and_then(|r| r.get("v").cloned().flatten()) {
@@ -169,7 +213,10 @@ async fn installed_version(cfg: &Config) -> Option<ServerVersion> {
 fn check_version(m: &Manifest, installed: Option<&ServerVersion>) -> anyhow::Result<()> {
     let backup = ServerVersion::parse(&m.server.version);
     let Some(v) = installed else {
-        tracing::warn!("cannot tell the installed server's version; restoring a {} backup", m.server.version);
+        tracing::warn!(
+            "cannot tell the installed server's version; restoring a {} backup",
+            m.server.version
+        );
         return Ok(());
     };
     if v.flavor != backup.flavor || (v.major, v.minor) != (backup.major, backup.minor) {
@@ -182,7 +229,8 @@ fn check_version(m: &Manifest, installed: Option<&ServerVersion>) -> anyhow::Res
 }
 
 fn check_space(dir: &Path, info: &ArchiveInfo) -> anyhow::Result<()> {
-    let st = nix::sys::statvfs::statvfs(dir).with_context(|| format!("cannot stat the filesystem of {}", dir.display()))?;
+    let st = nix::sys::statvfs::statvfs(dir)
+        .with_context(|| format!("cannot stat the filesystem of {}", dir.display()))?;
     let avail = st.blocks_available() as u64 * st.fragment_size() as u64;
     let need = info.unpacked_size + info.unpacked_size / 20 + (64 << 20);
     if avail < need {
@@ -201,7 +249,9 @@ fn check_space(dir: &Path, info: &ArchiveInfo) -> anyhow::Result<()> {
 /// socket files, relay logs and replication state of the source.
 pub fn clone_hygiene(datadir: &Path) -> anyhow::Result<Vec<String>> {
     let mut removed = Vec::new();
-    let Ok(entries) = std::fs::read_dir(datadir) else { return Ok(removed) };
+    let Ok(entries) = std::fs::read_dir(datadir) else {
+        return Ok(removed);
+    };
     for e in entries {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
@@ -215,12 +265,52 @@ pub fn clone_hygiene(datadir: &Path) -> anyhow::Result<Vec<String>> {
             || name == "multi-master.info"
             || (name.starts_with("master-") && name.ends_with(".info"));
         if drop && !e.file_type()?.is_dir() {
-            std::fs::remove_file(e.path()).with_context(|| format!("cannot remove {}", e.path().display()))?;
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("cannot remove {}", e.path().display()))?;
             removed.push(name);
         }
     }
     removed.sort();
     Ok(removed)
+}
+
+/// Points binary log index entries that name the source's directories at the
+/// same files in this server's directories (`moves`: source dir → target dir).
+/// Entries relative to the data directory are left alone.
+pub fn rewrite_binlog_indexes(restored: &Path, moves: &[(PathBuf, PathBuf)]) -> anyhow::Result<()> {
+    let Ok(entries) = std::fs::read_dir(restored) else {
+        return Ok(());
+    };
+    for e in entries {
+        let path = e?.path();
+        if path.extension().is_none_or(|x| x != "index") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let mut changed = false;
+        let lines: Vec<String> = text
+            .lines()
+            .map(|line| {
+                let p = Path::new(line);
+                let moved = moves
+                    .iter()
+                    .find_map(|(from, to)| Some(to.join(p.strip_prefix(from).ok()?)));
+                match moved {
+                    Some(new) if p.is_absolute() => {
+                        changed = true;
+                        new.to_string_lossy().into_owned()
+                    }
+                    _ => line.to_string(),
+                }
+            })
+            .collect();
+        if changed {
+            std::fs::write(&path, lines.join("\n") + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes the staging directory unless disarmed.
@@ -248,7 +338,9 @@ async fn wait_ready(cfg: &Config, timeout: Duration) -> anyhow::Result<()> {
                 return Ok(());
             }
             Err(e) if start.elapsed() > timeout => {
-                return Err(e.context(format!("the server did not answer within {timeout:?} after start")))
+                return Err(e.context(format!(
+                    "the server did not answer within {timeout:?} after start"
+                )))
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
         }
@@ -257,14 +349,20 @@ async fn wait_ready(cfg: &Config, timeout: Duration) -> anyhow::Result<()> {
 
 fn run_service(cfg_key: &str, argv: &[String]) -> anyhow::Result<()> {
     if argv.is_empty() {
-        return Err(config_err(format!("{cfg_key} is empty: restore needs it to stop and start the server")));
+        return Err(config_err(format!(
+            "{cfg_key} is empty: restore needs it to stop and start the server"
+        )));
     }
     cmd::run(argv).with_context(|| format!("{cfg_key} failed"))?;
     Ok(())
 }
 
 /// Restores backup `opts.id` into `volume.datadir`.
-pub async fn restore(cfg: &Config, opts: &RestoreOpts, progress: &dyn Progress) -> anyhow::Result<Report> {
+pub async fn restore(
+    cfg: &Config,
+    opts: &RestoreOpts,
+    progress: &dyn Progress,
+) -> anyhow::Result<Report> {
     let started = Instant::now();
     if cfg.mysql.stop_command.is_empty() || cfg.mysql.start_command.is_empty() {
         return Err(config_err(
@@ -280,23 +378,36 @@ pub async fn restore(cfg: &Config, opts: &RestoreOpts, progress: &dyn Progress) 
     let datadir = cfg.volume.datadir.clone();
     let parent = datadir
         .parent()
-        .ok_or_else(|| config_err(format!("volume.datadir {} has no parent directory", datadir.display())))?
+        .ok_or_else(|| {
+            config_err(format!(
+                "volume.datadir {} has no parent directory",
+                datadir.display()
+            ))
+        })?
         .to_path_buf();
-    std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    std::fs::create_dir_all(&parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
     if !opts.ignore_version {
         check_version(&m, installed_version(cfg).await.as_ref())?;
     }
     check_space(&parent, &info)?;
     let owner = owner(cfg)?;
     let stamp = common::manifest::backup_id(time::OffsetDateTime::now_utc());
-    let name = datadir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = datadir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let old = datadir.with_file_name(format!("{name}.old-{stamp}"));
     let staging_path = parent.join(format!(".{name}.mysnap-restore-{}", m.backup_id));
     if staging_path.exists() {
-        tracing::warn!("removing {} left by an earlier restore that did not finish", staging_path.display());
+        tracing::warn!(
+            "removing {} left by an earlier restore that did not finish",
+            staging_path.display()
+        );
         std::fs::remove_dir_all(&staging_path)?;
     }
-    std::fs::create_dir(&staging_path).with_context(|| format!("cannot create {}", staging_path.display()))?;
+    std::fs::create_dir(&staging_path)
+        .with_context(|| format!("cannot create {}", staging_path.display()))?;
     let staging = Staging(Some(staging_path.clone()));
 
     let mut down_since = None;
@@ -305,19 +416,48 @@ pub async fn restore(cfg: &Config, opts: &RestoreOpts, progress: &dyn Progress) 
         run_service("mysql.stop_command", &cfg.mysql.stop_command)?;
         down_since = Some(Instant::now());
         if datadir.exists() {
-            std::fs::rename(&datadir, &old).with_context(|| format!("cannot move {} to {}", datadir.display(), old.display()))?;
+            std::fs::rename(&datadir, &old).with_context(|| {
+                format!("cannot move {} to {}", datadir.display(), old.display())
+            })?;
             moved_old = true;
         }
     }
-    tracing::info!("restoring backup {} ({}) into {}", m.backup_id, bytesize::ByteSize(info.size), staging_path.display());
+    tracing::info!(
+        "restoring backup {} ({}) into {}",
+        m.backup_id,
+        bytesize::ByteSize(info.size),
+        staging_path.display()
+    );
     let t = Instant::now();
     let unpacked = async {
-        let s = stream_archive(cfg, store.clone(), &info, Target::Dir { root: &staging_path, owner }, progress).await?;
+        let s = stream_archive(
+            cfg,
+            store.clone(),
+            &info,
+            Target::Dir {
+                root: &staging_path,
+                owner,
+            },
+            progress,
+        )
+        .await?;
         let new_datadir = staging_path.join(&m.data.datadir);
-        anyhow::ensure!(new_datadir.is_dir(), "the archive has no data directory {:?}", m.data.datadir);
+        anyhow::ensure!(
+            new_datadir.is_dir(),
+            "the archive has no data directory {:?}",
+            m.data.datadir
+        );
         let removed = clone_hygiene(&new_datadir)?;
         if !removed.is_empty() {
             tracing::info!("removed from the copy: {}", removed.join(", "));
+        }
+        // The binary log index names files by the source's paths.
+        let mut moves = vec![(m.data.volume_root.join(&m.data.datadir), datadir.clone())];
+        for p in m.data.paths.iter().filter(|p| **p != m.data.datadir) {
+            moves.push((m.data.volume_root.join(p), cfg.volume.mountpoint.join(p)));
+        }
+        for p in &m.data.paths {
+            rewrite_binlog_indexes(&staging_path.join(p), &moves)?;
         }
         // One flush of the whole filesystem instead of an fsync per file.
         let dir = std::fs::File::open(&staging_path)?;
@@ -331,7 +471,13 @@ pub async fn restore(cfg: &Config, opts: &RestoreOpts, progress: &dyn Progress) 
             drop(staging);
             if moved_old {
                 // --stop-first: put the old data back and start the server again.
-                std::fs::rename(&old, &datadir).with_context(|| format!("cannot move {} back to {}", old.display(), datadir.display()))?;
+                std::fs::rename(&old, &datadir).with_context(|| {
+                    format!(
+                        "cannot move {} back to {}",
+                        old.display(),
+                        datadir.display()
+                    )
+                })?;
                 if let Err(e2) = run_service("mysql.start_command", &cfg.mysql.start_command) {
                     tracing::error!("cannot start the server again: {e2:#}");
                 }
@@ -347,23 +493,34 @@ pub async fn restore(cfg: &Config, opts: &RestoreOpts, progress: &dyn Progress) 
             .map_err(|e| e.context("nothing was changed; the server was not stopped"))?;
         down_since = Some(Instant::now());
         if datadir.exists() {
-            std::fs::rename(&datadir, &old).with_context(|| format!("cannot move {} to {}", datadir.display(), old.display()))?;
+            std::fs::rename(&datadir, &old).with_context(|| {
+                format!("cannot move {} to {}", datadir.display(), old.display())
+            })?;
             moved_old = true;
         }
     }
     let new_datadir = staging_path.join(&m.data.datadir);
     std::fs::rename(&new_datadir, &datadir).with_context(|| {
-        format!("cannot move {} to {}; the old data directory is {}", new_datadir.display(), datadir.display(), old.display())
+        format!(
+            "cannot move {} to {}; the old data directory is {}",
+            new_datadir.display(),
+            datadir.display(),
+            old.display()
+        )
     })?;
     for p in m.data.paths.iter().filter(|p| **p != m.data.datadir) {
         let (from, to) = (staging_path.join(p), cfg.volume.mountpoint.join(p));
         if to.exists() {
-            std::fs::rename(&to, to.with_file_name(format!("{}.old-{stamp}", p.rsplit('/').next().unwrap_or(p))))?;
+            std::fs::rename(
+                &to,
+                to.with_file_name(format!("{}.old-{stamp}", p.rsplit('/').next().unwrap_or(p))),
+            )?;
         }
         if let Some(dir) = to.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        std::fs::rename(&from, &to).with_context(|| format!("cannot move {} to {}", from.display(), to.display()))?;
+        std::fs::rename(&from, &to)
+            .with_context(|| format!("cannot move {} to {}", from.display(), to.display()))?;
     }
     drop(staging);
     let rollback = || {
@@ -377,10 +534,16 @@ pub async fn restore(cfg: &Config, opts: &RestoreOpts, progress: &dyn Progress) 
             "there was no previous data directory".to_string()
         }
     };
-    run_service("mysql.start_command", &cfg.mysql.start_command).map_err(|e| e.context(rollback()))?;
-    wait_ready(cfg, opts.start_timeout).await.map_err(|e| e.context(rollback()))?;
+    run_service("mysql.start_command", &cfg.mysql.start_command)
+        .map_err(|e| e.context(rollback()))?;
+    wait_ready(cfg, opts.start_timeout)
+        .await
+        .map_err(|e| e.context(rollback()))?;
     let downtime = down_since.map_or(0.0, |d| d.elapsed().as_secs_f64());
-    tracing::info!("backup {} restored; the server answers (down for {downtime:.1}s)", m.backup_id);
+    tracing::info!(
+        "backup {} restored; the server answers (down for {downtime:.1}s)",
+        m.backup_id
+    );
 
     let mut lag = None;
     if let (Some(to), Some(at)) = (&opts.replica_of, &start_at) {
@@ -400,38 +563,75 @@ pub async fn restore(cfg: &Config, opts: &RestoreOpts, progress: &dyn Progress) 
 
 /// Points the restored server at its source and waits until both replication
 /// threads run; returns the lag it reports.
-async fn start_replication(cfg: &Config, to: &ReplicaOf, at: &replica::StartAt) -> anyhow::Result<Option<u64>> {
+async fn start_replication(
+    cfg: &Config,
+    to: &ReplicaOf,
+    at: &replica::StartAt,
+) -> anyhow::Result<Option<u64>> {
     let mut conn = ConnectInfo::from_config(&cfg.mysql)?.connect().await?;
     let v = query_rows(&mut conn, "SELECT VERSION() AS v").await?;
-    let version = ServerVersion::parse(&v.first().and_then(|r| r.get("v").cloned().flatten()).unwrap_or_default());
-    let redact = |s: String| if to.password.is_empty() { s } else { s.replace(&to.password, "***") };
+    let version = ServerVersion::parse(
+        &v.first()
+            .and_then(|r| r.get("v").cloned().flatten())
+            .unwrap_or_default(),
+    );
+    let redact = |s: String| {
+        if to.password.is_empty() {
+            s
+        } else {
+            s.replace(&to.password, "***")
+        }
+    };
     for sql in replica::statements(&version, to, at) {
         use mysql_async::prelude::Queryable;
         let shown = redact(sql.clone());
-        conn.query_drop(&sql)
-            .await
-            .map_err(|e| anyhow::anyhow!("setting up replication: SQL `{shown}` failed: {}", redact(e.to_string())))?;
+        conn.query_drop(&sql).await.map_err(|e| {
+            anyhow::anyhow!(
+                "setting up replication: SQL `{shown}` failed: {}",
+                redact(e.to_string())
+            )
+        })?;
     }
-    tracing::info!("replicating from {}:{} as {} starting at {:?}", to.host, to.port, to.user, at);
+    tracing::info!(
+        "replicating from {}:{} as {} starting at {:?}",
+        to.host,
+        to.port,
+        to.user,
+        at
+    );
     let status_sql = version.replica_status_sql();
     let start = Instant::now();
     loop {
         let rows = query_rows(&mut conn, status_sql).await?;
         let r = rows.first().cloned().unwrap_or_default();
-        let get = |a: &str, b: &str| r.get(a).or_else(|| r.get(b)).cloned().flatten().unwrap_or_default();
+        let get = |a: &str, b: &str| {
+            r.get(a)
+                .or_else(|| r.get(b))
+                .cloned()
+                .flatten()
+                .unwrap_or_default()
+        };
         let io = get("Slave_IO_Running", "Replica_IO_Running");
         let sql = get("Slave_SQL_Running", "Replica_SQL_Running");
         if io == "Yes" && sql == "Yes" {
-            let lag = get("Seconds_Behind_Master", "Seconds_Behind_Source").parse().ok();
-            tracing::info!("replication runs; lag {} s", lag.map_or("unknown".into(), |l: u64| l.to_string()));
+            let lag = get("Seconds_Behind_Master", "Seconds_Behind_Source")
+                .parse()
+                .ok();
+            tracing::info!(
+                "replication runs; lag {} s",
+                lag.map_or("unknown".into(), |l: u64| l.to_string())
+            );
             let _ = conn.disconnect().await;
             return Ok(lag);
         }
-        if start.elapsed() > Duration::from_secs(60) {
-            let io_err = get("Last_IO_Error", "Last_IO_Error");
-            let sql_err = get("Last_SQL_Error", "Last_SQL_Error");
+        let io_err = get("Last_IO_Error", "Last_IO_Error");
+        let sql_err = get("Last_SQL_Error", "Last_SQL_Error");
+        // A reported error that persists is not going to fix itself.
+        let stuck = (!io_err.is_empty() || !sql_err.is_empty())
+            && start.elapsed() > Duration::from_secs(10);
+        if stuck || start.elapsed() > Duration::from_secs(60) {
             anyhow::bail!(
-                "replication did not start within 60s (IO thread: {io}, SQL thread: {sql}; {}{}): the data is restored and the server runs; fix the cause and run START SLAVE",
+                "replication did not start (IO thread: {io}, SQL thread: {sql}; {}{}): the data is restored and the server runs; fix the cause and run START SLAVE",
                 redact(io_err),
                 redact(sql_err)
             );
@@ -443,6 +643,19 @@ async fn start_replication(cfg: &Config, to: &ReplicaOf, at: &replica::StartAt) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn binlog_index_follows_the_data_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = dir.path().join("binlog.index");
+        std::fs::write(&idx, "/src/mysql/binlog.000001\n/src/mysql/binlog.000002\n./rel.000003\n/elsewhere/x.000004\n").unwrap();
+        let moves = vec![(PathBuf::from("/src/mysql"), PathBuf::from("/dst/db"))];
+        rewrite_binlog_indexes(dir.path(), &moves).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&idx).unwrap(),
+            "/dst/db/binlog.000001\n/dst/db/binlog.000002\n./rel.000003\n/elsewhere/x.000004\n"
+        );
+    }
 
     #[test]
     fn clone_hygiene_removes_identity_and_replication_state_only() {
@@ -463,9 +676,31 @@ mod tests {
         }
         std::fs::create_dir(dir.path().join("mysql")).unwrap();
         let removed = clone_hygiene(dir.path()).unwrap();
-        assert_eq!(removed, ["auto.cnf", "db1-relay-bin.000001", "db1-relay-bin.index", "db1.pid", "master.info", "relay-log.info"]);
-        let mut left: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        assert_eq!(
+            removed,
+            [
+                "auto.cnf",
+                "db1-relay-bin.000001",
+                "db1-relay-bin.index",
+                "db1.pid",
+                "master.info",
+                "relay-log.info"
+            ]
+        );
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         left.sort();
-        assert_eq!(left, ["aria_log_control", "binlog.000001", "ib_logfile0", "ibdata1", "mysql"]);
+        assert_eq!(
+            left,
+            [
+                "aria_log_control",
+                "binlog.000001",
+                "ib_logfile0",
+                "ibdata1",
+                "mysql"
+            ]
+        );
     }
 }

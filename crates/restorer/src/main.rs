@@ -71,7 +71,9 @@ fn replica_opts(
     let target = match (replica_of, from_source) {
         (Some(hp), _) => {
             let (host, port) = hp.rsplit_once(':').unwrap_or((&hp, "3306"));
-            let port = port.parse().map_err(|_| config_err(format!("--replica-of {hp:?}: the port is not a number")))?;
+            let port = port.parse().map_err(|_| {
+                config_err(format!("--replica-of {hp:?}: the port is not a number"))
+            })?;
             Some((host.to_string(), port))
         }
         (None, true) => m_source,
@@ -79,14 +81,24 @@ fn replica_opts(
     };
     let Some((host, port)) = target else {
         if user.is_some() || password_file.is_some() {
-            return Err(config_err("--replication-user and --replication-password-file need --replica-of HOST:PORT"));
+            return Err(config_err(
+                "--replication-user and --replication-password-file need --replica-of HOST:PORT",
+            ));
         }
         return Ok(None);
     };
     let user = user.ok_or_else(|| config_err("--replica-of needs --replication-user"))?;
-    let file = password_file.ok_or_else(|| config_err("--replica-of needs --replication-password-file"))?;
-    let password = common::mysql::read_secret_file(&file, "--replication-password-file")?.trim_end_matches(['\n', '\r']).to_string();
-    Ok(Some(ReplicaOf { host, port, user, password }))
+    let file = password_file
+        .ok_or_else(|| config_err("--replica-of needs --replication-password-file"))?;
+    let password = common::mysql::read_secret_file(&file, "--replication-password-file")?
+        .trim_end_matches(['\n', '\r'])
+        .to_string();
+    Ok(Some(ReplicaOf {
+        host,
+        port,
+        user,
+        password,
+    }))
 }
 
 fn main() -> std::process::ExitCode {

@@ -32,7 +32,10 @@ pub fn start_at(m: &Manifest, from_source: bool) -> anyhow::Result<StartAt> {
         })?;
         return Ok(match &s.gtid {
             Some(g) => StartAt::Gtid(g.clone()),
-            None => StartAt::File { file: s.file.clone(), position: s.position },
+            None => StartAt::File {
+                file: s.file.clone(),
+                position: s.position,
+            },
         });
     }
     if let Some(g) = &m.gtid {
@@ -44,7 +47,10 @@ pub fn start_at(m: &Manifest, from_source: bool) -> anyhow::Result<StartAt> {
             m.backup_id
         ))
     })?;
-    Ok(StartAt::File { file: b.file.clone(), position: b.position })
+    Ok(StartAt::File {
+        file: b.file.clone(),
+        position: b.position,
+    })
 }
 
 /// A string literal for SQL.
@@ -57,12 +63,32 @@ pub fn quote(s: &str) -> String {
 pub fn statements(v: &ServerVersion, to: &ReplicaOf, at: &StartAt) -> Vec<String> {
     let new_syntax = v.flavor == Flavor::Mysql && (v.major, v.minor, v.patch) >= (8, 0, 23);
     let (change, host, port, user, pass, file, pos) = if new_syntax {
-        ("CHANGE REPLICATION SOURCE TO", "SOURCE_HOST", "SOURCE_PORT", "SOURCE_USER", "SOURCE_PASSWORD", "SOURCE_LOG_FILE", "SOURCE_LOG_POS")
+        (
+            "CHANGE REPLICATION SOURCE TO",
+            "SOURCE_HOST",
+            "SOURCE_PORT",
+            "SOURCE_USER",
+            "SOURCE_PASSWORD",
+            "SOURCE_LOG_FILE",
+            "SOURCE_LOG_POS",
+        )
     } else {
-        ("CHANGE MASTER TO", "MASTER_HOST", "MASTER_PORT", "MASTER_USER", "MASTER_PASSWORD", "MASTER_LOG_FILE", "MASTER_LOG_POS")
+        (
+            "CHANGE MASTER TO",
+            "MASTER_HOST",
+            "MASTER_PORT",
+            "MASTER_USER",
+            "MASTER_PASSWORD",
+            "MASTER_LOG_FILE",
+            "MASTER_LOG_POS",
+        )
     };
     let mut sql = Vec::new();
-    let stop = if new_syntax { "STOP REPLICA" } else { "STOP SLAVE" };
+    let stop = if new_syntax {
+        "STOP REPLICA"
+    } else {
+        "STOP SLAVE"
+    };
     sql.push(stop.to_string());
     let mut change_sql = format!(
         "{change} {host}={}, {port}={}, {user}={}, {pass}={}",
@@ -79,14 +105,25 @@ pub fn statements(v: &ServerVersion, to: &ReplicaOf, at: &StartAt) -> Vec<String
         (StartAt::Gtid(g), Flavor::Mysql) => {
             sql.push("RESET MASTER".into());
             sql.push(format!("SET GLOBAL gtid_purged = {}", quote(g)));
-            change_sql.push_str(if new_syntax { ", SOURCE_AUTO_POSITION=1" } else { ", MASTER_AUTO_POSITION=1" });
+            change_sql.push_str(if new_syntax {
+                ", SOURCE_AUTO_POSITION=1"
+            } else {
+                ", MASTER_AUTO_POSITION=1"
+            });
         }
         (StartAt::File { file: f, position }, _) => {
             change_sql.push_str(&format!(", {file}={}, {pos}={position}", quote(f)));
         }
     }
     sql.push(change_sql);
-    sql.push(if new_syntax { "START REPLICA" } else { "START SLAVE" }.into());
+    sql.push(
+        if new_syntax {
+            "START REPLICA"
+        } else {
+            "START SLAVE"
+        }
+        .into(),
+    );
     sql
 }
 
@@ -95,7 +132,12 @@ mod tests {
     use super::*;
 
     fn to() -> ReplicaOf {
-        ReplicaOf { host: "db1".into(), port: 3306, user: "repl".into(), password: "p'w".into() }
+        ReplicaOf {
+            host: "db1".into(),
+            port: 3306,
+            user: "repl".into(),
+            password: "p'w".into(),
+        }
     }
 
     #[test]
@@ -115,11 +157,18 @@ mod tests {
 
     #[test]
     fn mysql_old_and_new_syntax() {
-        let at = StartAt::File { file: "binlog.000002".into(), position: 385 };
+        let at = StartAt::File {
+            file: "binlog.000002".into(),
+            position: 385,
+        };
         let old = statements(&ServerVersion::parse("8.0.22"), &to(), &at);
         assert!(old[1].starts_with("CHANGE MASTER TO MASTER_HOST='db1'"));
         assert!(old[1].ends_with("MASTER_LOG_FILE='binlog.000002', MASTER_LOG_POS=385"));
-        let new = statements(&ServerVersion::parse("8.4.3"), &to(), &StartAt::Gtid("uuid:1-9".into()));
+        let new = statements(
+            &ServerVersion::parse("8.4.3"),
+            &to(),
+            &StartAt::Gtid("uuid:1-9".into()),
+        );
         assert_eq!(new[0], "STOP REPLICA");
         assert_eq!(new[2], "SET GLOBAL gtid_purged = 'uuid:1-9'");
         assert!(new[3].starts_with("CHANGE REPLICATION SOURCE TO SOURCE_HOST='db1'"));

@@ -18,7 +18,10 @@ pub enum Target<'a> {
     /// Read and discard (verify).
     Discard,
     /// Unpack below `root`, owned by `owner` (uid, gid) when given.
-    Dir { root: &'a Path, owner: Option<(u32, u32)> },
+    Dir {
+        root: &'a Path,
+        owner: Option<(u32, u32)>,
+    },
 }
 
 /// What the stream held.
@@ -57,7 +60,9 @@ pub fn unsafe_entry(path: &Path, kind: EntryType, link: Option<&Path>) -> Option
     }
     for c in path.components() {
         match c {
-            Component::RootDir | Component::Prefix(_) => return Some(format!("{shown}: an absolute path")),
+            Component::RootDir | Component::Prefix(_) => {
+                return Some(format!("{shown}: an absolute path"))
+            }
             Component::ParentDir => return Some(format!("{shown}: a '..' component")),
             _ => {}
         }
@@ -65,9 +70,14 @@ pub fn unsafe_entry(path: &Path, kind: EntryType, link: Option<&Path>) -> Option
     match kind {
         EntryType::Regular | EntryType::Continuous | EntryType::Directory => None,
         EntryType::Symlink => {
-            let Some(target) = link else { return Some(format!("{shown}: a symlink without a target")) };
+            let Some(target) = link else {
+                return Some(format!("{shown}: a symlink without a target"));
+            };
             if target.is_absolute() {
-                return Some(format!("{shown}: a symlink to an absolute path {}", target.display()));
+                return Some(format!(
+                    "{shown}: a symlink to an absolute path {}",
+                    target.display()
+                ));
             }
             // Walk from the link's directory; the depth must never go below the root.
             let mut depth: i64 = path.components().count() as i64 - 1;
@@ -78,15 +88,27 @@ pub fn unsafe_entry(path: &Path, kind: EntryType, link: Option<&Path>) -> Option
                     _ => {}
                 }
                 if depth < 0 {
-                    return Some(format!("{shown}: a symlink to {} outside the data directory", target.display()));
+                    return Some(format!(
+                        "{shown}: a symlink to {} outside the data directory",
+                        target.display()
+                    ));
                 }
             }
             None
         }
         EntryType::Link => {
-            let Some(target) = link else { return Some(format!("{shown}: a hard link without a target")) };
-            if target.is_absolute() || target.components().any(|c| matches!(c, Component::ParentDir)) {
-                return Some(format!("{shown}: a hard link to {} outside the data directory", target.display()));
+            let Some(target) = link else {
+                return Some(format!("{shown}: a hard link without a target"));
+            };
+            if target.is_absolute()
+                || target
+                    .components()
+                    .any(|c| matches!(c, Component::ParentDir))
+            {
+                return Some(format!(
+                    "{shown}: a hard link to {} outside the data directory",
+                    target.display()
+                ));
             }
             None
         }
@@ -107,7 +129,10 @@ pub fn stream(
     store_failed: &AtomicBool,
 ) -> anyhow::Result<Streamed> {
     let read_failed = Arc::new(AtomicBool::new(false));
-    let mut hashing = Hashing::new(ProgressRead { inner: stored, progress });
+    let mut hashing = Hashing::new(ProgressRead {
+        inner: stored,
+        progress,
+    });
     let result = entries(&mut hashing, info, &target, &read_failed);
     let classify = |e: anyhow::Error| -> anyhow::Error {
         if e.chain().any(|c| c.downcast_ref::<Error>().is_some()) {
@@ -115,7 +140,10 @@ pub fn stream(
         } else if store_failed.load(Ordering::SeqCst) {
             e.context("the download from the store failed")
         } else if read_failed.load(Ordering::SeqCst) {
-            integrity_err(format!("the archive {} is corrupt or truncated: {e:#}", info.key))
+            integrity_err(format!(
+                "the archive {} is corrupt or truncated: {e:#}",
+                info.key
+            ))
         } else {
             e
         }
@@ -152,8 +180,16 @@ impl<R: Read> Read for ProgressRead<'_, R> {
     }
 }
 
-fn entries<R: Read>(stored: &mut R, info: &ArchiveInfo, target: &Target<'_>, read_failed: &Arc<AtomicBool>) -> anyhow::Result<Streamed> {
-    let decoded = FlagOnError { inner: decoder(stored, info.compression)?, flag: read_failed.clone() };
+fn entries<R: Read>(
+    stored: &mut R,
+    info: &ArchiveInfo,
+    target: &Target<'_>,
+    read_failed: &Arc<AtomicBool>,
+) -> anyhow::Result<Streamed> {
+    let decoded = FlagOnError {
+        inner: decoder(stored, info.compression)?,
+        flag: read_failed.clone(),
+    };
     let mut ar = tar::Archive::new(decoded);
     ar.set_preserve_permissions(true);
     ar.set_preserve_mtime(true);
@@ -166,7 +202,10 @@ fn entries<R: Read>(stored: &mut R, info: &ArchiveInfo, target: &Target<'_>, rea
         let kind = e.header().entry_type();
         let link = e.link_name()?.map(|l| l.into_owned());
         if let Some(why) = unsafe_entry(&path, kind, link.as_deref()) {
-            return Err(integrity_err(format!("the archive {} holds an unsafe entry, refused: {why}", info.key)));
+            return Err(integrity_err(format!(
+                "the archive {} holds an unsafe entry, refused: {why}",
+                info.key
+            )));
         }
         s.entries += 1;
         if kind.is_file() {
@@ -178,7 +217,9 @@ fn entries<R: Read>(stored: &mut R, info: &ArchiveInfo, target: &Target<'_>, rea
                 io::copy(&mut e, &mut io::sink())?;
             }
             Target::Dir { root, owner } => {
-                if !e.unpack_in(root).map_err(|err| anyhow::anyhow!("cannot unpack {}: {err}", path.display()))? {
+                if !e.unpack_in(root).map_err(|err| {
+                    anyhow::Error::new(err).context(format!("cannot unpack {}", path.display()))
+                })? {
                     return Err(integrity_err(format!(
                         "the archive {} holds an unsafe entry, refused: {}",
                         info.key,
@@ -208,17 +249,44 @@ mod tests {
     fn safe_and_unsafe_entries() {
         assert_eq!(check("mysql/db/t.ibd", EntryType::Regular, None), None);
         assert_eq!(check("mysql", EntryType::Directory, None), None);
-        assert_eq!(check("mysql/link", EntryType::Symlink, Some("db/t.ibd")), None);
-        assert_eq!(check("mysql/db/link", EntryType::Symlink, Some("../other")), None);
-        assert!(check("/etc/passwd", EntryType::Regular, None).unwrap().contains("absolute"));
-        assert!(check("mysql/../../etc/x", EntryType::Regular, None).unwrap().contains("'..'"));
-        assert!(check("mysql/l", EntryType::Symlink, Some("/etc")).unwrap().contains("absolute"));
-        assert!(check("mysql/l", EntryType::Symlink, Some("../../etc")).unwrap().contains("outside"));
-        assert!(check("l", EntryType::Symlink, Some("a/../../b")).unwrap().contains("outside"));
-        assert!(check("mysql/h", EntryType::Link, Some("../x")).unwrap().contains("outside"));
-        assert_eq!(check("mysql/h", EntryType::Link, Some("mysql/db/t.ibd")), None);
-        assert!(check("mysql/null", EntryType::Char, None).unwrap().contains("device node"));
-        assert!(check("mysql/sda", EntryType::Block, None).unwrap().contains("device node"));
-        assert!(check("mysql/p", EntryType::Fifo, None).unwrap().contains("fifo"));
+        assert_eq!(
+            check("mysql/link", EntryType::Symlink, Some("db/t.ibd")),
+            None
+        );
+        assert_eq!(
+            check("mysql/db/link", EntryType::Symlink, Some("../other")),
+            None
+        );
+        assert!(check("/etc/passwd", EntryType::Regular, None)
+            .unwrap()
+            .contains("absolute"));
+        assert!(check("mysql/../../etc/x", EntryType::Regular, None)
+            .unwrap()
+            .contains("'..'"));
+        assert!(check("mysql/l", EntryType::Symlink, Some("/etc"))
+            .unwrap()
+            .contains("absolute"));
+        assert!(check("mysql/l", EntryType::Symlink, Some("../../etc"))
+            .unwrap()
+            .contains("outside"));
+        assert!(check("l", EntryType::Symlink, Some("a/../../b"))
+            .unwrap()
+            .contains("outside"));
+        assert!(check("mysql/h", EntryType::Link, Some("../x"))
+            .unwrap()
+            .contains("outside"));
+        assert_eq!(
+            check("mysql/h", EntryType::Link, Some("mysql/db/t.ibd")),
+            None
+        );
+        assert!(check("mysql/null", EntryType::Char, None)
+            .unwrap()
+            .contains("device node"));
+        assert!(check("mysql/sda", EntryType::Block, None)
+            .unwrap()
+            .contains("device node"));
+        assert!(check("mysql/p", EntryType::Fifo, None)
+            .unwrap()
+            .contains("fifo"));
     }
 }

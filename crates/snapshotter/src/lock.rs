@@ -239,6 +239,10 @@ async fn coordinates(
         return Ok((None, None));
     }
     exec(conn, "FLUSH BINARY LOGS").await?;
+    // With the binary log on, InnoDB may keep commit records in its log buffer
+    // (prepare was made durable, the binary log decides at recovery). Writing
+    // them out makes the snapshot hold exactly the transactions of these coordinates.
+    exec(conn, "FLUSH NO_WRITE_TO_BINLOG ENGINE LOGS").await?;
     let rows = query_rows(conn, version.binlog_status_sql()).await?;
     let binlog = rows.first().and_then(|r| {
         Some(Binlog {

@@ -88,7 +88,10 @@ impl Bench {
     fn config(&self, store_url: &str, compression: &str) -> PathBuf {
         let path = self.tmp.path().join("mysnap.toml");
         let endpoint = if store_url.starts_with("s3://") {
-            format!("endpoint = \"{}\"\nforce_path_style = true\nregion = \"us-east-1\"\n", self.s3.endpoint)
+            format!(
+                "endpoint = \"{}\"\nforce_path_style = true\nregion = \"us-east-1\"\n",
+                self.s3.endpoint
+            )
         } else {
             String::new()
         };
@@ -108,12 +111,20 @@ impl Bench {
 
     fn cmd(&self, name: &str, config: &Path) -> Command {
         let mut c = Command::new(self.args.bin_dir.join(name));
-        c.env("MYSNAP_CONFIG", config).envs(self.s3.env()).arg("-q").stdin(Stdio::null()).stderr(Stdio::inherit());
+        c.env("MYSNAP_CONFIG", config)
+            .envs(self.s3.env())
+            .arg("-q")
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit());
         c
     }
 
     fn snapshot(&self, config: &Path) -> PathBuf {
-        let out = self.cmd("snapshotter", config).stdout(Stdio::piped()).output().unwrap();
+        let out = self
+            .cmd("snapshotter", config)
+            .stdout(Stdio::piped())
+            .output()
+            .unwrap();
         assert!(out.status.success(), "snapshotter failed");
         PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
     }
@@ -121,14 +132,21 @@ impl Bench {
     /// Removes a snapshot the bench took without archiving it.
     fn discard(&self, manifest: &Path) {
         let m = Manifest::load(manifest).unwrap();
-        let ok = Command::new("btrfs").args(["subvolume", "delete"]).arg(&m.snapshot.path).stdout(Stdio::null()).status();
+        let ok = Command::new("btrfs")
+            .args(["subvolume", "delete"])
+            .arg(&m.snapshot.path)
+            .stdout(Stdio::null())
+            .status();
         assert!(ok.is_ok_and(|s| s.success()));
         std::fs::remove_dir_all(manifest.parent().unwrap()).unwrap();
     }
 
     /// Lock wait and hold of `n` snapshots.
     fn lock_times(&self, n: usize) -> (Vec<f64>, Vec<f64>) {
-        let config = self.config(&format!("file://{}", self.tmp.path().join("store").display()), "zstd");
+        let config = self.config(
+            &format!("file://{}", self.tmp.path().join("store").display()),
+            "zstd",
+        );
         let (mut wait, mut hold) = (Vec::new(), Vec::new());
         for _ in 0..n {
             let m = self.snapshot(&config);
@@ -141,7 +159,10 @@ impl Bench {
     }
 
     fn clear_stores(&self) {
-        for d in [self.tmp.path().join("store/bench"), self.s3.root.join("bench/bench")] {
+        for d in [
+            self.tmp.path().join("store/bench"),
+            self.s3.root.join("bench/bench"),
+        ] {
             let _ = std::fs::remove_dir_all(d);
         }
     }
@@ -159,7 +180,10 @@ fn du(path: &Path) -> u64 {
 fn shell_time(script: &str) -> f64 {
     drop_caches();
     let t = Instant::now();
-    let ok = Command::new("bash").args(["-o", "pipefail", "-c", script]).status().unwrap();
+    let ok = Command::new("bash")
+        .args(["-o", "pipefail", "-c", script])
+        .status()
+        .unwrap();
     assert!(ok.success(), "{script} failed");
     t.elapsed().as_secs_f64()
 }
@@ -167,7 +191,10 @@ fn shell_time(script: &str) -> f64 {
 fn main() {
     let args = Args::parse();
     std::fs::create_dir_all(&args.out).unwrap();
-    let tmp = tempfile::Builder::new().prefix("mysnap-bench-").tempdir_in("/var/tmp").unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("mysnap-bench-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     let vol = BtrfsVolume::new(tmp.path(), (args.size.as_u64() >> 20) * 3 + 3072);
     let db = MariaDb::start(&vol.subvol.join("mysql"), MariaOpts::default());
     let s3 = S3Server::start(&tmp.path().join("s3"));
@@ -180,12 +207,22 @@ fn main() {
     sysbench_prepare(&db.socket, 8, rows);
     db.sql("FLUSH TABLES");
     eprintln!("bench: prepared in {:.0}s", t.elapsed().as_secs_f64());
-    let b = Bench { args, db, s3, vol, tmp };
+    let b = Bench {
+        args,
+        db,
+        s3,
+        vol,
+        tmp,
+    };
     let data_bytes = du(&b.vol.subvol.join("mysql"));
     let mut report = String::new();
     let host = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
     writeln!(
         report,
@@ -207,15 +244,43 @@ fn main() {
     writeln!(report, "## Lock ({} snapshots each)\n\n| | wait median | hold median | hold max |\n|---|---|---|---|", b.args.lock_runs).unwrap();
     for (what, w, h) in [("idle", iw, ih), ("under sysbench", lw, lh)] {
         let max = h.iter().copied().fold(0.0, f64::max);
-        writeln!(report, "| {what} | {:.1} ms | {:.1} ms | {:.1} ms |", median(w) * 1e3, median(h) * 1e3, max * 1e3).unwrap();
+        writeln!(
+            report,
+            "| {what} | {:.1} ms | {:.1} ms | {:.1} ms |",
+            median(w) * 1e3,
+            median(h) * 1e3,
+            max * 1e3
+        )
+        .unwrap();
     }
 
     // The hardware's limits on the same snapshot.
-    let config = b.config(&format!("file://{}", b.tmp.path().join("store").display()), "zstd");
+    let config = b.config(
+        &format!("file://{}", b.tmp.path().join("store").display()),
+        "zstd",
+    );
     let m = b.snapshot(&config);
     let snap = Manifest::load(&m).unwrap().snapshot.path;
-    let tar_zstd = median((0..b.args.runs).map(|_| shell_time(&format!("tar -cf - -C {} mysql | zstd -T0 -3 -q > /dev/null", snap.display()))).collect());
-    let tar_only = median((0..b.args.runs).map(|_| shell_time(&format!("tar -cf - -C {} mysql > /dev/null", snap.display()))).collect());
+    let tar_zstd = median(
+        (0..b.args.runs)
+            .map(|_| {
+                shell_time(&format!(
+                    "tar -cf - -C {} mysql | zstd -T0 -3 -q > /dev/null",
+                    snap.display()
+                ))
+            })
+            .collect(),
+    );
+    let tar_only = median(
+        (0..b.args.runs)
+            .map(|_| {
+                shell_time(&format!(
+                    "tar -cf - -C {} mysql > /dev/null",
+                    snap.display()
+                ))
+            })
+            .collect(),
+    );
     b.discard(&m);
 
     // mysnap backups: snapshotter + archiver, each store and codec.
@@ -243,10 +308,18 @@ fn main() {
             drop_caches();
             let t = Instant::now();
             let m = b.snapshot(&config);
-            let run = measured(b.cmd("archiver", &config).args(["--manifest", m.to_str().unwrap()]).stdout(Stdio::null()));
+            let run = measured(
+                b.cmd("archiver", &config)
+                    .args(["--manifest", m.to_str().unwrap()])
+                    .stdout(Stdio::null()),
+            );
             secs.push(t.elapsed().as_secs_f64());
             rss.push(run.peak_rss_kib as f64);
-            let root = if url.starts_with("s3") { b.s3.root.join("bench/bench") } else { b.tmp.path().join("store/bench") };
+            let root = if url.starts_with("s3") {
+                b.s3.root.join("bench/bench")
+            } else {
+                b.tmp.path().join("store/bench")
+            };
             size = walkdir::WalkDir::new(root)
                 .into_iter()
                 .filter_map(Result::ok)
@@ -266,7 +339,11 @@ fn main() {
         .unwrap();
     }
     b.clear_stores();
-    writeln!(report, "\n(`× limit` is mysnap's time ÷ the limit with the same compression work.)").unwrap();
+    writeln!(
+        report,
+        "\n(`× limit` is mysnap's time ÷ the limit with the same compression work.)"
+    )
+    .unwrap();
     print!("{report}");
     std::fs::write(b.args.out.join("report.md"), &report).unwrap();
 }

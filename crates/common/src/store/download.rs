@@ -33,7 +33,8 @@ impl Download {
         let (tx, rx) = mpsc::channel(1);
         let part_size = part_size.max(1);
         tokio::spawn(async move {
-            let ranges = (0..size.div_ceil(part_size)).map(move |i| i * part_size..((i + 1) * part_size).min(size));
+            let ranges = (0..size.div_ceil(part_size))
+                .map(move |i| i * part_size..((i + 1) * part_size).min(size));
             let mut parts = stream::iter(ranges)
                 .map(|r| {
                     let (store, key) = (store.clone(), key.clone());
@@ -59,7 +60,11 @@ impl Download {
                 }
             }
         });
-        Download { rx, current: Bytes::new(), failed }
+        Download {
+            rx,
+            current: Bytes::new(),
+            failed,
+        }
     }
 }
 
