@@ -13,6 +13,7 @@ use anyhow::{bail, Context};
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
+  demo                    a full backup and restore round trip on a loop-backed volume (root)
   ci                      install test prerequisites when missing, then fmt, clippy and all tests
   backup --config PATH    snapshotter, then archiver (a full backup)
   bench [--size 1GiB] [--runs 3] [--lock-runs 10]
@@ -36,6 +37,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
+        Some("demo") => demo(),
         Some("backup") => backup(&args[1..]),
         Some("bench") => bench(&args[1..]),
         _ => {
@@ -138,6 +140,17 @@ fn ci() -> anyhow::Result<()> {
         .env("MYSNAP_REAL", "1"))?;
     eprintln!("xtask: ci passed");
     Ok(())
+}
+
+/// Release builds of the programs and the demo driver, then the demo.
+fn demo() -> anyhow::Result<()> {
+    install_prerequisites()?;
+    if !is_root() {
+        bail!("the demo needs root (loop devices, mount, btrfs): run cargo xtask demo as root");
+    }
+    run(cargo().args(["build", "--release", "--bins", "-p", "snapshotter", "-p", "archiver", "-p", "restorer", "-p", "mysnap-tests"]))?;
+    let release = root().join("target/release");
+    run(Command::new(release.join("mysnap-demo")).arg("--bin-dir").arg(&release))
 }
 
 /// Release builds of the programs and the bench driver, then the bench.
