@@ -28,6 +28,9 @@ use serde::Serialize;
 pub use replica::ReplicaOf;
 pub use unpack::{Streamed, Target};
 
+/// The largest ranged GET of a download.
+const DOWNLOAD_RANGE: u64 = 16 << 20;
+
 /// The complete backups of `backup.name`, newest first.
 pub async fn list(cfg: &Config) -> anyhow::Result<Vec<Manifest>> {
     let store = store::open(&cfg.store).await?;
@@ -117,14 +120,9 @@ async fn stream_archive(
     }
     progress.set_total(info.size);
     let failed = Arc::new(AtomicBool::new(false));
-    let download = Download::start(
-        store,
-        info.key.clone(),
-        info.size,
-        cfg.store.part_size.as_u64(),
-        cfg.store.concurrency,
-        failed.clone(),
-    );
+    // Ranges no larger than 16 MiB keep memory at about concurrency × 16 MiB.
+    let range = cfg.store.part_size.as_u64().min(DOWNLOAD_RANGE);
+    let download = Download::start(store, info.key.clone(), info.size, range, cfg.store.concurrency, failed.clone());
     let r =
         tokio::task::block_in_place(|| unpack::stream(download, info, target, progress, &failed));
     progress.finish();
