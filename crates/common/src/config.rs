@@ -104,6 +104,9 @@ pub struct VolumeConfig {
     pub owner: Option<String>,
     /// btrfs: where read-only snapshots are created (default `<mountpoint>/.mysnap-snapshots`).
     pub snapshot_dir: Option<PathBuf>,
+    /// lvm: the snapshot's copy-on-write size: a size ("10GiB") or a share of the
+    /// VG's free space ("50%FREE"); default all free extents ("100%FREE").
+    pub snapshot_size: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -289,6 +292,10 @@ impl Config {
                 .ok_or("volume.lv is required with backend = \"lvm\"")?;
             check_name("volume.vg", vg)?;
             check_name("volume.lv", lv)?;
+            if let Some(size) = &self.volume.snapshot_size {
+                crate::snapshot::SnapshotSize::parse(size)
+                    .map_err(|e| format!("volume.snapshot_size: {e}"))?;
+            }
         }
         if self.volume.backend == Backend::Btrfs
             && self.snapshot_dir().starts_with(&self.volume.datadir)
@@ -428,6 +435,11 @@ name = "db1"
             ),
             ("file:///var", "ftp:///var", "store.url"),
             ("backend = \"btrfs\"", "backend = \"lvm\"", "volume.vg"),
+            (
+                "backend = \"btrfs\"",
+                "backend = \"lvm\"\nvg = \"v\"\nlv = \"l\"\nsnapshot_size = \"lots\"",
+                "volume.snapshot_size",
+            ),
             (
                 "datadir = \"/mnt/mysql\"",
                 "datadir = \"/mnt\"",

@@ -2,12 +2,14 @@
 //! only archiver (or the next snapshotter, for a killed run) removes them.
 
 mod btrfs;
+mod lvm;
 
 use std::path::PathBuf;
 
 use crate::config::{Backend, Config};
 
 pub use btrfs::Btrfs;
+pub use lvm::{is_mounted, parse_lvs, LvRow, Lvm, SnapshotSize};
 
 /// A snapshot that exists: its name, and where its files can be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,8 +51,23 @@ pub fn backend(cfg: &Config) -> anyhow::Result<Box<dyn SnapshotBackend>> {
             cfg.volume.mountpoint.clone(),
             cfg.snapshot_dir(),
         ))),
-        Backend::Lvm => Err(crate::error::config_err(
-            "volume.backend = \"lvm\" is not available in this build yet; use \"btrfs\"",
-        )),
+        Backend::Lvm => {
+            let size = match &cfg.volume.snapshot_size {
+                Some(s) => SnapshotSize::parse(s).map_err(crate::error::config_err)?,
+                None => SnapshotSize::default(),
+            };
+            Ok(Box::new(Lvm::new(
+                cfg.volume.vg.as_deref().unwrap_or_default(),
+                cfg.volume.lv.as_deref().unwrap_or_default(),
+                cfg.volume.filesystem,
+                size,
+                lvm_mount_dir(cfg),
+            )?))
+        }
     }
+}
+
+/// Where LVM snapshots are mounted for the archiver: `<backup.state_dir>/mnt`.
+pub fn lvm_mount_dir(cfg: &Config) -> PathBuf {
+    cfg.backup.state_dir.join("mnt")
 }
