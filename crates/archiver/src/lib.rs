@@ -77,6 +77,16 @@ pub async fn run(
     );
     let backend = snapshot::backend(cfg)?;
     let result = archive(cfg, &manifest, backend.as_ref(), progress, cancel).await;
+    // A read error from an overflowed (LVM) snapshot is reported as what it is.
+    let result = result.map_err(|e| {
+        if backend.kind() != common::config::Backend::Lvm || cancel.is_cancelled() {
+            return e;
+        }
+        match backend.check_valid(&manifest.snapshot.name) {
+            Err(invalid) => e.context(format!("{invalid:#}")),
+            Ok(()) => e,
+        }
+    });
     // Every outcome: no snapshot and no pending state left behind.
     let removed = backend.remove(&manifest.snapshot.name);
     let state_dir = state.backup_dir(&manifest.backup_id);
