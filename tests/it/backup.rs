@@ -663,3 +663,58 @@ fn bad_input_is_one_clear_line_with_the_right_exit_code_and_leaves_nothing() {
     rig.write_config(|_| {});
     rig.backup();
 }
+
+#[test]
+fn sigterm_stops_the_archiver_which_aborts_the_upload_and_removes_the_snapshot() {
+    if !gate("sigterm_stops_the_archiver_which_aborts_the_upload_and_removes_the_snapshot") {
+        return;
+    }
+    let rig = Rig::new(StoreKind::S3);
+    sysbench_prepare(&rig.db.socket, 4, 20_000);
+    rig.write_config(|t| {
+        set(t, "archive", "level", 19);
+        set(t, "archive", "threads", 1);
+        set(t, "store", "concurrency", 1);
+    });
+    let manifest = rig.snapshot();
+    let mut archiver = rig
+        .cmd("archiver")
+        .args(["--manifest", manifest.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        archiver.try_wait().unwrap().is_none(),
+        "the archiver finished before the signal"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(archiver.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = archiver.wait_with_output().unwrap();
+    let line = error_line(&out, 1);
+    assert!(line.contains("interrupted"), "{line}");
+    assert!(out.stdout.is_empty(), "no backup id is printed");
+    assert!(
+        rig.snapshots().is_empty(),
+        "the snapshot was removed: {:?}",
+        rig.snapshots()
+    );
+    assert!(rig.pending().is_empty());
+    assert!(
+        rig.store_keys().is_empty(),
+        "nothing stored: {:?}",
+        rig.store_keys()
+    );
+    // No multipart upload is left behind on the server (s3s-fs keeps parts as dotfiles in its root).
+    let s3 = rig.s3.as_ref().unwrap();
+    let parts: Vec<_> = std::fs::read_dir(&s3.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".upload"))
+        .collect();
+    assert!(parts.is_empty(), "multipart leftovers: {parts:?}");
+}

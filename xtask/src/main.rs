@@ -14,7 +14,9 @@ const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
   demo                    a full backup and restore round trip on a loop-backed volume (root)
-  ci                      install test prerequisites when missing, then fmt, clippy and all tests
+  ci                      install test prerequisites when missing, then fmt, clippy, all tests, vm-test
+  vm-test                 the LVM end to end test (volprep, backup, restore, overflow) in a
+                          virtme-ng VM (root; software emulation, several minutes)
   backup --config PATH    snapshotter, then archiver (a full backup)
   bench [--size 1GiB] [--runs 3] [--lock-runs 10]
                           measure backups against the hardware's limits (root);
@@ -31,12 +33,17 @@ const PACKAGES: &[(&str, &str)] = &[
     ("zstd", "zstd"),
     ("xz-utils", "xz"),
     ("util-linux", "losetup"),
+    // The LVM test's VM (vm-test); the kernel is checked for separately.
+    ("lvm2", "lvcreate"),
+    ("qemu-system-x86", "qemu-system-x86_64"),
+    ("busybox-static", "busybox"),
 ];
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
+        Some("vm-test") => vm_test(),
         Some("demo") => demo(),
         Some("backup") => backup(&args[1..]),
         Some("bench") => bench(&args[1..]),
@@ -90,13 +97,16 @@ fn is_root() -> bool {
 
 /// Installs the missing Debian packages (needs root).
 fn install_prerequisites() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES
+    let mut missing: Vec<&str> = PACKAGES
         .iter()
         .filter(|(_, cmd)| !have(cmd))
         .map(|(p, _)| *p)
         .collect();
+    if vm_kernel().is_none() {
+        missing.push("linux-image-amd64");
+    }
     if missing.is_empty() {
-        return Ok(());
+        return install_virtme_ng();
     }
     if !is_root() {
         bail!(
@@ -111,6 +121,123 @@ fn install_prerequisites() -> anyhow::Result<()> {
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    install_virtme_ng()
+}
+
+/// `vng` (virtme-ng, from PyPI) boots the host's kernel and root filesystem in a VM.
+fn install_virtme_ng() -> anyhow::Result<()> {
+    if vng().is_some() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing virtme-ng (pip)");
+    let pip = |extra: &[&str]| {
+        run(Command::new("python3")
+            .args(["-m", "pip", "install", "-q", "virtme-ng"])
+            .args(extra))
+    };
+    if pip(&[]).is_err() {
+        // Debian's own python refuses without this; the VM tools live outside any venv.
+        pip(&["--break-system-packages"])?;
+    }
+    vng()
+        .map(|_| ())
+        .context("pip installed virtme-ng, but `vng` is not on PATH")
+}
+
+/// The `vng` program: on PATH, else in python's scripts directory.
+fn vng() -> Option<PathBuf> {
+    if have("vng") {
+        return Some(PathBuf::from("vng"));
+    }
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
+        .output()
+        .ok()?;
+    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("vng");
+    p.is_file().then_some(p)
+}
+
+/// The newest Debian kernel in /boot (`vmlinuz-*-amd64`).
+fn vm_kernel() -> Option<PathBuf> {
+    let mut k: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-") && n.ends_with("-amd64"))
+        })
+        .collect();
+    k.sort();
+    k.pop()
+}
+
+/// The LVM end to end test in a virtme-ng VM: tests/vm/inside.sh with the
+/// host's target/debug binaries. Fails (never skips) when the VM cannot boot.
+fn vm_test() -> anyhow::Result<()> {
+    install_prerequisites()?;
+    if !is_root() {
+        bail!("vm-test needs root (the VM runs LVM as root): run cargo xtask vm-test as root");
+    }
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    let kernel =
+        vm_kernel().context("no /boot/vmlinuz-*-amd64: apt-get install linux-image-amd64")?;
+    let vng = vng().context("no vng: pip install virtme-ng")?;
+    let out = root().join("target/vm-test");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let script = root().join("tests/vm/inside.sh");
+    let bin = root().join("target/debug");
+    let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', "'\\''"));
+    let started = std::time::Instant::now();
+    // No --net: the VM has only its loopback. 30 minutes at most.
+    let status = Command::new("timeout")
+        .args(["--kill-after=30", "1800"])
+        .arg(&vng)
+        .arg("-r")
+        .arg(&kernel)
+        .args([
+            "--disable-kvm",
+            "--user",
+            "root",
+            "--memory",
+            "3G",
+            "--cpus",
+            "2",
+        ])
+        .arg("--rwdir")
+        .arg(&out)
+        .arg("--exec")
+        .arg(format!(
+            "bash {} {} {}",
+            quote(&script),
+            quote(&bin),
+            quote(&out)
+        ))
+        .stdin(Stdio::null())
+        .status()
+        .with_context(|| format!("cannot start {}", vng.display()))?;
+    let wall = started.elapsed().as_secs_f64();
+    let result = std::fs::read_to_string(out.join("result"))
+        .unwrap_or_else(|_| "FAIL: the VM did not boot or the test did not start".into());
+    let metrics = std::fs::read_to_string(out.join("metrics")).unwrap_or_default();
+    let report = format!(
+        "vm-test: {} in {wall:.0}s wall (VM boot included; {})\n{metrics}",
+        result.trim(),
+        kernel.display()
+    );
+    std::fs::write(out.join("report.txt"), &report)?;
+    eprint!("xtask: {report}");
+    if !status.success() || result.trim() != "PASS" {
+        bail!(
+            "vm-test failed: {} (vng exited {status}); the VM's output is above",
+            result.trim()
+        );
+    }
     Ok(())
 }
 
@@ -138,6 +265,7 @@ fn ci() -> anyhow::Result<()> {
     run(cargo()
         .args(["test", "--workspace"])
         .env("MYSNAP_REAL", "1"))?;
+    vm_test()?;
     eprintln!("xtask: ci passed");
     Ok(())
 }
@@ -148,9 +276,23 @@ fn demo() -> anyhow::Result<()> {
     if !is_root() {
         bail!("the demo needs root (loop devices, mount, btrfs): run cargo xtask demo as root");
     }
-    run(cargo().args(["build", "--release", "--bins", "-p", "snapshotter", "-p", "archiver", "-p", "restorer", "-p", "mysnap-tests"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--bins",
+        "-p",
+        "snapshotter",
+        "-p",
+        "archiver",
+        "-p",
+        "restorer",
+        "-p",
+        "mysnap-tests",
+    ]))?;
     let release = root().join("target/release");
-    run(Command::new(release.join("mysnap-demo")).arg("--bin-dir").arg(&release))
+    run(Command::new(release.join("mysnap-demo"))
+        .arg("--bin-dir")
+        .arg(&release))
 }
 
 /// Release builds of the programs and the bench driver, then the bench.

@@ -78,10 +78,7 @@ struct ProgressReader<'a, R> {
 impl<R: Read> Read for ProgressReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if (self.cancelled)() {
-            return Err(io::Error::new(
-                io::ErrorKind::Interrupted,
-                "interrupted by a signal",
-            ));
+            return Err(io::Error::other("interrupted by a signal"));
         }
         let n = self.inner.read(buf)?;
         self.progress.advance(n as u64);

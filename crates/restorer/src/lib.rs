@@ -122,7 +122,14 @@ async fn stream_archive(
     let failed = Arc::new(AtomicBool::new(false));
     // Ranges no larger than 16 MiB keep memory at about concurrency × 16 MiB.
     let range = cfg.store.part_size.as_u64().min(DOWNLOAD_RANGE);
-    let download = Download::start(store, info.key.clone(), info.size, range, cfg.store.concurrency, failed.clone());
+    let download = Download::start(
+        store,
+        info.key.clone(),
+        info.size,
+        range,
+        cfg.store.concurrency,
+        failed.clone(),
+    );
     let r =
         tokio::task::block_in_place(|| unpack::stream(download, info, target, progress, &failed));
     progress.finish();

@@ -141,8 +141,11 @@ pub fn plan_layout(vars: &DataVars, mountpoint: &Path) -> anyhow::Result<DataLay
         ("relay_log_basename", &vars.relay_log_basename),
     ] {
         if let Some(b) = base {
+            // The basename names no file: resolve symlinks through its directory
+            // (a data directory reached through a link, as volprep --move-datadir leaves it).
             let b = resolve(&datadir, b);
-            needed.push((key.into(), b.parent().unwrap_or(&b).to_path_buf()));
+            let dir = b.parent().unwrap_or(&b).to_path_buf();
+            needed.push((key.into(), dir.canonicalize().unwrap_or(dir)));
         }
     }
     for (key, dir) in &needed {

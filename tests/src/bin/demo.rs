@@ -22,7 +22,14 @@ struct Args {
     rows: u32,
 }
 
-fn config(path: &Path, db: &MariaDb, mountpoint: &Path, store: &Path, state: &Path, service: Option<(Vec<String>, Vec<String>)>) {
+fn config(
+    path: &Path,
+    db: &MariaDb,
+    mountpoint: &Path,
+    store: &Path,
+    state: &Path,
+    service: Option<(Vec<String>, Vec<String>)>,
+) {
     let mut text = format!(
         "[mysql]\nsocket = \"{}\"\nuser = \"root\"\n",
         db.socket.display()
@@ -48,15 +55,25 @@ fn mysnap(bin_dir: &Path, name: &str, config: &Path, args: &[&str]) -> String {
         .stderr(Stdio::inherit())
         .output()
         .unwrap_or_else(|e| panic!("cannot run {name}: {e}"));
-    assert!(out.status.success(), "{name} {args:?} failed ({})", out.status);
+    assert!(
+        out.status.success(),
+        "{name} {args:?} failed ({})",
+        out.status
+    );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 fn main() {
     let args = Args::parse();
     let mb = |b: u64| b as f64 / 1e6;
-    let tmp = tempfile::Builder::new().prefix("mysnap-demo-").tempdir_in("/var/tmp").unwrap();
-    println!("demo: a btrfs volume on a loop device in {}", tmp.path().display());
+    let tmp = tempfile::Builder::new()
+        .prefix("mysnap-demo-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    println!(
+        "demo: a btrfs volume on a loop device in {}",
+        tmp.path().display()
+    );
     let vol = BtrfsVolume::new(tmp.path(), 4096);
     let source = MariaDb::start(&vol.subvol.join("mysql"), MariaOpts::default());
     println!("demo: MariaDB with 4 sysbench tables of {} rows", args.rows);
@@ -65,24 +82,62 @@ fn main() {
     let store = tmp.path().join("store");
     std::fs::create_dir_all(&store).unwrap();
     let src_cfg = tmp.path().join("source.toml");
-    config(&src_cfg, &source, &vol.subvol, &store, &tmp.path().join("state-source"), None);
+    config(
+        &src_cfg,
+        &source,
+        &vol.subvol,
+        &store,
+        &tmp.path().join("state-source"),
+        None,
+    );
 
-    println!("demo: backup (snapshotter | archiver) to file://{}", store.display());
+    println!(
+        "demo: backup (snapshotter | archiver) to file://{}",
+        store.display()
+    );
     let t = Instant::now();
     let manifest = mysnap(&args.bin_dir, "snapshotter", &src_cfg, &[]);
-    let id = mysnap(&args.bin_dir, "archiver", &src_cfg, &["--manifest", &manifest]);
+    let id = mysnap(
+        &args.bin_dir,
+        "archiver",
+        &src_cfg,
+        &["--manifest", &manifest],
+    );
     let backup_secs = t.elapsed().as_secs_f64();
-    let m = Manifest::parse(&std::fs::read_to_string(store.join(format!("demo/{id}/manifest.toml"))).unwrap(), "store").unwrap();
+    let m = Manifest::parse(
+        &std::fs::read_to_string(store.join(format!("demo/{id}/manifest.toml"))).unwrap(),
+        "store",
+    )
+    .unwrap();
     let a = m.archive.clone().unwrap();
 
     println!("demo: restore onto a second server");
     let target_root = tmp.path().join("target");
-    let target = MariaDb::start(&target_root.join("mysql"), MariaOpts { server_id: 2, ..MariaOpts::default() });
+    let target = MariaDb::start(
+        &target_root.join("mysql"),
+        MariaOpts {
+            server_id: 2,
+            ..MariaOpts::default()
+        },
+    );
     let tgt_cfg = tmp.path().join("target.toml");
-    config(&tgt_cfg, &target, &target_root, &store, &tmp.path().join("state-target"), Some(target.service_commands()));
+    config(
+        &tgt_cfg,
+        &target,
+        &target_root,
+        &store,
+        &tmp.path().join("state-target"),
+        Some(target.service_commands()),
+    );
     mysnap(&args.bin_dir, "restorer", &tgt_cfg, &["verify", &id]);
     let t = Instant::now();
-    let report: serde_json::Value = serde_json::from_str(&mysnap(&args.bin_dir, "restorer", &tgt_cfg, &["restore", &id])).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&mysnap(
+        &args.bin_dir,
+        "restorer",
+        &tgt_cfg,
+        &["restore", &id],
+    ))
+    .unwrap();
     let restore_secs = t.elapsed().as_secs_f64();
 
     let mut mismatched = Vec::new();
@@ -109,7 +164,11 @@ fn main() {
         mb(a.unpacked_size) / backup_secs,
         mb(a.unpacked_size) / restore_secs,
         report["downtime_secs"].as_f64().unwrap_or(f64::NAN),
-        if mismatched.is_empty() { "all match".to_string() } else { format!("MISMATCH in {mismatched:?}") }
+        if mismatched.is_empty() {
+            "all match".to_string()
+        } else {
+            format!("MISMATCH in {mismatched:?}")
+        }
     );
     drop(target);
     drop(source);
