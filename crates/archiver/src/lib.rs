@@ -122,6 +122,10 @@ async fn archive(
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let snap = manifest.snapshot.path.clone();
+    backend.make_readable(&common::snapshot::Snapshot {
+        name: manifest.snapshot.name.clone(),
+        path: snap.clone(),
+    })?;
     anyhow::ensure!(
         snap.is_dir(),
         "snapshot {} does not exist (was it removed by a later run?)",

@@ -75,6 +75,13 @@ pub async fn run(cfg: &Config) -> anyhow::Result<PathBuf> {
         &name,
     )
     .await?;
+    // After UNLOCK TABLES: mounting (LVM) is not the server's wait.
+    if let Err(e) = backend.make_readable(&outcome.snapshot) {
+        if let Err(e2) = backend.remove(&name) {
+            tracing::error!("cannot remove snapshot {name}: {e2:#}");
+        }
+        return Err(e);
+    }
     tracing::info!(
         "snapshot {} taken: lock waited {:.3}s, held {:.3}s ({} attempt(s))",
         outcome.snapshot.name,

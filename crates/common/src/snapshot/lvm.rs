@@ -287,27 +287,36 @@ impl SnapshotBackend for Lvm {
     }
 
     fn create(&self, name: &str) -> anyhow::Result<Snapshot> {
+        // Under the server's lock: only the snapshot itself; the mount comes after.
         let name = self.checked(name)?;
-        let path = self.mount_path(name);
-        std::fs::create_dir_all(&path)
-            .with_context(|| format!("cannot create snapshot mountpoint {}", path.display()))?;
         cmd::run(&self.lvcreate_argv(name)).with_context(|| {
             format!(
                 "cannot snapshot {}/{} with {} of copy-on-write space (volume group {} needs free extents: volprep keeps volume.snapshot_reserve_percent free; see volume.snapshot_size)",
                 self.vg, self.lv, self.size, self.vg
             )
         })?;
-        if let Err(e) = cmd::run(&self.mount_argv(name)) {
-            if let Err(e2) = cmd::run(&self.lvremove_argv(name)) {
-                tracing::error!("cannot remove snapshot {}/{name}: {e2}", self.vg);
-            }
-            let _ = std::fs::remove_dir(&path);
-            return Err(e).with_context(|| format!("cannot mount snapshot {}/{name}", self.vg));
-        }
         Ok(Snapshot {
             name: name.to_string(),
-            path,
+            path: self.mount_path(name),
         })
+    }
+
+    fn make_readable(&self, snapshot: &Snapshot) -> anyhow::Result<()> {
+        let name = self.checked(&snapshot.name)?;
+        let path = self.mount_path(name);
+        if is_mounted(&path) {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("cannot create snapshot mountpoint {}", path.display()))?;
+        cmd::run(&self.mount_argv(name)).with_context(|| {
+            format!(
+                "cannot mount snapshot {}/{name} read-only at {}",
+                self.vg,
+                path.display()
+            )
+        })?;
+        Ok(())
     }
 
     fn remove(&self, name: &str) -> anyhow::Result<()> {

@@ -24,6 +24,12 @@ pub trait SnapshotBackend: Send + Sync {
     /// files readable at the returned path. Called under the server's lock:
     /// must be quick.
     fn create(&self, name: &str) -> anyhow::Result<Snapshot>;
+    /// Makes a created snapshot's files readable at its path (LVM: mounts it).
+    /// Called after the server's lock is released, so that work is not under
+    /// the lock; idempotent (the archiver calls it again).
+    fn make_readable(&self, _snapshot: &Snapshot) -> anyhow::Result<()> {
+        Ok(())
+    }
     /// Removes the snapshot `name` (unmounting it where needed). Removing one
     /// that does not exist is not an error.
     fn remove(&self, name: &str) -> anyhow::Result<()>;
