@@ -5,3 +5,4 @@ mod backup;
 mod restore;
 mod smoke;
 mod store;
+mod volprep;
