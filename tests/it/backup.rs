@@ -140,6 +140,23 @@ state_dir = "{state}"
         self.archive(&m)
     }
 
+    /// `snapshotter | archiver`, through a real pipe; the backup id.
+    pub fn backup_piped(&self) -> String {
+        let mut snap = self
+            .cmd("snapshotter")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = self
+            .cmd("archiver")
+            .stdin(snap.stdout.take().unwrap())
+            .output()
+            .unwrap();
+        assert!(snap.wait().unwrap().success(), "snapshotter");
+        assert_ok(&out, "archiver");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
     pub fn snapshot_dir(&self) -> PathBuf {
         self.vol.subvol.join(".mysnap-snapshots")
     }
@@ -381,7 +398,7 @@ fn a_backup_to_a_directory_store_with_xz() {
         set(t, "archive", "compression", "xz");
     });
     rig.db.sql("CREATE DATABASE d; CREATE TABLE d.t (id INT PRIMARY KEY, v TEXT); INSERT INTO d.t VALUES (1, 'one'), (2, 'two')");
-    let id = rig.backup();
+    let id = rig.backup_piped();
     let m = Manifest::parse(
         &String::from_utf8(rig.fetch(&format!("db1/{id}/manifest.toml"))).unwrap(),
         "store",

@@ -60,7 +60,8 @@ pub async fn run(
     progress: &dyn Progress,
     cancel: &Cancel,
 ) -> anyhow::Result<String> {
-    let state = StateLock::acquire(&cfg.backup.state_dir)?;
+    let state =
+        StateLock::acquire_waiting(&cfg.backup.state_dir, std::time::Duration::from_secs(10))?;
     let manifest = Manifest::load(manifest_path)?;
     anyhow::ensure!(
         manifest.name == cfg.backup.name,

@@ -68,6 +68,23 @@ impl StateLock {
         })
     }
 
+    /// Like [`StateLock::acquire`], but waits up to `patience` for a run that is
+    /// finishing (in `snapshotter | archiver`, the snapshotter may still be exiting).
+    pub fn acquire_waiting(
+        state_dir: &Path,
+        patience: std::time::Duration,
+    ) -> anyhow::Result<StateLock> {
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            match StateLock::acquire(state_dir) {
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(100))
+                }
+                other => return other,
+            }
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -318,6 +318,51 @@ pub fn rewrite_binlog_indexes(restored: &Path, moves: &[(PathBuf, PathBuf)]) -> 
     Ok(())
 }
 
+/// Moves each staged directory into place, keeping what was there as
+/// `<name>.old-<stamp>`; on failure, undoes every step it made.
+fn swap_in(
+    moves: &[(PathBuf, PathBuf)],
+    stamp: &str,
+    old_already_moved: bool,
+) -> anyhow::Result<()> {
+    let mut done: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let result = (|| -> anyhow::Result<()> {
+        for (i, (from, to)) in moves.iter().enumerate() {
+            let name = to
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let old = to.with_file_name(format!("{name}.old-{stamp}"));
+            // The data directory was moved away already with --stop-first.
+            if to.exists() && !(i == 0 && old_already_moved) {
+                std::fs::rename(to, &old).with_context(|| {
+                    format!("cannot move {} to {}", to.display(), old.display())
+                })?;
+                done.push((to.clone(), old));
+            }
+            if let Some(dir) = to.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::rename(from, to)
+                .with_context(|| format!("cannot move {} to {}", from.display(), to.display()))?;
+            done.push((from.clone(), to.clone()));
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        for (from, to) in done.iter().rev() {
+            if let Err(e) = std::fs::rename(to, from) {
+                tracing::error!(
+                    "cannot move {} back to {}: {e}",
+                    to.display(),
+                    from.display()
+                );
+            }
+        }
+    }
+    result
+}
+
 /// Removes the staging directory unless disarmed.
 struct Staging(Option<PathBuf>);
 
@@ -396,6 +441,15 @@ pub async fn restore(
         check_version(&m, installed_version(cfg).await.as_ref())?;
     }
     check_space(&parent, &info)?;
+    if let (Ok(d), Ok(p)) = (std::fs::metadata(&datadir), std::fs::metadata(&parent)) {
+        use std::os::unix::fs::MetadataExt;
+        if d.dev() != p.dev() {
+            return Err(config_err(format!(
+                "volume.datadir {} is a mount point, which restore cannot rename: use a directory below the mount point (volprep lays out <mountpoint>/mysql)",
+                datadir.display()
+            )));
+        }
+    }
     let owner = owner(cfg)?;
     let stamp = common::manifest::backup_id(time::OffsetDateTime::now_utc());
     let name = datadir
@@ -497,36 +551,21 @@ pub async fn restore(
         run_service("mysql.stop_command", &cfg.mysql.stop_command)
             .map_err(|e| e.context("nothing was changed; the server was not stopped"))?;
         down_since = Some(Instant::now());
-        if datadir.exists() {
-            std::fs::rename(&datadir, &old).with_context(|| {
-                format!("cannot move {} to {}", datadir.display(), old.display())
-            })?;
-            moved_old = true;
-        }
     }
-    let new_datadir = staging_path.join(&m.data.datadir);
-    std::fs::rename(&new_datadir, &datadir).with_context(|| {
-        format!(
-            "cannot move {} to {}; the old data directory is {}",
-            new_datadir.display(),
-            datadir.display(),
-            old.display()
-        )
-    })?;
+    let mut moves = vec![(staging_path.join(&m.data.datadir), datadir.clone())];
     for p in m.data.paths.iter().filter(|p| **p != m.data.datadir) {
-        let (from, to) = (staging_path.join(p), cfg.volume.mountpoint.join(p));
-        if to.exists() {
-            std::fs::rename(
-                &to,
-                to.with_file_name(format!("{}.old-{stamp}", p.rsplit('/').next().unwrap_or(p))),
-            )?;
-        }
-        if let Some(dir) = to.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        std::fs::rename(&from, &to)
-            .with_context(|| format!("cannot move {} to {}", from.display(), to.display()))?;
+        moves.push((staging_path.join(p), cfg.volume.mountpoint.join(p)));
     }
+    if let Err(e) = swap_in(&moves, &stamp, opts.stop_first) {
+        // Everything was put back: start the server on its old data.
+        let started = run_service("mysql.start_command", &cfg.mysql.start_command);
+        let state = match started {
+            Ok(()) => "the old data directory is back in place and the server was started again",
+            Err(_) => "the old data directory is back in place, but the server did not start: start it by hand",
+        };
+        return Err(e.context(format!("restore failed during the swap; {state}")));
+    }
+    moved_old = moved_old || old.exists();
     drop(staging);
     let rollback = || {
         if moved_old {
