@@ -77,7 +77,7 @@ server_cmds() { # NAME DATADIR PORT SERVER_ID -> sets START, STOP (TOML arrays)
     local name=$1 datadir=$2 port=$3 id=$4
     local args=(--user=root "--datadir=$datadir" "--socket=$RUN/$name.sock" "--pid-file=$RUN/$name.pid"
         "--log-error=$RUN/$name.err" "--log-bin=binlog" "--server-id=$id" "--port=$port"
-        --bind-address=127.0.0.1 --innodb-buffer-pool-size=64M --innodb-log-file-size=32M)
+        --bind-address=127.0.0.1 --innodb-buffer-pool-size=64M --innodb-log-file-size=16M)
     START_ARGV=(start-stop-daemon --start --background --pidfile "$RUN/$name.pid" --exec /usr/sbin/mariadbd -- "${args[@]}")
     STOP_ARGV=(mariadb-admin -S "$RUN/$name.sock" -uroot shutdown)
     START=$(printf '"%s", ' "${START_ARGV[@]}")
@@ -143,7 +143,7 @@ sysbench_cmd() { # NAME ...
     local name=$1
     shift
     sysbench oltp_read_write --db-driver=mysql "--mysql-socket=$RUN/$name.sock" --mysql-user=root \
-        --mysql-db=sbtest --tables=4 --table-size=20000 "$@"
+        --mysql-db=sbtest --tables=4 --table-size=10000 "$@"
 }
 
 checksums() { # NAME
