@@ -65,6 +65,12 @@ pub async fn run(cfg: &Config) -> anyhow::Result<PathBuf> {
     let name = snapshot::snapshot_name(&cfg.backup.name, &id);
     lock::wait_for_long_queries(&mut conn, cfg.mysql.lock_timeout, cfg.mysql.long_query_wait)
         .await?;
+    // Write dirty pages out now, so the snapshot under the lock has little left to flush.
+    if let Ok(f) = std::fs::File::open(&cfg.volume.mountpoint) {
+        if let Err(e) = nix::unistd::syncfs(&f) {
+            tracing::warn!("syncfs of {} failed: {e}", cfg.volume.mountpoint.display());
+        }
+    }
     let outcome = lock::locked_snapshot(
         conn,
         watcher,
