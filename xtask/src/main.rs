@@ -307,6 +307,8 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
         "-p",
         "archiver",
         "-p",
+        "restorer",
+        "-p",
         "mysnap-tests",
     ]))?;
     let release = root().join("target/release");
