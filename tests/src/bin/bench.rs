@@ -275,7 +275,7 @@ fn main() {
         (0..b.args.runs)
             .map(|_| {
                 shell_time(&format!(
-                    "tar -cf - -C {} mysql > /dev/null",
+                    "tar -cf - -C {} mysql | cat > /dev/null",
                     snap.display()
                 ))
             })
@@ -288,7 +288,7 @@ fn main() {
         report,
         "\n## Backup\n\n| contender | time | MB/s | × limit | archive | peak RSS |\n|---|---|---|---|---|---|\n\
          | limit: `tar -cf - mysql \\| zstd -T0 -3 > /dev/null` | {tar_zstd:.2} s | {:.0} | 1.00 | | |\n\
-         | limit: `tar -cf - mysql > /dev/null` (read) | {tar_only:.2} s | {:.0} | | | |",
+         | limit: `tar -cf - mysql \\| cat > /dev/null` (read) | {tar_only:.2} s | {:.0} | | | |",
         data_bytes as f64 / 1e6 / tar_zstd,
         data_bytes as f64 / 1e6 / tar_only
     )
@@ -344,6 +344,112 @@ fn main() {
         "\n(`× limit` is mysnap's time ÷ the limit with the same compression work.)"
     )
     .unwrap();
+    restore(&b, &mut report);
     print!("{report}");
     std::fs::write(b.args.out.join("report.md"), &report).unwrap();
+}
+
+/// Restore: archive in the store → server answering, onto a second server;
+/// next to the decompress + write limit on the same archive.
+fn restore(b: &Bench, report: &mut String) {
+    b.clear_stores();
+    let config = b.config("s3://bench/bench", "zstd");
+    let m = b.snapshot(&config);
+    let out = b
+        .cmd("archiver", &config)
+        .args(["--manifest", m.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "archiver");
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let stored = b.s3.root.join(format!("bench/bench/{id}"));
+    let archive = stored.join("data.tar.zst");
+    let manifest = Manifest::parse(
+        &std::fs::read_to_string(stored.join("manifest.toml")).unwrap(),
+        "bench",
+    )
+    .unwrap();
+    let unpacked = manifest.archive.as_ref().unwrap().unpacked_size;
+    let scratch = b.tmp.path().join("scratch");
+    let untar = median(
+        (0..b.args.runs)
+            .map(|_| {
+                let _ = std::fs::remove_dir_all(&scratch);
+                std::fs::create_dir_all(&scratch).unwrap();
+                shell_time(&format!(
+                    "zstd -dc -q {} | tar -x -C {} && sync",
+                    archive.display(),
+                    scratch.display()
+                ))
+            })
+            .collect(),
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
+    let target_root = b.tmp.path().join("target");
+    let target = MariaDb::start(
+        &target_root.join("mysql"),
+        MariaOpts {
+            server_id: 2,
+            ..MariaOpts::default()
+        },
+    );
+    let (stop, start) = target.service_commands();
+    let tcfg = b.tmp.path().join("target.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text
+        .replace(
+            &format!("socket = \"{}\"", b.db.socket.display()),
+            &format!(
+                "socket = \"{}\"\nstop_command = {stop:?}\nstart_command = {start:?}",
+                target.socket.display()
+            ),
+        )
+        .replace(
+            &format!("mountpoint = \"{}\"", b.vol.subvol.display()),
+            &format!("mountpoint = \"{}\"", target_root.display()),
+        )
+        .replace(
+            &format!("datadir = \"{}/mysql\"", b.vol.subvol.display()),
+            &format!(
+                "datadir = \"{}/mysql\"\nowner = \"root\"",
+                target_root.display()
+            ),
+        );
+    std::fs::write(&tcfg, text).unwrap();
+    let (mut secs, mut rss, mut down) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..b.args.runs {
+        drop_caches();
+        let out_path = b.tmp.path().join("restore.json");
+        let t = Instant::now();
+        let run = measured(
+            b.cmd("restorer", &tcfg)
+                .args(["restore", &id])
+                .stdout(std::fs::File::create(&out_path).unwrap()),
+        );
+        secs.push(t.elapsed().as_secs_f64());
+        rss.push(run.peak_rss_kib as f64);
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&out_path).unwrap()).unwrap();
+        down.push(r["downtime_secs"].as_f64().unwrap_or(f64::NAN));
+        if let Some(old) = r["old_datadir"].as_str() {
+            std::fs::remove_dir_all(old).unwrap();
+        }
+    }
+    let s = median(secs);
+    writeln!(
+        report,
+        "\n## Restore ({} unpacked, zstd)\n\n| contender | time | MB/s | × limit | peak RSS |\n|---|---|---|---|---|\n\
+         | limit: `zstd -dc archive \\| tar -x` + sync | {untar:.2} s | {:.0} | 1.00 | |\n\
+         | mysnap restore from S3 → server answering | {s:.2} s | {:.0} | {:.2} | {:.0} MiB |\n\n\
+         Server down during the swap: {:.2} s (median).",
+        bytesize::ByteSize(unpacked),
+        unpacked as f64 / 1e6 / untar,
+        unpacked as f64 / 1e6 / s,
+        s / untar,
+        median(rss) / 1024.0,
+        median(down)
+    )
+    .unwrap();
+    drop(target);
+    b.clear_stores();
 }
