@@ -362,7 +362,7 @@ fn restore(b: &Bench, report: &mut String) {
         .unwrap();
     assert!(out.status.success(), "archiver");
     let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let stored = b.s3.root.join(format!("bench/bench/{id}"));
+    let stored = b.s3.root.join(format!("bench/bench/bench/{id}"));
     let archive = stored.join("data.tar.zst");
     let manifest = Manifest::parse(
         &std::fs::read_to_string(stored.join("manifest.toml")).unwrap(),
