@@ -240,6 +240,34 @@ pub fn set(t: &mut toml::Table, section: &str, key: &str, value: impl Into<toml:
         .insert(key.into(), value.into());
 }
 
+/// Snapshots, starts an archiver slowed down by level-19 single-threaded
+/// compression, and sends it `signal` while it is still archiving.
+fn archiver_signalled_mid_way(
+    rig: &Rig,
+    signal: nix::sys::signal::Signal,
+) -> (PathBuf, std::process::Child) {
+    rig.write_config(|t| {
+        set(t, "archive", "level", 19);
+        set(t, "archive", "threads", 1);
+        set(t, "store", "concurrency", 1);
+    });
+    let manifest = rig.snapshot();
+    let mut archiver = rig
+        .cmd("archiver")
+        .args(["--manifest", manifest.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        archiver.try_wait().unwrap().is_none(),
+        "the archiver finished before the {signal}"
+    );
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(archiver.id() as i32), signal).unwrap();
+    (manifest, archiver)
+}
+
 pub fn assert_ok(out: &Output, what: &str) {
     assert!(
         out.status.success(),
@@ -502,31 +530,9 @@ fn an_archiver_killed_mid_upload_leaves_no_listed_backup_and_the_next_run_cleans
     let rig = Rig::new(StoreKind::S3);
     sysbench_prepare(&rig.db.socket, 4, 20_000);
     // Slow compression keeps the archiver busy long enough to be killed mid-way.
-    rig.write_config(|t| {
-        set(t, "archive", "level", 19);
-        set(t, "archive", "threads", 1);
-        set(t, "store", "concurrency", 1);
-    });
-    let manifest = rig.snapshot();
+    let (manifest, archiver) = archiver_signalled_mid_way(&rig, nix::sys::signal::Signal::SIGKILL);
     let m = Manifest::load(&manifest).unwrap();
-    let mut archiver = rig
-        .cmd("archiver")
-        .args(["--manifest", manifest.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(2500));
-    assert!(
-        archiver.try_wait().unwrap().is_none(),
-        "the archiver finished before it could be killed"
-    );
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(archiver.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let _ = archiver.wait();
+    let _ = archiver.wait_with_output();
     assert!(
         rig.snapshots().contains(&m.snapshot.name),
         "kill -9 leaves the snapshot"
@@ -688,29 +694,7 @@ fn sigterm_stops_the_archiver_which_aborts_the_upload_and_removes_the_snapshot()
     }
     let rig = Rig::new(StoreKind::S3);
     sysbench_prepare(&rig.db.socket, 4, 20_000);
-    rig.write_config(|t| {
-        set(t, "archive", "level", 19);
-        set(t, "archive", "threads", 1);
-        set(t, "store", "concurrency", 1);
-    });
-    let manifest = rig.snapshot();
-    let mut archiver = rig
-        .cmd("archiver")
-        .args(["--manifest", manifest.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(2500));
-    assert!(
-        archiver.try_wait().unwrap().is_none(),
-        "the archiver finished before the signal"
-    );
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(archiver.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    let (_, archiver) = archiver_signalled_mid_way(&rig, nix::sys::signal::Signal::SIGTERM);
     let out = archiver.wait_with_output().unwrap();
     let line = error_line(&out, 1);
     assert!(line.contains("interrupted"), "{line}");

@@ -270,26 +270,23 @@ fn ci() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Release builds of the programs and of the demo and bench drivers; their directory.
+fn build_release() -> anyhow::Result<PathBuf> {
+    run(cargo().args(["build", "--release", "--bins"]).args(
+        ["snapshotter", "archiver", "restorer", "mysnap-tests"]
+            .iter()
+            .flat_map(|p| ["-p", p]),
+    ))?;
+    Ok(root().join("target/release"))
+}
+
 /// Release builds of the programs and the demo driver, then the demo.
 fn demo() -> anyhow::Result<()> {
     install_prerequisites()?;
     if !is_root() {
         bail!("the demo needs root (loop devices, mount, btrfs): run cargo xtask demo as root");
     }
-    run(cargo().args([
-        "build",
-        "--release",
-        "--bins",
-        "-p",
-        "snapshotter",
-        "-p",
-        "archiver",
-        "-p",
-        "restorer",
-        "-p",
-        "mysnap-tests",
-    ]))?;
-    let release = root().join("target/release");
+    let release = build_release()?;
     run(Command::new(release.join("mysnap-demo"))
         .arg("--bin-dir")
         .arg(&release))
@@ -298,20 +295,7 @@ fn demo() -> anyhow::Result<()> {
 /// Release builds of the programs and the bench driver, then the bench.
 fn bench(args: &[String]) -> anyhow::Result<()> {
     install_prerequisites()?;
-    run(cargo().args([
-        "build",
-        "--release",
-        "--bins",
-        "-p",
-        "snapshotter",
-        "-p",
-        "archiver",
-        "-p",
-        "restorer",
-        "-p",
-        "mysnap-tests",
-    ]))?;
-    let release = root().join("target/release");
+    let release = build_release()?;
     run(Command::new(release.join("mysnap-bench"))
         .arg("--bin-dir")
         .arg(&release)
