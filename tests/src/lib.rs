@@ -190,13 +190,20 @@ impl MariaDb {
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", datadir.display()))
             .next()
             .is_none();
+        let dir = runtime_tempdir("mysnap-mariadb-");
+        // A private tmpdir: parallel installs and servers sharing /tmp have
+        // collided on internal temporary table names (CI: "Unknown table
+        // 'mysql.tmp_user_sys'").
+        let tmpdir = dir.join("tmp");
+        std::fs::create_dir_all(&tmpdir)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", tmpdir.display()));
         if empty {
             run(Command::new("mariadb-install-db")
                 .arg("--user=root")
                 .arg(format!("--datadir={}", datadir.display()))
+                .arg(format!("--tmpdir={}", tmpdir.display()))
                 .arg("--auth-root-authentication-method=normal"));
         }
-        let dir = runtime_tempdir("mysnap-mariadb-");
         let socket = dir.join("my.sock");
         let mut args = vec![
             "--user=root".to_string(),
@@ -204,6 +211,7 @@ impl MariaDb {
             format!("--socket={}", socket.display()),
             format!("--pid-file={}", dir.join("my.pid").display()),
             format!("--log-error={}", dir.join("err.log").display()),
+            format!("--tmpdir={}", tmpdir.display()),
             format!("--server-id={}", opts.server_id),
         ];
         if opts.log_bin {
