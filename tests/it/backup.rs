@@ -191,6 +191,7 @@ state_dir = "{state}"
             force_path_style: true,
             part_size: bytesize::ByteSize::mib(5),
             concurrency: 4,
+            memory_limit: bytesize::ByteSize::mib(256),
             max_attempts: 3,
         }
     }

@@ -22,6 +22,7 @@ fn config(url: String, endpoint: Option<&str>) -> StoreConfig {
         force_path_style: endpoint.is_some(),
         part_size: ByteSize::mib(5),
         concurrency: 4,
+        memory_limit: bytesize::ByteSize::mib(256),
         max_attempts: 3,
     }
 }

@@ -145,13 +145,23 @@ async fn archive(
     progress.set_total(estimate);
     let part_size = store::plan_part_size(cfg.store.part_size.as_u64(), estimate);
     let (writer, parts) = store::part_channel(part_size);
+    let limit = cfg.store.memory_limit.as_u64();
+    let in_flight = store::in_flight(limit, part_size, cfg.store.concurrency);
     tracing::info!(
-        "archiving {} (about {}) to {} in parts of {}",
+        "archiving {} (about {}) to {} in parts of {}, {in_flight} in flight",
         snap.display(),
         bytesize(estimate),
         store.url(&key),
         bytesize(part_size)
     );
+    if part_size * (in_flight as u64 + 2) > limit {
+        tracing::warn!(
+            "parts of {} (grown so the archive fits in 10,000 parts) hold {} in memory, over store.memory_limit ({})",
+            bytesize(part_size),
+            bytesize(part_size * (in_flight as u64 + 2)),
+            bytesize(limit)
+        );
+    }
 
     let level = cfg.level();
     let threads = common::codec::threads(cfg.archive.threads);
@@ -179,7 +189,7 @@ async fn archive(
             tokio::runtime::Handle::current().block_on(store.put_stream(
                 &key,
                 parts,
-                cfg.store.concurrency,
+                in_flight,
             ))
         });
         (

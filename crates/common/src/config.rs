@@ -129,6 +129,10 @@ pub struct StoreConfig {
     pub part_size: ByteSize,
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// The most bytes of parts one upload or download holds in memory
+    /// (in flight, queued and being filled); concurrency is lowered to fit.
+    #[serde(default = "default_memory_limit")]
+    pub memory_limit: ByteSize,
     /// Attempts per request on throttling, 5xx and timeouts.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
@@ -203,10 +207,13 @@ fn default_reserve() -> u8 {
     20
 }
 fn default_part_size() -> ByteSize {
-    ByteSize::mib(64)
+    ByteSize::mib(16)
 }
 fn default_concurrency() -> usize {
     8
+}
+fn default_memory_limit() -> ByteSize {
+    ByteSize::mib(256)
 }
 fn default_max_attempts() -> u32 {
     5
@@ -323,6 +330,12 @@ impl Config {
                 self.store.part_size
             ));
         }
+        if self.store.memory_limit < self.store.part_size * 3u64 {
+            return Err(format!(
+                "store.memory_limit ({}) must hold at least 3 parts of store.part_size ({}): one being filled, one queued, one in flight",
+                self.store.memory_limit, self.store.part_size
+            ));
+        }
         if self.store.max_attempts == 0 {
             return Err("store.max_attempts must be at least 1".into());
         }
@@ -391,7 +404,8 @@ name = "db1"
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.mysql.lock_timeout, Duration::from_secs(5));
         assert_eq!(c.mysql.lock_retries, 3);
-        assert_eq!(c.store.part_size, ByteSize::mib(64));
+        assert_eq!(c.store.part_size, ByteSize::mib(16));
+        assert_eq!(c.store.memory_limit, ByteSize::mib(256));
         assert_eq!(c.store.concurrency, 8);
         assert_eq!(c.archive.compression, Compression::Zstd);
         assert_eq!(c.level(), 3);
@@ -414,6 +428,16 @@ name = "db1"
         let c = parse(&text).unwrap();
         assert_eq!(c.store.part_size, ByteSize::mib(16));
         assert_eq!(c.mysql.lock_timeout, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn memory_limit_must_hold_three_parts() {
+        let text = MINIMAL.replace(
+            "[store]",
+            "[store]\npart_size = \"64MiB\"\nmemory_limit = \"128MiB\"",
+        );
+        let err = parse(&text).unwrap_err();
+        assert!(err.contains("store.memory_limit"), "{err}");
     }
 
     #[test]

@@ -120,14 +120,19 @@ async fn stream_archive(
     }
     progress.set_total(info.size);
     let failed = Arc::new(AtomicBool::new(false));
-    // Ranges no larger than 16 MiB keep memory at about concurrency × 16 MiB.
+    // Ranges of at most 16 MiB, as many in flight as store.memory_limit holds.
     let range = cfg.store.part_size.as_u64().min(DOWNLOAD_RANGE);
+    let in_flight = store::in_flight(
+        cfg.store.memory_limit.as_u64(),
+        range,
+        cfg.store.concurrency,
+    );
     let download = Download::start(
         store,
         info.key.clone(),
         info.size,
         range,
-        cfg.store.concurrency,
+        in_flight,
         failed.clone(),
     );
     let r =

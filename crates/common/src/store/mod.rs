@@ -121,6 +121,14 @@ pub fn plan_part_size(configured: u64, expected: u64) -> u64 {
         .clamp(MIN_PART, MAX_PART)
 }
 
+/// How many parts of `part_size` may be in flight so that, with one part
+/// being filled and one queued, at most `memory_limit` bytes of parts are held:
+/// between 1 and `concurrency`.
+pub fn in_flight(memory_limit: u64, part_size: u64, concurrency: usize) -> usize {
+    let fit = (memory_limit / part_size.max(1)).saturating_sub(2);
+    (fit as usize).clamp(1, concurrency.max(1))
+}
+
 /// The writing end of a streamed upload: a blocking `Write` that cuts the
 /// stream into parts of `part_size` and hands them over without copying.
 pub struct PartWriter {
@@ -216,6 +224,15 @@ mod tests {
         assert!(tb5.div_ceil(p) < MAX_PARTS, "{p}");
         assert_eq!(p % (1 << 20), 0);
         assert_eq!(plan_part_size(1, 0), MIN_PART);
+    }
+
+    #[test]
+    fn memory_limit_lowers_concurrency() {
+        let mib = 1 << 20;
+        assert_eq!(in_flight(256 * mib, 16 * mib, 8), 8);
+        assert_eq!(in_flight(256 * mib, 64 * mib, 8), 2);
+        assert_eq!(in_flight(256 * mib, 600 * mib, 8), 1);
+        assert_eq!(in_flight(256 * mib, 5 * mib, 4), 4);
     }
 
     #[test]
