@@ -18,9 +18,10 @@ commands:
   vm-test                 the LVM end to end test (volprep, backup, restore, overflow) in a
                           virtme-ng VM (root; software emulation, several minutes)
   backup --config PATH    snapshotter, then archiver (a full backup)
-  bench [--size 1GiB] [--runs 3] [--lock-runs 10]
-                          measure backups against the hardware's limits (root);
-                          writes target/bench/report.md
+  bench [--size 1GiB] [--runs 3] [--lock-runs 10] [--scale 4]
+                          mysnap vs mariabackup, mysqldump, mydumper and the
+                          hardware limits, 1× and 4× the data (root);
+                          writes target/bench/report.{md,json} and bench.png
 ";
 
 /// Debian packages the tests need, each with a command that shows it is there.
@@ -37,6 +38,17 @@ const PACKAGES: &[(&str, &str)] = &[
     ("lvm2", "lvcreate"),
     ("qemu-system-x86", "qemu-system-x86_64"),
     ("busybox-static", "busybox"),
+];
+
+/// What `cargo xtask bench` needs besides: the peers, curl, the chart's font.
+const BENCH_PACKAGES: &[(&str, &str)] = &[
+    ("mariadb-backup", "mariabackup"),
+    ("mydumper", "mydumper"),
+    ("curl", "curl"),
+    (
+        "fonts-dejavu-core",
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    ),
 ];
 
 fn main() {
@@ -77,6 +89,9 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 fn have(cmd: &str) -> bool {
+    if cmd.starts_with('/') {
+        return Path::new(cmd).exists();
+    }
     Command::new("sh")
         .args([
             "-c",
@@ -97,16 +112,25 @@ fn is_root() -> bool {
 
 /// Installs the missing Debian packages (needs root).
 fn install_prerequisites() -> anyhow::Result<()> {
-    let mut missing: Vec<&str> = PACKAGES
-        .iter()
-        .filter(|(_, cmd)| !have(cmd))
-        .map(|(p, _)| *p)
-        .collect();
+    let mut missing = missing(PACKAGES);
     if vm_kernel().is_none() {
         missing.push("linux-image-amd64");
     }
+    install_packages(&missing)?;
+    install_virtme_ng()
+}
+
+/// The packages of `list` whose command (or file) is not there.
+fn missing(list: &[(&'static str, &str)]) -> Vec<&'static str> {
+    list.iter()
+        .filter(|(_, cmd)| !have(cmd))
+        .map(|(p, _)| *p)
+        .collect()
+}
+
+fn install_packages(missing: &[&str]) -> anyhow::Result<()> {
     if missing.is_empty() {
-        return install_virtme_ng();
+        return Ok(());
     }
     if !is_root() {
         bail!(
@@ -119,9 +143,8 @@ fn install_prerequisites() -> anyhow::Result<()> {
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    install_virtme_ng()
+        .args(missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 /// `vng` (virtme-ng, from PyPI) boots the host's kernel and root filesystem in a VM.
@@ -295,6 +318,7 @@ fn demo() -> anyhow::Result<()> {
 /// Release builds of the programs and the bench driver, then the bench.
 fn bench(args: &[String]) -> anyhow::Result<()> {
     install_prerequisites()?;
+    install_packages(&missing(BENCH_PACKAGES))?;
     let release = build_release()?;
     run(Command::new(release.join("mysnap-bench"))
         .arg("--bin-dir")
