@@ -186,11 +186,7 @@ async fn archive(
             })
         });
         let uploaded = tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(store.put_stream(
-                &key,
-                parts,
-                in_flight,
-            ))
+            tokio::runtime::Handle::current().block_on(store.put_stream(&key, parts, in_flight))
         });
         (
             producer

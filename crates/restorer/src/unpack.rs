@@ -5,7 +5,7 @@
 use std::io::{self, Read};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 
 use common::codec::{decoder, Hashing};
 use common::error::{integrity_err, Error};
@@ -118,9 +118,16 @@ pub fn unsafe_entry(path: &Path, kind: EntryType, link: Option<&Path>) -> Option
     }
 }
 
+/// Decompressed bytes travel from the decoding thread to the unpacking
+/// thread in chunks of this size, at most [`QUEUED`] of them waiting.
+const CHUNK: u64 = 1 << 20;
+const QUEUED: usize = 8;
+
 /// Streams the archive read from `stored` (the bytes as stored) into `target`.
-/// Read and integrity failures are exit 4; failures to write are exit 1;
-/// `store_failed` tells a failing download apart (exit 1).
+/// This thread hashes and decompresses; a second one checks and unpacks the
+/// tar entries, so the two overlap. Read and integrity failures are exit 4;
+/// failures to write are exit 1; `store_failed` tells a failing download
+/// apart (exit 1).
 pub fn stream(
     stored: impl Read,
     info: &ArchiveInfo,
@@ -129,11 +136,6 @@ pub fn stream(
     store_failed: &AtomicBool,
 ) -> anyhow::Result<Streamed> {
     let read_failed = Arc::new(AtomicBool::new(false));
-    let mut hashing = Hashing::new(ProgressRead {
-        inner: stored,
-        progress,
-    });
-    let result = entries(&mut hashing, info, &target, &read_failed);
     let classify = |e: anyhow::Error| -> anyhow::Error {
         if e.chain().any(|c| c.downcast_ref::<Error>().is_some()) {
             e
@@ -148,10 +150,41 @@ pub fn stream(
             e
         }
     };
-    let streamed = result.map_err(classify)?;
-    // Whatever follows the end of the tar stream is hashed too.
-    io::copy(&mut hashing, &mut io::sink()).map_err(|e| classify(e.into()))?;
-    let (_, size, sha) = hashing.finish();
+    let (tx, rx) = mpsc::sync_channel(QUEUED);
+    let (decoded, unpacked) = std::thread::scope(|scope| {
+        let unpacking = scope.spawn(|| {
+            let mut chunks = Chunks {
+                rx,
+                current: Vec::new(),
+                pos: 0,
+            };
+            let r = entries(&mut chunks, info, &target);
+            // Take what follows the end of the tar stream, so the decoder
+            // runs to its end; on an error, dropping `chunks` stops it.
+            r.and_then(|s| Ok(io::copy(&mut chunks, &mut io::sink()).map(|_| s)?))
+        });
+        let mut hashing = Hashing::new(ProgressRead {
+            inner: stored,
+            progress,
+        });
+        let decoded = decode(&mut hashing, info, &tx, &read_failed).and_then(|()| {
+            drop(tx);
+            // Whatever follows the end of the compressed stream is hashed too.
+            io::copy(&mut hashing, &mut io::sink())?;
+            Ok(hashing.finish())
+        });
+        let unpacked = unpacking
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the unpacking thread panicked")));
+        (decoded, unpacked)
+    });
+    let ((_, size, sha), streamed) = match (decoded, unpacked) {
+        // The decoder stopped because unpacking did: unpacking's error says why.
+        (Err(e), Err(u)) if e.kind() == io::ErrorKind::BrokenPipe => return Err(classify(u)),
+        (Err(e), _) => return Err(classify(e.into())),
+        (Ok(_), Err(u)) => return Err(classify(u)),
+        (Ok(hashed), Ok(streamed)) => (hashed, streamed),
+    };
     if size != info.size {
         return Err(integrity_err(format!(
             "the archive {} is {size} bytes, its manifest says {}: truncated or replaced",
@@ -167,6 +200,56 @@ pub fn stream(
     Ok(streamed)
 }
 
+/// Decompresses `stored` into chunks for the unpacking thread; a decoding
+/// error is sent on too, and marks `read_failed`.
+fn decode<R: Read>(
+    stored: &mut R,
+    info: &ArchiveInfo,
+    tx: &mpsc::SyncSender<io::Result<Vec<u8>>>,
+    read_failed: &Arc<AtomicBool>,
+) -> io::Result<()> {
+    let mut decoded = FlagOnError {
+        inner: decoder(stored, info.compression)?,
+        flag: read_failed.clone(),
+    };
+    let stopped = || io::Error::new(io::ErrorKind::BrokenPipe, "unpacking stopped");
+    loop {
+        let mut chunk = Vec::with_capacity(CHUNK as usize);
+        if let Err(e) = (&mut decoded).take(CHUNK).read_to_end(&mut chunk) {
+            let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+            return Err(e);
+        }
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        tx.send(Ok(chunk)).map_err(|_| stopped())?;
+    }
+}
+
+/// The unpacking end: a `Read` over the decoded chunks.
+struct Chunks {
+    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    current: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for Chunks {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.current.len() {
+            match self.rx.recv() {
+                Ok(Ok(chunk)) => (self.current, self.pos) = (chunk, 0),
+                Ok(Err(e)) => return Err(e),
+                // The decoder finished (or failed, and says so itself).
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
 struct ProgressRead<'a, R> {
     inner: R,
     progress: &'a dyn Progress,
@@ -180,16 +263,12 @@ impl<R: Read> Read for ProgressRead<'_, R> {
     }
 }
 
-fn entries<R: Read>(
-    stored: &mut R,
+/// Checks and unpacks (or discards) the tar entries of the decoded stream.
+fn entries(
+    decoded: &mut impl Read,
     info: &ArchiveInfo,
     target: &Target<'_>,
-    read_failed: &Arc<AtomicBool>,
 ) -> anyhow::Result<Streamed> {
-    let decoded = FlagOnError {
-        inner: decoder(stored, info.compression)?,
-        flag: read_failed.clone(),
-    };
     let mut ar = tar::Archive::new(decoded);
     ar.set_preserve_permissions(true);
     ar.set_preserve_mtime(true);

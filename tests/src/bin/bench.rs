@@ -541,34 +541,46 @@ fn json_rows(rows: &[Row]) -> serde_json::Value {
         .collect()
 }
 
-/// Two bar charts (backup, restore) of the contenders' times.
+/// Horizontal bar charts (backup, restore) of the contenders' times, each
+/// bar labelled with its contender and time.
 fn chart(path: &Path, sections: &[(&str, &[Row])]) -> anyhow::Result<()> {
     use plotters::prelude::*;
     let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
         .map_err(|e| anyhow::anyhow!("DejaVuSans.ttf: {e} (apt-get install fonts-dejavu-core)"))?;
     plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(font.into()))
         .map_err(|_| anyhow::anyhow!("DejaVuSans.ttf is not a usable font"))?;
-    let root = BitMapBackend::new(path, (1100, 420 * sections.len() as u32)).into_drawing_area();
+    let heights: Vec<u32> = sections
+        .iter()
+        .map(|(_, rows)| 90 + 34 * rows.len() as u32)
+        .collect();
+    let root = BitMapBackend::new(path, (1200, heights.iter().sum::<u32>())).into_drawing_area();
     root.fill(&WHITE)?;
-    for (area, (title, rows)) in root.split_evenly((sections.len(), 1)).iter().zip(sections) {
-        let rows: Vec<(&str, f64)> = rows
+    let mut rest = root.clone();
+    for ((title, rows), h) in sections.iter().zip(&heights) {
+        let (area, below) = rest.split_vertically(*h);
+        rest = below;
+        let rows: Vec<(String, f64)> = rows
             .iter()
-            .filter_map(|r| r.secs.as_ref().ok().map(|s| (r.label.as_str(), *s)))
+            .filter_map(|r| {
+                let label = r.label.replace("\\|", "|").replace('`', "");
+                r.secs.as_ref().ok().map(|s| (label, *s))
+            })
             .collect();
-        let top = rows.iter().map(|r| r.1).fold(1.0, f64::max) * 1.15;
-        let mut c = ChartBuilder::on(area)
+        let longest = rows.iter().map(|r| r.1).fold(1.0, f64::max);
+        // Room on the right of the longest bar for its label.
+        let right = longest * 1.9;
+        let mut c = ChartBuilder::on(&area)
             .caption(*title, ("sans-serif", 22))
-            .margin(10)
-            .x_label_area_size(20)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0f64..rows.len() as f64, 0f64..top)?;
+            .margin(12)
+            .x_label_area_size(30)
+            .build_cartesian_2d(0f64..right, 0f64..rows.len() as f64)?;
         c.configure_mesh()
-            .disable_x_mesh()
-            .disable_x_axis()
-            .y_desc("seconds")
+            .disable_y_mesh()
+            .disable_y_axis()
+            .x_desc("seconds")
             .draw()?;
         for (i, (label, s)) in rows.iter().enumerate() {
-            let x = i as f64;
+            let y = (rows.len() - 1 - i) as f64;
             let color = if label.starts_with("mysnap") {
                 BLUE.mix(0.7)
             } else if label.starts_with("limit") {
@@ -577,18 +589,14 @@ fn chart(path: &Path, sections: &[(&str, &[Row])]) -> anyhow::Result<()> {
                 RED.mix(0.5)
             };
             c.draw_series([Rectangle::new(
-                [(x + 0.1, 0.0), (x + 0.9, *s)],
+                [(0.0, y + 0.15), (*s, y + 0.85)],
                 color.filled(),
             )])?;
-            let short: String = label.replace('`', "").chars().take(28).collect();
-            c.draw_series([
-                Text::new(
-                    format!("{s:.1} s"),
-                    (x + 0.15, s + top * 0.04),
-                    ("sans-serif", 14),
-                ),
-                Text::new(short, (x + 0.12, top * 0.98), ("sans-serif", 11)),
-            ])?;
+            c.draw_series([Text::new(
+                format!("{s:.1} s  {label}"),
+                (s + longest * 0.01, y + 0.7),
+                ("sans-serif", 14),
+            )])?;
         }
     }
     root.present()?;
@@ -715,7 +723,9 @@ fn main() {
     eprintln!("bench: preparing 8 sysbench tables of {rows} rows");
     let t = Instant::now();
     sysbench_prepare(&db.socket, 8, rows);
-    db.sql("FLUSH TABLES");
+    // A production server keeps a few binary logs (expire_logs_days), not
+    // one the size of its data; the peers copy no binary logs at all.
+    db.sql("FLUSH TABLES; RESET MASTER");
     eprintln!("bench: prepared in {:.0}s", t.elapsed().as_secs_f64());
     let b = Bench {
         args,
@@ -730,7 +740,7 @@ fn main() {
     let mut json = serde_json::Map::new();
     writeln!(
         report,
-        "# mysnap bench\n\nData: {} in 8 sysbench tables × {rows} rows (MariaDB {}), on btrfs on a loop device. \
+        "# mysnap bench\n\nData: {} in 8 sysbench tables × {rows} rows (MariaDB {}), on btrfs on a loop device; binary logs reset after loading. \
          Machine: {}. Page cache dropped before every timed run. Medians of {runs} runs. \
          `× limit`: time ÷ the hardware limit with the same work; `÷ mysnap`: a peer's time ÷ mysnap's for the same job \
          (above 1: mysnap is faster).\n",
@@ -957,7 +967,7 @@ fn main() {
             || {},
             || {
                 shell_time(&format!(
-                    "curl -sf -K {} --aws-sigv4 aws:amz:us-east-1:s3 -o /dev/null {url}",
+                    "curl -sSf -K {} --aws-sigv4 aws:amz:us-east-1:s3 -H x-amz-content-sha256:UNSIGNED-PAYLOAD -o /dev/null {url}",
                     cfg.display()
                 ))
             },
@@ -1107,7 +1117,7 @@ fn main() {
                  INSERT INTO sbtest.sbtest{i} SELECT * FROM sbtest.sbtest{from}"
             ));
         }
-        b.db.sql("FLUSH TABLES");
+        b.db.sql("FLUSH TABLES; RESET MASTER");
         eprintln!("bench: scaling, at {}×", b.args.scale);
         let n = core(&b, &target, &writer);
         writeln!(
