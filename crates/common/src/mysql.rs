@@ -227,18 +227,24 @@ impl ServerVersion {
     /// The lock method to use for `mysql.lock_method = configured`.
     ///
     /// `auto` is BACKUP STAGE where the server has it, FLUSH TABLES WITH READ
-    /// LOCK elsewhere. Measured on MariaDB 10.11 on a btrfs loop volume
-    /// (`cargo run -p mysnap-tests --bin mysnap-lock-stall -- --runs 10`:
-    /// the longest one autocommit `UPDATE` from another connection took
-    /// during a snapshot, median of 10 snapshots; commits blocked, median):
+    /// LOCK elsewhere. Measured on MariaDB 10.11 on a btrfs loop volume, 2
+    /// shared cores (`cargo run -p mysnap-tests --bin mysnap-lock-stall --
+    /// --runs 25`, the methods alternating; stall: the longest one autocommit
+    /// `UPDATE` from another connection took during a snapshot; hold: how long
+    /// commits were blocked), medians of 25 snapshots, two runs:
     ///
-    /// | server   | ftwrl stall | backup_stage stall | ftwrl hold | backup_stage hold |
+    /// | server   | stall ftwrl | stall backup_stage | hold ftwrl | hold backup_stage |
     /// |----------|-------------|--------------------|------------|-------------------|
-    /// | idle     | 61 ms       | 38 ms              | 33 ms      | 17 ms             |
-    /// | sysbench | 63 ms       | 39 ms              | 50 ms      | 18 ms             |
+    /// | idle     | 40, 41 ms   | 34, 34 ms          | 38, 26 ms  | 20, 18 ms         |
+    /// | sysbench | 45, 33 ms   | 43, 30 ms          | 32, 24 ms  | 17, 14 ms         |
     ///
-    /// And only BACKUP STAGE lets a long-running write go on: FLUSH TABLES
-    /// WITH READ LOCK must wait for it, with every other writer queued behind.
+    /// BACKUP STAGE holds commits for about half as long (no table flush, no
+    /// wait on running statements); the writer's stall is a little lower, but
+    /// mostly I/O of the snapshot itself (the rare 0.5 s outliers came with
+    /// either method, at holds of 13-25 ms). The deciding difference: a
+    /// long-running write makes FLUSH TABLES WITH READ LOCK wait, with every
+    /// other writer queued behind it, and give up (exit 3); BACKUP STAGE
+    /// BLOCK_COMMIT waits only for commits in progress and goes ahead.
     pub fn lock_method(&self, configured: LockMethod) -> anyhow::Result<LockMethod> {
         match configured {
             LockMethod::Auto if self.has_backup_stage() => Ok(LockMethod::BackupStage),
