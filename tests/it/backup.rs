@@ -667,6 +667,22 @@ fn a_commit_that_blocks_backup_stage_block_commit_makes_it_give_up_with_exit_3()
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
     rig.db
         .sql("SET SESSION lock_wait_timeout = 1; BACKUP STAGE START; BACKUP STAGE BLOCK_COMMIT; BACKUP STAGE END");
+
+    // Another backup in progress (one at a time): START waits, and gives up alike.
+    let mut other = background_sql(&rig, "BACKUP STAGE START; SELECT SLEEP(12)");
+    std::thread::sleep(Duration::from_millis(500));
+    let line = error_line(&rig.run("snapshotter", &[]), 3);
+    assert!(line.contains("could not take BACKUP STAGE"), "{line}");
+    assert!(
+        other.try_wait().unwrap().is_none(),
+        "the other backup ended before the snapshotter gave up"
+    );
+    let _ = other.kill();
+    let _ = other.wait();
+    assert!(rig.snapshots().is_empty(), "{:?}", rig.snapshots());
+    let t = Instant::now();
+    rig.db.sql("INSERT INTO d.w VALUES ()");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
 }
 
 #[test]

@@ -157,6 +157,15 @@ fn release_sql(method: LockMethod) -> &'static str {
     }
 }
 
+/// Releases what `method` holds. BACKUP STAGE END without a stage (START
+/// itself failed) is error 4146: nothing is held, which is the point.
+async fn release(conn: &mut Conn, method: LockMethod) -> anyhow::Result<()> {
+    match exec(conn, release_sql(method)).await {
+        Err(e) if method == LockMethod::BackupStage && server_code(&e) == Some(4146) => Ok(()),
+        r => r,
+    }
+}
+
 /// What `method` takes, for messages.
 fn lock_name(method: LockMethod) -> &'static str {
     match method {
@@ -180,7 +189,7 @@ pub async fn locked_snapshot(
     name: &str,
 ) -> anyhow::Result<LockOutcome> {
     let (timeout, retries) = (policy.lock_timeout, policy.lock_retries);
-    let (what, release) = (lock_name(method), release_sql(method));
+    let what = lock_name(method);
     let secs = timeout.as_secs_f64().ceil().max(1.0) as u64;
     exec(
         &mut conn,
@@ -217,7 +226,7 @@ pub async fn locked_snapshot(
             }
             Err(e) if is_lock_timeout(&e) || killed => {
                 // Make sure nothing is held before backing off.
-                exec(&mut conn, release).await?;
+                release(&mut conn, method).await?;
                 tracing::warn!(
                     "{what} attempt {attempt_no} of {attempts} gave up after {:.1}s (mysql.lock_timeout): {e:#}",
                     timeout.as_secs_f64()
@@ -229,7 +238,7 @@ pub async fn locked_snapshot(
                 }
             }
             Err(e) => {
-                let _ = exec(&mut conn, release).await;
+                let _ = release(&mut conn, method).await;
                 return Err(e);
             }
         }
@@ -255,7 +264,7 @@ pub async fn locked_snapshot(
         anyhow::Ok((binlog, gtid, source, at))
     }
     .await;
-    let unlocked = exec(&mut conn, release).await;
+    let unlocked = release(&mut conn, method).await;
     let hold = locked_at.elapsed();
     if unlocked.is_err() {
         // The server drops the lock (and ends the backup stage) with the connection.
