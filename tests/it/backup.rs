@@ -352,7 +352,24 @@ fn a_backup_under_load_records_the_locked_coordinates_and_archives_the_snapshot(
     if !gate("a_backup_under_load_records_the_locked_coordinates_and_archives_the_snapshot") {
         return;
     }
+    backup_under_load("ftwrl");
+}
+
+#[test]
+fn a_backup_stage_backup_under_load_records_the_locked_coordinates_and_archives_the_snapshot() {
+    if !gate(
+        "a_backup_stage_backup_under_load_records_the_locked_coordinates_and_archives_the_snapshot",
+    ) {
+        return;
+    }
+    backup_under_load("backup_stage");
+}
+
+/// A backup with `lock_method` while sysbench writes: the coordinates are
+/// those of the snapshot, and the archive holds exactly the snapshot.
+fn backup_under_load(lock_method: &str) {
     let rig = Rig::new(StoreKind::S3);
+    rig.write_config(|t| set(t, "mysql", "lock_method", lock_method));
     sysbench_prepare(&rig.db.socket, 4, 10_000);
     let mut load = sysbench_run(&rig.db.socket, 4, 10_000, 120);
     std::thread::sleep(Duration::from_secs(3));
@@ -360,8 +377,9 @@ fn a_backup_under_load_records_the_locked_coordinates_and_archives_the_snapshot(
     let manifest_path = rig.snapshot();
     let m = Manifest::load(&manifest_path).unwrap();
     assert!(m.snapshot.path.is_dir());
-    // Under the lock nothing is written: the snapshot's current binary log ends
-    // exactly at the recorded position, and it is the newest one.
+    assert_eq!(m.lock.method, lock_method);
+    // Under the lock nothing is committed: the snapshot's current binary log
+    // ends exactly at the recorded position, and it is the newest one.
     let binlog = m.binlog.clone().expect("binlog coordinates");
     let datadir = m.snapshot.path.join(&m.data.datadir);
     let size = std::fs::metadata(datadir.join(&binlog.file)).unwrap().len();
@@ -462,6 +480,7 @@ fn a_long_write_makes_the_lock_give_up_with_exit_3_and_writers_barely_wait() {
     rig.write_config(|t| {
         set(t, "mysql", "lock_timeout", "1s");
         set(t, "mysql", "lock_retries", 1);
+        set(t, "mysql", "lock_method", "ftwrl");
     });
     rig.db.sql(
         "CREATE DATABASE d; CREATE TABLE d.t (id INT PRIMARY KEY); INSERT INTO d.t VALUES (1); \
@@ -521,6 +540,150 @@ fn a_long_write_makes_the_lock_give_up_with_exit_3_and_writers_barely_wait() {
     assert!(t.elapsed() < Duration::from_secs(2));
     let _ = long.kill();
     let _ = long.wait();
+}
+
+/// Runs `sql` through the mariadb client in the background.
+fn background_sql(rig: &Rig, sql: &str) -> std::process::Child {
+    Command::new("mariadb")
+        .arg("-S")
+        .arg(&rig.db.socket)
+        .args(["-uroot", "-e", sql])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_long_write_does_not_hold_up_a_backup_stage_snapshot_and_writers_keep_committing() {
+    if !gate("a_long_write_does_not_hold_up_a_backup_stage_snapshot_and_writers_keep_committing") {
+        return;
+    }
+    let rig = Rig::new(StoreKind::File);
+    rig.write_config(|t| {
+        set(t, "mysql", "lock_timeout", "1s");
+        set(t, "mysql", "lock_retries", 1);
+        set(t, "mysql", "lock_method", "backup_stage");
+    });
+    rig.db.sql(
+        "CREATE DATABASE d; CREATE TABLE d.t (id INT PRIMARY KEY); INSERT INTO d.t VALUES (1); \
+         CREATE TABLE d.w (id INT AUTO_INCREMENT PRIMARY KEY)",
+    );
+    // The write that makes FLUSH TABLES WITH READ LOCK give up (the test
+    // above): BACKUP STAGE BLOCK_COMMIT waits only for commits in progress.
+    let mut long = background_sql(&rig, "UPDATE d.t SET id = id + 0 WHERE SLEEP(30) = 0");
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let mut snap = rig
+        .cmd("snapshotter")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut worst = Duration::ZERO;
+    while snap.try_wait().unwrap().is_none() {
+        let t = Instant::now();
+        rig.db.sql("INSERT INTO d.w VALUES ()");
+        worst = worst.max(t.elapsed());
+    }
+    let out = snap.wait_with_output().unwrap();
+    assert_ok(&out, "snapshotter");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("lock (backup_stage) waited"), "{stderr}");
+    let m = Manifest::load(Path::new(String::from_utf8_lossy(&out.stdout).trim())).unwrap();
+    assert_eq!(m.lock.method, "backup_stage");
+    assert_eq!(m.lock.attempts, 1, "no retry: {stderr}");
+    assert!(m.lock.wait_secs < 1.0, "waited {}s", m.lock.wait_secs);
+    // Writers are held only while BLOCK_COMMIT is (the snapshot).
+    assert!(
+        worst < Duration::from_millis(1000),
+        "a writer waited {worst:?}"
+    );
+    // The long write is still running, and writers commit as before.
+    assert!(
+        long.try_wait().unwrap().is_none(),
+        "the long write ended early"
+    );
+    let t = Instant::now();
+    rig.db.sql("INSERT INTO d.w VALUES ()");
+    assert!(t.elapsed() < Duration::from_secs(1));
+    let _ = long.kill();
+    let _ = long.wait();
+    rig.archive(Path::new(String::from_utf8_lossy(&out.stdout).trim()));
+}
+
+#[test]
+fn a_commit_that_blocks_backup_stage_block_commit_makes_it_give_up_with_exit_3() {
+    if !gate("a_commit_that_blocks_backup_stage_block_commit_makes_it_give_up_with_exit_3") {
+        return;
+    }
+    let rig = Rig::new(StoreKind::File);
+    rig.write_config(|t| {
+        set(t, "mysql", "lock_timeout", "1s");
+        set(t, "mysql", "lock_retries", 1);
+        set(t, "mysql", "lock_method", "backup_stage");
+    });
+    rig.db.sql(
+        "CREATE DATABASE d; CREATE TABLE d.w (id INT AUTO_INCREMENT PRIMARY KEY); \
+         CREATE TABLE d.b (id INT AUTO_INCREMENT PRIMARY KEY)",
+    );
+    // A commit in progress for 12 s: binary log group commit waits for a
+    // second commit to join it (binlog_commit_wait_count), which never comes.
+    rig.db
+        .sql("SET GLOBAL binlog_commit_wait_count = 2, binlog_commit_wait_usec = 12000000");
+    let mut slow = background_sql(&rig, "INSERT INTO d.b VALUES ()");
+    std::thread::sleep(Duration::from_millis(500));
+    // Other commits must not join its group (that would let it through).
+    rig.db
+        .sql("SET GLOBAL binlog_commit_wait_count = 0, binlog_commit_wait_usec = 100000");
+
+    let started = Instant::now();
+    let out = rig.run("snapshotter", &[]);
+    let line = error_line(&out, 3);
+    assert!(
+        line.contains("could not take BACKUP STAGE") && line.contains("2 attempts"),
+        "{line}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("`BACKUP STAGE BLOCK_COMMIT` failed"),
+        "the stage that waited is named: {stderr}"
+    );
+    assert!(
+        slow.try_wait().unwrap().is_none(),
+        "the blocking commit ended before the snapshotter gave up"
+    );
+    assert!(rig.snapshots().is_empty(), "{:?}", rig.snapshots());
+    assert!(rig.pending().is_empty());
+    // Nothing is held: once that commit is through, writes go through at
+    // once, and another backup can start its stages.
+    assert!(slow.wait().unwrap().success());
+    let t = Instant::now();
+    rig.db.sql("INSERT INTO d.w VALUES ()");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    rig.db
+        .sql("SET SESSION lock_wait_timeout = 1; BACKUP STAGE START; BACKUP STAGE BLOCK_COMMIT; BACKUP STAGE END");
+
+    // Another backup in progress (one at a time): START waits, and gives up alike.
+    let mut other = background_sql(&rig, "BACKUP STAGE START; SELECT SLEEP(12)");
+    std::thread::sleep(Duration::from_millis(500));
+    let line = error_line(&rig.run("snapshotter", &[]), 3);
+    assert!(line.contains("could not take BACKUP STAGE"), "{line}");
+    assert!(
+        other.try_wait().unwrap().is_none(),
+        "the other backup ended before the snapshotter gave up"
+    );
+    let _ = other.kill();
+    let _ = other.wait();
+    assert!(rig.snapshots().is_empty(), "{:?}", rig.snapshots());
+    let t = Instant::now();
+    rig.db.sql("INSERT INTO d.w VALUES ()");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
 }
 
 #[test]

@@ -99,6 +99,20 @@ fn a_backup_under_load_restores_as_a_replica_that_matches_the_source() {
     if !gate("a_backup_under_load_restores_as_a_replica_that_matches_the_source") {
         return;
     }
+    restore_under_load("ftwrl");
+}
+
+#[test]
+fn a_backup_stage_backup_under_load_restores_as_a_replica_that_matches_the_source() {
+    if !gate("a_backup_stage_backup_under_load_restores_as_a_replica_that_matches_the_source") {
+        return;
+    }
+    restore_under_load("backup_stage");
+}
+
+/// Backs up with `lock_method` under sysbench (InnoDB) and a writer of MyISAM,
+/// Aria and InnoDB counters, restores as a replica, and compares every table.
+fn restore_under_load(lock_method: &str) {
     let src_port = free_port();
     let src = Rig::with(
         StoreKind::S3,
@@ -113,10 +127,43 @@ fn a_backup_under_load_restores_as_a_replica_that_matches_the_source() {
         "CREATE USER repl@'%' IDENTIFIED BY 'repl-secret'; GRANT REPLICATION SLAVE ON *.* TO repl@'%'; \
          CREATE USER repl@localhost IDENTIFIED BY 'repl-secret'; GRANT REPLICATION SLAVE ON *.* TO repl@localhost",
     );
+    src.write_config(|t| set(t, "mysql", "lock_method", lock_method));
+    src.db.sql(
+        "CREATE DATABASE d; CREATE TABLE d.m (id INT PRIMARY KEY, v INT) ENGINE=MyISAM; \
+         CREATE TABLE d.a (id INT PRIMARY KEY, v INT) ENGINE=Aria; \
+         CREATE TABLE d.i (id INT PRIMARY KEY, v INT) ENGINE=InnoDB; \
+         INSERT INTO d.m VALUES (1, 0); INSERT INTO d.a VALUES (1, 0); INSERT INTO d.i VALUES (1, 0)",
+    );
     sysbench_prepare(&src.db.socket, 4, 10_000);
     let mut load = sysbench_run(&src.db.socket, 4, 10_000, 15);
+    // Counters that drift apart if the snapshot and its coordinates disagree.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let counters = {
+        let (socket, stop) = (src.db.socket.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let ok = Command::new("mariadb")
+                    .arg("-S")
+                    .arg(&socket)
+                    .args([
+                        "-uroot",
+                        "-e",
+                        "UPDATE d.m SET v = v + 1; UPDATE d.a SET v = v + 1; UPDATE d.i SET v = v + 1",
+                    ])
+                    .status()
+                    .unwrap();
+                assert!(ok.success(), "counter update");
+            }
+        })
+    };
     std::thread::sleep(Duration::from_secs(2));
     let id = src.backup();
+    let m = Manifest::parse(
+        &String::from_utf8(src.fetch(&format!("db1/{id}/manifest.toml"))).unwrap(),
+        "store",
+    )
+    .unwrap();
+    assert_eq!(m.lock.method, lock_method);
 
     let target = Target::new(
         &src,
@@ -158,6 +205,8 @@ fn a_backup_under_load_restores_as_a_replica_that_matches_the_source() {
     assert!(!target.datadir.join("auto.cnf").exists());
 
     assert!(load.wait().unwrap().success(), "sysbench");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    counters.join().unwrap();
     // Once the load stops and the replica catches up, every table matches.
     let source_pos = src.db.sql("SELECT @@gtid_binlog_pos");
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -172,6 +221,10 @@ fn a_backup_under_load_restores_as_a_replica_that_matches_the_source() {
     let (a, b) = (src.db.checksums("sbtest"), target.db.checksums("sbtest"));
     assert_eq!(a.len(), 4);
     assert_eq!(a, b);
+    let counters = "SELECT CONCAT_WS(' ', m.v, a.v, i.v) FROM d.m, d.a, d.i";
+    let n = src.db.sql(counters);
+    assert_eq!(target.db.sql(counters), n);
+    assert_ne!(n, "0 0 0");
     assert!(
         target.db.try_sql("SELECT 1 FROM target.marker").is_err(),
         "the restored server has the source's data"

@@ -37,11 +37,15 @@ pub struct MysqlConfig {
     pub password_file: Option<PathBuf>,
     /// A my.cnf-style file whose `[client]` section gives user, password, socket.
     pub defaults_file: Option<PathBuf>,
-    /// Longest a FLUSH TABLES WITH READ LOCK attempt may wait.
+    /// Longest one lock attempt may wait (FLUSH TABLES WITH READ LOCK, or
+    /// BACKUP STAGE START up to BLOCK_COMMIT).
     #[serde(with = "humantime_serde", default = "default_lock_timeout")]
     pub lock_timeout: Duration,
     #[serde(default = "default_lock_retries")]
     pub lock_retries: u32,
+    /// How the server is held still for the snapshot.
+    #[serde(default)]
+    pub lock_method: LockMethod,
     /// How long to wait for running long queries to finish before the first attempt.
     #[serde(with = "humantime_serde", default = "default_long_query_wait")]
     pub long_query_wait: Duration,
@@ -62,9 +66,34 @@ impl Default for MysqlConfig {
             defaults_file: None,
             lock_timeout: default_lock_timeout(),
             lock_retries: default_lock_retries(),
+            lock_method: LockMethod::Auto,
             long_query_wait: default_long_query_wait(),
             stop_command: Vec::new(),
             start_command: Vec::new(),
+        }
+    }
+}
+
+/// `mysql.lock_method`: what holds the server still while it is snapshotted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LockMethod {
+    /// The measured better one for the server: see `ServerVersion::lock_method`.
+    #[default]
+    Auto,
+    /// FLUSH TABLES WITH READ LOCK (every flavor and version).
+    Ftwrl,
+    /// BACKUP STAGE START … BLOCK_COMMIT … END (MariaDB 10.4 and later).
+    BackupStage,
+}
+
+impl LockMethod {
+    /// The name in the config and the manifest.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockMethod::Auto => "auto",
+            LockMethod::Ftwrl => "ftwrl",
+            LockMethod::BackupStage => "backup_stage",
         }
     }
 }
@@ -404,6 +433,7 @@ name = "db1"
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.mysql.lock_timeout, Duration::from_secs(5));
         assert_eq!(c.mysql.lock_retries, 3);
+        assert_eq!(c.mysql.lock_method, LockMethod::Auto);
         assert_eq!(c.store.part_size, ByteSize::mib(16));
         assert_eq!(c.store.memory_limit, ByteSize::mib(256));
         assert_eq!(c.store.concurrency, 8);
@@ -438,6 +468,24 @@ name = "db1"
         );
         let err = parse(&text).unwrap_err();
         assert!(err.contains("store.memory_limit"), "{err}");
+    }
+
+    #[test]
+    fn lock_methods() {
+        for (v, m) in [
+            ("auto", LockMethod::Auto),
+            ("ftwrl", LockMethod::Ftwrl),
+            ("backup_stage", LockMethod::BackupStage),
+        ] {
+            let c = parse(&format!("{MINIMAL}[mysql]\nlock_method = \"{v}\"\n")).unwrap();
+            assert_eq!(c.mysql.lock_method, m);
+            assert_eq!(m.as_str(), v);
+        }
+        let err = parse(&format!(
+            "{MINIMAL}[mysql]\nlock_method = \"backup-stage\"\n"
+        ))
+        .unwrap_err();
+        assert!(err.contains("backup_stage"), "{err}");
     }
 
     #[test]

@@ -71,14 +71,23 @@ pub struct SourceCoordinates {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LockTimes {
-    /// `ftwrl` today.
+    /// `ftwrl` or `backup_stage` (`mysql.lock_method` as resolved); manifests
+    /// written before `backup_stage` existed may lack it and mean `ftwrl`.
+    #[serde(default = "ftwrl")]
     pub method: String,
     /// Attempts it took (1 = first try).
     pub attempts: u32,
-    /// Seconds waited for the lock on the successful attempt.
+    /// Seconds waited for the lock on the successful attempt: FLUSH TABLES
+    /// WITH READ LOCK, or BACKUP STAGE START until BLOCK_COMMIT was granted.
     pub wait_secs: f64,
-    /// Seconds from the lock being granted to UNLOCK TABLES returning.
+    /// Seconds commits were blocked: from the lock (FLUSH TABLES WITH READ
+    /// LOCK, or BACKUP STAGE BLOCK_COMMIT) being granted to UNLOCK TABLES (or
+    /// BACKUP STAGE END) returning.
     pub hold_secs: f64,
+}
+
+fn ftwrl() -> String {
+    "ftwrl".into()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,6 +243,17 @@ pub(crate) mod tests {
         let m = sample();
         assert_eq!(Manifest::parse(&m.to_toml(), "test").unwrap(), m);
         assert_eq!(m.key(), "db1/20261126T093000Z/manifest.toml");
+    }
+
+    #[test]
+    fn a_manifest_without_lock_method_means_ftwrl() {
+        let mut m = sample();
+        m.lock.method = "backup_stage".into();
+        let text = m.to_toml();
+        assert!(text.contains("method = \"backup_stage\""), "{text}");
+        let old = text.replace("method = \"backup_stage\"\n", "");
+        assert_ne!(old, text);
+        assert_eq!(Manifest::parse(&old, "test").unwrap().lock.method, "ftwrl");
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! snapshotter: the locked phase of a backup.
 //!
 //! Connect, read where the server keeps its data and refuse paths off the
-//! volume (before any lock), wait out long queries, take FLUSH TABLES WITH
-//! READ LOCK bounded by `lock_timeout` (session `lock_wait_timeout` plus a
-//! watcher that `KILL QUERY`s the attempt), and under the lock flush the
-//! binary logs, record coordinates, and snapshot. `UNLOCK TABLES` runs in
-//! every outcome. The manifest goes to `STATE_DIR/<id>/manifest.toml`.
+//! volume (before any lock), pick the lock method (`mysql.lock_method`), wait
+//! out long queries (FTWRL only), take the lock bounded by `lock_timeout`
+//! (session `lock_wait_timeout` plus a watcher that `KILL QUERY`s the
+//! attempt), and under it record coordinates and snapshot (see `lock.rs`).
+//! `UNLOCK TABLES` / `BACKUP STAGE END` runs in every outcome. The manifest
+//! goes to `STATE_DIR/<id>/manifest.toml`.
 
 mod layout;
 mod lock;
@@ -14,7 +15,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use common::config::Config;
+use common::config::{Config, LockMethod};
 use common::manifest::{self, Manifest, SnapshotInfo, FORMAT_VERSION, MANIFEST_FILE};
 use common::mysql::{query_rows, ConnectInfo, ServerVersion};
 use common::snapshot::{self, SnapshotBackend};
@@ -40,6 +41,7 @@ pub async fn run(cfg: &Config) -> anyhow::Result<PathBuf> {
             .await?
             .unwrap_or_default(),
     );
+    let method = version.lock_method(cfg.mysql.lock_method)?;
     let vars = DataVars::query(&mut conn).await?;
     let layout = plan_layout(&vars, &cfg.volume.mountpoint)?;
     if vars.datadir.canonicalize().ok() != cfg.volume.datadir.canonicalize().ok() {
@@ -63,8 +65,12 @@ pub async fn run(cfg: &Config) -> anyhow::Result<PathBuf> {
 
     let id = next_backup_id(&state).await?;
     let name = snapshot::snapshot_name(&cfg.backup.name, &id);
-    lock::wait_for_long_queries(&mut conn, cfg.mysql.lock_timeout, cfg.mysql.long_query_wait)
-        .await?;
+    if method == LockMethod::Ftwrl {
+        // BACKUP STAGE BLOCK_COMMIT does not wait for running statements, only
+        // for commits in progress: nothing to wait out.
+        lock::wait_for_long_queries(&mut conn, cfg.mysql.lock_timeout, cfg.mysql.long_query_wait)
+            .await?;
+    }
     // Write dirty pages out now, so the snapshot under the lock has little left to flush.
     if let Ok(f) = std::fs::File::open(&cfg.volume.mountpoint) {
         if let Err(e) = nix::unistd::syncfs(&f) {
@@ -76,12 +82,13 @@ pub async fn run(cfg: &Config) -> anyhow::Result<PathBuf> {
         watcher,
         &version,
         vars.log_bin,
+        method,
         &cfg.mysql,
         backend.as_ref(),
         &name,
     )
     .await?;
-    // After UNLOCK TABLES: mounting (LVM) is not the server's wait.
+    // After the unlock: mounting (LVM) is not the server's wait.
     if let Err(e) = backend.make_readable(&outcome.snapshot) {
         if let Err(e2) = backend.remove(&name) {
             tracing::error!("cannot remove snapshot {name}: {e2:#}");
@@ -89,8 +96,9 @@ pub async fn run(cfg: &Config) -> anyhow::Result<PathBuf> {
         return Err(e);
     }
     tracing::info!(
-        "snapshot {} taken: lock waited {:.3}s, held {:.3}s ({} attempt(s))",
+        "snapshot {} taken: lock ({}) waited {:.3}s, held {:.3}s ({} attempt(s))",
         outcome.snapshot.name,
+        outcome.lock.method,
         outcome.lock.wait_secs,
         outcome.lock.hold_secs,
         outcome.lock.attempts

@@ -1,10 +1,33 @@
-//! The locked phase: FLUSH TABLES WITH READ LOCK, bounded and retried, and
-//! what happens under it. The server is never left locked: UNLOCK TABLES runs
-//! in every outcome, and a broken connection releases the lock server-side.
+//! The locked phase: FLUSH TABLES WITH READ LOCK or BACKUP STAGE, bounded
+//! and retried, and what happens under it. The server is never left locked:
+//! UNLOCK TABLES (or BACKUP STAGE END) runs in every outcome, and a broken
+//! connection releases the lock server-side.
+//!
+//! `ftwrl`: FLUSH NO_WRITE_TO_BINLOG TABLES (closes tables first, so the
+//! locked flush is short), then FLUSH TABLES WITH READ LOCK, which waits for
+//! every running write statement while blocking all other writes. Under it:
+//! FLUSH BINARY LOGS, FLUSH ENGINE LOGS, coordinates, snapshot.
+//!
+//! `backup_stage` (MariaDB 10.4.1+): FLUSH BINARY LOGS before the lock (the
+//! position need not be at a file start), then BACKUP STAGE START (one backup
+//! at a time), FLUSH (non-transactional tables not in use are flushed and
+//! closed), BLOCK_DDL (waits for DDL and MyISAM writes in progress; from here
+//! they wait), BLOCK_COMMIT (waits only for commits in progress; from here no
+//! transaction commits and nothing is written to the binary log; running
+//! InnoDB and Aria statements go on). Under BLOCK_COMMIT: FLUSH ENGINE LOGS,
+//! coordinates, snapshot; then BACKUP STAGE END. InnoDB and Aria recover the
+//! snapshot to exactly the commits in its binary log, which ends at the
+//! recorded position; MyISAM tables were closed and are not written to.
+//!
+//! Lock *wait* is the time until the lock that blocks commits is granted
+//! (FLUSH TABLES WITH READ LOCK; BACKUP STAGE START to BLOCK_COMMIT). Lock
+//! *hold* is the time commits are blocked: from that grant to UNLOCK TABLES or
+//! BACKUP STAGE END returning. (With `backup_stage`, MyISAM writes and DDL
+//! already wait from BLOCK_DDL on, which is inside the wait.)
 
 use std::time::{Duration, Instant};
 
-use common::config::MysqlConfig;
+use common::config::{LockMethod, MysqlConfig};
 use common::error::Error;
 use common::manifest::{Binlog, LockTimes, SourceCoordinates};
 use common::mysql::{exec, query_rows, ServerVersion};
@@ -104,29 +127,87 @@ async fn watch(
     }
 }
 
-/// Takes the lock (bounded, retried), runs `create` under it with the
-/// coordinates recorded, and unlocks.
+/// Runs the statements of one lock attempt; `wait` is set to how long the
+/// lock that blocks commits took to be granted.
+async fn attempt(conn: &mut Conn, method: LockMethod, wait: &mut Duration) -> anyhow::Result<()> {
+    let t = match method {
+        LockMethod::BackupStage => {
+            let t = Instant::now();
+            for stage in ["START", "FLUSH", "BLOCK_DDL", "BLOCK_COMMIT"] {
+                exec(conn, &format!("BACKUP STAGE {stage}")).await?;
+            }
+            t
+        }
+        _ => {
+            exec(conn, "FLUSH NO_WRITE_TO_BINLOG TABLES").await?;
+            let t = Instant::now();
+            exec(conn, "FLUSH TABLES WITH READ LOCK").await?;
+            t
+        }
+    };
+    *wait = t.elapsed();
+    Ok(())
+}
+
+/// The statement that releases what `method` holds, in whatever stage it got to.
+fn release_sql(method: LockMethod) -> &'static str {
+    match method {
+        LockMethod::BackupStage => "BACKUP STAGE END",
+        _ => "UNLOCK TABLES",
+    }
+}
+
+/// Releases what `method` holds. BACKUP STAGE END without a stage (START
+/// itself failed) is error 4146: nothing is held, which is the point.
+async fn release(conn: &mut Conn, method: LockMethod) -> anyhow::Result<()> {
+    match exec(conn, release_sql(method)).await {
+        Err(e) if method == LockMethod::BackupStage && server_code(&e) == Some(4146) => Ok(()),
+        r => r,
+    }
+}
+
+/// What `method` takes, for messages.
+fn lock_name(method: LockMethod) -> &'static str {
+    match method {
+        LockMethod::BackupStage => "BACKUP STAGE (START to BLOCK_COMMIT)",
+        _ => "FLUSH TABLES WITH READ LOCK",
+    }
+}
+
+/// Takes the lock with `method` (`ftwrl` or `backup_stage`, already
+/// resolved; bounded, retried), runs `create` under it with the coordinates
+/// recorded, and releases it.
+#[allow(clippy::too_many_arguments)]
 pub async fn locked_snapshot(
     mut conn: Conn,
     mut watcher: Conn,
     version: &ServerVersion,
     log_bin: bool,
+    method: LockMethod,
     policy: &MysqlConfig,
     backend: &dyn SnapshotBackend,
     name: &str,
 ) -> anyhow::Result<LockOutcome> {
     let (timeout, retries) = (policy.lock_timeout, policy.lock_retries);
+    let what = lock_name(method);
     let secs = timeout.as_secs_f64().ceil().max(1.0) as u64;
     exec(
         &mut conn,
         &format!("SET SESSION lock_wait_timeout = {secs}"),
     )
     .await?;
+    let stage = method == LockMethod::BackupStage;
+    if stage && log_bin {
+        // Not under BLOCK_COMMIT, where it would lengthen the hold: the
+        // coordinates read under it need not be at a file start.
+        exec(&mut conn, "FLUSH BINARY LOGS").await?;
+    }
     let conn_id = conn.id();
     let attempts = retries + 1;
     let mut granted = None;
-    for attempt in 1..=attempts {
+    for attempt_no in 1..=attempts {
         let (cancel_tx, cancel_rx) = oneshot::channel();
+        // One watcher bounds the whole attempt, every stage of it.
         let w = tokio::spawn(watch(
             watcher,
             conn_id,
@@ -134,48 +215,40 @@ pub async fn locked_snapshot(
             cancel_rx,
         ));
         let mut wait = Duration::ZERO;
-        let r = async {
-            // Closing tables first keeps the locked flush short.
-            exec(&mut conn, "FLUSH NO_WRITE_TO_BINLOG TABLES").await?;
-            let t = Instant::now();
-            let r = exec(&mut conn, "FLUSH TABLES WITH READ LOCK").await;
-            wait = t.elapsed();
-            r
-        }
-        .await;
+        let r = attempt(&mut conn, method, &mut wait).await;
         let _ = cancel_tx.send(());
         let (w, killed) = w.await?;
         watcher = w;
         match r {
             Ok(()) => {
-                granted = Some((attempt, wait));
+                granted = Some((attempt_no, wait));
                 break;
             }
             Err(e) if is_lock_timeout(&e) || killed => {
                 // Make sure nothing is held before backing off.
-                exec(&mut conn, "UNLOCK TABLES").await?;
+                release(&mut conn, method).await?;
                 tracing::warn!(
-                    "FLUSH TABLES WITH READ LOCK attempt {attempt} of {attempts} gave up after {:.1}s (mysql.lock_timeout): {e:#}",
+                    "{what} attempt {attempt_no} of {attempts} gave up after {:.1}s (mysql.lock_timeout): {e:#}",
                     timeout.as_secs_f64()
                 );
-                if attempt < attempts {
-                    let backoff = timeout.min(Duration::from_secs(attempt as u64))
+                if attempt_no < attempts {
+                    let backoff = timeout.min(Duration::from_secs(attempt_no as u64))
                         + Duration::from_millis(rand::thread_rng().gen_range(0..500));
                     tokio::time::sleep(backoff).await;
                 }
             }
             Err(e) => {
-                let _ = exec(&mut conn, "UNLOCK TABLES").await;
+                let _ = release(&mut conn, method).await;
                 return Err(e);
             }
         }
     }
-    let Some((attempt, wait)) = granted else {
+    let Some((attempt_no, wait)) = granted else {
         let culprit = longest_writer(&mut watcher).await.unwrap_or_default();
         let _ = watcher.disconnect().await;
         let _ = conn.disconnect().await;
         return Err(Error::LockTimeout(format!(
-            "could not take FLUSH TABLES WITH READ LOCK within {:?} in {attempts} attempts{culprit}; nothing is locked and no snapshot was taken: retry later or raise mysql.lock_timeout",
+            "could not take {what} within {:?} in {attempts} attempts{culprit}; nothing is locked and no snapshot was taken: retry later or raise mysql.lock_timeout",
             timeout
         ))
         .into());
@@ -184,17 +257,17 @@ pub async fn locked_snapshot(
     let locked_at = Instant::now();
     let mut snapshot = None;
     let inner = async {
-        let (binlog, gtid) = coordinates(&mut conn, version, log_bin).await?;
+        let (binlog, gtid) = coordinates(&mut conn, version, log_bin, !stage).await?;
         let source = replica_source(&mut conn, version).await?;
         let at = time::OffsetDateTime::now_utc();
         snapshot = Some(backend.create(name)?);
         anyhow::Ok((binlog, gtid, source, at))
     }
     .await;
-    let unlocked = exec(&mut conn, "UNLOCK TABLES").await;
+    let unlocked = release(&mut conn, method).await;
     let hold = locked_at.elapsed();
     if unlocked.is_err() {
-        // The server drops the lock with the connection.
+        // The server drops the lock (and ends the backup stage) with the connection.
         drop(conn);
     } else {
         let _ = conn.disconnect().await;
@@ -204,8 +277,8 @@ pub async fn locked_snapshot(
         (Ok((binlog, gtid, source, at)), Ok(())) => Ok(LockOutcome {
             snapshot: snapshot.expect("created when inner succeeded"),
             lock: LockTimes {
-                method: "ftwrl".into(),
-                attempts: attempt,
+                method: method.as_str().into(),
+                attempts: attempt_no,
                 wait_secs: wait.as_secs_f64(),
                 hold_secs: hold.as_secs_f64(),
             },
@@ -226,11 +299,13 @@ pub async fn locked_snapshot(
     }
 }
 
-/// Binary log file and position, and the GTID state, under the lock.
+/// Binary log file and position, and the GTID state, under the lock;
+/// `flush_binlog`: rotate the binary log first (FTWRL; BACKUP STAGE did before the lock).
 async fn coordinates(
     conn: &mut Conn,
     version: &ServerVersion,
     log_bin: bool,
+    flush_binlog: bool,
 ) -> anyhow::Result<(Option<Binlog>, Option<String>)> {
     if !log_bin {
         tracing::warn!(
@@ -238,7 +313,9 @@ async fn coordinates(
         );
         return Ok((None, None));
     }
-    exec(conn, "FLUSH BINARY LOGS").await?;
+    if flush_binlog {
+        exec(conn, "FLUSH BINARY LOGS").await?;
+    }
     // With the binary log on, InnoDB may keep commit records in its log buffer
     // (prepare was made durable, the binary log decides at recovery). Writing
     // them out makes the snapshot hold exactly the transactions of these coordinates.
