@@ -228,8 +228,8 @@ impl ServerVersion {
     ///
     /// `auto` is BACKUP STAGE where the server has it, FLUSH TABLES WITH READ
     /// LOCK elsewhere. Measured on MariaDB 10.11 on a btrfs loop volume, 2
-    /// shared cores (`cargo run -p mysnap-tests --bin mysnap-lock-stall --
-    /// --runs 25`, the methods alternating; stall: the longest one autocommit
+    /// shared cores (a helper since folded into `cargo xtask bench`'s lock
+    /// table, the methods alternating; stall: the longest one autocommit
     /// `UPDATE` from another connection took during a snapshot; hold: how long
     /// commits were blocked), medians of 25 snapshots, two runs:
     ///
