@@ -397,7 +397,7 @@ async fn wait_ready(cfg: &Config, timeout: Duration) -> anyhow::Result<()> {
                     "the server did not answer within {timeout:?} after start"
                 )))
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
 }
