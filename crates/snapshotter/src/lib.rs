@@ -147,7 +147,11 @@ fn remove_stale(
     backend: &dyn SnapshotBackend,
     backup_name: &str,
 ) -> anyhow::Result<()> {
-    for name in backend.list(&snapshot::snapshot_prefix(backup_name))? {
+    let prefix = snapshot::snapshot_prefix(backup_name);
+    for name in backend.list(&prefix)? {
+        if !snapshot::is_own_snapshot(backup_name, &name) {
+            continue;
+        }
         tracing::warn!("removing snapshot {name} left by an earlier run that did not finish");
         backend
             .remove(&name)

@@ -50,6 +50,13 @@ pub fn snapshot_prefix(backup_name: &str) -> String {
     format!("mysnap-{backup_name}-")
 }
 
+/// Whether snapshot `name` is one of this config's: the prefix followed by
+/// exactly a backup id, so `mysnap-db1-…` never claims `mysnap-db1-x-…`.
+pub fn is_own_snapshot(backup_name: &str, name: &str) -> bool {
+    name.strip_prefix(&snapshot_prefix(backup_name))
+        .is_some_and(crate::manifest::is_backup_id)
+}
+
 /// The backend the config names.
 pub fn backend(cfg: &Config) -> anyhow::Result<Box<dyn SnapshotBackend>> {
     match cfg.volume.backend {
@@ -76,4 +83,18 @@ pub fn backend(cfg: &Config) -> anyhow::Result<Box<dyn SnapshotBackend>> {
 /// Where LVM snapshots are mounted for the archiver: `<backup.state_dir>/mnt`.
 pub fn lvm_mount_dir(cfg: &Config) -> PathBuf {
     cfg.backup.state_dir.join("mnt")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_snapshots_only() {
+        let id = "20261126T120000Z";
+        assert!(is_own_snapshot("db1", &snapshot_name("db1", id)));
+        assert!(!is_own_snapshot("db1", &snapshot_name("db1-x", id)));
+        assert!(!is_own_snapshot("db1", "mysnap-db1-manual"));
+        assert!(!is_own_snapshot("db1-x", &snapshot_name("db1", id)));
+    }
 }
