@@ -883,3 +883,37 @@ fn sigterm_stops_the_archiver_which_aborts_the_upload_and_removes_the_snapshot()
         .collect();
     assert!(parts.is_empty(), "multipart leftovers: {parts:?}");
 }
+
+#[test]
+fn the_deploy_wrapper_backs_up_and_passes_on_the_failing_programs_exit_code() {
+    if !gate("the_deploy_wrapper_backs_up_and_passes_on_the_failing_programs_exit_code") {
+        return;
+    }
+    let rig = Rig::new(StoreKind::File);
+    let wrapper = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mysnap-backup");
+    let bin_dir = bin("snapshotter").parent().unwrap().to_path_buf();
+    let run = || {
+        Command::new("sh")
+            .arg(&wrapper)
+            .arg("-q")
+            .env("MYSNAP_BIN_DIR", &bin_dir)
+            .env("MYSNAP_CONFIG", &rig.config)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    assert_ok(&out, "deploy/mysnap-backup");
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(common::manifest::is_backup_id(&id), "stdout: {id:?}");
+    let list = rig.run("restorer", &["list", "--json"]);
+    assert_ok(&list, "restorer list");
+    assert!(String::from_utf8_lossy(&list.stdout).contains(&id));
+    assert!(rig.snapshots().is_empty());
+
+    // A configuration error in snapshotter: its exit code, and no archiver run.
+    rig.write_config(|t| set(t, "mysql", "lock_methd", "ftwrl"));
+    let out = run();
+    assert!(error_line(&out, 2).contains("lock_methd"));
+    assert!(out.stdout.is_empty());
+}

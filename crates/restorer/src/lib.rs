@@ -28,8 +28,9 @@ use serde::Serialize;
 pub use replica::ReplicaOf;
 pub use unpack::{Streamed, Target};
 
-/// The largest ranged GET of a download.
-const DOWNLOAD_RANGE: u64 = 16 << 20;
+/// The largest ranged GET of a download (8 MiB: 8 in flight are as fast as
+/// 16 MiB ones here, and hold half the memory).
+const DOWNLOAD_RANGE: u64 = 8 << 20;
 
 /// The complete backups of `backup.name`, newest first.
 pub async fn list(cfg: &Config) -> anyhow::Result<Vec<Manifest>> {
@@ -120,7 +121,7 @@ async fn stream_archive(
     }
     progress.set_total(info.size);
     let failed = Arc::new(AtomicBool::new(false));
-    // Ranges of at most 16 MiB, as many in flight as store.memory_limit holds.
+    // Ranges of at most 8 MiB, as many in flight as store.memory_limit holds.
     let range = cfg.store.part_size.as_u64().min(DOWNLOAD_RANGE);
     let in_flight = store::in_flight(
         cfg.store.memory_limit.as_u64(),

@@ -33,6 +33,9 @@ struct Args {
     /// again (1: don't)
     #[arg(long, default_value_t = 4)]
     scale: u32,
+    /// Measure the lock only (both methods, idle and loaded), then stop
+    #[arg(long)]
+    lock_only: bool,
     /// Directory of the release binaries
     #[arg(long)]
     bin_dir: PathBuf,
@@ -400,7 +403,7 @@ impl Bench {
 
     /// `restorer restore ID` onto `target` from a dropped cache: time, peak
     /// RSS, server downtime; the `.old` directory is removed after each run.
-    fn mysnap_restore(&self, target: &MariaDb, id: &str) -> Restore {
+    fn mysnap_restore(&self, target: &MariaDb, id: &str, store_url: &str) -> Restore {
         let root = target.datadir.parent().unwrap();
         let config = self.config(
             &Target {
@@ -408,7 +411,7 @@ impl Bench {
                 mountpoint: root,
                 service: Some(target.service_commands()),
             },
-            "s3://bench/bench",
+            store_url,
             "zstd",
             "",
         );
@@ -668,7 +671,7 @@ fn core(b: &Bench, target: &MariaDb, writer: &Writer) -> Core {
     let backup = b.mysnap_backup("s3://bench/bench", "zstd");
     let (id, archive, _) = b.stored_backup();
     let ut = untar(b, &archive);
-    let restore = b.mysnap_restore(target, &id);
+    let restore = b.mysnap_restore(target, &id, "s3://bench/bench");
     b.clear_stores();
     Core {
         data: b.data_bytes(),
@@ -723,8 +726,8 @@ fn main() {
     let s3 = S3Server::start(&tmp.path().join("s3"));
     s3.create_bucket("bench");
     std::fs::create_dir_all(tmp.path().join("store")).unwrap();
-    // About 480 bytes per sysbench row on disk, in 8 tables.
-    let rows = (args.size.as_u64() / (8 * 480)).max(1000) as u32;
+    // About 300 bytes per sysbench row on disk, in 8 tables.
+    let rows = (args.size.as_u64() / (8 * 300)).max(1000) as u32;
     eprintln!("bench: preparing 8 sysbench tables of {rows} rows");
     let t = Instant::now();
     sysbench_prepare(&db.socket, 8, rows);
@@ -767,18 +770,35 @@ fn main() {
     )
     .unwrap();
     let mut lock_json = Vec::new();
-    for method in ["ftwrl", "backup_stage"] {
-        for loaded in [false, true] {
-            let mut load = loaded.then(|| sysbench_run(&b.db.socket, 8, rows, 3600));
-            if loaded {
-                std::thread::sleep(Duration::from_secs(3));
+    for loaded in [false, true] {
+        let mut load = loaded.then(|| sysbench_run(&b.db.socket, 8, rows, 3600));
+        if loaded {
+            std::thread::sleep(Duration::from_secs(3));
+        }
+        // The methods alternate, so drift in the machine's load hits both alike.
+        let methods = ["ftwrl", "backup_stage"];
+        let mut results: Vec<Result<Lock, String>> =
+            methods.iter().map(|_| Ok(Lock::default())).collect();
+        for _ in 0..b.args.lock_runs {
+            for (method, acc) in methods.iter().zip(results.iter_mut()) {
+                if let Ok(a) = acc {
+                    match b.lock_times(1, Some(method), &writer) {
+                        Ok(l) => {
+                            a.wait.extend(l.wait);
+                            a.hold.extend(l.hold);
+                            a.stall.extend(l.stall);
+                        }
+                        Err(e) => *acc = Err(e),
+                    }
+                }
             }
-            let r = b.lock_times(b.args.lock_runs, Some(method), &writer);
-            if let Some(l) = load.as_mut() {
-                let _ = l.kill();
-                let _ = l.wait();
-            }
-            let load = if loaded { "sysbench 2 threads" } else { "idle" };
+        }
+        if let Some(l) = load.as_mut() {
+            let _ = l.kill();
+            let _ = l.wait();
+        }
+        let load = if loaded { "sysbench 2 threads" } else { "idle" };
+        for (method, r) in methods.iter().zip(results) {
             match r {
                 Ok(l) => {
                     writeln!(
@@ -799,6 +819,11 @@ fn main() {
         }
     }
     json.insert("lock".into(), lock_json.into());
+    if b.args.lock_only {
+        drop(writer);
+        finish(&b.args.out, &report, json);
+        return;
+    }
 
     // Backup: the limits on the same snapshot, mysnap, the peers.
     eprintln!("bench: backup limits");
@@ -979,8 +1004,16 @@ fn main() {
         )
     };
     let target = b.target_server("target");
-    let r = b.mysnap_restore(&target, &id);
+    let r = b.mysnap_restore(&target, &id, "s3://bench/bench");
     let mysnap_restore = r.secs;
+    // The same backup from a file:// store: the pipeline without the S3
+    // server, which shares this machine's cores.
+    let copied = b.tmp.path().join(format!("store/bench/{id}"));
+    std::fs::create_dir_all(&copied).unwrap();
+    for f in ["data.tar.zst", "manifest.toml"] {
+        std::fs::copy(archive.with_file_name(f), copied.join(f)).unwrap();
+    }
+    let rf = b.mysnap_restore(&target, &id, &b.file_url());
     let mut restore = vec![
         Row {
             limit: Some(limit_untar),
@@ -997,6 +1030,11 @@ fn main() {
             limit: Some(limit_untar),
             rss_mib: Some(r.rss_mib),
             ..Row::new("mysnap restore: S3 → server answering", Ok(r.secs))
+        },
+        Row {
+            limit: Some(limit_untar),
+            rss_mib: Some(rf.rss_mib),
+            ..Row::new("mysnap restore: file:// → server answering", Ok(rf.secs))
         },
     ];
     // mariabackup's fastest path: mbstream straight into the new data
@@ -1213,10 +1251,14 @@ fn main() {
         .unwrap(),
         Err(e) => eprintln!("bench: no chart: {e:#}"),
     }
+    finish(&b.args.out, &report, json);
+}
+
+fn finish(out: &Path, report: &str, json: serde_json::Map<String, serde_json::Value>) {
     print!("{report}");
-    std::fs::write(b.args.out.join("report.md"), &report).unwrap();
+    std::fs::write(out.join("report.md"), report).unwrap();
     std::fs::write(
-        b.args.out.join("report.json"),
+        out.join("report.json"),
         serde_json::to_string_pretty(&serde_json::Value::Object(json)).unwrap(),
     )
     .unwrap();
