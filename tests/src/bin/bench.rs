@@ -331,6 +331,19 @@ impl Bench {
         Ok(l)
     }
 
+    /// One curl request to the S3 server, signed (SigV4, credentials from a
+    /// file, not argv), from a dropped page cache: its wall time.
+    fn curl(&self, args: &str, key: &str) -> Result<f64, String> {
+        let keys = self.s3.env();
+        let cfg = self.tmp.path().join("curl.cfg");
+        std::fs::write(&cfg, format!("user = \"{}:{}\"\n", keys[0].1, keys[1].1)).unwrap();
+        shell_time(&format!(
+            "curl -sSf -K {} --aws-sigv4 aws:amz:us-east-1:s3 -H x-amz-content-sha256:UNSIGNED-PAYLOAD {args} {}/bench/{key}",
+            cfg.display(),
+            self.s3.endpoint
+        ))
+    }
+
     fn clear_stores(&self) {
         for d in [
             self.tmp.path().join("store/bench"),
@@ -883,6 +896,13 @@ fn main() {
         let r = b.mysnap_backup(url, compression);
         if label == "mysnap zstd → file://" {
             mysnap_zstd_file = r.secs;
+            // Keep its archive for the S3 server's upload limit below.
+            let stored = walkdir::WalkDir::new(b.tmp.path().join("store/bench"))
+                .into_iter()
+                .filter_map(Result::ok)
+                .find(|e| e.file_name() == "data.tar.zst")
+                .expect("the archive in the file store");
+            std::fs::copy(stored.path(), b.tmp.path().join("put.zst")).unwrap();
         }
         if label == "mysnap zstd → S3" {
             mysnap_zstd_s3 = Some(r);
@@ -895,6 +915,24 @@ fn main() {
         });
     }
     b.clear_stores();
+    let put = b.tmp.path().join("put.zst");
+    let put_limit = timed(
+        runs,
+        || {},
+        || b.curl(&format!("-o /dev/null -T {}", put.display()), "put-limit"),
+    );
+    backup.insert(
+        2,
+        Row {
+            size: std::fs::metadata(&put).ok().map(|m| m.len()),
+            ..Row::new(
+                "limit: one PUT of mysnap's zstd archive to the S3 server",
+                put_limit,
+            )
+        },
+    );
+    let _ = std::fs::remove_file(&put);
+    let _ = std::fs::remove_file(b.s3.root.join("bench/put-limit"));
 
     // Peers on the same running server. Their outputs stay for the restore.
     let peers = b.tmp.path().join("peers");
@@ -982,27 +1020,11 @@ fn main() {
     eprintln!("bench: restore");
     let (id, archive, unpacked) = b.stored_backup();
     let limit_untar = untar(&b, &archive);
-    let get_limit = {
-        let url = format!(
-            "{}/bench/bench/bench/{id}/{}",
-            b.s3.endpoint,
-            archive.file_name().unwrap().to_string_lossy()
-        );
-        let keys = b.s3.env();
-        let (ak, sk) = (&keys[0].1, &keys[1].1);
-        let cfg = b.tmp.path().join("curl.cfg");
-        std::fs::write(&cfg, format!("user = \"{ak}:{sk}\"\n")).unwrap();
-        timed(
-            runs,
-            || {},
-            || {
-                shell_time(&format!(
-                    "curl -sSf -K {} --aws-sigv4 aws:amz:us-east-1:s3 -H x-amz-content-sha256:UNSIGNED-PAYLOAD -o /dev/null {url}",
-                    cfg.display()
-                ))
-            },
-        )
-    };
+    let key = format!(
+        "bench/bench/{id}/{}",
+        archive.file_name().unwrap().to_string_lossy()
+    );
+    let get_limit = timed(runs, || {}, || b.curl("-o /dev/null", &key));
     let target = b.target_server("target");
     let r = b.mysnap_restore(&target, &id, "s3://bench/bench");
     let mysnap_restore = r.secs;
