@@ -227,21 +227,20 @@ impl ServerVersion {
     /// The lock method to use for `mysql.lock_method = configured`.
     ///
     /// `auto` is BACKUP STAGE where the server has it, FLUSH TABLES WITH READ
-    /// LOCK elsewhere. Measured on MariaDB 10.11 on a btrfs loop volume, 2
-    /// shared cores (a helper since folded into `cargo xtask bench`'s lock
-    /// table, the methods alternating; stall: the longest one autocommit
-    /// `UPDATE` from another connection took during a snapshot; hold: how long
-    /// commits were blocked), medians of 25 snapshots, two runs:
+    /// LOCK elsewhere. Measured with `cargo xtask bench --size 1GiB
+    /// --lock-only --lock-runs 30` (MariaDB 10.11, btrfs on a loop device, 2
+    /// cores, release build, the methods alternating; stall: the longest one
+    /// autocommit `UPDATE` from another connection took during a snapshotter
+    /// run; hold: how long commits were blocked), medians (max) of 30:
     ///
-    /// | server   | stall ftwrl | stall backup_stage | hold ftwrl | hold backup_stage |
-    /// |----------|-------------|--------------------|------------|-------------------|
-    /// | idle     | 40, 41 ms   | 34, 34 ms          | 38, 26 ms  | 20, 18 ms         |
-    /// | sysbench | 45, 33 ms   | 43, 30 ms          | 32, 24 ms  | 17, 14 ms         |
+    /// | server   | hold ftwrl      | hold backup_stage | stall ftwrl      | stall backup_stage |
+    /// |----------|-----------------|-------------------|------------------|--------------------|
+    /// | idle     | 16.9 (27.6) ms  | 14.3 (17.7) ms    | 17.7 (168) ms    | 17.4 (54) ms       |
+    /// | sysbench | 27.6 (743) ms   | 22.2 (68) ms      | 47.2 (3169) ms   | 39.0 (925) ms      |
     ///
-    /// BACKUP STAGE holds commits for about half as long (no table flush, no
-    /// wait on running statements); the writer's stall is a little lower, but
-    /// mostly I/O of the snapshot itself (the rare 0.5 s outliers came with
-    /// either method, at holds of 13-25 ms). The deciding difference: a
+    /// BACKUP STAGE holds commits a little shorter (no table flush, no wait
+    /// on running statements) and its worst cases are far milder; the
+    /// writer's stall is mostly the snapshot's own I/O. The deciding difference: a
     /// long-running write makes FLUSH TABLES WITH READ LOCK wait, with every
     /// other writer queued behind it, and give up (exit 3); BACKUP STAGE
     /// BLOCK_COMMIT waits only for commits in progress and goes ahead.
