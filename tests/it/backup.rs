@@ -378,16 +378,45 @@ fn backup_under_load(lock_method: &str) {
     let m = Manifest::load(&manifest_path).unwrap();
     assert!(m.snapshot.path.is_dir());
     assert_eq!(m.lock.method, lock_method);
-    // Under the lock nothing is committed: the snapshot's current binary log
-    // ends exactly at the recorded position, and it is the newest one.
+    // Under the lock nothing is committed: in the snapshot's current binary
+    // log, no transaction follows the recorded position (only the server's
+    // own Binlog_checkpoint event may, written after a rotation on its own
+    // schedule), and it is the newest one.
     let binlog = m.binlog.clone().expect("binlog coordinates");
     let datadir = m.snapshot.path.join(&m.data.datadir);
     let size = std::fs::metadata(datadir.join(&binlog.file)).unwrap().len();
-    assert_eq!(
-        size, binlog.position,
+    assert!(
+        size >= binlog.position,
         "binlog {} in the snapshot",
         binlog.file
     );
+    if size > binlog.position {
+        let out = Command::new("mariadb-binlog")
+            .arg(format!("--start-position={}", binlog.position))
+            .arg(datadir.join(&binlog.file))
+            .output()
+            .unwrap();
+        assert_ok(&out, "mariadb-binlog");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let events: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with('#') && l.contains("end_log_pos"))
+            .filter(|l| {
+                l.split("end_log_pos ")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                    .and_then(|p| p.parse::<u64>().ok())
+                    .is_some_and(|p| p > binlog.position)
+            })
+            .collect();
+        assert!(
+            !events.is_empty() && events.iter().all(|l| l.contains("Binlog checkpoint")),
+            "{} bytes past the recorded position {} of {}: {events:#?}",
+            size - binlog.position,
+            binlog.position,
+            binlog.file
+        );
+    }
     let index = std::fs::read_to_string(datadir.join("binlog.index")).unwrap();
     assert!(index.trim_end().ends_with(&binlog.file), "{index}");
     assert!(
