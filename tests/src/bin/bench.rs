@@ -110,6 +110,16 @@ fn shell_time(script: &str) -> Result<f64, String> {
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// `script`'s time plus starting a server on `datadir` until it answers.
+fn until_answering(datadir: &Path, script: &str) -> Result<f64, String> {
+    let t = shell_time(script)?;
+    let s = Instant::now();
+    let server = MariaDb::start(datadir, MariaOpts::default());
+    let t = t + s.elapsed().as_secs_f64();
+    drop(server);
+    Ok(t)
+}
+
 /// Median over `runs` of `f`, each preceded by `setup`; the first error ends it.
 fn timed(
     runs: usize,
@@ -1066,16 +1076,11 @@ fn main() {
         runs,
         || fresh_dir(&xb_restore.join("mysql")),
         || {
-            let t = shell_time(&format!(
+            until_answering(&xb_restore.join("mysql"), &format!(
                 "zstd -dc -q {} | mbstream -x -C {d} && mariabackup --prepare --target-dir={d} 2>/dev/null && sync",
                 xb_stream.display(),
                 d = xb_restore.join("mysql").display()
-            ))?;
-            let s = Instant::now();
-            let server = MariaDb::start(&xb_restore.join("mysql"), MariaOpts::default());
-            let t = t + s.elapsed().as_secs_f64();
-            drop(server);
-            Ok(t)
+            ))
         },
     );
     restore.push(Row {
@@ -1100,17 +1105,15 @@ fn main() {
                 .unwrap();
         },
         || {
-            let t = shell_time(&format!(
-                "mariabackup --prepare --target-dir={p} 2>/dev/null && \
+            until_answering(
+                &xb_restore.join("mysql"),
+                &format!(
+                    "mariabackup --prepare --target-dir={p} 2>/dev/null && \
                  mariabackup --copy-back --target-dir={p} --datadir={d} 2>/dev/null && sync",
-                p = peers.join("xb-prepared").display(),
-                d = xb_restore.join("mysql").display()
-            ))?;
-            let s = Instant::now();
-            let server = MariaDb::start(&xb_restore.join("mysql"), MariaOpts::default());
-            let t = t + s.elapsed().as_secs_f64();
-            drop(server);
-            Ok(t)
+                    p = peers.join("xb-prepared").display(),
+                    d = xb_restore.join("mysql").display()
+                ),
+            )
         },
     );
     restore.push(Row {
