@@ -7,6 +7,7 @@
 //! - [`snapshot`]: filesystem snapshots (btrfs, lvm) behind one trait.
 //! - [`mysql`]: connecting to the server and reading what it reports.
 //! - [`cmd`]: the one way external commands are run (argv, never a shell string).
+//! - [`grammar`]: what names and values from a manifest or a flag may look like.
 //! - [`cli`]: flags, logging and exit codes shared by the binaries.
 
 pub mod cli;
@@ -14,6 +15,7 @@ pub mod cmd;
 pub mod codec;
 pub mod config;
 pub mod error;
+pub mod grammar;
 pub mod manifest;
 pub mod mysql;
 pub mod progress;
