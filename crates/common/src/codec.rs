@@ -74,17 +74,31 @@ impl<W: Write> Write for Encoder<W> {
     }
 }
 
-/// A decompressing reader over the stored bytes.
+/// The most memory a decoder may use: zstd's window (2^27 = 128 MiB, its
+/// default limit; mysnap's levels use at most 8 MiB) and xz's whole decoder
+/// (256 MiB; preset 9 needs 65 MiB). A stream asking for more is refused.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 27;
+pub const XZ_MEMLIMIT: u64 = 256 << 20;
+
+/// A decompressing reader over the stored bytes, with bounded memory.
 pub fn decoder<'a, R: Read + 'a>(
     inner: R,
     compression: Compression,
 ) -> io::Result<Box<dyn Read + 'a>> {
     Ok(match compression {
-        Compression::Zstd => Box::new(zstd::Decoder::new(inner)?),
-        Compression::Xz => Box::new(xz2::read::XzDecoder::new(io::BufReader::with_capacity(
-            1 << 20,
-            inner,
-        ))),
+        Compression::Zstd => {
+            let mut d = zstd::Decoder::new(inner)?;
+            d.window_log_max(ZSTD_WINDOW_LOG_MAX)?;
+            Box::new(d)
+        }
+        Compression::Xz => {
+            let stream = xz2::stream::Stream::new_stream_decoder(XZ_MEMLIMIT, 0)
+                .map_err(io::Error::other)?;
+            Box::new(xz2::read::XzDecoder::new_stream(
+                io::BufReader::with_capacity(1 << 20, inner),
+                stream,
+            ))
+        }
         Compression::None => Box::new(inner),
     })
 }

@@ -1,10 +1,11 @@
 //! Error kinds that decide the exit code of every mysnap program.
 //!
 //! Library code returns `anyhow::Error` with context; where the kind of failure
-//! matters to the operator (configuration, lock, integrity), the chain holds one
-//! of these variants, and [`exit_code_of`] finds it.
+//! matters to the operator (configuration, lock, integrity), the chain holds a
+//! typed error that knows its exit code ([`Error`], [`crate::archive::ArchiveError`],
+//! [`crate::manifest::ManifestError`]), and [`exit_code_of`] finds the first.
 
-/// The documented exit codes (CONTRACT.md).
+/// The documented exit codes (README, "Exit codes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitCode {
     Success = 0,
@@ -37,11 +38,20 @@ impl Error {
     }
 }
 
-/// The exit code for an error chain: the first [`Error`] in it decides, else 1.
+/// The exit code for an error chain: the first typed error in it decides, else 1.
 pub fn exit_code_of(err: &anyhow::Error) -> ExitCode {
     err.chain()
-        .find_map(|e| e.downcast_ref::<Error>())
-        .map_or(ExitCode::Failure, Error::exit_code)
+        .find_map(|e| {
+            if let Some(e) = e.downcast_ref::<Error>() {
+                Some(e.exit_code())
+            } else if let Some(e) = e.downcast_ref::<crate::archive::ArchiveError>() {
+                Some(e.exit_code())
+            } else {
+                e.downcast_ref::<crate::manifest::ManifestError>()
+                    .map(|_| ExitCode::Integrity)
+            }
+        })
+        .unwrap_or(ExitCode::Failure)
 }
 
 /// Shorthand for a configuration error (exit 2).

@@ -53,21 +53,11 @@ pub fn user(s: &str) -> Result<(), String> {
     }
 }
 
-/// A `backup.name`: letters, digits, `.`, `_`, `-`, starting with a letter or
-/// digit; 1 to 64 bytes. It is a store key component and part of snapshot names.
+/// A `backup.name` as the config accepts it (`config::check_name`):
+/// letters, digits, `_`, `-`, `.`, `+`, not starting with `-` or `.`; at most
+/// 127 bytes. It is a store key component and part of snapshot names.
 pub fn backup_name(s: &str) -> Result<(), String> {
-    let ok = !s.is_empty()
-        && s.len() <= 64
-        && s.as_bytes()[0].is_ascii_alphanumeric()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{s:?} is not a backup name (letters, digits, '.', '_', '-', starting with a letter or digit, at most 64)"
-        ))
-    }
+    crate::config::check_name("backup.name", s)
 }
 
 /// A GTID set as the server reports it, in either flavor, or "" (empty set):
@@ -202,10 +192,10 @@ mod tests {
 
     #[test]
     fn backup_names() {
-        for ok in ["db1", "db1-x", "prod.eu_1"] {
+        for ok in ["db1", "db1-x", "prod.eu_1", "a+b"] {
             assert_eq!(backup_name(ok), Ok(()), "{ok}");
         }
-        for bad in ["", "..", ".db", "a/b", "a b", "-x", &"n".repeat(65)] {
+        for bad in ["", "..", ".db", "a/b", "a b", "-x", &"n".repeat(128)] {
             assert!(backup_name(bad).is_err(), "{bad}");
         }
     }

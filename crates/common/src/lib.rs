@@ -3,6 +3,7 @@
 //! - [`config`]: the one TOML file of the contract.
 //! - [`manifest`]: the hand-off file between snapshotter, archiver and restorer.
 //! - [`store`]: where archives live (S3 or a directory), behind one trait.
+//! - [`archive`]: the archive format: store keys, the write and the read path.
 //! - [`codec`]: zstd, xz, none; and the SHA-256 of the stored bytes.
 //! - [`snapshot`]: filesystem snapshots (btrfs, lvm) behind one trait.
 //! - [`mysql`]: connecting to the server and reading what it reports.
@@ -10,6 +11,7 @@
 //! - [`grammar`]: what names and values from a manifest or a flag may look like.
 //! - [`cli`]: flags, logging and exit codes shared by the binaries.
 
+pub mod archive;
 pub mod cli;
 pub mod cmd;
 pub mod codec;

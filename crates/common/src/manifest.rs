@@ -1,17 +1,28 @@
 //! The manifest: written by snapshotter to `STATE_DIR/<id>/manifest.toml`,
 //! completed by archiver, and stored last beside the archive. A backup exists
 //! exactly when its manifest is in the store.
+//!
+//! A manifest read from the store is untrusted input. Every field that could
+//! choose a path, a statement or an allocation has a type that checks its
+//! grammar while it is deserialized ([`BackupId`], [`BackupName`], [`RelPath`],
+//! [`BinlogFile`], [`GtidSet`], [`HostName`], [`Sha256Hex`], [`Text`]), and
+//! [`Manifest::parse`] checks how the fields fit together (the archive key is
+//! the one derived from name, id and codec; the data directory is one of the
+//! archived paths, none inside another). What does not parse is refused with a
+//! [`ManifestError`] (exit 4).
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
-use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::config::Compression;
+use crate::config::{Compression, LockMethod};
+use crate::grammar;
 
 /// The format this mysnap writes; it reads this and every older one.
 pub const FORMAT_VERSION: u32 = 1;
 pub const MANIFEST_FILE: &str = "manifest.toml";
+/// The largest manifest mysnap reads (real ones are about 2 KiB).
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -20,20 +31,226 @@ pub enum Flavor {
     Mysql,
 }
 
+/// A manifest that cannot be used: malformed, from the future, or with a
+/// field outside its grammar. Exit 4 for that backup; `list` skips it.
+#[derive(Debug, thiserror::Error)]
+#[error("manifest {origin} {why}")]
+pub struct ManifestError {
+    /// Where it was read (store URL or local path).
+    pub origin: String,
+    pub why: String,
+}
+
+/// A string newtype whose constructor checks a grammar; it deserializes
+/// through the same check, so a manifest with a bad value does not parse.
+macro_rules! checked_string {
+    ($(#[$meta:meta])* $name:ident, $check:expr) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            /// Checks `s` against the grammar of this type.
+            pub fn parse(s: &str) -> Result<$name, String> {
+                $name::try_from(s.to_string())
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+        impl TryFrom<String> for $name {
+            type Error = String;
+            fn try_from(s: String) -> Result<$name, String> {
+                let check: fn(&str) -> Result<(), String> = $check;
+                check(&s)?;
+                Ok($name(s))
+            }
+        }
+        impl From<$name> for String {
+            fn from(v: $name) -> String {
+                v.0
+            }
+        }
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+        impl PartialEq<String> for $name {
+            fn eq(&self, other: &String) -> bool {
+                &self.0 == other
+            }
+        }
+    };
+}
+
+checked_string!(
+    /// A backup id: the UTC start time `YYYYMMDDTHHMMSSZ`, a real time.
+    /// Ordering ids orders backups by time.
+    BackupId,
+    check_backup_id
+);
+checked_string!(
+    /// `backup.name`: a store key component (see [`grammar::backup_name`]).
+    BackupName,
+    grammar::backup_name
+);
+checked_string!(
+    /// A path relative to the volume root: "" (the root itself) or normal
+    /// components only: no `/` at either end, no `.`, `..` or empty component.
+    RelPath,
+    check_rel_path
+);
+checked_string!(
+    /// A binary log file name, no directory (see [`grammar::binlog_file`]).
+    BinlogFile,
+    grammar::binlog_file
+);
+checked_string!(
+    /// A GTID set in either flavor's syntax (see [`grammar::gtid_set`]).
+    GtidSet,
+    grammar::gtid_set
+);
+checked_string!(
+    /// A replication source's host (see [`grammar::host`]).
+    HostName,
+    grammar::host
+);
+checked_string!(
+    /// A SHA-256 as 64 lowercase hex digits.
+    Sha256Hex,
+    check_sha256
+);
+checked_string!(
+    /// Text only shown to an operator: no control characters, at most 255 bytes.
+    Text,
+    |s| grammar::display_text(s, 255)
+);
+
+fn check_backup_id(s: &str) -> Result<(), String> {
+    BackupId::time_of(s).map(|_| ())
+}
+
+fn check_rel_path(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Ok(());
+    }
+    let bad = |why: &str| Err(format!("{s:?} is not a relative path inside the volume: {why}"));
+    if s.len() > 4096 {
+        return bad("longer than 4096 bytes");
+    }
+    if s.contains('\0') || s.chars().any(char::is_control) {
+        return bad("control characters");
+    }
+    if s.starts_with('/') {
+        return bad("absolute");
+    }
+    for c in s.split('/') {
+        match c {
+            "" => return bad("an empty component"),
+            "." | ".." => return bad("a '.' or '..' component"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn check_sha256(s: &str) -> Result<(), String> {
+    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        Ok(())
+    } else {
+        Err(format!("{s:?} is not a SHA-256 (64 lowercase hex digits)"))
+    }
+}
+
+impl BackupId {
+    /// The id of the UTC time `t` (seconds).
+    pub fn from_time(t: time::OffsetDateTime) -> BackupId {
+        let t = t.to_offset(time::UtcOffset::UTC);
+        BackupId(
+            t.format(time::macros::format_description!(
+                "[year][month][day]T[hour][minute][second]Z"
+            ))
+            .expect("formatting a UTC time cannot fail"),
+        )
+    }
+
+    /// The time an id names.
+    pub fn time(&self) -> time::OffsetDateTime {
+        BackupId::time_of(&self.0).expect("a BackupId was checked")
+    }
+
+    fn time_of(s: &str) -> Result<time::OffsetDateTime, String> {
+        let b = s.as_bytes();
+        let shaped = b.len() == 16
+            && b[8] == b'T'
+            && b[15] == b'Z'
+            && b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit);
+        let bad = || format!("{s:?} is not a backup id (a UTC time, YYYYMMDDTHHMMSSZ)");
+        if !shaped {
+            return Err(bad());
+        }
+        time::PrimitiveDateTime::parse(
+            s,
+            time::macros::format_description!("[year][month][day]T[hour][minute][second]Z"),
+        )
+        .map(|t| t.assume_utc())
+        .map_err(|_| bad())
+    }
+}
+
+impl RelPath {
+    pub fn as_path(&self) -> &Path {
+        Path::new(&self.0)
+    }
+    /// Whether `self` is `other` or inside it.
+    pub fn is_within(&self, other: &RelPath) -> bool {
+        other.0.is_empty() || self.as_path().starts_with(other.as_path())
+    }
+}
+
+impl AsRef<Path> for RelPath {
+    fn as_ref(&self) -> &Path {
+        self.as_path()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub format_version: u32,
     /// UTC start time, `YYYYMMDDTHHMMSSZ`.
-    pub backup_id: String,
+    pub backup_id: BackupId,
     /// `backup.name` of the config that took it.
-    pub name: String,
+    pub name: BackupName,
     /// RFC 3339 time of the snapshot.
-    pub created_at: String,
+    pub created_at: Text,
     pub server: Server,
     /// Binary log coordinates under the lock (absent when the binary log is off).
     pub binlog: Option<Binlog>,
     /// GTID state under the lock: `gtid_binlog_pos` (MariaDB) or `gtid_executed` (MySQL).
-    pub gtid: Option<String>,
+    pub gtid: Option<GtidSet>,
     /// Where the server was replicating from, when it is itself a replica.
     pub source: Option<SourceCoordinates>,
     pub lock: LockTimes,
@@ -47,26 +264,26 @@ pub struct Manifest {
 pub struct Server {
     pub flavor: Flavor,
     /// `SELECT VERSION()`, e.g. `10.11.6-MariaDB-0+deb12u1-log`.
-    pub version: String,
-    pub hostname: String,
+    pub version: Text,
+    pub hostname: Text,
     pub server_id: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Binlog {
-    pub file: String,
+    pub file: BinlogFile,
     pub position: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceCoordinates {
-    pub host: String,
+    pub host: HostName,
     pub port: u16,
     /// The source's binary log file and position this replica had executed up to.
-    pub file: String,
+    pub file: BinlogFile,
     pub position: u64,
     /// `gtid_slave_pos` (MariaDB) or `gtid_executed` (MySQL) of the replica.
-    pub gtid: Option<String>,
+    pub gtid: Option<GtidSet>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,7 +291,7 @@ pub struct LockTimes {
     /// `ftwrl` or `backup_stage` (`mysql.lock_method` as resolved); manifests
     /// written before `backup_stage` existed may lack it and mean `ftwrl`.
     #[serde(default = "ftwrl")]
-    pub method: String,
+    pub method: LockMethod,
     /// Attempts it took (1 = first try).
     pub attempts: u32,
     /// Seconds waited for the lock on the successful attempt: FLUSH TABLES
@@ -86,16 +303,18 @@ pub struct LockTimes {
     pub hold_secs: f64,
 }
 
-fn ftwrl() -> String {
-    "ftwrl".into()
+fn ftwrl() -> LockMethod {
+    LockMethod::Ftwrl
 }
 
+/// The snapshot a backup was read from. Only archiver uses it, from the
+/// local state directory; nothing read from the store uses these fields.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotInfo {
     /// `btrfs` or `lvm`.
     pub backend: crate::config::Backend,
     /// Name of the snapshot (btrfs subvolume name, LV name).
-    pub name: String,
+    pub name: Text,
     /// Where the snapshot's files can be read while it exists.
     pub path: PathBuf,
 }
@@ -104,25 +323,28 @@ pub struct SnapshotInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataLayout {
     /// The live volume root (`volume.mountpoint`) when the backup was taken.
+    /// Restore only compares binary log index lines with it.
     pub volume_root: PathBuf,
     /// The data directory, relative to the volume root ("" when it is the root).
-    pub datadir: String,
-    /// Directories to archive, relative to the volume root; the data directory first.
-    pub paths: Vec<String>,
+    pub datadir: RelPath,
+    /// Directories to archive, relative to the volume root; the data
+    /// directory first, none inside another.
+    pub paths: Vec<RelPath>,
     /// Files to leave out (pid file, socket, ibtmp1), relative to the volume root.
-    pub exclude: Vec<String>,
+    pub exclude: Vec<RelPath>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ArchiveInfo {
-    /// Key of the archive in the store, relative to the store's prefix.
+    /// Key of the archive in the store, relative to the store's prefix:
+    /// always `<name>/<id>/<data.tar.zst|data.tar.xz|data.tar>`.
     pub key: String,
     /// Bytes stored.
     pub size: u64,
     pub compression: Compression,
     pub level: u32,
-    /// SHA-256 of the stored bytes, lowercase hex.
-    pub sha256: String,
+    /// SHA-256 of the stored bytes.
+    pub sha256: Sha256Hex,
     /// Size of the uncompressed tar stream.
     pub tar_size: u64,
     /// Bytes of file contents (what unpacking writes).
@@ -138,32 +360,111 @@ struct VersionOnly {
 }
 
 impl Manifest {
-    /// Parses a manifest, refusing formats newer than this program knows.
-    pub fn parse(text: &str, origin: &str) -> anyhow::Result<Manifest> {
-        let v: VersionOnly = toml::from_str(text).map_err(|e| {
-            anyhow::anyhow!(
-                "manifest {origin} is not a mysnap manifest: {}",
-                e.message()
-            )
-        })?;
+    /// Parses a manifest read from `origin` (a store URL or a local path):
+    /// every field in its grammar, the fields consistent with each other,
+    /// and a format this program knows. Anything else is a [`ManifestError`].
+    pub fn parse(text: &str, origin: &str) -> Result<Manifest, ManifestError> {
+        let err = |why: String| ManifestError {
+            origin: origin.to_string(),
+            why,
+        };
+        if text.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(err(format!("is larger than {MAX_MANIFEST_BYTES} bytes")));
+        }
+        let v: VersionOnly = toml::from_str(text)
+            .map_err(|e| err(format!("is not a mysnap manifest: {}", e.message())))?;
         if v.format_version > FORMAT_VERSION {
-            return Err(crate::error::integrity_err(format!(
-                "manifest {origin} has format version {}, this mysnap reads up to {FORMAT_VERSION}: upgrade mysnap",
+            return Err(err(format!(
+                "has format version {}, this mysnap reads up to {FORMAT_VERSION}: upgrade mysnap",
                 v.format_version
             )));
         }
-        toml::from_str(text)
-            .map_err(|e| anyhow::anyhow!("manifest {origin} is malformed: {}", e.message()))
+        if v.format_version == 0 {
+            return Err(err("has format version 0, which never existed".into()));
+        }
+        let m: Manifest = toml::from_str(text)
+            .map_err(|e| err(format!("is malformed: {}", e.message().trim_end())))?;
+        m.check().map_err(err)?;
+        Ok(m)
+    }
+
+    /// Parses a manifest read from the store at `key` (relative to the
+    /// store's prefix; `origin` is its URL): as [`Manifest::parse`], and its
+    /// name and id must be the ones its key names.
+    pub fn parse_stored(text: &str, key: &str, origin: &str) -> Result<Manifest, ManifestError> {
+        let m = Manifest::parse(text, origin)?;
+        if key != m.key() {
+            return Err(ManifestError {
+                origin: origin.to_string(),
+                why: format!(
+                    "names backup {}/{}, which is not where it is stored: forged or misplaced",
+                    m.name, m.backup_id
+                ),
+            });
+        }
+        Ok(m)
+    }
+
+    /// How the fields fit together.
+    fn check(&self) -> Result<(), String> {
+        time::OffsetDateTime::parse(
+            &self.created_at,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .map_err(|_| format!("created_at {:?} is not an RFC 3339 time", self.created_at))?;
+        let d = &self.data;
+        let root = &d.volume_root;
+        let normal = root.is_absolute()
+            && root.as_os_str().len() <= 4096
+            && root
+                .components()
+                .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+        if !normal {
+            return Err(format!(
+                "data.volume_root {} is not an absolute path without '.' or '..'",
+                root.display()
+            ));
+        }
+        if d.paths.first() != Some(&d.datadir) {
+            return Err(format!(
+                "data.paths {:?} does not start with the data directory {:?}",
+                d.paths, d.datadir
+            ));
+        }
+        for (i, a) in d.paths.iter().enumerate() {
+            for b in &d.paths[i + 1..] {
+                if a.is_within(b) || b.is_within(a) {
+                    return Err(format!(
+                        "data.paths {a:?} and {b:?} overlap: one is inside the other"
+                    ));
+                }
+            }
+        }
+        if let Some(x) = d.exclude.iter().find(|x| !d.paths.iter().any(|p| x.is_within(p))) {
+            return Err(format!("data.exclude {x:?} is not inside data.paths"));
+        }
+        if let Some(a) = &self.archive {
+            let want = crate::archive::keys::archive(&self.name, &self.backup_id, a.compression);
+            if a.key != want {
+                return Err(format!(
+                    "archive.key {:?} is not {want:?}, the key of this backup's archive",
+                    a.key
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a manifest always serializes")
     }
 
+    /// Reads a manifest from the local state directory.
     pub fn load(path: &Path) -> anyhow::Result<Manifest> {
+        use anyhow::Context;
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read manifest {}", path.display()))?;
-        Manifest::parse(&text, &path.display().to_string())
+        Ok(Manifest::parse(&text, &path.display().to_string())?)
     }
 
     /// Writes atomically: a temporary file, fsync, rename.
@@ -173,87 +474,107 @@ impl Manifest {
 
     /// Store key of the manifest: `<name>/<id>/manifest.toml`.
     pub fn key(&self) -> String {
-        format!("{}/{}/{MANIFEST_FILE}", self.name, self.backup_id)
+        crate::archive::keys::manifest(&self.name, &self.backup_id)
     }
 }
 
 /// Backup ids are the UTC start time, `YYYYMMDDTHHMMSSZ`.
-pub fn backup_id(t: time::OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    t.format(time::macros::format_description!(
-        "[year][month][day]T[hour][minute][second]Z"
-    ))
-    .expect("formatting a UTC time cannot fail")
+pub fn backup_id(t: time::OffsetDateTime) -> BackupId {
+    BackupId::from_time(t)
 }
 
-/// Whether `s` has the shape of a backup id.
+/// Whether `s` is a backup id.
 pub fn is_backup_id(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() == 16
-        && b[8] == b'T'
-        && b[15] == b'Z'
-        && b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit)
+    BackupId::parse(s).is_ok()
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
 
+    /// A checked value in a test (panics when it does not parse).
+    pub fn v<T: TryFrom<String, Error = String>>(s: &str) -> T {
+        T::try_from(s.to_string()).unwrap()
+    }
+
     pub fn sample() -> Manifest {
         Manifest {
             format_version: FORMAT_VERSION,
-            backup_id: "20261126T093000Z".into(),
-            name: "db1".into(),
-            created_at: "2026-11-26T09:30:00Z".into(),
+            backup_id: v("20261126T093000Z"),
+            name: v("db1"),
+            created_at: v("2026-11-26T09:30:00Z"),
             server: Server {
                 flavor: Flavor::Mariadb,
-                version: "10.11.6-MariaDB-log".into(),
-                hostname: "db1".into(),
+                version: v("10.11.6-MariaDB-log"),
+                hostname: v("db1"),
                 server_id: 1,
             },
             binlog: Some(Binlog {
-                file: "binlog.000002".into(),
+                file: v("binlog.000002"),
                 position: 385,
             }),
-            gtid: Some("0-1-42".into()),
+            gtid: Some(v("0-1-42")),
             source: None,
             lock: LockTimes {
-                method: "ftwrl".into(),
+                method: LockMethod::Ftwrl,
                 attempts: 1,
                 wait_secs: 0.01,
                 hold_secs: 0.02,
             },
             snapshot: SnapshotInfo {
                 backend: crate::config::Backend::Btrfs,
-                name: "mysnap-db1-20261126T093000Z".into(),
+                name: v("mysnap-db1-20261126T093000Z"),
                 path: "/mnt/.mysnap-snapshots/mysnap-db1-20261126T093000Z".into(),
             },
             data: DataLayout {
                 volume_root: "/mnt".into(),
-                datadir: "mysql".into(),
-                paths: vec!["mysql".into()],
-                exclude: vec!["mysql/ibtmp1".into()],
+                datadir: v("mysql"),
+                paths: vec![v("mysql")],
+                exclude: vec![v("mysql/ibtmp1")],
             },
             archive: None,
         }
     }
 
+    pub fn sample_stored() -> Manifest {
+        let mut m = sample();
+        m.archive = Some(ArchiveInfo {
+            key: "db1/20261126T093000Z/data.tar.zst".into(),
+            size: 100,
+            compression: Compression::Zstd,
+            level: 3,
+            sha256: v(&"ab".repeat(32)),
+            tar_size: 10240,
+            unpacked_size: 4096,
+            files: 2,
+            archive_secs: 1.0,
+        });
+        m
+    }
+
     #[test]
     fn round_trips_through_toml() {
-        let m = sample();
+        let m = sample_stored();
         assert_eq!(Manifest::parse(&m.to_toml(), "test").unwrap(), m);
         assert_eq!(m.key(), "db1/20261126T093000Z/manifest.toml");
+        assert_eq!(
+            Manifest::parse_stored(&m.to_toml(), &m.key(), "test").unwrap(),
+            m
+        );
     }
 
     #[test]
     fn a_manifest_without_lock_method_means_ftwrl() {
         let mut m = sample();
-        m.lock.method = "backup_stage".into();
+        m.lock.method = LockMethod::BackupStage;
         let text = m.to_toml();
         assert!(text.contains("method = \"backup_stage\""), "{text}");
         let old = text.replace("method = \"backup_stage\"\n", "");
         assert_ne!(old, text);
-        assert_eq!(Manifest::parse(&old, "test").unwrap().lock.method, "ftwrl");
+        assert_eq!(
+            Manifest::parse(&old, "test").unwrap().lock.method,
+            LockMethod::Ftwrl
+        );
     }
 
     #[test]
@@ -261,7 +582,9 @@ pub(crate) mod tests {
         let text = sample()
             .to_toml()
             .replace("format_version = 1", "format_version = 9");
-        let err = Manifest::parse(&text, "s3://b/db1/x/manifest.toml").unwrap_err();
+        let err: anyhow::Error = Manifest::parse(&text, "s3://b/db1/x/manifest.toml")
+            .unwrap_err()
+            .into();
         assert_eq!(crate::error::exit_code_of(&err), crate::ExitCode::Integrity);
         assert!(err.to_string().contains("upgrade mysnap"), "{err}");
     }
@@ -270,8 +593,67 @@ pub(crate) mod tests {
     fn ids() {
         let t = time::macros::datetime!(2026-11-26 09:30:05 UTC);
         assert_eq!(backup_id(t), "20261126T093005Z");
+        assert_eq!(backup_id(t).time(), t);
         assert!(is_backup_id("20261126T093005Z"));
         assert!(!is_backup_id("20261126T093005"));
         assert!(!is_backup_id("2026112xT093005Z"));
+        // The shape of an id, but not a time.
+        assert!(!is_backup_id("99991399T999999Z"));
+        assert!(!is_backup_id("20260230T000000Z"));
+    }
+
+    /// Every field that reaches a path, a key, SQL or a terminal, made
+    /// hostile: the manifest is refused, naming the field's problem.
+    #[test]
+    fn hostile_fields_are_refused() {
+        let good = sample_stored().to_toml();
+        let cases: &[(&str, &str, &str)] = &[
+            ("datadir = \"mysql\"", "datadir = \"/etc\"", "absolute"),
+            ("datadir = \"mysql\"", "datadir = \"../etc\"", "'..'"),
+            ("paths = [\"mysql\"]", "paths = [\"mysql\", \"mysql/x\"]", "overlap"),
+            ("paths = [\"mysql\"]", "paths = [\"other\"]", "does not start"),
+            ("paths = [\"mysql\"]", "paths = [\"mysql\", \"/\"]", "absolute"),
+            ("paths = [\"mysql\"]", "paths = [\"mysql\", \"a//b\"]", "empty component"),
+            ("exclude = [\"mysql/ibtmp1\"]", "exclude = [\"../x\"]", "'..'"),
+            ("exclude = [\"mysql/ibtmp1\"]", "exclude = [\"elsewhere\"]", "not inside"),
+            ("volume_root = \"/mnt\"", "volume_root = \"mnt\"", "volume_root"),
+            ("volume_root = \"/mnt\"", "volume_root = \"/mnt/../etc\"", "volume_root"),
+            (
+                "key = \"db1/20261126T093000Z/data.tar.zst\"",
+                "key = \"/etc/shadow\"",
+                "archive.key",
+            ),
+            (
+                "key = \"db1/20261126T093000Z/data.tar.zst\"",
+                "key = \"db2/20261126T093000Z/data.tar.zst\"",
+                "archive.key",
+            ),
+            ("backup_id = \"20261126T093000Z\"", "backup_id = \"99999999T999999Z\"", "backup id"),
+            ("backup_id = \"20261126T093000Z\"", "backup_id = \"../../x\"", "backup id"),
+            ("name = \"db1\"", "name = \"../db1\"", "valid name"),
+            ("gtid = \"0-1-42\"", "gtid = \"0-1-42'; DROP DATABASE mysql; --\"", "GTID"),
+            ("file = \"binlog.000002\"", "file = \"../../etc/passwd\"", "binary log"),
+            ("sha256 = ", "sha256 = \"XYZ\"\nx = ", "SHA-256"),
+            ("version = \"10.11.6-MariaDB-log\"", "version = \"\\u001b[2J\"", "control"),
+            ("format_version = 1", "format_version = 0", "version 0"),
+            ("created_at = \"2026-11-26T09:30:00Z\"", "created_at = \"yesterday\"", "RFC 3339"),
+        ];
+        for (from, to, needle) in cases {
+            assert!(good.contains(from), "{from} not in {good}");
+            let text = good.replacen(from, to, 1);
+            let err = Manifest::parse(&text, "test").unwrap_err().to_string();
+            assert!(err.contains(needle), "{to}: {err}");
+        }
+        // A manifest stored under another backup's key.
+        let m = sample_stored();
+        let err = Manifest::parse_stored(&good, "db1/20261126T093001Z/manifest.toml", "x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not where it is stored"), "{err}");
+        assert!(Manifest::parse_stored(&good, &m.key(), "x").is_ok());
+        // A huge manifest is refused before it is parsed.
+        let huge = format!("{good}\n# {}", "x".repeat(MAX_MANIFEST_BYTES as usize));
+        let err = Manifest::parse(&huge, "test").unwrap_err().to_string();
+        assert!(err.contains("larger than"), "{err}");
     }
 }

@@ -1,15 +1,20 @@
-//! The tar stream of a snapshot: the recorded directories as paths relative
-//! to the volume root, keeping mode, owner ids and mtimes; excluded files
-//! (pid file, socket, ibtmp1) and special files left out.
+//! The write path: the tar stream of a snapshot, the recorded directories as
+//! paths relative to the volume root, keeping mode, owner ids and mtimes;
+//! excluded files (pid file, socket, ibtmp1) and special files left out.
+//! Every entry passes the same [`Policy`] restore applies, so a backup that
+//! restore would refuse (a link to outside the archived directories, a name
+//! that is not UTF-8) fails here, when it is taken, not at 3 a.m.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
 use std::path::Path;
 
 use anyhow::Context;
-use common::codec::Counting;
-use common::manifest::DataLayout;
-use common::progress::Progress;
+
+use super::policy::{Kind, Policy};
+use crate::codec::Counting;
+use crate::manifest::DataLayout;
+use crate::progress::Progress;
 use tar::{Builder, EntryType, Header, HeaderMode};
 use walkdir::WalkDir;
 
@@ -40,13 +45,14 @@ fn entries<'a>(
                             .context(format!("cannot read snapshot {}", snap.display()))))
                     }
                 };
-                let name = e
-                    .path()
-                    .strip_prefix(snap)
-                    .ok()?
-                    .to_string_lossy()
-                    .into_owned();
-                if name.is_empty() || layout.exclude.contains(&name) {
+                let rel = e.path().strip_prefix(snap).ok()?;
+                let Some(name) = rel.to_str().map(str::to_string) else {
+                    return Some(Err(anyhow::anyhow!(
+                        "{} has a name that is not UTF-8, which mysnap archives cannot hold: rename it",
+                        e.path().display()
+                    )));
+                };
+                if name.is_empty() || layout.exclude.iter().any(|x| *x == name) {
                     return None;
                 }
                 Some(Ok((name, e)))
@@ -86,6 +92,13 @@ impl<R: Read> Read for ProgressReader<'_, R> {
     }
 }
 
+fn refused(path: &Path, why: String) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{} cannot be archived: restore would refuse it ({why}); move what it points to into the data directory, or remove it",
+        path.display()
+    )
+}
+
 /// Writes the tar stream of the snapshot into `out`; returns `out` and the stats.
 pub fn write_tar<W: Write>(
     snap: &Path,
@@ -98,6 +111,9 @@ pub fn write_tar<W: Write>(
     tar.mode(HeaderMode::Complete);
     tar.follow_symlinks(false);
     let mut stats = TarStats::default();
+    let mut policy = Policy::new(&layout.paths);
+    // Links go last, after every directory they may walk through.
+    let mut links = Vec::new();
     for e in entries(snap, layout) {
         let (name, e) = e?;
         if cancelled() {
@@ -111,8 +127,14 @@ pub fn write_tar<W: Write>(
         header.set_metadata_in_mode(&md, HeaderMode::Complete);
         let ft = md.file_type();
         let result = if ft.is_dir() {
+            policy
+                .admit(&name, Kind::Dir, None)
+                .map_err(|why| refused(path, why))?;
             tar.append_data(&mut header, &name, io::empty())
         } else if ft.is_file() {
+            policy
+                .admit(&name, Kind::File, None)
+                .map_err(|why| refused(path, why))?;
             let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
             let reader = ProgressReader {
                 inner: BufReader::with_capacity(1 << 20, f),
@@ -123,11 +145,8 @@ pub fn write_tar<W: Write>(
             stats.content_bytes += md.len();
             tar.append_data(&mut header, &name, reader)
         } else if ft.is_symlink() {
-            let target = std::fs::read_link(path)
-                .with_context(|| format!("cannot read link {}", path.display()))?;
-            header.set_entry_type(EntryType::Symlink);
-            header.set_size(0);
-            tar.append_link(&mut header, &name, target)
+            links.push((name, path.to_path_buf(), header));
+            continue;
         } else {
             tracing::warn!(
                 "leaving out {} (not a file, directory or symlink)",
@@ -137,6 +156,20 @@ pub fn write_tar<W: Write>(
         };
         result.with_context(|| format!("cannot archive {}", path.display()))?;
     }
+    for (name, path, mut header) in links {
+        let target = std::fs::read_link(&path)
+            .with_context(|| format!("cannot read link {}", path.display()))?;
+        let text = target
+            .to_str()
+            .ok_or_else(|| refused(&path, "a link target that is not UTF-8".into()))?;
+        policy
+            .admit(&name, Kind::Symlink, Some(text))
+            .map_err(|why| refused(&path, why))?;
+        header.set_entry_type(EntryType::Symlink);
+        header.set_size(0);
+        tar.append_link(&mut header, &name, &target)
+            .with_context(|| format!("cannot archive {}", path.display()))?;
+    }
     let counting = tar.into_inner().context("cannot finish the tar stream")?;
     stats.tar_size = counting.bytes;
     Ok((counting.inner, stats))
@@ -145,6 +178,7 @@ pub fn write_tar<W: Write>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifest::tests::v;
     use std::os::unix::fs::{symlink, PermissionsExt};
 
     #[test]
@@ -160,20 +194,20 @@ mod tests {
             std::fs::Permissions::from_mode(0o640),
         )
         .unwrap();
-        symlink("../elsewhere", root.join("mysql/link")).unwrap();
+        symlink("db1/t.ibd", root.join("mysql/link")).unwrap();
         nix::unistd::mkfifo(&root.join("mysql/fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
         std::fs::write(root.join("outside"), b"not archived").unwrap();
         let layout = DataLayout {
             volume_root: "/mnt".into(),
-            datadir: "mysql".into(),
-            paths: vec!["mysql".into()],
-            exclude: vec!["mysql/ibtmp1".into()],
+            datadir: v("mysql"),
+            paths: vec![v("mysql")],
+            exclude: vec![v("mysql/ibtmp1")],
         };
         let (bytes, stats) = write_tar(
             root,
             &layout,
             Vec::new(),
-            &common::progress::Silent,
+            &crate::progress::Silent,
             &|| false,
         )
         .unwrap();
@@ -209,18 +243,41 @@ mod tests {
         std::fs::write(dir.path().join("d/f"), b"x").unwrap();
         let layout = DataLayout {
             volume_root: "/".into(),
-            datadir: "d".into(),
-            paths: vec!["d".into()],
+            datadir: v("d"),
+            paths: vec![v("d")],
             exclude: vec![],
         };
         let err = write_tar(
             dir.path(),
             &layout,
             Vec::new(),
-            &common::progress::Silent,
+            &crate::progress::Silent,
             &|| true,
         )
         .unwrap_err();
         assert!(err.to_string().contains("interrupted"), "{err}");
+    }
+
+    #[test]
+    fn a_link_restore_would_refuse_fails_the_backup() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("d")).unwrap();
+        symlink("/var/lib/elsewhere/t.MYD", dir.path().join("d/t.MYD")).unwrap();
+        let layout = DataLayout {
+            volume_root: "/".into(),
+            datadir: v("d"),
+            paths: vec![v("d")],
+            exclude: vec![],
+        };
+        let err = write_tar(
+            dir.path(),
+            &layout,
+            Vec::new(),
+            &crate::progress::Silent,
+            &|| false,
+        )
+        .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("d/t.MYD") && msg.contains("restore would refuse"), "{msg}");
     }
 }

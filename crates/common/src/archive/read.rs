@@ -1,0 +1,436 @@
+//! The read path of `verify` and `restore`: stored bytes → SHA-256 →
+//! decompress (bounded: no more than the manifest's `tar_size`) → tar entries
+//! admitted by the [`Policy`] → unpacked through [`SafeDir`] (restore) or read
+//! and discarded (verify). Size and SHA-256 are compared at the end.
+//!
+//! This thread hashes and decompresses; a second one checks and unpacks the
+//! entries, so the two overlap.
+
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+
+use tar::EntryType;
+
+use super::policy::{Kind, Policy, MAX_PATH};
+use super::tree::{Owner, SafeDir};
+use super::ArchiveError;
+use crate::codec::{decoder, Hashing};
+use crate::manifest::{ArchiveInfo, RelPath};
+use crate::progress::Progress;
+
+/// Where entries go.
+pub enum Target<'a> {
+    /// Read and discard (verify).
+    Discard,
+    /// Unpack below `root` (an empty directory), owned by `owner` (uid, gid) when given.
+    Dir { root: &'a Path, owner: Owner },
+}
+
+/// What the stream held.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Streamed {
+    pub entries: u64,
+    pub files: u64,
+    pub file_bytes: u64,
+}
+
+/// Decompressed bytes travel from the decoding thread to the unpacking
+/// thread in chunks of this size, at most [`QUEUED`] of them waiting.
+const CHUNK: u64 = 1 << 20;
+const QUEUED: usize = 8;
+
+/// Streams the archive read from `stored` (the bytes as stored at `url`)
+/// into `target`. `roots` are the manifest's `data.paths`; `store_failed` is
+/// set by the download when the store, not the data, failed.
+pub fn stream(
+    stored: impl Read,
+    url: &str,
+    info: &ArchiveInfo,
+    roots: &[RelPath],
+    target: Target<'_>,
+    progress: &dyn Progress,
+    store_failed: &AtomicBool,
+) -> Result<Streamed, ArchiveError> {
+    let (tx, rx) = mpsc::sync_channel(QUEUED);
+    let (decoded, unpacked) = std::thread::scope(|scope| {
+        let unpacking = scope.spawn(|| {
+            let mut chunks = Chunks {
+                rx,
+                current: Vec::new(),
+                pos: 0,
+            };
+            let r = entries(&mut chunks, url, info, roots, &target);
+            // Take the end-of-archive padding, so the decoder runs to its
+            // end; on an error, dropping `chunks` stops it.
+            r.and_then(|s| {
+                io::copy(&mut chunks, &mut io::sink())
+                    .map(|_| s)
+                    .map_err(|e| corrupt(url, e))
+            })
+        });
+        let mut hashing = Hashing::new(ProgressRead {
+            inner: stored,
+            progress,
+        });
+        let decoded = decode(&mut hashing, url, info, &tx, store_failed).and_then(|()| {
+            drop(tx);
+            // Whatever follows the end of the compressed stream is hashed too.
+            io::copy(&mut hashing, &mut io::sink())
+                .map_err(|e| read_error(url, e, store_failed))?;
+            Ok(hashing.finish())
+        });
+        let unpacked = unpacking.join().unwrap_or_else(|_| {
+            Err(ArchiveError::Corrupt {
+                url: url.to_string(),
+                why: "the unpacking thread panicked".into(),
+            })
+        });
+        (decoded, unpacked)
+    });
+    let ((_, size, sha), streamed) = match (decoded, unpacked) {
+        // The decoder stopped because unpacking did: unpacking's error says why.
+        (Err(ArchiveError::Stopped), Err(u)) => return Err(u),
+        (Err(d), _) => return Err(d),
+        (Ok(_), Err(u)) => return Err(u),
+        (Ok(hashed), Ok(streamed)) => (hashed, streamed),
+    };
+    if size != info.size {
+        return Err(ArchiveError::SizeMismatch {
+            url: url.to_string(),
+            got: size,
+            want: info.size,
+        });
+    }
+    if sha != info.sha256.as_str() {
+        return Err(ArchiveError::ChecksumMismatch {
+            url: url.to_string(),
+            got: sha,
+            want: info.sha256.to_string(),
+        });
+    }
+    Ok(streamed)
+}
+
+fn corrupt(url: &str, e: impl std::fmt::Display) -> ArchiveError {
+    ArchiveError::Corrupt {
+        url: url.to_string(),
+        why: e.to_string(),
+    }
+}
+
+fn read_error(url: &str, e: io::Error, store_failed: &AtomicBool) -> ArchiveError {
+    if store_failed.load(Ordering::SeqCst) {
+        ArchiveError::Store {
+            url: url.to_string(),
+            why: e.to_string(),
+        }
+    } else {
+        corrupt(url, e)
+    }
+}
+
+/// Decompresses `stored` into chunks for the unpacking thread, no more than
+/// `info.tar_size` bytes; an error is sent on too, so unpacking stops.
+fn decode<R: Read>(
+    stored: &mut R,
+    url: &str,
+    info: &ArchiveInfo,
+    tx: &mpsc::SyncSender<io::Result<Vec<u8>>>,
+    store_failed: &AtomicBool,
+) -> Result<(), ArchiveError> {
+    let fail = |e: ArchiveError| {
+        let _ = tx.send(Err(io::Error::other(e.to_string())));
+        e
+    };
+    let mut decoded = decoder(stored, info.compression)
+        .map_err(|e| fail(read_error(url, e, store_failed)))?;
+    let mut total = 0u64;
+    loop {
+        let mut chunk = Vec::with_capacity(CHUNK as usize);
+        // One byte more than allowed shows a stream longer than declared.
+        let room = (info.tar_size - total).min(CHUNK) + 1;
+        if let Err(e) = (&mut decoded).take(room).read_to_end(&mut chunk) {
+            return Err(fail(read_error(url, e, store_failed)));
+        }
+        total += chunk.len() as u64;
+        if total > info.tar_size {
+            return Err(fail(ArchiveError::TooLarge {
+                url: url.to_string(),
+                what: format!(
+                    "it decompresses to more than the {} bytes of tar stream its manifest declares",
+                    info.tar_size
+                ),
+            }));
+        }
+        if chunk.is_empty() {
+            break;
+        }
+        tx.send(Ok(chunk)).map_err(|_| ArchiveError::Stopped)?;
+    }
+    if total < info.tar_size {
+        return Err(fail(ArchiveError::Truncated {
+            url: url.to_string(),
+            why: format!(
+                "it decompresses to {total} bytes of tar stream, its manifest declares {}",
+                info.tar_size
+            ),
+        }));
+    }
+    Ok(())
+}
+
+/// The unpacking end: a `Read` over the decoded chunks.
+struct Chunks {
+    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    current: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for Chunks {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.current.len() {
+            match self.rx.recv() {
+                Ok(Ok(chunk)) => (self.current, self.pos) = (chunk, 0),
+                Ok(Err(e)) => return Err(e),
+                // The decoder finished (or failed, and says so itself).
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+struct ProgressRead<'a, R> {
+    inner: R,
+    progress: &'a dyn Progress,
+}
+
+impl<R: Read> Read for ProgressRead<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.progress.advance(n as u64);
+        Ok(n)
+    }
+}
+
+/// Reads the data of a GNU long name/link entry: at most [`MAX_PATH`] bytes.
+fn long_name(e: &mut impl Read, size: u64, url: &str, what: &str) -> Result<Vec<u8>, ArchiveError> {
+    if size > MAX_PATH as u64 + 1 {
+        return Err(ArchiveError::TooLarge {
+            url: url.to_string(),
+            what: format!("a GNU long {what} of {size} bytes (at most {} allowed)", MAX_PATH + 1),
+        });
+    }
+    let mut v = Vec::with_capacity(size as usize);
+    e.take(size).read_to_end(&mut v).map_err(|e| corrupt(url, e))?;
+    while v.last() == Some(&0) {
+        v.pop();
+    }
+    Ok(v)
+}
+
+/// Checks and unpacks (or discards) the tar entries of the decoded stream.
+/// The tar crate parses headers; GNU long names are applied here (raw mode),
+/// so their size is bounded.
+fn entries(
+    decoded: &mut impl Read,
+    url: &str,
+    info: &ArchiveInfo,
+    roots: &[RelPath],
+    target: &Target<'_>,
+) -> Result<Streamed, ArchiveError> {
+    let mut policy = Policy::new(roots);
+    let mut unpacker = match target {
+        Target::Discard => None,
+        Target::Dir { root, owner } => Some(Unpacker {
+            root: SafeDir::open(root).map_err(|e| ArchiveError::Write {
+                path: root.to_path_buf(),
+                source: e,
+            })?,
+            owner: *owner,
+            parent: None,
+        }),
+    };
+    let mut ar = tar::Archive::new(decoded);
+    let mut s = Streamed::default();
+    let (mut name, mut link): (Option<Vec<u8>>, Option<Vec<u8>>) = (None, None);
+    for entry in ar.entries().map_err(|e| corrupt(url, e))?.raw(true) {
+        let mut e = entry.map_err(|e| corrupt(url, e))?;
+        let ty = e.header().entry_type();
+        let size = e.size();
+        if ty.is_gnu_longname() {
+            name = Some(long_name(&mut e, size, url, "name")?);
+            continue;
+        }
+        if ty.is_gnu_longlink() {
+            link = Some(long_name(&mut e, size, url, "link name")?);
+            continue;
+        }
+        let path_bytes = name.take().unwrap_or_else(|| e.header().path_bytes().into_owned());
+        let link_bytes = link
+            .take()
+            .or_else(|| e.header().link_name_bytes().map(|l| l.into_owned()));
+        let path = String::from_utf8_lossy(&path_bytes).into_owned();
+        let unsafe_entry = |why: String| ArchiveError::Unsafe {
+            url: url.to_string(),
+            path: path.chars().take(200).collect(),
+            why,
+        };
+        if std::str::from_utf8(&path_bytes).is_err() {
+            return Err(unsafe_entry("a name that is not UTF-8".into()));
+        }
+        let kind = match ty {
+            EntryType::Regular | EntryType::Continuous => Kind::File,
+            EntryType::Directory => Kind::Dir,
+            EntryType::Symlink => Kind::Symlink,
+            EntryType::Link => return Err(unsafe_entry("a hard link (mysnap never writes them)".into())),
+            EntryType::Char | EntryType::Block => return Err(unsafe_entry("a device node".into())),
+            EntryType::Fifo => return Err(unsafe_entry("a fifo".into())),
+            EntryType::XHeader | EntryType::XGlobalHeader => {
+                return Err(unsafe_entry("a pax extended header (mysnap never writes them)".into()))
+            }
+            other => return Err(unsafe_entry(format!("an entry of type {other:?}"))),
+        };
+        let link_text = match (&link_bytes, kind) {
+            (Some(l), Kind::Symlink) => Some(
+                std::str::from_utf8(l)
+                    .map_err(|_| unsafe_entry("a link target that is not UTF-8".into()))?
+                    .to_string(),
+            ),
+            _ => None,
+        };
+        policy
+            .admit(&path, kind, link_text.as_deref())
+            .map_err(unsafe_entry)?;
+        s.entries += 1;
+        let len = if kind == Kind::File { size } else { 0 };
+        if kind == Kind::File {
+            s.files += 1;
+            s.file_bytes += len;
+            if s.files > info.files || s.file_bytes > info.unpacked_size {
+                return Err(ArchiveError::TooLarge {
+                    url: url.to_string(),
+                    what: format!(
+                        "it holds more than the {} files and {} bytes of file contents its manifest declares (at {path})",
+                        info.files, info.unpacked_size
+                    ),
+                });
+            }
+        }
+        let copied = match unpacker.as_mut() {
+            None => io::copy(&mut (&mut e).take(len), &mut io::sink()).map_err(|err| corrupt(url, err))?,
+            Some(u) => {
+                let mode = e.header().mode().unwrap_or(0o600);
+                let mtime = e.header().mtime().ok();
+                u.put(&path, kind, link_text.as_deref(), &mut e, len, mode, mtime, url)?
+            }
+        };
+        if copied != len {
+            return Err(ArchiveError::Truncated {
+                url: url.to_string(),
+                why: format!("{path} ends after {copied} of its {len} bytes"),
+            });
+        }
+    }
+    if name.is_some() || link.is_some() {
+        return Err(ArchiveError::Truncated {
+            url: url.to_string(),
+            why: "a long name with no entry after it".into(),
+        });
+    }
+    Ok(s)
+}
+
+/// Writes admitted entries below the root, never through a link.
+struct Unpacker {
+    root: SafeDir,
+    owner: Owner,
+    /// The directory of the previous entry (entries come grouped by directory).
+    parent: Option<(String, SafeDir)>,
+}
+
+impl Unpacker {
+    #[allow(clippy::too_many_arguments)]
+    fn put(
+        &mut self,
+        path: &str,
+        kind: Kind,
+        link: Option<&str>,
+        data: &mut impl Read,
+        len: u64,
+        mode: u32,
+        mtime: Option<u64>,
+        url: &str,
+    ) -> Result<u64, ArchiveError> {
+        let path = path.trim_end_matches('/');
+        let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+        let shown = self.root.shown(Path::new(path));
+        let write_err = |e: io::Error| ArchiveError::Write {
+            path: shown.clone(),
+            source: e,
+        };
+        // What the policy admitted cannot meet a link or an existing file; if
+        // the file system says otherwise, the archive is what is wrong.
+        let classify = |e: io::Error| match e.raw_os_error().map(nix::errno::Errno::from_raw) {
+            Some(nix::errno::Errno::ELOOP | nix::errno::Errno::EEXIST | nix::errno::Errno::ENOTDIR) => {
+                ArchiveError::Unsafe {
+                    url: url.to_string(),
+                    path: path.to_string(),
+                    why: format!("the file system refused it: {e}"),
+                }
+            }
+            _ => write_err(e),
+        };
+        if self.parent.as_ref().is_none_or(|(p, _)| p != dir) {
+            let d = self
+                .root
+                .subdir(Path::new(dir), true, self.owner)
+                .map_err(classify)?;
+            self.parent = Some((dir.to_string(), d));
+        }
+        let parent = &self.parent.as_ref().expect("set above").1;
+        let name = Path::new(name);
+        match kind {
+            Kind::Dir => {
+                parent.mkdir(name, mode, self.owner).map_err(classify)?;
+                Ok(0)
+            }
+            Kind::Symlink => {
+                parent
+                    .symlink(Path::new(link.unwrap_or("")), name, self.owner)
+                    .map_err(classify)?;
+                Ok(0)
+            }
+            Kind::File => {
+                let mut f = parent.create_file(name).map_err(classify)?;
+                let copied = copy(&mut data.take(len), &mut f, url, &shown)?;
+                SafeDir::finish_file(&f, mode, self.owner, mtime).map_err(write_err)?;
+                Ok(copied)
+            }
+        }
+    }
+}
+
+/// Copies, telling read failures (the archive) from write failures (the target).
+fn copy(r: &mut impl Read, w: &mut impl io::Write, url: &str, path: &Path) -> Result<u64, ArchiveError> {
+    let mut buf = vec![0u8; 256 << 10];
+    let mut n = 0u64;
+    loop {
+        let got = match r.read(&mut buf) {
+            Ok(0) => return Ok(n),
+            Ok(got) => got,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(corrupt(url, e)),
+        };
+        w.write_all(&buf[..got]).map_err(|e| ArchiveError::Write {
+            path: PathBuf::from(path),
+            source: e,
+        })?;
+        n += got as u64;
+    }
+}

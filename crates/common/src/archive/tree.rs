@@ -1,0 +1,267 @@
+//! File system access below a directory that never follows a symbolic link:
+//! every directory is opened one component at a time with `O_NOFOLLOW`,
+//! files are created with `O_EXCL | O_NOFOLLOW`, and everything else works on
+//! a directory descriptor (`*at` calls). Restore writes and post-processes
+//! the staged copy only through this, so even a link the policy missed could
+//! not lead a write out of the tree.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Component, Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{openat, AtFlags, OFlag};
+use nix::sys::stat::{fchmod, fstat, futimens, mkdirat, Mode, SFlag};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{fchown, fchownat, symlinkat, unlinkat, Gid, Uid, UnlinkatFlags};
+
+/// Owner (uid, gid) given to what is created.
+pub type Owner = Option<(u32, u32)>;
+
+/// An open directory; `path` only names it in messages.
+pub struct SafeDir {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+fn err(e: Errno) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+const DIR_FLAGS: OFlag = OFlag::O_DIRECTORY
+    .union(OFlag::O_NOFOLLOW)
+    .union(OFlag::O_CLOEXEC)
+    .union(OFlag::O_RDONLY);
+
+fn chown_fd(fd: impl AsFd, owner: Owner) -> io::Result<()> {
+    if let Some((u, g)) = owner {
+        fchown(fd, Some(Uid::from_raw(u)), Some(Gid::from_raw(g))).map_err(err)?;
+    }
+    Ok(())
+}
+
+impl SafeDir {
+    /// Opens the directory `path` (its last component must not be a link).
+    pub fn open(path: &Path) -> io::Result<SafeDir> {
+        let fd = nix::fcntl::open(path, DIR_FLAGS, Mode::empty()).map_err(err)?;
+        Ok(SafeDir {
+            fd,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The path of `name` in this directory, for messages.
+    pub fn shown(&self, name: &Path) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// The directory `rel` below this one, walked one component at a time
+    /// without following links; missing ones are made (mode 0700, `owner`)
+    /// when `create` is set. `rel` may hold only normal components.
+    pub fn subdir(&self, rel: &Path, create: bool, owner: Owner) -> io::Result<SafeDir> {
+        let mut cur: Option<OwnedFd> = None;
+        let mut path = self.path.clone();
+        for c in rel.components() {
+            let Component::Normal(name) = c else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{}: not a plain relative path", rel.display()),
+                ));
+            };
+            let parent = cur.as_ref().map_or(self.fd.as_fd(), |f| f.as_fd());
+            let opened = match openat(parent, name, DIR_FLAGS, Mode::empty()) {
+                Err(Errno::ENOENT) if create => {
+                    match mkdirat(parent, name, Mode::from_bits_truncate(0o700)) {
+                        Ok(()) | Err(Errno::EEXIST) => {}
+                        Err(e) => return Err(err(e)),
+                    }
+                    let fd = openat(parent, name, DIR_FLAGS, Mode::empty()).map_err(err)?;
+                    chown_fd(&fd, owner)?;
+                    fd
+                }
+                r => r.map_err(err)?,
+            };
+            path.push(name);
+            cur = Some(opened);
+        }
+        let fd = match cur {
+            Some(fd) => fd,
+            None => self.fd.try_clone()?,
+        };
+        Ok(SafeDir { fd, path })
+    }
+
+    /// Makes the directory `name` with `mode` (or, when it exists as a
+    /// directory, sets `mode` on it); owned by `owner`.
+    pub fn mkdir(&self, name: &Path, mode: u32, owner: Owner) -> io::Result<()> {
+        match mkdirat(&self.fd, name, Mode::from_bits_truncate(0o700)) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(err(e)),
+        }
+        let fd = openat(&self.fd, name, DIR_FLAGS, Mode::empty()).map_err(err)?;
+        chown_fd(&fd, owner)?;
+        fchmod(&fd, Mode::from_bits_truncate(mode & 0o777)).map_err(err)
+    }
+
+    /// Creates the file `name`, which must not exist (never through a link).
+    pub fn create_file(&self, name: &Path) -> io::Result<File> {
+        let fd = openat(
+            &self.fd,
+            name,
+            OFlag::O_CREAT
+                | OFlag::O_EXCL
+                | OFlag::O_WRONLY
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )
+        .map_err(err)?;
+        Ok(File::from(fd))
+    }
+
+    /// Gives a file made by [`SafeDir::create_file`] its owner, mode
+    /// (permission bits only: never set-id) and mtime.
+    pub fn finish_file(f: &File, mode: u32, owner: Owner, mtime: Option<u64>) -> io::Result<()> {
+        chown_fd(f, owner)?;
+        fchmod(f, Mode::from_bits_truncate(mode & 0o777)).map_err(err)?;
+        if let Some(t) = mtime {
+            let t = TimeSpec::new(t.min(i64::MAX as u64) as i64, 0);
+            futimens(f, &t, &t).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// Creates the symbolic link `name` → `target`, owned by `owner`.
+    pub fn symlink(&self, target: &Path, name: &Path, owner: Owner) -> io::Result<()> {
+        symlinkat(target, &self.fd, name).map_err(err)?;
+        if let Some((u, g)) = owner {
+            fchownat(
+                &self.fd,
+                name,
+                Some(Uid::from_raw(u)),
+                Some(Gid::from_raw(g)),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// The names in this directory with whether each is a regular file
+    /// (links are not), without `.` and `..`.
+    pub fn entries(&self) -> io::Result<Vec<(OsString, bool)>> {
+        let mut dir = nix::dir::Dir::from_fd(self.fd.try_clone()?).map_err(err)?;
+        let mut out = Vec::new();
+        for e in dir.iter() {
+            let e = e.map_err(err)?;
+            let name = e.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            let name = OsString::from_vec(name.to_vec());
+            let st = nix::sys::stat::fstatat(&self.fd, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                .map_err(err)?;
+            let is_file = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG;
+            out.push((name, is_file));
+        }
+        Ok(out)
+    }
+
+    /// Removes the file or link `name` (never a directory).
+    pub fn remove_file(&self, name: &Path) -> io::Result<()> {
+        unlinkat(&self.fd, name, UnlinkatFlags::NoRemoveDir).map_err(err)
+    }
+
+    /// Reads the regular file `name`, at most `max` bytes (more is an error).
+    pub fn read_file(&self, name: &Path, max: u64) -> io::Result<Vec<u8>> {
+        let fd = openat(
+            &self.fd,
+            name,
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+            Mode::empty(),
+        )
+        .map_err(err)?;
+        let st = fstat(&fd).map_err(err)?;
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a regular file", self.shown(name).display()),
+            ));
+        }
+        let mut buf = Vec::new();
+        File::from(fd).take(max + 1).read_to_end(&mut buf)?;
+        if buf.len() as u64 > max {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is larger than {max} bytes", self.shown(name).display()),
+            ));
+        }
+        Ok(buf)
+    }
+
+    /// Replaces the regular file `name` with `bytes`, keeping its owner and
+    /// mode: a new file beside it, fsync, rename over it.
+    pub fn replace_file(&self, name: &Path, bytes: &[u8]) -> io::Result<()> {
+        let st = nix::sys::stat::fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(err)?;
+        let mut tmp_name = OsString::from(".mysnap-tmp-");
+        tmp_name.push(name.as_os_str());
+        let tmp = Path::new(&tmp_name);
+        let _ = unlinkat(&self.fd, tmp, UnlinkatFlags::NoRemoveDir);
+        let result = (|| {
+            let mut f = self.create_file(tmp)?;
+            f.write_all(bytes)?;
+            fchown(&f, Some(Uid::from_raw(st.st_uid)), Some(Gid::from_raw(st.st_gid))).map_err(err)?;
+            fchmod(&f, Mode::from_bits_truncate(st.st_mode & 0o777)).map_err(err)?;
+            f.sync_all()?;
+            nix::fcntl::renameat(&self.fd, tmp, &self.fd, name).map_err(err)
+        })();
+        if result.is_err() {
+            let _ = unlinkat(&self.fd, tmp, UnlinkatFlags::NoRemoveDir);
+        }
+        result
+    }
+
+    /// Flushes the whole file system this directory is on.
+    pub fn syncfs(&self) -> io::Result<()> {
+        nix::unistd::syncfs(&self.fd).map_err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_goes_through_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("canary"), b"alive").unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("l")).unwrap();
+        let t = SafeDir::open(&root).unwrap();
+        assert!(t.subdir(Path::new("l"), true, None).is_err());
+        assert!(t.subdir(Path::new("l/x"), true, None).is_err());
+        assert!(t.subdir(Path::new("../outside"), true, None).is_err());
+        assert!(t.create_file(Path::new("l")).is_err());
+        assert!(t.read_file(Path::new("l"), 100).is_err());
+        assert!(t.mkdir(Path::new("l"), 0o755, None).is_err());
+        let sub = t.subdir(Path::new("a/b"), true, None).unwrap();
+        sub.create_file(Path::new("f")).unwrap().write_all(b"x").unwrap();
+        assert!(sub.create_file(Path::new("f")).is_err(), "O_EXCL");
+        sub.replace_file(Path::new("f"), b"new").unwrap();
+        assert_eq!(std::fs::read(root.join("a/b/f")).unwrap(), b"new");
+        let names: Vec<_> = t.entries().unwrap();
+        assert_eq!(names.len(), 2);
+        t.remove_file(Path::new("l")).unwrap();
+        assert_eq!(std::fs::read(outside.join("canary")).unwrap(), b"alive");
+    }
+}
