@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::config::Compression;
-use common::manifest::Manifest;
+use common::manifest::{Manifest, RelPath};
 use mysnap_tests::{
     bin, gate, sysbench_prepare, sysbench_run, BtrfsVolume, MariaDb, MariaOpts, S3Server,
 };
@@ -292,7 +292,7 @@ fn sha(data: &[u8]) -> String {
 }
 
 /// Relative path → SHA-256 (files) or "dir"/"link:<target>", of `paths` under `root`.
-fn listing(root: &Path, paths: &[String], exclude: &[String]) -> BTreeMap<String, String> {
+fn listing(root: &Path, paths: &[RelPath], exclude: &[RelPath]) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for p in paths {
         for e in walkdir::WalkDir::new(root.join(p)) {
@@ -303,7 +303,7 @@ fn listing(root: &Path, paths: &[String], exclude: &[String]) -> BTreeMap<String
                 .unwrap()
                 .to_string_lossy()
                 .into_owned();
-            if rel.is_empty() || exclude.contains(&rel) {
+            if rel.is_empty() || exclude.iter().any(|x| *x == rel) {
                 continue;
             }
             let v = if e.file_type().is_dir() {
@@ -377,14 +377,16 @@ fn backup_under_load(lock_method: &str) {
     let manifest_path = rig.snapshot();
     let m = Manifest::load(&manifest_path).unwrap();
     assert!(m.snapshot.path.is_dir());
-    assert_eq!(m.lock.method, lock_method);
+    assert_eq!(m.lock.method.as_str(), lock_method);
     // Under the lock nothing is committed: in the snapshot's current binary
     // log, no transaction follows the recorded position (only the server's
     // own Binlog_checkpoint event may, written after a rotation on its own
     // schedule), and it is the newest one.
     let binlog = m.binlog.clone().expect("binlog coordinates");
     let datadir = m.snapshot.path.join(&m.data.datadir);
-    let size = std::fs::metadata(datadir.join(&binlog.file)).unwrap().len();
+    let size = std::fs::metadata(datadir.join(binlog.file.as_str()))
+        .unwrap()
+        .len();
     assert!(
         size >= binlog.position,
         "binlog {} in the snapshot",
@@ -393,7 +395,7 @@ fn backup_under_load(lock_method: &str) {
     if size > binlog.position {
         let out = Command::new("mariadb-binlog")
             .arg(format!("--start-position={}", binlog.position))
-            .arg(datadir.join(&binlog.file))
+            .arg(datadir.join(binlog.file.as_str()))
             .output()
             .unwrap();
         assert_ok(&out, "mariadb-binlog");
@@ -418,7 +420,7 @@ fn backup_under_load(lock_method: &str) {
         );
     }
     let index = std::fs::read_to_string(datadir.join("binlog.index")).unwrap();
-    assert!(index.trim_end().ends_with(&binlog.file), "{index}");
+    assert!(index.trim_end().ends_with(binlog.file.as_str()), "{index}");
     assert!(
         m.gtid.as_deref().is_some_and(|g| g.starts_with("0-1-")),
         "{:?}",
@@ -620,7 +622,7 @@ fn a_long_write_does_not_hold_up_a_backup_stage_snapshot_and_writers_keep_commit
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("lock (backup_stage) waited"), "{stderr}");
     let m = Manifest::load(Path::new(String::from_utf8_lossy(&out.stdout).trim())).unwrap();
-    assert_eq!(m.lock.method, "backup_stage");
+    assert_eq!(m.lock.method.as_str(), "backup_stage");
     assert_eq!(m.lock.attempts, 1, "no retry: {stderr}");
     assert!(m.lock.wait_secs < 1.0, "waited {}s", m.lock.wait_secs);
     // Writers are held only while BLOCK_COMMIT is (the snapshot).
@@ -727,7 +729,7 @@ fn an_archiver_killed_mid_upload_leaves_no_listed_backup_and_the_next_run_cleans
     let m = Manifest::load(&manifest).unwrap();
     let _ = archiver.wait_with_output();
     assert!(
-        rig.snapshots().contains(&m.snapshot.name),
+        rig.snapshots().contains(&m.snapshot.name.to_string()),
         "kill -9 leaves the snapshot"
     );
     assert!(
@@ -754,7 +756,9 @@ fn an_archiver_killed_mid_upload_leaves_no_listed_backup_and_the_next_run_cleans
         .collect();
     assert_eq!(manifests, [format!("db1/{id}/manifest.toml")]);
     assert!(
-        !rig.store_keys().iter().any(|k| k.contains(&m.backup_id)),
+        !rig.store_keys()
+            .iter()
+            .any(|k| k.contains(m.backup_id.as_str())),
         "{:?}",
         rig.store_keys()
     );

@@ -163,7 +163,7 @@ fn restore_under_load(lock_method: &str) {
         "store",
     )
     .unwrap();
-    assert_eq!(m.lock.method, lock_method);
+    assert_eq!(m.lock.method.as_str(), lock_method);
 
     let target = Target::new(
         &src,
@@ -234,11 +234,11 @@ fn restore_under_load(lock_method: &str) {
 /// Writes a crafted archive and its manifest (copied from a real one) as backup `id`.
 fn plant(store_root: &Path, real: &Manifest, id: &str, archive: &[u8]) {
     let mut m = real.clone();
-    m.backup_id = id.into();
+    m.backup_id = common::manifest::BackupId::parse(id).unwrap();
     let mut info = m.archive.clone().unwrap();
     info.key = format!("db1/{id}/data.tar.zst");
     info.size = archive.len() as u64;
-    info.sha256 = sha(archive);
+    info.sha256 = common::manifest::Sha256Hex::parse(&sha(archive)).unwrap();
     m.archive = Some(info);
     let dir = store_root.join("db1").join(id);
     std::fs::create_dir_all(&dir).unwrap();

@@ -6,8 +6,6 @@
 //! archive is complete and the snapshot proved whole. The snapshot and the
 //! local state are removed in every outcome.
 
-mod tar_stream;
-
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,7 +19,7 @@ use common::snapshot::{self, SnapshotBackend};
 use common::state::StateLock;
 use common::store;
 
-pub use tar_stream::{write_tar, TarStats};
+use common::archive::{self as format, TarStats};
 
 /// Set on SIGINT/SIGTERM: the pipeline stops, the upload is aborted, the
 /// snapshot removed.
@@ -97,7 +95,7 @@ pub async fn run(
         }
     }
     match (result, removed) {
-        (Ok(()), Ok(())) => Ok(manifest.backup_id),
+        (Ok(()), Ok(())) => Ok(manifest.backup_id.to_string()),
         (Ok(()), Err(e)) => {
             tracing::error!(
                 "backup {} is complete, but its snapshot could not be removed: {e:#}",
@@ -124,7 +122,7 @@ async fn archive(
     let started = Instant::now();
     let snap = manifest.snapshot.path.clone();
     backend.make_readable(&common::snapshot::Snapshot {
-        name: manifest.snapshot.name.clone(),
+        name: manifest.snapshot.name.to_string(),
         path: snap.clone(),
     })?;
     anyhow::ensure!(
@@ -134,14 +132,9 @@ async fn archive(
     );
     let store = store::open(&cfg.store).await?;
     let compression = cfg.archive.compression;
-    let key = format!(
-        "{}/{}/{}",
-        manifest.name,
-        manifest.backup_id,
-        compression.file_name()
-    );
+    let key = format::keys::archive(&manifest.name, &manifest.backup_id, compression);
 
-    let estimate = tar_stream::estimate(&snap, &manifest.data)?;
+    let estimate = format::write::estimate(&snap, &manifest.data)?;
     progress.set_total(estimate);
     let part_size = store::plan_part_size(cfg.store.part_size.as_u64(), estimate);
     let (writer, parts) = store::part_channel(part_size);
@@ -171,9 +164,10 @@ async fn archive(
         let producer = scope.spawn(|| -> anyhow::Result<TarStats> {
             let mut enc = common::codec::Hashing::new(writer);
             let enc_writer = common::codec::Encoder::new(&mut enc, compression, level, threads)?;
-            let (enc_writer, stats) = write_tar(&snap, &layout, enc_writer, progress, &|| {
-                cancel2.is_cancelled()
-            })?;
+            let (enc_writer, stats) =
+                format::write_tar(&snap, &layout, enc_writer, progress, &|| {
+                    cancel2.is_cancelled()
+                })?;
             enc_writer.finish().context("finishing compression")?;
             let (writer, size, sha) = enc.finish();
             writer
@@ -233,7 +227,7 @@ async fn archive(
         size,
         compression,
         level,
-        sha256: stats.sha256,
+        sha256: common::manifest::Sha256Hex::parse(&stats.sha256).map_err(anyhow::Error::msg)?,
         tar_size: stats.tar_size,
         unpacked_size: stats.content_bytes,
         files: stats.files,

@@ -103,6 +103,16 @@ macro_rules! checked_string {
                 &self.0 == other
             }
         }
+        impl PartialEq<$name> for String {
+            fn eq(&self, other: &$name) -> bool {
+                *self == other.0
+            }
+        }
+        impl PartialEq<$name> for &str {
+            fn eq(&self, other: &$name) -> bool {
+                *self == other.0
+            }
+        }
     };
 }
 
@@ -157,7 +167,11 @@ fn check_rel_path(s: &str) -> Result<(), String> {
     if s.is_empty() {
         return Ok(());
     }
-    let bad = |why: &str| Err(format!("{s:?} is not a relative path inside the volume: {why}"));
+    let bad = |why: &str| {
+        Err(format!(
+            "{s:?} is not a relative path inside the volume: {why}"
+        ))
+    };
     if s.len() > 4096 {
         return bad("longer than 4096 bytes");
     }
@@ -178,7 +192,10 @@ fn check_rel_path(s: &str) -> Result<(), String> {
 }
 
 fn check_sha256(s: &str) -> Result<(), String> {
-    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         Ok(())
     } else {
         Err(format!("{s:?} is not a SHA-256 (64 lowercase hex digits)"))
@@ -440,7 +457,11 @@ impl Manifest {
                 }
             }
         }
-        if let Some(x) = d.exclude.iter().find(|x| !d.paths.iter().any(|p| x.is_within(p))) {
+        if let Some(x) = d
+            .exclude
+            .iter()
+            .find(|x| !d.paths.iter().any(|p| x.is_within(p)))
+        {
             return Err(format!("data.exclude {x:?} is not inside data.paths"));
         }
         if let Some(a) = &self.archive {
@@ -610,14 +631,46 @@ pub(crate) mod tests {
         let cases: &[(&str, &str, &str)] = &[
             ("datadir = \"mysql\"", "datadir = \"/etc\"", "absolute"),
             ("datadir = \"mysql\"", "datadir = \"../etc\"", "'..'"),
-            ("paths = [\"mysql\"]", "paths = [\"mysql\", \"mysql/x\"]", "overlap"),
-            ("paths = [\"mysql\"]", "paths = [\"other\"]", "does not start"),
-            ("paths = [\"mysql\"]", "paths = [\"mysql\", \"/\"]", "absolute"),
-            ("paths = [\"mysql\"]", "paths = [\"mysql\", \"a//b\"]", "empty component"),
-            ("exclude = [\"mysql/ibtmp1\"]", "exclude = [\"../x\"]", "'..'"),
-            ("exclude = [\"mysql/ibtmp1\"]", "exclude = [\"elsewhere\"]", "not inside"),
-            ("volume_root = \"/mnt\"", "volume_root = \"mnt\"", "volume_root"),
-            ("volume_root = \"/mnt\"", "volume_root = \"/mnt/../etc\"", "volume_root"),
+            (
+                "paths = [\"mysql\"]",
+                "paths = [\"mysql\", \"mysql/x\"]",
+                "overlap",
+            ),
+            (
+                "paths = [\"mysql\"]",
+                "paths = [\"other\"]",
+                "does not start",
+            ),
+            (
+                "paths = [\"mysql\"]",
+                "paths = [\"mysql\", \"/\"]",
+                "absolute",
+            ),
+            (
+                "paths = [\"mysql\"]",
+                "paths = [\"mysql\", \"a//b\"]",
+                "empty component",
+            ),
+            (
+                "exclude = [\"mysql/ibtmp1\"]",
+                "exclude = [\"../x\"]",
+                "'..'",
+            ),
+            (
+                "exclude = [\"mysql/ibtmp1\"]",
+                "exclude = [\"elsewhere\"]",
+                "not inside",
+            ),
+            (
+                "volume_root = \"/mnt\"",
+                "volume_root = \"mnt\"",
+                "volume_root",
+            ),
+            (
+                "volume_root = \"/mnt\"",
+                "volume_root = \"/mnt/../etc\"",
+                "volume_root",
+            ),
             (
                 "key = \"db1/20261126T093000Z/data.tar.zst\"",
                 "key = \"/etc/shadow\"",
@@ -628,15 +681,39 @@ pub(crate) mod tests {
                 "key = \"db2/20261126T093000Z/data.tar.zst\"",
                 "archive.key",
             ),
-            ("backup_id = \"20261126T093000Z\"", "backup_id = \"99999999T999999Z\"", "backup id"),
-            ("backup_id = \"20261126T093000Z\"", "backup_id = \"../../x\"", "backup id"),
+            (
+                "backup_id = \"20261126T093000Z\"",
+                "backup_id = \"99999999T999999Z\"",
+                "backup id",
+            ),
+            (
+                "backup_id = \"20261126T093000Z\"",
+                "backup_id = \"../../x\"",
+                "backup id",
+            ),
             ("name = \"db1\"", "name = \"../db1\"", "valid name"),
-            ("gtid = \"0-1-42\"", "gtid = \"0-1-42'; DROP DATABASE mysql; --\"", "GTID"),
-            ("file = \"binlog.000002\"", "file = \"../../etc/passwd\"", "binary log"),
+            (
+                "gtid = \"0-1-42\"",
+                "gtid = \"0-1-42'; DROP DATABASE mysql; --\"",
+                "GTID",
+            ),
+            (
+                "file = \"binlog.000002\"",
+                "file = \"../../etc/passwd\"",
+                "binary log",
+            ),
             ("sha256 = ", "sha256 = \"XYZ\"\nx = ", "SHA-256"),
-            ("version = \"10.11.6-MariaDB-log\"", "version = \"\\u001b[2J\"", "control"),
+            (
+                "version = \"10.11.6-MariaDB-log\"",
+                "version = \"\\u001b[2J\"",
+                "control",
+            ),
             ("format_version = 1", "format_version = 0", "version 0"),
-            ("created_at = \"2026-11-26T09:30:00Z\"", "created_at = \"yesterday\"", "RFC 3339"),
+            (
+                "created_at = \"2026-11-26T09:30:00Z\"",
+                "created_at = \"yesterday\"",
+                "RFC 3339",
+            ),
         ];
         for (from, to, needle) in cases {
             assert!(good.contains(from), "{from} not in {good}");

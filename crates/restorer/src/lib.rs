@@ -8,7 +8,6 @@
 //! The restorer never writes to the store.
 
 pub mod replica;
-pub mod unpack;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -16,43 +15,102 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use common::archive::tree::{FileKind, SafeDir};
+use common::archive::{keys, ArchiveError, Streamed, Target};
 use common::cmd;
 use common::config::Config;
 use common::error::config_err;
-use common::manifest::{ArchiveInfo, Manifest, MANIFEST_FILE};
+use common::manifest::{
+    ArchiveInfo, BackupId, BackupName, Manifest, ManifestError, MAX_MANIFEST_BYTES,
+};
 use common::mysql::{query_rows, ConnectInfo, ServerVersion};
 use common::progress::Progress;
 use common::store::{self, Download, Store};
 use serde::Serialize;
 
 pub use replica::ReplicaOf;
-pub use unpack::{Streamed, Target};
 
 /// The largest ranged GET of a download (8 MiB: 8 in flight are as fast as
 /// 16 MiB ones here, and hold half the memory).
 const DOWNLOAD_RANGE: u64 = 8 << 20;
 
-/// The complete backups of `backup.name`, newest first.
+/// How far in the future a backup id may lie (clock skew between hosts);
+/// a later one is refused, so a forged id cannot stay `latest` forever.
+const MAX_CLOCK_SKEW: Duration = Duration::from_secs(24 * 3600);
+
+/// The complete backups of `backup.name`, newest first. A manifest that
+/// does not parse is skipped with a warning naming its key.
 pub async fn list(cfg: &Config) -> anyhow::Result<Vec<Manifest>> {
     let store = store::open(&cfg.store).await?;
-    list_in(store.as_ref(), &cfg.backup.name).await
+    list_in(store.as_ref(), &backup_name(cfg)?).await
 }
 
-async fn list_in(store: &dyn Store, name: &str) -> anyhow::Result<Vec<Manifest>> {
-    let keys = store.list(&format!("{name}/")).await?;
+fn backup_name(cfg: &Config) -> anyhow::Result<BackupName> {
+    BackupName::parse(&cfg.backup.name).map_err(|e| config_err(format!("backup.name: {e}")))
+}
+
+async fn list_in(store: &dyn Store, name: &BackupName) -> anyhow::Result<Vec<Manifest>> {
+    let keys = store.list(&keys::backups_of(name)).await?;
     let mut out = Vec::new();
-    for key in keys
-        .iter()
-        .filter(|k| k.ends_with(&format!("/{MANIFEST_FILE}")))
-    {
-        let text = store.get(key).await?;
-        let m = Manifest::parse(&String::from_utf8_lossy(&text), &store.url(key))?;
-        if m.archive.is_some() {
-            out.push(m);
+    for key in &keys {
+        let Some(id) = keys::manifest_id(name, key) else {
+            continue;
+        };
+        match read_manifest(store, name, &id).await {
+            Ok(m) if m.archive.is_some() => out.push(m),
+            Ok(_) => tracing::warn!(
+                "skipping {}: a manifest without an archive (never completed)",
+                store.url(key)
+            ),
+            Err(e) if common::error::exit_code_of(&e) == common::ExitCode::Integrity => {
+                tracing::warn!("skipping {}: {e:#}", store.url(key))
+            }
+            Err(e) => return Err(e),
         }
     }
     out.sort_by(|a, b| b.backup_id.cmp(&a.backup_id));
     Ok(out)
+}
+
+/// Reads and parses the manifest of backup `id`: at most
+/// `MAX_MANIFEST_BYTES`, every field in its grammar, stored under its own key,
+/// and not from the future.
+async fn read_manifest(
+    store: &dyn Store,
+    name: &BackupName,
+    id: &BackupId,
+) -> anyhow::Result<Manifest> {
+    let key = keys::manifest(name, id);
+    let url = store.url(&key);
+    let bad = |why: String| -> anyhow::Error {
+        ManifestError {
+            origin: url.clone(),
+            why,
+        }
+        .into()
+    };
+    match store.size(&key).await? {
+        None => anyhow::bail!(
+            "backup {id} of {name:?} does not exist or is incomplete (no {url}): see restorer list"
+        ),
+        Some(n) if n > MAX_MANIFEST_BYTES => {
+            return Err(bad(format!(
+                "is {n} bytes, larger than any manifest ({MAX_MANIFEST_BYTES})"
+            )))
+        }
+        Some(_) => {}
+    }
+    let bytes = store.get(&key).await?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| bad("is not UTF-8 text".into()))?;
+    let m = Manifest::parse_stored(text, &key, &url)?;
+    let skew = time::Duration::try_from(MAX_CLOCK_SKEW).expect("a day fits");
+    if m.backup_id.time() > time::OffsetDateTime::now_utc() + skew {
+        return Err(bad(format!(
+            "names a time more than a day in the future ({}): a wrong clock or a forgery",
+            m.backup_id
+        )));
+    }
+    Ok(m)
 }
 
 /// The manifest of backup `id` (or the newest complete one for `latest`).
@@ -61,37 +119,28 @@ async fn resolve(
     cfg: &Config,
     id: &str,
 ) -> anyhow::Result<(Manifest, ArchiveInfo)> {
-    let name = &cfg.backup.name;
+    let name = backup_name(cfg)?;
     let m = if id == "latest" {
-        list_in(store, name)
+        list_in(store, &name)
             .await?
             .into_iter()
             .next()
             .ok_or_else(|| {
                 anyhow::anyhow!(
                     "no complete backup of {name:?} in {} (backup.name, store.url)",
-                    store.url(name)
+                    store.url(&keys::backups_of(&name))
                 )
             })?
     } else {
-        if !common::manifest::is_backup_id(id) {
-            return Err(config_err(format!(
-                "{id:?} is not a backup id (YYYYMMDDTHHMMSSZ) or \"latest\""
-            )));
-        }
-        let key = format!("{name}/{id}/{MANIFEST_FILE}");
-        if store.size(&key).await?.is_none() {
-            anyhow::bail!("backup {id} of {name:?} does not exist or is incomplete (no {}): see restorer list", store.url(&key));
-        }
-        Manifest::parse(
-            &String::from_utf8_lossy(&store.get(&key).await?),
-            &store.url(&key),
-        )?
+        let id = BackupId::parse(id).map_err(|e| config_err(format!("{e}, or \"latest\"")))?;
+        read_manifest(store, &name, &id).await?
     };
-    let info = m
-        .archive
-        .clone()
-        .ok_or_else(|| anyhow::anyhow!("backup {} has no archive in its manifest", m.backup_id))?;
+    let info = m.archive.clone().ok_or_else(|| {
+        anyhow::anyhow!(
+            "backup {} has no archive in its manifest: it never completed",
+            m.backup_id
+        )
+    })?;
     Ok((m, info))
 }
 
@@ -99,23 +148,21 @@ async fn resolve(
 async fn stream_archive(
     cfg: &Config,
     store: Arc<dyn Store>,
+    m: &Manifest,
     info: &ArchiveInfo,
     target: Target<'_>,
     progress: &dyn Progress,
 ) -> anyhow::Result<Streamed> {
+    let url = store.url(&info.key);
     match store.size(&info.key).await? {
-        None => {
-            return Err(common::error::integrity_err(format!(
-                "the archive {} is missing from the store",
-                store.url(&info.key)
-            )))
-        }
+        None => return Err(ArchiveError::Missing { url }.into()),
         Some(n) if n != info.size => {
-            return Err(common::error::integrity_err(format!(
-                "the archive {} is {n} bytes, its manifest says {}: truncated or replaced",
-                store.url(&info.key),
-                info.size
-            )))
+            return Err(ArchiveError::SizeMismatch {
+                url,
+                got: n,
+                want: info.size,
+            }
+            .into())
         }
         Some(_) => {}
     }
@@ -136,10 +183,19 @@ async fn stream_archive(
         in_flight,
         failed.clone(),
     );
-    let r =
-        tokio::task::block_in_place(|| unpack::stream(download, info, target, progress, &failed));
+    let r = tokio::task::block_in_place(|| {
+        common::archive::stream(
+            download,
+            &url,
+            info,
+            &m.data.paths,
+            target,
+            progress,
+            &failed,
+        )
+    });
     progress.finish();
-    r
+    Ok(r?)
 }
 
 /// Reads the whole archive as restore would, writing nothing.
@@ -150,7 +206,7 @@ pub async fn verify(
 ) -> anyhow::Result<(Manifest, Streamed)> {
     let store: Arc<dyn Store> = store::open(&cfg.store).await?.into();
     let (m, info) = resolve(store.as_ref(), cfg, id).await?;
-    let s = stream_archive(cfg, store, &info, Target::Discard, progress).await?;
+    let s = stream_archive(cfg, store, &m, &info, Target::Discard, progress).await?;
     Ok((m, s))
 }
 
@@ -257,15 +313,17 @@ fn check_space(dir: &Path, info: &ArchiveInfo) -> anyhow::Result<()> {
 }
 
 /// Removes what must not travel to another server: the server UUID, pid and
-/// socket files, relay logs and replication state of the source.
-pub fn clone_hygiene(datadir: &Path) -> anyhow::Result<Vec<String>> {
+/// socket files, relay logs and replication state of the source. Works on
+/// the staged directory without following links.
+pub fn clone_hygiene(datadir: &SafeDir) -> anyhow::Result<Vec<String>> {
     let mut removed = Vec::new();
-    let Ok(entries) = std::fs::read_dir(datadir) else {
-        return Ok(removed);
-    };
-    for e in entries {
-        let e = e?;
-        let name = e.file_name().to_string_lossy().into_owned();
+    let entries = datadir
+        .entries()
+        .with_context(|| format!("cannot list {}", datadir.path().display()))?;
+    for (name, kind) in entries {
+        let Some(name) = name.to_str().map(str::to_string) else {
+            continue;
+        };
         let drop = name == "auto.cnf"
             || name.ends_with(".pid")
             || name.ends_with(".sock")
@@ -275,9 +333,13 @@ pub fn clone_hygiene(datadir: &Path) -> anyhow::Result<Vec<String>> {
             || name == "master.info"
             || name == "multi-master.info"
             || (name.starts_with("master-") && name.ends_with(".info"));
-        if drop && !e.file_type()?.is_dir() {
-            std::fs::remove_file(e.path())
-                .with_context(|| format!("cannot remove {}", e.path().display()))?;
+        if drop && kind != FileKind::Dir {
+            datadir.remove_file(Path::new(&name)).with_context(|| {
+                format!(
+                    "cannot remove {}",
+                    datadir.shown(Path::new(&name)).display()
+                )
+            })?;
             removed.push(name);
         }
     }
@@ -285,40 +347,58 @@ pub fn clone_hygiene(datadir: &Path) -> anyhow::Result<Vec<String>> {
     Ok(removed)
 }
 
+/// The largest binary log index restore reads (one line per binary log).
+const MAX_INDEX_BYTES: u64 = 16 << 20;
+
 /// Points binary log index entries that name the source's directories at the
-/// same files in this server's directories (`moves`: source dir → target dir).
-/// Entries relative to the data directory are left alone.
-pub fn rewrite_binlog_indexes(restored: &Path, moves: &[(PathBuf, PathBuf)]) -> anyhow::Result<()> {
-    let Ok(entries) = std::fs::read_dir(restored) else {
-        return Ok(());
-    };
-    for e in entries {
-        let path = e?.path();
-        if path.extension().is_none_or(|x| x != "index") {
+/// same files in this server's directories (`moves`: source dir → target
+/// dir). Entries relative to the data directory are left alone. An entry
+/// that would make the server open a file elsewhere (absolute outside the
+/// restored directories, or with `..`) refuses the backup: the server reads,
+/// and purges, what its index names.
+pub fn rewrite_binlog_indexes(dir: &SafeDir, moves: &[(PathBuf, PathBuf)]) -> anyhow::Result<()> {
+    let entries = dir
+        .entries()
+        .with_context(|| format!("cannot list {}", dir.path().display()))?;
+    for (name, kind) in entries {
+        let name = Path::new(&name);
+        if kind != FileKind::File || name.extension().is_none_or(|x| x != "index") {
             continue;
         }
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let shown = dir.shown(name);
+        let bytes = dir
+            .read_file(name, MAX_INDEX_BYTES)
+            .with_context(|| format!("cannot read {}", shown.display()))?;
+        let text = String::from_utf8_lossy(&bytes);
         let mut changed = false;
-        let lines: Vec<String> = text
-            .lines()
-            .map(|line| {
-                let p = Path::new(line);
-                let moved = moves
-                    .iter()
-                    .find_map(|(from, to)| Some(to.join(p.strip_prefix(from).ok()?)));
-                match moved {
-                    Some(new) if p.is_absolute() => {
-                        changed = true;
-                        new.to_string_lossy().into_owned()
-                    }
-                    _ => line.to_string(),
+        let mut lines = Vec::new();
+        for line in text.lines() {
+            let p = Path::new(line);
+            let moved = moves
+                .iter()
+                .find_map(|(from, to)| Some(to.join(p.strip_prefix(from).ok()?)));
+            let new = match moved {
+                Some(new) if p.is_absolute() => {
+                    changed = true;
+                    new
                 }
-            })
-            .collect();
+                _ => p.to_path_buf(),
+            };
+            let inside = !new
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+                && (new.is_relative() || moves.iter().any(|(_, to)| new.starts_with(to)));
+            if !line.is_empty() && !inside {
+                return Err(common::error::integrity_err(format!(
+                    "the binary log index {} names {line:?}, outside the restored directories: refused",
+                    shown.display()
+                )));
+            }
+            lines.push(new.to_string_lossy().into_owned());
+        }
         if changed {
-            std::fs::write(&path, lines.join("\n") + "\n")
-                .with_context(|| format!("cannot write {}", path.display()))?;
+            dir.replace_file(name, (lines.join("\n") + "\n").as_bytes())
+                .with_context(|| format!("cannot write {}", shown.display()))?;
         }
     }
     Ok(())
@@ -471,8 +551,13 @@ pub async fn restore(
         );
         std::fs::remove_dir_all(&staging_path)?;
     }
-    std::fs::create_dir(&staging_path)
-        .with_context(|| format!("cannot create {}", staging_path.display()))?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&staging_path)
+            .with_context(|| format!("cannot create {}", staging_path.display()))?;
+    }
     let staging = Staging(Some(staging_path.clone()));
 
     let mut down_since = None;
@@ -498,6 +583,7 @@ pub async fn restore(
         let s = stream_archive(
             cfg,
             store.clone(),
+            &m,
             &info,
             Target::Dir {
                 root: &staging_path,
@@ -506,13 +592,20 @@ pub async fn restore(
             progress,
         )
         .await?;
-        let new_datadir = staging_path.join(&m.data.datadir);
-        anyhow::ensure!(
-            new_datadir.is_dir(),
-            "the archive has no data directory {:?}",
-            m.data.datadir
-        );
-        let removed = clone_hygiene(&new_datadir)?;
+        // Every archived directory must be there, as a plain directory.
+        let staged = SafeDir::open(&staging_path)
+            .with_context(|| format!("cannot open {}", staging_path.display()))?;
+        let mut roots = Vec::new();
+        for p in &m.data.paths {
+            let dir = staged.subdir(p.as_path(), false, None).map_err(|e| {
+                common::error::integrity_err(format!(
+                    "the archive {} has no directory {p:?} of its data.paths (or not as a plain directory): {e}",
+                    store.url(&info.key)
+                ))
+            })?;
+            roots.push(dir);
+        }
+        let removed = clone_hygiene(&roots[0])?;
         if !removed.is_empty() {
             tracing::info!("removed from the copy: {}", removed.join(", "));
         }
@@ -521,12 +614,11 @@ pub async fn restore(
         for p in m.data.paths.iter().filter(|p| **p != m.data.datadir) {
             moves.push((m.data.volume_root.join(p), cfg.volume.mountpoint.join(p)));
         }
-        for p in &m.data.paths {
-            rewrite_binlog_indexes(&staging_path.join(p), &moves)?;
+        for dir in &roots {
+            rewrite_binlog_indexes(dir, &moves)?;
         }
         // One flush of the whole filesystem instead of an fsync per file.
-        let dir = std::fs::File::open(&staging_path)?;
-        nix::unistd::syncfs(&dir).context("syncfs")?;
+        staged.syncfs().context("syncfs")?;
         anyhow::Ok(s)
     }
     .await;
@@ -600,7 +692,7 @@ pub async fn restore(
         lag = start_replication(cfg, to, at).await?;
     }
     Ok(Report {
-        backup_id: m.backup_id.clone(),
+        backup_id: m.backup_id.to_string(),
         datadir,
         old_datadir: moved_old.then_some(old),
         bytes: streamed.file_bytes,
@@ -698,13 +790,29 @@ mod tests {
     fn binlog_index_follows_the_data_directory() {
         let dir = tempfile::tempdir().unwrap();
         let idx = dir.path().join("binlog.index");
-        std::fs::write(&idx, "/src/mysql/binlog.000001\n/src/mysql/binlog.000002\n./rel.000003\n/elsewhere/x.000004\n").unwrap();
+        std::fs::write(
+            &idx,
+            "/src/mysql/binlog.000001\n/src/mysql/binlog.000002\n./rel.000003\n",
+        )
+        .unwrap();
         let moves = vec![(PathBuf::from("/src/mysql"), PathBuf::from("/dst/db"))];
-        rewrite_binlog_indexes(dir.path(), &moves).unwrap();
+        let safe = SafeDir::open(dir.path()).unwrap();
+        rewrite_binlog_indexes(&safe, &moves).unwrap();
         assert_eq!(
             std::fs::read_to_string(&idx).unwrap(),
-            "/dst/db/binlog.000001\n/dst/db/binlog.000002\n./rel.000003\n/elsewhere/x.000004\n"
+            "/dst/db/binlog.000001\n/dst/db/binlog.000002\n./rel.000003\n"
         );
+        // An index that would make the server open (and purge) files elsewhere.
+        for bad in ["/etc/shadow", "../../etc/shadow", "/src/mysql/../../etc/x"] {
+            std::fs::write(&idx, format!("./rel.000003\n{bad}\n")).unwrap();
+            let err = rewrite_binlog_indexes(&safe, &moves).unwrap_err();
+            assert_eq!(
+                common::error::exit_code_of(&err),
+                common::ExitCode::Integrity,
+                "{bad}"
+            );
+            assert!(err.to_string().contains("outside the restored"), "{err}");
+        }
     }
 
     #[test]
@@ -725,7 +833,7 @@ mod tests {
             std::fs::write(dir.path().join(f), b"x").unwrap();
         }
         std::fs::create_dir(dir.path().join("mysql")).unwrap();
-        let removed = clone_hygiene(dir.path()).unwrap();
+        let removed = clone_hygiene(&SafeDir::open(dir.path()).unwrap()).unwrap();
         assert_eq!(
             removed,
             [

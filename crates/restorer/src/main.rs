@@ -150,7 +150,7 @@ fn main() -> std::process::ExitCode {
                 let from_manifest = if replica_of_source && replica_of.is_none() {
                     let m = restorer::list(&cfg).await?;
                     let m = if id == "latest" { m.into_iter().next() } else { m.into_iter().find(|m| m.backup_id == id) };
-                    m.and_then(|m| m.source).map(|s| (s.host, s.port))
+                    m.and_then(|m| m.source).map(|s| (s.host.to_string(), s.port))
                 } else {
                     None
                 };

@@ -31,15 +31,15 @@ pub fn start_at(m: &Manifest, from_source: bool) -> anyhow::Result<StartAt> {
             ))
         })?;
         return Ok(match &s.gtid {
-            Some(g) => StartAt::Gtid(g.clone()),
+            Some(g) => StartAt::Gtid(g.to_string()),
             None => StartAt::File {
-                file: s.file.clone(),
+                file: s.file.to_string(),
                 position: s.position,
             },
         });
     }
     if let Some(g) = &m.gtid {
-        return Ok(StartAt::Gtid(g.clone()));
+        return Ok(StartAt::Gtid(g.to_string()));
     }
     let b = m.binlog.as_ref().ok_or_else(|| {
         common::error::config_err(format!(
@@ -48,7 +48,7 @@ pub fn start_at(m: &Manifest, from_source: bool) -> anyhow::Result<StartAt> {
         ))
     })?;
     Ok(StartAt::File {
-        file: b.file.clone(),
+        file: b.file.to_string(),
         position: b.position,
     })
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 
 use common::error::config_err;
-use common::manifest::DataLayout;
+use common::manifest::{DataLayout, RelPath};
 
 /// The server variables that say where its files are.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -106,10 +106,15 @@ fn spec_files(spec: &str) -> impl Iterator<Item = &str> {
         .filter(|f| !f.is_empty())
 }
 
-fn relative(root: &Path, p: &Path) -> String {
-    p.strip_prefix(root)
-        .map(|r| r.to_string_lossy().into_owned())
-        .unwrap_or_default()
+fn relative(root: &Path, p: &Path) -> anyhow::Result<RelPath> {
+    let r = p.strip_prefix(root).unwrap_or(Path::new(""));
+    let text = r.to_str().ok_or_else(|| {
+        config_err(format!(
+            "{} is not UTF-8, which a mysnap manifest cannot hold: rename it",
+            p.display()
+        ))
+    })?;
+    RelPath::parse(text).map_err(|e| config_err(format!("{}: {e}", p.display())))
 }
 
 /// Decides what to archive, refusing any data path that is not on the volume.
@@ -158,7 +163,7 @@ pub fn plan_layout(vars: &DataVars, mountpoint: &Path) -> anyhow::Result<DataLay
         }
     }
 
-    let mut paths: Vec<String> = Vec::new();
+    let mut paths: Vec<RelPath> = Vec::new();
     let mut dirs: Vec<&PathBuf> = needed.iter().map(|(_, d)| d).collect();
     // The data directory first; then others not inside one already listed.
     dirs.sort_by_key(|d| (*d != &datadir, d.components().count()));
@@ -166,29 +171,30 @@ pub fn plan_layout(vars: &DataVars, mountpoint: &Path) -> anyhow::Result<DataLay
     for d in dirs {
         if !kept.iter().any(|k| d.starts_with(k)) {
             kept.push(d);
-            paths.push(relative(&root, d));
+            paths.push(relative(&root, d)?);
         }
     }
 
     let mut exclude = Vec::new();
-    let mut skip = |p: PathBuf| {
+    let mut skip = |p: PathBuf| -> anyhow::Result<()> {
         if p.starts_with(&root) && kept.iter().any(|k| p.starts_with(k)) {
-            let r = relative(&root, &p);
+            let r = relative(&root, &p)?;
             if !exclude.contains(&r) {
                 exclude.push(r);
             }
         }
+        Ok(())
     };
     for f in spec_files(&vars.innodb_temp_data_file_path) {
-        skip(resolve(&datadir, f));
+        skip(resolve(&datadir, f))?;
     }
     for p in [&vars.pid_file, &vars.socket].into_iter().flatten() {
-        skip(resolve(&datadir, p));
+        skip(resolve(&datadir, p))?;
     }
 
     Ok(DataLayout {
         volume_root: root.clone(),
-        datadir: relative(&root, &datadir),
+        datadir: relative(&root, &datadir)?,
         paths,
         exclude,
     })

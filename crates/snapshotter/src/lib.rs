@@ -53,10 +53,13 @@ pub async fn run(cfg: &Config) -> anyhow::Result<PathBuf> {
     }
     let server = manifest::Server {
         flavor: version.flavor,
-        version: version.text.clone(),
-        hostname: query_one(&mut conn, "SELECT @@hostname")
-            .await?
-            .unwrap_or_default(),
+        version: text("the server version", &version.text)?,
+        hostname: text(
+            "@@hostname",
+            &query_one(&mut conn, "SELECT @@hostname")
+                .await?
+                .unwrap_or_default(),
+        )?,
         server_id: query_one(&mut conn, "SELECT @@server_id")
             .await?
             .and_then(|s| s.parse().ok())
@@ -98,7 +101,7 @@ pub async fn run(cfg: &Config) -> anyhow::Result<PathBuf> {
     tracing::info!(
         "snapshot {} taken: lock ({}) waited {:.3}s, held {:.3}s ({} attempt(s))",
         outcome.snapshot.name,
-        outcome.lock.method,
+        outcome.lock.method.as_str(),
         outcome.lock.wait_secs,
         outcome.lock.hold_secs,
         outcome.lock.attempts
@@ -106,11 +109,14 @@ pub async fn run(cfg: &Config) -> anyhow::Result<PathBuf> {
 
     let m = Manifest {
         format_version: FORMAT_VERSION,
-        backup_id: id.clone(),
-        name: cfg.backup.name.clone(),
-        created_at: outcome
-            .at
-            .format(&time::format_description::well_known::Rfc3339)?,
+        backup_id: manifest::BackupId::parse(&id).map_err(anyhow::Error::msg)?,
+        name: manifest::BackupName::parse(&cfg.backup.name).map_err(anyhow::Error::msg)?,
+        created_at: text(
+            "the snapshot time",
+            &outcome
+                .at
+                .format(&time::format_description::well_known::Rfc3339)?,
+        )?,
         server,
         binlog: outcome.binlog,
         gtid: outcome.gtid,
@@ -118,7 +124,7 @@ pub async fn run(cfg: &Config) -> anyhow::Result<PathBuf> {
         lock: outcome.lock,
         snapshot: SnapshotInfo {
             backend: backend.kind(),
-            name: outcome.snapshot.name,
+            name: text("the snapshot name", &outcome.snapshot.name)?,
             path: outcome.snapshot.path,
         },
         data: layout,
@@ -177,13 +183,13 @@ async fn next_backup_id(state: &StateLock) -> anyhow::Result<String> {
         .unwrap_or_default()
         .trim()
         .to_string();
-    let mut id = manifest::backup_id(time::OffsetDateTime::now_utc());
+    let mut id = manifest::backup_id(time::OffsetDateTime::now_utc()).to_string();
     for _ in 0..25 {
         if id > last {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-        id = manifest::backup_id(time::OffsetDateTime::now_utc());
+        id = manifest::backup_id(time::OffsetDateTime::now_utc()).to_string();
     }
     anyhow::ensure!(
         id > last,
@@ -192,6 +198,11 @@ async fn next_backup_id(state: &StateLock) -> anyhow::Result<String> {
     );
     common::state::write_atomic(&last_path, id.as_bytes())?;
     Ok(id)
+}
+
+/// A value for a manifest's text field.
+fn text(what: &str, value: &str) -> anyhow::Result<manifest::Text> {
+    manifest::Text::parse(value).map_err(|e| anyhow::anyhow!("{what}: {e}"))
 }
 
 async fn query_one(conn: &mut mysql_async::Conn, sql: &str) -> anyhow::Result<Option<String>> {

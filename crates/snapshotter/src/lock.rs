@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use common::config::{LockMethod, MysqlConfig};
 use common::error::Error;
-use common::manifest::{Binlog, LockTimes, SourceCoordinates};
+use common::manifest::{Binlog, BinlogFile, GtidSet, LockTimes, SourceCoordinates};
 use common::mysql::{exec, query_rows, ServerVersion};
 use common::snapshot::{Snapshot, SnapshotBackend};
 use mysql_async::prelude::Queryable;
@@ -43,7 +43,7 @@ pub struct LockOutcome {
     pub snapshot: Snapshot,
     pub lock: LockTimes,
     pub binlog: Option<Binlog>,
-    pub gtid: Option<String>,
+    pub gtid: Option<GtidSet>,
     pub source: Option<SourceCoordinates>,
     /// When the snapshot was taken.
     pub at: time::OffsetDateTime,
@@ -277,7 +277,7 @@ pub async fn locked_snapshot(
         (Ok((binlog, gtid, source, at)), Ok(())) => Ok(LockOutcome {
             snapshot: snapshot.expect("created when inner succeeded"),
             lock: LockTimes {
-                method: method.as_str().into(),
+                method,
                 attempts: attempt_no,
                 wait_secs: wait.as_secs_f64(),
                 hold_secs: hold.as_secs_f64(),
@@ -306,7 +306,7 @@ async fn coordinates(
     version: &ServerVersion,
     log_bin: bool,
     flush_binlog: bool,
-) -> anyhow::Result<(Option<Binlog>, Option<String>)> {
+) -> anyhow::Result<(Option<Binlog>, Option<GtidSet>)> {
     if !log_bin {
         tracing::warn!(
             "the binary log is off: the backup records no coordinates and cannot seed replicas"
@@ -321,18 +321,26 @@ async fn coordinates(
     // them out makes the snapshot hold exactly the transactions of these coordinates.
     exec(conn, "FLUSH NO_WRITE_TO_BINLOG ENGINE LOGS").await?;
     let rows = query_rows(conn, version.binlog_status_sql()).await?;
-    let binlog = rows.first().and_then(|r| {
-        Some(Binlog {
-            file: r.get("File")?.clone()?,
-            position: r.get("Position")?.as_deref()?.parse().ok()?,
-        })
-    });
+    let binlog = match rows.first().and_then(|r| {
+        Some((
+            r.get("File")?.clone()?,
+            r.get("Position")?.as_deref()?.parse().ok()?,
+        ))
+    }) {
+        Some((file, position)) => Some(Binlog {
+            file: BinlogFile::parse(&file)
+                .map_err(|e| anyhow::anyhow!("`{}` reported {e}", version.binlog_status_sql()))?,
+            position,
+        }),
+        None => None,
+    };
     let gtid = query_rows(conn, version.gtid_sql())
         .await?
         .into_iter()
         .next()
         .and_then(|mut r| r.remove("gtid").flatten())
-        .filter(|g| !g.trim().is_empty());
+        .filter(|g| !g.trim().is_empty())
+        .and_then(|g| checked("GTID state", &g));
     Ok((binlog, gtid))
 }
 
@@ -347,13 +355,33 @@ async fn replica_source(
     };
     let [host, port, file, pos, gtid] = version.replica_columns();
     let get = |k: &str| r.get(k).cloned().flatten();
+    let (Some(host), Some(file)) = (
+        checked(host, &get(host).unwrap_or_default()),
+        checked(file, &get(file).unwrap_or_default()),
+    ) else {
+        return Ok(None);
+    };
     Ok(Some(SourceCoordinates {
-        host: get(host).unwrap_or_default(),
+        host,
         port: get(port).and_then(|p| p.parse().ok()).unwrap_or(3306),
-        file: get(file).unwrap_or_default(),
+        file,
         position: get(pos).and_then(|p| p.parse().ok()).unwrap_or(0),
-        gtid: get(gtid).filter(|g| !g.trim().is_empty()),
+        gtid: get(gtid)
+            .filter(|g| !g.trim().is_empty())
+            .and_then(|g| checked(gtid, &g)),
     }))
+}
+
+/// A value the server reported, in its manifest type; one that does not
+/// parse is left out of the manifest with a warning (the backup goes on).
+fn checked<T: TryFrom<String, Error = String>>(what: &str, value: &str) -> Option<T> {
+    match T::try_from(value.to_string()) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!("the server reported {what} {e}; the backup records none");
+            None
+        }
+    }
 }
 
 /// ", the longest running statement is id N of user U (Ts)" for the lock timeout message.

@@ -105,7 +105,10 @@ impl Policy {
                     ))
                 }
                 Some(Kind::File) => {
-                    return Err(format!("goes through the file {}", comps[..depth].join("/")))
+                    return Err(format!(
+                        "goes through the file {}",
+                        comps[..depth].join("/")
+                    ))
                 }
             }
         }
@@ -243,7 +246,13 @@ mod tests {
         );
         // The data directory at the volume root.
         assert_eq!(
-            check(&[""], &[("ibdata1", File, None), ("db/x", Symlink, Some("../ibdata1"))]),
+            check(
+                &[""],
+                &[
+                    ("ibdata1", File, None),
+                    ("db/x", Symlink, Some("../ibdata1"))
+                ]
+            ),
             None
         );
     }
@@ -251,7 +260,8 @@ mod tests {
     /// One refused entry per class, each after harmless ones.
     #[test]
     fn forged_entries_are_refused() {
-        let m = |p: &'static str, k, l| vec![("mysql", Dir, None), ("mysql/d", Dir, None), (p, k, l)];
+        let m =
+            |p: &'static str, k, l| vec![("mysql", Dir, None), ("mysql/d", Dir, None), (p, k, l)];
         let cases: Vec<(Vec<(&str, Kind, Option<&str>)>, &str)> = vec![
             (m("/etc/passwd", File, None), "absolute"),
             (m("mysql/../../etc/x", File, None), "'..'"),
@@ -263,7 +273,10 @@ mod tests {
             (m("mysql/d/l", Symlink, Some("../..")), "leaves"),
             (m("mysql/l", Symlink, Some("d/../../x")), "leaves"),
             (m("mysql/l", Symlink, Some("")), "without a target"),
-            (m("mysql/l", Symlink, Some("nowhere/../x")), "before the archive made it"),
+            (
+                m("mysql/l", Symlink, Some("nowhere/../x")),
+                "before the archive made it",
+            ),
             (m("mysql/d", File, None), "replaces"),
             (m("mysql", File, None), "not a directory"),
         ];
@@ -299,10 +312,7 @@ mod tests {
                 ("mysql/l/x", File, None),
             ],
             // a link made first, the directory it walks through later a link
-            &[
-                ("mysql", Dir, None),
-                ("mysql/x", Symlink, Some("d/../..")),
-            ],
+            &[("mysql", Dir, None), ("mysql/x", Symlink, Some("d/../.."))],
             // a directory replaced by a link after a link walked through it
             &[
                 ("mysql", Dir, None),
@@ -328,6 +338,9 @@ mod tests {
         assert!(err.contains("more than"), "{err}");
         let long = format!("m/{}", "x".repeat(MAX_PATH));
         let mut p = Policy::new(&roots);
-        assert!(p.admit(&long, Kind::File, None).unwrap_err().contains("longer"));
+        assert!(p
+            .admit(&long, Kind::File, None)
+            .unwrap_err()
+            .contains("longer"));
     }
 }

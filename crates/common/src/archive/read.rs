@@ -144,8 +144,8 @@ fn decode<R: Read>(
         let _ = tx.send(Err(io::Error::other(e.to_string())));
         e
     };
-    let mut decoded = decoder(stored, info.compression)
-        .map_err(|e| fail(read_error(url, e, store_failed)))?;
+    let mut decoded =
+        decoder(stored, info.compression).map_err(|e| fail(read_error(url, e, store_failed)))?;
     let mut total = 0u64;
     loop {
         let mut chunk = Vec::with_capacity(CHUNK as usize);
@@ -223,11 +223,16 @@ fn long_name(e: &mut impl Read, size: u64, url: &str, what: &str) -> Result<Vec<
     if size > MAX_PATH as u64 + 1 {
         return Err(ArchiveError::TooLarge {
             url: url.to_string(),
-            what: format!("a GNU long {what} of {size} bytes (at most {} allowed)", MAX_PATH + 1),
+            what: format!(
+                "a GNU long {what} of {size} bytes (at most {} allowed)",
+                MAX_PATH + 1
+            ),
         });
     }
     let mut v = Vec::with_capacity(size as usize);
-    e.take(size).read_to_end(&mut v).map_err(|e| corrupt(url, e))?;
+    e.take(size)
+        .read_to_end(&mut v)
+        .map_err(|e| corrupt(url, e))?;
     while v.last() == Some(&0) {
         v.pop();
     }
@@ -271,7 +276,9 @@ fn entries(
             link = Some(long_name(&mut e, size, url, "link name")?);
             continue;
         }
-        let path_bytes = name.take().unwrap_or_else(|| e.header().path_bytes().into_owned());
+        let path_bytes = name
+            .take()
+            .unwrap_or_else(|| e.header().path_bytes().into_owned());
         let link_bytes = link
             .take()
             .or_else(|| e.header().link_name_bytes().map(|l| l.into_owned()));
@@ -288,11 +295,17 @@ fn entries(
             EntryType::Regular | EntryType::Continuous => Kind::File,
             EntryType::Directory => Kind::Dir,
             EntryType::Symlink => Kind::Symlink,
-            EntryType::Link => return Err(unsafe_entry("a hard link (mysnap never writes them)".into())),
+            EntryType::Link => {
+                return Err(unsafe_entry(
+                    "a hard link (mysnap never writes them)".into(),
+                ))
+            }
             EntryType::Char | EntryType::Block => return Err(unsafe_entry("a device node".into())),
             EntryType::Fifo => return Err(unsafe_entry("a fifo".into())),
             EntryType::XHeader | EntryType::XGlobalHeader => {
-                return Err(unsafe_entry("a pax extended header (mysnap never writes them)".into()))
+                return Err(unsafe_entry(
+                    "a pax extended header (mysnap never writes them)".into(),
+                ))
             }
             other => return Err(unsafe_entry(format!("an entry of type {other:?}"))),
         };
@@ -323,11 +336,21 @@ fn entries(
             }
         }
         let copied = match unpacker.as_mut() {
-            None => io::copy(&mut (&mut e).take(len), &mut io::sink()).map_err(|err| corrupt(url, err))?,
+            None => io::copy(&mut (&mut e).take(len), &mut io::sink())
+                .map_err(|err| corrupt(url, err))?,
             Some(u) => {
                 let mode = e.header().mode().unwrap_or(0o600);
                 let mtime = e.header().mtime().ok();
-                u.put(&path, kind, link_text.as_deref(), &mut e, len, mode, mtime, url)?
+                u.put(
+                    &path,
+                    kind,
+                    link_text.as_deref(),
+                    &mut e,
+                    len,
+                    mode,
+                    mtime,
+                    url,
+                )?
             }
         };
         if copied != len {
@@ -377,13 +400,13 @@ impl Unpacker {
         // What the policy admitted cannot meet a link or an existing file; if
         // the file system says otherwise, the archive is what is wrong.
         let classify = |e: io::Error| match e.raw_os_error().map(nix::errno::Errno::from_raw) {
-            Some(nix::errno::Errno::ELOOP | nix::errno::Errno::EEXIST | nix::errno::Errno::ENOTDIR) => {
-                ArchiveError::Unsafe {
-                    url: url.to_string(),
-                    path: path.to_string(),
-                    why: format!("the file system refused it: {e}"),
-                }
-            }
+            Some(
+                nix::errno::Errno::ELOOP | nix::errno::Errno::EEXIST | nix::errno::Errno::ENOTDIR,
+            ) => ArchiveError::Unsafe {
+                url: url.to_string(),
+                path: path.to_string(),
+                why: format!("the file system refused it: {e}"),
+            },
             _ => write_err(e),
         };
         if self.parent.as_ref().is_none_or(|(p, _)| p != dir) {
@@ -417,7 +440,12 @@ impl Unpacker {
 }
 
 /// Copies, telling read failures (the archive) from write failures (the target).
-fn copy(r: &mut impl Read, w: &mut impl io::Write, url: &str, path: &Path) -> Result<u64, ArchiveError> {
+fn copy(
+    r: &mut impl Read,
+    w: &mut impl io::Write,
+    url: &str,
+    path: &Path,
+) -> Result<u64, ArchiveError> {
     let mut buf = vec![0u8; 256 << 10];
     let mut n = 0u64;
     loop {

@@ -21,6 +21,15 @@ use nix::unistd::{fchown, fchownat, symlinkat, unlinkat, Gid, Uid, UnlinkatFlags
 /// Owner (uid, gid) given to what is created.
 pub type Owner = Option<(u32, u32)>;
 
+/// What a directory entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
 /// An open directory; `path` only names it in messages.
 pub struct SafeDir {
     fd: OwnedFd,
@@ -115,11 +124,7 @@ impl SafeDir {
         let fd = openat(
             &self.fd,
             name,
-            OFlag::O_CREAT
-                | OFlag::O_EXCL
-                | OFlag::O_WRONLY
-                | OFlag::O_NOFOLLOW
-                | OFlag::O_CLOEXEC,
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::from_bits_truncate(0o600),
         )
         .map_err(err)?;
@@ -154,9 +159,9 @@ impl SafeDir {
         Ok(())
     }
 
-    /// The names in this directory with whether each is a regular file
-    /// (links are not), without `.` and `..`.
-    pub fn entries(&self) -> io::Result<Vec<(OsString, bool)>> {
+    /// The names in this directory with what each is (a link is a link,
+    /// never what it points to), without `.` and `..`.
+    pub fn entries(&self) -> io::Result<Vec<(OsString, FileKind)>> {
         let mut dir = nix::dir::Dir::from_fd(self.fd.try_clone()?).map_err(err)?;
         let mut out = Vec::new();
         for e in dir.iter() {
@@ -166,10 +171,16 @@ impl SafeDir {
                 continue;
             }
             let name = OsString::from_vec(name.to_vec());
-            let st = nix::sys::stat::fstatat(&self.fd, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
-                .map_err(err)?;
-            let is_file = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG;
-            out.push((name, is_file));
+            let st =
+                nix::sys::stat::fstatat(&self.fd, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                    .map_err(err)?;
+            let kind = match SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT {
+                SFlag::S_IFREG => FileKind::File,
+                SFlag::S_IFDIR => FileKind::Dir,
+                SFlag::S_IFLNK => FileKind::Symlink,
+                _ => FileKind::Other,
+            };
+            out.push((name, kind));
         }
         Ok(out)
     }
@@ -209,7 +220,8 @@ impl SafeDir {
     /// Replaces the regular file `name` with `bytes`, keeping its owner and
     /// mode: a new file beside it, fsync, rename over it.
     pub fn replace_file(&self, name: &Path, bytes: &[u8]) -> io::Result<()> {
-        let st = nix::sys::stat::fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(err)?;
+        let st =
+            nix::sys::stat::fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(err)?;
         let mut tmp_name = OsString::from(".mysnap-tmp-");
         tmp_name.push(name.as_os_str());
         let tmp = Path::new(&tmp_name);
@@ -217,7 +229,12 @@ impl SafeDir {
         let result = (|| {
             let mut f = self.create_file(tmp)?;
             f.write_all(bytes)?;
-            fchown(&f, Some(Uid::from_raw(st.st_uid)), Some(Gid::from_raw(st.st_gid))).map_err(err)?;
+            fchown(
+                &f,
+                Some(Uid::from_raw(st.st_uid)),
+                Some(Gid::from_raw(st.st_gid)),
+            )
+            .map_err(err)?;
             fchmod(&f, Mode::from_bits_truncate(st.st_mode & 0o777)).map_err(err)?;
             f.sync_all()?;
             nix::fcntl::renameat(&self.fd, tmp, &self.fd, name).map_err(err)
@@ -255,7 +272,10 @@ mod tests {
         assert!(t.read_file(Path::new("l"), 100).is_err());
         assert!(t.mkdir(Path::new("l"), 0o755, None).is_err());
         let sub = t.subdir(Path::new("a/b"), true, None).unwrap();
-        sub.create_file(Path::new("f")).unwrap().write_all(b"x").unwrap();
+        sub.create_file(Path::new("f"))
+            .unwrap()
+            .write_all(b"x")
+            .unwrap();
         assert!(sub.create_file(Path::new("f")).is_err(), "O_EXCL");
         sub.replace_file(Path::new("f"), b"new").unwrap();
         assert_eq!(std::fs::read(root.join("a/b/f")).unwrap(), b"new");

@@ -203,14 +203,11 @@ mod tests {
             paths: vec![v("mysql")],
             exclude: vec![v("mysql/ibtmp1")],
         };
-        let (bytes, stats) = write_tar(
-            root,
-            &layout,
-            Vec::new(),
-            &crate::progress::Silent,
-            &|| false,
-        )
-        .unwrap();
+        let (bytes, stats) =
+            write_tar(root, &layout, Vec::new(), &crate::progress::Silent, &|| {
+                false
+            })
+            .unwrap();
         assert_eq!(stats.files, 2);
         assert_eq!(stats.content_bytes, 70_004);
         assert_eq!(stats.tar_size, bytes.len() as u64);
@@ -278,6 +275,9 @@ mod tests {
         )
         .unwrap_err();
         let msg = format!("{err:#}");
-        assert!(msg.contains("d/t.MYD") && msg.contains("restore would refuse"), "{msg}");
+        assert!(
+            msg.contains("d/t.MYD") && msg.contains("restore would refuse"),
+            "{msg}"
+        );
     }
 }
