@@ -135,7 +135,7 @@ impl ConnectInfo {
         let conn = tokio::time::timeout(Duration::from_secs(15), Conn::new(opts))
             .await
             .map_err(|_| anyhow::anyhow!("cannot connect to MySQL at {}: no answer within 15s (check mysql.host and mysql.port)", self.target()))?;
-        conn.map_err(|e| {
+        let mut conn = conn.map_err(|e| {
             let hint = match &e {
                 mysql_async::Error::Server(s) if s.code == 1045 => {
                     " (check mysql.user and the password in mysql.password_file or mysql.defaults_file)"
@@ -143,7 +143,65 @@ impl ConnectInfo {
                 _ => " (check mysql.socket or mysql.host/port, and that the server is running)",
             };
             anyhow::anyhow!("cannot connect to MySQL at {} as {}: {e}{hint}", self.target(), self.user)
-        })
+        })?;
+        exec(&mut conn, SESSION_SQL_MODE).await.with_context(|| {
+            format!(
+                "cannot set the session's sql_mode on MySQL at {}",
+                self.target()
+            )
+        })?;
+        Ok(conn)
+    }
+}
+
+/// Set on every connection right after connecting, whatever the server's
+/// (or `init_connect`'s) `sql_mode`: the literals mysnap writes
+/// ([`quote_literal`]) are escaped for this mode, which has neither
+/// `NO_BACKSLASH_ESCAPES` (under which a backslash is an ordinary character,
+/// so `\'` would end a string) nor `ANSI_QUOTES` (under which `"` quotes
+/// identifiers).
+pub const SESSION_SQL_MODE: &str = "SET SESSION sql_mode = 'NO_ENGINE_SUBSTITUTION'";
+
+/// A string literal for SQL on a connection in [`SESSION_SQL_MODE`]:
+/// backslashes doubled, `'` as `''`. NUL is refused: no value mysnap writes
+/// has one. The error does not show the value (it may be a password).
+pub fn quote_literal(s: &str) -> anyhow::Result<String> {
+    anyhow::ensure!(!s.contains('\0'), "a value for SQL contains a NUL byte");
+    Ok(format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''")))
+}
+
+/// Removes a secret from text shown to anyone (errors, logs): the secret as
+/// it is, and each form a statement or a message can carry it in (quoted for
+/// SQL with `''` or `\'`, escaped as Rust's `{:?}` shows strings).
+#[derive(Clone)]
+pub struct Redactor {
+    forms: Vec<String>,
+}
+
+impl Redactor {
+    pub fn new(secret: &str) -> Redactor {
+        let mut forms = Vec::new();
+        if !secret.is_empty() {
+            let backslashes = secret.replace('\\', "\\\\");
+            forms.push(secret.to_string());
+            forms.push(backslashes.replace('\'', "''"));
+            forms.push(backslashes.replace('\'', "\\'"));
+            let debug = format!("{secret:?}");
+            forms.push(debug[1..debug.len() - 1].to_string());
+        }
+        // Longest first: a form that contains another is replaced whole.
+        forms.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        forms.dedup();
+        Redactor { forms }
+    }
+
+    /// `text` with every form of the secret replaced by `***`.
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for f in &self.forms {
+            out = out.replace(f.as_str(), "***");
+        }
+        out
     }
 }
 
@@ -371,6 +429,41 @@ mod tests {
         assert_eq!(c["user"], "debian-sys-maint");
         assert_eq!(c["password"], "s3cr=t");
         assert_eq!(c["socket"], "/run/mysqld/mysqld.sock");
+    }
+
+    #[test]
+    fn literals_are_safe_without_backslash_escapes_too() {
+        assert_eq!(quote_literal("p'w").unwrap(), r"'p''w'");
+        assert_eq!(quote_literal(r"a\").unwrap(), r"'a\\'");
+        // Under NO_BACKSLASH_ESCAPES the old `\'` form ends the string after
+        // the backslash; `''` is one quote in every mode, and the session
+        // never has that mode anyway.
+        assert_eq!(quote_literal(r"\', x='").unwrap(), r"'\\'', x='''");
+        assert!(quote_literal("a\0b").is_err());
+        assert!(!SESSION_SQL_MODE.contains("NO_BACKSLASH_ESCAPES"));
+        assert!(!SESSION_SQL_MODE.contains("ANSI"));
+    }
+
+    #[test]
+    fn every_form_of_a_secret_is_redacted() {
+        let pw = r#"p'w\%"x"#;
+        let r = Redactor::new(pw);
+        let quoted = quote_literal(pw).unwrap();
+        let texts = [
+            format!("SQL `CHANGE MASTER TO MASTER_PASSWORD={quoted}` failed"),
+            format!("You have an error near '{}' at line 1", &quoted[1..]),
+            r#"near 'p\'w\\%"x'"#.to_string(),
+            format!("{:?}", format!("Access denied: {pw}")),
+            format!("raw {pw} raw"),
+        ];
+        for t in &texts {
+            let shown = r.redact(t);
+            assert!(shown.contains("***"), "{shown}");
+            for needle in ["p'w", "p''w", r"p\'w", r"w\%", r"w\\%", r#"%"x"#, r#"%\"x"#] {
+                assert!(!shown.contains(needle), "{needle} in {shown}");
+            }
+        }
+        assert_eq!(Redactor::new("").redact("a b"), "a b");
     }
 
     #[test]

@@ -4,13 +4,44 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use nix::fcntl::{Flock, FlockArg};
 
-/// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename,
-/// fsync of the directory.
+/// Mode of every file mysnap writes (manifests, state, file store objects):
+/// they describe or hold a whole database. The umask can only remove bits.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+/// Mode of every directory mysnap creates for them.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+
+/// Creates `dir` and its missing parents with mode 0700 (existing ones are
+/// left as they are).
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(PRIVATE_DIR_MODE)
+        .create(dir)
+}
+
+/// Creates a new file with mode 0600 for writing, replacing one of that name
+/// left by an earlier process (whose mode could be wider); never follows a
+/// symlink there.
+pub fn create_private_file(path: &Path) -> std::io::Result<File> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(PRIVATE_FILE_MODE)
+        .open(path)
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file beside it (mode
+/// 0600), fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = path.parent().context("path has no parent directory")?;
     let tmp = dir.join(format!(
@@ -21,7 +52,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         std::process::id()
     ));
     let write = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
+        let mut f = create_private_file(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -43,7 +74,7 @@ pub struct StateLock {
 impl StateLock {
     /// Takes the lock without waiting; another run holding it is an error.
     pub fn acquire(state_dir: &Path) -> anyhow::Result<StateLock> {
-        std::fs::create_dir_all(state_dir).with_context(|| {
+        create_private_dir(state_dir).with_context(|| {
             format!(
                 "cannot create state directory {} (backup.state_dir)",
                 state_dir.display()
@@ -54,6 +85,7 @@ impl StateLock {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(PRIVATE_FILE_MODE)
             .open(&path)
             .with_context(|| format!("cannot open state lock {}", path.display()))?;
         let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {

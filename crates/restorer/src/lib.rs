@@ -717,19 +717,25 @@ async fn start_replication(
             .and_then(|r| r.get("v").cloned().flatten())
             .unwrap_or_default(),
     );
-    let redact = |s: String| {
-        if to.password.is_empty() {
-            s
-        } else {
-            s.replace(&to.password, "***")
-        }
-    };
-    for sql in replica::statements(&version, to, at) {
+    // Every string shown (statements, server errors, replica status errors)
+    // passes through it: the password in any form it can take is `***`.
+    let redactor = common::mysql::Redactor::new(&to.password);
+    let redact = |s: String| redactor.redact(&s);
+    for st in replica::statements(&version, to, at)? {
         use mysql_async::prelude::Queryable;
-        let shown = redact(sql.clone());
-        conn.query_drop(&sql).await.map_err(|e| {
+        // A prepared statement: the server takes exactly one statement, so
+        // nothing in a value can append another (mysql_async announces
+        // CLIENT_MULTI_STATEMENTS on every connection).
+        let params = if st.params.is_empty() {
+            mysql_async::Params::Empty
+        } else {
+            mysql_async::Params::Positional(st.params.iter().map(|p| p.as_str().into()).collect())
+        };
+        tracing::debug!("replication: {}", redact(st.shown.clone()));
+        conn.exec_drop(st.sql.as_str(), params).await.map_err(|e| {
             anyhow::anyhow!(
-                "setting up replication: SQL `{shown}` failed: {}",
+                "setting up replication: SQL `{}` failed: {}",
+                redact(st.shown.clone()),
                 redact(e.to_string())
             )
         })?;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use common::cli::{exit_with, runtime, GlobalArgs};
-use common::error::config_err;
+use common::error::{config_err, integrity_err};
 use restorer::{ReplicaOf, RestoreOpts};
 
 /// Lists, verifies and restores mysnap backups.
@@ -74,9 +74,21 @@ fn replica_opts(
             let port = port.parse().map_err(|_| {
                 config_err(format!("--replica-of {hp:?}: the port is not a number"))
             })?;
+            common::grammar::host(host)
+                .map_err(|e| config_err(format!("--replica-of {hp:?}: {e}")))?;
             Some((host.to_string(), port))
         }
-        (None, true) => m_source,
+        (None, true) => {
+            if let Some((host, _)) = &m_source {
+                // Recorded in the manifest, which the store's writers control.
+                common::grammar::host(host).map_err(|e| {
+                    integrity_err(format!(
+                        "the source host recorded in the backup (--replica-of-source): {e}; use --replica-of HOST:PORT"
+                    ))
+                })?;
+            }
+            m_source
+        }
         (None, false) => None,
     };
     let Some((host, port)) = target else {
@@ -88,11 +100,13 @@ fn replica_opts(
         return Ok(None);
     };
     let user = user.ok_or_else(|| config_err("--replica-of needs --replication-user"))?;
+    common::grammar::user(&user).map_err(|e| config_err(format!("--replication-user: {e}")))?;
     let file = password_file
         .ok_or_else(|| config_err("--replica-of needs --replication-password-file"))?;
     let password = common::mysql::read_secret_file(&file, "--replication-password-file")?
         .trim_end_matches(['\n', '\r'])
         .to_string();
+    restorer::replica::check_password(&password)?;
     Ok(Some(ReplicaOf {
         host,
         port,
@@ -166,4 +180,86 @@ fn main() -> std::process::ExitCode {
         }
         Ok(())
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::error::exit_code_of;
+    use common::ExitCode;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn replica_flags_are_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let pass = |text: &str| {
+            let p = dir.path().join("pass");
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+            Some(p)
+        };
+        let ok = replica_opts(
+            Some("db1:3307".into()),
+            false,
+            Some("repl".into()),
+            pass("p'w\\%\n"),
+            None,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (ok.host.as_str(), ok.port, ok.password.as_str()),
+            ("db1", 3307, "p'w\\%")
+        );
+        let cases = [
+            (
+                Some("db1',MASTER_HOST='x:3306".to_string()),
+                "repl",
+                "pw\n",
+                None,
+                "--replica-of",
+                ExitCode::Usage,
+            ),
+            (
+                Some("db1:3306".to_string()),
+                "r'; --",
+                "pw\n",
+                None,
+                "--replication-user",
+                ExitCode::Usage,
+            ),
+            (
+                Some("db1:3306".to_string()),
+                "repl",
+                "pw\nSTART SLAVE\n",
+                None,
+                "--replication-password-file",
+                ExitCode::Usage,
+            ),
+            (
+                Some("db1:3306".to_string()),
+                "repl",
+                "p\0w",
+                None,
+                "--replication-password-file",
+                ExitCode::Usage,
+            ),
+            (
+                None,
+                "repl",
+                "pw",
+                Some(("db1' x".to_string(), 3306)),
+                "--replica-of-source",
+                ExitCode::Integrity,
+            ),
+        ];
+        for (replica_of, user, pw, source, flag, code) in cases {
+            let from_source = replica_of.is_none();
+            let err = replica_opts(replica_of, from_source, Some(user.into()), pass(pw), source)
+                .unwrap_err();
+            assert_eq!(exit_code_of(&err), code, "{err}");
+            assert!(err.to_string().contains(flag), "{err}");
+            assert!(!err.to_string().contains("START SLAVE"), "{err}");
+        }
+    }
 }

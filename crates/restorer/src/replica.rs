@@ -1,8 +1,14 @@
-//! Pointing a restored server at its source: the statement for each flavor
-//! and version, with the password never logged or shown in an error.
+//! Pointing a restored server at its source: the statements for each flavor
+//! and version. The store is not trusted: every name and coordinate is
+//! checked against `common::grammar` before it is written into SQL, each
+//! statement runs as a prepared statement (the server takes exactly one
+//! statement, nothing can be appended) with the GTID set as a parameter, and
+//! the password is shown only as `'***'`.
 
+use common::error::{config_err, integrity_err};
+use common::grammar;
 use common::manifest::{Flavor, Manifest};
-use common::mysql::ServerVersion;
+use common::mysql::{quote_literal, ServerVersion};
 
 /// Where and as whom to replicate.
 #[derive(Clone)]
@@ -13,6 +19,32 @@ pub struct ReplicaOf {
     pub password: String,
 }
 
+impl std::fmt::Debug for ReplicaOf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{} as {}", self.host, self.port, self.user)
+    }
+}
+
+impl ReplicaOf {
+    /// Refuses a host, user or password that cannot go into a statement.
+    pub fn check(&self) -> anyhow::Result<()> {
+        grammar::host(&self.host).map_err(|e| config_err(format!("--replica-of: {e}")))?;
+        grammar::user(&self.user).map_err(|e| config_err(format!("--replication-user: {e}")))?;
+        check_password(&self.password)
+    }
+}
+
+/// Refuses a replication password with a NUL or a line break inside (the
+/// file holds one line; a trailing line break is not part of it).
+pub fn check_password(password: &str) -> anyhow::Result<()> {
+    if password.contains(['\0', '\n', '\r']) {
+        return Err(config_err(
+            "--replication-password-file: the password contains a NUL byte or a line break; the file must hold the password on one line",
+        ));
+    }
+    Ok(())
+}
+
 /// The coordinates to start from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartAt {
@@ -20,47 +52,107 @@ pub enum StartAt {
     File { file: String, position: u64 },
 }
 
+impl StartAt {
+    /// Why these coordinates cannot go into a statement, if they cannot.
+    fn invalid(&self) -> Option<String> {
+        match self {
+            StartAt::Gtid(g) => grammar::gtid_set(g).err(),
+            StartAt::File { file, .. } => grammar::binlog_file(file).err(),
+        }
+    }
+
+    /// Refuses coordinates (from a manifest of backup `backup_id`) that are
+    /// not a GTID set or a binary log file name: exit 4.
+    pub fn checked(self, backup_id: &str) -> anyhow::Result<StartAt> {
+        match self.invalid() {
+            None => Ok(self),
+            Some(why) => Err(integrity_err(format!(
+                "backup {backup_id} records replication coordinates that cannot be used: {why}"
+            ))),
+        }
+    }
+}
+
 /// Which coordinates of the manifest to use: the server's own (replicating
 /// from the backed-up server) or, with `from_source`, its source's.
 pub fn start_at(m: &Manifest, from_source: bool) -> anyhow::Result<StartAt> {
-    if from_source {
+    let at = if from_source {
         let s = m.source.as_ref().ok_or_else(|| {
-            common::error::config_err(format!(
+            config_err(format!(
                 "backup {} was not taken on a replica: it has no source coordinates (drop --replica-of-source)",
                 m.backup_id
             ))
         })?;
-        return Ok(match &s.gtid {
+        match &s.gtid {
             Some(g) => StartAt::Gtid(g.to_string()),
             None => StartAt::File {
                 file: s.file.to_string(),
                 position: s.position,
             },
-        });
-    }
-    if let Some(g) = &m.gtid {
-        return Ok(StartAt::Gtid(g.to_string()));
-    }
-    let b = m.binlog.as_ref().ok_or_else(|| {
-        common::error::config_err(format!(
-            "backup {} has no binary log coordinates (the binary log was off): it cannot seed a replica",
-            m.backup_id
-        ))
-    })?;
-    Ok(StartAt::File {
-        file: b.file.to_string(),
-        position: b.position,
-    })
+        }
+    } else if let Some(g) = &m.gtid {
+        StartAt::Gtid(g.to_string())
+    } else {
+        let b = m.binlog.as_ref().ok_or_else(|| {
+            config_err(format!(
+                "backup {} has no binary log coordinates (the binary log was off): it cannot seed a replica",
+                m.backup_id
+            ))
+        })?;
+        StartAt::File {
+            file: b.file.to_string(),
+            position: b.position,
+        }
+    };
+    at.checked(&m.backup_id)
 }
 
-/// A string literal for SQL.
-pub fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+/// One replication statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statement {
+    /// The SQL for a prepared statement: `?` for each parameter, literals
+    /// (quoted by [`quote_literal`]) where the syntax allows no parameter.
+    /// Holds the password: never show it.
+    pub sql: String,
+    /// The values of the `?`, in order.
+    pub params: Vec<String>,
+    /// The statement as shown in logs and errors: parameters inlined, the
+    /// password as `'***'`.
+    pub shown: String,
 }
 
-/// The statements that make the server replicate, in order. The password is
-/// inside; never log them.
-pub fn statements(v: &ServerVersion, to: &ReplicaOf, at: &StartAt) -> Vec<String> {
+impl Statement {
+    fn plain(sql: &str) -> Statement {
+        Statement {
+            sql: sql.into(),
+            params: Vec::new(),
+            shown: sql.into(),
+        }
+    }
+
+    /// `<prefix> ?` with `value` as its parameter.
+    fn with_param(prefix: &str, value: &str) -> anyhow::Result<Statement> {
+        Ok(Statement {
+            sql: format!("{prefix} ?"),
+            params: vec![value.into()],
+            shown: format!("{prefix} {}", quote_literal(value)?),
+        })
+    }
+}
+
+/// The statements that make the server replicate, in order. Refuses what
+/// [`ReplicaOf::check`] and [`StartAt::checked`] refuse.
+pub fn statements(
+    v: &ServerVersion,
+    to: &ReplicaOf,
+    at: &StartAt,
+) -> anyhow::Result<Vec<Statement>> {
+    to.check()?;
+    if let Some(why) = at.invalid() {
+        return Err(integrity_err(format!(
+            "the backup's replication coordinates cannot be used: {why}"
+        )));
+    }
     let new_syntax = v.flavor == Flavor::Mysql && (v.major, v.minor, v.patch) >= (8, 0, 23);
     let (change, host, port, user, pass, file, pos) = if new_syntax {
         (
@@ -83,53 +175,55 @@ pub fn statements(v: &ServerVersion, to: &ReplicaOf, at: &StartAt) -> Vec<String
             "MASTER_LOG_POS",
         )
     };
-    let mut sql = Vec::new();
-    let stop = if new_syntax {
+    let mut out = vec![Statement::plain(if new_syntax {
         "STOP REPLICA"
     } else {
         "STOP SLAVE"
-    };
-    sql.push(stop.to_string());
-    let mut change_sql = format!(
-        "{change} {host}={}, {port}={}, {user}={}, {pass}={}",
-        quote(&to.host),
+    })];
+    // CHANGE MASTER takes no parameters: its options are literals.
+    let head = format!(
+        "{change} {host}={}, {port}={}, {user}={}, {pass}=",
+        quote_literal(&to.host)?,
         to.port,
-        quote(&to.user),
-        quote(&to.password)
+        quote_literal(&to.user)?,
     );
-    match (at, v.flavor) {
+    let tail = match (at, v.flavor) {
         (StartAt::Gtid(g), Flavor::Mariadb) => {
-            sql.push(format!("SET GLOBAL gtid_slave_pos = {}", quote(g)));
-            change_sql.push_str(", MASTER_USE_GTID=slave_pos");
+            out.push(Statement::with_param("SET GLOBAL gtid_slave_pos =", g)?);
+            ", MASTER_USE_GTID=slave_pos".to_string()
         }
         (StartAt::Gtid(g), Flavor::Mysql) => {
-            sql.push("RESET MASTER".into());
-            sql.push(format!("SET GLOBAL gtid_purged = {}", quote(g)));
-            change_sql.push_str(if new_syntax {
-                ", SOURCE_AUTO_POSITION=1"
+            out.push(Statement::plain("RESET MASTER"));
+            out.push(Statement::with_param("SET GLOBAL gtid_purged =", g)?);
+            if new_syntax {
+                ", SOURCE_AUTO_POSITION=1".to_string()
             } else {
-                ", MASTER_AUTO_POSITION=1"
-            });
+                ", MASTER_AUTO_POSITION=1".to_string()
+            }
         }
         (StartAt::File { file: f, position }, _) => {
-            change_sql.push_str(&format!(", {file}={}, {pos}={position}", quote(f)));
+            format!(", {file}={}, {pos}={position}", quote_literal(f)?)
         }
-    }
-    sql.push(change_sql);
-    sql.push(
-        if new_syntax {
-            "START REPLICA"
-        } else {
-            "START SLAVE"
-        }
-        .into(),
-    );
-    sql
+    };
+    out.push(Statement {
+        sql: format!("{head}{}{tail}", quote_literal(&to.password)?),
+        params: Vec::new(),
+        shown: format!("{head}'***'{tail}"),
+    });
+    out.push(Statement::plain(if new_syntax {
+        "START REPLICA"
+    } else {
+        "START SLAVE"
+    }));
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use common::error::exit_code_of;
+    use common::mysql::Redactor;
+    use common::ExitCode;
 
     fn to() -> ReplicaOf {
         ReplicaOf {
@@ -140,19 +234,32 @@ mod tests {
         }
     }
 
+    fn shown(s: &[Statement]) -> Vec<&str> {
+        s.iter().map(|s| s.shown.as_str()).collect()
+    }
+
     #[test]
     fn mariadb_with_gtid() {
         let v = ServerVersion::parse("10.11.6-MariaDB");
-        let s = statements(&v, &to(), &StartAt::Gtid("0-1-42".into()));
+        let s = statements(&v, &to(), &StartAt::Gtid("0-1-42".into())).unwrap();
         assert_eq!(
-            s,
+            shown(&s),
             [
                 "STOP SLAVE",
                 "SET GLOBAL gtid_slave_pos = '0-1-42'",
-                "CHANGE MASTER TO MASTER_HOST='db1', MASTER_PORT=3306, MASTER_USER='repl', MASTER_PASSWORD='p\\'w', MASTER_USE_GTID=slave_pos",
+                "CHANGE MASTER TO MASTER_HOST='db1', MASTER_PORT=3306, MASTER_USER='repl', MASTER_PASSWORD='***', MASTER_USE_GTID=slave_pos",
                 "START SLAVE"
             ]
         );
+        assert_eq!(s[1].sql, "SET GLOBAL gtid_slave_pos = ?");
+        assert_eq!(s[1].params, ["0-1-42"]);
+        assert_eq!(
+            s[2].sql,
+            "CHANGE MASTER TO MASTER_HOST='db1', MASTER_PORT=3306, MASTER_USER='repl', MASTER_PASSWORD='p''w', MASTER_USE_GTID=slave_pos"
+        );
+        for st in [&s[0], &s[2], &s[3]] {
+            assert!(st.params.is_empty() && !st.sql.contains('?'), "{st:?}");
+        }
     }
 
     #[test]
@@ -161,18 +268,165 @@ mod tests {
             file: "binlog.000002".into(),
             position: 385,
         };
-        let old = statements(&ServerVersion::parse("8.0.22"), &to(), &at);
-        assert!(old[1].starts_with("CHANGE MASTER TO MASTER_HOST='db1'"));
-        assert!(old[1].ends_with("MASTER_LOG_FILE='binlog.000002', MASTER_LOG_POS=385"));
+        let old = statements(&ServerVersion::parse("8.0.22"), &to(), &at).unwrap();
+        assert!(old[1].sql.starts_with("CHANGE MASTER TO MASTER_HOST='db1'"));
+        assert!(old[1]
+            .sql
+            .ends_with("MASTER_LOG_FILE='binlog.000002', MASTER_LOG_POS=385"));
+        assert!(old[1].shown.contains("MASTER_PASSWORD='***'"));
         let new = statements(
             &ServerVersion::parse("8.4.3"),
             &to(),
-            &StartAt::Gtid("uuid:1-9".into()),
-        );
-        assert_eq!(new[0], "STOP REPLICA");
-        assert_eq!(new[2], "SET GLOBAL gtid_purged = 'uuid:1-9'");
-        assert!(new[3].starts_with("CHANGE REPLICATION SOURCE TO SOURCE_HOST='db1'"));
-        assert!(new[3].ends_with("SOURCE_AUTO_POSITION=1"));
-        assert_eq!(new[4], "START REPLICA");
+            &StartAt::Gtid("3e11fa47-71ca-11e1-9e33-c80aa9429562:1-9".into()),
+        )
+        .unwrap();
+        assert_eq!(shown(&new)[..2], ["STOP REPLICA", "RESET MASTER"]);
+        assert_eq!(new[2].sql, "SET GLOBAL gtid_purged = ?");
+        assert_eq!(new[2].params, ["3e11fa47-71ca-11e1-9e33-c80aa9429562:1-9"]);
+        assert!(new[3]
+            .sql
+            .starts_with("CHANGE REPLICATION SOURCE TO SOURCE_HOST='db1'"));
+        assert!(new[3].sql.ends_with("SOURCE_AUTO_POSITION=1"));
+        assert_eq!(new[4].shown, "START REPLICA");
+    }
+
+    /// Where a literal starting at `s[0]` ends (one past its closing quote),
+    /// read with or without NO_BACKSLASH_ESCAPES.
+    fn literal_end(s: &str, backslash_escapes: bool) -> Option<usize> {
+        let b = s.as_bytes();
+        assert_eq!(b[0], b'\'');
+        let mut i = 1;
+        while i < b.len() {
+            match b[i] {
+                b'\\' if backslash_escapes => i += 2,
+                b'\'' if b.get(i + 1) == Some(&b'\'') => i += 2,
+                b'\'' => return Some(i + 1),
+                _ => i += 1,
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn literals_end_in_the_same_place_with_or_without_backslash_escapes() {
+        for pw in [
+            r"p'w",
+            r"p\",
+            r"\'",
+            r"\\'",
+            r"', MASTER_HOST='evil",
+            r"x\'; DROP TABLE t; --",
+            "'''",
+        ] {
+            let at = StartAt::File {
+                file: "binlog.000001".into(),
+                position: 4,
+            };
+            let to = ReplicaOf {
+                password: pw.into(),
+                ..to()
+            };
+            let s = statements(&ServerVersion::parse("10.11.6-MariaDB"), &to, &at).unwrap();
+            let change = &s[1].sql;
+            let start = change.find("MASTER_PASSWORD=").unwrap() + "MASTER_PASSWORD=".len();
+            let lit = &change[start..];
+            let end = literal_end(lit, true).unwrap();
+            assert_eq!(literal_end(lit, false), Some(end), "{pw}");
+            assert!(
+                lit[end..].starts_with(", MASTER_LOG_FILE='binlog.000001'"),
+                "{pw}: {lit}"
+            );
+        }
+    }
+
+    #[test]
+    fn hostile_values_are_refused() {
+        let v = ServerVersion::parse("10.11.6-MariaDB");
+        let file = |f: &str| StartAt::File {
+            file: f.into(),
+            position: 4,
+        };
+        for at in [
+            StartAt::Gtid("0-1-42'; DROP DATABASE mysql; --".into()),
+            StartAt::Gtid("0-1-42\\".into()),
+            file("b'; DROP DATABASE mysql; --"),
+            file("../../etc/passwd"),
+        ] {
+            let err = statements(&v, &to(), &at).unwrap_err();
+            assert_eq!(exit_code_of(&err), ExitCode::Integrity, "{err}");
+            let err = at.clone().checked("20250101T000000Z").unwrap_err();
+            assert_eq!(exit_code_of(&err), ExitCode::Integrity, "{err}");
+            assert!(err.to_string().contains("backup 20250101T000000Z"), "{err}");
+        }
+        let at = StartAt::Gtid("0-1-42".into());
+        for (bad, flag) in [
+            (
+                ReplicaOf {
+                    host: "db1', MASTER_HOST='evil".into(),
+                    ..to()
+                },
+                "--replica-of",
+            ),
+            (
+                ReplicaOf {
+                    user: "r'; --".into(),
+                    ..to()
+                },
+                "--replication-user",
+            ),
+            (
+                ReplicaOf {
+                    password: "a\0b".into(),
+                    ..to()
+                },
+                "--replication-password-file",
+            ),
+            (
+                ReplicaOf {
+                    password: "a\nSTART SLAVE".into(),
+                    ..to()
+                },
+                "--replication-password-file",
+            ),
+        ] {
+            let err = statements(&v, &bad, &at).unwrap_err();
+            assert_eq!(exit_code_of(&err), ExitCode::Usage, "{err}");
+            assert!(err.to_string().contains(flag), "{err}");
+            assert!(!err.to_string().contains("a\0b"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_password_never_shows_in_any_form() {
+        let pw = r"50%' OR '\x";
+        let to = ReplicaOf {
+            password: pw.into(),
+            ..to()
+        };
+        let r = Redactor::new(pw);
+        let forms = [
+            pw.to_string(),
+            r"50%'' OR ''\\x".to_string(),
+            r"50%\' OR \'\\x".to_string(),
+        ];
+        for v in ["10.11.6-MariaDB", "8.0.22", "8.4.3"] {
+            let at = StartAt::File {
+                file: "binlog.000001".into(),
+                position: 4,
+            };
+            let s = statements(&ServerVersion::parse(v), &to, &at).unwrap();
+            assert!(s.iter().any(|s| s.sql.contains(&forms[1])));
+            let error = format!(
+                "SQL `{}` failed: You have an error in your SQL syntax; near '{}' at line 1",
+                s[1].sql,
+                &s[1].sql[40..]
+            );
+            for text in s.iter().map(|s| s.shown.clone()).chain([r.redact(&error)]) {
+                for f in &forms {
+                    assert!(!text.contains(f.as_str()), "{f} in {text}");
+                }
+                assert!(!text.contains("50%"), "{text}");
+            }
+        }
     }
 }

@@ -132,7 +132,7 @@ pub async fn run(cfg: &Config) -> anyhow::Result<PathBuf> {
     };
     let dir = state.backup_dir(&id);
     let path = dir.join(MANIFEST_FILE);
-    let saved = std::fs::create_dir_all(&dir)
+    let saved = common::state::create_private_dir(&dir)
         .with_context(|| format!("cannot create {}", dir.display()))
         .and_then(|()| m.save(&path));
     if let Err(e) = saved {

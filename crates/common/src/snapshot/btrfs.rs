@@ -32,7 +32,7 @@ impl SnapshotBackend for Btrfs {
 
     fn create(&self, name: &str) -> anyhow::Result<Snapshot> {
         let path = self.path(name)?;
-        std::fs::create_dir_all(&self.dir)
+        crate::state::create_private_dir(&self.dir)
             .with_context(|| format!("cannot create snapshot directory {}", self.dir.display()))?;
         cmd::run(&[
             "btrfs".as_ref(),

@@ -307,7 +307,7 @@ impl SnapshotBackend for Lvm {
         if is_mounted(&path) {
             return Ok(());
         }
-        std::fs::create_dir_all(&path)
+        crate::state::create_private_dir(&path)
             .with_context(|| format!("cannot create snapshot mountpoint {}", path.display()))?;
         cmd::run(&self.mount_argv(name)).with_context(|| {
             format!(

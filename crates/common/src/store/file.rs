@@ -1,5 +1,6 @@
 //! A store in a local or NFS directory: objects are files under the root,
-//! written to a temporary name, fsynced and renamed into place.
+//! written to a temporary name, fsynced and renamed into place. Objects are
+//! mode 0600 and the directories created for them 0700, whatever the umask.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::ops::Range;
@@ -67,7 +68,7 @@ impl Store for FileStore {
                 root.display()
             );
             let probe = root.join(format!(".mysnap-probe-{}", std::process::id()));
-            std::fs::write(&probe, b"")
+            crate::state::create_private_file(&probe)
                 .with_context(|| format!("store directory {} is not writable", root.display()))?;
             let _ = std::fs::remove_file(probe);
             Ok(())
@@ -79,7 +80,7 @@ impl Store for FileStore {
         let path = self.path(key);
         blocking(move || {
             let dir = path.parent().context("key has no parent")?;
-            std::fs::create_dir_all(dir)
+            crate::state::create_private_dir(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             crate::state::write_atomic(&path, &body)
         })
@@ -98,11 +99,11 @@ impl Store for FileStore {
         let (tmp2, path2) = (tmp.clone(), path.clone());
         let result = blocking(move || {
             let dir = path2.parent().context("key has no parent")?;
-            std::fs::create_dir_all(dir)
+            crate::state::create_private_dir(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             let mut f = std::io::BufWriter::with_capacity(
                 1 << 20,
-                std::fs::File::create(&tmp2)
+                crate::state::create_private_file(&tmp2)
                     .with_context(|| format!("cannot create {}", tmp2.display()))?,
             );
             let mut total = 0u64;
@@ -200,5 +201,73 @@ impl Store for FileStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e).with_context(|| format!("cannot delete {}", self.url(key))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    /// The one test that changes the umask (process-wide, and tests run in
+    /// threads): it covers the file store and the state directory.
+    #[test]
+    fn files_are_0600_and_dirs_0700_under_umask_022() {
+        use nix::sys::stat::{umask, Mode};
+        let old = umask(Mode::from_bits_truncate(0o022));
+        let dir = tempfile::tempdir().unwrap();
+
+        let root = dir.path().join("store");
+        std::fs::create_dir(&root).unwrap();
+        let store = FileStore::new(root.clone());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            store.check().await.unwrap();
+            store
+                .put(
+                    "db1/20250101T000000Z/manifest.toml",
+                    Bytes::from_static(b"m"),
+                )
+                .await
+                .unwrap();
+            let (tx, rx) = mpsc::channel(4);
+            tx.send(Chunk::Data(Bytes::from_static(b"data")))
+                .await
+                .unwrap();
+            tx.send(Chunk::End).await.unwrap();
+            let n = store.put_stream("db2/x/data.tar.zst", rx, 1).await.unwrap();
+            assert_eq!(n, 4);
+        });
+        for d in ["db1", "db1/20250101T000000Z", "db2", "db2/x"] {
+            assert_eq!(mode(&root.join(d)), 0o700, "{d}");
+        }
+        for f in ["db1/20250101T000000Z/manifest.toml", "db2/x/data.tar.zst"] {
+            assert_eq!(mode(&root.join(f)), 0o600, "{f}");
+        }
+
+        let state = dir.path().join("state/sub");
+        let lock = crate::state::StateLock::acquire(&state).unwrap();
+        assert_eq!(mode(&dir.path().join("state")), 0o700);
+        assert_eq!(mode(&state), 0o700);
+        assert_eq!(mode(&state.join("lock")), 0o600);
+        let backup = lock.backup_dir("20250101T000000Z");
+        crate::state::create_private_dir(&backup).unwrap();
+        assert_eq!(mode(&backup), 0o700);
+        let m = backup.join("manifest.toml");
+        // A temporary file left by an earlier process with a wider mode is replaced.
+        let stale = backup.join(format!(".manifest.toml.tmp-{}", std::process::id()));
+        std::fs::write(&stale, b"old").unwrap();
+        std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o644)).unwrap();
+        crate::state::write_atomic(&m, b"x").unwrap();
+        assert_eq!(mode(&m), 0o600);
+        assert!(!stale.exists());
+
+        umask(old);
     }
 }
