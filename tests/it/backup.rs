@@ -224,7 +224,7 @@ state_dir = "{state}"
             common::store::open(&cfg)
                 .await
                 .unwrap()
-                .get(&key)
+                .get(&key, u64::MAX / 2)
                 .await
                 .unwrap()
                 .to_vec()

@@ -89,7 +89,7 @@ async fn conformance(store: &dyn Store, sibling: &dyn Store, missing: &dyn Store
         .await
         .unwrap();
     assert_eq!(
-        store.get("small/hello.txt").await.unwrap(),
+        store.get("small/hello.txt", 1 << 20).await.unwrap(),
         Bytes::from_static(b"hello")
     );
     assert_eq!(store.size("small/hello.txt").await.unwrap(), Some(5));
@@ -98,12 +98,12 @@ async fn conformance(store: &dyn Store, sibling: &dyn Store, missing: &dyn Store
         .await
         .unwrap();
     assert_eq!(
-        store.get("small/hello.txt").await.unwrap(),
+        store.get("small/hello.txt", 1 << 20).await.unwrap(),
         Bytes::from_static(b"hello, world")
     );
     assert_eq!(store.size("small/none.txt").await.unwrap(), None);
     assert!(
-        store.get("small/none.txt").await.is_err(),
+        store.get("small/none.txt", 1 << 20).await.is_err(),
         "get of a missing key must fail"
     );
 
@@ -117,7 +117,7 @@ async fn conformance(store: &dyn Store, sibling: &dyn Store, missing: &dyn Store
         store.size("big/data.bin").await.unwrap(),
         Some(big.len() as u64)
     );
-    let got = store.get("big/data.bin").await.unwrap();
+    let got = store.get("big/data.bin", 1 << 30).await.unwrap();
     assert_eq!(got.len(), big.len());
     assert_eq!(sha(&got), sha(&big), "SHA-256 of the streamed object");
 
@@ -150,7 +150,7 @@ async fn conformance(store: &dyn Store, sibling: &dyn Store, missing: &dyn Store
         1000
     );
     assert_eq!(
-        store.get("small/stream.bin").await.unwrap(),
+        store.get("small/stream.bin", 1 << 30).await.unwrap(),
         Bytes::from(small)
     );
     assert_eq!(

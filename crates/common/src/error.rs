@@ -46,6 +46,8 @@ pub fn exit_code_of(err: &anyhow::Error) -> ExitCode {
                 Some(e.exit_code())
             } else if let Some(e) = e.downcast_ref::<crate::archive::ArchiveError>() {
                 Some(e.exit_code())
+            } else if let Some(e) = e.downcast_ref::<crate::store::StoreError>() {
+                Some(e.exit_code())
             } else {
                 e.downcast_ref::<crate::manifest::ManifestError>()
                     .map(|_| ExitCode::Integrity)

@@ -7,6 +7,8 @@
 //! server. Any failure before the swap leaves the live data untouched.
 //! The restorer never writes to the store.
 
+#[cfg(test)]
+mod forged;
 pub mod replica;
 
 use std::path::{Path, PathBuf};
@@ -100,7 +102,7 @@ async fn read_manifest(
         }
         Some(_) => {}
     }
-    let bytes = store.get(&key).await?;
+    let bytes = store.get(&key, MAX_MANIFEST_BYTES).await?;
     let text = std::str::from_utf8(&bytes).map_err(|_| bad("is not UTF-8 text".into()))?;
     let m = Manifest::parse_stored(text, &key, &url)?;
     let skew = time::Duration::try_from(MAX_CLOCK_SKEW).expect("a day fits");
@@ -196,6 +198,64 @@ async fn stream_archive(
     });
     progress.finish();
     Ok(r?)
+}
+
+/// Unpacks backup `m` into the empty directory `staging` and prepares the
+/// copy for this server (clone hygiene, binary log index pointed at
+/// `volume.datadir` and `volume.mountpoint`, one syncfs): everything restore
+/// does before it touches the server. Nothing outside `staging` is written.
+pub async fn stage(
+    cfg: &Config,
+    store: Arc<dyn Store>,
+    m: &Manifest,
+    info: &ArchiveInfo,
+    staging: &Path,
+    owner: Option<(u32, u32)>,
+    progress: &dyn Progress,
+) -> anyhow::Result<Streamed> {
+    let s = stream_archive(
+        cfg,
+        store.clone(),
+        m,
+        info,
+        Target::Dir {
+            root: staging,
+            owner,
+        },
+        progress,
+    )
+    .await?;
+    // Every archived directory must be there, as a plain directory.
+    let staged =
+        SafeDir::open(staging).with_context(|| format!("cannot open {}", staging.display()))?;
+    let mut roots = Vec::new();
+    for p in &m.data.paths {
+        let dir = staged.subdir(p.as_path(), false, None).map_err(|e| {
+            common::error::integrity_err(format!(
+                "the archive {} has no directory {p:?} of its data.paths (or not as a plain directory): {e}",
+                store.url(&info.key)
+            ))
+        })?;
+        roots.push(dir);
+    }
+    let removed = clone_hygiene(&roots[0])?;
+    if !removed.is_empty() {
+        tracing::info!("removed from the copy: {}", removed.join(", "));
+    }
+    // The binary log index names files by the source's paths.
+    let mut moves = vec![(
+        m.data.volume_root.join(&m.data.datadir),
+        cfg.volume.datadir.clone(),
+    )];
+    for p in m.data.paths.iter().filter(|p| **p != m.data.datadir) {
+        moves.push((m.data.volume_root.join(p), cfg.volume.mountpoint.join(p)));
+    }
+    for dir in &roots {
+        rewrite_binlog_indexes(dir, &moves)?;
+    }
+    // One flush of the whole filesystem instead of an fsync per file.
+    staged.syncfs().context("syncfs")?;
+    Ok(s)
 }
 
 /// Reads the whole archive as restore would, writing nothing.
@@ -579,48 +639,15 @@ pub async fn restore(
         staging_path.display()
     );
     let t = Instant::now();
-    let unpacked = async {
-        let s = stream_archive(
-            cfg,
-            store.clone(),
-            &m,
-            &info,
-            Target::Dir {
-                root: &staging_path,
-                owner,
-            },
-            progress,
-        )
-        .await?;
-        // Every archived directory must be there, as a plain directory.
-        let staged = SafeDir::open(&staging_path)
-            .with_context(|| format!("cannot open {}", staging_path.display()))?;
-        let mut roots = Vec::new();
-        for p in &m.data.paths {
-            let dir = staged.subdir(p.as_path(), false, None).map_err(|e| {
-                common::error::integrity_err(format!(
-                    "the archive {} has no directory {p:?} of its data.paths (or not as a plain directory): {e}",
-                    store.url(&info.key)
-                ))
-            })?;
-            roots.push(dir);
-        }
-        let removed = clone_hygiene(&roots[0])?;
-        if !removed.is_empty() {
-            tracing::info!("removed from the copy: {}", removed.join(", "));
-        }
-        // The binary log index names files by the source's paths.
-        let mut moves = vec![(m.data.volume_root.join(&m.data.datadir), datadir.clone())];
-        for p in m.data.paths.iter().filter(|p| **p != m.data.datadir) {
-            moves.push((m.data.volume_root.join(p), cfg.volume.mountpoint.join(p)));
-        }
-        for dir in &roots {
-            rewrite_binlog_indexes(dir, &moves)?;
-        }
-        // One flush of the whole filesystem instead of an fsync per file.
-        staged.syncfs().context("syncfs")?;
-        anyhow::Ok(s)
-    }
+    let unpacked = stage(
+        cfg,
+        store.clone(),
+        &m,
+        &info,
+        &staging_path,
+        owner,
+        progress,
+    )
     .await;
     let streamed = match unpacked {
         Ok(s) => s,

@@ -124,6 +124,19 @@ impl Policy {
         Ok(())
     }
 
+    /// After the last entry: every archived directory is there.
+    pub fn finish(&self) -> Result<(), String> {
+        for r in &self.roots {
+            if !r.is_empty() && self.kind(r) != Some(Kind::Dir) {
+                return Err(format!(
+                    "the archive has no directory {} of its data.paths",
+                    r.join("/")
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// A link at `comps` (inside the root of `root` components) to `target`.
     fn check_link(&self, comps: &[String], root: usize, target: &str) -> Result<(), String> {
         if target.is_empty() {
@@ -262,7 +275,8 @@ mod tests {
     fn forged_entries_are_refused() {
         let m =
             |p: &'static str, k, l| vec![("mysql", Dir, None), ("mysql/d", Dir, None), (p, k, l)];
-        let cases: Vec<(Vec<(&str, Kind, Option<&str>)>, &str)> = vec![
+        type Entries = Vec<(&'static str, Kind, Option<&'static str>)>;
+        let cases: Vec<(Entries, &str)> = vec![
             (m("/etc/passwd", File, None), "absolute"),
             (m("mysql/../../etc/x", File, None), "'..'"),
             (m("mysql/./x", File, None), "'.'"),

@@ -366,6 +366,7 @@ fn entries(
             why: "a long name with no entry after it".into(),
         });
     }
+    policy.finish().map_err(|why| corrupt(url, why))?;
     Ok(s)
 }
 

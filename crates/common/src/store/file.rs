@@ -22,8 +22,18 @@ impl FileStore {
         FileStore { root }
     }
 
-    fn path(&self, key: &str) -> PathBuf {
-        self.root.join(key)
+    /// The file of `key`: keys are relative paths of normal components
+    /// only, so no key names a file outside the root.
+    fn path(&self, key: &str) -> anyhow::Result<PathBuf> {
+        let normal = !key.is_empty()
+            && Path::new(key)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        anyhow::ensure!(
+            normal,
+            "{key:?} is not a store key (a relative path without '.' or '..')"
+        );
+        Ok(self.root.join(key))
     }
 
     fn temp_path(path: &Path) -> PathBuf {
@@ -33,6 +43,23 @@ impl FileStore {
             .unwrap_or_default();
         path.with_file_name(format!(".{name}.partial-{}", std::process::id()))
     }
+}
+
+/// Opens an object for reading: a regular file, not through a link as its
+/// last component, never blocking on a fifo someone put in the store.
+fn open_object(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    Ok(f)
 }
 
 async fn blocking<T: Send + 'static>(
@@ -50,7 +77,7 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 #[async_trait]
 impl Store for FileStore {
     fn url(&self, key: &str) -> String {
-        format!("file://{}", self.path(key).display())
+        format!("file://{}", self.root.join(key).display())
     }
 
     async fn check(&self) -> anyhow::Result<()> {
@@ -77,7 +104,7 @@ impl Store for FileStore {
     }
 
     async fn put(&self, key: &str, body: Bytes) -> anyhow::Result<()> {
-        let path = self.path(key);
+        let path = self.path(key)?;
         blocking(move || {
             let dir = path.parent().context("key has no parent")?;
             crate::state::create_private_dir(dir)
@@ -93,7 +120,7 @@ impl Store for FileStore {
         mut parts: mpsc::Receiver<Chunk>,
         _concurrency: usize,
     ) -> anyhow::Result<u64> {
-        let path = self.path(key);
+        let path = self.path(key)?;
         let tmp = Self::temp_path(&path);
         let url = self.url(key);
         let (tmp2, path2) = (tmp.clone(), path.clone());
@@ -134,7 +161,7 @@ impl Store for FileStore {
     }
 
     async fn size(&self, key: &str) -> anyhow::Result<Option<u64>> {
-        match tokio::fs::metadata(self.path(key)).await {
+        match tokio::fs::metadata(self.path(key)?).await {
             Ok(m) => Ok(Some(m.len())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("cannot stat {}", self.url(key))),
@@ -142,10 +169,10 @@ impl Store for FileStore {
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> anyhow::Result<Bytes> {
-        let path = self.path(key);
+        let path = self.path(key)?;
         let url = self.url(key);
         blocking(move || {
-            let mut f = std::fs::File::open(&path)?;
+            let mut f = open_object(&path)?;
             f.seek(SeekFrom::Start(range.start))?;
             let mut buf = Vec::with_capacity((range.end - range.start) as usize);
             f.take(range.end - range.start).read_to_end(&mut buf)?;
@@ -155,11 +182,21 @@ impl Store for FileStore {
         .with_context(|| format!("cannot read {url}"))
     }
 
-    async fn get(&self, key: &str) -> anyhow::Result<Bytes> {
-        let data = tokio::fs::read(self.path(key))
-            .await
-            .with_context(|| format!("cannot read {}", self.url(key)))?;
-        Ok(Bytes::from(data))
+    async fn get(&self, key: &str, limit: u64) -> anyhow::Result<Bytes> {
+        let path = self.path(key)?;
+        let url = self.url(key);
+        blocking(move || {
+            let f = open_object(&path).with_context(|| format!("cannot read {url}"))?;
+            let mut buf = Vec::new();
+            f.take(limit + 1)
+                .read_to_end(&mut buf)
+                .with_context(|| format!("cannot read {url}"))?;
+            if buf.len() as u64 > limit {
+                return Err(super::StoreError::TooLarge { url, limit }.into());
+            }
+            Ok(Bytes::from(buf))
+        })
+        .await
     }
 
     async fn list(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
@@ -196,7 +233,7 @@ impl Store for FileStore {
     }
 
     async fn delete(&self, key: &str) -> anyhow::Result<()> {
-        match tokio::fs::remove_file(self.path(key)).await {
+        match tokio::fs::remove_file(self.path(key)?).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e).with_context(|| format!("cannot delete {}", self.url(key))),

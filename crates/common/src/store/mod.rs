@@ -20,6 +20,50 @@ pub use download::Download;
 pub use file::FileStore;
 pub use s3::S3Store;
 
+/// Why a store operation failed, in the style of object_store's errors:
+/// the operation, the object, and what the operator can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{op} {url}: not found{hint}")]
+    NotFound {
+        op: String,
+        url: String,
+        hint: &'static str,
+    },
+    #[error("{op} {url}: access denied: {detail}{hint}")]
+    Denied {
+        op: String,
+        url: String,
+        detail: String,
+        hint: &'static str,
+    },
+    #[error("{op} {url}: the store did not answer: {detail} (check store.endpoint, store.region and the network)")]
+    Unreachable {
+        op: String,
+        url: String,
+        detail: String,
+    },
+    #[error("{url} is larger than the {limit} bytes mysnap reads for it: refused")]
+    TooLarge { url: String, limit: u64 },
+    #[error("{op} {url}: {detail}")]
+    Other {
+        op: String,
+        url: String,
+        detail: String,
+    },
+}
+
+impl StoreError {
+    /// A store that answers with more than it should is not trusted (exit
+    /// 4); every other store failure is exit 1.
+    pub fn exit_code(&self) -> crate::ExitCode {
+        match self {
+            StoreError::TooLarge { .. } => crate::ExitCode::Integrity,
+            _ => crate::ExitCode::Failure,
+        }
+    }
+}
+
 /// S3's limit on the number of parts of one upload.
 pub const MAX_PARTS: u64 = 10_000;
 /// S3's smallest part (all but the last).
@@ -55,10 +99,11 @@ pub trait Store: Send + Sync {
     ) -> anyhow::Result<u64>;
     /// Size of `key`, or `None` when it does not exist.
     async fn size(&self, key: &str) -> anyhow::Result<Option<u64>>;
-    /// Bytes `range` of `key`.
+    /// Bytes `range` of `key`; a store that sends more is refused.
     async fn get_range(&self, key: &str, range: Range<u64>) -> anyhow::Result<Bytes>;
-    /// The whole of a small object.
-    async fn get(&self, key: &str) -> anyhow::Result<Bytes>;
+    /// The whole of a small object, at most `limit` bytes
+    /// ([`StoreError::TooLarge`] beyond: nothing larger is held in memory).
+    async fn get(&self, key: &str, limit: u64) -> anyhow::Result<Bytes>;
     /// Every key that starts with `prefix`, sorted.
     async fn list(&self, prefix: &str) -> anyhow::Result<Vec<String>>;
     async fn delete(&self, key: &str) -> anyhow::Result<()>;

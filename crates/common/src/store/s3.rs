@@ -18,7 +18,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::{Chunk, Store};
+use super::{Chunk, Store, StoreError};
 use crate::config::StoreConfig;
 
 pub struct S3Store {
@@ -27,8 +27,9 @@ pub struct S3Store {
     prefix: String,
 }
 
-/// One line naming the operation, the object, the server's code and what to do.
-fn s3_error<E, R>(op: &str, url: &str, err: SdkError<E, R>) -> anyhow::Error
+/// The typed error of an S3 call: the operation, the object, the server's
+/// code and what to do.
+fn s3_error<E, R>(op: &str, url: &str, err: SdkError<E, R>) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug,
@@ -39,18 +40,56 @@ where
         (Some(c), None) => c.clone(),
         _ => DisplayErrorContext(&err).to_string(),
     };
-    let hint = match code.as_deref() {
-        Some("NoSuchBucket") => " (the bucket does not exist: create it or fix store.url)",
-        Some("AccessDenied") => " (the credentials lack permission for this bucket and prefix)",
-        Some("InvalidAccessKeyId" | "SignatureDoesNotMatch") => {
-            " (check the AWS credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile or instance role)"
-        }
+    let (op, url) = (op.to_string(), url.to_string());
+    match code.as_deref() {
+        Some("NoSuchBucket") => StoreError::NotFound {
+            op,
+            url,
+            hint: " (the bucket does not exist: create it or fix store.url)",
+        },
+        Some("NoSuchKey" | "NotFound") => StoreError::NotFound { op, url, hint: "" },
+        Some("AccessDenied") => StoreError::Denied {
+            op,
+            url,
+            detail,
+            hint: " (the credentials lack permission for this bucket and prefix)",
+        },
+        Some("InvalidAccessKeyId" | "SignatureDoesNotMatch") => StoreError::Denied {
+            op,
+            url,
+            detail,
+            hint: " (check the AWS credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile or instance role)",
+        },
         _ if matches!(err, SdkError::DispatchFailure(_) | SdkError::TimeoutError(_)) => {
-            " (cannot reach the S3 endpoint: check store.endpoint, store.region and the network)"
+            StoreError::Unreachable { op, url, detail }
         }
-        _ => "",
-    };
-    anyhow::anyhow!("{op} {url}: {detail}{hint}")
+        _ => StoreError::Other { op, url, detail },
+    }
+}
+
+/// Reads a response body, refusing more than `limit` bytes (a store that
+/// sends more than asked is not trusted with memory).
+async fn read_body(
+    mut body: aws_sdk_s3::primitives::ByteStream,
+    url: &str,
+    limit: u64,
+) -> anyhow::Result<Bytes> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = body
+        .try_next()
+        .await
+        .with_context(|| format!("reading {url}"))?
+    {
+        if (buf.len() + chunk.len()) as u64 > limit {
+            return Err(StoreError::TooLarge {
+                url: url.to_string(),
+                limit,
+            }
+            .into());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
 }
 
 impl S3Store {
@@ -237,7 +276,7 @@ impl Store for S3Store {
                         self.bucket
                     )
                 } else {
-                    s3_error("HeadBucket", &format!("s3://{}", self.bucket), e)
+                    s3_error("HeadBucket", &format!("s3://{}", self.bucket), e).into()
                 }
             })?;
         Ok(())
@@ -304,7 +343,7 @@ impl Store for S3Store {
         {
             Ok(out) => Ok(Some(out.content_length().unwrap_or(0) as u64)),
             Err(SdkError::ServiceError(e)) if e.err().is_not_found() => Ok(None),
-            Err(e) => Err(s3_error("HeadObject", &self.url(key), e)),
+            Err(e) => Err(s3_error("HeadObject", &self.url(key), e).into()),
         }
     }
 
@@ -322,15 +361,10 @@ impl Store for S3Store {
             .send()
             .await
             .map_err(|e| s3_error("GetObject", &url, e))?;
-        let body = out
-            .body
-            .collect()
-            .await
-            .with_context(|| format!("reading {url}"))?;
-        Ok(body.into_bytes())
+        read_body(out.body, &url, range.end - range.start).await
     }
 
-    async fn get(&self, key: &str) -> anyhow::Result<Bytes> {
+    async fn get(&self, key: &str, limit: u64) -> anyhow::Result<Bytes> {
         let url = self.url(key);
         let out = self
             .client
@@ -340,12 +374,10 @@ impl Store for S3Store {
             .send()
             .await
             .map_err(|e| s3_error("GetObject", &url, e))?;
-        Ok(out
-            .body
-            .collect()
-            .await
-            .with_context(|| format!("reading {url}"))?
-            .into_bytes())
+        if out.content_length().is_some_and(|n| n as u64 > limit) {
+            return Err(StoreError::TooLarge { url, limit }.into());
+        }
+        read_body(out.body, &url, limit).await
     }
 
     async fn list(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
@@ -365,11 +397,15 @@ impl Store for S3Store {
             .send();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| s3_error("ListObjectsV2", &self.url(prefix), e))?;
+            // A key outside the prefix asked for (a broken or hostile
+            // server) is ignored.
             keys.extend(
                 page.contents()
                     .iter()
                     .filter_map(|o| o.key())
-                    .map(|k| k[strip..].to_string()),
+                    .filter(|k| k.starts_with(&full))
+                    .filter_map(|k| k.get(strip..))
+                    .map(str::to_string),
             );
         }
         keys.sort();
