@@ -248,29 +248,36 @@ fn plant(store_root: &Path, real: &Manifest, id: &str, archive: &[u8]) {
 
 /// A zstd tar with one crafted entry after a harmless directory; names are raw bytes.
 fn crafted(name: &str, kind: tar::EntryType, link: &str) -> Vec<u8> {
+    crafted_many(&[(name, kind, link)])
+}
+
+/// A zstd tar with crafted entries after a harmless directory.
+fn crafted_many(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     let mut dir = tar::Header::new_gnu();
     dir.set_entry_type(tar::EntryType::Directory);
     dir.set_mode(0o755);
     dir.set_size(0);
     b.append_data(&mut dir, "mysql", std::io::empty()).unwrap();
-    let mut h = tar::Header::new_gnu();
-    h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
-    h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
-    h.set_entry_type(kind);
-    h.set_mode(0o644);
-    let data: &[u8] = if kind == tar::EntryType::Regular {
-        b"evil"
-    } else {
-        b""
-    };
-    h.set_size(data.len() as u64);
-    if matches!(kind, tar::EntryType::Char | tar::EntryType::Block) {
-        h.set_device_major(1).unwrap();
-        h.set_device_minor(3).unwrap();
+    for &(name, kind, link) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+        h.set_entry_type(kind);
+        h.set_mode(0o644);
+        let data: &[u8] = if kind == tar::EntryType::Regular {
+            b"evil"
+        } else {
+            b""
+        };
+        h.set_size(data.len() as u64);
+        if matches!(kind, tar::EntryType::Char | tar::EntryType::Block) {
+            h.set_device_major(1).unwrap();
+            h.set_device_minor(3).unwrap();
+        }
+        h.set_cksum();
+        b.append(&h, data).unwrap();
     }
-    h.set_cksum();
-    b.append(&h, data).unwrap();
     zstd::encode_all(&b.into_inner().unwrap()[..], 3).unwrap()
 }
 
@@ -296,44 +303,54 @@ fn tampered_and_unsafe_archives_are_refused_with_exit_4_and_the_target_keeps_ser
     let mid = flipped.len() / 2;
     flipped[mid] ^= 0x40;
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("20300101T000001Z", flipped, "corrupt"),
+        ("20261101T000001Z", flipped, "corrupt"),
         (
-            "20300101T000002Z",
+            "20261101T000002Z",
             archive[..archive.len() / 2].to_vec(),
             "truncated",
         ),
         (
-            "20300101T000003Z",
+            "20261101T000003Z",
             crafted("mysql/../../evil", tar::EntryType::Regular, ""),
             "'..'",
         ),
         (
-            "20300101T000004Z",
+            "20261101T000004Z",
             crafted("/tmp/mysnap-evil", tar::EntryType::Regular, ""),
             "absolute",
         ),
         (
-            "20300101T000005Z",
+            "20261101T000005Z",
             crafted("mysql/link", tar::EntryType::Symlink, "../../../../etc"),
-            "outside",
+            "leaves",
         ),
         (
-            "20300101T000006Z",
+            "20261101T000006Z",
             crafted("mysql/null", tar::EntryType::Char, ""),
             "device node",
+        ),
+        (
+            // A chain of links, each harmless alone, climbing out together.
+            "20261101T000007Z",
+            crafted_many(&[
+                ("mysql/a", tar::EntryType::Symlink, "."),
+                ("mysql/b", tar::EntryType::Symlink, "a/../../../etc"),
+                ("mysql/b/evil", tar::EntryType::Regular, ""),
+            ]),
+            "symbolic link",
         ),
     ];
     for (cid, bytes, _) in &cases {
         plant(&store_root, &real, cid, bytes);
     }
     // The flipped byte: keep the real SHA-256, as if the object had rotted in the store.
-    let rotten = store_root.join("db1/20300101T000001Z/manifest.toml");
+    let rotten = store_root.join("db1/20261101T000001Z/manifest.toml");
     let text = std::fs::read_to_string(&rotten).unwrap();
     let mut m = Manifest::parse(&text, "x").unwrap();
     m.archive.as_mut().unwrap().sha256 = real.archive.as_ref().unwrap().sha256.clone();
     std::fs::write(&rotten, m.to_toml()).unwrap();
     // The truncated archive: its manifest still says the full size.
-    let short = store_root.join("db1/20300101T000002Z/manifest.toml");
+    let short = store_root.join("db1/20261101T000002Z/manifest.toml");
     let mut m = Manifest::parse(&std::fs::read_to_string(&short).unwrap(), "x").unwrap();
     m.archive.as_mut().unwrap().size = archive.len() as u64;
     std::fs::write(&short, m.to_toml()).unwrap();

@@ -92,6 +92,16 @@ pub fn stream(
     let ((_, size, sha), streamed) = match (decoded, unpacked) {
         // The decoder stopped because unpacking did: unpacking's error says why.
         (Err(ArchiveError::Stopped), Err(u)) => return Err(u),
+        // Both failed: an entry refused on its own says more than a stream
+        // that also ends wrong (a forged archive is usually both).
+        (
+            Err(_),
+            Err(
+                u @ (ArchiveError::Unsafe { .. }
+                | ArchiveError::TooLarge { .. }
+                | ArchiveError::Write { .. }),
+            ),
+        ) => return Err(u),
         (Err(d), _) => return Err(d),
         (Ok(_), Err(u)) => return Err(u),
         (Ok(hashed), Ok(streamed)) => (hashed, streamed),
