@@ -380,8 +380,8 @@ fn tampered_and_unsafe_archives_are_refused_with_exit_4_and_the_target_keeps_ser
 }
 
 #[test]
-fn a_target_without_room_is_refused_before_anything_changes_and_a_full_disk_rolls_back() {
-    if !gate("a_target_without_room_is_refused_before_anything_changes_and_a_full_disk_rolls_back")
+fn a_target_without_room_is_refused_before_anything_changes_and_an_understated_size_stops_early() {
+    if !gate("a_target_without_room_is_refused_before_anything_changes_and_an_understated_size_stops_early")
     {
         return;
     }
@@ -409,15 +409,17 @@ fn a_target_without_room_is_refused_before_anything_changes_and_a_full_disk_roll
     assert!(line.contains("not enough room"), "{line}");
     target.assert_untouched("too small");
 
-    // A manifest that understates the unpacked size: the disk fills while unpacking.
+    // A manifest that understates the unpacked size (so the room check
+    // passes): unpacking stops at the declared size, long before the disk
+    // fills, and the backup is refused as larger than its manifest says.
     let path = src.tmp.path().join(format!("store/db1/{id}/manifest.toml"));
     let mut m = Manifest::parse(&std::fs::read_to_string(&path).unwrap(), "x").unwrap();
     m.archive.as_mut().unwrap().unpacked_size = 1 << 20;
     std::fs::write(&path, m.to_toml()).unwrap();
     let out = target.restorer(&src, &["restore", &id]);
-    let line = error_line(&out, 1);
-    assert!(line.contains("No space left on device"), "{line}");
-    target.assert_untouched("disk full");
+    let line = error_line(&out, 4);
+    assert!(line.contains("larger than its manifest says"), "{line}");
+    target.assert_untouched("understated size");
 }
 
 #[test]

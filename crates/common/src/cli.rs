@@ -12,7 +12,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// Flags common to every program (CONTRACT.md).
+/// Flags common to every program (README, "Operations").
 #[derive(Debug, Clone, clap::Args)]
 pub struct GlobalArgs {
     /// Config file [default: $MYSNAP_CONFIG, else /etc/mysnap/mysnap.toml]

@@ -1,4 +1,4 @@
-//! The one TOML configuration file (CONTRACT.md). Unknown keys are an error
+//! The one TOML configuration file (README, "Configuration"). Unknown keys are an error
 //! that names the key and the file.
 
 use std::path::{Path, PathBuf};

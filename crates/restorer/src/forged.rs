@@ -599,6 +599,27 @@ fn archives_that_disagree_with_their_manifest_are_refused() {
     });
 }
 
+/// A corrupted tar header (no codec to notice it first) is corruption:
+/// exit 4, named as such, not a failure to write.
+#[test]
+fn a_corrupted_tar_header_is_exit_4() {
+    rt().block_on(async {
+        let mut rig = Rig::new();
+        let mut tar = tar_of(&[dir("mysql"), file("mysql/f", b"data")]);
+        tar[512 + 3] ^= 0x20; // the second header's name
+        let m = rig.manifest(&["mysql"], &tar, &tar, Compression::None);
+        rig.plant(&m, &tar, |t| t);
+        let (v, s) = rig.try_both(&m.backup_id).await;
+        for r in [&v, &s] {
+            assert_eq!(code(r), ExitCode::Integrity, "{r:?}");
+            assert!(
+                matches!(archive_error(r), Some(ArchiveError::Corrupt { .. })),
+                "{r:?}"
+            );
+        }
+    });
+}
+
 /// Manifests made hostile field by field: the backup is refused (exit 4),
 /// `list` skips it with the others still listed, and `latest` is not fooled.
 #[test]
