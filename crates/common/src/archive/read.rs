@@ -159,8 +159,9 @@ fn decode<R: Read>(
     let mut total = 0u64;
     loop {
         let mut chunk = Vec::with_capacity(CHUNK as usize);
-        // One byte more than allowed shows a stream longer than declared.
-        let room = (info.tar_size - total).min(CHUNK) + 1;
+        // One byte more than allowed shows a stream longer than declared;
+        // whole chunks otherwise (no reallocation).
+        let room = (info.tar_size - total + 1).min(CHUNK);
         if let Err(e) = (&mut decoded).take(room).read_to_end(&mut chunk) {
             return Err(fail(read_error(url, e, store_failed)));
         }
