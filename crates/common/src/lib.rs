@@ -6,7 +6,8 @@
 //! - [`archive`]: the archive format: store keys, the write and the read path.
 //! - [`codec`]: zstd, xz, none; and the SHA-256 of the stored bytes.
 //! - [`snapshot`]: filesystem snapshots (btrfs, lvm) behind one trait.
-//! - [`mysql`]: connecting to the server and reading what it reports.
+//! - [`mysql`]: connecting to the server, SQL literals, redaction.
+//! - [`dialect`]: the SQL that differs by flavor and version, and its typed rows.
 //! - [`cmd`]: the one way external commands are run (argv, never a shell string).
 //! - [`grammar`]: what names and values from a manifest or a flag may look like.
 //! - [`cli`]: flags, logging and exit codes shared by the binaries.
@@ -16,6 +17,7 @@ pub mod cli;
 pub mod cmd;
 pub mod codec;
 pub mod config;
+pub mod dialect;
 pub mod error;
 pub mod grammar;
 pub mod manifest;

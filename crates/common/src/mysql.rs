@@ -1,5 +1,6 @@
-//! Connecting to the server (socket or TCP, password never from argv) and the
-//! SQL that differs between MySQL and MariaDB, chosen from the version string.
+//! Connecting to the server (socket or TCP, password never from argv), SQL
+//! literals and redaction, and running statements. The SQL that differs
+//! between MySQL and MariaDB, and its typed rows, is in [`crate::dialect`].
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -10,9 +11,8 @@ use anyhow::Context;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder, Row, Value};
 
-use crate::config::{LockMethod, MysqlConfig};
+use crate::config::MysqlConfig;
 use crate::error::config_err;
-use crate::manifest::Flavor;
 
 /// Where and as whom to connect, resolved from the config and its files.
 #[derive(Clone)]
@@ -226,6 +226,11 @@ pub async fn exec(conn: &mut Conn, sql: &str) -> anyhow::Result<()> {
 
 /// A row as column name → text value.
 pub fn row_map(row: &Row) -> HashMap<String, Option<String>> {
+    row_columns(row).into_iter().collect()
+}
+
+/// A row's columns in order, each with its value as text (`None`: NULL).
+pub fn row_columns(row: &Row) -> Vec<(String, Option<String>)> {
     let cols = row.columns_ref();
     (0..row.len())
         .map(|i| {
@@ -241,186 +246,9 @@ pub fn row_map(row: &Row) -> HashMap<String, Option<String>> {
         .collect()
 }
 
-/// The server's product and version, from `SELECT VERSION()`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServerVersion {
-    pub flavor: Flavor,
-    pub major: u32,
-    pub minor: u32,
-    pub patch: u32,
-    pub text: String,
-}
-
-impl ServerVersion {
-    pub fn parse(text: &str) -> ServerVersion {
-        let flavor = if text.to_ascii_lowercase().contains("mariadb") {
-            Flavor::Mariadb
-        } else {
-            Flavor::Mysql
-        };
-        // "5.5.5-10.11.6-MariaDB" is how old clients were shown MariaDB 10+.
-        let core = text.strip_prefix("5.5.5-").unwrap_or(text);
-        let mut nums = core
-            .split(|c: char| !c.is_ascii_digit())
-            .take(3)
-            .map(|n| n.parse::<u32>().unwrap_or(0));
-        ServerVersion {
-            flavor,
-            major: nums.next().unwrap_or(0),
-            minor: nums.next().unwrap_or(0),
-            patch: nums.next().unwrap_or(0),
-            text: text.to_string(),
-        }
-    }
-
-    fn at_least(&self, major: u32, minor: u32, patch: u32) -> bool {
-        (self.major, self.minor, self.patch) >= (major, minor, patch)
-    }
-
-    /// Whether the server has `BACKUP STAGE` (MariaDB 10.4.1 and later).
-    pub fn has_backup_stage(&self) -> bool {
-        self.flavor == Flavor::Mariadb && self.at_least(10, 4, 1)
-    }
-
-    /// The lock method to use for `mysql.lock_method = configured`.
-    ///
-    /// `auto` is BACKUP STAGE where the server has it, FLUSH TABLES WITH READ
-    /// LOCK elsewhere. Measured with `cargo xtask bench --size 1GiB
-    /// --lock-only --lock-runs 30` (MariaDB 10.11, btrfs on a loop device, 2
-    /// cores, release build, the methods alternating; stall: the longest one
-    /// autocommit `UPDATE` from another connection took during a snapshotter
-    /// run; hold: how long commits were blocked), medians (max) of 30:
-    ///
-    /// | server   | hold ftwrl      | hold backup_stage | stall ftwrl      | stall backup_stage |
-    /// |----------|-----------------|-------------------|------------------|--------------------|
-    /// | idle     | 16.9 (27.6) ms  | 14.3 (17.7) ms    | 17.7 (168) ms    | 17.4 (54) ms       |
-    /// | sysbench | 27.6 (743) ms   | 22.2 (68) ms      | 47.2 (3169) ms   | 39.0 (925) ms      |
-    ///
-    /// BACKUP STAGE holds commits a little shorter (no table flush, no wait
-    /// on running statements) and its worst cases are far milder; the
-    /// writer's stall is mostly the snapshot's own I/O. The deciding difference: a
-    /// long-running write makes FLUSH TABLES WITH READ LOCK wait, with every
-    /// other writer queued behind it, and give up (exit 3); BACKUP STAGE
-    /// BLOCK_COMMIT waits only for commits in progress and goes ahead.
-    pub fn lock_method(&self, configured: LockMethod) -> anyhow::Result<LockMethod> {
-        match configured {
-            LockMethod::Auto if self.has_backup_stage() => Ok(LockMethod::BackupStage),
-            LockMethod::Auto => Ok(LockMethod::Ftwrl),
-            LockMethod::BackupStage if !self.has_backup_stage() => Err(config_err(format!(
-                "mysql.lock_method = \"backup_stage\" needs MariaDB 10.4.1 or later, but the server is {}: set mysql.lock_method to \"ftwrl\" or \"auto\"",
-                self.text
-            ))),
-            m => Ok(m),
-        }
-    }
-
-    /// The statement that reports the binary log file and position.
-    pub fn binlog_status_sql(&self) -> &'static str {
-        match self.flavor {
-            Flavor::Mysql if self.at_least(8, 2, 0) => "SHOW BINARY LOG STATUS",
-            _ => "SHOW MASTER STATUS",
-        }
-    }
-
-    /// The statement that reports replication from a source.
-    pub fn replica_status_sql(&self) -> &'static str {
-        match self.flavor {
-            Flavor::Mysql if self.at_least(8, 0, 22) => "SHOW REPLICA STATUS",
-            _ => "SHOW SLAVE STATUS",
-        }
-    }
-
-    /// The variable holding the GTID state of what this server has written.
-    pub fn gtid_sql(&self) -> &'static str {
-        match self.flavor {
-            Flavor::Mariadb => "SELECT @@GLOBAL.gtid_binlog_pos AS gtid",
-            Flavor::Mysql => {
-                "SELECT IF(@@GLOBAL.gtid_mode = 'ON', @@GLOBAL.gtid_executed, NULL) AS gtid"
-            }
-        }
-    }
-
-    /// The column names of the replica status row: host, port, file, position, gtid.
-    pub fn replica_columns(&self) -> [&'static str; 5] {
-        match self.replica_status_sql() {
-            "SHOW REPLICA STATUS" => [
-                "Source_Host",
-                "Source_Port",
-                "Relay_Source_Log_File",
-                "Exec_Source_Log_Pos",
-                "Executed_Gtid_Set",
-            ],
-            _ if self.flavor == Flavor::Mariadb => [
-                "Master_Host",
-                "Master_Port",
-                "Relay_Master_Log_File",
-                "Exec_Master_Log_Pos",
-                "Gtid_Slave_Pos",
-            ],
-            _ => [
-                "Master_Host",
-                "Master_Port",
-                "Relay_Master_Log_File",
-                "Exec_Master_Log_Pos",
-                "Executed_Gtid_Set",
-            ],
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn versions_pick_the_right_sql() {
-        let maria = ServerVersion::parse("10.11.6-MariaDB-0+deb12u1-log");
-        assert_eq!(
-            (maria.flavor, maria.major, maria.minor, maria.patch),
-            (Flavor::Mariadb, 10, 11, 6)
-        );
-        assert_eq!(maria.binlog_status_sql(), "SHOW MASTER STATUS");
-        assert_eq!(maria.replica_status_sql(), "SHOW SLAVE STATUS");
-        assert!(maria.gtid_sql().contains("gtid_binlog_pos"));
-        let old = ServerVersion::parse("5.5.5-10.3.39-MariaDB");
-        assert_eq!((old.flavor, old.major, old.minor), (Flavor::Mariadb, 10, 3));
-        let my80 = ServerVersion::parse("8.0.21");
-        assert_eq!(my80.flavor, Flavor::Mysql);
-        assert_eq!(my80.binlog_status_sql(), "SHOW MASTER STATUS");
-        assert_eq!(my80.replica_status_sql(), "SHOW SLAVE STATUS");
-        let my8022 = ServerVersion::parse("8.0.36-0ubuntu0.22.04.1");
-        assert_eq!(my8022.replica_status_sql(), "SHOW REPLICA STATUS");
-        assert_eq!(my8022.replica_columns()[0], "Source_Host");
-        let my84 = ServerVersion::parse("8.4.3");
-        assert_eq!(my84.binlog_status_sql(), "SHOW BINARY LOG STATUS");
-        assert!(my84.gtid_sql().contains("gtid_executed"));
-    }
-
-    #[test]
-    fn lock_method_by_server() {
-        let auto = |v: &str| {
-            ServerVersion::parse(v)
-                .lock_method(LockMethod::Auto)
-                .unwrap()
-        };
-        assert_eq!(auto("10.11.6-MariaDB-log"), LockMethod::BackupStage);
-        assert_eq!(auto("5.5.5-10.4.1-MariaDB"), LockMethod::BackupStage);
-        assert_eq!(auto("10.3.39-MariaDB"), LockMethod::Ftwrl);
-        assert_eq!(auto("8.0.36"), LockMethod::Ftwrl);
-        for v in ["8.0.36", "10.3.39-MariaDB"] {
-            let err = ServerVersion::parse(v)
-                .lock_method(LockMethod::BackupStage)
-                .unwrap_err();
-            assert_eq!(crate::error::exit_code_of(&err), crate::ExitCode::Usage);
-            assert!(err.to_string().contains("mysql.lock_method"), "{err}");
-            assert!(err.to_string().contains(v), "{err}");
-        }
-        let maria = ServerVersion::parse("10.11.6-MariaDB");
-        assert_eq!(
-            maria.lock_method(LockMethod::Ftwrl).unwrap(),
-            LockMethod::Ftwrl
-        );
-    }
 
     #[test]
     fn client_section_of_a_defaults_file() {

@@ -21,11 +21,12 @@ use common::archive::tree::{FileKind, SafeDir};
 use common::archive::{keys, ArchiveError, Streamed, Target};
 use common::cmd;
 use common::config::Config;
+use common::dialect::{self, ServerVersion};
 use common::error::config_err;
 use common::manifest::{
     ArchiveInfo, BackupId, BackupName, Manifest, ManifestError, MAX_MANIFEST_BYTES,
 };
-use common::mysql::{query_rows, ConnectInfo, ServerVersion};
+use common::mysql::ConnectInfo;
 use common::progress::Progress;
 use common::store::{self, Download, Store};
 use serde::Serialize;
@@ -318,19 +319,17 @@ async fn installed_version(cfg: &Config) -> Option<ServerVersion> {
     if let Ok(info) = ConnectInfo::from_config(&cfg.mysql) {
         if let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_secs(5), info.connect()).await
         {
-            if let Ok(rows) = query_rows(&mut conn, "SELECT VERSION() AS v").await {
-                let _ = conn.disconnect().await;
-                if let Some(v) = rows.first().and_then(|r| r.get("v").cloned().flatten()) {
-                    return Some(ServerVersion::parse(&v));
-                }
+            let version = dialect::server_version(&mut conn).await;
+            let _ = conn.disconnect().await;
+            if let Ok(v) = version {
+                return Some(v);
             }
         }
     }
     for prog in ["mariadbd", "mysqld"] {
         if let Ok(out) = cmd::run(&[prog, "--version"]) {
-            // "mariadbd  Ver 10.11.6-MariaDB-0+deb12u1 for debian-linux-gnu on x86_64"
-            if let Some(v) = out.split_whitespace().skip_while(|w| *w != "Ver").nth(1) {
-                return Some(ServerVersion::parse(v));
+            if let Some(v) = ServerVersion::from_version_output(&out) {
+                return Some(v);
             }
         }
     }
@@ -738,12 +737,7 @@ async fn start_replication(
     at: &replica::StartAt,
 ) -> anyhow::Result<Option<u64>> {
     let mut conn = ConnectInfo::from_config(&cfg.mysql)?.connect().await?;
-    let v = query_rows(&mut conn, "SELECT VERSION() AS v").await?;
-    let version = ServerVersion::parse(
-        &v.first()
-            .and_then(|r| r.get("v").cloned().flatten())
-            .unwrap_or_default(),
-    );
+    let version = dialect::server_version(&mut conn).await?;
     // Every string shown (statements, server errors, replica status errors)
     // passes through it: the password in any form it can take is `***`.
     let redactor = common::mysql::Redactor::new(&to.password);
@@ -774,24 +768,11 @@ async fn start_replication(
         to.user,
         at
     );
-    let status_sql = version.replica_status_sql();
     let start = Instant::now();
     loop {
-        let rows = query_rows(&mut conn, status_sql).await?;
-        let r = rows.first().cloned().unwrap_or_default();
-        let get = |a: &str, b: &str| {
-            r.get(a)
-                .or_else(|| r.get(b))
-                .cloned()
-                .flatten()
-                .unwrap_or_default()
-        };
-        let io = get("Slave_IO_Running", "Replica_IO_Running");
-        let sql = get("Slave_SQL_Running", "Replica_SQL_Running");
-        if io == "Yes" && sql == "Yes" {
-            let lag = get("Seconds_Behind_Master", "Seconds_Behind_Source")
-                .parse()
-                .ok();
+        let r = dialect::replica_status(&mut conn, &version).await?;
+        if let Some(r) = r.as_ref().filter(|r| r.running()) {
+            let lag = r.seconds_behind;
             tracing::info!(
                 "replication runs; lag {} s",
                 lag.map_or("unknown".into(), |l: u64| l.to_string())
@@ -799,16 +780,18 @@ async fn start_replication(
             let _ = conn.disconnect().await;
             return Ok(lag);
         }
-        let io_err = get("Last_IO_Error", "Last_IO_Error");
-        let sql_err = get("Last_SQL_Error", "Last_SQL_Error");
+        let r = r.unwrap_or_default();
         // A reported error that persists is not going to fix itself.
-        let stuck = (!io_err.is_empty() || !sql_err.is_empty())
+        let stuck = (!r.last_io_error.is_empty() || !r.last_sql_error.is_empty())
             && start.elapsed() > Duration::from_secs(10);
         if stuck || start.elapsed() > Duration::from_secs(60) {
             anyhow::bail!(
-                "replication did not start (IO thread: {io}, SQL thread: {sql}; {}{}): the data is restored and the server runs; fix the cause and run START SLAVE",
-                redact(io_err),
-                redact(sql_err)
+                "replication did not start (IO thread: {}, SQL thread: {}; {}{}): the data is restored and the server runs; fix the cause and run {}",
+                r.io_running,
+                r.sql_running,
+                redact(r.last_io_error),
+                redact(r.last_sql_error),
+                version.replication_sql().start
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -1,14 +1,15 @@
-//! Pointing a restored server at its source: the statements for each flavor
-//! and version. The store is not trusted: every name and coordinate is
-//! checked against `common::grammar` before it is written into SQL, each
-//! statement runs as a prepared statement (the server takes exactly one
-//! statement, nothing can be appended) with the GTID set as a parameter, and
-//! the password is shown only as `'***'`.
+//! Pointing a restored server at its source: the statements, in the words
+//! `common::dialect` chooses for the flavor and version. The store is not
+//! trusted: every name and coordinate is checked against `common::grammar`
+//! before it is written into SQL, each statement runs as a prepared statement
+//! (the server takes exactly one statement, nothing can be appended) with the
+//! GTID set as a parameter, and the password is shown only as `'***'`.
 
+use common::dialect::ServerVersion;
 use common::error::{config_err, integrity_err};
 use common::grammar;
-use common::manifest::{Flavor, Manifest};
-use common::mysql::{quote_literal, ServerVersion};
+use common::manifest::Manifest;
+use common::mysql::quote_literal;
 
 /// Where and as whom to replicate.
 #[derive(Clone)]
@@ -153,68 +154,44 @@ pub fn statements(
             "the backup's replication coordinates cannot be used: {why}"
         )));
     }
-    let new_syntax = v.flavor == Flavor::Mysql && (v.major, v.minor, v.patch) >= (8, 0, 23);
-    let (change, host, port, user, pass, file, pos) = if new_syntax {
-        (
-            "CHANGE REPLICATION SOURCE TO",
-            "SOURCE_HOST",
-            "SOURCE_PORT",
-            "SOURCE_USER",
-            "SOURCE_PASSWORD",
-            "SOURCE_LOG_FILE",
-            "SOURCE_LOG_POS",
-        )
-    } else {
-        (
-            "CHANGE MASTER TO",
-            "MASTER_HOST",
-            "MASTER_PORT",
-            "MASTER_USER",
-            "MASTER_PASSWORD",
-            "MASTER_LOG_FILE",
-            "MASTER_LOG_POS",
-        )
-    };
-    let mut out = vec![Statement::plain(if new_syntax {
-        "STOP REPLICA"
-    } else {
-        "STOP SLAVE"
-    })];
+    let w = v.replication_sql();
+    let mut out = vec![Statement::plain(w.stop)];
     // CHANGE MASTER takes no parameters: its options are literals.
     let head = format!(
-        "{change} {host}={}, {port}={}, {user}={}, {pass}=",
+        "{} {}={}, {}={}, {}={}, {}=",
+        w.change,
+        w.host,
         quote_literal(&to.host)?,
+        w.port,
         to.port,
+        w.user,
         quote_literal(&to.user)?,
+        w.password,
     );
-    let tail = match (at, v.flavor) {
-        (StartAt::Gtid(g), Flavor::Mariadb) => {
-            out.push(Statement::with_param("SET GLOBAL gtid_slave_pos =", g)?);
-            ", MASTER_USE_GTID=slave_pos".to_string()
-        }
-        (StartAt::Gtid(g), Flavor::Mysql) => {
-            out.push(Statement::plain("RESET MASTER"));
-            out.push(Statement::with_param("SET GLOBAL gtid_purged =", g)?);
-            if new_syntax {
-                ", SOURCE_AUTO_POSITION=1".to_string()
-            } else {
-                ", MASTER_AUTO_POSITION=1".to_string()
+    let tail = match at {
+        StartAt::Gtid(g) => {
+            if let Some(reset) = w.gtid.reset {
+                out.push(Statement::plain(reset));
             }
+            out.push(Statement::with_param(
+                &format!("SET GLOBAL {} =", w.gtid.variable),
+                g,
+            )?);
+            format!(", {}", w.gtid.option)
         }
-        (StartAt::File { file: f, position }, _) => {
-            format!(", {file}={}, {pos}={position}", quote_literal(f)?)
-        }
+        StartAt::File { file, position } => format!(
+            ", {}={}, {}={position}",
+            w.log_file,
+            quote_literal(file)?,
+            w.log_pos
+        ),
     };
     out.push(Statement {
         sql: format!("{head}{}{tail}", quote_literal(&to.password)?),
         params: Vec::new(),
         shown: format!("{head}'***'{tail}"),
     });
-    out.push(Statement::plain(if new_syntax {
-        "START REPLICA"
-    } else {
-        "START SLAVE"
-    }));
+    out.push(Statement::plain(w.start));
     Ok(out)
 }
 

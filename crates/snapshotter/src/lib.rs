@@ -16,8 +16,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use common::config::{Config, LockMethod};
+use common::dialect;
 use common::manifest::{self, Manifest, SnapshotInfo, FORMAT_VERSION, MANIFEST_FILE};
-use common::mysql::{query_rows, ConnectInfo, ServerVersion};
+use common::mysql::{query_rows, ConnectInfo};
 use common::snapshot::{self, SnapshotBackend};
 use common::state::StateLock;
 
@@ -36,11 +37,7 @@ pub async fn run(cfg: &Config) -> anyhow::Result<PathBuf> {
     let info = ConnectInfo::from_config(&cfg.mysql)?;
     let mut conn = info.connect().await?;
     let watcher = info.connect().await?;
-    let version = ServerVersion::parse(
-        &query_one(&mut conn, "SELECT VERSION()")
-            .await?
-            .unwrap_or_default(),
-    );
+    let version = dialect::server_version(&mut conn).await?;
     let method = version.lock_method(cfg.mysql.lock_method)?;
     let vars = DataVars::query(&mut conn).await?;
     let layout = plan_layout(&vars, &cfg.volume.mountpoint)?;

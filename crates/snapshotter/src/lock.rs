@@ -28,9 +28,10 @@
 use std::time::{Duration, Instant};
 
 use common::config::{LockMethod, MysqlConfig};
+use common::dialect::{self, ServerVersion};
 use common::error::Error;
 use common::manifest::{Binlog, BinlogFile, GtidSet, LockTimes, SourceCoordinates};
-use common::mysql::{exec, query_rows, ServerVersion};
+use common::mysql::{exec, query_rows};
 use common::snapshot::{Snapshot, SnapshotBackend};
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
@@ -320,26 +321,16 @@ async fn coordinates(
     // (prepare was made durable, the binary log decides at recovery). Writing
     // them out makes the snapshot hold exactly the transactions of these coordinates.
     exec(conn, "FLUSH NO_WRITE_TO_BINLOG ENGINE LOGS").await?;
-    let rows = query_rows(conn, version.binlog_status_sql()).await?;
-    let binlog = match rows.first().and_then(|r| {
-        Some((
-            r.get("File")?.clone()?,
-            r.get("Position")?.as_deref()?.parse().ok()?,
-        ))
-    }) {
-        Some((file, position)) => Some(Binlog {
-            file: BinlogFile::parse(&file)
+    let binlog = match dialect::binlog_status(conn, version).await? {
+        Some(b) => Some(Binlog {
+            file: BinlogFile::parse(&b.file)
                 .map_err(|e| anyhow::anyhow!("`{}` reported {e}", version.binlog_status_sql()))?,
-            position,
+            position: b.position,
         }),
         None => None,
     };
-    let gtid = query_rows(conn, version.gtid_sql())
+    let gtid = dialect::gtid_state(conn, version)
         .await?
-        .into_iter()
-        .next()
-        .and_then(|mut r| r.remove("gtid").flatten())
-        .filter(|g| !g.trim().is_empty())
         .and_then(|g| checked("GTID state", &g));
     Ok((binlog, gtid))
 }
@@ -349,26 +340,21 @@ async fn replica_source(
     conn: &mut Conn,
     version: &ServerVersion,
 ) -> anyhow::Result<Option<SourceCoordinates>> {
-    let rows = query_rows(conn, version.replica_status_sql()).await?;
-    let Some(r) = rows.first() else {
+    let Some(r) = dialect::replica_status(conn, version).await? else {
         return Ok(None);
     };
-    let [host, port, file, pos, gtid] = version.replica_columns();
-    let get = |k: &str| r.get(k).cloned().flatten();
     let (Some(host), Some(file)) = (
-        checked(host, &get(host).unwrap_or_default()),
-        checked(file, &get(file).unwrap_or_default()),
+        checked("replica source host", &r.host),
+        checked("replica source binary log file", &r.file),
     ) else {
         return Ok(None);
     };
     Ok(Some(SourceCoordinates {
         host,
-        port: get(port).and_then(|p| p.parse().ok()).unwrap_or(3306),
+        port: r.port,
         file,
-        position: get(pos).and_then(|p| p.parse().ok()).unwrap_or(0),
-        gtid: get(gtid)
-            .filter(|g| !g.trim().is_empty())
-            .and_then(|g| checked(gtid, &g)),
+        position: r.position,
+        gtid: r.gtid.and_then(|g| checked("replica GTID state", &g)),
     }))
 }
 
