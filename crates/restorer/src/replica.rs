@@ -257,7 +257,10 @@ mod tests {
             &StartAt::Gtid("3e11fa47-71ca-11e1-9e33-c80aa9429562:1-9".into()),
         )
         .unwrap();
-        assert_eq!(shown(&new)[..2], ["STOP REPLICA", "RESET MASTER"]);
+        assert_eq!(
+            shown(&new)[..2],
+            ["STOP REPLICA", "RESET BINARY LOGS AND GTIDS"]
+        );
         assert_eq!(new[2].sql, "SET GLOBAL gtid_purged = ?");
         assert_eq!(new[2].params, ["3e11fa47-71ca-11e1-9e33-c80aa9429562:1-9"]);
         assert!(new[3]

@@ -152,7 +152,15 @@ impl ServerVersion {
                 password: "SOURCE_PASSWORD",
                 log_file: "SOURCE_LOG_FILE",
                 log_pos: "SOURCE_LOG_POS",
-                gtid: mysql_gtid("RESET MASTER", "SOURCE_AUTO_POSITION=1"),
+                // RESET MASTER is gone in 8.4; its new name came in 8.2.0.
+                gtid: mysql_gtid(
+                    if self.at_least(8, 2, 0) {
+                        "RESET BINARY LOGS AND GTIDS"
+                    } else {
+                        "RESET MASTER"
+                    },
+                    "SOURCE_AUTO_POSITION=1",
+                ),
             }
         } else {
             ReplicationSql {
@@ -304,7 +312,7 @@ mod tests {
             (my84.stop, my84.log_pos),
             ("STOP REPLICA", "SOURCE_LOG_POS")
         );
-        assert_eq!(my84.gtid.reset, Some("RESET MASTER"));
+        assert_eq!(my84.gtid.reset, Some("RESET BINARY LOGS AND GTIDS"));
         assert_eq!(my84.gtid.option, "SOURCE_AUTO_POSITION=1");
     }
 
