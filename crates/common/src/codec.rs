@@ -205,4 +205,22 @@ mod tests {
             assert_eq!(back, data, "{c:?}");
         }
     }
+
+    /// A zstd frame that asks for a window larger than the limit is refused
+    /// while decoding, before the window is allocated.
+    #[test]
+    fn a_zstd_frame_asking_for_a_huge_window_is_refused() {
+        let mut enc = zstd::Encoder::new(Vec::new(), 1).unwrap();
+        enc.set_parameter(zstd::zstd_safe::CParameter::WindowLog(
+            ZSTD_WINDOW_LOG_MAX + 1,
+        ))
+        .unwrap();
+        enc.write_all(&[1u8; 4096]).unwrap();
+        let stored = enc.finish().unwrap();
+        let err = decoder(&stored[..], Compression::Zstd)
+            .unwrap()
+            .read_to_end(&mut Vec::new())
+            .unwrap_err();
+        assert!(err.to_string().contains("memory"), "{err}");
+    }
 }
