@@ -343,9 +343,28 @@ fn vm_test() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Cargo, in the workspace, without the variables `cargo run` set for this
+/// xtask (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, …): build scripts such as
+/// ring's rerun when those change (`rerun-if-env-changed`), so with them an
+/// xtask build and a user's `cargo build` would rebuild each other's artifacts.
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ]
+        .iter()
+        .any(|p| k.starts_with(p))
+            || k == "CARGO_PRIMARY_PACKAGE"
+        {
+            c.env_remove(&key);
+        }
+    }
     c
 }
 
