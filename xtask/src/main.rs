@@ -4,6 +4,12 @@
 //! Debian machine (as root), then checks formatting, lints with warnings
 //! denied, and runs every test against the real parts (MYSNAP_REAL=1, where a
 //! missing prerequisite fails a test instead of skipping it).
+//!
+//! Every command installs only the Debian packages its own code runs, quietly
+//! (one line per set; apt's output goes to `target/xtask-install.log`, shown
+//! when it fails), and every release build is the one a user types,
+//! `cargo build --release --workspace --bins`, so `demo`, `bench` and a
+//! user's release build share one set of artifacts.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -24,24 +30,37 @@ commands:
                           writes target/bench/report.{md,json} and bench.png
 ";
 
-/// Debian packages the tests need, each with a command that shows it is there.
-const PACKAGES: &[(&str, &str)] = &[
+/// Debian packages, each with a command (or file) that shows it is there.
+type Packages = &'static [(&'static str, &'static str)];
+
+/// A MariaDB with sysbench data on a btrfs loop volume: what the demo runs,
+/// and the base of the bench and the tests.
+const SERVER_PACKAGES: Packages = &[
     ("mariadb-server", "mariadbd"),
     ("mariadb-client", "mariadb"),
     ("sysbench", "sysbench"),
     ("btrfs-progs", "mkfs.btrfs"),
+    ("util-linux", "losetup"),
+];
+
+/// What the tests run besides (xfs and ext4 volumes, the zstd and xz tools).
+const TEST_PACKAGES: Packages = &[
     ("xfsprogs", "mkfs.xfs"),
     ("zstd", "zstd"),
     ("xz-utils", "xz"),
-    ("util-linux", "losetup"),
-    // The LVM test's VM (vm-test); the kernel is checked for separately.
+];
+
+/// The LVM test's VM (vm-test); the kernel is checked for separately.
+const VM_PACKAGES: Packages = &[
     ("lvm2", "lvcreate"),
     ("qemu-system-x86", "qemu-system-x86_64"),
     ("busybox-static", "busybox"),
 ];
 
-/// What `cargo xtask bench` needs besides: the peers, curl, the chart's font.
-const BENCH_PACKAGES: &[(&str, &str)] = &[
+/// What `cargo xtask bench` runs besides the server: the limits' zstd, the
+/// peers, curl, the chart's font.
+const BENCH_PACKAGES: Packages = &[
+    ("zstd", "zstd"),
     ("mariadb-backup", "mariabackup"),
     ("mydumper", "mydumper"),
     ("curl", "curl"),
@@ -50,6 +69,9 @@ const BENCH_PACKAGES: &[(&str, &str)] = &[
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
     ),
 ];
+
+/// Where apt's and pip's output goes; printed only when they fail.
+const INSTALL_LOG: &str = "target/xtask-install.log";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -75,6 +97,14 @@ fn root() -> PathBuf {
         .parent()
         .expect("xtask is in the workspace")
         .to_path_buf()
+}
+
+/// Cargo's target directory: `CARGO_TARGET_DIR` when set, else `target`.
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => std::env::current_dir().unwrap_or_default().join(d),
+        None => root().join("target"),
+    }
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
@@ -110,41 +140,86 @@ fn is_root() -> bool {
         .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
 }
 
-/// Installs the missing Debian packages (needs root).
+/// Installs what the tests and vm-test need (`ci`, `vm-test`; needs root):
+/// every package set, the kernel image for the VM, and virtme-ng.
 fn install_prerequisites() -> anyhow::Result<()> {
-    let mut missing = missing(PACKAGES);
+    let mut missing = missing(&[SERVER_PACKAGES, TEST_PACKAGES, VM_PACKAGES]);
     if vm_kernel().is_none() {
         missing.push("linux-image-amd64");
     }
-    install_packages(&missing)?;
+    install_packages("the tests", &missing)?;
     install_virtme_ng()
 }
 
-/// The packages of `list` whose command (or file) is not there.
-fn missing(list: &[(&'static str, &str)]) -> Vec<&'static str> {
-    list.iter()
-        .filter(|(_, cmd)| !have(cmd))
-        .map(|(p, _)| *p)
-        .collect()
+/// The packages of `sets` whose command (or file) is not there, each once.
+fn missing(sets: &[Packages]) -> Vec<&'static str> {
+    let mut missing = Vec::new();
+    for (p, cmd) in sets.iter().copied().flatten() {
+        if !missing.contains(p) && !have(cmd) {
+            missing.push(*p);
+        }
+    }
+    missing
 }
 
-fn install_packages(missing: &[&str]) -> anyhow::Result<()> {
+/// Installs `missing` with apt-get (root), on one line of output; apt's own
+/// output goes to [`INSTALL_LOG`] and is shown only when it fails.
+fn install_packages(what: &str, missing: &[&str]) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
     if !is_root() {
         bail!(
-            "the tests need {} (missing); run as root, or install them: apt-get install {}",
+            "{what}: missing {}; run as root, or install them: apt-get install {}",
             missing.join(", "),
             missing.join(" ")
         );
     }
     eprintln!("xtask: installing {}", missing.join(" "));
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    let log = install_log()?;
+    quiet(Command::new("apt-get").args(["update", "-qq"]), &log)?;
+    quiet(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        &log,
+    )
+}
+
+/// [`INSTALL_LOG`], emptied.
+fn install_log() -> anyhow::Result<PathBuf> {
+    let log = root().join(INSTALL_LOG);
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    std::fs::write(&log, "").with_context(|| format!("cannot write {}", log.display()))?;
+    Ok(log)
+}
+
+/// Runs `cmd` with its output appended to `log`; when it fails, prints the
+/// log and names it in the error.
+fn quiet(cmd: &mut Command, log: &Path) -> anyhow::Result<()> {
+    let open = || {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(log)
+            .with_context(|| format!("cannot open {}", log.display()))
+    };
+    let status = cmd
+        .stdin(Stdio::null())
+        .stdout(open()?)
+        .stderr(open()?)
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        eprint!("{}", std::fs::read_to_string(log).unwrap_or_default());
+        bail!(
+            "{cmd:?} failed ({status}); its output is above and in {}",
+            log.display()
+        );
+    }
+    Ok(())
 }
 
 /// `vng` (virtme-ng, from PyPI) boots the host's kernel and root filesystem in a VM.
@@ -153,10 +228,14 @@ fn install_virtme_ng() -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("xtask: installing virtme-ng (pip)");
+    let log = install_log()?;
     let pip = |extra: &[&str]| {
-        run(Command::new("python3")
-            .args(["-m", "pip", "install", "-q", "virtme-ng"])
-            .args(extra))
+        quiet(
+            Command::new("python3")
+                .args(["-m", "pip", "install", "-q", "virtme-ng"])
+                .args(extra),
+            &log,
+        )
     };
     if pip(&[]).is_err() {
         // Debian's own python refuses without this; the VM tools live outside any venv.
@@ -214,7 +293,7 @@ fn vm_test() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let script = root().join("tests/vm/inside.sh");
-    let bin = root().join("target/debug");
+    let bin = target_dir().join("debug");
     let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', "'\\''"));
     let started = std::time::Instant::now();
     // No --net: the VM has only its loopback. 30 minutes at most.
@@ -264,9 +343,28 @@ fn vm_test() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Cargo, in the workspace, without the variables `cargo run` set for this
+/// xtask (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, …): build scripts such as
+/// ring's rerun when those change (`rerun-if-env-changed`), so with them an
+/// xtask build and a user's `cargo build` would rebuild each other's artifacts.
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ]
+        .iter()
+        .any(|p| k.starts_with(p))
+            || k == "CARGO_PRIMARY_PACKAGE"
+        {
+            c.env_remove(&key);
+        }
+    }
     c
 }
 
@@ -293,19 +391,17 @@ fn ci() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Release builds of the programs and of the demo and bench drivers; their directory.
+/// The one release build (every program and the demo and bench drivers):
+/// what a user's `cargo build --release --workspace` builds, with the same
+/// packages and features, so each shares the other's artifacts. Its directory.
 fn build_release() -> anyhow::Result<PathBuf> {
-    run(cargo().args(["build", "--release", "--bins"]).args(
-        ["snapshotter", "archiver", "restorer", "mysnap-tests"]
-            .iter()
-            .flat_map(|p| ["-p", p]),
-    ))?;
-    Ok(root().join("target/release"))
+    run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+    Ok(target_dir().join("release"))
 }
 
 /// Release builds of the programs and the demo driver, then the demo.
 fn demo() -> anyhow::Result<()> {
-    install_prerequisites()?;
+    install_packages("the demo", &missing(&[SERVER_PACKAGES]))?;
     if !is_root() {
         bail!("the demo needs root (loop devices, mount, btrfs): run cargo xtask demo as root");
     }
@@ -317,8 +413,7 @@ fn demo() -> anyhow::Result<()> {
 
 /// Release builds of the programs and the bench driver, then the bench.
 fn bench(args: &[String]) -> anyhow::Result<()> {
-    install_prerequisites()?;
-    install_packages(&missing(BENCH_PACKAGES))?;
+    install_packages("the bench", &missing(&[SERVER_PACKAGES, BENCH_PACKAGES]))?;
     let release = build_release()?;
     run(Command::new(release.join("mysnap-bench"))
         .arg("--bin-dir")
@@ -329,20 +424,13 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
 }
 
 fn bin(name: &str) -> PathBuf {
-    root().join("target/debug").join(name)
+    target_dir().join("debug").join(name)
 }
 
-/// snapshotter | archiver, as the contract composes them.
+/// snapshotter | archiver, as the contract composes them. The debug build
+/// is the one `ci` and `vm-test` make (`--workspace --bins`), so it is shared.
 fn backup(args: &[String]) -> anyhow::Result<()> {
-    run(cargo().args([
-        "build",
-        "--quiet",
-        "--bins",
-        "-p",
-        "snapshotter",
-        "-p",
-        "archiver",
-    ]))?;
+    run(cargo().args(["build", "--quiet", "--workspace", "--bins"]))?;
     let snap = Command::new(bin("snapshotter"))
         .args(args)
         .stdout(Stdio::piped())
@@ -357,4 +445,39 @@ fn backup(args: &[String]) -> anyhow::Result<()> {
         .args(["--manifest", &manifest])
         .status()?;
     std::process::exit(status.code().unwrap_or(1));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_lists_each_package_once() {
+        const A: Packages = &[("here", "sh"), ("gone", "/nonexistent/xtask-test")];
+        const B: Packages = &[
+            ("gone", "/nonexistent/xtask-test"),
+            ("other", "no-such-cmd-xtask"),
+        ];
+        assert_eq!(missing(&[A, B]), ["gone", "other"]);
+    }
+
+    #[test]
+    fn quiet_keeps_output_in_the_log() {
+        let log = std::env::temp_dir().join(format!("xtask-quiet-{}.log", std::process::id()));
+        std::fs::write(&log, "").unwrap();
+        quiet(
+            Command::new("sh").args(["-c", "echo out; echo err >&2"]),
+            &log,
+        )
+        .unwrap();
+        let e = quiet(
+            Command::new("sh").args(["-c", "echo failing; exit 3"]),
+            &log,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("xtask-quiet-"), "{e}");
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(text, "out\nerr\nfailing\n");
+        std::fs::remove_file(&log).unwrap();
+    }
 }
