@@ -233,25 +233,29 @@ mod tests {
         );
     }
 
-    #[test]
-    fn cancellation_stops_the_stream() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("d")).unwrap();
-        std::fs::write(dir.path().join("d/f"), b"x").unwrap();
+    /// The tar stream of the directory `d` below `root`.
+    fn tar_of_d(root: &Path, cancelled: &dyn Fn() -> bool) -> anyhow::Result<(Vec<u8>, TarStats)> {
         let layout = DataLayout {
             volume_root: "/".into(),
             datadir: v("d"),
             paths: vec![v("d")],
             exclude: vec![],
         };
-        let err = write_tar(
-            dir.path(),
+        write_tar(
+            root,
             &layout,
             Vec::new(),
             &crate::progress::Silent,
-            &|| true,
+            cancelled,
         )
-        .unwrap_err();
+    }
+
+    #[test]
+    fn cancellation_stops_the_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join("d/f"), b"x").unwrap();
+        let err = tar_of_d(dir.path(), &|| true).unwrap_err();
         assert!(err.to_string().contains("interrupted"), "{err}");
     }
 
@@ -260,20 +264,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("d")).unwrap();
         symlink("/var/lib/elsewhere/t.MYD", dir.path().join("d/t.MYD")).unwrap();
-        let layout = DataLayout {
-            volume_root: "/".into(),
-            datadir: v("d"),
-            paths: vec![v("d")],
-            exclude: vec![],
-        };
-        let err = write_tar(
-            dir.path(),
-            &layout,
-            Vec::new(),
-            &crate::progress::Silent,
-            &|| false,
-        )
-        .unwrap_err();
+        let err = tar_of_d(dir.path(), &|| false).unwrap_err();
         let msg = format!("{err:#}");
         assert!(
             msg.contains("d/t.MYD") && msg.contains("restore would refuse"),
