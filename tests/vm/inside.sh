@@ -33,6 +33,7 @@ echo "FAIL: did not finish" >"$OUT/result"
 
 step() {
     STEP="$*"
+    echo "$STEP" >"$OUT/step"
     echo "== $(date +%T) $*"
 }
 fail() {
@@ -67,10 +68,37 @@ on_exit() {
             [ -f "$f" ] && { echo "--- tail of $f" >&2; tail -n 15 "$f" >&2; }
         done
     fi
+    [ -n "${WATCHDOG:-}" ] && { pkill -P "$WATCHDOG"; kill "$WATCHDOG"; } 2>/dev/null
     cleanup
     exit $rc
 }
 trap on_exit EXIT
+
+# What the VM looks like when a step hangs: processes with their kernel wait
+# channel, device-mapper and udev state, the logs. Each probe is bounded.
+diagnose() {
+    echo "=== diagnosis at $(date +%T), step: $(cat "$OUT/step" 2>/dev/null)"
+    cat /proc/loadavg
+    ps -eo pid,ppid,stat,wchan:28,etime,args --forest | grep -v ' \[.*\]$'
+    echo "--- dmsetup info -c"; timeout 10 dmsetup info -c
+    echo "--- dmsetup udevcookies"; timeout 10 dmsetup udevcookies
+    echo "--- lvs -a"; timeout 10 lvs -a
+    echo "--- mounts under $D"; grep " $D/" /proc/self/mountinfo
+    for f in "$RUN"/*.log "$RUN"/*.err; do
+        [ -f "$f" ] && { echo "--- tail of $f"; tail -n 20 "$f"; }
+    done
+}
+# A hung step must not eat the host's whole budget silently: after
+# MYSNAP_VM_DEADLINE seconds the watchdog records a diagnosis in $OUT/diag and
+# kills the script's children, so on_exit reports the step.
+(
+    sleep "${MYSNAP_VM_DEADLINE:-1500}"
+    diagnose >"$OUT/diag" 2>&1
+    cat "$OUT/diag" >&2
+    descendants() { for c in $(pgrep -P "$1"); do [ "$c" = "$BASHPID" ] || { descendants "$c"; echo "$c"; }; done; }
+    descendants $$ | xargs -r kill -KILL 2>/dev/null
+) &
+WATCHDOG=$!
 
 # A private MariaDB: start_command/stop_command for mysnap, and a wait.
 server_cmds() { # NAME DATADIR PORT SERVER_ID -> sets START, STOP (TOML arrays)

@@ -335,6 +335,15 @@ fn vm_test() -> anyhow::Result<()> {
     std::fs::write(out.join("report.txt"), &report)?;
     eprint!("xtask: {report}");
     if !status.success() || result.trim() != "PASS" {
+        // The console may be cut; the step and the watchdog's diagnosis
+        // (tests/vm/inside.sh) are files in the shared directory.
+        let step = std::fs::read_to_string(out.join("step")).unwrap_or_default();
+        eprintln!("xtask: vm-test: last step started: {}", step.trim());
+        if let Ok(diag) = std::fs::read_to_string(out.join("diag")) {
+            for line in diag.lines() {
+                eprintln!("xtask: vm-test diag: {line}");
+            }
+        }
         bail!(
             "vm-test failed: {} (vng exited {status}); the VM's output is above",
             result.trim()
