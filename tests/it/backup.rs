@@ -185,7 +185,7 @@ state_dir = "{state}"
     /// The rig's store, independent of the config file (which tests break on purpose).
     pub fn store_cfg(&self) -> common::config::StoreConfig {
         common::config::StoreConfig {
-            url: self.store_url.clone(),
+            url: common::config::StoreUrl::parse(&self.store_url).expect("the rig's store URL"),
             region: Some("us-east-1".into()),
             endpoint: self.s3.as_ref().map(|s| s.endpoint.clone()),
             force_path_style: true,

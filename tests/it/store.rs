@@ -16,7 +16,7 @@ const PART: u64 = 5 << 20;
 
 fn config(url: String, endpoint: Option<&str>) -> StoreConfig {
     StoreConfig {
-        url,
+        url: common::config::StoreUrl::parse(&url).unwrap(),
         region: endpoint.map(|_| "us-east-1".to_string()),
         endpoint: endpoint.map(str::to_string),
         force_path_style: endpoint.is_some(),

@@ -74,7 +74,7 @@ pub async fn run(
         manifest_path.display(),
         manifest.backup_id
     );
-    let backend = snapshot::backend(cfg)?;
+    let backend = snapshot::backend(&cfg.volume, &cfg.backup.state_dir);
     let result = archive(cfg, &manifest, backend.as_ref(), progress, cancel).await;
     // A read error from an overflowed (LVM) snapshot is reported as what it is.
     let result = result.map_err(|e| {

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use crate::config::{self, Config};
-use crate::error::{exit_code_of, ExitCode};
+use crate::error::{Error, ExitCode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -89,4 +89,22 @@ impl From<ExitCode> for std::process::ExitCode {
     fn from(c: ExitCode) -> Self {
         std::process::ExitCode::from(c as u8)
     }
+}
+
+/// The exit code for an error chain: the first typed error in it decides, else 1.
+pub fn exit_code_of(err: &anyhow::Error) -> ExitCode {
+    err.chain()
+        .find_map(|e| {
+            if let Some(e) = e.downcast_ref::<Error>() {
+                Some(e.exit_code())
+            } else if let Some(e) = e.downcast_ref::<crate::archive::ArchiveError>() {
+                Some(e.exit_code())
+            } else if let Some(e) = e.downcast_ref::<crate::store::StoreError>() {
+                Some(e.exit_code())
+            } else {
+                e.downcast_ref::<crate::manifest::ManifestError>()
+                    .map(|_| ExitCode::Integrity)
+            }
+        })
+        .unwrap_or(ExitCode::Failure)
 }

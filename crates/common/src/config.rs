@@ -8,12 +8,13 @@ use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
 use crate::error::config_err;
+pub use crate::grammar::check_name;
 
 /// Where the config is read from when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/mysnap/mysnap.toml";
 pub const CONFIG_ENV: &str = "MYSNAP_CONFIG";
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -25,7 +26,7 @@ pub struct Config {
     pub backup: BackupConfig,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MysqlConfig {
     pub socket: Option<PathBuf>,
@@ -112,44 +113,214 @@ pub enum Filesystem {
     Ext4,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+/// `[volume]`: where the data lives and how it is snapshotted. The keys of
+/// one backend exist only in its variant ([`VolumeBackend`]); the file's
+/// flat table is checked and converted once, when the config is read.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "RawVolume")]
 pub struct VolumeConfig {
-    pub backend: Backend,
     /// Block device(s) for volprep: one path or a list.
-    #[serde(default)]
     pub device: Option<Devices>,
-    pub vg: Option<String>,
-    pub lv: Option<String>,
     /// lvm: where the LV is mounted; btrfs: the subvolume that is snapshotted.
     pub mountpoint: PathBuf,
-    #[serde(default = "default_fs")]
-    pub filesystem: Filesystem,
-    #[serde(default = "default_reserve")]
-    pub snapshot_reserve_percent: u8,
     /// Where the data directory lives (volprep creates it, restorer restores into it).
     pub datadir: PathBuf,
     /// Owner of restored files (default: the `mysql` user where it exists).
     pub owner: Option<String>,
-    /// btrfs: where read-only snapshots are created (default `<mountpoint>/.mysnap-snapshots`).
-    pub snapshot_dir: Option<PathBuf>,
-    /// lvm: the snapshot's copy-on-write size: a size ("10GiB") or a share of the
-    /// VG's free space ("50%FREE"); default all free extents ("100%FREE").
-    pub snapshot_size: Option<String>,
+    pub backend: VolumeBackend,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// The backend and the keys only it has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VolumeBackend {
+    Lvm(LvmVolume),
+    Btrfs(BtrfsVolume),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LvmVolume {
+    pub vg: LvmName,
+    pub lv: LvmName,
+    pub filesystem: Filesystem,
+    /// Share of the VG volprep leaves free for snapshots (1-90).
+    pub snapshot_reserve_percent: u8,
+    /// The snapshot's copy-on-write size (`volume.snapshot_size`).
+    pub snapshot_size: SnapshotSize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BtrfsVolume {
+    /// Where read-only snapshots are created (`volume.snapshot_dir`, default
+    /// `<mountpoint>/.mysnap-snapshots`).
+    pub snapshot_dir: PathBuf,
+}
+
+impl VolumeConfig {
+    pub fn kind(&self) -> Backend {
+        match self.backend {
+            VolumeBackend::Lvm(_) => Backend::Lvm,
+            VolumeBackend::Btrfs(_) => Backend::Btrfs,
+        }
+    }
+    /// The LVM keys, when the backend is LVM.
+    pub fn lvm(&self) -> Option<&LvmVolume> {
+        match &self.backend {
+            VolumeBackend::Lvm(l) => Some(l),
+            VolumeBackend::Btrfs(_) => None,
+        }
+    }
+}
+
+/// A volume group or logical volume name (see [`check_name`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LvmName(String);
+
+impl LvmName {
+    pub fn parse(key: &str, s: &str) -> Result<LvmName, String> {
+        check_name(key, s)?;
+        Ok(LvmName(s.to_string()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for LvmName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for LvmName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// `[volume]` as written in the file: one flat table for every backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVolume {
+    backend: Backend,
+    #[serde(default)]
+    device: Option<Devices>,
+    vg: Option<String>,
+    lv: Option<String>,
+    mountpoint: PathBuf,
+    filesystem: Option<Filesystem>,
+    snapshot_reserve_percent: Option<u8>,
+    datadir: PathBuf,
+    owner: Option<String>,
+    snapshot_dir: Option<PathBuf>,
+    snapshot_size: Option<String>,
+}
+
+impl TryFrom<RawVolume> for VolumeConfig {
+    type Error = String;
+    fn try_from(r: RawVolume) -> Result<VolumeConfig, String> {
+        for (key, p) in [
+            ("volume.mountpoint", Some(&r.mountpoint)),
+            ("volume.datadir", Some(&r.datadir)),
+            ("volume.snapshot_dir", r.snapshot_dir.as_ref()),
+        ] {
+            if let Some(p) = p.filter(|p| !p.is_absolute()) {
+                return Err(format!("{key} must be an absolute path, got {}", p.display()));
+            }
+        }
+        if !r.datadir.starts_with(&r.mountpoint) {
+            return Err(format!(
+                "volume.datadir {} is not under volume.mountpoint {}",
+                r.datadir.display(),
+                r.mountpoint.display()
+            ));
+        }
+        let backend = match r.backend {
+            Backend::Lvm => VolumeBackend::Lvm(lvm_volume(&r)?),
+            Backend::Btrfs => VolumeBackend::Btrfs(btrfs_volume(&r)?),
+        };
+        Ok(VolumeConfig {
+            device: r.device,
+            mountpoint: r.mountpoint,
+            datadir: r.datadir,
+            owner: r.owner,
+            backend,
+        })
+    }
+}
+
+fn only_for(backend: &str, set: &[(&str, bool)]) -> Result<(), String> {
+    match set.iter().find(|(_, is_set)| *is_set) {
+        Some((key, _)) => Err(format!(
+            "volume.{key} is not a key of backend = \"{backend}\": remove it"
+        )),
+        None => Ok(()),
+    }
+}
+
+fn lvm_volume(r: &RawVolume) -> Result<LvmVolume, String> {
+    only_for("lvm", &[("snapshot_dir", r.snapshot_dir.is_some())])?;
+    let vg = r
+        .vg
+        .as_deref()
+        .ok_or("volume.vg is required with backend = \"lvm\"")?;
+    let lv = r
+        .lv
+        .as_deref()
+        .ok_or("volume.lv is required with backend = \"lvm\"")?;
+    let reserve = r.snapshot_reserve_percent.unwrap_or(20);
+    if !(1..=90).contains(&reserve) {
+        return Err("volume.snapshot_reserve_percent must be between 1 and 90".into());
+    }
+    let snapshot_size = match &r.snapshot_size {
+        Some(s) => SnapshotSize::parse(s).map_err(|e| format!("volume.snapshot_size: {e}"))?,
+        None => SnapshotSize::default(),
+    };
+    Ok(LvmVolume {
+        vg: LvmName::parse("volume.vg", vg)?,
+        lv: LvmName::parse("volume.lv", lv)?,
+        filesystem: r.filesystem.unwrap_or(Filesystem::Xfs),
+        snapshot_reserve_percent: reserve,
+        snapshot_size,
+    })
+}
+
+fn btrfs_volume(r: &RawVolume) -> Result<BtrfsVolume, String> {
+    only_for(
+        "btrfs",
+        &[
+            ("vg", r.vg.is_some()),
+            ("lv", r.lv.is_some()),
+            ("filesystem", r.filesystem.is_some()),
+            ("snapshot_reserve_percent", r.snapshot_reserve_percent.is_some()),
+            ("snapshot_size", r.snapshot_size.is_some()),
+        ],
+    )?;
+    let snapshot_dir = r
+        .snapshot_dir
+        .clone()
+        .unwrap_or_else(|| r.mountpoint.join(".mysnap-snapshots"));
+    if snapshot_dir.starts_with(&r.datadir) {
+        return Err(format!(
+            "the snapshot directory {} is inside volume.datadir; set volume.snapshot_dir to a directory on the same btrfs volume outside the data directory",
+            snapshot_dir.display()
+        ));
+    }
+    Ok(BtrfsVolume { snapshot_dir })
+}
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum Devices {
     One(PathBuf),
     Many(Vec<PathBuf>),
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// `s3://bucket/prefix` or `file:///dir`.
-    pub url: String,
+    pub url: StoreUrl,
     pub region: Option<String>,
     pub endpoint: Option<String>,
     #[serde(default)]
@@ -186,7 +357,7 @@ impl Compression {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ArchiveConfig {
     #[serde(default = "default_compression")]
@@ -208,13 +379,140 @@ impl Default for ArchiveConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackupConfig {
     /// Namespace of this server's backups in the store.
     pub name: String,
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+}
+
+/// `store.url`, parsed when the config is read.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum StoreUrl {
+    S3 { bucket: String, prefix: String },
+    File { root: PathBuf },
+}
+
+impl StoreUrl {
+    pub fn parse(url: &str) -> Result<StoreUrl, String> {
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            let ok = (3..=63).contains(&bucket.len())
+                && bucket
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-".contains(c));
+            if !ok {
+                return Err(format!("{bucket:?} is not a valid S3 bucket name (3-63 lowercase letters, digits, '.', '-')"));
+            }
+            Ok(StoreUrl::S3 {
+                bucket: bucket.into(),
+                prefix: prefix.trim_matches('/').into(),
+            })
+        } else if let Some(path) = url.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "{url:?}: a file store needs an absolute path, like file:///var/backups/mysnap"
+                ));
+            }
+            Ok(StoreUrl::File {
+                root: PathBuf::from(path),
+            })
+        } else {
+            Err(format!(
+                "{url:?} is neither s3://bucket/prefix nor file:///path"
+            ))
+        }
+    }
+}
+
+impl TryFrom<String> for StoreUrl {
+    type Error = String;
+    fn try_from(s: String) -> Result<StoreUrl, String> {
+        StoreUrl::parse(&s).map_err(|e| format!("store.url: {e}"))
+    }
+}
+
+impl std::fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreUrl::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
+            StoreUrl::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+            StoreUrl::File { root } => write!(f, "file://{}", root.display()),
+        }
+    }
+}
+
+/// How big the snapshot's copy-on-write space is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotSize {
+    /// `-l N%FREE` (or `%VG`, `%ORIGIN`): a share of the extents.
+    Percent { percent: u8, of: &'static str },
+    /// `-L <KiB>k`: a fixed size, rounded up to whole KiB (LVM rounds up to extents).
+    Bytes(u64),
+}
+
+impl Default for SnapshotSize {
+    fn default() -> Self {
+        SnapshotSize::Percent {
+            percent: 100,
+            of: "FREE",
+        }
+    }
+}
+
+impl SnapshotSize {
+    /// `"100%FREE"`, `"50%VG"`, `"20%ORIGIN"`, or a size such as `"10GiB"`.
+    pub fn parse(text: &str) -> Result<SnapshotSize, String> {
+        let t = text.trim();
+        if let Some((num, of)) = t.split_once('%') {
+            let of = match of.to_ascii_uppercase().as_str() {
+                "FREE" => "FREE",
+                "VG" => "VG",
+                "ORIGIN" => "ORIGIN",
+                _ => {
+                    return Err(format!(
+                        "{text:?}: a share must be N%FREE, N%VG or N%ORIGIN"
+                    ))
+                }
+            };
+            let percent: u8 = num
+                .trim()
+                .parse()
+                .ok()
+                .filter(|p| (1..=100).contains(p))
+                .ok_or_else(|| format!("{text:?}: the percentage must be 1 to 100"))?;
+            return Ok(SnapshotSize::Percent { percent, of });
+        }
+        let bytes: bytesize::ByteSize = t.parse().map_err(|e| {
+            format!("{text:?} is neither a size (\"10GiB\") nor a share (\"50%FREE\"): {e}")
+        })?;
+        if bytes.as_u64() < 1 << 20 {
+            return Err(format!(
+                "{text:?} is too small for a snapshot (at least 1MiB)"
+            ));
+        }
+        Ok(SnapshotSize::Bytes(bytes.as_u64()))
+    }
+
+    /// The lvcreate arguments for this size.
+    pub fn lvcreate_args(&self) -> [String; 2] {
+        match self {
+            SnapshotSize::Percent { percent, of } => ["-l".into(), format!("{percent}%{of}")],
+            SnapshotSize::Bytes(b) => ["-L".into(), format!("{}k", b.div_ceil(1024))],
+        }
+    }
+}
+
+impl std::fmt::Display for SnapshotSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SnapshotSize::Percent { percent, of } => write!(f, "{percent}%{of}"),
+            SnapshotSize::Bytes(b) => write!(f, "{}", bytesize::ByteSize(*b)),
+        }
+    }
 }
 
 fn default_port() -> u16 {
@@ -228,12 +526,6 @@ fn default_lock_retries() -> u32 {
 }
 fn default_long_query_wait() -> Duration {
     Duration::from_secs(60)
-}
-fn default_fs() -> Filesystem {
-    Filesystem::Xfs
-}
-fn default_reserve() -> u8 {
-    20
 }
 fn default_part_size() -> ByteSize {
     ByteSize::mib(16)
@@ -290,59 +582,17 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Checks across keys of one section; each key's own grammar was
+    /// checked when it was read (typed fields, [`VolumeConfig`]).
     fn validate(&self) -> Result<(), String> {
         check_name("backup.name", &self.backup.name)?;
         for (key, p) in [
-            ("volume.mountpoint", Some(&self.volume.mountpoint)),
-            ("volume.datadir", Some(&self.volume.datadir)),
             ("backup.state_dir", Some(&self.backup.state_dir)),
-            ("volume.snapshot_dir", self.volume.snapshot_dir.as_ref()),
             ("mysql.socket", self.mysql.socket.as_ref()),
         ] {
-            if let Some(p) = p {
-                if !p.is_absolute() {
-                    return Err(format!(
-                        "{key} must be an absolute path, got {}",
-                        p.display()
-                    ));
-                }
+            if let Some(p) = p.filter(|p| !p.is_absolute()) {
+                return Err(format!("{key} must be an absolute path, got {}", p.display()));
             }
-        }
-        if !self.volume.datadir.starts_with(&self.volume.mountpoint) {
-            return Err(format!(
-                "volume.datadir {} is not under volume.mountpoint {}",
-                self.volume.datadir.display(),
-                self.volume.mountpoint.display()
-            ));
-        }
-        if self.volume.backend == Backend::Lvm {
-            let vg = self
-                .volume
-                .vg
-                .as_deref()
-                .ok_or("volume.vg is required with backend = \"lvm\"")?;
-            let lv = self
-                .volume
-                .lv
-                .as_deref()
-                .ok_or("volume.lv is required with backend = \"lvm\"")?;
-            check_name("volume.vg", vg)?;
-            check_name("volume.lv", lv)?;
-            if let Some(size) = &self.volume.snapshot_size {
-                crate::snapshot::SnapshotSize::parse(size)
-                    .map_err(|e| format!("volume.snapshot_size: {e}"))?;
-            }
-        }
-        if self.volume.backend == Backend::Btrfs
-            && self.snapshot_dir().starts_with(&self.volume.datadir)
-        {
-            return Err(format!(
-                "the snapshot directory {} is inside volume.datadir; set volume.snapshot_dir to a directory on the same btrfs volume outside the data directory",
-                self.snapshot_dir().display()
-            ));
-        }
-        if !(1..=90).contains(&self.volume.snapshot_reserve_percent) {
-            return Err("volume.snapshot_reserve_percent must be between 1 and 90".into());
         }
         if self.mysql.lock_timeout < Duration::from_millis(100) {
             return Err("mysql.lock_timeout must be at least 100ms".into());
@@ -368,16 +618,7 @@ impl Config {
         if self.store.max_attempts == 0 {
             return Err("store.max_attempts must be at least 1".into());
         }
-        crate::store::StoreUrl::parse(&self.store.url).map_err(|e| format!("store.url: {e}"))?;
         Ok(())
-    }
-
-    /// Where btrfs snapshots are created.
-    pub fn snapshot_dir(&self) -> PathBuf {
-        self.volume
-            .snapshot_dir
-            .clone()
-            .unwrap_or_else(|| self.volume.mountpoint.join(".mysnap-snapshots"))
     }
 
     /// The compression level in effect.
@@ -388,24 +629,6 @@ impl Config {
                 Compression::Xz => 1,
                 _ => 3,
             })
-    }
-}
-
-/// Names that reach argv or store keys: letters, digits, `_`, `-`, `.`, `+`; not
-/// starting with `-` or `.`.
-pub fn check_name(key: &str, value: &str) -> Result<(), String> {
-    let ok = !value.is_empty()
-        && value.len() <= 127
-        && !value.starts_with(['-', '.'])
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_-.+".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{key} = {value:?} is not a valid name (use letters, digits, '_', '-', '.', '+'; not starting with '-' or '.')"
-        ))
     }
 }
 
@@ -440,14 +663,17 @@ name = "db1"
         assert_eq!(c.archive.compression, Compression::Zstd);
         assert_eq!(c.level(), 3);
         assert_eq!(c.backup.state_dir, PathBuf::from("/var/lib/mysnap"));
-        assert_eq!(c.snapshot_dir(), PathBuf::from("/mnt/.mysnap-snapshots"));
+        let VolumeBackend::Btrfs(b) = &c.volume.backend else {
+            panic!("btrfs")
+        };
+        assert_eq!(b.snapshot_dir, PathBuf::from("/mnt/.mysnap-snapshots"));
     }
 
     #[test]
     fn contract_example_parses() {
         let text = include_str!("../../../deploy/mysnap.example.toml");
         let c = parse(text).unwrap();
-        assert_eq!(c.volume.backend, Backend::Lvm);
+        assert_eq!(c.volume.kind(), Backend::Lvm);
         assert_eq!(c.mysql.stop_command, ["systemctl", "stop", "mariadb"]);
     }
 
@@ -517,6 +743,23 @@ name = "db1"
                 "datadir = \"/mnt\"",
                 "volume.snapshot_dir",
             ),
+            // A backend's keys exist only for it.
+            (
+                "backend = \"btrfs\"",
+                "backend = \"btrfs\"\nvg = \"v\"",
+                "volume.vg is not a key of backend = \"btrfs\"",
+            ),
+            (
+                "backend = \"btrfs\"",
+                "backend = \"lvm\"\nvg = \"v\"\nlv = \"l\"\nsnapshot_dir = \"/mnt/s\"",
+                "volume.snapshot_dir is not a key of backend = \"lvm\"",
+            ),
+            (
+                "backend = \"btrfs\"",
+                "backend = \"lvm\"\nvg = \"v g\"\nlv = \"l\"",
+                "volume.vg",
+            ),
+            ("mountpoint = \"/mnt\"", "mountpoint = \"mnt\"", "absolute"),
         ] {
             let err = parse(&MINIMAL.replace(from, to)).unwrap_err();
             assert!(err.contains(needle), "{to}: {err}");

@@ -2,8 +2,9 @@
 //!
 //! Library code returns `anyhow::Error` with context; where the kind of failure
 //! matters to the operator (configuration, lock, integrity), the chain holds a
-//! typed error that knows its exit code ([`Error`], [`crate::archive::ArchiveError`],
-//! [`crate::manifest::ManifestError`]), and [`exit_code_of`] finds the first.
+//! typed error that knows its exit code ([`Error`] here; the archive, store and
+//! manifest errors in their modules), and `cli::exit_code_of` finds the first.
+//! A leaf module: it knows no other module of this crate.
 
 /// The documented exit codes (README, "Exit codes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,24 +37,6 @@ impl Error {
             Error::Integrity(_) => ExitCode::Integrity,
         }
     }
-}
-
-/// The exit code for an error chain: the first typed error in it decides, else 1.
-pub fn exit_code_of(err: &anyhow::Error) -> ExitCode {
-    err.chain()
-        .find_map(|e| {
-            if let Some(e) = e.downcast_ref::<Error>() {
-                Some(e.exit_code())
-            } else if let Some(e) = e.downcast_ref::<crate::archive::ArchiveError>() {
-                Some(e.exit_code())
-            } else if let Some(e) = e.downcast_ref::<crate::store::StoreError>() {
-                Some(e.exit_code())
-            } else {
-                e.downcast_ref::<crate::manifest::ManifestError>()
-                    .map(|_| ExitCode::Integrity)
-            }
-        })
-        .unwrap_or(ExitCode::Failure)
 }
 
 /// Shorthand for a configuration error (exit 2).

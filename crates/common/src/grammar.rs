@@ -53,11 +53,29 @@ pub fn user(s: &str) -> Result<(), String> {
     }
 }
 
-/// A `backup.name` as the config accepts it (`config::check_name`):
+/// Names that reach argv or store keys: letters, digits, `_`, `-`, `.`, `+`; not
+/// starting with `-` or `.`.
+pub fn check_name(key: &str, value: &str) -> Result<(), String> {
+    let ok = !value.is_empty()
+        && value.len() <= 127
+        && !value.starts_with(['-', '.'])
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.+".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{key} = {value:?} is not a valid name (use letters, digits, '_', '-', '.', '+'; not starting with '-' or '.')"
+        ))
+    }
+}
+
+/// A `backup.name` as the config accepts it ([`check_name`]):
 /// letters, digits, `_`, `-`, `.`, `+`, not starting with `-` or `.`; at most
 /// 127 bytes. It is a store key component and part of snapshot names.
 pub fn backup_name(s: &str) -> Result<(), String> {
-    crate::config::check_name("backup.name", s)
+    check_name("backup.name", s)
 }
 
 /// A GTID set as the server reports it, in either flavor, or "" (empty set):

@@ -20,6 +20,8 @@ pub mod config;
 pub mod dialect;
 pub mod error;
 pub mod grammar;
+pub mod ids;
+pub mod keys;
 pub mod manifest;
 pub mod mysql;
 pub mod progress;

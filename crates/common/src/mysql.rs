@@ -302,7 +302,7 @@ mod tests {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = read_secret_file(&p, "mysql.password_file").unwrap_err();
         assert!(err.to_string().contains("chmod 600"), "{err}");
-        assert_eq!(crate::error::exit_code_of(&err), crate::ExitCode::Usage);
+        assert_eq!(crate::cli::exit_code_of(&err), crate::ExitCode::Usage);
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         let cfg = MysqlConfig {
             password_file: Some(p),

@@ -133,7 +133,7 @@ impl StateLock {
             .with_context(|| format!("cannot list state directory {}", self.dir.display()))?
         {
             let name = entry?.file_name().to_string_lossy().into_owned();
-            if crate::manifest::is_backup_id(&name) {
+            if crate::ids::is_backup_id(&name) {
                 ids.push(name);
             }
         }

@@ -308,7 +308,7 @@ impl Rig {
 }
 
 fn code(r: &anyhow::Result<()>) -> ExitCode {
-    common::error::exit_code_of(r.as_ref().expect_err("refused"))
+    common::cli::exit_code_of(r.as_ref().expect_err("refused"))
 }
 
 fn archive_error(r: &anyhow::Result<()>) -> Option<&ArchiveError> {

@@ -65,7 +65,7 @@ async fn list_in(store: &dyn Store, name: &BackupName) -> anyhow::Result<Vec<Man
                 "skipping {}: a manifest without an archive (never completed)",
                 store.url(key)
             ),
-            Err(e) if common::error::exit_code_of(&e) == common::ExitCode::Integrity => {
+            Err(e) if common::cli::exit_code_of(&e) == common::ExitCode::Integrity => {
                 tracing::warn!("skipping {}: {e:#}", store.url(key))
             }
             Err(e) => return Err(e),
@@ -823,7 +823,7 @@ mod tests {
             std::fs::write(&idx, format!("./rel.000003\n{bad}\n")).unwrap();
             let err = rewrite_binlog_indexes(&safe, &moves).unwrap_err();
             assert_eq!(
-                common::error::exit_code_of(&err),
+                common::cli::exit_code_of(&err),
                 common::ExitCode::Integrity,
                 "{bad}"
             );

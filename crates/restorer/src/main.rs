@@ -185,7 +185,7 @@ fn main() -> std::process::ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::error::exit_code_of;
+    use common::cli::exit_code_of;
     use common::ExitCode;
     use std::os::unix::fs::PermissionsExt;
 

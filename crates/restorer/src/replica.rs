@@ -198,7 +198,7 @@ pub fn statements(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::error::exit_code_of;
+    use common::cli::exit_code_of;
     use common::mysql::Redactor;
     use common::ExitCode;
 

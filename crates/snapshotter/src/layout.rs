@@ -248,7 +248,7 @@ mod tests {
                 .contains("innodb_log_group_home_dir is in /var/lib/redo"),
             "{err}"
         );
-        assert_eq!(common::error::exit_code_of(&err), common::ExitCode::Usage);
+        assert_eq!(common::cli::exit_code_of(&err), common::ExitCode::Usage);
         let err = plan_layout(&vars("/var/lib/mysql/"), Path::new("/mnt")).unwrap_err();
         assert!(
             err.to_string().contains("datadir is in /var/lib/mysql"),

@@ -28,7 +28,7 @@ pub use lock::LockOutcome;
 /// Takes one snapshot and returns the path of its manifest.
 pub async fn run(cfg: &Config) -> anyhow::Result<PathBuf> {
     let state = StateLock::acquire(&cfg.backup.state_dir)?;
-    let backend = snapshot::backend(cfg)?;
+    let backend = snapshot::backend(&cfg.volume, &cfg.backup.state_dir);
     remove_stale(&state, backend.as_ref(), &cfg.backup.name)?;
 
     // Everything that can be checked is checked before the server is locked.

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use common::cmd::{self, display_argv};
-use common::config::{check_name, Backend, Config, Devices, Filesystem};
+use common::config::{Backend, Config, Devices, Filesystem};
 use common::error::config_err;
 
 /// The btrfs subvolume volprep creates and mounts at `volume.mountpoint`.
@@ -317,7 +317,7 @@ fn prepare(x: &mut Exec, cfg: &Config, opts: &Options) -> anyhow::Result<()> {
         .map(|d| attach_loop(x, d))
         .collect::<anyhow::Result<_>>()?;
 
-    let (dev, fstype, mount_opts, fstab_spec) = match cfg.volume.backend {
+    let (dev, fstype, mount_opts, fstab_spec) = match cfg.volume.kind() {
         Backend::Lvm => prepare_lvm(x, cfg, opts, &devs)?,
         Backend::Btrfs => prepare_btrfs(x, cfg, opts, &devs)?,
     };
@@ -383,10 +383,8 @@ fn prepare_lvm(
     opts: &Options,
     devs: &[String],
 ) -> anyhow::Result<Prepared> {
-    let vg = cfg.volume.vg.as_deref().unwrap_or_default();
-    let lv = cfg.volume.lv.as_deref().unwrap_or_default();
-    check_name("volume.vg", vg).map_err(config_err)?;
-    check_name("volume.lv", lv).map_err(config_err)?;
+    let lvm = cfg.volume.lvm().expect("prepare_lvm runs for backend = \"lvm\"");
+    let (vg, lv) = (lvm.vg.as_str(), lvm.lv.as_str());
     let mut new_pvs = Vec::new();
     let mut orphan_pvs = Vec::new();
     for dev in devs {
@@ -450,11 +448,11 @@ fn prepare_lvm(
     if lv_there {
         x.in_place(format!("logical volume {vg}/{lv}"));
     } else {
-        let extents = lv_extents(cfg.volume.snapshot_reserve_percent);
+        let extents = lv_extents(lvm.snapshot_reserve_percent);
         x.change(
             &format!(
                 "create logical volume {vg}/{lv} ({extents}, {}% kept free for snapshots)",
-                cfg.volume.snapshot_reserve_percent
+                lvm.snapshot_reserve_percent
             ),
             &[
                 "lvcreate".into(),
@@ -469,7 +467,7 @@ fn prepare_lvm(
             ],
         )?;
     }
-    let fs = cfg.volume.filesystem;
+    let fs = lvm.filesystem;
     let want = fs_name(fs);
     let sig = if lv_there {
         probe(&dev)?

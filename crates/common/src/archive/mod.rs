@@ -14,7 +14,7 @@
 //! the manifest declares (`tar_size`, `files`, `unpacked_size`), with long
 //! names capped at 4 KiB and the decoders' memory capped.
 
-pub mod keys;
+pub use crate::keys;
 pub mod policy;
 pub mod read;
 pub mod tree;

@@ -221,7 +221,7 @@ fn check_name(name: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::tests::v;
+    use crate::ids::tests::v;
 
     /// Admits `entries` in order; returns the error of the first refused one
     /// (with its index), or None.

@@ -178,7 +178,7 @@ pub fn write_tar<W: Write>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::tests::v;
+    use crate::ids::tests::v;
     use std::os::unix::fs::{symlink, PermissionsExt};
 
     #[test]

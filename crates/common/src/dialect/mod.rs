@@ -349,7 +349,7 @@ mod tests {
             let err = ServerVersion::parse(v)
                 .lock_method(LockMethod::BackupStage)
                 .unwrap_err();
-            assert_eq!(crate::error::exit_code_of(&err), crate::ExitCode::Usage);
+            assert_eq!(crate::cli::exit_code_of(&err), crate::ExitCode::Usage);
             assert!(err.to_string().contains("mysql.lock_method"), "{err}");
             assert!(err.to_string().contains(v), "{err}");
         }

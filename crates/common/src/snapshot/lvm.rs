@@ -7,84 +7,13 @@
 //! stored. The pure parts (argv, parsing, sizes) are unit-tested; the rest
 //! runs on real LVM in `cargo xtask vm-test`.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
 use super::{Snapshot, SnapshotBackend};
 use crate::cmd;
-use crate::config::{check_name, Backend, Filesystem};
-
-/// How big the snapshot's copy-on-write space is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SnapshotSize {
-    /// `-l N%FREE` (or `%VG`, `%ORIGIN`): a share of the extents.
-    Percent { percent: u8, of: &'static str },
-    /// `-L <KiB>k`: a fixed size, rounded up to whole KiB (LVM rounds up to extents).
-    Bytes(u64),
-}
-
-impl Default for SnapshotSize {
-    fn default() -> Self {
-        SnapshotSize::Percent {
-            percent: 100,
-            of: "FREE",
-        }
-    }
-}
-
-impl SnapshotSize {
-    /// `"100%FREE"`, `"50%VG"`, `"20%ORIGIN"`, or a size such as `"10GiB"`.
-    pub fn parse(text: &str) -> Result<SnapshotSize, String> {
-        let t = text.trim();
-        if let Some((num, of)) = t.split_once('%') {
-            let of = match of.to_ascii_uppercase().as_str() {
-                "FREE" => "FREE",
-                "VG" => "VG",
-                "ORIGIN" => "ORIGIN",
-                _ => {
-                    return Err(format!(
-                        "{text:?}: a share must be N%FREE, N%VG or N%ORIGIN"
-                    ))
-                }
-            };
-            let percent: u8 = num
-                .trim()
-                .parse()
-                .ok()
-                .filter(|p| (1..=100).contains(p))
-                .ok_or_else(|| format!("{text:?}: the percentage must be 1 to 100"))?;
-            return Ok(SnapshotSize::Percent { percent, of });
-        }
-        let bytes: bytesize::ByteSize = t.parse().map_err(|e| {
-            format!("{text:?} is neither a size (\"10GiB\") nor a share (\"50%FREE\"): {e}")
-        })?;
-        if bytes.as_u64() < 1 << 20 {
-            return Err(format!(
-                "{text:?} is too small for a snapshot (at least 1MiB)"
-            ));
-        }
-        Ok(SnapshotSize::Bytes(bytes.as_u64()))
-    }
-
-    /// The lvcreate arguments for this size.
-    pub fn lvcreate_args(&self) -> [String; 2] {
-        match self {
-            SnapshotSize::Percent { percent, of } => ["-l".into(), format!("{percent}%{of}")],
-            SnapshotSize::Bytes(b) => ["-L".into(), format!("{}k", b.div_ceil(1024))],
-        }
-    }
-}
-
-impl fmt::Display for SnapshotSize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SnapshotSize::Percent { percent, of } => write!(f, "{percent}%{of}"),
-            SnapshotSize::Bytes(b) => write!(f, "{}", bytesize::ByteSize(*b)),
-        }
-    }
-}
+use crate::config::{check_name, Backend, Filesystem, LvmVolume, SnapshotSize};
 
 /// One row of `lvs --noheadings --separator | -o lv_name,data_percent,lv_attr`.
 #[derive(Debug, Clone, PartialEq)]
@@ -163,22 +92,16 @@ pub struct Lvm {
 }
 
 impl Lvm {
-    pub fn new(
-        vg: &str,
-        lv: &str,
-        fs: Filesystem,
-        size: SnapshotSize,
-        mount_dir: PathBuf,
-    ) -> anyhow::Result<Lvm> {
-        check_name("volume.vg", vg).map_err(anyhow::Error::msg)?;
-        check_name("volume.lv", lv).map_err(anyhow::Error::msg)?;
-        Ok(Lvm {
-            vg: vg.into(),
-            lv: lv.into(),
-            fs,
-            size,
+    /// The LVM backend of `volume` (names checked when the config was
+    /// read); snapshots are mounted under `mount_dir`.
+    pub fn new(volume: &LvmVolume, mount_dir: PathBuf) -> Lvm {
+        Lvm {
+            vg: volume.vg.to_string(),
+            lv: volume.lv.to_string(),
+            fs: volume.filesystem,
+            size: volume.snapshot_size.clone(),
             mount_dir,
-        })
+        }
     }
 
     fn checked<'a>(&self, name: &'a str) -> anyhow::Result<&'a str> {
@@ -384,14 +307,14 @@ mod tests {
     use super::*;
 
     fn lvm(size: &str) -> Lvm {
-        Lvm::new(
-            "mysnap",
-            "mysql",
-            Filesystem::Xfs,
-            SnapshotSize::parse(size).unwrap(),
-            PathBuf::from("/var/lib/mysnap/mnt"),
-        )
-        .unwrap()
+        let volume = LvmVolume {
+            vg: crate::config::LvmName::parse("vg", "mysnap").unwrap(),
+            lv: crate::config::LvmName::parse("lv", "mysql").unwrap(),
+            filesystem: Filesystem::Xfs,
+            snapshot_reserve_percent: 20,
+            snapshot_size: SnapshotSize::parse(size).unwrap(),
+        };
+        Lvm::new(&volume, PathBuf::from("/var/lib/mysnap/mnt"))
     }
 
     #[test]
@@ -471,14 +394,7 @@ mod tests {
         assert!(l.checked("-rf").is_err());
         assert!(l.checked("a/b").is_err());
         assert!(l.checked("mysql").is_err());
-        assert!(Lvm::new(
-            "bad vg",
-            "x",
-            Filesystem::Xfs,
-            SnapshotSize::default(),
-            "/x".into()
-        )
-        .is_err());
+        assert!(crate::config::LvmName::parse("volume.vg", "bad vg").is_err());
     }
 
     #[test]

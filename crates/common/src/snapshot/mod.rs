@@ -4,12 +4,12 @@
 mod btrfs;
 mod lvm;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use crate::config::{Backend, Config};
+use crate::config::{Backend, VolumeBackend, VolumeConfig};
 
 pub use btrfs::Btrfs;
-pub use lvm::{is_mounted, parse_lvs, LvRow, Lvm, SnapshotSize};
+pub use lvm::{is_mounted, parse_lvs, LvRow, Lvm};
 
 /// A snapshot that exists: its name, and where its files can be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,35 +54,24 @@ pub fn snapshot_prefix(backup_name: &str) -> String {
 /// exactly a backup id, so `mysnap-db1-…` never claims `mysnap-db1-x-…`.
 pub fn is_own_snapshot(backup_name: &str, name: &str) -> bool {
     name.strip_prefix(&snapshot_prefix(backup_name))
-        .is_some_and(crate::manifest::is_backup_id)
+        .is_some_and(crate::ids::is_backup_id)
 }
 
-/// The backend the config names.
-pub fn backend(cfg: &Config) -> anyhow::Result<Box<dyn SnapshotBackend>> {
-    match cfg.volume.backend {
-        Backend::Btrfs => Ok(Box::new(Btrfs::new(
-            cfg.volume.mountpoint.clone(),
-            cfg.snapshot_dir(),
-        ))),
-        Backend::Lvm => {
-            let size = match &cfg.volume.snapshot_size {
-                Some(s) => SnapshotSize::parse(s).map_err(crate::error::config_err)?,
-                None => SnapshotSize::default(),
-            };
-            Ok(Box::new(Lvm::new(
-                cfg.volume.vg.as_deref().unwrap_or_default(),
-                cfg.volume.lv.as_deref().unwrap_or_default(),
-                cfg.volume.filesystem,
-                size,
-                lvm_mount_dir(cfg),
-            )?))
-        }
+/// The backend `volume` names; LVM snapshots are mounted under
+/// [`lvm_mount_dir`] of `state_dir`.
+pub fn backend(volume: &VolumeConfig, state_dir: &Path) -> Box<dyn SnapshotBackend> {
+    match &volume.backend {
+        VolumeBackend::Btrfs(b) => Box::new(Btrfs::new(
+            volume.mountpoint.clone(),
+            b.snapshot_dir.clone(),
+        )),
+        VolumeBackend::Lvm(l) => Box::new(Lvm::new(l, lvm_mount_dir(state_dir))),
     }
 }
 
 /// Where LVM snapshots are mounted for the archiver: `<backup.state_dir>/mnt`.
-pub fn lvm_mount_dir(cfg: &Config) -> PathBuf {
-    cfg.backup.state_dir.join("mnt")
+pub fn lvm_mount_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("mnt")
 }
 
 #[cfg(test)]

@@ -7,14 +7,12 @@ mod s3;
 
 use std::io;
 use std::ops::Range;
-use std::path::PathBuf;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
-use crate::config::StoreConfig;
-use crate::error::config_err;
+use crate::config::{StoreConfig, StoreUrl};
 
 pub use download::Download;
 pub use file::FileStore;
@@ -109,50 +107,13 @@ pub trait Store: Send + Sync {
     async fn delete(&self, key: &str) -> anyhow::Result<()>;
 }
 
-/// A parsed `store.url`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreUrl {
-    S3 { bucket: String, prefix: String },
-    File { root: PathBuf },
-}
-
-impl StoreUrl {
-    pub fn parse(url: &str) -> Result<StoreUrl, String> {
-        if let Some(rest) = url.strip_prefix("s3://") {
-            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            let ok = (3..=63).contains(&bucket.len())
-                && bucket
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-".contains(c));
-            if !ok {
-                return Err(format!("{bucket:?} is not a valid S3 bucket name (3-63 lowercase letters, digits, '.', '-')"));
-            }
-            Ok(StoreUrl::S3 {
-                bucket: bucket.into(),
-                prefix: prefix.trim_matches('/').into(),
-            })
-        } else if let Some(path) = url.strip_prefix("file://") {
-            if !path.starts_with('/') {
-                return Err(format!(
-                    "{url:?}: a file store needs an absolute path, like file:///var/backups/mysnap"
-                ));
-            }
-            Ok(StoreUrl::File {
-                root: PathBuf::from(path),
-            })
-        } else {
-            Err(format!(
-                "{url:?} is neither s3://bucket/prefix nor file:///path"
-            ))
-        }
-    }
-}
-
 /// Opens the store named by the config.
 pub async fn open(cfg: &StoreConfig) -> anyhow::Result<Box<dyn Store>> {
-    match StoreUrl::parse(&cfg.url).map_err(|e| config_err(format!("store.url: {e}")))? {
-        StoreUrl::S3 { bucket, prefix } => Ok(Box::new(S3Store::new(cfg, bucket, prefix).await?)),
-        StoreUrl::File { root } => Ok(Box::new(FileStore::new(root))),
+    match &cfg.url {
+        StoreUrl::S3 { bucket, prefix } => Ok(Box::new(
+            S3Store::new(cfg, bucket.clone(), prefix.clone()).await?,
+        )),
+        StoreUrl::File { root } => Ok(Box::new(FileStore::new(root.clone()))),
     }
 }
 

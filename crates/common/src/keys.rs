@@ -7,7 +7,10 @@
 //! ```
 
 use crate::config::Compression;
-use crate::manifest::{BackupId, BackupName, MANIFEST_FILE};
+use crate::ids::{BackupId, BackupName};
+
+/// The manifest's file name, in the store and in the state directory.
+pub const MANIFEST_FILE: &str = "manifest.toml";
 
 /// The prefix under which every backup of `name` lives.
 pub fn backups_of(name: &BackupName) -> String {
@@ -33,7 +36,7 @@ pub fn manifest_id(name: &BackupName, key: &str) -> Option<BackupId> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::tests::v;
+    use crate::ids::tests::v;
 
     #[test]
     fn layout() {
