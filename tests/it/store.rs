@@ -7,12 +7,11 @@ use std::path::Path;
 use bytes::Bytes;
 use bytesize::ByteSize;
 use common::config::StoreConfig;
-use common::store::{open, part_channel, Store};
+use common::store::{open, Store};
 use mysnap_tests::S3Server;
 use sha2::{Digest, Sha256};
 
 const MIB: usize = 1 << 20;
-const PART: u64 = 5 << 20;
 
 fn config(url: String, endpoint: Option<&str>) -> StoreConfig {
     StoreConfig {
@@ -48,7 +47,7 @@ fn sha(b: &[u8]) -> String {
 /// Streams `body` through a part channel from a blocking thread; `finish`
 /// false drops the writer without finishing (an aborted stream).
 async fn stream(store: &dyn Store, key: &str, body: Vec<u8>, finish: bool) -> anyhow::Result<u64> {
-    let (mut w, rx) = part_channel(PART);
+    let (mut w, upload) = store.transfer().upload(body.len() as u64);
     let writer = std::thread::spawn(move || -> std::io::Result<()> {
         w.write_all(&body)?;
         if finish {
@@ -56,7 +55,7 @@ async fn stream(store: &dyn Store, key: &str, body: Vec<u8>, finish: bool) -> an
         }
         Ok(())
     });
-    let result = store.put_stream(key, rx, 4).await;
+    let result = store.put_stream(key, upload).await;
     let written = writer.join().expect("writer thread panicked");
     if result.is_ok() {
         written.expect("writer failed although the upload succeeded");

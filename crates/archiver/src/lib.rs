@@ -136,23 +136,21 @@ async fn archive(
 
     let estimate = format::write::estimate(&snap, &manifest.data)?;
     progress.set_total(estimate);
-    let part_size = store::plan_part_size(cfg.store.part_size.as_u64(), estimate);
-    let (writer, parts) = store::part_channel(part_size);
-    let limit = cfg.store.memory_limit.as_u64();
-    let in_flight = store::in_flight(limit, part_size, cfg.store.concurrency);
+    let (writer, upload) = store.transfer().upload(estimate);
     tracing::info!(
-        "archiving {} (about {}) to {} in parts of {}, {in_flight} in flight",
+        "archiving {} (about {}) to {} in parts of {}, {} in flight",
         snap.display(),
         bytesize(estimate),
         store.url(&key),
-        bytesize(part_size)
+        bytesize(upload.part_size),
+        upload.in_flight
     );
-    if part_size * (in_flight as u64 + 2) > limit {
+    if upload.memory() > cfg.store.memory_limit.as_u64() {
         tracing::warn!(
             "parts of {} (grown so the archive fits in 10,000 parts) hold {} in memory, over store.memory_limit ({})",
-            bytesize(part_size),
-            bytesize(part_size * (in_flight as u64 + 2)),
-            bytesize(limit)
+            bytesize(upload.part_size),
+            bytesize(upload.memory()),
+            cfg.store.memory_limit
         );
     }
 
@@ -180,7 +178,7 @@ async fn archive(
             })
         });
         let uploaded = tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(store.put_stream(&key, parts, in_flight))
+            tokio::runtime::Handle::current().block_on(store.put_stream(&key, upload))
         });
         (
             producer

@@ -225,7 +225,10 @@ impl TryFrom<RawVolume> for VolumeConfig {
             ("volume.snapshot_dir", r.snapshot_dir.as_ref()),
         ] {
             if let Some(p) = p.filter(|p| !p.is_absolute()) {
-                return Err(format!("{key} must be an absolute path, got {}", p.display()));
+                return Err(format!(
+                    "{key} must be an absolute path, got {}",
+                    p.display()
+                ));
             }
         }
         if !r.datadir.starts_with(&r.mountpoint) {
@@ -260,14 +263,12 @@ fn only_for(backend: &str, set: &[(&str, bool)]) -> Result<(), String> {
 
 fn lvm_volume(r: &RawVolume) -> Result<LvmVolume, String> {
     only_for("lvm", &[("snapshot_dir", r.snapshot_dir.is_some())])?;
-    let vg = r
-        .vg
-        .as_deref()
-        .ok_or("volume.vg is required with backend = \"lvm\"")?;
-    let lv = r
-        .lv
-        .as_deref()
-        .ok_or("volume.lv is required with backend = \"lvm\"")?;
+    let vg =
+        r.vg.as_deref()
+            .ok_or("volume.vg is required with backend = \"lvm\"")?;
+    let lv =
+        r.lv.as_deref()
+            .ok_or("volume.lv is required with backend = \"lvm\"")?;
     let reserve = r.snapshot_reserve_percent.unwrap_or(20);
     if !(1..=90).contains(&reserve) {
         return Err("volume.snapshot_reserve_percent must be between 1 and 90".into());
@@ -292,7 +293,10 @@ fn btrfs_volume(r: &RawVolume) -> Result<BtrfsVolume, String> {
             ("vg", r.vg.is_some()),
             ("lv", r.lv.is_some()),
             ("filesystem", r.filesystem.is_some()),
-            ("snapshot_reserve_percent", r.snapshot_reserve_percent.is_some()),
+            (
+                "snapshot_reserve_percent",
+                r.snapshot_reserve_percent.is_some(),
+            ),
             ("snapshot_size", r.snapshot_size.is_some()),
         ],
     )?;
@@ -591,7 +595,10 @@ impl Config {
             ("mysql.socket", self.mysql.socket.as_ref()),
         ] {
             if let Some(p) = p.filter(|p| !p.is_absolute()) {
-                return Err(format!("{key} must be an absolute path, got {}", p.display()));
+                return Err(format!(
+                    "{key} must be an absolute path, got {}",
+                    p.display()
+                ));
             }
         }
         if self.mysql.lock_timeout < Duration::from_millis(100) {

@@ -289,7 +289,6 @@ impl Manifest {
     }
 }
 
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

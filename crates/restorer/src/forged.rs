@@ -258,7 +258,10 @@ impl Rig {
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir(&staging).unwrap();
         let staged = async {
-            let store: Arc<dyn Store> = Arc::new(FileStore::new(self.root().join("store")));
+            let store: Arc<dyn Store> = Arc::new(FileStore::new(
+                self.root().join("store"),
+                common::store::Transfer::from_config(&self.cfg.store),
+            ));
             let (m, info) = crate::resolve(store.as_ref(), &self.cfg, id).await?;
             crate::stage(&self.cfg, store, &m, &info, &staging, None, &Silent).await?;
             anyhow::Ok(())

@@ -33,10 +33,6 @@ use serde::Serialize;
 
 pub use replica::ReplicaOf;
 
-/// The largest ranged GET of a download (8 MiB: 8 in flight are as fast as
-/// 16 MiB ones here, and hold half the memory).
-const DOWNLOAD_RANGE: u64 = 8 << 20;
-
 /// How far in the future a backup id may lie (clock skew between hosts);
 /// a later one is refused, so a forged id cannot stay `latest` forever.
 const MAX_CLOCK_SKEW: Duration = Duration::from_secs(24 * 3600);
@@ -149,7 +145,6 @@ async fn resolve(
 
 /// Streams the archive of `m` into `target`: the one code path of verify and restore.
 async fn stream_archive(
-    cfg: &Config,
     store: Arc<dyn Store>,
     m: &Manifest,
     info: &ArchiveInfo,
@@ -171,21 +166,7 @@ async fn stream_archive(
     }
     progress.set_total(info.size);
     let failed = Arc::new(AtomicBool::new(false));
-    // Ranges of at most 8 MiB, as many in flight as store.memory_limit holds.
-    let range = cfg.store.part_size.as_u64().min(DOWNLOAD_RANGE);
-    let in_flight = store::in_flight(
-        cfg.store.memory_limit.as_u64(),
-        range,
-        cfg.store.concurrency,
-    );
-    let download = Download::start(
-        store,
-        info.key.clone(),
-        info.size,
-        range,
-        in_flight,
-        failed.clone(),
-    );
+    let download = Download::start(store, info.key.clone(), info.size, failed.clone());
     let r = tokio::task::block_in_place(|| {
         common::archive::stream(
             download,
@@ -215,7 +196,6 @@ pub async fn stage(
     progress: &dyn Progress,
 ) -> anyhow::Result<Streamed> {
     let s = stream_archive(
-        cfg,
         store.clone(),
         m,
         info,
@@ -267,7 +247,7 @@ pub async fn verify(
 ) -> anyhow::Result<(Manifest, Streamed)> {
     let store: Arc<dyn Store> = store::open(&cfg.store).await?.into();
     let (m, info) = resolve(store.as_ref(), cfg, id).await?;
-    let s = stream_archive(cfg, store, &m, &info, Target::Discard, progress).await?;
+    let s = stream_archive(store, &m, &info, Target::Discard, progress).await?;
     Ok((m, s))
 }
 

@@ -383,7 +383,10 @@ fn prepare_lvm(
     opts: &Options,
     devs: &[String],
 ) -> anyhow::Result<Prepared> {
-    let lvm = cfg.volume.lvm().expect("prepare_lvm runs for backend = \"lvm\"");
+    let lvm = cfg
+        .volume
+        .lvm()
+        .expect("prepare_lvm runs for backend = \"lvm\"");
     let (vg, lv) = (lvm.vg.as_str(), lvm.lv.as_str());
     let mut new_pvs = Vec::new();
     let mut orphan_pvs = Vec::new();

@@ -1,6 +1,6 @@
-//! Parallel ranged download: up to `concurrency` GETs of `part_size` in
-//! flight, reassembled in order into a blocking `Read`. Memory is bounded by
-//! about `part_size × (concurrency + 1)`.
+//! Parallel ranged download: the store's plan of GETs in flight, reassembled
+//! in order into a blocking `Read`. Memory is bounded by about
+//! `range × (in flight + 1)`, within `store.memory_limit`.
 
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,17 +20,18 @@ pub struct Download {
 }
 
 impl Download {
-    /// Starts downloading `key` (`size` bytes) on the current tokio runtime;
-    /// `failed` is set when the store fails (as opposed to the data).
+    /// Starts downloading `key` (`size` bytes) on the current tokio runtime,
+    /// in ranges and with as many GETs in flight as the store's
+    /// [`super::Transfer::download`] plan says; `failed` is set when the
+    /// store fails (as opposed to the data).
     pub fn start(
         store: Arc<dyn Store>,
         key: String,
         size: u64,
-        part_size: u64,
-        concurrency: usize,
         failed: Arc<AtomicBool>,
     ) -> Download {
         let (tx, rx) = mpsc::channel(1);
+        let (part_size, concurrency) = store.transfer().download();
         let part_size = part_size.max(1);
         tokio::spawn(async move {
             let ranges = (0..size.div_ceil(part_size))

@@ -9,17 +9,17 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::sync::mpsc;
 
-use super::{Chunk, Store};
+use super::{Chunk, Store, Transfer, Upload};
 
 pub struct FileStore {
     root: PathBuf,
+    transfer: Transfer,
 }
 
 impl FileStore {
-    pub fn new(root: PathBuf) -> FileStore {
-        FileStore { root }
+    pub fn new(root: PathBuf, transfer: Transfer) -> FileStore {
+        FileStore { root, transfer }
     }
 
     /// The file of `key`: keys are relative paths of normal components
@@ -114,12 +114,14 @@ impl Store for FileStore {
         .await
     }
 
-    async fn put_stream(
-        &self,
-        key: &str,
-        mut parts: mpsc::Receiver<Chunk>,
-        _concurrency: usize,
-    ) -> anyhow::Result<u64> {
+    fn transfer(&self) -> Transfer {
+        self.transfer
+    }
+
+    /// Parts are written in order, one at a time: a local disk gains
+    /// nothing from parallel writes of one file.
+    async fn put_stream(&self, key: &str, upload: Upload) -> anyhow::Result<u64> {
+        let mut parts = upload.parts;
         let path = self.path(key)?;
         let tmp = Self::temp_path(&path);
         let url = self.url(key);
@@ -260,7 +262,12 @@ mod tests {
 
         let root = dir.path().join("store");
         std::fs::create_dir(&root).unwrap();
-        let store = FileStore::new(root.clone());
+        let transfer = Transfer {
+            part_size: 5 << 20,
+            concurrency: 1,
+            memory_limit: 16 << 20,
+        };
+        let store = FileStore::new(root.clone(), transfer);
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
@@ -273,12 +280,20 @@ mod tests {
                 )
                 .await
                 .unwrap();
-            let (tx, rx) = mpsc::channel(4);
+            let (tx, parts) = tokio::sync::mpsc::channel(4);
             tx.send(Chunk::Data(Bytes::from_static(b"data")))
                 .await
                 .unwrap();
             tx.send(Chunk::End).await.unwrap();
-            let n = store.put_stream("db2/x/data.tar.zst", rx, 1).await.unwrap();
+            let upload = Upload {
+                parts,
+                part_size: 5 << 20,
+                in_flight: 1,
+            };
+            let n = store
+                .put_stream("db2/x/data.tar.zst", upload)
+                .await
+                .unwrap();
             assert_eq!(n, 4);
         });
         for d in ["db1", "db1/20250101T000000Z", "db2", "db2/x"] {

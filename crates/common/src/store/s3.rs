@@ -18,13 +18,14 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::{Chunk, Store, StoreError};
+use super::{Chunk, Store, StoreError, Transfer, Upload};
 use crate::config::StoreConfig;
 
 pub struct S3Store {
     client: Client,
     bucket: String,
     prefix: String,
+    transfer: Transfer,
 }
 
 /// The typed error of an S3 call: the operation, the object, the server's
@@ -123,6 +124,7 @@ impl S3Store {
             client: Client::from_conf(b.build()),
             bucket,
             prefix,
+            transfer: Transfer::from_config(cfg),
         })
     }
 
@@ -294,12 +296,12 @@ impl Store for S3Store {
         Ok(())
     }
 
-    async fn put_stream(
-        &self,
-        key: &str,
-        mut parts: mpsc::Receiver<Chunk>,
-        concurrency: usize,
-    ) -> anyhow::Result<u64> {
+    fn transfer(&self) -> Transfer {
+        self.transfer
+    }
+
+    async fn put_stream(&self, key: &str, upload: Upload) -> anyhow::Result<u64> {
+        let (mut parts, concurrency) = (upload.parts, upload.in_flight);
         let first = match parts.recv().await {
             Some(Chunk::Data(b)) => b,
             Some(Chunk::End) => Bytes::new(),
