@@ -68,7 +68,13 @@ on_exit() {
             [ -f "$f" ] && { echo "--- tail of $f" >&2; tail -n 15 "$f" >&2; }
         done
     fi
-    [ -n "${WATCHDOG:-}" ] && { pkill -P "$WATCHDOG"; kill "$WATCHDOG"; } 2>/dev/null
+    set +e
+    if [ -n "${WATCHDOG:-}" ]; then
+        # The watchdog first (so its sleep ending does not start a diagnosis), then its sleep.
+        local sleeper
+        sleeper=$(pgrep -P "$WATCHDOG")
+        kill "$WATCHDOG" $sleeper 2>/dev/null
+    fi
     cleanup
     exit $rc
 }

@@ -8,6 +8,7 @@
 //! - [`snapshot`]: filesystem snapshots (btrfs, lvm) behind one trait.
 //! - [`mysql`]: connecting to the server, SQL literals, redaction.
 //! - [`dialect`]: the SQL that differs by flavor and version, and its typed rows.
+//! - [`reader`]: the `Read` adapters of the data path (chunks, progress).
 //! - [`cmd`]: the one way external commands are run (argv, never a shell string).
 //! - [`grammar`]: what names and values from a manifest or a flag may look like.
 //! - [`cli`]: flags, logging and exit codes shared by the binaries.
@@ -25,6 +26,7 @@ pub mod keys;
 pub mod manifest;
 pub mod mysql;
 pub mod progress;
+pub mod reader;
 pub mod snapshot;
 pub mod state;
 pub mod store;

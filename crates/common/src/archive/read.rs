@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
+use bytes::Bytes;
 use tar::EntryType;
 
 use super::policy::{Kind, Policy, MAX_PATH};
@@ -19,6 +20,7 @@ use super::ArchiveError;
 use crate::codec::{decoder, Hashing};
 use crate::manifest::{ArchiveInfo, RelPath};
 use crate::progress::Progress;
+use crate::reader::{ChunkReader, ProgressReader};
 
 /// Where entries go.
 pub enum Target<'a> {
@@ -56,11 +58,7 @@ pub fn stream(
     let (tx, rx) = mpsc::sync_channel(QUEUED);
     let (decoded, unpacked) = std::thread::scope(|scope| {
         let unpacking = scope.spawn(|| {
-            let mut chunks = Chunks {
-                rx,
-                current: Vec::new(),
-                pos: 0,
-            };
+            let mut chunks = ChunkReader::new(rx);
             let r = entries(&mut chunks, url, info, roots, &target);
             // Take the end-of-archive padding, so the decoder runs to its
             // end; on an error, dropping `chunks` stops it.
@@ -70,10 +68,7 @@ pub fn stream(
                     .map_err(|e| corrupt(url, e))
             })
         });
-        let mut hashing = Hashing::new(ProgressRead {
-            inner: stored,
-            progress,
-        });
+        let mut hashing = Hashing::new(ProgressReader::new(stored, progress));
         let decoded = decode(&mut hashing, url, info, &tx, store_failed).and_then(|()| {
             drop(tx);
             // Whatever follows the end of the compressed stream is hashed too.
@@ -147,7 +142,7 @@ fn decode<R: Read>(
     stored: &mut R,
     url: &str,
     info: &ArchiveInfo,
-    tx: &mpsc::SyncSender<io::Result<Vec<u8>>>,
+    tx: &mpsc::SyncSender<io::Result<Bytes>>,
     store_failed: &AtomicBool,
 ) -> Result<(), ArchiveError> {
     let fail = |e: ArchiveError| {
@@ -178,7 +173,8 @@ fn decode<R: Read>(
         if chunk.is_empty() {
             break;
         }
-        tx.send(Ok(chunk)).map_err(|_| ArchiveError::Stopped)?;
+        tx.send(Ok(Bytes::from(chunk)))
+            .map_err(|_| ArchiveError::Stopped)?;
     }
     if total < info.tar_size {
         return Err(fail(ArchiveError::Truncated {
@@ -190,43 +186,6 @@ fn decode<R: Read>(
         }));
     }
     Ok(())
-}
-
-/// The unpacking end: a `Read` over the decoded chunks.
-struct Chunks {
-    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
-    current: Vec<u8>,
-    pos: usize,
-}
-
-impl Read for Chunks {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.current.len() {
-            match self.rx.recv() {
-                Ok(Ok(chunk)) => (self.current, self.pos) = (chunk, 0),
-                Ok(Err(e)) => return Err(e),
-                // The decoder finished (or failed, and says so itself).
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.current.len() - self.pos);
-        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
-}
-
-struct ProgressRead<'a, R> {
-    inner: R,
-    progress: &'a dyn Progress,
-}
-
-impl<R: Read> Read for ProgressRead<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.progress.advance(n as u64);
-        Ok(n)
-    }
 }
 
 /// Reads the data of a GNU long name/link entry: at most [`MAX_PATH`] bytes.

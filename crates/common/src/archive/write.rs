@@ -6,7 +6,7 @@
 //! that is not UTF-8) fails here, when it is taken, not at 3 a.m.
 
 use std::fs::File;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Write};
 use std::path::Path;
 
 use anyhow::Context;
@@ -15,6 +15,7 @@ use super::policy::{Kind, Policy};
 use crate::codec::Counting;
 use crate::manifest::DataLayout;
 use crate::progress::Progress;
+use crate::reader::ProgressReader;
 use tar::{Builder, EntryType, Header, HeaderMode};
 use walkdir::WalkDir;
 
@@ -75,23 +76,6 @@ pub fn estimate(snap: &Path, layout: &DataLayout) -> anyhow::Result<u64> {
     Ok(total)
 }
 
-struct ProgressReader<'a, R> {
-    inner: R,
-    progress: &'a dyn Progress,
-    cancelled: &'a dyn Fn() -> bool,
-}
-
-impl<R: Read> Read for ProgressReader<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if (self.cancelled)() {
-            return Err(io::Error::other("interrupted by a signal"));
-        }
-        let n = self.inner.read(buf)?;
-        self.progress.advance(n as u64);
-        Ok(n)
-    }
-}
-
 fn refused(path: &Path, why: String) -> anyhow::Error {
     anyhow::anyhow!(
         "{} cannot be archived: restore would refuse it ({why}); move what it points to into the data directory, or remove it",
@@ -136,11 +120,8 @@ pub fn write_tar<W: Write>(
                 .admit(&name, Kind::File, None)
                 .map_err(|why| refused(path, why))?;
             let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-            let reader = ProgressReader {
-                inner: BufReader::with_capacity(1 << 20, f),
-                progress,
-                cancelled,
-            };
+            let reader = ProgressReader::new(BufReader::with_capacity(1 << 20, f), progress)
+                .cancelled_by(cancelled);
             stats.files += 1;
             stats.content_bytes += md.len();
             tar.append_data(&mut header, &name, reader)

@@ -2,24 +2,27 @@
 //! in order into a blocking `Read`. Memory is bounded by about
 //! `range × (in flight + 1)`, within `store.memory_limit`.
 
-use std::io::{self, Read};
+use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use futures::stream::{self, StreamExt};
 use tokio::sync::mpsc;
 
 use super::Store;
+use crate::reader::{ChunkReader, ChunkSource};
 
 /// A blocking reader over an object, fed by parallel ranged GETs.
-pub struct Download {
+pub type Download = ChunkReader<Ranges>;
+
+/// The ranges of a download as they arrive, in order.
+pub struct Ranges {
     rx: mpsc::Receiver<anyhow::Result<Bytes>>,
-    current: Bytes,
     failed: Arc<AtomicBool>,
 }
 
-impl Download {
+impl ChunkReader<Ranges> {
     /// Starts downloading `key` (`size` bytes) on the current tokio runtime,
     /// in ranges and with as many GETs in flight as the store's
     /// [`super::Transfer::download`] plan says; `failed` is set when the
@@ -61,29 +64,19 @@ impl Download {
                 }
             }
         });
-        Download {
-            rx,
-            current: Bytes::new(),
-            failed,
-        }
+        ChunkReader::new(Ranges { rx, failed })
     }
 }
 
-impl Read for Download {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.current.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(Ok(b)) => self.current = b,
-                Some(Err(e)) => {
-                    self.failed.store(true, Ordering::SeqCst);
-                    return Err(io::Error::other(format!("{e:#}")));
-                }
-                None => return Ok(0),
+impl ChunkSource for Ranges {
+    fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        match self.rx.blocking_recv() {
+            Some(Ok(b)) => Ok(Some(b)),
+            Some(Err(e)) => {
+                self.failed.store(true, Ordering::SeqCst);
+                Err(io::Error::other(format!("{e:#}")))
             }
+            None => Ok(None),
         }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current[..n]);
-        self.current.advance(n);
-        Ok(n)
     }
 }
