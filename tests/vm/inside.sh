@@ -24,6 +24,10 @@ BIN=${1:?usage: inside.sh BIN_DIR OUT_DIR}
 OUT=${2:?usage: inside.sh BIN_DIR OUT_DIR}
 export PATH=$BIN:/usr/sbin:/sbin:$PATH
 export LVM_SUPPRESS_FD_WARNINGS=1
+# LVM waits for udev to confirm every device change; a udev worker that
+# stalls in the emulated VM would leave lvcreate/lvremove waiting forever.
+# The VM runs LVM as containers do: libdevmapper makes its own device nodes.
+export DM_DISABLE_UDEV=1
 STEP="start"
 D=$(mktemp -d /dev/shm/mysnap-vm.XXXXXX)
 RUN=$D/run
