@@ -67,7 +67,7 @@ fn volprep(cfg: &Path, args: &[&str]) -> Output {
 }
 
 fn mounted(p: &Path) -> bool {
-    common::snapshot::is_mounted(p)
+    common::mountinfo::is_mounted(p)
 }
 
 #[test]

@@ -545,19 +545,9 @@ impl BtrfsVolume {
     }
 }
 
-/// Whether `path` is a mount point (per /proc/self/mountinfo).
-fn is_mounted(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = path.to_string_lossy().replace(' ', "\\040");
-    info.lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
-}
-
 impl Drop for BtrfsVolume {
     fn drop(&mut self) {
-        if is_mounted(&self.mnt) {
+        if common::mountinfo::is_mounted(&self.mnt) {
             for p in self.subvolumes() {
                 let path = self.mnt.join(&p);
                 if !run_quiet(
@@ -570,7 +560,7 @@ impl Drop for BtrfsVolume {
             }
             let mut unmounted = false;
             for _ in 0..20 {
-                if run_quiet(Command::new("umount").arg(&self.mnt)) || !is_mounted(&self.mnt) {
+                if run_quiet(Command::new("umount").arg(&self.mnt)) || !common::mountinfo::is_mounted(&self.mnt) {
                     unmounted = true;
                     break;
                 }

@@ -162,6 +162,23 @@ impl VolumeConfig {
             VolumeBackend::Btrfs(_) => Backend::Btrfs,
         }
     }
+    /// The uid and gid of the data directory's owner: `volume.owner`, else
+    /// the `mysql` user where it exists, else `None`. A configured owner
+    /// that is not a user here is a configuration error (exit 2).
+    pub fn owner_ids(&self) -> anyhow::Result<Option<(u32, u32)>> {
+        let name = self.owner.as_deref();
+        let user = nix::unistd::User::from_name(name.unwrap_or("mysql")).map_err(|e| {
+            anyhow::anyhow!("cannot read the user database looking up volume.owner: {e}")
+        })?;
+        match (user, name) {
+            (Some(u), _) => Ok(Some((u.uid.as_raw(), u.gid.as_raw()))),
+            (None, Some(n)) => Err(config_err(format!(
+                "volume.owner {n:?} is not a user on this machine: create it, or fix volume.owner"
+            ))),
+            (None, None) => Ok(None),
+        }
+    }
+
     /// The LVM keys, when the backend is LVM.
     pub fn lvm(&self) -> Option<&LvmVolume> {
         match &self.backend {

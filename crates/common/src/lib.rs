@@ -9,6 +9,7 @@
 //! - [`mysql`]: connecting to the server, SQL literals, redaction.
 //! - [`dialect`]: the SQL that differs by flavor and version, and its typed rows.
 //! - [`reader`]: the `Read` adapters of the data path (chunks, progress).
+//! - [`mountinfo`]: mount points as the kernel and fstab spell them.
 //! - [`cmd`]: the one way external commands are run (argv, never a shell string).
 //! - [`grammar`]: what names and values from a manifest or a flag may look like.
 //! - [`cli`]: flags, logging and exit codes shared by the binaries.
@@ -24,6 +25,7 @@ pub mod grammar;
 pub mod ids;
 pub mod keys;
 pub mod manifest;
+pub mod mountinfo;
 pub mod mysql;
 pub mod progress;
 pub mod reader;

@@ -280,20 +280,6 @@ pub struct Report {
     pub replication_lag_secs: Option<u64>,
 }
 
-/// The uid and gid restored files get: `volume.owner`, else the `mysql` user where it exists.
-fn owner(cfg: &Config) -> anyhow::Result<Option<(u32, u32)>> {
-    let name = cfg.volume.owner.as_deref();
-    let user = nix::unistd::User::from_name(name.unwrap_or("mysql"))
-        .context("cannot read the user database")?;
-    match (user, name) {
-        (Some(u), _) => Ok(Some((u.uid.as_raw(), u.gid.as_raw()))),
-        (None, Some(n)) => Err(config_err(format!(
-            "volume.owner: no user {n:?} on this machine"
-        ))),
-        (None, None) => Ok(None),
-    }
-}
-
 /// The installed server's version: the running server's answer, else the binary's.
 async fn installed_version(cfg: &Config) -> Option<ServerVersion> {
     if let Ok(info) = ConnectInfo::from_config(&cfg.mysql) {
@@ -575,7 +561,7 @@ pub async fn restore(
             )));
         }
     }
-    let owner = owner(cfg)?;
+    let owner = cfg.volume.owner_ids()?;
     let stamp = common::manifest::backup_id(time::OffsetDateTime::now_utc());
     let name = datadir
         .file_name()

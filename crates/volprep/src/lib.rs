@@ -691,22 +691,14 @@ fn fstab(
     )
 }
 
-/// `(uid, gid)` of `volume.owner`, else of `mysql` where it exists, else root.
+/// `(uid, gid)` of the data directory's owner ([`common::config::VolumeConfig::owner_ids`]), else root.
 fn owner(cfg: &Config) -> anyhow::Result<(u32, u32)> {
-    let name = cfg.volume.owner.as_deref();
-    match nix::unistd::User::from_name(name.unwrap_or("mysql")) {
-        Ok(Some(u)) => Ok((u.uid.as_raw(), u.gid.as_raw())),
-        _ if name.is_none() => {
-            tracing::warn!(
-                "there is no user mysql: the data directory will belong to root (set volume.owner)"
-            );
-            Ok((0, 0))
-        }
-        _ => Err(config_err(format!(
-            "volume.owner {:?} is not a user on this machine: create it, or fix volume.owner",
-            name.unwrap_or_default()
-        ))),
-    }
+    Ok(cfg.volume.owner_ids()?.unwrap_or_else(|| {
+        tracing::warn!(
+            "there is no user mysql: the data directory will belong to root (set volume.owner)"
+        );
+        (0, 0)
+    }))
 }
 
 fn datadir(x: &mut Exec, dir: &Path, (uid, gid): (u32, u32)) -> anyhow::Result<()> {

@@ -13,6 +13,7 @@ use anyhow::Context;
 
 use super::{Snapshot, SnapshotBackend};
 use crate::cmd;
+use crate::mountinfo::is_mounted;
 use crate::config::{check_name, Backend, Filesystem, LvmVolume, SnapshotSize};
 
 /// One row of `lvs --noheadings --separator | -o lv_name,data_percent,lv_attr`.
@@ -63,23 +64,6 @@ pub fn parse_lvs(out: &str) -> Vec<LvRow> {
             })
         })
         .collect()
-}
-
-/// Whether `path` is a mount point (per /proc/self/mountinfo).
-pub fn is_mounted(path: &Path) -> bool {
-    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|info| mountinfo_has(&info, path))
-}
-
-/// Whether mountinfo text lists `path` as a mount point (octal escapes as the kernel writes them).
-pub fn mountinfo_has(info: &str, path: &Path) -> bool {
-    let want = path
-        .to_string_lossy()
-        .replace('\\', "\\134")
-        .replace(' ', "\\040")
-        .replace('\t', "\\011")
-        .replace('\n', "\\012");
-    info.lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
 pub struct Lvm {
@@ -422,18 +406,5 @@ mod tests {
             attr: "swi-I-s---".into(),
         };
         assert!(invalid_no_percent.invalid_reason().is_some());
-    }
-
-    #[test]
-    fn mountinfo_paths_are_matched_with_escapes() {
-        let info =
-            "36 35 253:1 / /var/lib/mysnap/mnt/with\\040space ro,relatime - xfs /dev/mapper/x ro\n\
-                    37 35 253:2 / /mnt rw - xfs /dev/mapper/y rw\n";
-        assert!(mountinfo_has(
-            info,
-            Path::new("/var/lib/mysnap/mnt/with space")
-        ));
-        assert!(mountinfo_has(info, Path::new("/mnt")));
-        assert!(!mountinfo_has(info, Path::new("/mn")));
     }
 }

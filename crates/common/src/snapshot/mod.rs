@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use crate::config::{Backend, VolumeBackend, VolumeConfig};
 
 pub use btrfs::Btrfs;
-pub use lvm::{is_mounted, parse_lvs, LvRow, Lvm};
+pub use crate::mountinfo::is_mounted;
+pub use lvm::{parse_lvs, LvRow, Lvm};
 
 /// A snapshot that exists: its name, and where its files can be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
