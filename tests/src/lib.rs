@@ -560,7 +560,9 @@ impl Drop for BtrfsVolume {
             }
             let mut unmounted = false;
             for _ in 0..20 {
-                if run_quiet(Command::new("umount").arg(&self.mnt)) || !common::mountinfo::is_mounted(&self.mnt) {
+                if run_quiet(Command::new("umount").arg(&self.mnt))
+                    || !common::mountinfo::is_mounted(&self.mnt)
+                {
                     unmounted = true;
                     break;
                 }

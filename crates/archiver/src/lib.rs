@@ -112,6 +112,8 @@ pub async fn run(
     }
 }
 
+/// The archive phases: make the snapshot readable, stream it to the
+/// store, prove the snapshot stayed whole, store the manifest last.
 async fn archive(
     cfg: &Config,
     manifest: &Manifest,
@@ -120,7 +122,7 @@ async fn archive(
     cancel: &Cancel,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
-    let snap = manifest.snapshot.path.clone();
+    let snap = &manifest.snapshot.path;
     backend.make_readable(&common::snapshot::Snapshot {
         name: manifest.snapshot.name.to_string(),
         path: snap.clone(),
@@ -131,17 +133,66 @@ async fn archive(
         snap.display()
     );
     let store = store::open(&cfg.store).await?;
-    let compression = cfg.archive.compression;
-    let key = format::keys::archive(&manifest.name, &manifest.backup_id, compression);
+    let key = format::keys::archive(&manifest.name, &manifest.backup_id, cfg.archive.compression);
+    let (stats, size) = stream(cfg, manifest, store.as_ref(), &key, progress, cancel).await?;
+    if cancel.is_cancelled() {
+        store.delete(&key).await?;
+        anyhow::bail!("interrupted by a signal; the backup is incomplete and not listed");
+    }
+    // An overflowed snapshot (LVM) means the archive may be inconsistent.
+    if let Err(e) = backend.check_valid(&manifest.snapshot.name) {
+        let _ = store.delete(&key).await;
+        return Err(
+            e.context("the snapshot became invalid during the backup; the archive was deleted")
+        );
+    }
+    let mut complete = manifest.clone();
+    complete.archive = Some(ArchiveInfo {
+        key,
+        size,
+        compression: cfg.archive.compression,
+        level: cfg.level(),
+        sha256: common::manifest::Sha256Hex::parse(&stats.sha256).map_err(anyhow::Error::msg)?,
+        tar_size: stats.tar_size,
+        unpacked_size: stats.content_bytes,
+        files: stats.files,
+        archive_secs: started.elapsed().as_secs_f64(),
+    });
+    store
+        .put(&complete.key(), complete.to_toml().into())
+        .await?;
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(
+        "backup {} complete: {} files, {} of data stored as {} in {secs:.1}s ({}/s)",
+        complete.backup_id,
+        stats.files,
+        bytesize(stats.content_bytes),
+        bytesize(size),
+        bytesize((stats.content_bytes as f64 / secs.max(1e-3)) as u64)
+    );
+    Ok(())
+}
 
-    let estimate = format::write::estimate(&snap, &manifest.data)?;
+/// tar → codec → SHA-256 → the store's streamed upload of `key`: a blocking
+/// thread produces parts while the store uploads them. Returns the tar
+/// statistics and the bytes stored; on any failure nothing is stored.
+async fn stream(
+    cfg: &Config,
+    manifest: &Manifest,
+    store: &dyn store::Store,
+    key: &str,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+) -> anyhow::Result<(TarStats, u64)> {
+    let snap = &manifest.snapshot.path;
+    let estimate = format::write::estimate(snap, &manifest.data)?;
     progress.set_total(estimate);
     let (writer, upload) = store.transfer().upload(estimate);
     tracing::info!(
         "archiving {} (about {}) to {} in parts of {}, {} in flight",
         snap.display(),
         bytesize(estimate),
-        store.url(&key),
+        store.url(key),
         bytesize(upload.part_size),
         upload.in_flight
     );
@@ -153,18 +204,15 @@ async fn archive(
             cfg.store.memory_limit
         );
     }
-
-    let level = cfg.level();
+    let (compression, level) = (cfg.archive.compression, cfg.level());
     let threads = common::codec::threads(cfg.archive.threads);
-    let layout = manifest.data.clone();
-    let cancel2 = cancel.clone();
     let (produced, uploaded) = std::thread::scope(|scope| {
         let producer = scope.spawn(|| -> anyhow::Result<TarStats> {
             let mut enc = common::codec::Hashing::new(writer);
             let enc_writer = common::codec::Encoder::new(&mut enc, compression, level, threads)?;
             let (enc_writer, stats) =
-                format::write_tar(&snap, &layout, enc_writer, progress, &|| {
-                    cancel2.is_cancelled()
+                format::write_tar(snap, &manifest.data, enc_writer, progress, &|| {
+                    cancel.is_cancelled()
                 })?;
             enc_writer.finish().context("finishing compression")?;
             let (writer, size, sha) = enc.finish();
@@ -178,20 +226,18 @@ async fn archive(
             })
         });
         let uploaded = tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(store.put_stream(&key, upload))
+            tokio::runtime::Handle::current().block_on(store.put_stream(key, upload))
         });
-        (
-            producer
-                .join()
-                .map_err(|_| anyhow::anyhow!("the archive thread panicked")),
-            uploaded,
-        )
+        let produced = producer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the archive thread panicked"));
+        (produced, uploaded)
     });
     progress.finish();
     let incomplete = || {
         format!(
             "upload of {} failed; the backup is incomplete and not listed",
-            store.url(&key)
+            store.url(key)
         )
     };
     let (stats, size) = match (produced?, uploaded) {
@@ -206,44 +252,7 @@ async fn archive(
         "stored {size} bytes but produced {}",
         stats.stored_size
     );
-    if cancel.is_cancelled() {
-        store.delete(&key).await?;
-        anyhow::bail!("interrupted by a signal; the backup is incomplete and not listed");
-    }
-
-    // An overflowed snapshot (LVM) means the archive may be inconsistent.
-    if let Err(e) = backend.check_valid(&manifest.snapshot.name) {
-        let _ = store.delete(&key).await;
-        return Err(
-            e.context("the snapshot became invalid during the backup; the archive was deleted")
-        );
-    }
-
-    let mut complete = manifest.clone();
-    complete.archive = Some(ArchiveInfo {
-        key: key.clone(),
-        size,
-        compression,
-        level,
-        sha256: common::manifest::Sha256Hex::parse(&stats.sha256).map_err(anyhow::Error::msg)?,
-        tar_size: stats.tar_size,
-        unpacked_size: stats.content_bytes,
-        files: stats.files,
-        archive_secs: started.elapsed().as_secs_f64(),
-    });
-    store
-        .put(&complete.key(), complete.to_toml().into())
-        .await?;
-    tracing::info!(
-        "backup {} complete: {} files, {} of data stored as {} in {:.1}s ({}/s)",
-        complete.backup_id,
-        stats.files,
-        bytesize(stats.content_bytes),
-        bytesize(size),
-        started.elapsed().as_secs_f64(),
-        bytesize((stats.content_bytes as f64 / started.elapsed().as_secs_f64().max(1e-3)) as u64)
-    );
-    Ok(())
+    Ok((stats, size))
 }
 
 fn bytesize(n: u64) -> String {

@@ -27,20 +27,18 @@ pub struct Mount {
 /// the visible one when several are stacked).
 pub fn find(info: &str, path: &Path) -> Option<Mount> {
     let want = escape(path);
-    info.lines()
-        .rev()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            if f.get(4) != Some(&want.as_str()) {
-                return None;
-            }
-            let dash = f.iter().position(|x| *x == "-")?;
-            Some(Mount {
-                device: f.get(2)?.to_string(),
-                fstype: f.get(dash + 1)?.to_string(),
-                source: f.get(dash + 2)?.to_string(),
-            })
+    info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        if f.get(4) != Some(&want.as_str()) {
+            return None;
+        }
+        let dash = f.iter().position(|x| *x == "-")?;
+        Some(Mount {
+            device: f.get(2)?.to_string(),
+            fstype: f.get(dash + 1)?.to_string(),
+            source: f.get(dash + 2)?.to_string(),
         })
+    })
 }
 
 /// Whether `path` is a mount point now.

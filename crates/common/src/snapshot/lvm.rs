@@ -13,8 +13,8 @@ use anyhow::Context;
 
 use super::{Snapshot, SnapshotBackend};
 use crate::cmd;
-use crate::mountinfo::is_mounted;
 use crate::config::{check_name, Backend, Filesystem, LvmVolume, SnapshotSize};
+use crate::mountinfo::is_mounted;
 
 /// One row of `lvs --noheadings --separator | -o lv_name,data_percent,lv_attr`.
 #[derive(Debug, Clone, PartialEq)]

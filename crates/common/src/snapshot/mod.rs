@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{Backend, VolumeBackend, VolumeConfig};
 
-pub use btrfs::Btrfs;
 pub use crate::mountinfo::is_mounted;
+pub use btrfs::Btrfs;
 pub use lvm::{parse_lvs, LvRow, Lvm};
 
 /// A snapshot that exists: its name, and where its files can be read.
