@@ -220,17 +220,7 @@ fn entries(
     target: &Target<'_>,
 ) -> Result<Streamed, ArchiveError> {
     let mut policy = Policy::new(roots);
-    let mut unpacker = match target {
-        Target::Discard => None,
-        Target::Dir { root, owner } => Some(Unpacker {
-            root: SafeDir::open(root).map_err(|e| ArchiveError::Write {
-                path: root.to_path_buf(),
-                source: e,
-            })?,
-            owner: *owner,
-            parent: None,
-        }),
-    };
+    let mut unpacker = Unpacker::for_target(target)?;
     let mut ar = tar::Archive::new(decoded);
     let mut s = Streamed::default();
     let (mut name, mut link): (Option<Vec<u8>>, Option<Vec<u8>>) = (None, None);
@@ -261,24 +251,7 @@ fn entries(
         if std::str::from_utf8(&path_bytes).is_err() {
             return Err(unsafe_entry("a name that is not UTF-8".into()));
         }
-        let kind = match ty {
-            EntryType::Regular | EntryType::Continuous => Kind::File,
-            EntryType::Directory => Kind::Dir,
-            EntryType::Symlink => Kind::Symlink,
-            EntryType::Link => {
-                return Err(unsafe_entry(
-                    "a hard link (mysnap never writes them)".into(),
-                ))
-            }
-            EntryType::Char | EntryType::Block => return Err(unsafe_entry("a device node".into())),
-            EntryType::Fifo => return Err(unsafe_entry("a fifo".into())),
-            EntryType::XHeader | EntryType::XGlobalHeader => {
-                return Err(unsafe_entry(
-                    "a pax extended header (mysnap never writes them)".into(),
-                ))
-            }
-            other => return Err(unsafe_entry(format!("an entry of type {other:?}"))),
-        };
+        let kind = kind_of(ty).map_err(unsafe_entry)?;
         let link_text = match (&link_bytes, kind) {
             (Some(l), Kind::Symlink) => Some(
                 std::str::from_utf8(l)
@@ -290,21 +263,10 @@ fn entries(
         policy
             .admit(&path, kind, link_text.as_deref())
             .map_err(unsafe_entry)?;
-        s.entries += 1;
-        let len = if kind == Kind::File { size } else { 0 };
-        if kind == Kind::File {
-            s.files += 1;
-            s.file_bytes += len;
-            if s.files > info.files || s.file_bytes > info.unpacked_size {
-                return Err(ArchiveError::TooLarge {
-                    url: url.to_string(),
-                    what: format!(
-                        "it holds more than the {} files and {} bytes of file contents its manifest declares (at {path})",
-                        info.files, info.unpacked_size
-                    ),
-                });
-            }
-        }
+        let len = s.count(kind, size, info).map_err(|what| ArchiveError::TooLarge {
+            url: url.to_string(),
+            what: format!("{what} (at {path})"),
+        })?;
         let copied = match unpacker.as_mut() {
             None => io::copy(&mut (&mut e).take(len), &mut io::sink())
                 .map_err(|err| corrupt(url, err))?,
@@ -340,6 +302,42 @@ fn entries(
     Ok(s)
 }
 
+/// What an entry of tar type `ty` is; every type mysnap never writes is refused.
+fn kind_of(ty: EntryType) -> Result<Kind, String> {
+    Ok(match ty {
+        EntryType::Regular | EntryType::Continuous => Kind::File,
+        EntryType::Directory => Kind::Dir,
+        EntryType::Symlink => Kind::Symlink,
+        EntryType::Link => return Err("a hard link (mysnap never writes them)".into()),
+        EntryType::Char | EntryType::Block => return Err("a device node".into()),
+        EntryType::Fifo => return Err("a fifo".into()),
+        EntryType::XHeader | EntryType::XGlobalHeader => {
+            return Err("a pax extended header (mysnap never writes them)".into())
+        }
+        other => return Err(format!("an entry of type {other:?}")),
+    })
+}
+
+impl Streamed {
+    /// Counts an admitted entry of `size` bytes; returns the bytes it
+    /// writes. More files or bytes than the manifest declares is refused.
+    fn count(&mut self, kind: Kind, size: u64, info: &ArchiveInfo) -> Result<u64, String> {
+        self.entries += 1;
+        if kind != Kind::File {
+            return Ok(0);
+        }
+        self.files += 1;
+        self.file_bytes += size;
+        if self.files > info.files || self.file_bytes > info.unpacked_size {
+            return Err(format!(
+                "it holds more than the {} files and {} bytes of file contents its manifest declares",
+                info.files, info.unpacked_size
+            ));
+        }
+        Ok(size)
+    }
+}
+
 /// Writes admitted entries below the root, never through a link.
 struct Unpacker {
     root: SafeDir,
@@ -349,6 +347,22 @@ struct Unpacker {
 }
 
 impl Unpacker {
+    /// The unpacker of `target`; none when the archive is only read.
+    fn for_target(target: &Target<'_>) -> Result<Option<Unpacker>, ArchiveError> {
+        let Target::Dir { root, owner } = target else {
+            return Ok(None);
+        };
+        let root = SafeDir::open(root).map_err(|e| ArchiveError::Write {
+            path: root.to_path_buf(),
+            source: e,
+        })?;
+        Ok(Some(Unpacker {
+            root,
+            owner: *owner,
+            parent: None,
+        }))
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn put(
         &mut self,
