@@ -27,6 +27,8 @@ use common::error::config_err;
 mod execute;
 mod inspect;
 mod plan;
+#[cfg(test)]
+mod plan_tests;
 
 pub use execute::execute;
 pub use inspect::{inspect, Device, Inventory, LvmState, MoveFrom, PathState};
