@@ -57,6 +57,17 @@ impl Exec {
                 std::fs::create_dir_all(path)
                     .with_context(|| format!("cannot create {}", path.display()))
             }),
+            Step::Mount {
+                dev,
+                fstype,
+                options,
+                mountpoint,
+            } => {
+                let dev = self.dev(dev)?;
+                let what = format!("mount {dev} at {}", mountpoint.display());
+                let argv = ["mount", "-t", fstype, "-o", options, &dev, &s(mountpoint)];
+                self.run(&what, &argv.map(String::from)).map(drop)
+            }
             Step::AppendFstab { .. } => self.append_fstab(step),
             Step::InstallDir { path, uid, gid } => {
                 let what = format!("create {} owned by {uid}:{gid}", path.display());

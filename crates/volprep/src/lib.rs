@@ -14,7 +14,8 @@
 //!   second run plans nothing); what volprep did not create (a filesystem,
 //!   partition table or LVM signature) is refused unless `--force`;
 //! - [`execute`] runs the steps in order. A step may name the loop device an
-//!   earlier step attaches ([`Dev::LoopOf`]), resolved when it runs.
+//!   earlier step attaches ([`Dev::LoopOf`]), resolved when it runs. After
+//!   mounting the volume a run inspects and plans again (see [`run`]).
 //!
 //! `--dry-run` is inspect + plan, printing the steps. All commands go
 //! through `common::cmd`.
@@ -59,8 +60,42 @@ pub struct Report {
     pub in_place: Vec<String>,
 }
 
-/// Prepares the volume of `cfg`: inspect, plan, then (unless a dry run) execute.
+/// Prepares the volume of `cfg`: inspect, plan, then (unless a dry run)
+/// execute. A run that mounts the volume executes the steps up to the mount,
+/// then inspects and plans again: what is on the volume (the data
+/// directory) is only known once it is mounted.
 pub fn run(cfg: &Config, opts: &Options) -> anyhow::Result<Report> {
+    let planned = inspect_and_plan(cfg, opts)?;
+    if opts.dry_run {
+        return Ok(Report {
+            planned: planned.steps.iter().map(Step::to_string).collect(),
+            in_place: planned.in_place,
+            ..Report::default()
+        });
+    }
+    let mounted = planned
+        .steps
+        .iter()
+        .position(|s| matches!(s, Step::Mount { .. }));
+    let Some(mounted) = mounted else {
+        let changed = execute(&planned.steps)?;
+        return Ok(Report {
+            changed,
+            in_place: planned.in_place,
+            ..Report::default()
+        });
+    };
+    let mut changed = execute(&planned.steps[..=mounted])?;
+    let again = inspect_and_plan(cfg, opts)?;
+    changed.extend(execute(&again.steps)?);
+    Ok(Report {
+        changed,
+        in_place: again.in_place,
+        ..Report::default()
+    })
+}
+
+fn inspect_and_plan(cfg: &Config, opts: &Options) -> anyhow::Result<plan::Planned> {
     let inv = inspect(cfg, opts)?;
     let planned = plan::plan_noted(cfg, opts, &inv)?;
     for what in &planned.in_place {
@@ -74,16 +109,7 @@ pub fn run(cfg: &Config, opts: &Options) -> anyhow::Result<Report> {
             );
         }
     }
-    let mut report = Report {
-        in_place: planned.in_place,
-        ..Report::default()
-    };
-    if opts.dry_run {
-        report.planned = planned.steps.iter().map(Step::to_string).collect();
-    } else {
-        report.changed = execute(&planned.steps)?;
-    }
-    Ok(report)
+    Ok(planned)
 }
 
 // ---------------------------------------------------------------------------

@@ -86,6 +86,14 @@ pub enum Step {
     CreateDir {
         path: PathBuf,
     },
+    /// Mounts the volume: what is on it (the data directory) is only known
+    /// after this step, so a run inspects and plans again after it.
+    Mount {
+        dev: Dev,
+        fstype: String,
+        options: String,
+        mountpoint: PathBuf,
+    },
     /// Appends the fstab line (after a newline if the file lacks a last one).
     AppendFstab {
         file: PathBuf,
@@ -135,6 +143,20 @@ impl fmt::Display for Step {
                 &format!("<top level of {dev}>/{BTRFS_SUBVOLUME}"),
             ]),
             Step::CreateDir { path } => display_argv(&["mkdir", "-p", &s(path)]),
+            Step::Mount {
+                dev,
+                fstype,
+                options,
+                mountpoint,
+            } => display_argv(&[
+                "mount",
+                "-t",
+                fstype,
+                "-o",
+                options,
+                &dev.to_string(),
+                &s(mountpoint),
+            ]),
             Step::AppendFstab { file, .. } => {
                 format!(
                     "echo '{}' >> {}",
@@ -521,10 +543,12 @@ impl Planner<'_> {
             PathState::Missing => self.step(Step::CreateDir { path: mp.clone() }),
             _ => {}
         }
-        let mut argv = lit(&["mount", "-t", vol.fstype, "-o", &vol.options]);
-        argv.push(Arg::Dev(dev.clone()));
-        argv.push(Arg::Lit(s(mp)));
-        self.step(Step::cmd(format!("mount {dev} at {}", mp.display()), argv));
+        self.step(Step::Mount {
+            dev: dev.clone(),
+            fstype: vol.fstype.into(),
+            options: vol.options.clone(),
+            mountpoint: mp.clone(),
+        });
         Ok(())
     }
 
