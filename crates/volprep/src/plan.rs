@@ -131,77 +131,72 @@ fn s(p: &Path) -> String {
 
 impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let line = match self {
-            Step::AttachLoop { file } => display_argv(&["losetup", "-f", "--show", &s(file)]),
-            Step::Command { argv, .. } => {
-                display_argv(&argv.iter().map(Arg::to_string).collect::<Vec<_>>())
-            }
-            Step::CreateSubvolume { dev } => display_argv(&[
-                "btrfs",
-                "subvolume",
-                "create",
-                &format!("<top level of {dev}>/{BTRFS_SUBVOLUME}"),
-            ]),
-            Step::CreateDir { path } => display_argv(&["mkdir", "-p", &s(path)]),
-            Step::Mount {
-                dev,
-                fstype,
-                options,
-                mountpoint,
-            } => display_argv(&[
-                "mount",
-                "-t",
-                fstype,
-                "-o",
-                options,
-                &dev.to_string(),
-                &s(mountpoint),
-            ]),
-            Step::AppendFstab { file, .. } => {
-                format!(
-                    "echo '{}' >> {}",
-                    self.fstab_text().unwrap_or_default(),
-                    file.display()
-                )
-            }
-            Step::InstallDir { path, uid, gid } => display_argv(&[
-                "install",
-                "-d",
-                "-m",
-                "750",
-                "-o",
-                &uid.to_string(),
-                "-g",
-                &gid.to_string(),
-                &s(path),
-            ]),
-            Step::Chown { path, uid, gid } => {
-                display_argv(&["chown", &format!("{uid}:{gid}"), &s(path)])
-            }
+        match self {
+            Step::AppendFstab { file, .. } => write!(
+                f,
+                "echo '{}' >> {}",
+                self.fstab_text().unwrap_or_default(),
+                file.display()
+            ),
             Step::MoveDatadir {
                 from,
                 to,
                 old,
                 stop,
                 start,
-            } => [
-                display_argv(stop),
-                display_argv(&[
+            } => {
+                let cp = [
                     "cp",
                     "-a",
-                    &format!("{}/.", from.display()),
-                    &format!("{}/", to.display()),
-                ]),
-                format!(
-                    "{} && {}",
-                    display_argv(&["mv", &s(from), &s(old)]),
-                    display_argv(&["ln", "-s", &s(to), &s(from)])
-                ),
-                display_argv(start),
-            ]
-            .join("\n"),
+                    &format!("{}/.", s(from)),
+                    &format!("{}/", s(to)),
+                ];
+                let mv = display_argv(&["mv", &s(from), &s(old)]);
+                let ln = display_argv(&["ln", "-s", &s(to), &s(from)]);
+                let (stop, cp, start) =
+                    (display_argv(stop), display_argv(&cp), display_argv(start));
+                write!(f, "{stop}\n{cp}\n{mv} && {ln}\n{start}")
+            }
+            step => f.write_str(&display_argv(&step.shown_argv())),
+        }
+    }
+}
+
+impl Step {
+    /// The command line of a step that is one command (as a dry run shows it).
+    fn shown_argv(&self) -> Vec<String> {
+        let argv: Vec<String> = match self {
+            Step::AttachLoop { file } => vec!["losetup -f --show".into(), s(file)],
+            Step::Command { argv, .. } => return argv.iter().map(Arg::to_string).collect(),
+            Step::CreateSubvolume { dev } => vec![
+                "btrfs subvolume create".into(),
+                format!("<top level of {dev}>/{BTRFS_SUBVOLUME}"),
+            ],
+            Step::CreateDir { path } => vec!["mkdir -p".into(), s(path)],
+            Step::Mount {
+                dev,
+                fstype,
+                options,
+                mountpoint,
+            } => vec![
+                format!("mount -t {fstype} -o {options}"),
+                dev.to_string(),
+                s(mountpoint),
+            ],
+            Step::InstallDir { path, uid, gid } => {
+                vec![format!("install -d -m 750 -o {uid} -g {gid}"), s(path)]
+            }
+            Step::Chown { path, uid, gid } => vec![format!("chown {uid}:{gid}"), s(path)],
+            Step::AppendFstab { .. } | Step::MoveDatadir { .. } => Vec::new(),
         };
-        f.write_str(&line)
+        // The fixed words are split so that display_argv quotes only the paths.
+        argv.iter()
+            .enumerate()
+            .flat_map(|(i, a)| match i {
+                0 => a.split(' ').map(str::to_string).collect::<Vec<_>>(),
+                _ => vec![a.clone()],
+            })
+            .collect()
     }
 }
 
