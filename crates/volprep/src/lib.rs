@@ -5,20 +5,35 @@
 //! `volume.mountpoint` → `volume.datadir` owned by the mysql user.
 //! btrfs: `mkfs.btrfs` → subvolume `mysnap` mounted at `volume.mountpoint`.
 //!
-//! Every step first looks at what is there: what is in place is left alone
-//! (a second run changes nothing), what it did not create (a filesystem,
-//! partition table or LVM signature) is refused unless `--force`. With
-//! `--dry-run` only the inspections run; the commands that would change
-//! something are returned instead. All commands go through `common::cmd`.
+//! A run has three phases:
+//! - [`inspect`] reads the machine (blkid signatures, loop attachments,
+//!   LVM state, mountinfo, fstab, the data directory) into an [`Inventory`],
+//!   changing nothing;
+//! - [`plan`] is pure: from the config, the options and the inventory it
+//!   decides every [`Step`], or refuses. What is in place is left alone (a
+//!   second run plans nothing); what volprep did not create (a filesystem,
+//!   partition table or LVM signature) is refused unless `--force`;
+//! - [`execute`] runs the steps in order. A step may name the loop device an
+//!   earlier step attaches ([`Dev::LoopOf`]), resolved when it runs. After
+//!   mounting the volume a run inspects and plans again (see [`run`]).
+//!
+//! `--dry-run` is inspect + plan, printing the steps. All commands go
+//! through `common::cmd`.
 
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
-use common::cmd::{self, display_argv};
-use common::config::{Backend, Config, Devices, Filesystem};
+use common::config::{Config, Devices, Filesystem};
 use common::error::config_err;
+
+mod execute;
+mod inspect;
+mod plan;
+#[cfg(test)]
+mod plan_tests;
+
+pub use execute::execute;
+pub use inspect::{inspect, Device, Inventory, LvmState, MoveFrom, PathState};
+pub use plan::{plan, Arg, Dev, Spec, Step};
 
 /// The btrfs subvolume volprep creates and mounts at `volume.mountpoint`.
 pub const BTRFS_SUBVOLUME: &str = "mysnap";
@@ -37,7 +52,7 @@ pub struct Options {
 /// What a run did, or (dry run) would do.
 #[derive(Debug, Default)]
 pub struct Report {
-    /// Dry run: the commands (argv rendered) that would change something, in order.
+    /// Dry run: the steps (rendered as shell commands) that would change something, in order.
     pub planned: Vec<String>,
     /// Changes made.
     pub changed: Vec<String>,
@@ -45,55 +60,147 @@ pub struct Report {
     pub in_place: Vec<String>,
 }
 
-struct Exec {
-    dry: bool,
-    report: Report,
-    /// Loop devices this run attached: detached again if the run fails.
-    attached: Vec<String>,
+/// Prepares the volume of `cfg`: inspect, plan, then (unless a dry run)
+/// execute. A run that mounts the volume executes the steps up to the mount,
+/// then inspects and plans again: what is on the volume (the data
+/// directory) is only known once it is mounted.
+pub fn run(cfg: &Config, opts: &Options) -> anyhow::Result<Report> {
+    let planned = inspect_and_plan(cfg, opts)?;
+    if opts.dry_run {
+        return Ok(Report {
+            planned: planned.steps.iter().map(Step::to_string).collect(),
+            in_place: planned.in_place,
+            ..Report::default()
+        });
+    }
+    let mounted = planned
+        .steps
+        .iter()
+        .position(|s| matches!(s, Step::Mount { .. }));
+    let Some(mounted) = mounted else {
+        let changed = execute(&planned.steps)?;
+        return Ok(Report {
+            changed,
+            in_place: planned.in_place,
+            ..Report::default()
+        });
+    };
+    let mut changed = execute(&planned.steps[..=mounted])?;
+    let again = inspect_and_plan(cfg, opts)?;
+    changed.extend(execute(&again.steps)?);
+    Ok(Report {
+        changed,
+        in_place: again.in_place,
+        ..Report::default()
+    })
 }
 
-impl Exec {
-    /// Runs a command that changes something (or, dry, records it).
-    fn change(&mut self, what: &str, argv: &[String]) -> anyhow::Result<String> {
-        if self.dry {
-            self.report.planned.push(display_argv(argv));
-            return Ok(String::new());
-        }
-        tracing::info!("{what}: {}", display_argv(argv));
-        let out = cmd::run(argv)?;
-        self.report.changed.push(what.to_string());
-        Ok(out)
-    }
-
-    /// A change made in-process (mkdir, chown, fstab), shown as its shell equivalent.
-    fn change_fn(
-        &mut self,
-        what: &str,
-        shown: String,
-        f: impl FnOnce() -> anyhow::Result<()>,
-    ) -> anyhow::Result<()> {
-        if self.dry {
-            self.report.planned.push(shown);
-            return Ok(());
-        }
-        tracing::info!("{what}");
-        f()?;
-        self.report.changed.push(what.to_string());
-        Ok(())
-    }
-
-    fn in_place(&mut self, what: String) {
+fn inspect_and_plan(cfg: &Config, opts: &Options) -> anyhow::Result<plan::Planned> {
+    let inv = inspect(cfg, opts)?;
+    let planned = plan::plan_noted(cfg, opts, &inv)?;
+    for what in &planned.in_place {
         tracing::info!("in place: {what}");
-        self.report.in_place.push(what);
     }
-}
-
-fn s(x: impl AsRef<std::ffi::OsStr>) -> String {
-    x.as_ref().to_string_lossy().into_owned()
+    for step in &planned.steps {
+        if let Step::AttachLoop { file } = step {
+            tracing::warn!(
+                "{} is a regular file: attaching it to a loop device (for trials; it is not re-attached at boot)",
+                file.display()
+            );
+        }
+    }
+    Ok(planned)
 }
 
 // ---------------------------------------------------------------------------
-// Pure parts
+// The config, read and checked in one place (no I/O)
+
+/// What the LVM backend needs from the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LvmTarget {
+    pub vg: String,
+    pub lv: String,
+    pub filesystem: Filesystem,
+    pub reserve_percent: u8,
+}
+
+impl LvmTarget {
+    /// The LV's device path.
+    pub fn dev(&self) -> String {
+        format!("/dev/{}/{}", self.vg, self.lv)
+    }
+}
+
+/// The only place volprep reads the LVM keys of the volume config (their
+/// grammar was checked when the config was read); `None` for btrfs.
+pub fn lvm_target(cfg: &Config) -> Option<LvmTarget> {
+    let lvm = cfg.volume.lvm()?;
+    Some(LvmTarget {
+        vg: lvm.vg.to_string(),
+        lv: lvm.lv.to_string(),
+        filesystem: lvm.filesystem,
+        reserve_percent: lvm.snapshot_reserve_percent,
+    })
+}
+
+/// The configured volume, checked as far as it can be without the machine.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub devices: Vec<PathBuf>,
+    /// `Some` for the lvm backend.
+    pub lvm: Option<LvmTarget>,
+}
+
+impl Target {
+    pub fn new(cfg: &Config, opts: &Options) -> anyhow::Result<Target> {
+        let devices = config_devices(cfg)?;
+        check_move_datadir(cfg, opts)?;
+        Ok(Target {
+            devices,
+            lvm: lvm_target(cfg),
+        })
+    }
+}
+
+fn config_devices(cfg: &Config) -> anyhow::Result<Vec<PathBuf>> {
+    let devices = match &cfg.volume.device {
+        None => {
+            return Err(config_err(
+                "volume.device is not set: name the block device(s) volprep should prepare",
+            ))
+        }
+        Some(Devices::One(p)) => vec![p.clone()],
+        Some(Devices::Many(v)) if v.is_empty() => {
+            return Err(config_err("volume.device is an empty list"))
+        }
+        Some(Devices::Many(v)) => v.clone(),
+    };
+    if let Some(d) = devices.iter().find(|d| !d.is_absolute()) {
+        return Err(config_err(format!(
+            "volume.device {} must be an absolute path",
+            d.display()
+        )));
+    }
+    Ok(devices)
+}
+
+fn check_move_datadir(cfg: &Config, opts: &Options) -> anyhow::Result<()> {
+    let Some(from) = &opts.move_datadir else {
+        return Ok(());
+    };
+    if !from.is_absolute() {
+        return Err(config_err("--move-datadir needs an absolute path"));
+    }
+    if cfg.mysql.stop_command.is_empty() || cfg.mysql.start_command.is_empty() {
+        return Err(config_err(
+            "--move-datadir stops and starts the server: set mysql.stop_command and mysql.start_command",
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Pure parts: the parsers inspect uses, and argv builders
 
 /// What `blkid -p -o export` found on a device.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -170,13 +277,13 @@ pub fn fstab_line(spec: &str, mountpoint: &Path, fstype: &str, opts: &str) -> St
     let pass = if fstype == "ext4" { 2 } else { 0 };
     format!(
         "{spec} {} {fstype} {opts},nofail 0 {pass}",
-        mountpoint.to_string_lossy().replace(' ', "\\040")
+        common::mountinfo::escape(mountpoint)
     )
 }
 
 /// The fstab entry (its spec) already mounting `mountpoint`, if any.
 pub fn fstab_entry_for<'a>(fstab: &'a str, mountpoint: &Path) -> Option<&'a str> {
-    let want = mountpoint.to_string_lossy().replace(' ', "\\040");
+    let want = common::mountinfo::escape(mountpoint);
     fstab
         .lines()
         .map(str::trim)
@@ -188,19 +295,6 @@ pub fn fstab_entry_for<'a>(fstab: &'a str, mountpoint: &Path) -> Option<&'a str>
         })
 }
 
-/// `(major:minor, source)` of the mount at `mountpoint` in mountinfo text.
-pub fn mount_source(info: &str, mountpoint: &Path) -> Option<(String, String)> {
-    let want = mountpoint.to_string_lossy().replace(' ', "\\040");
-    info.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        if f.get(4) != Some(&want.as_str()) {
-            return None;
-        }
-        let dash = f.iter().position(|x| *x == "-")?;
-        Some((f.get(2)?.to_string(), f.get(dash + 2)?.to_string()))
-    })
-}
-
 /// The loop device attached to `file`, from `losetup -j FILE` output.
 pub fn parse_losetup_j(out: &str) -> Option<String> {
     out.lines()
@@ -208,490 +302,36 @@ pub fn parse_losetup_j(out: &str) -> Option<String> {
         .filter(|d| d.starts_with("/dev/"))
 }
 
-// ---------------------------------------------------------------------------
-// Inspection (read-only; also runs in a dry run)
-
-/// `blkid -p -o export DEV`; exit 2 means nothing was found.
-fn probe(dev: &str) -> anyhow::Result<Signature> {
-    match cmd::output(&["blkid", "-p", "-o", "export", dev]) {
-        Ok(out) => Ok(parse_blkid(&String::from_utf8_lossy(&out.stdout))),
-        Err(cmd::CmdError::Failed { status, .. }) if status.ends_with(" 2") => {
-            Ok(Signature::default())
-        }
-        Err(e) => Err(e).with_context(|| format!("cannot probe {dev}")),
-    }
+/// The VG named by `pvs --noheadings -o vg_name DEV` ("" when none).
+pub fn parse_pvs_vg(out: &str) -> String {
+    out.trim().to_string()
 }
 
-/// The VG a PV belongs to ("" when none).
-fn pv_vg(dev: &str) -> anyhow::Result<String> {
-    let out = cmd::run(&["pvs", "--noheadings", "-o", "vg_name", dev])
-        .with_context(|| format!("cannot read LVM physical volume {dev}"))?;
-    Ok(out.trim().to_string())
+/// Whether `name` is a line of `vgs`/`lvs --noheadings -o vg_name|lv_name` output.
+pub fn listed(out: &str, name: &str) -> bool {
+    out.lines().any(|l| l.trim() == name)
 }
 
-fn vg_exists(vg: &str) -> bool {
-    cmd::run(&["vgs", "--noheadings", "-o", "vg_name", vg]).is_ok()
-}
-
-fn lv_exists(vg: &str, lv: &str) -> bool {
-    cmd::run(&[
-        "lvs",
-        "--noheadings",
-        "-o",
-        "lv_name",
-        &format!("{vg}/{lv}"),
-    ])
-    .is_ok()
-}
-
-fn same_device(a: &str, b: &Path) -> bool {
-    match (Path::new(a).canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
-}
-
-fn dir_is_empty(p: &Path) -> bool {
-    std::fs::read_dir(p).map_or(true, |mut d| d.next().is_none())
-}
-
-// ---------------------------------------------------------------------------
-// The run
-
-/// Prepares the volume of `cfg`.
-pub fn run(cfg: &Config, opts: &Options) -> anyhow::Result<Report> {
-    let mut x = Exec {
-        dry: opts.dry_run,
-        report: Report::default(),
-        attached: Vec::new(),
-    };
-    let result = prepare(&mut x, cfg, opts);
-    if result.is_err() {
-        for lo in &x.attached {
-            // Still in use (a VG on it) sets autoclear instead.
-            let _ = cmd::run(&["losetup", "-d", lo]);
-        }
-    }
-    result.map(|()| x.report)
-}
-
-fn prepare(x: &mut Exec, cfg: &Config, opts: &Options) -> anyhow::Result<()> {
-    let devices: Vec<PathBuf> = match &cfg.volume.device {
-        None => {
-            return Err(config_err(
-                "volume.device is not set: name the block device(s) volprep should prepare",
-            ))
-        }
-        Some(Devices::One(p)) => vec![p.clone()],
-        Some(Devices::Many(v)) if v.is_empty() => {
-            return Err(config_err("volume.device is an empty list"))
-        }
-        Some(Devices::Many(v)) => v.clone(),
-    };
-    for d in &devices {
-        if !d.is_absolute() {
-            return Err(config_err(format!(
-                "volume.device {} must be an absolute path",
-                d.display()
-            )));
-        }
-        if !d.exists() {
-            return Err(config_err(format!(
-                "volume.device {} does not exist: attach the disk, or fix volume.device",
-                d.display()
-            )));
-        }
-    }
-    if let Some(from) = &opts.move_datadir {
-        if !from.is_absolute() {
-            return Err(config_err("--move-datadir needs an absolute path"));
-        }
-        if cfg.mysql.stop_command.is_empty() || cfg.mysql.start_command.is_empty() {
-            return Err(config_err(
-                "--move-datadir stops and starts the server: set mysql.stop_command and mysql.start_command",
-            ));
-        }
-    }
-    let devs: Vec<String> = devices
-        .iter()
-        .map(|d| attach_loop(x, d))
-        .collect::<anyhow::Result<_>>()?;
-
-    let (dev, fstype, mount_opts, fstab_spec) = match cfg.volume.kind() {
-        Backend::Lvm => prepare_lvm(x, cfg, opts, &devs)?,
-        Backend::Btrfs => prepare_btrfs(x, cfg, opts, &devs)?,
-    };
-    mount(x, cfg, opts, &dev, fstype, &mount_opts)?;
-    if opts.fstab {
-        fstab(x, cfg, opts, &fstab_spec, fstype, &mount_opts)?;
-    }
-    let owner = owner(cfg)?;
-    match &opts.move_datadir {
-        Some(from) => move_datadir(x, cfg, from, owner),
-        None => datadir(x, &cfg.volume.datadir, owner),
-    }
-}
-
-/// A regular file (a trial volume) is attached to a loop device; a block device is used as is.
-fn attach_loop(x: &mut Exec, dev: &Path) -> anyhow::Result<String> {
-    let meta = std::fs::metadata(dev).with_context(|| format!("cannot stat {}", dev.display()))?;
-    if !meta.is_file() {
-        return Ok(s(dev));
-    }
-    let attached = cmd::run(&["losetup".as_ref(), "-j".as_ref(), dev.as_os_str()])
-        .ok()
-        .and_then(|o| parse_losetup_j(&o));
-    if let Some(lo) = attached {
-        x.in_place(format!("{} is attached to {lo}", dev.display()));
-        return Ok(lo);
-    }
-    tracing::warn!(
-        "{} is a regular file: attaching it to a loop device (for trials; it is not re-attached at boot)",
-        dev.display()
-    );
-    if x.dry {
-        x.report
-            .planned
-            .push(display_argv(&["losetup", "-f", "--show", &s(dev)]));
-        // The file itself can be probed in its place.
-        return Ok(s(dev));
-    }
-    let lo = x
-        .change(
-            &format!("attach {} to a loop device", dev.display()),
-            &["losetup".into(), "-f".into(), "--show".into(), s(dev)],
-        )?
-        .trim()
-        .to_string();
-    anyhow::ensure!(lo.starts_with("/dev/"), "losetup printed {lo:?}");
-    x.attached.push(lo.clone());
-    Ok(lo)
-}
-
-fn refuse(dev: &str, sig: &Signature, hint: &str) -> anyhow::Error {
-    anyhow::anyhow!(
-        "{dev} holds {} that volprep did not create{hint}; check volume.device, or pass --force to wipe it",
-        sig.describe()
-    )
-}
-
-type Prepared = (String, &'static str, String, String);
-
-fn prepare_lvm(
-    x: &mut Exec,
-    cfg: &Config,
-    opts: &Options,
-    devs: &[String],
-) -> anyhow::Result<Prepared> {
-    let lvm = cfg
-        .volume
-        .lvm()
-        .expect("prepare_lvm runs for backend = \"lvm\"");
-    let (vg, lv) = (lvm.vg.as_str(), lvm.lv.as_str());
-    let mut new_pvs = Vec::new();
-    let mut orphan_pvs = Vec::new();
-    for dev in devs {
-        let sig = probe(dev)?;
-        if sig.fs_type.as_deref() == Some("LVM2_member") {
-            let owner_vg = pv_vg(dev)?;
-            if owner_vg == vg {
-                x.in_place(format!("{dev} is a physical volume of {vg}"));
-                continue;
+/// The top-level subvolumes in `btrfs inspect-internal dump-tree -t root` output
+/// (the names of the `FS_TREE ROOT_REF` items).
+pub fn parse_btrfs_subvolumes(out: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut in_ref = false;
+    for line in out.lines() {
+        if line.contains(" key (") {
+            in_ref = line.contains("key (FS_TREE ROOT_REF ");
+        } else if in_ref {
+            if let Some((_, name)) = line.split_once(" name ") {
+                names.push(name.trim().to_string());
             }
-            if !opts.force {
-                let hint = if owner_vg.is_empty() {
-                    " (a physical volume in no volume group)".to_string()
-                } else {
-                    format!(" (a physical volume of volume group {owner_vg})")
-                };
-                return Err(refuse(dev, &sig, &hint));
-            }
-            if owner_vg.is_empty() {
-                orphan_pvs.push(dev.clone());
-                continue;
-            }
-            return Err(anyhow::anyhow!(
-                "{dev} belongs to volume group {owner_vg}, not {vg}: --force does not take a disk from another volume group; remove it from {owner_vg} first (vgreduce)"
-            ));
-        }
-        if !sig.is_empty() {
-            if !opts.force {
-                return Err(refuse(dev, &sig, ""));
-            }
-            x.change(
-                &format!("wipe signatures of {dev} (--force)"),
-                &["wipefs".into(), "-a".into(), dev.clone()],
-            )?;
-        }
-        new_pvs.push(dev.clone());
-    }
-    if !new_pvs.is_empty() {
-        let mut argv = vec!["pvcreate".to_string(), "-q".into()];
-        argv.extend(new_pvs.iter().cloned());
-        x.change(
-            &format!("create physical volume(s) {}", new_pvs.join(" ")),
-            &argv,
-        )?;
-    }
-    let fresh: Vec<String> = new_pvs.into_iter().chain(orphan_pvs).collect();
-    let vg_there = vg_exists(vg);
-    if !vg_there {
-        let mut argv = vec!["vgcreate".to_string(), "-q".into(), vg.to_string()];
-        argv.extend(fresh.iter().cloned());
-        x.change(&format!("create volume group {vg}"), &argv)?;
-    } else if !fresh.is_empty() {
-        let mut argv = vec!["vgextend".to_string(), "-q".into(), vg.to_string()];
-        argv.extend(fresh.iter().cloned());
-        x.change(&format!("extend volume group {vg}"), &argv)?;
-    } else {
-        x.in_place(format!("volume group {vg}"));
-    }
-    let lv_there = vg_there && lv_exists(vg, lv);
-    let dev = format!("/dev/{vg}/{lv}");
-    if lv_there {
-        x.in_place(format!("logical volume {vg}/{lv}"));
-    } else {
-        let extents = lv_extents(lvm.snapshot_reserve_percent);
-        x.change(
-            &format!(
-                "create logical volume {vg}/{lv} ({extents}, {}% kept free for snapshots)",
-                lvm.snapshot_reserve_percent
-            ),
-            &[
-                "lvcreate".into(),
-                "-q".into(),
-                "-y".into(),
-                "-Wy".into(),
-                "-n".into(),
-                lv.into(),
-                "-l".into(),
-                extents,
-                vg.into(),
-            ],
-        )?;
-    }
-    let fs = lvm.filesystem;
-    let want = fs_name(fs);
-    let sig = if lv_there {
-        probe(&dev)?
-    } else {
-        Signature::default()
-    };
-    match sig.fs_type.as_deref() {
-        Some(t) if t == want => x.in_place(format!("{want} filesystem on {dev}")),
-        Some(_) if !opts.force => {
-            return Err(anyhow::anyhow!(
-                "{dev} holds {}, but volume.filesystem is {want}: fix volume.filesystem, or pass --force to make a new {want} filesystem (destroying its data)",
-                sig.describe()
-            ))
-        }
-        other => {
-            x.change(
-                &format!("make a {want} filesystem on {dev}"),
-                &mkfs_argv(fs, &dev, other.is_some()),
-            )?;
+            in_ref = false;
         }
     }
-    Ok((dev.clone(), want, "defaults".into(), dev))
+    names
 }
 
-fn prepare_btrfs(
-    x: &mut Exec,
-    _cfg: &Config,
-    opts: &Options,
-    devs: &[String],
-) -> anyhow::Result<Prepared> {
-    let mut ours = 0;
-    let mut uuid = None;
-    for dev in devs {
-        let sig = probe(dev)?;
-        if sig.fs_type.as_deref() == Some("btrfs") && sig.label.as_deref() == Some(BTRFS_LABEL) {
-            ours += 1;
-            uuid = sig.uuid.clone();
-        } else if !sig.is_empty() && !opts.force {
-            return Err(refuse(dev, &sig, ""));
-        }
-    }
-    let dev = devs[0].clone();
-    if ours == devs.len() {
-        x.in_place(format!(
-            "btrfs filesystem {BTRFS_LABEL} on {}",
-            devs.join(" ")
-        ));
-    } else if ours > 0 && !opts.force {
-        return Err(anyhow::anyhow!(
-            "only some of {} hold volprep's btrfs filesystem: check volume.device, or pass --force to make a new one",
-            devs.join(" ")
-        ));
-    } else {
-        let mut argv = vec![
-            "mkfs.btrfs".to_string(),
-            "-q".into(),
-            "-L".into(),
-            BTRFS_LABEL.into(),
-        ];
-        if opts.force {
-            argv.push("-f".into());
-        }
-        argv.extend(devs.iter().cloned());
-        x.change(
-            &format!("make a btrfs filesystem on {}", devs.join(" ")),
-            &argv,
-        )?;
-        uuid = None;
-    }
-    // The subvolume: looked for (and created) through a private mount of the top level.
-    let top = std::env::temp_dir().join(format!("mysnap-volprep-{}", std::process::id()));
-    let fresh = ours != devs.len();
-    if fresh && x.dry {
-        x.report.planned.push(display_argv(&[
-            "btrfs",
-            "subvolume",
-            "create",
-            &format!("<top level of {dev}>/{BTRFS_SUBVOLUME}"),
-        ]));
-    } else if x.dry {
-        x.in_place(format!(
-            "btrfs on {dev} (its subvolume {BTRFS_SUBVOLUME} is not looked for in a dry run)"
-        ));
-    } else {
-        create_subvolume(x, &dev, &top)?;
-    }
-    if uuid.is_none() && !x.dry {
-        uuid = probe(&dev)?.uuid;
-    }
-    let spec = uuid.map_or_else(|| dev.clone(), |u| format!("UUID={u}"));
-    Ok((dev, "btrfs", format!("subvol={BTRFS_SUBVOLUME}"), spec))
-}
-
-fn create_subvolume(x: &mut Exec, dev: &str, top: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(top).with_context(|| format!("cannot create {}", top.display()))?;
-    cmd::run(&[
-        "mount".into(),
-        "-t".into(),
-        "btrfs".into(),
-        dev.to_string(),
-        s(top),
-    ])
-    .with_context(|| format!("cannot mount {dev}"))?;
-    let sub = top.join(BTRFS_SUBVOLUME);
-    let result = if sub.exists() {
-        x.in_place(format!("subvolume {BTRFS_SUBVOLUME} on {dev}"));
-        Ok(())
-    } else {
-        x.change(
-            &format!("create subvolume {BTRFS_SUBVOLUME} on {dev}"),
-            &["btrfs".into(), "subvolume".into(), "create".into(), s(&sub)],
-        )
-        .map(|_| ())
-    };
-    let unmounted = cmd::run(&["umount".into(), s(top)]);
-    let _ = std::fs::remove_dir(top);
-    result?;
-    unmounted?;
-    Ok(())
-}
-
-fn mount(
-    x: &mut Exec,
-    cfg: &Config,
-    opts: &Options,
-    dev: &str,
-    fstype: &str,
-    mount_opts: &str,
-) -> anyhow::Result<()> {
-    let mp = &cfg.volume.mountpoint;
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    if let Some((_, source)) = mount_source(&info, mp) {
-        if same_device(&source, Path::new(dev)) {
-            x.in_place(format!("{dev} mounted at {}", mp.display()));
-            return Ok(());
-        }
-        return Err(anyhow::anyhow!(
-            "{} is already a mount point of {source}, not {dev}: unmount it, or set volume.mountpoint to another directory",
-            mp.display()
-        ));
-    }
-    if mp.exists() && !dir_is_empty(mp) && !opts.force {
-        return Err(anyhow::anyhow!(
-            "{} is not empty: mounting over it would hide its files; move them away, or pass --force",
-            mp.display()
-        ));
-    }
-    if !mp.exists() {
-        x.change_fn(
-            &format!("create {}", mp.display()),
-            display_argv(&["mkdir", "-p", &s(mp)]),
-            || {
-                std::fs::create_dir_all(mp)
-                    .with_context(|| format!("cannot create {}", mp.display()))
-            },
-        )?;
-    }
-    x.change(
-        &format!("mount {dev} at {}", mp.display()),
-        &[
-            "mount".into(),
-            "-t".into(),
-            fstype.into(),
-            "-o".into(),
-            mount_opts.into(),
-            dev.into(),
-            s(mp),
-        ],
-    )?;
-    Ok(())
-}
-
-fn fstab(
-    x: &mut Exec,
-    cfg: &Config,
-    opts: &Options,
-    spec: &str,
-    fstype: &str,
-    mount_opts: &str,
-) -> anyhow::Result<()> {
-    let path = &opts.fstab_file;
-    let mp = &cfg.volume.mountpoint;
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
-    };
-    if let Some(existing) = fstab_entry_for(&text, mp) {
-        if existing == spec {
-            x.in_place(format!("{} entry for {}", path.display(), mp.display()));
-            return Ok(());
-        }
-        return Err(anyhow::anyhow!(
-            "{} already mounts {existing} at {}: edit that line by hand, or run without --fstab",
-            path.display(),
-            mp.display()
-        ));
-    }
-    let line = fstab_line(spec, mp, fstype, mount_opts);
-    x.change_fn(
-        &format!("add to {}: {line}", path.display()),
-        format!("echo '{line}' >> {}", path.display()),
-        || {
-            let mut f = std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(path)
-                .with_context(|| format!("cannot open {}", path.display()))?;
-            let sep = if text.is_empty() || text.ends_with('\n') {
-                ""
-            } else {
-                "\n"
-            };
-            writeln!(f, "{sep}{line}")
-                .and_then(|()| f.sync_all())
-                .with_context(|| format!("cannot write {}", path.display()))
-        },
-    )
-}
-
-/// `(uid, gid)` of the data directory's owner ([`common::config::VolumeConfig::owner_ids`]), else root.
+/// `(uid, gid)` of the data directory's owner
+/// ([`common::config::VolumeConfig::owner_ids`]), else root.
 fn owner(cfg: &Config) -> anyhow::Result<(u32, u32)> {
     Ok(cfg.volume.owner_ids()?.unwrap_or_else(|| {
         tracing::warn!(
@@ -699,123 +339,6 @@ fn owner(cfg: &Config) -> anyhow::Result<(u32, u32)> {
         );
         (0, 0)
     }))
-}
-
-fn datadir(x: &mut Exec, dir: &Path, (uid, gid): (u32, u32)) -> anyhow::Result<()> {
-    match std::fs::metadata(dir) {
-        Ok(m) if !m.is_dir() => Err(anyhow::anyhow!(
-            "{} exists and is not a directory: move it away, or fix volume.datadir",
-            dir.display()
-        )),
-        Ok(m) if m.uid() == uid && m.gid() == gid => {
-            x.in_place(format!("{} owned by {uid}:{gid}", dir.display()));
-            Ok(())
-        }
-        Ok(_) => x.change_fn(
-            &format!("give {} to {uid}:{gid}", dir.display()),
-            display_argv(&["chown", &format!("{uid}:{gid}"), &s(dir)]),
-            || chown(dir, uid, gid),
-        ),
-        Err(_) => x.change_fn(
-            &format!("create {} owned by {uid}:{gid}", dir.display()),
-            display_argv(&[
-                "install",
-                "-d",
-                "-m",
-                "750",
-                "-o",
-                &uid.to_string(),
-                "-g",
-                &gid.to_string(),
-                &s(dir),
-            ]),
-            || {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("cannot create {}", dir.display()))?;
-                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))?;
-                chown(dir, uid, gid)
-            },
-        ),
-    }
-}
-
-fn chown(p: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
-    std::os::unix::fs::chown(p, Some(uid), Some(gid))
-        .with_context(|| format!("cannot chown {}", p.display()))
-}
-
-/// Copies an existing data directory onto the volume with the server stopped;
-/// the old one is kept as `<from>.volprep-old-<time>` and replaced by a
-/// symlink to the new one, so the server's configuration need not change.
-fn move_datadir(x: &mut Exec, cfg: &Config, from: &Path, owner: (u32, u32)) -> anyhow::Result<()> {
-    let to = &cfg.volume.datadir;
-    if std::fs::read_link(from).is_ok_and(|t| t == *to) {
-        x.in_place(format!("{} is moved to {}", from.display(), to.display()));
-        return datadir(x, to, owner);
-    }
-    if !from.is_dir() {
-        return Err(config_err(format!(
-            "--move-datadir {} is not a directory: name the server's current data directory",
-            from.display()
-        )));
-    }
-    if to.starts_with(from) || from.starts_with(to) {
-        return Err(config_err(format!(
-            "--move-datadir {} and volume.datadir {} overlap",
-            from.display(),
-            to.display()
-        )));
-    }
-    if to.exists() && !dir_is_empty(to) {
-        return Err(anyhow::anyhow!(
-            "volume.datadir {} is not empty: --move-datadir only moves into an empty directory; move its files away first",
-            to.display()
-        ));
-    }
-    datadir(x, to, owner)?;
-    let stamp = time::OffsetDateTime::now_utc().unix_timestamp();
-    let old = PathBuf::from(format!("{}.volprep-old-{stamp}", from.display()));
-    x.change("stop the server", &cfg.mysql.stop_command.clone())?;
-    let copy = x.change(
-        &format!("copy {} to {}", from.display(), to.display()),
-        &[
-            "cp".into(),
-            "-a".into(),
-            format!("{}/.", from.display()),
-            format!("{}/", to.display()),
-        ],
-    );
-    if let Err(e) = copy {
-        let started = cmd::run(&cfg.mysql.start_command);
-        return Err(e.context(format!(
-            "the data directory {} is untouched{}; remove the partial copy in {} before trying again",
-            from.display(),
-            if started.is_ok() { " and the server was started again" } else { " but the server could not be started again (start it by hand)" },
-            to.display()
-        )));
-    }
-    x.change_fn(
-        &format!(
-            "keep the old data directory as {} and link {} to {}",
-            old.display(),
-            from.display(),
-            to.display()
-        ),
-        format!(
-            "{} && {}",
-            display_argv(&["mv", &s(from), &s(&old)]),
-            display_argv(&["ln", "-s", &s(to), &s(from)])
-        ),
-        || {
-            std::fs::rename(from, &old)
-                .with_context(|| format!("cannot rename {}", from.display()))?;
-            std::os::unix::fs::symlink(to, from)
-                .with_context(|| format!("cannot link {} to {}", from.display(), to.display()))
-        },
-    )?;
-    x.change("start the server", &cfg.mysql.start_command.clone())
-        .context("the data directory was moved but the server did not start: see its error log")?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -871,14 +394,7 @@ mod tests {
     }
 
     #[test]
-    fn mountinfo_and_losetup() {
-        let info =
-            "29 1 253:0 / /mnt rw,relatime shared:1 - xfs /dev/mapper/mysnap-mysql rw,attr2\n";
-        assert_eq!(
-            mount_source(info, Path::new("/mnt")),
-            Some(("253:0".into(), "/dev/mapper/mysnap-mysql".into()))
-        );
-        assert_eq!(mount_source(info, Path::new("/")), None);
+    fn losetup() {
         assert_eq!(
             parse_losetup_j("/dev/loop3: [2049]:1234 (/work/vol.img)\n").as_deref(),
             Some("/dev/loop3")
