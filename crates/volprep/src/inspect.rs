@@ -9,8 +9,8 @@ use common::cmd;
 use common::config::Config;
 
 use crate::{
-    listed, owner, parse_blkid, parse_btrfs_subvolumes, parse_losetup_j,
-    parse_pvs_vg, LvmTarget, Options, Signature, Target, BTRFS_LABEL,
+    listed, owner, parse_blkid, parse_btrfs_subvolumes, parse_losetup_j, parse_pvs_vg, LvmTarget,
+    Options, Signature, Target, BTRFS_LABEL,
 };
 
 /// What volprep found on the machine, as far as its plan depends on it.

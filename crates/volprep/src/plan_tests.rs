@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use common::config::Config;
 use common::cli::exit_code_of;
+use common::config::Config;
 use common::error::ExitCode;
 use common::mountinfo::find;
 

@@ -65,7 +65,6 @@ fn mysnap(bin_dir: &Path, name: &str, config: &Path, args: &[&str]) -> String {
 
 fn main() {
     let args = Args::parse();
-    let mb = |b: u64| b as f64 / 1e6;
     let tmp = tempfile::Builder::new()
         .prefix("mysnap-demo-")
         .tempdir_in("/var/tmp")
@@ -82,34 +81,9 @@ fn main() {
     let store = tmp.path().join("store");
     std::fs::create_dir_all(&store).unwrap();
     let src_cfg = tmp.path().join("source.toml");
-    config(
-        &src_cfg,
-        &source,
-        &vol.subvol,
-        &store,
-        &tmp.path().join("state-source"),
-        None,
-    );
-
-    println!(
-        "demo: backup (snapshotter | archiver) to file://{}",
-        store.display()
-    );
-    let t = Instant::now();
-    let manifest = mysnap(&args.bin_dir, "snapshotter", &src_cfg, &[]);
-    let id = mysnap(
-        &args.bin_dir,
-        "archiver",
-        &src_cfg,
-        &["--manifest", &manifest],
-    );
-    let backup_secs = t.elapsed().as_secs_f64();
-    let m = Manifest::parse(
-        &std::fs::read_to_string(store.join(format!("demo/{id}/manifest.toml"))).unwrap(),
-        "store",
-    )
-    .unwrap();
-    let a = m.archive.clone().unwrap();
+    let src_state = tmp.path().join("state-source");
+    config(&src_cfg, &source, &vol.subvol, &store, &src_state, None);
+    let backup = backup(&args.bin_dir, &src_cfg, &store);
 
     println!("demo: restore onto a second server");
     let target_root = tmp.path().join("target");
@@ -121,24 +95,17 @@ fn main() {
         },
     );
     let tgt_cfg = tmp.path().join("target.toml");
+    let services = Some(target.service_commands());
+    let tgt_state = tmp.path().join("state-target");
     config(
         &tgt_cfg,
         &target,
         &target_root,
         &store,
-        &tmp.path().join("state-target"),
-        Some(target.service_commands()),
+        &tgt_state,
+        services,
     );
-    mysnap(&args.bin_dir, "restorer", &tgt_cfg, &["verify", &id]);
-    let t = Instant::now();
-    let report: serde_json::Value = serde_json::from_str(&mysnap(
-        &args.bin_dir,
-        "restorer",
-        &tgt_cfg,
-        &["restore", &id],
-    ))
-    .unwrap();
-    let restore_secs = t.elapsed().as_secs_f64();
+    let restore = restore(&args.bin_dir, &tgt_cfg, &backup.id);
 
     let mut mismatched = Vec::new();
     let mut tables = 0;
@@ -149,19 +116,71 @@ fn main() {
             mismatched.push(db);
         }
     }
+    summary(&backup, &restore, tables, &mismatched);
+    drop(target);
+    drop(source);
+    drop(vol);
+    println!("demo: cleaned up");
+    if !mismatched.is_empty() {
+        std::process::exit(1);
+    }
+}
+
+struct Backup {
+    id: String,
+    secs: f64,
+    manifest: Manifest,
+}
+
+/// snapshotter, then archiver, to the file store; the stored manifest.
+fn backup(bin_dir: &Path, cfg: &Path, store: &Path) -> Backup {
     println!(
-        "\nmysnap demo: backup {id}\n\
+        "demo: backup (snapshotter | archiver) to file://{}",
+        store.display()
+    );
+    let t = Instant::now();
+    let manifest = mysnap(bin_dir, "snapshotter", cfg, &[]);
+    let id = mysnap(bin_dir, "archiver", cfg, &["--manifest", &manifest]);
+    let secs = t.elapsed().as_secs_f64();
+    let text = std::fs::read_to_string(store.join(format!("demo/{id}/manifest.toml"))).unwrap();
+    let manifest = Manifest::parse(&text, "store").unwrap();
+    Backup { id, secs, manifest }
+}
+
+/// `restorer verify`, then `restorer restore`: seconds and the report.
+fn restore(bin_dir: &Path, cfg: &Path, id: &str) -> (f64, serde_json::Value) {
+    mysnap(bin_dir, "restorer", cfg, &["verify", id]);
+    let t = Instant::now();
+    let out = mysnap(bin_dir, "restorer", cfg, &["restore", id]);
+    (
+        t.elapsed().as_secs_f64(),
+        serde_json::from_str(&out).unwrap(),
+    )
+}
+
+fn summary(
+    b: &Backup,
+    (restore_secs, report): &(f64, serde_json::Value),
+    tables: usize,
+    mismatched: &[&str],
+) {
+    let mb = |b: u64| b as f64 / 1e6;
+    let (m, a) = (&b.manifest, b.manifest.archive.as_ref().unwrap());
+    println!(
+        "\nmysnap demo: backup {}\n\
          - lock held {:.1} ms (waited {:.1} ms)\n\
          - data {:.0} MB → archive {:.0} MB (zstd level {})\n\
-         - backup  {backup_secs:.1} s ({:.0} MB/s)\n\
+         - backup  {:.1} s ({:.0} MB/s)\n\
          - restore {restore_secs:.1} s ({:.0} MB/s), server down {:.1} s during the swap\n\
          - CHECKSUM TABLE: {tables} tables, {}",
+        b.id,
         m.lock.hold_secs * 1e3,
         m.lock.wait_secs * 1e3,
         mb(a.unpacked_size),
         mb(a.size),
         a.level,
-        mb(a.unpacked_size) / backup_secs,
+        b.secs,
+        mb(a.unpacked_size) / b.secs,
         mb(a.unpacked_size) / restore_secs,
         report["downtime_secs"].as_f64().unwrap_or(f64::NAN),
         if mismatched.is_empty() {
@@ -170,11 +189,4 @@ fn main() {
             format!("MISMATCH in {mismatched:?}")
         }
     );
-    drop(target);
-    drop(source);
-    drop(vol);
-    println!("demo: cleaned up");
-    if !mismatched.is_empty() {
-        std::process::exit(1);
-    }
 }

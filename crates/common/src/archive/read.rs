@@ -263,10 +263,12 @@ fn entries(
         policy
             .admit(&path, kind, link_text.as_deref())
             .map_err(unsafe_entry)?;
-        let len = s.count(kind, size, info).map_err(|what| ArchiveError::TooLarge {
-            url: url.to_string(),
-            what: format!("{what} (at {path})"),
-        })?;
+        let len = s
+            .count(kind, size, info)
+            .map_err(|what| ArchiveError::TooLarge {
+                url: url.to_string(),
+                what: format!("{what} (at {path})"),
+            })?;
         let copied = match unpacker.as_mut() {
             None => io::copy(&mut (&mut e).take(len), &mut io::sink())
                 .map_err(|err| corrupt(url, err))?,
