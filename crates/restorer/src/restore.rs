@@ -551,16 +551,7 @@ async fn start(
     old: Option<&Path>,
     down_since: Option<Instant>,
 ) -> anyhow::Result<f64> {
-    let rollback = || {
-        match old {
-        Some(old) => format!(
-            "the previous data directory is intact at {old}: to roll back, stop the server, `mv {new} {new}.failed && mv {old} {new}`, and start it",
-            old = old.display(),
-            new = plan.datadir.display()
-        ),
-        None => "there was no previous data directory".to_string(),
-    }
-    };
+    let rollback = || by_hand(old, &plan.datadir);
     run_service("mysql.start_command", &cfg.mysql.start_command)
         .map_err(|e| e.context(rollback()))?;
     wait_ready(cfg, opts.start_timeout)
@@ -572,6 +563,18 @@ async fn start(
         plan.m.backup_id
     );
     Ok(downtime)
+}
+
+/// How to roll back by hand once the swap is committed.
+fn by_hand(old: Option<&Path>, datadir: &Path) -> String {
+    let Some(old) = old else {
+        return "there was no previous data directory".to_string();
+    };
+    format!(
+        "the previous data directory is intact at {old}: to roll back, stop the server, `mv {new} {new}.failed && mv {old} {new}`, and start it",
+        old = old.display(),
+        new = datadir.display()
+    )
 }
 
 async fn wait_ready(cfg: &Config, timeout: Duration) -> anyhow::Result<()> {
