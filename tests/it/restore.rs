@@ -454,3 +454,65 @@ fn latest_is_the_newest_complete_backup() {
     assert_ok(&out, "verify latest");
     assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), second);
 }
+
+#[test]
+fn stop_first_puts_the_old_data_back_when_the_archive_is_refused() {
+    if !gate("stop_first_puts_the_old_data_back_when_the_archive_is_refused") {
+        return;
+    }
+    let src = Rig::new(StoreKind::File);
+    src.db.sql(
+        "CREATE DATABASE d; CREATE TABLE d.t (id INT PRIMARY KEY); INSERT INTO d.t VALUES (7)",
+    );
+    let id = src.backup();
+    let store_root = src.tmp.path().join("store");
+    let real = Manifest::parse(
+        &std::fs::read_to_string(store_root.join(format!("db1/{id}/manifest.toml"))).unwrap(),
+        "real",
+    )
+    .unwrap();
+    // A byte flipped in the stored archive, its manifest keeping the real SHA-256.
+    let mut rotten = std::fs::read(store_root.join(format!("db1/{id}/data.tar.zst"))).unwrap();
+    let mid = rotten.len() / 2;
+    rotten[mid] ^= 0x40;
+    let bad = "20261101T000001Z";
+    plant(&store_root, &real, bad, &rotten);
+    let path = store_root.join(format!("db1/{bad}/manifest.toml"));
+    let mut m = Manifest::parse(&std::fs::read_to_string(&path).unwrap(), "x").unwrap();
+    m.archive.as_mut().unwrap().sha256 = real.archive.as_ref().unwrap().sha256.clone();
+    std::fs::write(&path, m.to_toml()).unwrap();
+
+    let target = Target::new(
+        &src,
+        MariaOpts {
+            server_id: 2,
+            ..MariaOpts::default()
+        },
+        None,
+    );
+    // The server is stopped and its data set aside before unpacking; the
+    // refusal puts the data back and starts the server again.
+    let out = target.restorer(&src, &["restore", "--stop-first", bad]);
+    let line = error_line(&out, 4);
+    assert!(line.contains("corrupt"), "{line}");
+    // The start command returns before the server answers.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while target.db.try_sql("SELECT 1").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the server was not started again"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    target.assert_untouched("--stop-first of a corrupt archive");
+
+    let out = target.restorer(&src, &["restore", "--stop-first", &id]);
+    assert_ok(&out, "restorer restore --stop-first");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let old = PathBuf::from(report["old_datadir"].as_str().unwrap());
+    assert!(
+        old.join("target").is_dir(),
+        "the old data directory is kept"
+    );
+    assert_eq!(target.db.sql("SELECT id FROM d.t"), "7");
+}

@@ -4,34 +4,33 @@
 //! safe untar) into a staging directory beside the data directory while the
 //! server keeps running; only then it stops the server, keeps the old data
 //! directory as `<datadir>.old-<time>`, moves the new one in and starts the
-//! server. Any failure before the swap leaves the live data untouched.
+//! server. Any failure before the swap leaves the live data untouched
+//! (`restore.rs`: the phases and their guards).
 //! The restorer never writes to the store.
 
 #[cfg(test)]
 mod forged;
 pub mod replica;
+mod restore;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use common::archive::tree::{FileKind, SafeDir};
 use common::archive::{keys, ArchiveError, Streamed, Target};
-use common::cmd;
 use common::config::Config;
-use common::dialect::{self, ServerVersion};
 use common::error::config_err;
 use common::manifest::{
     ArchiveInfo, BackupId, BackupName, Manifest, ManifestError, MAX_MANIFEST_BYTES,
 };
-use common::mysql::ConnectInfo;
 use common::progress::Progress;
 use common::store::{self, Download, Store};
-use serde::Serialize;
 
-pub use replica::ReplicaOf;
+pub use replica::{ReplicaFlags, ReplicaOf};
+pub use restore::{restore, Phase, Report, RestoreOpts};
 
 /// How far in the future a backup id may lie (clock skew between hosts);
 /// a later one is refused, so a forged id cannot stay `latest` forever.
@@ -143,6 +142,56 @@ async fn resolve(
     Ok((m, info))
 }
 
+/// A backup chosen by id or `latest`, its manifest read and checked: what
+/// verify and restore work on.
+pub struct Chosen {
+    store: Arc<dyn Store>,
+    pub manifest: Manifest,
+    info: ArchiveInfo,
+}
+
+/// Opens the store and chooses backup `id` (or the newest complete one for
+/// `latest`): the one resolver of verify and restore.
+pub async fn choose(cfg: &Config, id: &str) -> anyhow::Result<Chosen> {
+    let store: Arc<dyn Store> = store::open(&cfg.store).await?.into();
+    let (manifest, info) = resolve(store.as_ref(), cfg, id).await?;
+    Ok(Chosen {
+        store,
+        manifest,
+        info,
+    })
+}
+
+/// The table `restorer list` prints: a header and one line per backup.
+pub fn list_table(backups: &[Manifest]) -> String {
+    let mut out = format!(
+        "{:<17} {:<20} {:>10} {:<5} {:<28} server\n",
+        "id", "time", "size", "codec", "binlog"
+    );
+    for m in backups {
+        let (size, codec) = m.archive.as_ref().map_or(("-".into(), "-".into()), |a| {
+            (
+                bytesize::ByteSize(a.size).to_string(),
+                format!("{:?}", a.compression).to_lowercase(),
+            )
+        });
+        let binlog = m
+            .binlog
+            .as_ref()
+            .map_or("-".to_string(), |b| format!("{}:{}", b.file, b.position));
+        out += &format!(
+            "{:<17} {:<20} {:>10} {:<5} {:<28} {}\n",
+            m.backup_id.as_str(),
+            m.created_at.get(..19).unwrap_or(&m.created_at),
+            size,
+            codec,
+            binlog,
+            m.server.version
+        );
+    }
+    out
+}
+
 /// Streams the archive of `m` into `target`: the one code path of verify and restore.
 async fn stream_archive(
     store: Arc<dyn Store>,
@@ -245,96 +294,9 @@ pub async fn verify(
     id: &str,
     progress: &dyn Progress,
 ) -> anyhow::Result<(Manifest, Streamed)> {
-    let store: Arc<dyn Store> = store::open(&cfg.store).await?.into();
-    let (m, info) = resolve(store.as_ref(), cfg, id).await?;
-    let s = stream_archive(store, &m, &info, Target::Discard, progress).await?;
-    Ok((m, s))
-}
-
-/// How to restore.
-#[derive(Clone, Default)]
-pub struct RestoreOpts {
-    pub id: String,
-    pub replica_of: Option<ReplicaOf>,
-    /// Use the recorded source's coordinates (a backup taken on a replica).
-    pub replica_of_source: bool,
-    /// Stop the server before unpacking (the seed's order).
-    pub stop_first: bool,
-    /// Restore even when the server's flavor or major version differs.
-    pub ignore_version: bool,
-    /// Longest wait for the server to answer after start.
-    pub start_timeout: Duration,
-}
-
-/// What a restore did (printed as JSON on stdout).
-#[derive(Debug, Serialize)]
-pub struct Report {
-    pub backup_id: String,
-    pub datadir: PathBuf,
-    pub old_datadir: Option<PathBuf>,
-    pub bytes: u64,
-    pub unpack_secs: f64,
-    /// From stop_command to the server answering.
-    pub downtime_secs: f64,
-    pub total_secs: f64,
-    pub replication_lag_secs: Option<u64>,
-}
-
-/// The installed server's version: the running server's answer, else the binary's.
-async fn installed_version(cfg: &Config) -> Option<ServerVersion> {
-    if let Ok(info) = ConnectInfo::from_config(&cfg.mysql) {
-        if let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_secs(5), info.connect()).await
-        {
-            let version = dialect::server_version(&mut conn).await;
-            let _ = conn.disconnect().await;
-            if let Ok(v) = version {
-                return Some(v);
-            }
-        }
-    }
-    for prog in ["mariadbd", "mysqld"] {
-        if let Ok(out) = cmd::run(&[prog, "--version"]) {
-            if let Some(v) = ServerVersion::from_version_output(&out) {
-                return Some(v);
-            }
-        }
-    }
-    None
-}
-
-fn check_version(m: &Manifest, installed: Option<&ServerVersion>) -> anyhow::Result<()> {
-    let backup = ServerVersion::parse(&m.server.version);
-    let Some(v) = installed else {
-        tracing::warn!(
-            "cannot tell the installed server's version; restoring a {} backup",
-            m.server.version
-        );
-        return Ok(());
-    };
-    if v.flavor != backup.flavor || (v.major, v.minor) != (backup.major, backup.minor) {
-        return Err(config_err(format!(
-            "backup {} is of {} but the installed server is {}: a data directory only works on the same flavor and major version (pass --ignore-version to restore anyway)",
-            m.backup_id, m.server.version, v.text
-        )));
-    }
-    Ok(())
-}
-
-fn check_space(dir: &Path, info: &ArchiveInfo) -> anyhow::Result<()> {
-    let st = nix::sys::statvfs::statvfs(dir)
-        .with_context(|| format!("cannot stat the filesystem of {}", dir.display()))?;
-    let avail = st.blocks_available() as u64 * st.fragment_size() as u64;
-    let need = info.unpacked_size + info.unpacked_size / 20 + (64 << 20);
-    if avail < need {
-        anyhow::bail!(
-            "not enough room in {}: the backup unpacks to {} and needs about {}, but only {} are free; nothing was changed",
-            dir.display(),
-            bytesize::ByteSize(info.unpacked_size),
-            bytesize::ByteSize(need),
-            bytesize::ByteSize(avail)
-        );
-    }
-    Ok(())
+    let c = choose(cfg, id).await?;
+    let s = stream_archive(c.store, &c.manifest, &c.info, Target::Discard, progress).await?;
+    Ok((c.manifest, s))
 }
 
 /// Removes what must not travel to another server: the server UUID, pid and
@@ -429,344 +391,82 @@ pub fn rewrite_binlog_indexes(dir: &SafeDir, moves: &[(PathBuf, PathBuf)]) -> an
     Ok(())
 }
 
-/// Moves each staged directory into place, keeping what was there as
-/// `<name>.old-<stamp>`; on failure, undoes every step it made.
-fn swap_in(
-    moves: &[(PathBuf, PathBuf)],
-    stamp: &str,
-    old_already_moved: bool,
-) -> anyhow::Result<()> {
-    let mut done: Vec<(PathBuf, PathBuf)> = Vec::new();
-    let result = (|| -> anyhow::Result<()> {
-        for (i, (from, to)) in moves.iter().enumerate() {
-            let name = to
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let old = to.with_file_name(format!("{name}.old-{stamp}"));
-            // The data directory was moved away already with --stop-first.
-            if to.exists() && !(i == 0 && old_already_moved) {
-                std::fs::rename(to, &old).with_context(|| {
-                    format!("cannot move {} to {}", to.display(), old.display())
-                })?;
-                done.push((to.clone(), old));
-            }
-            if let Some(dir) = to.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            std::fs::rename(from, to)
-                .with_context(|| format!("cannot move {} to {}", from.display(), to.display()))?;
-            done.push((from.clone(), to.clone()));
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        for (from, to) in done.iter().rev() {
-            if let Err(e) = std::fs::rename(to, from) {
-                tracing::error!(
-                    "cannot move {} back to {}: {e}",
-                    to.display(),
-                    from.display()
-                );
-            }
-        }
-    }
-    result
-}
-
-/// Removes the staging directory unless disarmed.
-struct Staging(Option<PathBuf>);
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            if let Err(e) = std::fs::remove_dir_all(&p) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::error!("cannot remove staging directory {}: {e}", p.display());
-                }
-            }
-        }
-    }
-}
-
-async fn wait_ready(cfg: &Config, timeout: Duration) -> anyhow::Result<()> {
-    let info = ConnectInfo::from_config(&cfg.mysql)?;
-    let start = Instant::now();
-    loop {
-        match info.connect().await {
-            Ok(c) => {
-                let _ = c.disconnect().await;
-                return Ok(());
-            }
-            Err(e) if start.elapsed() > timeout => {
-                return Err(e.context(format!(
-                    "the server did not answer within {timeout:?} after start"
-                )))
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-}
-
-fn run_service(cfg_key: &str, argv: &[String]) -> anyhow::Result<()> {
-    if argv.is_empty() {
-        return Err(config_err(format!(
-            "{cfg_key} is empty: restore needs it to stop and start the server"
-        )));
-    }
-    cmd::run(argv).with_context(|| format!("{cfg_key} failed"))?;
-    Ok(())
-}
-
-/// Restores backup `opts.id` into `volume.datadir`.
-pub async fn restore(
-    cfg: &Config,
-    opts: &RestoreOpts,
-    progress: &dyn Progress,
-) -> anyhow::Result<Report> {
-    let started = Instant::now();
-    if cfg.mysql.stop_command.is_empty() || cfg.mysql.start_command.is_empty() {
-        return Err(config_err(
-            "mysql.stop_command and mysql.start_command are required to restore (argv lists, e.g. [\"systemctl\", \"stop\", \"mariadb\"])",
-        ));
-    }
-    let store: Arc<dyn Store> = store::open(&cfg.store).await?.into();
-    let (m, info) = resolve(store.as_ref(), cfg, &opts.id).await?;
-    let start_at = match &opts.replica_of {
-        Some(_) => Some(replica::start_at(&m, opts.replica_of_source)?),
-        None => None,
-    };
-    let datadir = cfg.volume.datadir.clone();
-    let parent = datadir
-        .parent()
-        .ok_or_else(|| {
-            config_err(format!(
-                "volume.datadir {} has no parent directory",
-                datadir.display()
-            ))
-        })?
-        .to_path_buf();
-    std::fs::create_dir_all(&parent)
-        .with_context(|| format!("cannot create {}", parent.display()))?;
-    if !opts.ignore_version {
-        check_version(&m, installed_version(cfg).await.as_ref())?;
-    }
-    check_space(&parent, &info)?;
-    if let (Ok(d), Ok(p)) = (std::fs::metadata(&datadir), std::fs::metadata(&parent)) {
-        use std::os::unix::fs::MetadataExt;
-        if d.dev() != p.dev() {
-            return Err(config_err(format!(
-                "volume.datadir {} is a mount point, which restore cannot rename: use a directory below the mount point (volprep lays out <mountpoint>/mysql)",
-                datadir.display()
-            )));
-        }
-    }
-    let owner = cfg.volume.owner_ids()?;
-    let stamp = common::manifest::backup_id(time::OffsetDateTime::now_utc());
-    let name = datadir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let old = datadir.with_file_name(format!("{name}.old-{stamp}"));
-    let staging_path = parent.join(format!(".{name}.mysnap-restore-{}", m.backup_id));
-    if staging_path.exists() {
-        tracing::warn!(
-            "removing {} left by an earlier restore that did not finish",
-            staging_path.display()
-        );
-        std::fs::remove_dir_all(&staging_path)?;
-    }
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&staging_path)
-            .with_context(|| format!("cannot create {}", staging_path.display()))?;
-    }
-    let staging = Staging(Some(staging_path.clone()));
-
-    let mut down_since = None;
-    let mut moved_old = false;
-    if opts.stop_first {
-        run_service("mysql.stop_command", &cfg.mysql.stop_command)?;
-        down_since = Some(Instant::now());
-        if datadir.exists() {
-            std::fs::rename(&datadir, &old).with_context(|| {
-                format!("cannot move {} to {}", datadir.display(), old.display())
-            })?;
-            moved_old = true;
-        }
-    }
-    tracing::info!(
-        "restoring backup {} ({}) into {}",
-        m.backup_id,
-        bytesize::ByteSize(info.size),
-        staging_path.display()
-    );
-    let t = Instant::now();
-    let unpacked = stage(
-        cfg,
-        store.clone(),
-        &m,
-        &info,
-        &staging_path,
-        owner,
-        progress,
-    )
-    .await;
-    let streamed = match unpacked {
-        Ok(s) => s,
-        Err(e) => {
-            drop(staging);
-            if moved_old {
-                // --stop-first: put the old data back and start the server again.
-                std::fs::rename(&old, &datadir).with_context(|| {
-                    format!(
-                        "cannot move {} back to {}",
-                        old.display(),
-                        datadir.display()
-                    )
-                })?;
-                if let Err(e2) = run_service("mysql.start_command", &cfg.mysql.start_command) {
-                    tracing::error!("cannot start the server again: {e2:#}");
-                }
-            }
-            return Err(e.context("restore failed; the data directory is unchanged"));
-        }
-    };
-    let unpack_secs = t.elapsed().as_secs_f64();
-
-    // The swap: the only moment the server is down (unless --stop-first).
-    if !opts.stop_first {
-        run_service("mysql.stop_command", &cfg.mysql.stop_command)
-            .map_err(|e| e.context("nothing was changed; the server was not stopped"))?;
-        down_since = Some(Instant::now());
-    }
-    let mut moves = vec![(staging_path.join(&m.data.datadir), datadir.clone())];
-    for p in m.data.paths.iter().filter(|p| **p != m.data.datadir) {
-        moves.push((staging_path.join(p), cfg.volume.mountpoint.join(p)));
-    }
-    if let Err(e) = swap_in(&moves, &stamp, opts.stop_first) {
-        // Everything was put back: start the server on its old data.
-        let started = run_service("mysql.start_command", &cfg.mysql.start_command);
-        let state = match started {
-            Ok(()) => "the old data directory is back in place and the server was started again",
-            Err(_) => "the old data directory is back in place, but the server did not start: start it by hand",
-        };
-        return Err(e.context(format!("restore failed during the swap; {state}")));
-    }
-    moved_old = moved_old || old.exists();
-    drop(staging);
-    let rollback = || {
-        if moved_old {
-            format!(
-                "the previous data directory is intact at {old}: to roll back, stop the server, `mv {new} {new}.failed && mv {old} {new}`, and start it",
-                old = old.display(),
-                new = datadir.display()
-            )
-        } else {
-            "there was no previous data directory".to_string()
-        }
-    };
-    run_service("mysql.start_command", &cfg.mysql.start_command)
-        .map_err(|e| e.context(rollback()))?;
-    wait_ready(cfg, opts.start_timeout)
-        .await
-        .map_err(|e| e.context(rollback()))?;
-    let downtime = down_since.map_or(0.0, |d| d.elapsed().as_secs_f64());
-    tracing::info!(
-        "backup {} restored; the server answers (down for {downtime:.1}s)",
-        m.backup_id
-    );
-
-    let mut lag = None;
-    if let (Some(to), Some(at)) = (&opts.replica_of, &start_at) {
-        lag = start_replication(cfg, to, at).await?;
-    }
-    Ok(Report {
-        backup_id: m.backup_id.to_string(),
-        datadir,
-        old_datadir: moved_old.then_some(old),
-        bytes: streamed.file_bytes,
-        unpack_secs,
-        downtime_secs: downtime,
-        total_secs: started.elapsed().as_secs_f64(),
-        replication_lag_secs: lag,
-    })
-}
-
-/// Points the restored server at its source and waits until both replication
-/// threads run; returns the lag it reports.
-async fn start_replication(
-    cfg: &Config,
-    to: &ReplicaOf,
-    at: &replica::StartAt,
-) -> anyhow::Result<Option<u64>> {
-    let mut conn = ConnectInfo::from_config(&cfg.mysql)?.connect().await?;
-    let version = dialect::server_version(&mut conn).await?;
-    // Every string shown (statements, server errors, replica status errors)
-    // passes through it: the password in any form it can take is `***`.
-    let redactor = common::mysql::Redactor::new(&to.password);
-    let redact = |s: String| redactor.redact(&s);
-    for st in replica::statements(&version, to, at)? {
-        use mysql_async::prelude::Queryable;
-        // A prepared statement: the server takes exactly one statement, so
-        // nothing in a value can append another (mysql_async announces
-        // CLIENT_MULTI_STATEMENTS on every connection).
-        let params = if st.params.is_empty() {
-            mysql_async::Params::Empty
-        } else {
-            mysql_async::Params::Positional(st.params.iter().map(|p| p.as_str().into()).collect())
-        };
-        tracing::debug!("replication: {}", redact(st.shown.clone()));
-        conn.exec_drop(st.sql.as_str(), params).await.map_err(|e| {
-            anyhow::anyhow!(
-                "setting up replication: SQL `{}` failed: {}",
-                redact(st.shown.clone()),
-                redact(e.to_string())
-            )
-        })?;
-    }
-    tracing::info!(
-        "replicating from {}:{} as {} starting at {:?}",
-        to.host,
-        to.port,
-        to.user,
-        at
-    );
-    let start = Instant::now();
-    loop {
-        let r = dialect::replica_status(&mut conn, &version).await?;
-        if let Some(r) = r.as_ref().filter(|r| r.running()) {
-            let lag = r.seconds_behind;
-            tracing::info!(
-                "replication runs; lag {} s",
-                lag.map_or("unknown".into(), |l: u64| l.to_string())
-            );
-            let _ = conn.disconnect().await;
-            return Ok(lag);
-        }
-        let r = r.unwrap_or_default();
-        // A reported error that persists is not going to fix itself.
-        let stuck = (!r.last_io_error.is_empty() || !r.last_sql_error.is_empty())
-            && start.elapsed() > Duration::from_secs(10);
-        if stuck || start.elapsed() > Duration::from_secs(60) {
-            anyhow::bail!(
-                "replication did not start (IO thread: {}, SQL thread: {}; {}{}): the data is restored and the server runs; fix the cause and run {}",
-                r.io_running,
-                r.sql_running,
-                redact(r.last_io_error),
-                redact(r.last_sql_error),
-                version.replication_sql().start
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn v<T: TryFrom<String, Error = String>>(s: &str) -> T {
+        T::try_from(s.to_string()).unwrap()
+    }
+
+    fn manifest(id: &str, binlog: Option<(&str, u64)>, size: u64) -> Manifest {
+        use common::config::{Backend, Compression, LockMethod};
+        use common::manifest::{
+            Binlog, DataLayout, Flavor, LockTimes, Server, SnapshotInfo, FORMAT_VERSION,
+        };
+        let id: BackupId = v(id);
+        Manifest {
+            format_version: FORMAT_VERSION,
+            backup_id: id.clone(),
+            name: v("db1"),
+            created_at: v("2026-11-26T09:30:00.123456Z"),
+            server: Server {
+                flavor: Flavor::Mariadb,
+                version: v("10.11.6-MariaDB-log"),
+                hostname: v("db1"),
+                server_id: 1,
+            },
+            binlog: binlog.map(|(file, position)| Binlog {
+                file: v(file),
+                position,
+            }),
+            gtid: None,
+            source: None,
+            lock: LockTimes {
+                method: LockMethod::Ftwrl,
+                attempts: 1,
+                wait_secs: 0.0,
+                hold_secs: 0.0,
+            },
+            snapshot: SnapshotInfo {
+                backend: Backend::Btrfs,
+                name: v("snap"),
+                path: "/nonexistent".into(),
+            },
+            data: DataLayout {
+                volume_root: "/src".into(),
+                datadir: v("mysql"),
+                paths: vec![v("mysql")],
+                exclude: vec![],
+            },
+            archive: Some(ArchiveInfo {
+                key: keys::archive(&v("db1"), &id, Compression::Zstd),
+                size,
+                compression: Compression::Zstd,
+                level: 3,
+                sha256: v(&"ab".repeat(32)),
+                tar_size: 0,
+                unpacked_size: 0,
+                files: 0,
+                archive_secs: 0.0,
+            }),
+        }
+    }
+
+    #[test]
+    fn list_table_has_a_header_and_a_line_per_backup() {
+        let table = list_table(&[
+            manifest("20261126T093000Z", Some(("binlog.000002", 385)), 3 << 20),
+            manifest("20261125T093000Z", None, 1000),
+        ]);
+        let want = "\
+id                time                       size codec binlog                       server
+20261126T093000Z  2026-11-26T09:30:00     3.0 MiB zstd  binlog.000002:385            10.11.6-MariaDB-log
+20261125T093000Z  2026-11-26T09:30:00      1000 B zstd  -                            10.11.6-MariaDB-log
+";
+        assert_eq!(table, want);
+        assert_eq!(list_table(&[]).lines().count(), 1);
+    }
 
     #[test]
     fn binlog_index_follows_the_data_directory() {

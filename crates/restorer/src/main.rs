@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use common::cli::{exit_with, runtime, GlobalArgs};
-use common::error::{config_err, integrity_err};
-use restorer::{ReplicaOf, RestoreOpts};
+use restorer::{ReplicaFlags, RestoreOpts};
 
 /// Lists, verifies and restores mysnap backups.
 #[derive(Parser)]
@@ -61,60 +60,6 @@ enum Cmd {
     },
 }
 
-fn replica_opts(
-    replica_of: Option<String>,
-    from_source: bool,
-    user: Option<String>,
-    password_file: Option<PathBuf>,
-    m_source: Option<(String, u16)>,
-) -> anyhow::Result<Option<ReplicaOf>> {
-    let target = match (replica_of, from_source) {
-        (Some(hp), _) => {
-            let (host, port) = hp.rsplit_once(':').unwrap_or((&hp, "3306"));
-            let port = port.parse().map_err(|_| {
-                config_err(format!("--replica-of {hp:?}: the port is not a number"))
-            })?;
-            common::grammar::host(host)
-                .map_err(|e| config_err(format!("--replica-of {hp:?}: {e}")))?;
-            Some((host.to_string(), port))
-        }
-        (None, true) => {
-            if let Some((host, _)) = &m_source {
-                // Recorded in the manifest, which the store's writers control.
-                common::grammar::host(host).map_err(|e| {
-                    integrity_err(format!(
-                        "the source host recorded in the backup (--replica-of-source): {e}; use --replica-of HOST:PORT"
-                    ))
-                })?;
-            }
-            m_source
-        }
-        (None, false) => None,
-    };
-    let Some((host, port)) = target else {
-        if user.is_some() || password_file.is_some() {
-            return Err(config_err(
-                "--replication-user and --replication-password-file need --replica-of HOST:PORT",
-            ));
-        }
-        return Ok(None);
-    };
-    let user = user.ok_or_else(|| config_err("--replica-of needs --replication-user"))?;
-    common::grammar::user(&user).map_err(|e| config_err(format!("--replication-user: {e}")))?;
-    let file = password_file
-        .ok_or_else(|| config_err("--replica-of needs --replication-password-file"))?;
-    let password = common::mysql::read_secret_file(&file, "--replication-password-file")?
-        .trim_end_matches(['\n', '\r'])
-        .to_string();
-    restorer::replica::check_password(&password)?;
-    Ok(Some(ReplicaOf {
-        host,
-        port,
-        user,
-        password,
-    }))
-}
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     cli.global.init_logging();
@@ -122,31 +67,22 @@ fn main() -> std::process::ExitCode {
     exit_with(runtime().block_on(async {
         let cfg = cli.global.load_config()?;
         match cli.command {
-            Cmd::List { json } => {
+            Cmd::List { json: true } => {
                 let backups = restorer::list(&cfg).await?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&backups)?);
-                } else {
-                    println!("{:<17} {:<20} {:>10} {:<5} {:<28} server", "id", "time", "size", "codec", "binlog");
-                    for m in &backups {
-                        let a = m.archive.as_ref().expect("listed backups are complete");
-                        let binlog = m.binlog.as_ref().map_or("-".to_string(), |b| format!("{}:{}", b.file, b.position));
-                        println!(
-                            "{:<17} {:<20} {:>10} {:<5} {:<28} {}",
-                            m.backup_id,
-                            m.created_at.get(..19).unwrap_or(&m.created_at),
-                            bytesize::ByteSize(a.size).to_string(),
-                            format!("{:?}", a.compression).to_lowercase(),
-                            binlog,
-                            m.server.version
-                        );
-                    }
-                }
+                println!("{}", serde_json::to_string_pretty(&backups)?);
+            }
+            Cmd::List { json: false } => {
+                print!("{}", restorer::list_table(&restorer::list(&cfg).await?));
             }
             Cmd::Verify { id } => {
                 let progress = common::progress::for_stderr("verifying", quiet);
                 let (m, s) = restorer::verify(&cfg, &id, progress.as_ref()).await?;
-                tracing::info!("backup {} is intact: {} entries, {} files", m.backup_id, s.entries, s.files);
+                tracing::info!(
+                    "backup {} is intact: {} entries, {} files",
+                    m.backup_id,
+                    s.entries,
+                    s.files
+                );
                 println!("{}", m.backup_id);
             }
             Cmd::Restore {
@@ -159,20 +95,19 @@ fn main() -> std::process::ExitCode {
                 ignore_version,
                 start_timeout,
             } => {
-                // Resolved before anything is touched; the source host comes from the manifest
-                // only with --replica-of-source, which restore checks again.
-                let from_manifest = if replica_of_source && replica_of.is_none() {
-                    let m = restorer::list(&cfg).await?;
-                    let m = if id == "latest" { m.into_iter().next() } else { m.into_iter().find(|m| m.backup_id == id) };
-                    m.and_then(|m| m.source).map(|s| (s.host.to_string(), s.port))
-                } else {
-                    None
+                let replica = ReplicaFlags {
+                    replica_of,
+                    from_source: replica_of_source,
+                    user: replication_user,
+                    password_file: replication_password_file,
                 };
-                if replica_of_source && replica_of.is_none() && from_manifest.is_none() {
-                    return Err(config_err(format!("backup {id} records no source (it was not taken on a replica): use --replica-of HOST:PORT")));
-                }
-                let replica = replica_opts(replica_of, replica_of_source, replication_user, replication_password_file, from_manifest)?;
-                let opts = RestoreOpts { id, replica_of: replica, replica_of_source, stop_first, ignore_version, start_timeout };
+                let opts = RestoreOpts {
+                    id,
+                    replica,
+                    stop_first,
+                    ignore_version,
+                    start_timeout,
+                };
                 let progress = common::progress::for_stderr("restoring", quiet);
                 let report = restorer::restore(&cfg, &opts, progress.as_ref()).await?;
                 println!("{}", serde_json::to_string(&report)?);
@@ -180,86 +115,4 @@ fn main() -> std::process::ExitCode {
         }
         Ok(())
     }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use common::cli::exit_code_of;
-    use common::ExitCode;
-    use std::os::unix::fs::PermissionsExt;
-
-    #[test]
-    fn replica_flags_are_validated() {
-        let dir = tempfile::tempdir().unwrap();
-        let pass = |text: &str| {
-            let p = dir.path().join("pass");
-            std::fs::write(&p, text).unwrap();
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-            Some(p)
-        };
-        let ok = replica_opts(
-            Some("db1:3307".into()),
-            false,
-            Some("repl".into()),
-            pass("p'w\\%\n"),
-            None,
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(
-            (ok.host.as_str(), ok.port, ok.password.as_str()),
-            ("db1", 3307, "p'w\\%")
-        );
-        let cases = [
-            (
-                Some("db1',MASTER_HOST='x:3306".to_string()),
-                "repl",
-                "pw\n",
-                None,
-                "--replica-of",
-                ExitCode::Usage,
-            ),
-            (
-                Some("db1:3306".to_string()),
-                "r'; --",
-                "pw\n",
-                None,
-                "--replication-user",
-                ExitCode::Usage,
-            ),
-            (
-                Some("db1:3306".to_string()),
-                "repl",
-                "pw\nSTART SLAVE\n",
-                None,
-                "--replication-password-file",
-                ExitCode::Usage,
-            ),
-            (
-                Some("db1:3306".to_string()),
-                "repl",
-                "p\0w",
-                None,
-                "--replication-password-file",
-                ExitCode::Usage,
-            ),
-            (
-                None,
-                "repl",
-                "pw",
-                Some(("db1' x".to_string(), 3306)),
-                "--replica-of-source",
-                ExitCode::Integrity,
-            ),
-        ];
-        for (replica_of, user, pw, source, flag, code) in cases {
-            let from_source = replica_of.is_none();
-            let err = replica_opts(replica_of, from_source, Some(user.into()), pass(pw), source)
-                .unwrap_err();
-            assert_eq!(exit_code_of(&err), code, "{err}");
-            assert!(err.to_string().contains(flag), "{err}");
-            assert!(!err.to_string().contains("START SLAVE"), "{err}");
-        }
-    }
 }

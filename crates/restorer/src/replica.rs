@@ -5,6 +5,8 @@
 //! (the server takes exactly one statement, nothing can be appended) with the
 //! GTID set as a parameter, and the password is shown only as `'***'`.
 
+use std::path::PathBuf;
+
 use common::dialect::ServerVersion;
 use common::error::{config_err, integrity_err};
 use common::grammar;
@@ -44,6 +46,85 @@ pub fn check_password(password: &str) -> anyhow::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The replication flags of `restorer restore`, as given.
+#[derive(Clone, Debug, Default)]
+pub struct ReplicaFlags {
+    /// `--replica-of HOST[:PORT]`.
+    pub replica_of: Option<String>,
+    /// `--replica-of-source`: the source's coordinates (and, without
+    /// `--replica-of`, its host and port) recorded in the backup.
+    pub from_source: bool,
+    /// `--replication-user`.
+    pub user: Option<String>,
+    /// `--replication-password-file`.
+    pub password_file: Option<PathBuf>,
+}
+
+impl ReplicaFlags {
+    /// Whether the host to replicate from is the source recorded in the backup.
+    pub fn wants_recorded_source(&self) -> bool {
+        self.from_source && self.replica_of.is_none()
+    }
+
+    /// Where and as whom to replicate, if at all: every value checked, the
+    /// password read from its file. `recorded`: the source host and port the
+    /// backup records (used with `--replica-of-source` alone).
+    pub fn resolve(&self, recorded: Option<(String, u16)>) -> anyhow::Result<Option<ReplicaOf>> {
+        let target = match (&self.replica_of, self.from_source) {
+            (Some(hp), _) => Some(host_port(hp)?),
+            (None, true) => {
+                if let Some((host, _)) = &recorded {
+                    // Recorded in the manifest, which the store's writers control.
+                    grammar::host(host).map_err(|e| {
+                        integrity_err(format!(
+                            "the source host recorded in the backup (--replica-of-source): {e}; use --replica-of HOST:PORT"
+                        ))
+                    })?;
+                }
+                recorded
+            }
+            (None, false) => None,
+        };
+        let Some((host, port)) = target else {
+            if self.user.is_some() || self.password_file.is_some() {
+                return Err(config_err(
+                    "--replication-user and --replication-password-file need --replica-of HOST:PORT",
+                ));
+            }
+            return Ok(None);
+        };
+        let user = self
+            .user
+            .clone()
+            .ok_or_else(|| config_err("--replica-of needs --replication-user"))?;
+        grammar::user(&user).map_err(|e| config_err(format!("--replication-user: {e}")))?;
+        let file = self
+            .password_file
+            .as_ref()
+            .ok_or_else(|| config_err("--replica-of needs --replication-password-file"))?;
+        let password = common::mysql::read_secret_file(file, "--replication-password-file")?
+            .trim_end_matches(['\n', '\r'])
+            .to_string();
+        check_password(&password)?;
+        Ok(Some(ReplicaOf {
+            host,
+            port,
+            user,
+            password,
+        }))
+    }
+}
+
+/// `HOST[:PORT]` of `--replica-of` (port 3306 by default).
+fn host_port(hp: &str) -> anyhow::Result<(String, u16)> {
+    let (host, port) = hp.rsplit_once(':').unwrap_or((hp, "3306"));
+    let port = port
+        .parse()
+        .map_err(|_| config_err(format!("--replica-of {hp:?}: the port is not a number")))?;
+    grammar::host(host).map_err(|e| config_err(format!("--replica-of {hp:?}: {e}")))?;
+    Ok((host.to_string(), port))
 }
 
 /// The coordinates to start from.
@@ -407,6 +488,80 @@ mod tests {
                 }
                 assert!(!text.contains("50%"), "{text}");
             }
+        }
+    }
+
+    #[test]
+    fn replica_flags_are_validated() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let pass = |text: &str| {
+            let p = dir.path().join("pass");
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+            Some(p)
+        };
+        let flags = |replica_of: Option<String>, user: &str, pw: &str| ReplicaFlags {
+            from_source: replica_of.is_none(),
+            replica_of,
+            user: Some(user.into()),
+            password_file: pass(pw),
+        };
+        let ok = flags(Some("db1:3307".into()), "repl", "p'w\\%\n")
+            .resolve(None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (ok.host.as_str(), ok.port, ok.password.as_str()),
+            ("db1", 3307, "p'w\\%")
+        );
+        let cases = [
+            (
+                Some("db1',MASTER_HOST='x:3306".to_string()),
+                "repl",
+                "pw\n",
+                None,
+                "--replica-of",
+                ExitCode::Usage,
+            ),
+            (
+                Some("db1:3306".to_string()),
+                "r'; --",
+                "pw\n",
+                None,
+                "--replication-user",
+                ExitCode::Usage,
+            ),
+            (
+                Some("db1:3306".to_string()),
+                "repl",
+                "pw\nSTART SLAVE\n",
+                None,
+                "--replication-password-file",
+                ExitCode::Usage,
+            ),
+            (
+                Some("db1:3306".to_string()),
+                "repl",
+                "p\0w",
+                None,
+                "--replication-password-file",
+                ExitCode::Usage,
+            ),
+            (
+                None,
+                "repl",
+                "pw",
+                Some(("db1' x".to_string(), 3306)),
+                "--replica-of-source",
+                ExitCode::Integrity,
+            ),
+        ];
+        for (replica_of, user, pw, source, flag, code) in cases {
+            let err = flags(replica_of, user, pw).resolve(source).unwrap_err();
+            assert_eq!(exit_code_of(&err), code, "{err}");
+            assert!(err.to_string().contains(flag), "{err}");
+            assert!(!err.to_string().contains("START SLAVE"), "{err}");
         }
     }
 }

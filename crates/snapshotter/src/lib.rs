@@ -77,17 +77,13 @@ pub async fn run(cfg: &Config) -> anyhow::Result<PathBuf> {
             tracing::warn!("syncfs of {} failed: {e}", cfg.volume.mountpoint.display());
         }
     }
-    let outcome = lock::locked_snapshot(
-        conn,
-        watcher,
-        &version,
-        vars.log_bin,
-        method,
-        &cfg.mysql,
-        backend.as_ref(),
-        &name,
-    )
-    .await?;
+    let on = lock::ServerInfo {
+        version: &version,
+        log_bin: vars.log_bin,
+    };
+    let policy = lock::LockPolicy::new(method, &cfg.mysql);
+    let session = lock::LockSession::open(conn, watcher, on, policy).await?;
+    let outcome = session.locked_snapshot(backend.as_ref(), &name).await?;
     // After the unlock: mounting (LVM) is not the server's wait.
     if let Err(e) = backend.make_readable(&outcome.snapshot) {
         if let Err(e2) = backend.remove(&name) {

@@ -110,27 +110,22 @@ fn is_lock_timeout(e: &anyhow::Error) -> bool {
 }
 
 /// Kills the query of connection `target` if `cancel` does not fire within
-/// `after`. Returns its connection and whether it killed.
-async fn watch(
-    mut w: Conn,
-    target: u32,
-    after: Duration,
-    cancel: oneshot::Receiver<()>,
-) -> (Conn, bool) {
+/// `after`. Returns whether it killed.
+async fn watch(w: &mut Conn, target: u32, after: Duration, cancel: oneshot::Receiver<()>) -> bool {
     tokio::select! {
-        _ = cancel => (w, false),
+        _ = cancel => false,
         () = tokio::time::sleep(after) => {
             if let Err(e) = w.query_drop(format!("KILL QUERY {target}")).await {
                 tracing::warn!("KILL QUERY {target} failed: {e}");
             }
-            (w, true)
+            true
         }
     }
 }
 
-/// Runs the statements of one lock attempt; `wait` is set to how long the
-/// lock that blocks commits took to be granted.
-async fn attempt(conn: &mut Conn, method: LockMethod, wait: &mut Duration) -> anyhow::Result<()> {
+/// Runs the statements that take the lock; returns how long the lock that
+/// blocks commits took to be granted.
+async fn take(conn: &mut Conn, method: LockMethod) -> anyhow::Result<Duration> {
     let t = match method {
         LockMethod::BackupStage => {
             let t = Instant::now();
@@ -146,8 +141,7 @@ async fn attempt(conn: &mut Conn, method: LockMethod, wait: &mut Duration) -> an
             t
         }
     };
-    *wait = t.elapsed();
-    Ok(())
+    Ok(t.elapsed())
 }
 
 /// The statement that releases what `method` holds, in whatever stage it got to.
@@ -155,15 +149,6 @@ fn release_sql(method: LockMethod) -> &'static str {
     match method {
         LockMethod::BackupStage => "BACKUP STAGE END",
         _ => "UNLOCK TABLES",
-    }
-}
-
-/// Releases what `method` holds. BACKUP STAGE END without a stage (START
-/// itself failed) is error 4146: nothing is held, which is the point.
-async fn release(conn: &mut Conn, method: LockMethod) -> anyhow::Result<()> {
-    match exec(conn, release_sql(method)).await {
-        Err(e) if method == LockMethod::BackupStage && server_code(&e) == Some(4146) => Ok(()),
-        r => r,
     }
 }
 
@@ -175,127 +160,268 @@ fn lock_name(method: LockMethod) -> &'static str {
     }
 }
 
-/// Takes the lock with `method` (`ftwrl` or `backup_stage`, already
-/// resolved; bounded, retried), runs `create` under it with the coordinates
-/// recorded, and releases it.
-#[allow(clippy::too_many_arguments)]
-pub async fn locked_snapshot(
-    mut conn: Conn,
-    mut watcher: Conn,
-    version: &ServerVersion,
-    log_bin: bool,
-    method: LockMethod,
-    policy: &MysqlConfig,
-    backend: &dyn SnapshotBackend,
-    name: &str,
-) -> anyhow::Result<LockOutcome> {
-    let (timeout, retries) = (policy.lock_timeout, policy.lock_retries);
-    let what = lock_name(method);
-    let secs = timeout.as_secs_f64().ceil().max(1.0) as u64;
-    exec(
-        &mut conn,
-        &format!("SET SESSION lock_wait_timeout = {secs}"),
-    )
-    .await?;
-    let stage = method == LockMethod::BackupStage;
-    if stage && log_bin {
-        // Not under BLOCK_COMMIT, where it would lengthen the hold: the
-        // coordinates read under it need not be at a file start.
-        exec(&mut conn, "FLUSH BINARY LOGS").await?;
+/// How to lock: the method (`ftwrl` or `backup_stage`, already resolved)
+/// and its bounds.
+#[derive(Clone, Copy, Debug)]
+pub struct LockPolicy {
+    pub method: LockMethod,
+    /// The longest wait of one attempt (`mysql.lock_timeout`).
+    pub timeout: Duration,
+    /// Attempts after the first (`mysql.lock_retries`).
+    pub retries: u32,
+}
+
+impl LockPolicy {
+    /// `method` with the bounds of the `[mysql]` section.
+    pub fn new(method: LockMethod, cfg: &MysqlConfig) -> LockPolicy {
+        LockPolicy {
+            method,
+            timeout: cfg.lock_timeout,
+            retries: cfg.lock_retries,
+        }
     }
-    let conn_id = conn.id();
-    let attempts = retries + 1;
-    let mut granted = None;
-    for attempt_no in 1..=attempts {
-        let (cancel_tx, cancel_rx) = oneshot::channel();
-        // One watcher bounds the whole attempt, every stage of it.
-        let w = tokio::spawn(watch(
+}
+
+/// The server a lock session works on.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerInfo<'a> {
+    pub version: &'a ServerVersion,
+    /// Whether the binary log is on (there are coordinates to record).
+    pub log_bin: bool,
+}
+
+/// The lock that was granted.
+#[derive(Clone, Copy, Debug)]
+pub struct Granted {
+    /// Which attempt got it (1 for the first).
+    pub attempt: u32,
+    /// How long it took to be granted.
+    pub wait: Duration,
+    /// When it was granted: the hold starts.
+    pub at: Instant,
+}
+
+/// A connection that takes the lock, and a watcher connection that
+/// `KILL QUERY`s a lock attempt outliving its timeout. The lock is released
+/// by [`LockSession::release`] on every path of [`LockSession::locked_snapshot`];
+/// a session dropped in any other way closes its connections, and the server
+/// drops the lock (and ends the backup stage) with the connection.
+pub struct LockSession<'a> {
+    conn: Conn,
+    watcher: Conn,
+    server: ServerInfo<'a>,
+    policy: LockPolicy,
+}
+
+impl<'a> LockSession<'a> {
+    /// Bounds every lock statement of `conn` by the policy's timeout (the
+    /// session's `lock_wait_timeout`); the watcher bounds them again.
+    pub async fn open(
+        mut conn: Conn,
+        watcher: Conn,
+        server: ServerInfo<'a>,
+        policy: LockPolicy,
+    ) -> anyhow::Result<LockSession<'a>> {
+        let secs = policy.timeout.as_secs_f64().ceil().max(1.0) as u64;
+        exec(
+            &mut conn,
+            &format!("SET SESSION lock_wait_timeout = {secs}"),
+        )
+        .await?;
+        Ok(LockSession {
+            conn,
             watcher,
-            conn_id,
-            timeout + Duration::from_millis(250),
-            cancel_rx,
-        ));
-        let mut wait = Duration::ZERO;
-        let r = attempt(&mut conn, method, &mut wait).await;
-        let _ = cancel_tx.send(());
-        let (w, killed) = w.await?;
-        watcher = w;
-        match r {
-            Ok(()) => {
-                granted = Some((attempt_no, wait));
-                break;
+            server,
+            policy,
+        })
+    }
+
+    fn stage(&self) -> bool {
+        self.policy.method == LockMethod::BackupStage
+    }
+
+    /// Takes the lock, runs `backend.create(name)` under it with the
+    /// coordinates recorded, and releases it, in every outcome. A snapshot
+    /// of a failed locked phase is removed.
+    pub async fn locked_snapshot(
+        mut self,
+        backend: &dyn SnapshotBackend,
+        name: &str,
+    ) -> anyhow::Result<LockOutcome> {
+        let granted = match self.acquire().await {
+            Ok(g) => g,
+            Err(e) => {
+                // Released (or the release failed): closing drops anything held.
+                self.close(false).await;
+                return Err(e);
             }
+        };
+        let recorded = self.record(backend, name).await;
+        let unlocked = self.release().await;
+        let hold = granted.at.elapsed();
+        let method = self.policy.method;
+        self.close(unlocked.is_ok()).await;
+        match (recorded, unlocked) {
+            (Ok(r), Ok(())) => Ok(r.outcome(method, granted, hold)),
+            (Ok(r), Err(e)) => {
+                tracing::warn!(
+                    "removing snapshot {} of a failed locked phase",
+                    r.snapshot.name
+                );
+                if let Err(e2) = backend.remove(&r.snapshot.name) {
+                    tracing::error!("cannot remove snapshot {}: {e2:#}", r.snapshot.name);
+                }
+                Err(e)
+            }
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    /// Takes the lock: at most `retries + 1` attempts, each bounded twice
+    /// (`lock_wait_timeout` and the watcher), with a growing, jittered back-off
+    /// between them. Nothing is held when it fails.
+    pub async fn acquire(&mut self) -> anyhow::Result<Granted> {
+        if self.stage() && self.server.log_bin {
+            // Not under BLOCK_COMMIT, where it would lengthen the hold: the
+            // coordinates read under it need not be at a file start.
+            exec(&mut self.conn, "FLUSH BINARY LOGS").await?;
+        }
+        let attempts = self.policy.retries + 1;
+        for attempt in 1..=attempts {
+            if let Some(wait) = self.attempt(attempt, attempts).await? {
+                return Ok(Granted {
+                    attempt,
+                    wait,
+                    at: Instant::now(),
+                });
+            }
+            if attempt < attempts {
+                let timeout = self.policy.timeout;
+                let backoff = timeout.min(Duration::from_secs(attempt as u64))
+                    + Duration::from_millis(rand::thread_rng().gen_range(0..500));
+                tokio::time::sleep(backoff).await;
+            }
+        }
+        Err(self.timed_out(attempts).await)
+    }
+
+    /// One lock attempt, every stage of it bounded by one watcher: the wait
+    /// when granted, `None` when it timed out (and nothing is held).
+    async fn attempt(&mut self, attempt: u32, attempts: u32) -> anyhow::Result<Option<Duration>> {
+        let (method, timeout) = (self.policy.method, self.policy.timeout);
+        let Self { conn, watcher, .. } = self;
+        let conn_id = conn.id();
+        let (cancel_tx, cancel_rx) = oneshot::channel();
+        let taking = async {
+            let r = take(conn, method).await;
+            let _ = cancel_tx.send(());
+            r
+        };
+        let after = timeout + Duration::from_millis(250);
+        let (r, killed) = tokio::join!(taking, watch(watcher, conn_id, after, cancel_rx));
+        match r {
+            Ok(wait) => Ok(Some(wait)),
             Err(e) if is_lock_timeout(&e) || killed => {
                 // Make sure nothing is held before backing off.
-                release(&mut conn, method).await?;
+                self.release().await?;
                 tracing::warn!(
-                    "{what} attempt {attempt_no} of {attempts} gave up after {:.1}s (mysql.lock_timeout): {e:#}",
+                    "{} attempt {attempt} of {attempts} gave up after {:.1}s (mysql.lock_timeout): {e:#}",
+                    lock_name(method),
                     timeout.as_secs_f64()
                 );
-                if attempt_no < attempts {
-                    let backoff = timeout.min(Duration::from_secs(attempt_no as u64))
-                        + Duration::from_millis(rand::thread_rng().gen_range(0..500));
-                    tokio::time::sleep(backoff).await;
-                }
+                Ok(None)
             }
             Err(e) => {
-                let _ = release(&mut conn, method).await;
-                return Err(e);
+                let _ = self.release().await;
+                Err(e)
             }
         }
     }
-    let Some((attempt_no, wait)) = granted else {
-        let culprit = longest_writer(&mut watcher).await.unwrap_or_default();
-        let _ = watcher.disconnect().await;
-        let _ = conn.disconnect().await;
-        return Err(Error::LockTimeout(format!(
-            "could not take {what} within {:?} in {attempts} attempts{culprit}; nothing is locked and no snapshot was taken: retry later or raise mysql.lock_timeout",
-            timeout
-        ))
-        .into());
-    };
 
-    let locked_at = Instant::now();
-    let mut snapshot = None;
-    let inner = async {
-        let (binlog, gtid) = coordinates(&mut conn, version, log_bin, !stage).await?;
-        let source = replica_source(&mut conn, version).await?;
+    /// The lock timeout error, naming the longest running statement.
+    async fn timed_out(&mut self, attempts: u32) -> anyhow::Error {
+        let culprit = longest_writer(&mut self.watcher).await.unwrap_or_default();
+        Error::LockTimeout(format!(
+            "could not take {} within {:?} in {attempts} attempts{culprit}; nothing is locked and no snapshot was taken: retry later or raise mysql.lock_timeout",
+            lock_name(self.policy.method),
+            self.policy.timeout
+        ))
+        .into()
+    }
+
+    /// Under the lock: the coordinates, the source's, the time, the snapshot.
+    async fn record(
+        &mut self,
+        backend: &dyn SnapshotBackend,
+        name: &str,
+    ) -> anyhow::Result<Recorded> {
+        let (binlog, gtid) = self.coordinates().await?;
+        let source = replica_source(&mut self.conn, self.server.version).await?;
         let at = time::OffsetDateTime::now_utc();
-        snapshot = Some(backend.create(name)?);
-        anyhow::Ok((binlog, gtid, source, at))
-    }
-    .await;
-    let unlocked = release(&mut conn, method).await;
-    let hold = locked_at.elapsed();
-    if unlocked.is_err() {
-        // The server drops the lock (and ends the backup stage) with the connection.
-        drop(conn);
-    } else {
-        let _ = conn.disconnect().await;
-    }
-    let _ = watcher.disconnect().await;
-    match (inner, unlocked) {
-        (Ok((binlog, gtid, source, at)), Ok(())) => Ok(LockOutcome {
-            snapshot: snapshot.expect("created when inner succeeded"),
-            lock: LockTimes {
-                method,
-                attempts: attempt_no,
-                wait_secs: wait.as_secs_f64(),
-                hold_secs: hold.as_secs_f64(),
-            },
+        let snapshot = backend.create(name)?;
+        Ok(Recorded {
+            snapshot,
             binlog,
             gtid,
             source,
             at,
-        }),
-        (Err(e), _) | (Ok(_), Err(e)) => {
-            if let Some(s) = snapshot {
-                tracing::warn!("removing snapshot {} of a failed locked phase", s.name);
-                if let Err(e2) = backend.remove(&s.name) {
-                    tracing::error!("cannot remove snapshot {}: {e2:#}", s.name);
-                }
-            }
-            Err(e)
+        })
+    }
+
+    /// Binary log file and position, and the GTID state, under the lock.
+    pub async fn coordinates(&mut self) -> anyhow::Result<(Option<Binlog>, Option<GtidSet>)> {
+        let (version, log_bin) = (self.server.version, self.server.log_bin);
+        // BACKUP STAGE rotated the binary log before the lock.
+        let flush_binlog = !self.stage();
+        coordinates(&mut self.conn, version, log_bin, flush_binlog).await
+    }
+
+    /// Releases what the method holds, in whatever stage it got to. BACKUP
+    /// STAGE END without a stage (START itself failed) is error 4146:
+    /// nothing is held, which is the point.
+    pub async fn release(&mut self) -> anyhow::Result<()> {
+        let method = self.policy.method;
+        match exec(&mut self.conn, release_sql(method)).await {
+            Err(e) if method == LockMethod::BackupStage && server_code(&e) == Some(4146) => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Closes both connections; `clean`: the lock connection says goodbye,
+    /// else it is dropped (the server drops the lock with the connection).
+    async fn close(self, clean: bool) {
+        if clean {
+            let _ = self.conn.disconnect().await;
+        } else {
+            drop(self.conn);
+        }
+        let _ = self.watcher.disconnect().await;
+    }
+}
+
+/// What was recorded under the lock.
+struct Recorded {
+    snapshot: Snapshot,
+    binlog: Option<Binlog>,
+    gtid: Option<GtidSet>,
+    source: Option<SourceCoordinates>,
+    at: time::OffsetDateTime,
+}
+
+impl Recorded {
+    fn outcome(self, method: LockMethod, granted: Granted, hold: Duration) -> LockOutcome {
+        LockOutcome {
+            snapshot: self.snapshot,
+            lock: LockTimes {
+                method,
+                attempts: granted.attempt,
+                wait_secs: granted.wait.as_secs_f64(),
+                hold_secs: hold.as_secs_f64(),
+            },
+            binlog: self.binlog,
+            gtid: self.gtid,
+            source: self.source,
+            at: self.at,
         }
     }
 }
