@@ -30,76 +30,10 @@ pub async fn run(cfg: &Config) -> anyhow::Result<PathBuf> {
     let state = StateLock::acquire(&cfg.backup.state_dir)?;
     let backend = snapshot::backend(&cfg.volume, &cfg.backup.state_dir);
     remove_stale(&state, backend.as_ref(), &cfg.backup.name)?;
-
-    // Everything that can be checked is checked before the server is locked.
-    let store = common::store::open(&cfg.store).await?;
-    store.check().await?;
-    let info = ConnectInfo::from_config(&cfg.mysql)?;
-    let mut conn = info.connect().await?;
-    let watcher = info.connect().await?;
-    let version = dialect::server_version(&mut conn).await?;
-    let method = version.lock_method(cfg.mysql.lock_method)?;
-    let vars = DataVars::query(&mut conn).await?;
-    let layout = plan_layout(&vars, &cfg.volume.mountpoint)?;
-    if vars.datadir.canonicalize().ok() != cfg.volume.datadir.canonicalize().ok() {
-        tracing::warn!(
-            "the server's datadir {} differs from volume.datadir {}; backing up the server's",
-            vars.datadir.display(),
-            cfg.volume.datadir.display()
-        );
-    }
-    let server = manifest::Server {
-        flavor: version.flavor,
-        version: text("the server version", &version.text)?,
-        hostname: text(
-            "@@hostname",
-            &query_one(&mut conn, "SELECT @@hostname")
-                .await?
-                .unwrap_or_default(),
-        )?,
-        server_id: query_one(&mut conn, "SELECT @@server_id")
-            .await?
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0),
-    };
-
+    let ready = prepare(cfg).await?;
     let id = next_backup_id(&state).await?;
     let name = snapshot::snapshot_name(&cfg.backup.name, &id);
-    if method == LockMethod::Ftwrl {
-        // BACKUP STAGE BLOCK_COMMIT does not wait for running statements, only
-        // for commits in progress: nothing to wait out.
-        lock::wait_for_long_queries(&mut conn, cfg.mysql.lock_timeout, cfg.mysql.long_query_wait)
-            .await?;
-    }
-    // Write dirty pages out now, so the snapshot under the lock has little left to flush.
-    if let Ok(f) = std::fs::File::open(&cfg.volume.mountpoint) {
-        if let Err(e) = nix::unistd::syncfs(&f) {
-            tracing::warn!("syncfs of {} failed: {e}", cfg.volume.mountpoint.display());
-        }
-    }
-    let on = lock::ServerInfo {
-        version: &version,
-        log_bin: vars.log_bin,
-    };
-    let policy = lock::LockPolicy::new(method, &cfg.mysql);
-    let session = lock::LockSession::open(conn, watcher, on, policy).await?;
-    let outcome = session.locked_snapshot(backend.as_ref(), &name).await?;
-    // After the unlock: mounting (LVM) is not the server's wait.
-    if let Err(e) = backend.make_readable(&outcome.snapshot) {
-        if let Err(e2) = backend.remove(&name) {
-            tracing::error!("cannot remove snapshot {name}: {e2:#}");
-        }
-        return Err(e);
-    }
-    tracing::info!(
-        "snapshot {} taken: lock ({}) waited {:.3}s, held {:.3}s ({} attempt(s))",
-        outcome.snapshot.name,
-        outcome.lock.method.as_str(),
-        outcome.lock.wait_secs,
-        outcome.lock.hold_secs,
-        outcome.lock.attempts
-    );
-
+    let (outcome, server, layout) = snapshot(cfg, ready, backend.as_ref(), &name).await?;
     let m = Manifest {
         format_version: FORMAT_VERSION,
         backup_id: manifest::BackupId::parse(&id).map_err(anyhow::Error::msg)?,
@@ -137,6 +71,102 @@ pub async fn run(cfg: &Config) -> anyhow::Result<PathBuf> {
         return Err(e);
     }
     Ok(path)
+}
+
+/// What was learnt and opened before the lock.
+struct Ready {
+    conn: mysql_async::Conn,
+    watcher: mysql_async::Conn,
+    version: dialect::ServerVersion,
+    method: LockMethod,
+    vars: DataVars,
+    layout: manifest::DataLayout,
+    server: manifest::Server,
+}
+
+/// Everything that can be checked is checked before the server is locked:
+/// the store, both connections, the lock method, where the data is.
+async fn prepare(cfg: &Config) -> anyhow::Result<Ready> {
+    let store = common::store::open(&cfg.store).await?;
+    store.check().await?;
+    let info = ConnectInfo::from_config(&cfg.mysql)?;
+    let mut conn = info.connect().await?;
+    let watcher = info.connect().await?;
+    let version = dialect::server_version(&mut conn).await?;
+    let method = version.lock_method(cfg.mysql.lock_method)?;
+    let vars = DataVars::query(&mut conn).await?;
+    let layout = plan_layout(&vars, &cfg.volume.mountpoint)?;
+    if vars.datadir.canonicalize().ok() != cfg.volume.datadir.canonicalize().ok() {
+        tracing::warn!(
+            "the server's datadir {} differs from volume.datadir {}; backing up the server's",
+            vars.datadir.display(),
+            cfg.volume.datadir.display()
+        );
+    }
+    let hostname = query_one(&mut conn, "SELECT @@hostname").await?;
+    let server = manifest::Server {
+        flavor: version.flavor,
+        version: text("the server version", &version.text)?,
+        hostname: text("@@hostname", &hostname.unwrap_or_default())?,
+        server_id: query_one(&mut conn, "SELECT @@server_id")
+            .await?
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+    };
+    Ok(Ready {
+        conn,
+        watcher,
+        version,
+        method,
+        vars,
+        layout,
+        server,
+    })
+}
+
+/// The locked phase and what follows it at once: long queries waited out
+/// (FTWRL), dirty pages written, the snapshot taken under the lock, then
+/// made readable (after the unlock: mounting is not the server's wait).
+async fn snapshot(
+    cfg: &Config,
+    mut ready: Ready,
+    backend: &dyn SnapshotBackend,
+    name: &str,
+) -> anyhow::Result<(LockOutcome, manifest::Server, manifest::DataLayout)> {
+    if ready.method == LockMethod::Ftwrl {
+        // BACKUP STAGE BLOCK_COMMIT does not wait for running statements, only
+        // for commits in progress: nothing to wait out.
+        let (timeout, wait) = (cfg.mysql.lock_timeout, cfg.mysql.long_query_wait);
+        lock::wait_for_long_queries(&mut ready.conn, timeout, wait).await?;
+    }
+    // Write dirty pages out now, so the snapshot under the lock has little left to flush.
+    if let Ok(f) = std::fs::File::open(&cfg.volume.mountpoint) {
+        if let Err(e) = nix::unistd::syncfs(&f) {
+            tracing::warn!("syncfs of {} failed: {e}", cfg.volume.mountpoint.display());
+        }
+    }
+    let on = lock::ServerInfo {
+        version: &ready.version,
+        log_bin: ready.vars.log_bin,
+    };
+    let policy = lock::LockPolicy::new(ready.method, &cfg.mysql);
+    let session = lock::LockSession::open(ready.conn, ready.watcher, on, policy).await?;
+    let outcome = session.locked_snapshot(backend, name).await?;
+    if let Err(e) = backend.make_readable(&outcome.snapshot) {
+        if let Err(e2) = backend.remove(name) {
+            tracing::error!("cannot remove snapshot {name}: {e2:#}");
+        }
+        return Err(e);
+    }
+    tracing::info!(
+        "snapshot {} taken: lock ({}) waited {:.3}s, held {:.3}s ({} attempt(s))",
+        outcome.snapshot.name,
+        outcome.lock.method.as_str(),
+        outcome.lock.wait_secs,
+        outcome.lock.hold_secs,
+        outcome.lock.attempts
+    );
+    Ok((outcome, ready.server, ready.layout))
 }
 
 /// Removes snapshots and state left by earlier runs that were killed. Only
