@@ -108,12 +108,13 @@ fn target_dir() -> PathBuf {
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    eprintln!("xtask: running {cmd:?}");
+    let shown = shown(cmd);
+    eprintln!("xtask: running {shown}");
     let status = cmd
         .status()
-        .with_context(|| format!("cannot start {cmd:?}"))?;
+        .with_context(|| format!("cannot start {shown}"))?;
     if !status.success() {
-        bail!("{cmd:?} failed ({status})");
+        bail!("{shown} failed ({status})");
     }
     Ok(())
 }
@@ -350,6 +351,21 @@ fn vm_test() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A command as a reader wants it: the variables it sets and its argv,
+/// not the variables it removes (`cargo()` removes a dozen).
+fn shown(cmd: &Command) -> String {
+    let vars = cmd
+        .get_envs()
+        .filter_map(|(k, v)| Some(format!("{}={}", k.to_string_lossy(), v?.to_string_lossy())));
+    let argv = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned());
+    vars.chain(argv)
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace("  ", " ")
 }
 
 /// Cargo, in the workspace, without the variables `cargo run` set for this
