@@ -456,8 +456,10 @@ fn latest_is_the_newest_complete_backup() {
 }
 
 #[test]
-fn stop_first_puts_the_old_data_back_when_the_archive_is_refused() {
-    if !gate("stop_first_puts_the_old_data_back_when_the_archive_is_refused") {
+fn stop_first_puts_the_old_data_back_when_refused_and_a_server_that_is_down_is_not_stopped() {
+    if !gate(
+        "stop_first_puts_the_old_data_back_when_refused_and_a_server_that_is_down_is_not_stopped",
+    ) {
         return;
     }
     let src = Rig::new(StoreKind::File);
@@ -482,7 +484,7 @@ fn stop_first_puts_the_old_data_back_when_the_archive_is_refused() {
     m.archive.as_mut().unwrap().sha256 = real.archive.as_ref().unwrap().sha256.clone();
     std::fs::write(&path, m.to_toml()).unwrap();
 
-    let target = Target::new(
+    let mut target = Target::new(
         &src,
         MariaOpts {
             server_id: 2,
@@ -514,5 +516,17 @@ fn stop_first_puts_the_old_data_back_when_the_archive_is_refused() {
         old.join("target").is_dir(),
         "the old data directory is kept"
     );
+    assert_eq!(target.db.sql("SELECT id FROM d.t"), "7");
+
+    // A server that is down already (crashed, or a new instance): restore
+    // does not run mysql.stop_command (mariadb-admin shutdown would fail on
+    // it), restores, and starts the server.
+    target.db.sql("INSERT INTO d.t VALUES (8)");
+    target.db.stop();
+    assert!(target.db.try_sql("SELECT 1").is_err(), "the server is down");
+    let out = target.restorer(&src, &["restore", &id]);
+    assert_ok(&out, "restorer restore onto a server that is down");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("the server is not running"), "{log}");
     assert_eq!(target.db.sql("SELECT id FROM d.t"), "7");
 }

@@ -112,6 +112,24 @@ impl ConnectInfo {
         Ok(info)
     }
 
+    /// Whether a server listens where this connects (its socket or
+    /// host:port accepts a connection within a second), without logging in.
+    pub fn listening(&self) -> bool {
+        let second = std::time::Duration::from_secs(1);
+        match (&self.socket, &self.host) {
+            (Some(s), _) => std::os::unix::net::UnixStream::connect(s).is_ok(),
+            (None, Some(h)) => {
+                use std::net::ToSocketAddrs;
+                (h.as_str(), self.port)
+                    .to_socket_addrs()
+                    .is_ok_and(|mut a| {
+                        a.any(|a| std::net::TcpStream::connect_timeout(&a, second).is_ok())
+                    })
+            }
+            (None, None) => false,
+        }
+    }
+
     /// Where it connects, for messages.
     pub fn target(&self) -> String {
         match (&self.socket, &self.host) {

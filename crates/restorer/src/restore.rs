@@ -124,7 +124,7 @@ pub async fn restore(
     let (streamed, unpack_secs) = stage(cfg, &plan, progress).await?;
     if !opts.stop_first {
         Phase::Stop.enter();
-        down_since = Some(stop(cfg, &mut live)?);
+        down_since = Some(stop(cfg, &plan, &mut live)?);
     }
     Phase::Swap.enter();
     swap(cfg, &plan, &mut live)?;
@@ -334,6 +334,28 @@ fn check_not_mount_point(datadir: &Path, parent: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Why the server counts as running, or `None` when it is down: a process
+/// whose working directory is the data directory (MySQL and MariaDB change
+/// into it at start, and keep it while they run, recovery included), or a
+/// server listening on the configured socket or host and port.
+fn server_running(cfg: &Config, datadir: &Path) -> Option<String> {
+    if let Some(pid) = process_in(datadir) {
+        return Some(format!("process {pid} works in {}", datadir.display()));
+    }
+    let info = ConnectInfo::from_config(&cfg.mysql).ok()?;
+    info.listening()
+        .then(|| format!("a server listens on {}", info.target()))
+}
+
+/// A process whose working directory is `dir` (after resolving links).
+fn process_in(dir: &Path) -> Option<u32> {
+    let dir = dir.canonicalize().ok()?;
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        (std::fs::read_link(e.path().join("cwd")).ok()? == dir).then_some(pid)
+    })
+}
+
 /// The staging directory: created empty (0700), removed when dropped. The
 /// staged paths leave it in [`Phase::Swap`]; what is left then is removed.
 struct Staging(PathBuf);
@@ -398,10 +420,22 @@ impl<'a> SwapGuard<'a> {
         }
     }
 
-    /// Runs `mysql.stop_command`; returns when the server went down.
-    fn stop_server(&mut self, cfg: &Config) -> anyhow::Result<Instant> {
-        run_service("mysql.stop_command", &cfg.mysql.stop_command)?;
-        self.stopped = true;
+    /// Runs `mysql.stop_command` when the server runs ([`server_running`]);
+    /// returns when it is down. A server that is down already (the usual
+    /// case after a crash, or on a new instance) is left as it is, and a
+    /// rollback does not start it.
+    fn stop_server(&mut self, cfg: &Config, datadir: &Path) -> anyhow::Result<Instant> {
+        match server_running(cfg, datadir) {
+            Some(evidence) => {
+                tracing::info!("stopping the server ({evidence})");
+                run_service("mysql.stop_command", &cfg.mysql.stop_command)?;
+                self.stopped = true;
+            }
+            None => tracing::info!(
+                "the server is not running (no process works in {}, nothing listens on its socket or port): not stopping it",
+                datadir.display()
+            ),
+        }
         Ok(Instant::now())
     }
 
@@ -466,7 +500,7 @@ impl Drop for SwapGuard<'_> {
 /// [`Phase::Stop`] with `--stop-first`: the server stopped and the data
 /// directory set aside before unpacking.
 fn stop_first(cfg: &Config, plan: &Plan, live: &mut SwapGuard) -> anyhow::Result<Instant> {
-    let down = live.stop_server(cfg)?;
+    let down = live.stop_server(cfg, &plan.datadir)?;
     if plan.datadir.exists() {
         live.rename(&plan.datadir, &plan.aside(&plan.datadir))?;
     }
@@ -504,8 +538,8 @@ async fn stage(
 
 /// [`Phase::Stop`]: the server stopped right before the swap, the only
 /// moment it is down (unless `--stop-first`).
-fn stop(cfg: &Config, live: &mut SwapGuard) -> anyhow::Result<Instant> {
-    live.stop_server(cfg)
+fn stop(cfg: &Config, plan: &Plan, live: &mut SwapGuard) -> anyhow::Result<Instant> {
+    live.stop_server(cfg, &plan.datadir)
         .map_err(|e| e.context("nothing was changed; the server was not stopped"))
 }
 
@@ -688,6 +722,28 @@ async fn wait_replicating(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_working_in_the_datadir_is_found_and_none_in_an_unused_one() {
+        let used = tempfile::tempdir().unwrap();
+        let unused = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .current_dir(used.path())
+            .spawn()
+            .unwrap();
+        // Through a link, as a data directory often is.
+        let link = unused.path().join("link");
+        std::os::unix::fs::symlink(used.path(), &link).unwrap();
+        let found = process_in(used.path());
+        let through_link = process_in(&link);
+        let none = process_in(unused.path());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(found, Some(child.id()));
+        assert_eq!(through_link, Some(child.id()));
+        assert_eq!(none, None);
+    }
 
     #[test]
     fn stop_first_stops_before_staging() {
