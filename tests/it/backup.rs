@@ -852,6 +852,26 @@ fn bad_input_is_one_clear_line_with_the_right_exit_code_and_leaves_nothing() {
     );
     check_clean("missing bucket");
 
+    // Wrong S3 credentials: the error names the code and what to check,
+    // never the secret.
+    rig.write_config(|_| {});
+    let wrong = "Wr0ngSecretKeyForTheTestServer";
+    let out = rig
+        .cmd("snapshotter")
+        .env("AWS_SECRET_ACCESS_KEY", wrong)
+        .output()
+        .unwrap();
+    let line = error_line(&out, 1);
+    // (The check is a HEAD request: S3 answers it with a bare 403, no code.)
+    assert!(
+        (line.contains("SignatureDoesNotMatch") || line.contains("HTTP 403"))
+            && line.contains("AWS_SECRET_ACCESS_KEY")
+            && line.contains("clock"),
+        "{line}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(wrong));
+    check_clean("wrong S3 credentials");
+
     // The server's data directory is not on the snapshotted volume.
     let other = rig.vol.mnt.join("other");
     assert!(Command::new("btrfs")

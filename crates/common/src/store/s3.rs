@@ -13,6 +13,7 @@ use aws_config::timeout::TimeoutConfig;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::Client;
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -30,16 +31,24 @@ pub struct S3Store {
 
 /// The typed error of an S3 call: the operation, the object, the server's
 /// code and what to do.
-fn s3_error<E, R>(op: &str, url: &str, err: SdkError<E, R>) -> StoreError
+fn s3_error<E>(op: &str, url: &str, err: SdkError<E, HttpResponse>) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug,
 {
-    let code = err.code().map(str::to_string);
+    // HEAD requests (HeadBucket, HeadObject) get no body: only the status says why.
+    let status = err.raw_response().map(|r| r.status().as_u16());
+    let code = err.code().map(str::to_string).or(match status {
+        Some(403) => Some("Forbidden".to_string()),
+        Some(404) if op == "HeadBucket" => Some("NoSuchBucket".to_string()),
+        _ => None,
+    });
     let detail = match (&code, err.message()) {
         (Some(c), Some(m)) => format!("{c}: {m}"),
         (Some(c), None) => c.clone(),
-        _ => DisplayErrorContext(&err).to_string(),
+        (None, _) => match status {
+            Some(s) => format!("HTTP {s}"),
+            None => DisplayErrorContext(&err).to_string(),
+        },
     };
     let (op, url) = (op.to_string(), url.to_string());
     match code.as_deref() {
@@ -55,11 +64,35 @@ where
             detail,
             hint: " (the credentials lack permission for this bucket and prefix)",
         },
-        Some("InvalidAccessKeyId" | "SignatureDoesNotMatch") => StoreError::Denied {
+        Some("InvalidAccessKeyId") => StoreError::Denied {
             op,
             url,
             detail,
             hint: " (check the AWS credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile or instance role)",
+        },
+        Some("SignatureDoesNotMatch") => StoreError::Denied {
+            op,
+            url,
+            detail,
+            hint: " (a wrong secret key, or this host's clock is off: check AWS_SECRET_ACCESS_KEY, the profile or instance role, and the time)",
+        },
+        Some("RequestTimeTooSkewed") => StoreError::Denied {
+            op,
+            url,
+            detail,
+            hint: " (this host's clock is too far from the store's: fix the time, e.g. with chrony or systemd-timesyncd)",
+        },
+        Some("Forbidden") => StoreError::Denied {
+            op,
+            url,
+            detail,
+            hint: " (HTTP 403 without a reason: wrong credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile or instance role), this host's clock off, or no permission for this bucket)",
+        },
+        Some("AuthorizationHeaderMalformed") => StoreError::Denied {
+            op,
+            url,
+            detail,
+            hint: " (the request was signed for another region: set store.region to the bucket's region)",
         },
         _ if matches!(err, SdkError::DispatchFailure(_) | SdkError::TimeoutError(_)) => {
             StoreError::Unreachable { op, url, detail }
