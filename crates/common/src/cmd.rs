@@ -1,13 +1,24 @@
 //! The one way mysnap runs external commands: argv, never a shell string;
-//! stderr captured and quoted in the error.
+//! stderr captured and quoted in the error; a timeout on every command
+//! (killed when it passes it), so no step waits forever on a stuck tool.
 
 use std::ffi::OsStr;
 use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The bound of [`run`] and [`output`]: LVM, btrfs, mount, mkfs, blkid.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// The bound of `mysql.stop_command` and `mysql.start_command` (a clean
+/// InnoDB shutdown or a crash recovery can take long).
+pub const SERVICE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CmdError {
     #[error("cannot start `{cmd}`: {source} (is it installed and on PATH?)")]
     Spawn { cmd: String, source: std::io::Error },
+    #[error("`{cmd}` did not finish within {after:?} and was killed")]
+    TimedOut { cmd: String, after: Duration },
     #[error("`{cmd}` failed ({status}): {stderr}")]
     Failed {
         cmd: String,
@@ -31,30 +42,70 @@ pub fn display_argv<S: AsRef<OsStr>>(argv: &[S]) -> String {
         .join(" ")
 }
 
-/// Runs `argv`, returns its stdout; a non-zero exit is an error quoting the
-/// command and the last lines of its stderr.
+/// Runs `argv` within [`DEFAULT_TIMEOUT`], returns its stdout; a non-zero
+/// exit is an error quoting the command and the last lines of its stderr.
 pub fn run<S: AsRef<OsStr>>(argv: &[S]) -> Result<String, CmdError> {
-    let out = output(argv)?;
+    run_for(argv, Some(DEFAULT_TIMEOUT))
+}
+
+/// Like [`run`], with its own bound (`None`: none, for a copy of a whole
+/// data directory).
+pub fn run_for<S: AsRef<OsStr>>(argv: &[S], timeout: Option<Duration>) -> Result<String, CmdError> {
+    let out = output_for(argv, timeout)?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Like [`run`], but returns the whole output.
 pub fn output<S: AsRef<OsStr>>(argv: &[S]) -> Result<Output, CmdError> {
+    output_for(argv, Some(DEFAULT_TIMEOUT))
+}
+
+/// Like [`output`], with its own bound. The command waits in a thread, so
+/// its end is seen at once (a command run under the server's lock must not
+/// wait for a poll); when the bound passes it is killed (SIGKILL).
+pub fn output_for<S: AsRef<OsStr>>(
+    argv: &[S],
+    timeout: Option<Duration>,
+) -> Result<Output, CmdError> {
     let cmd = display_argv(argv);
     let (prog, args) = argv.split_first().ok_or_else(|| CmdError::Spawn {
         cmd: cmd.clone(),
         source: std::io::Error::other("empty command"),
     })?;
     tracing::debug!(command = %cmd, "run");
-    let out = Command::new(prog)
+    let spawn_err = |source| CmdError::Spawn {
+        cmd: cmd.clone(),
+        source,
+    };
+    let child = Command::new(prog)
         .args(args)
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-        .output()
-        .map_err(|source| CmdError::Spawn {
-            cmd: cmd.clone(),
-            source,
-        })?;
+        .spawn()
+        .map_err(spawn_err)?;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let waited = match timeout {
+        Some(t) => rx.recv_timeout(t),
+        None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+    };
+    let out = match waited {
+        Ok(r) => r.map_err(spawn_err)?,
+        Err(_) => {
+            // Not reaped yet (the waiting thread has not returned), so the pid is still its own.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = rx.recv_timeout(Duration::from_secs(5));
+            return Err(CmdError::TimedOut {
+                cmd,
+                after: timeout.unwrap_or_default(),
+            });
+        }
+    };
     if out.status.success() {
         Ok(out)
     } else {
@@ -91,6 +142,24 @@ mod tests {
             err.contains("cannot start `/nonexistent/mysnap-prog`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_command_past_its_bound_is_killed_and_named() {
+        let t = std::time::Instant::now();
+        let err = run_for(&["sleep", "37"], Some(Duration::from_millis(200))).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert!(
+            err.to_string()
+                .contains("`sleep 37` did not finish within 200ms and was killed"),
+            "{err}"
+        );
+        // Killed, not left running.
+        let out = std::process::Command::new("pgrep")
+            .args(["-x", "-f", "sleep 37"])
+            .output()
+            .unwrap();
+        assert!(out.stdout.is_empty(), "still running: {:?}", out.stdout);
     }
 
     #[test]

@@ -636,7 +636,7 @@ fn run_service(cfg_key: &str, argv: &[String]) -> anyhow::Result<()> {
             "{cfg_key} is empty: restore needs it to stop and start the server"
         )));
     }
-    cmd::run(argv).with_context(|| format!("{cfg_key} failed"))?;
+    cmd::run_for(argv, Some(cmd::SERVICE_TIMEOUT)).with_context(|| format!("{cfg_key} failed"))?;
     Ok(())
 }
 

@@ -110,10 +110,20 @@ impl Exec {
         }
     }
 
-    /// Runs a command that changes something.
+    /// Runs a command that changes something, within [`cmd::DEFAULT_TIMEOUT`].
     fn run(&mut self, what: &str, argv: &[String]) -> anyhow::Result<String> {
+        self.run_for(what, argv, Some(cmd::DEFAULT_TIMEOUT))
+    }
+
+    /// Runs a command that changes something, within `timeout`.
+    fn run_for(
+        &mut self,
+        what: &str,
+        argv: &[String],
+        timeout: Option<std::time::Duration>,
+    ) -> anyhow::Result<String> {
         tracing::info!("{what}: {}", display_argv(argv));
-        let out = cmd::run(argv)?;
+        let out = cmd::run_for(argv, timeout)?;
         self.changed.push(what.to_string());
         Ok(out)
     }
@@ -208,7 +218,7 @@ impl Exec {
         stop: &[String],
         start: &[String],
     ) -> anyhow::Result<()> {
-        self.run("stop the server", stop)?;
+        self.run_for("stop the server", stop, Some(cmd::SERVICE_TIMEOUT))?;
         let what = format!("copy {} to {}", from.display(), to.display());
         let argv = [
             "cp".into(),
@@ -216,8 +226,9 @@ impl Exec {
             format!("{}/.", from.display()),
             format!("{}/", to.display()),
         ];
-        if let Err(e) = self.run(&what, &argv) {
-            let started = cmd::run(start);
+        // A copy of a whole data directory: as long as it takes.
+        if let Err(e) = self.run_for(&what, &argv, None) {
+            let started = cmd::run_for(start, Some(cmd::SERVICE_TIMEOUT));
             return Err(e.context(format!(
                 "the data directory {} is untouched{}; remove the partial copy in {} before trying again",
                 from.display(),
@@ -237,9 +248,10 @@ impl Exec {
             std::os::unix::fs::symlink(to, from)
                 .with_context(|| format!("cannot link {} to {}", from.display(), to.display()))
         })?;
-        self.run("start the server", start).context(
-            "the data directory was moved but the server did not start: see its error log",
-        )?;
+        self.run_for("start the server", start, Some(cmd::SERVICE_TIMEOUT))
+            .context(
+                "the data directory was moved but the server did not start: see its error log",
+            )?;
         Ok(())
     }
 }
