@@ -905,6 +905,33 @@ fn bad_input_is_one_clear_line_with_the_right_exit_code_and_leaves_nothing() {
 }
 
 #[test]
+fn a_snapshotter_whose_reader_went_away_exits_1_and_removes_its_snapshot() {
+    if !gate("a_snapshotter_whose_reader_went_away_exits_1_and_removes_its_snapshot") {
+        return;
+    }
+    let rig = Rig::new(StoreKind::File);
+    // `snapshotter | archiver` whose archiver died at once: the pipe's read
+    // end is closed before the snapshotter prints the manifest path.
+    let mut child = rig
+        .cmd("snapshotter")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let line = error_line(&out, 1);
+    assert!(
+        line.contains("cannot hand the manifest") && line.contains("the snapshot was removed"),
+        "{line}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+    assert!(rig.snapshots().is_empty(), "{:?}", rig.snapshots());
+    assert!(rig.pending().is_empty(), "{:?}", rig.pending());
+    rig.backup();
+}
+
+#[test]
 fn sigterm_stops_the_archiver_which_aborts_the_upload_and_removes_the_snapshot() {
     if !gate("sigterm_stops_the_archiver_which_aborts_the_upload_and_removes_the_snapshot") {
         return;

@@ -169,6 +169,19 @@ async fn snapshot(
     Ok((outcome, ready.server, ready.layout))
 }
 
+/// Undoes a run whose manifest could not be handed on (the archiver went
+/// away): removes the snapshot and the backup's state directory.
+pub fn abandon(cfg: &Config, manifest_path: &std::path::Path) -> anyhow::Result<()> {
+    let state = StateLock::acquire(&cfg.backup.state_dir)?;
+    let m = Manifest::load(manifest_path)?;
+    let backend = snapshot::backend(&cfg.volume, &cfg.backup.state_dir);
+    backend
+        .remove(&m.snapshot.name)
+        .with_context(|| format!("cannot remove snapshot {}", m.snapshot.name))?;
+    let dir = state.backup_dir(&m.backup_id);
+    std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))
+}
+
 /// Removes snapshots and state left by earlier runs that were killed. Only
 /// this config's, known by the naming and the state directory.
 fn remove_stale(

@@ -1,5 +1,7 @@
 //! snapshotter: lock, flush, snapshot, unlock; writes the manifest and prints its path.
 
+use std::io::Write;
+
 use clap::Parser;
 use common::cli::{exit_with, runtime, GlobalArgs};
 
@@ -18,7 +20,20 @@ fn main() -> std::process::ExitCode {
     exit_with(runtime().block_on(async {
         let cfg = cli.global.load_config()?;
         let path = snapshotter::run(&cfg).await?;
-        println!("{}", path.display());
+        // A closed stdout (the archiver of `snapshotter | archiver` went
+        // away) is an error, not a panic, and leaves no snapshot behind.
+        let mut out = std::io::stdout().lock();
+        let handed = writeln!(out, "{}", path.display()).and_then(|()| out.flush());
+        if let Err(e) = handed {
+            let why = format!(
+                "cannot hand the manifest {} on: stdout: {e} (did the archiver exit?)",
+                path.display()
+            );
+            return match snapshotter::abandon(&cfg, &path) {
+                Ok(()) => Err(anyhow::anyhow!("{why}; the snapshot was removed")),
+                Err(c) => Err(c.context(why)),
+            };
+        }
         Ok(())
     }))
 }
