@@ -71,6 +71,25 @@ pub struct StateLock {
     dir: PathBuf,
 }
 
+/// An exclusive `flock` on `path` (created 0600 if missing), held until
+/// dropped; the kernel releases it when the process dies, even by kill -9.
+/// Held by another process: an error saying `busy` and the file.
+pub fn lock_file(path: &Path, busy: &str) -> anyhow::Result<Flock<std::fs::File>> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(PRIVATE_FILE_MODE)
+        .open(path)
+        .with_context(|| format!("cannot open lock file {}", path.display()))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        anyhow::anyhow!(
+            "{busy} (it holds {}: {e}); wait for it to finish",
+            path.display()
+        )
+    })
+}
+
 impl StateLock {
     /// Takes the lock without waiting; another run holding it is an error.
     pub fn acquire(state_dir: &Path) -> anyhow::Result<StateLock> {
@@ -80,20 +99,10 @@ impl StateLock {
                 state_dir.display()
             )
         })?;
-        let path = state_dir.join("lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(PRIVATE_FILE_MODE)
-            .open(&path)
-            .with_context(|| format!("cannot open state lock {}", path.display()))?;
-        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
-            anyhow::anyhow!(
-                "another snapshotter or archiver of this config is running (it holds {}: {e}); wait for it to finish",
-                path.display()
-            )
-        })?;
+        let lock = lock_file(
+            &state_dir.join("lock"),
+            "another snapshotter or archiver of this config is running",
+        )?;
         Ok(StateLock {
             _lock: lock,
             dir: state_dir.to_path_buf(),

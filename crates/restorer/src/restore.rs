@@ -162,6 +162,8 @@ struct Plan {
     /// The time in the names of the set-aside paths (`<name>.old-<stamp>`).
     stamp: String,
     owner: Option<(u32, u32)>,
+    /// Held until the restore ends: one restore at a time per data directory.
+    _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl Plan {
@@ -205,17 +207,32 @@ async fn check(cfg: &Config, opts: &RestoreOpts) -> anyhow::Result<Plan> {
     if !opts.ignore_version {
         check_version(&chosen.manifest, installed_version(cfg).await.as_ref())?;
     }
-    check_space(&parent, &chosen.info)?;
-    check_not_mount_point(&datadir, &parent)?;
-    let owner = cfg.volume.owner_ids()?;
     let name = datadir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // One restore at a time into this data directory (this config's), for
+    // the whole run: `<backup.state_dir>/restore.lock`.
+    let state_dir = &cfg.backup.state_dir;
+    common::state::create_private_dir(state_dir).with_context(|| {
+        format!(
+            "cannot create state directory {} (backup.state_dir)",
+            state_dir.display()
+        )
+    })?;
+    let lock = common::state::lock_file(
+        &state_dir.join("restore.lock"),
+        &format!("another restore into {} is running", datadir.display()),
+    )?;
     let staging = parent.join(format!(
         ".{name}.mysnap-restore-{}",
         chosen.manifest.backup_id
     ));
+    // What a restore that did not finish left is not counted against the room.
+    Staging::remove_leftover(&staging)?;
+    check_space(&parent, &chosen.info)?;
+    check_not_mount_point(&datadir, &parent)?;
+    let owner = cfg.volume.owner_ids()?;
     Ok(Plan {
         store: chosen.store,
         m: chosen.manifest,
@@ -225,6 +242,7 @@ async fn check(cfg: &Config, opts: &RestoreOpts) -> anyhow::Result<Plan> {
         staging,
         stamp: common::manifest::backup_id(time::OffsetDateTime::now_utc()).to_string(),
         owner,
+        _lock: lock,
     })
 }
 
@@ -361,16 +379,23 @@ fn process_in(dir: &Path) -> Option<u32> {
 struct Staging(PathBuf);
 
 impl Staging {
-    /// Creates `path`, removing what an earlier restore that did not finish left there.
-    fn create(path: &Path) -> anyhow::Result<Staging> {
-        use std::os::unix::fs::DirBuilderExt;
+    /// Removes what an earlier restore that did not finish left at `path`.
+    fn remove_leftover(path: &Path) -> anyhow::Result<()> {
         if path.exists() {
             tracing::warn!(
                 "removing {} left by an earlier restore that did not finish",
                 path.display()
             );
-            std::fs::remove_dir_all(path)?;
+            std::fs::remove_dir_all(path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
         }
+        Ok(())
+    }
+
+    /// Creates `path` empty, removing what an earlier restore left there.
+    fn create(path: &Path) -> anyhow::Result<Staging> {
+        use std::os::unix::fs::DirBuilderExt;
+        Staging::remove_leftover(path)?;
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(path)
@@ -722,6 +747,19 @@ async fn wait_replicating(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_restore_at_a_time_per_datadir() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("restore.lock");
+        let first = common::state::lock_file(&path, "another restore into /x is running").unwrap();
+        let err = common::state::lock_file(&path, "another restore into /x is running")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("another restore into /x is running"), "{err}");
+        drop(first);
+        common::state::lock_file(&path, "busy").expect("free again");
+    }
 
     #[test]
     fn a_process_working_in_the_datadir_is_found_and_none_in_an_unused_one() {
