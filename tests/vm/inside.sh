@@ -14,7 +14,8 @@
 # 2. MariaDB on the LV, sysbench data and load; a killed run's snapshot left;
 #    `snapshotter | archiver` to the S3 test server: the stale snapshot is
 #    removed, the backup lands.
-# 3. A second volume and server; `restorer restore latest --replica-of`; once
+# 3. A second volume; restore refused while it is not mounted; a server on
+#    it; `restorer restore latest --replica-of`; once
 #    the replica caught up, every CHECKSUM TABLE matches the source.
 # 4. Overflow: a tiny snapshot, heavy writes before the archive ends → the
 #    backup fails, nothing is listed, no snapshot LV is left.
@@ -299,6 +300,18 @@ truncate -s 1G "$D/dst.img"
 DATADIR_OF[dst]="$D/dstmnt/mysql"
 write_config "$D/dst.toml" dst mysnapdst "$D/dst.img" "$D/dstmnt" $DST_PORT 2 db1
 volprep --config "$D/dst.toml" 2>"$RUN/volprep-dst.log" || { cat "$RUN/volprep-dst.log"; fail "volprep (target)"; }
+
+step "restorer refuses a volume that is not mounted (a nofail fstab line on a dead disk)"
+umount "$D/dstmnt"
+set +e
+restorer --config "$D/dst.toml" restore latest >/dev/null 2>"$RUN/unmounted.log"
+rc=$?
+set -e
+cat "$RUN/unmounted.log"
+[ $rc = 1 ] || fail "restore onto an unmounted volume exited $rc, not 1"
+grep -q "is not mounted" "$RUN/unmounted.log" || fail "no clear refusal of the unmounted volume"
+[ -z "$(ls -A "$D/dstmnt")" ] || fail "restore wrote below the unmounted mount point: $(ls -A "$D/dstmnt")"
+mount /dev/mysnapdst/mysql "$D/dstmnt"
 mariadb-install-db --user=root "--datadir=$D/dstmnt/mysql" --auth-root-authentication-method=normal >/dev/null
 "${START_ARGV[@]}"
 wait_db dst

@@ -200,6 +200,7 @@ async fn check(cfg: &Config, opts: &RestoreOpts) -> anyhow::Result<Plan> {
     if !opts.replica.wants_recorded_source() {
         opts.replica.resolve(None)?;
     }
+    common::snapshot::check_mounted(&cfg.volume)?;
     let chosen = crate::choose(cfg, &opts.id).await?;
     let replica = replica_plan(opts, &chosen.manifest)?;
     let datadir = cfg.volume.datadir.clone();

@@ -87,6 +87,7 @@ struct Ready {
 /// Everything that can be checked is checked before the server is locked:
 /// the store, both connections, the lock method, where the data is.
 async fn prepare(cfg: &Config) -> anyhow::Result<Ready> {
+    snapshot::check_mounted(&cfg.volume)?;
     let store = common::store::open(&cfg.store).await?;
     store.check().await?;
     let info = ConnectInfo::from_config(&cfg.mysql)?;

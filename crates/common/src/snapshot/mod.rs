@@ -70,6 +70,52 @@ pub fn backend(volume: &VolumeConfig, state_dir: &Path) -> Box<dyn SnapshotBacke
     }
 }
 
+/// LVM: refuses to work unless the LV is mounted at `volume.mountpoint`.
+/// A mount point that is an empty directory of the root filesystem (an
+/// fstab `nofail` line on a dead disk) would have a backup snapshot the LV
+/// while the server writes elsewhere, and a restore fill the root
+/// filesystem. (btrfs: the snapshot command itself refuses a path that is
+/// not on btrfs.)
+pub fn check_mounted(volume: &VolumeConfig) -> anyhow::Result<()> {
+    let Some(lvm) = volume.lvm() else {
+        return Ok(());
+    };
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| anyhow::anyhow!("cannot read /proc/self/mountinfo: {e}"))?;
+    let lv = PathBuf::from(format!("/dev/{}/{}", lvm.vg, lvm.lv));
+    mounted_check(
+        crate::mountinfo::find(&info, &volume.mountpoint),
+        &volume.mountpoint,
+        &lv,
+    )
+}
+
+fn mounted_check(
+    mount: Option<crate::mountinfo::Mount>,
+    mountpoint: &Path,
+    lv: &Path,
+) -> anyhow::Result<()> {
+    let same = |source: &str| {
+        let (a, b) = (Path::new(source).canonicalize(), lv.canonicalize());
+        matches!((a, b), (Ok(a), Ok(b)) if a == b)
+    };
+    match mount {
+        Some(m) if same(&m.source) => Ok(()),
+        Some(m) => anyhow::bail!(
+            "volume.mountpoint {} holds {} ({}), not the logical volume {}: mount the volume there (volprep --fstab writes its fstab line), or fix volume.vg/volume.lv",
+            mountpoint.display(),
+            m.source,
+            m.fstype,
+            lv.display()
+        ),
+        None => anyhow::bail!(
+            "volume.mountpoint {} is not mounted (the logical volume {} should be): mount it first (is the disk there? volprep --fstab writes its fstab line); refusing to work on the filesystem below it",
+            mountpoint.display(),
+            lv.display()
+        ),
+    }
+}
+
 /// Where LVM snapshots are mounted for the archiver: `<backup.state_dir>/mnt`.
 pub fn lvm_mount_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("mnt")
@@ -78,6 +124,30 @@ pub fn lvm_mount_dir(state_dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unmounted_or_foreign_mount_point_is_refused() {
+        let lv = Path::new("/dev/null");
+        let mp = Path::new("/mnt");
+        let err = mounted_check(None, mp, lv).unwrap_err().to_string();
+        assert!(err.contains("/mnt is not mounted"), "{err}");
+        let other = crate::mountinfo::Mount {
+            device: "8:1".into(),
+            fstype: "ext4".into(),
+            source: "/dev/zero".into(),
+        };
+        let err = mounted_check(Some(other), mp, lv).unwrap_err().to_string();
+        assert!(
+            err.contains("holds /dev/zero (ext4), not the logical volume /dev/null"),
+            "{err}"
+        );
+        let right = crate::mountinfo::Mount {
+            device: "1:3".into(),
+            fstype: "xfs".into(),
+            source: "/dev/null".into(),
+        };
+        mounted_check(Some(right), mp, lv).unwrap();
+    }
 
     #[test]
     fn own_snapshots_only() {
