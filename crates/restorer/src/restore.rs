@@ -361,7 +361,11 @@ fn server_running(cfg: &Config, datadir: &Path) -> Option<String> {
     if let Some(pid) = process_in(datadir) {
         return Some(format!("process {pid} works in {}", datadir.display()));
     }
-    let info = ConnectInfo::from_config(&cfg.mysql).ok()?;
+    // Unable to tell (an unreadable password or defaults file): it may run.
+    let info = match ConnectInfo::from_config(&cfg.mysql) {
+        Ok(info) => info,
+        Err(e) => return Some(format!("cannot tell whether it listens: {e:#}")),
+    };
     info.listening()
         .then(|| format!("a server listens on {}", info.target()))
 }
