@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::config_err;
 pub use crate::grammar::check_name;
+pub use crate::ids::LvmName;
 
 /// Where the config is read from when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/mysnap/mysnap.toml";
@@ -188,33 +189,6 @@ impl VolumeConfig {
     }
 }
 
-/// A volume group or logical volume name (see [`check_name`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LvmName(String);
-
-impl LvmName {
-    pub fn parse(key: &str, s: &str) -> Result<LvmName, String> {
-        check_name(key, s)?;
-        Ok(LvmName(s.to_string()))
-    }
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::ops::Deref for LvmName {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for LvmName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
 /// `[volume]` as written in the file: one flat table for every backend.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -295,8 +269,8 @@ fn lvm_volume(r: &RawVolume) -> Result<LvmVolume, String> {
         None => SnapshotSize::default(),
     };
     Ok(LvmVolume {
-        vg: LvmName::parse("volume.vg", vg)?,
-        lv: LvmName::parse("volume.lv", lv)?,
+        vg: LvmName::parse(vg).map_err(|e| format!("volume.vg: {e}"))?,
+        lv: LvmName::parse(lv).map_err(|e| format!("volume.lv: {e}"))?,
         filesystem: r.filesystem.unwrap_or(Filesystem::Xfs),
         snapshot_reserve_percent: reserve,
         snapshot_size,

@@ -118,6 +118,12 @@ checked_string!(
     grammar::host
 );
 checked_string!(
+    /// An LVM volume group or logical volume name (`volume.vg`, `volume.lv`;
+    /// see [`grammar::check_name`]).
+    LvmName,
+    |s| grammar::check_name("the name", s)
+);
+checked_string!(
     /// A SHA-256 as 64 lowercase hex digits.
     Sha256Hex,
     check_sha256

@@ -293,7 +293,7 @@ fn foreign_physical_volumes_are_refused_orphans_taken_with_force() {
 
     let mut other = config("lvm", &["/dev/sdb"]);
     if let common::config::VolumeBackend::Lvm(l) = &mut other.volume.backend {
-        l.vg = common::config::LvmName::parse("volume.vg", "other").unwrap();
+        l.vg = common::config::LvmName::parse("other").unwrap();
     }
     let inv = fresh(vec![block(
         "/dev/sdb",

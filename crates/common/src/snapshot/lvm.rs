@@ -292,8 +292,8 @@ mod tests {
 
     fn lvm(size: &str) -> Lvm {
         let volume = LvmVolume {
-            vg: crate::config::LvmName::parse("vg", "mysnap").unwrap(),
-            lv: crate::config::LvmName::parse("lv", "mysql").unwrap(),
+            vg: crate::config::LvmName::parse("mysnap").unwrap(),
+            lv: crate::config::LvmName::parse("mysql").unwrap(),
             filesystem: Filesystem::Xfs,
             snapshot_reserve_percent: 20,
             snapshot_size: SnapshotSize::parse(size).unwrap(),
@@ -378,7 +378,7 @@ mod tests {
         assert!(l.checked("-rf").is_err());
         assert!(l.checked("a/b").is_err());
         assert!(l.checked("mysql").is_err());
-        assert!(crate::config::LvmName::parse("volume.vg", "bad vg").is_err());
+        assert!(crate::config::LvmName::parse("bad vg").is_err());
     }
 
     #[test]
