@@ -281,22 +281,26 @@ fn crafted_many(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
     zstd::encode_all(&b.into_inner().unwrap()[..], 3).unwrap()
 }
 
+/// A source with table `d.t` holding `row`, backed up to a file store: the
+/// rig, the backup id, the store's root and the stored manifest.
+fn backed_up_source(row: u32) -> (Rig, String, PathBuf, Manifest) {
+    let src = Rig::new(StoreKind::File);
+    src.db.sql(&format!(
+        "CREATE DATABASE d; CREATE TABLE d.t (id INT PRIMARY KEY); INSERT INTO d.t VALUES ({row})"
+    ));
+    let id = src.backup();
+    let store_root = src.tmp.path().join("store");
+    let text = std::fs::read_to_string(store_root.join(format!("db1/{id}/manifest.toml"))).unwrap();
+    let real = Manifest::parse(&text, "real").unwrap();
+    (src, id, store_root, real)
+}
+
 #[test]
 fn tampered_and_unsafe_archives_are_refused_with_exit_4_and_the_target_keeps_serving() {
     if !gate("tampered_and_unsafe_archives_are_refused_with_exit_4_and_the_target_keeps_serving") {
         return;
     }
-    let src = Rig::new(StoreKind::File);
-    src.db.sql(
-        "CREATE DATABASE d; CREATE TABLE d.t (id INT PRIMARY KEY); INSERT INTO d.t VALUES (1)",
-    );
-    let id = src.backup();
-    let store_root = src.tmp.path().join("store");
-    let real = Manifest::parse(
-        &std::fs::read_to_string(store_root.join(format!("db1/{id}/manifest.toml"))).unwrap(),
-        "real",
-    )
-    .unwrap();
+    let (src, id, store_root, real) = backed_up_source(1);
     let archive = std::fs::read(store_root.join(format!("db1/{id}/data.tar.zst"))).unwrap();
 
     let mut flipped = archive.clone();
@@ -462,17 +466,7 @@ fn stop_first_puts_the_old_data_back_when_refused_and_a_server_that_is_down_is_n
     ) {
         return;
     }
-    let src = Rig::new(StoreKind::File);
-    src.db.sql(
-        "CREATE DATABASE d; CREATE TABLE d.t (id INT PRIMARY KEY); INSERT INTO d.t VALUES (7)",
-    );
-    let id = src.backup();
-    let store_root = src.tmp.path().join("store");
-    let real = Manifest::parse(
-        &std::fs::read_to_string(store_root.join(format!("db1/{id}/manifest.toml"))).unwrap(),
-        "real",
-    )
-    .unwrap();
+    let (src, id, store_root, real) = backed_up_source(7);
     // A byte flipped in the stored archive, its manifest keeping the real SHA-256.
     let mut rotten = std::fs::read(store_root.join(format!("db1/{id}/data.tar.zst"))).unwrap();
     let mid = rotten.len() / 2;
