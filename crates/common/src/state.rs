@@ -64,6 +64,29 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     })
 }
 
+/// Flushes directory `dir` itself (its entries: a rename, a creation or a
+/// removal in it) to disk, so the change survives a power loss.
+pub fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| anyhow::anyhow!("cannot flush directory {} to disk: {e}", dir.display()))
+}
+
+/// Renames `from` to `to` and flushes both parent directories, so the
+/// rename survives a power loss.
+pub fn rename_durably(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::rename(from, to)
+        .with_context(|| format!("cannot move {} to {}", from.display(), to.display()))?;
+    let (a, b) = (from.parent(), to.parent());
+    if let Some(a) = a {
+        sync_dir(a)?;
+    }
+    if let Some(b) = b.filter(|b| Some(*b) != a) {
+        sync_dir(b)?;
+    }
+    Ok(())
+}
+
 /// The state lock of one config: held by snapshotter and archiver while they run.
 /// Released when dropped (and by the kernel when the process dies).
 pub struct StateLock {
@@ -163,6 +186,18 @@ mod tests {
         assert!(err.contains("another snapshotter or archiver"), "{err}");
         drop(first);
         StateLock::acquire(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn a_durable_rename_moves_and_a_missing_directory_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("sub/b"));
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(&a, b"x").unwrap();
+        rename_durably(&a, &b).unwrap();
+        assert!(!a.exists() && b.exists());
+        let err = sync_dir(&dir.path().join("none")).unwrap_err().to_string();
+        assert!(err.contains("none"), "{err}");
     }
 
     #[test]

@@ -263,7 +263,19 @@ impl Rig {
                 common::store::Transfer::from_config(&self.cfg.store),
             ));
             let (m, info) = crate::resolve(store.as_ref(), &self.cfg, id).await?;
-            crate::stage(&self.cfg, store, &m, &info, &staging, None, &Silent).await?;
+            crate::stage(
+                &self.cfg,
+                store,
+                &m,
+                &info,
+                crate::StageDir {
+                    dir: &staging,
+                    owner: None,
+                    cancel: &std::sync::atomic::AtomicBool::new(false),
+                },
+                &Silent,
+            )
+            .await?;
             anyhow::Ok(())
         }
         .await;

@@ -10,6 +10,7 @@
 
 #[cfg(test)]
 mod forged;
+pub mod journal;
 pub mod replica;
 mod restore;
 
@@ -30,7 +31,7 @@ use common::progress::Progress;
 use common::store::{self, Download, Store};
 
 pub use replica::{ReplicaFlags, ReplicaOf};
-pub use restore::{restore, Phase, Report, RestoreOpts};
+pub use restore::{recover, restore, Interrupt, Phase, Report, RestoreOpts, PAUSE_ENV, SWAP_ASIDE};
 
 /// How far in the future a backup id may lie (clock skew between hosts);
 /// a later one is refused, so a forged id cannot stay `latest` forever.
@@ -199,6 +200,7 @@ async fn stream_archive(
     info: &ArchiveInfo,
     target: Target<'_>,
     progress: &dyn Progress,
+    cancel: &AtomicBool,
 ) -> anyhow::Result<Streamed> {
     let url = store.url(&info.key);
     match store.size(&info.key).await? {
@@ -216,7 +218,12 @@ async fn stream_archive(
     progress.set_total(info.size);
     let failed = Arc::new(AtomicBool::new(false));
     let download = Download::start(store, info.key.clone(), info.size, failed.clone());
+    let cancelled = || cancel.load(std::sync::atomic::Ordering::SeqCst);
     let r = tokio::task::block_in_place(|| {
+        // A signal stops the stream at the next read: both threads end, the
+        // download is dropped.
+        let download = common::reader::ProgressReader::new(download, &common::progress::Silent)
+            .cancelled_by(&cancelled);
         common::archive::stream(
             download,
             &url,
@@ -231,7 +238,15 @@ async fn stream_archive(
     Ok(r?)
 }
 
-/// Unpacks backup `m` into the empty directory `staging` and prepares the
+/// Where [`stage`] unpacks: an empty directory, the owner of what it
+/// writes, and the flag that stops it (SIGINT/SIGTERM).
+pub struct StageDir<'a> {
+    pub dir: &'a Path,
+    pub owner: Option<(u32, u32)>,
+    pub cancel: &'a AtomicBool,
+}
+
+/// Unpacks backup `m` into the empty directory `to.dir` (`staging`) and prepares the
 /// copy for this server (clone hygiene, binary log index pointed at
 /// `volume.datadir` and `volume.mountpoint`, one syncfs): everything restore
 /// does before it touches the server. Nothing outside `staging` is written.
@@ -240,10 +255,14 @@ pub async fn stage(
     store: Arc<dyn Store>,
     m: &Manifest,
     info: &ArchiveInfo,
-    staging: &Path,
-    owner: Option<(u32, u32)>,
+    to: StageDir<'_>,
     progress: &dyn Progress,
 ) -> anyhow::Result<Streamed> {
+    let StageDir {
+        dir: staging,
+        owner,
+        cancel,
+    } = to;
     let s = stream_archive(
         store.clone(),
         m,
@@ -253,6 +272,7 @@ pub async fn stage(
             owner,
         },
         progress,
+        cancel,
     )
     .await?;
     // Every archived directory must be there, as a plain directory.
@@ -295,7 +315,16 @@ pub async fn verify(
     progress: &dyn Progress,
 ) -> anyhow::Result<(Manifest, Streamed)> {
     let c = choose(cfg, id).await?;
-    let s = stream_archive(c.store, &c.manifest, &c.info, Target::Discard, progress).await?;
+    let never = AtomicBool::new(false);
+    let s = stream_archive(
+        c.store,
+        &c.manifest,
+        &c.info,
+        Target::Discard,
+        progress,
+        &never,
+    )
+    .await?;
     Ok((c.manifest, s))
 }
 

@@ -58,6 +58,12 @@ enum Cmd {
         #[arg(long, default_value = "5min", value_parser = humantime::parse_duration)]
         start_timeout: Duration,
     },
+    /// Finish or undo a restore that was killed (kill -9, power loss), from its journal
+    Recover {
+        /// Longest wait for the server to answer after start
+        #[arg(long, default_value = "5min", value_parser = humantime::parse_duration)]
+        start_timeout: Duration,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -107,11 +113,17 @@ fn main() -> std::process::ExitCode {
                     stop_first,
                     ignore_version,
                     start_timeout,
+                    interrupt: restorer::Interrupt::default(),
                 };
+                opts.interrupt.on_signals()?;
                 let progress = common::progress::for_stderr("restoring", quiet);
                 let report = restorer::restore(&cfg, &opts, progress.as_ref()).await?;
                 println!("{}", serde_json::to_string(&report)?);
             }
+            Cmd::Recover { start_timeout } => match restorer::recover(&cfg, start_timeout).await? {
+                Some(line) => println!("{line}"),
+                None => println!("nothing to recover"),
+            },
         }
         Ok(())
     }))

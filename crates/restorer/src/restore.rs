@@ -1,7 +1,9 @@
-//! Restore, as a sequence of phases run by [`restore`]:
+//! Restore, as a journaled sequence of phases run by [`restore`]:
 //!
-//! 1. [`Phase::Check`]: the backup chosen and its manifest read, the flags,
-//!    the server's version and the room checked; nothing is touched.
+//! 1. [`Phase::Check`]: the restore lock taken, a restore that was killed
+//!    finished or undone ([`recover`]), the backup chosen and its manifest
+//!    read, the flags, the server's version and the room checked; nothing is
+//!    touched.
 //! 2. [`Phase::Stage`]: the archive unpacked and verified into a staging
 //!    directory beside the data directory ([`crate::stage`]), while the server
 //!    runs. With `--stop-first` the server is stopped and the data directory
@@ -14,13 +16,23 @@
 //! 6. [`Phase::Start`]: the server started, and answering.
 //! 7. [`Phase::Replicate`]: with `--replica-of`, replication set up and running.
 //!
-//! Two guards undo what is not committed, on every error path (and when the
-//! future is dropped): [`Staging`] removes the staging directory, and
-//! [`SwapGuard`] moves every path it moved back, newest first, and starts the
-//! server again if it stopped it. After the commit a failure leaves the
-//! restored data in place and says how to roll back by hand.
+//! Before each irreversible step (creating the staging directory, stopping
+//! the server, the renames, the commit, the start) the journal
+//! ([`crate::journal`]) records it, so a restore killed at any instant is
+//! finished or undone by the next restore or `restorer recover`. Within the
+//! process two guards do the same on every error path (and when the future
+//! is dropped): [`Staging`] removes the staging directory, and [`SwapGuard`]
+//! runs the journal's recovery: before the commit every path moved goes
+//! back, newest first, and the server is started again if this restore
+//! stopped it. After the commit a failure to start leaves the restored data
+//! in place and says how to roll back by hand.
+//!
+//! SIGINT and SIGTERM ([`Interrupt`]) stop a restore at the next phase
+//! boundary (staging at once); from the stop to the commit they wait until
+//! the swap is committed (the server is then started) or undone.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,12 +42,13 @@ use common::cmd;
 use common::config::Config;
 use common::dialect::{self, ServerVersion};
 use common::error::config_err;
-use common::manifest::{ArchiveInfo, Manifest};
+use common::manifest::{ArchiveInfo, BackupId, Manifest};
 use common::mysql::ConnectInfo;
 use common::progress::Progress;
 use common::store::Store;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use crate::journal::{self, Action, Journal, Move};
 use crate::replica::{self, ReplicaFlags, ReplicaOf, StartAt};
 
 /// How to restore.
@@ -51,6 +64,8 @@ pub struct RestoreOpts {
     pub ignore_version: bool,
     /// Longest wait for the server to answer after start.
     pub start_timeout: Duration,
+    /// Set by SIGINT/SIGTERM ([`Interrupt::on_signals`]).
+    pub interrupt: Interrupt,
 }
 
 /// What a restore did (printed as JSON on stdout).
@@ -67,8 +82,10 @@ pub struct Report {
     pub replication_lag_secs: Option<u64>,
 }
 
-/// The phases of a restore; [`Phase::order`] is the order [`restore`] runs them in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The phases of a restore; [`Phase::order`] is the order [`restore`] runs
+/// them in. The journal records the phase entered last by its [`Phase::name`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Phase {
     /// Manifest, flags, version and room checked; nothing touched.
     Check,
@@ -86,6 +103,13 @@ pub enum Phase {
     Replicate,
 }
 
+/// The test hook: `MYSNAP_TEST_PAUSE_AT=<point>` pauses a restore at that
+/// point (a [`Phase::name`], or [`SWAP_ASIDE`]) until it is killed.
+pub const PAUSE_ENV: &str = "MYSNAP_TEST_PAUSE_AT";
+/// The pause point inside the swap: the data directory set aside, the staged
+/// one not yet moved in.
+pub const SWAP_ASIDE: &str = "swap-aside";
+
 impl Phase {
     /// The phases in the order they run: `--stop-first` stops before staging.
     pub fn order(stop_first: bool) -> [Phase; 7] {
@@ -97,45 +121,156 @@ impl Phase {
         }
     }
 
-    /// Logs the start of this phase.
-    fn enter(self) {
-        tracing::debug!("restore phase: {self:?}");
+    /// The name in the journal, the logs and [`PAUSE_ENV`].
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Check => "check",
+            Phase::Stage => "stage",
+            Phase::Stop => "stop",
+            Phase::Swap => "swap",
+            Phase::Commit => "commit",
+            Phase::Start => "start",
+            Phase::Replicate => "replicate",
+        }
+    }
+
+    /// Logs the start of this phase (and pauses there when the test hook says so).
+    fn enter(self, int: &Interrupt) {
+        tracing::debug!("restore phase: {}", self.name());
+        pause_at(self.name(), int);
     }
 }
 
+/// The test hook ([`PAUSE_ENV`], documented in ARCHITECTURE.md as such):
+/// says `paused at <point>` on stderr and waits until the process is killed
+/// (or, after SIGINT/SIGTERM, goes on, so the signal is handled as anywhere
+/// else at this point).
+fn pause_at(point: &str, int: &Interrupt) {
+    if std::env::var_os(PAUSE_ENV).is_some_and(|v| v == point) {
+        // The one print of this library: a test waits for this line.
+        eprintln!("paused at {point}");
+        tokio::task::block_in_place(|| {
+            while !int.is_set() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+    }
+}
+
+/// Set by SIGINT or SIGTERM: a restore stops at the next phase boundary
+/// (staging at once, through the unpacking's reader); from the stop to the
+/// commit the swap is finished first (then committed and the server
+/// started) or undone, so a signal never leaves the server stopped.
+#[derive(Clone, Default)]
+pub struct Interrupt(Arc<AtomicBool>);
+
+impl Interrupt {
+    /// Sets this on SIGINT or SIGTERM (instead of ending the process).
+    pub fn on_signals(&self) -> anyhow::Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            tracing::warn!(
+                "signal received: stopping the restore (a swap under way is committed or undone first)"
+            );
+            me.0.store(true, Ordering::SeqCst);
+        });
+        Ok(())
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// The flag itself, for the unpacking's reader.
+    pub fn flag(&self) -> &AtomicBool {
+        &self.0
+    }
+
+    /// An error once a signal came: the guards then undo what is not committed.
+    fn check(&self) -> anyhow::Result<()> {
+        if self.is_set() {
+            return Err(interrupted());
+        }
+        Ok(())
+    }
+}
+
+/// The error of a restore stopped by a signal before its commit (the
+/// guards put everything back as it was).
+fn interrupted() -> anyhow::Error {
+    anyhow::anyhow!("interrupted; nothing was changed")
+}
+
 /// Restores backup `opts.id` into `volume.datadir`: every phase, in
-/// [`Phase::order`]; the guards undo what is not committed on any error.
+/// [`Phase::order`], each irreversible step journaled first; the guards undo
+/// what is not committed on any error.
 pub async fn restore(
     cfg: &Config,
     opts: &RestoreOpts,
     progress: &dyn Progress,
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
-    Phase::Check.enter();
-    let plan = check(cfg, opts).await?;
-    let staging = Staging::create(&plan.staging)?;
-    let mut live = SwapGuard::new(&cfg.mysql.start_command);
+    let int = &opts.interrupt;
+    Phase::Check.enter(int);
+    check_commands(cfg)?;
+    let lock = lock_restores(cfg)?;
+    if let Some(line) = recover_locked(cfg, opts.start_timeout).await? {
+        tracing::warn!("{line}");
+    }
+    let plan = check(cfg, opts, lock).await?;
+    int.check()?;
+    // The journal first: a restore killed now leaves its staging directory
+    // for the next restore or `restorer recover` to remove.
+    let mut live = SwapGuard::new(cfg, &plan);
+    let first = Phase::order(opts.stop_first)[1];
+    live.journal.phase = first;
+    live.save()?;
+    live.staging = Some(Staging::create(&plan.staging)?);
     let mut down_since = None;
     if opts.stop_first {
-        Phase::Stop.enter();
-        down_since = Some(stop_first(cfg, &plan, &mut live)?);
+        first.enter(int);
+        down_since = Some(stop_first(&plan, &mut live)?);
+        live.enter(Phase::Stage, int)?;
+    } else {
+        first.enter(int);
     }
-    Phase::Stage.enter();
-    let (streamed, unpack_secs) = stage(cfg, &plan, progress).await?;
+    let (streamed, unpack_secs) = stage(cfg, &plan, int, progress).await?;
+    int.check()?;
     if !opts.stop_first {
-        Phase::Stop.enter();
-        down_since = Some(stop(cfg, &plan, &mut live)?);
+        live.enter(Phase::Stop, int)?;
+        down_since = Some(stop(&mut live)?);
+        // A signal during the stop waits until here: the guard starts the
+        // server again.
+        int.check()?;
     }
-    Phase::Swap.enter();
-    swap(cfg, &plan, &mut live)?;
-    Phase::Commit.enter();
-    let old_datadir = live.commit(&plan.datadir);
-    drop(staging);
-    Phase::Start.enter();
-    let downtime = start(cfg, opts, &plan, old_datadir.as_deref(), down_since).await?;
+    swap(cfg, &plan, &mut live, int)?;
+    // A signal during the swap waits until here: the guard undoes it.
+    int.check()?;
+    live.enter(Phase::Commit, int)?;
+    let old_datadir = live.old_datadir();
+    drop(live.staging.take());
+    live.enter(Phase::Start, int)?;
+    let downtime = start(cfg, opts, &plan, old_datadir.as_deref(), down_since).await;
+    // The restore is over, whether the server answers or not (the error
+    // says how to roll back by hand).
+    live.finish();
+    let downtime = downtime?;
     let mut lag = None;
     if let Some((to, at)) = &plan.replica {
-        Phase::Replicate.enter();
+        if int.is_set() {
+            anyhow::bail!(
+                "interrupted after the restore: backup {} is in place and the server runs, but replication was not set up",
+                plan.m.backup_id
+            );
+        }
+        Phase::Replicate.enter(int);
         lag = start_replication(cfg, to, at).await?;
     }
     Ok(Report {
@@ -150,6 +285,102 @@ pub async fn restore(
     })
 }
 
+/// `restorer recover`: finishes or undoes a restore that was killed, under
+/// the restore lock. Returns the line saying what was found and done, or
+/// `None` when there was no journal.
+pub async fn recover(cfg: &Config, start_timeout: Duration) -> anyhow::Result<Option<String>> {
+    check_commands(cfg)?;
+    let _lock = lock_restores(cfg)?;
+    recover_locked(cfg, start_timeout).await
+}
+
+/// Where the journal of this config's restores is.
+fn journal_path(cfg: &Config) -> PathBuf {
+    cfg.backup.state_dir.join(journal::FILE)
+}
+
+/// Recovers from the journal, if there is one (a server it starts must
+/// answer within `start_timeout`); the restore lock is held.
+async fn recover_locked(cfg: &Config, start_timeout: Duration) -> anyhow::Result<Option<String>> {
+    let path = journal_path(cfg);
+    let Some(j) = Journal::load(&path)? else {
+        return Ok(None);
+    };
+    j.check(cfg, &path)?;
+    let running = server_running(cfg, &j.datadir).is_some();
+    let actions = journal::decide(&j, &|p| p.symlink_metadata().is_ok(), running)?;
+    let line = journal::describe(&j, &actions);
+    if let Err((action, e)) = run_actions(cfg, &actions, &path) {
+        return Err(e.context(format!(
+            "recovery from {} failed ({action}); the journal stays: fix the cause and run `restorer recover` again",
+            path.display()
+        )));
+    }
+    if actions.contains(&Action::StartServer) {
+        wait_ready(cfg, start_timeout)
+            .await
+            .with_context(|| format!("{line}, but the server does not answer"))?;
+    }
+    Ok(Some(line))
+}
+
+/// Runs recovery `actions` in order, each idempotent; stops at the first
+/// that fails, naming it (the journal is removed only by the last action,
+/// so a recovery that fails or is killed is tried again).
+fn run_actions(
+    cfg: &Config,
+    actions: &[Action],
+    path: &Path,
+) -> Result<(), (String, anyhow::Error)> {
+    for a in actions {
+        let (what, r) = match a {
+            Action::MoveBack { from, to } => (
+                format!("moving {} back to {}", from.display(), to.display()),
+                // A staged path goes back into the staging directory, which
+                // may be gone already.
+                to.parent()
+                    .map_or(Ok(()), std::fs::create_dir_all)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|()| common::state::rename_durably(from, to)),
+            ),
+            Action::StartServer => (
+                "starting the server".to_string(),
+                run_service("mysql.start_command", &cfg.mysql.start_command),
+            ),
+            Action::RemoveStaging(dir) => (
+                format!("removing {}", dir.display()),
+                remove_durably(dir, true),
+            ),
+            Action::RemoveJournal => (
+                format!("removing {}", path.display()),
+                remove_durably(path, false),
+            ),
+        };
+        r.map_err(|e| (what, e))?;
+    }
+    Ok(())
+}
+
+/// Removes `path` (a directory with what is in it when `dir`; nothing to do
+/// when it is gone) and flushes its parent directory.
+fn remove_durably(path: &Path, dir: bool) -> anyhow::Result<()> {
+    let r = if dir {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    match r {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(anyhow::anyhow!("cannot remove {}: {e}", path.display()))
+        }
+        _ => {}
+    }
+    match path.parent() {
+        Some(parent) => common::state::sync_dir(parent),
+        None => Ok(()),
+    }
+}
+
 /// What [`Phase::Check`] resolved: everything the later phases need.
 struct Plan {
     store: Arc<dyn Store>,
@@ -160,7 +391,7 @@ struct Plan {
     datadir: PathBuf,
     staging: PathBuf,
     /// The time in the names of the set-aside paths (`<name>.old-<stamp>`).
-    stamp: String,
+    stamp: BackupId,
     owner: Option<(u32, u32)>,
     /// Held until the restore ends: one restore at a time per data directory.
     _lock: nix::fcntl::Flock<std::fs::File>,
@@ -169,11 +400,7 @@ struct Plan {
 impl Plan {
     /// Where live path `to` is set aside.
     fn aside(&self, to: &Path) -> PathBuf {
-        let name = to
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        to.with_file_name(format!("{name}.old-{}", self.stamp))
+        journal::aside_of(to, &self.stamp)
     }
 
     /// Each staged directory and the live path it replaces, the data directory first.
@@ -187,33 +414,21 @@ impl Plan {
     }
 }
 
-/// [`Phase::Check`]: the commands, the flags, the backup, the server's
-/// version and the target directory; nothing is changed but `volume.datadir`'s
-/// parent created.
-async fn check(cfg: &Config, opts: &RestoreOpts) -> anyhow::Result<Plan> {
+/// The commands restore and recovery run.
+fn check_commands(cfg: &Config) -> anyhow::Result<()> {
     if cfg.mysql.stop_command.is_empty() || cfg.mysql.start_command.is_empty() {
         return Err(config_err(
             "mysql.stop_command and mysql.start_command are required to restore (argv lists, e.g. [\"systemctl\", \"stop\", \"mariadb\"])",
         ));
     }
-    // Flags that need no manifest are refused before the store is asked.
-    if !opts.replica.wants_recorded_source() {
-        opts.replica.resolve(None)?;
-    }
+    Ok(())
+}
+
+/// One restore (or recovery) at a time into this data directory (this
+/// config's), for the whole run: `<backup.state_dir>/restore.lock`. With
+/// LVM, the volume must be mounted first.
+fn lock_restores(cfg: &Config) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
     common::snapshot::check_mounted(&cfg.volume)?;
-    let chosen = crate::choose(cfg, &opts.id).await?;
-    let replica = replica_plan(opts, &chosen.manifest)?;
-    let datadir = cfg.volume.datadir.clone();
-    let parent = datadir_parent(&datadir)?;
-    if !opts.ignore_version {
-        check_version(&chosen.manifest, installed_version(cfg).await.as_ref())?;
-    }
-    let name = datadir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    // One restore at a time into this data directory (this config's), for
-    // the whole run: `<backup.state_dir>/restore.lock`.
     let state_dir = &cfg.backup.state_dir;
     common::state::create_private_dir(state_dir).with_context(|| {
         format!(
@@ -221,14 +436,35 @@ async fn check(cfg: &Config, opts: &RestoreOpts) -> anyhow::Result<Plan> {
             state_dir.display()
         )
     })?;
-    let lock = common::state::lock_file(
+    common::state::lock_file(
         &state_dir.join("restore.lock"),
-        &format!("another restore into {} is running", datadir.display()),
-    )?;
-    let staging = parent.join(format!(
-        ".{name}.mysnap-restore-{}",
-        chosen.manifest.backup_id
-    ));
+        &format!(
+            "another restore into {} is running",
+            cfg.volume.datadir.display()
+        ),
+    )
+}
+
+/// [`Phase::Check`]: the flags, the backup, the server's version and the
+/// target directory; nothing is changed but `volume.datadir`'s parent
+/// created (and a staging directory an earlier restore left removed).
+async fn check(
+    cfg: &Config,
+    opts: &RestoreOpts,
+    lock: nix::fcntl::Flock<std::fs::File>,
+) -> anyhow::Result<Plan> {
+    // Flags that need no manifest are refused before the store is asked.
+    if !opts.replica.wants_recorded_source() {
+        opts.replica.resolve(None)?;
+    }
+    let chosen = crate::choose(cfg, &opts.id).await?;
+    let replica = replica_plan(opts, &chosen.manifest)?;
+    let datadir = cfg.volume.datadir.clone();
+    let parent = datadir_parent(&datadir)?;
+    if !opts.ignore_version {
+        check_version(&chosen.manifest, installed_version(cfg).await.as_ref())?;
+    }
+    let staging = journal::staging_dir(&datadir, &chosen.manifest.backup_id);
     // What a restore that did not finish left is not counted against the room.
     Staging::remove_leftover(&staging)?;
     check_space(&parent, &chosen.info)?;
@@ -241,7 +477,7 @@ async fn check(cfg: &Config, opts: &RestoreOpts) -> anyhow::Result<Plan> {
         replica,
         datadir,
         staging,
-        stamp: common::manifest::backup_id(time::OffsetDateTime::now_utc()).to_string(),
+        stamp: common::manifest::backup_id(time::OffsetDateTime::now_utc()),
         owner,
         _lock: lock,
     })
@@ -431,35 +667,65 @@ enum Undone {
     NotMovedBack,
 }
 
-/// The live side of a restore: whether this restore stopped the server, and
-/// the renames it made (`from` → `to`, in order). Dropped before
-/// [`SwapGuard::commit`], it moves every path back, newest first, and starts
-/// the server again if it stopped it.
+/// The live side of a restore, kept in its journal: whether this restore
+/// stopped the server, the renames planned, the phase. Every change is saved
+/// before the step it describes. Dropped before [`SwapGuard::finish`], it runs
+/// the journal's recovery ([`journal::decide`]): before the commit every path
+/// moved goes back, newest first, and the server is started again if this
+/// restore stopped it; after it the server is started if it is down.
 struct SwapGuard<'a> {
-    start_command: &'a [String],
-    stopped: bool,
-    moved: Vec<(PathBuf, PathBuf)>,
+    cfg: &'a Config,
+    path: PathBuf,
+    journal: Journal,
+    /// The journal is (or may be) on disk, and this guard still owns it.
+    saved: bool,
+    /// `mysql.stop_command` ran to its end: the server is down, even while
+    /// its process is still seen leaving the data directory.
+    stop_ran: bool,
+    /// Removed after the recovery of a drop (which may move staged paths
+    /// back into it), or at the commit.
+    staging: Option<Staging>,
 }
 
 impl<'a> SwapGuard<'a> {
-    fn new(start_command: &'a [String]) -> Self {
+    fn new(cfg: &'a Config, plan: &Plan) -> Self {
         SwapGuard {
-            start_command,
-            stopped: false,
-            moved: Vec::new(),
+            cfg,
+            path: journal_path(cfg),
+            journal: Journal::new(plan.m.backup_id.clone(), plan.datadir.clone(), Phase::Check),
+            saved: false,
+            stop_ran: false,
+            staging: None,
         }
+    }
+
+    /// Writes the journal (atomically, fsynced).
+    fn save(&mut self) -> anyhow::Result<()> {
+        self.saved = true;
+        self.journal.save(&self.path)
+    }
+
+    /// Records that `phase` begins, then enters it.
+    fn enter(&mut self, phase: Phase, int: &Interrupt) -> anyhow::Result<()> {
+        self.journal.phase = phase;
+        self.save()?;
+        phase.enter(int);
+        Ok(())
     }
 
     /// Runs `mysql.stop_command` when the server runs ([`server_running`]);
     /// returns when it is down. A server that is down already (the usual
     /// case after a crash, or on a new instance) is left as it is, and a
     /// rollback does not start it.
-    fn stop_server(&mut self, cfg: &Config, datadir: &Path) -> anyhow::Result<Instant> {
-        match server_running(cfg, datadir) {
+    fn stop_server(&mut self) -> anyhow::Result<Instant> {
+        let datadir = &self.journal.datadir;
+        match server_running(self.cfg, datadir) {
             Some(evidence) => {
                 tracing::info!("stopping the server ({evidence})");
-                run_service("mysql.stop_command", &cfg.mysql.stop_command)?;
-                self.stopped = true;
+                self.journal.stopped_server = true;
+                self.save()?;
+                run_service("mysql.stop_command", &self.cfg.mysql.stop_command)?;
+                self.stop_ran = true;
             }
             None => tracing::info!(
                 "the server is not running (no process works in {}, nothing listens on its socket or port): not stopping it",
@@ -469,48 +735,65 @@ impl<'a> SwapGuard<'a> {
         Ok(Instant::now())
     }
 
-    /// Renames `from` to `to`, to be undone unless committed.
-    fn rename(&mut self, from: &Path, to: &Path) -> anyhow::Result<()> {
-        std::fs::rename(from, to)
-            .with_context(|| format!("cannot move {} to {}", from.display(), to.display()))?;
-        self.moved.push((from.to_path_buf(), to.to_path_buf()));
-        Ok(())
+    /// Renames as journaled (durably: both directories flushed).
+    fn rename(&self, m: &Move) -> anyhow::Result<()> {
+        common::state::rename_durably(&m.from, &m.to)
     }
 
-    /// Whether live path `p` was set aside already.
+    /// Whether live path `p` is set aside already (or planned to be).
     fn set_aside(&self, p: &Path) -> bool {
-        self.moved.iter().any(|(from, _)| from == p)
+        self.journal.moves.iter().any(|m| m.from == p)
     }
 
-    /// Keeps every rename; returns where the previous data directory was set aside.
-    fn commit(&mut self, datadir: &Path) -> Option<PathBuf> {
-        self.stopped = false;
-        let old = self.moved.iter().find(|(from, _)| from == datadir);
-        let old = old.map(|(_, to)| to.clone());
-        self.moved.clear();
-        old
+    /// Where the previous data directory was set aside.
+    fn old_datadir(&self) -> Option<PathBuf> {
+        let datadir = &self.journal.datadir;
+        let old = self.journal.moves.iter().find(|m| &m.from == datadir);
+        old.map(|m| m.to.clone())
     }
 
-    /// Moves every path back, newest first, and starts the server again if it was stopped.
-    fn rollback(&mut self) -> Undone {
-        let mut back = true;
-        for (from, to) in self.moved.drain(..).rev() {
-            if let Err(e) = std::fs::rename(&to, &from) {
-                back = false;
-                tracing::error!(
-                    "cannot move {} back to {}: {e}",
-                    to.display(),
-                    from.display()
-                );
-            }
+    /// The restore is over: the journal goes (the staging directory's
+    /// removal flushed first).
+    fn finish(&mut self) {
+        self.saved = false;
+        let staging = &self.journal.staging;
+        let r = remove_durably(staging, true).and_then(|()| remove_durably(&self.path, false));
+        if let Err(e) = r {
+            tracing::error!("{e:#}");
         }
-        match (std::mem::take(&mut self.stopped), back) {
-            (_, false) => Undone::NotMovedBack,
-            (false, true) => Undone::NotStopped,
-            (true, true) => match run_service("mysql.start_command", self.start_command) {
-                Ok(()) => Undone::Started,
-                Err(e) => Undone::StartFailed(e),
-            },
+    }
+
+    /// Runs the journal's recovery ([`journal::decide`]) now.
+    fn rollback(&mut self) -> Undone {
+        if !std::mem::take(&mut self.saved) {
+            return Undone::NotStopped;
+        }
+        let running = !self.stop_ran && server_running(self.cfg, &self.journal.datadir).is_some();
+        let actions =
+            match journal::decide(&self.journal, &|p| p.symlink_metadata().is_ok(), running) {
+                Ok(actions) => actions,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    return Undone::NotMovedBack;
+                }
+            };
+        let started = actions.contains(&Action::StartServer);
+        match run_actions(self.cfg, &actions, &self.path) {
+            Ok(()) if started => Undone::Started,
+            Ok(()) => Undone::NotStopped,
+            Err((what, e)) if what.starts_with("moving") => {
+                tracing::error!("{what}: {e:#}");
+                Undone::NotMovedBack
+            }
+            Err((what, e)) if what.starts_with("starting") => Undone::StartFailed(e),
+            Err((what, e)) => {
+                tracing::error!("{what}: {e:#}");
+                if started {
+                    Undone::Started
+                } else {
+                    Undone::NotStopped
+                }
+            }
         }
     }
 }
@@ -518,9 +801,11 @@ impl<'a> SwapGuard<'a> {
 impl Drop for SwapGuard<'_> {
     fn drop(&mut self) {
         match self.rollback() {
-            Undone::StartFailed(e) => tracing::error!("cannot start the server again: {e:#}"),
+            Undone::StartFailed(e) => tracing::error!(
+                "cannot start the server again: {e:#}; start it by hand, then run `restorer recover`"
+            ),
             Undone::NotMovedBack => tracing::error!(
-                "the server was left stopped: move the paths above back and start it by hand"
+                "the server was left stopped: move the paths above back and start it by hand, or fix the cause and run `restorer recover`"
             ),
             Undone::NotStopped | Undone::Started => {}
         }
@@ -529,19 +814,26 @@ impl Drop for SwapGuard<'_> {
 
 /// [`Phase::Stop`] with `--stop-first`: the server stopped and the data
 /// directory set aside before unpacking.
-fn stop_first(cfg: &Config, plan: &Plan, live: &mut SwapGuard) -> anyhow::Result<Instant> {
-    let down = live.stop_server(cfg, &plan.datadir)?;
-    if plan.datadir.exists() {
-        live.rename(&plan.datadir, &plan.aside(&plan.datadir))?;
+fn stop_first(plan: &Plan, live: &mut SwapGuard) -> anyhow::Result<Instant> {
+    let down = live.stop_server()?;
+    if plan.datadir.symlink_metadata().is_ok() {
+        let m = Move {
+            from: plan.datadir.clone(),
+            to: plan.aside(&plan.datadir),
+        };
+        live.journal.moves.push(m.clone());
+        live.save()?;
+        live.rename(&m)?;
     }
     Ok(down)
 }
 
 /// [`Phase::Stage`]: the archive unpacked into the staging directory;
-/// returns what was streamed and how long it took.
+/// returns what was streamed and how long it took. A signal stops it at once.
 async fn stage(
     cfg: &Config,
     plan: &Plan,
+    int: &Interrupt,
     progress: &dyn Progress,
 ) -> anyhow::Result<(Streamed, f64)> {
     tracing::info!(
@@ -557,35 +849,57 @@ async fn stage(
         store,
         &plan.m,
         &plan.info,
-        &plan.staging,
-        plan.owner,
+        crate::StageDir {
+            dir: &plan.staging,
+            owner: plan.owner,
+            cancel: int.flag(),
+        },
         progress,
     )
     .await
-    .context("restore failed; the data directory is unchanged")?;
+    .map_err(|e| {
+        if int.is_set() {
+            interrupted()
+        } else {
+            e.context("restore failed; the data directory is unchanged")
+        }
+    })?;
     Ok((s, t.elapsed().as_secs_f64()))
 }
 
 /// [`Phase::Stop`]: the server stopped right before the swap, the only
 /// moment it is down (unless `--stop-first`).
-fn stop(cfg: &Config, plan: &Plan, live: &mut SwapGuard) -> anyhow::Result<Instant> {
-    live.stop_server(cfg, &plan.datadir)
+fn stop(live: &mut SwapGuard) -> anyhow::Result<Instant> {
+    live.stop_server()
         .map_err(|e| e.context("nothing was changed; the server was not stopped"))
 }
 
 /// [`Phase::Swap`]: each live path set aside as `<name>.old-<stamp>` and the
-/// staged one moved in. On failure everything is moved back and the server
-/// started again.
-fn swap(cfg: &Config, plan: &Plan, live: &mut SwapGuard) -> anyhow::Result<()> {
+/// staged one moved in, all of them journaled first. On failure everything
+/// is moved back and the server started again.
+fn swap(cfg: &Config, plan: &Plan, live: &mut SwapGuard, int: &Interrupt) -> anyhow::Result<()> {
+    let mut planned = Vec::new();
+    for (from, to) in plan.moves(cfg) {
+        if to.symlink_metadata().is_ok() && !live.set_aside(&to) {
+            planned.push(Move {
+                from: to.clone(),
+                to: plan.aside(&to),
+            });
+        }
+        planned.push(Move { from, to });
+    }
+    live.journal.moves.extend(planned.iter().cloned());
+    live.enter(Phase::Swap, int)?;
     let moved = (|| -> anyhow::Result<()> {
-        for (from, to) in plan.moves(cfg) {
-            if to.exists() && !live.set_aside(&to) {
-                live.rename(&to, &plan.aside(&to))?;
+        for m in &planned {
+            if m.to == plan.datadir {
+                pause_at(SWAP_ASIDE, int);
             }
-            if let Some(dir) = to.parent() {
-                std::fs::create_dir_all(dir)?;
+            if let Some(dir) = m.to.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
             }
-            live.rename(&from, &to)?;
+            live.rename(m)?;
         }
         Ok(())
     })();
@@ -814,25 +1128,60 @@ mod tests {
         assert!(!path.exists());
     }
 
-    /// Two live paths swapped for staged ones; `started` is touched by the start command.
+    /// A config whose start command touches `<dir>/started`.
+    fn config(dir: &Path) -> &'static Config {
+        let d = dir.display();
+        let text = format!(
+            "[mysql]\nsocket = \"{d}/none.sock\"\nstop_command = [\"true\"]\nstart_command = [\"touch\", \"{d}/started\"]\n\
+             [volume]\nbackend = \"btrfs\"\nmountpoint = \"{d}\"\ndatadir = \"{d}/mysql\"\n\
+             [store]\nurl = \"file://{d}/store\"\n\
+             [backup]\nname = \"db1\"\nstate_dir = \"{d}/state\"\n"
+        );
+        std::fs::create_dir_all(dir.join("state")).unwrap();
+        Box::leak(Box::new(
+            Config::parse(&text, Path::new("test.toml")).unwrap(),
+        ))
+    }
+
+    /// Two live paths swapped for staged ones, journaled, by a restore that
+    /// stopped the server.
     fn swapped(dir: &Path) -> (Vec<String>, SwapGuard<'static>) {
-        let started = dir.join("started").to_string_lossy().into_owned();
-        let start: &'static [String] = vec!["touch".to_string(), started].leak();
-        let mut live = SwapGuard::new(start);
-        live.stopped = true;
+        let cfg = config(dir);
+        let id = BackupId::parse("20261101T000000Z").unwrap();
+        let stamp = BackupId::parse("20261128T120000Z").unwrap();
+        let mut live = SwapGuard {
+            cfg,
+            path: journal_path(cfg),
+            journal: Journal::new(id, cfg.volume.datadir.clone(), Phase::Swap),
+            saved: false,
+            stop_ran: true,
+            staging: None,
+        };
+        live.journal.stopped_server = true;
+        let staging = live.journal.staging.clone();
+        live.staging = Some(Staging::create(&staging).unwrap());
         for name in ["mysql", "binlogs"] {
-            let (to, staged) = (dir.join(name), dir.join(format!("staged-{name}")));
+            let (to, staged) = (dir.join(name), staging.join(name));
             std::fs::create_dir(&to).unwrap();
             std::fs::write(to.join("old"), b"").unwrap();
             std::fs::create_dir(&staged).unwrap();
             std::fs::write(staged.join("new"), b"").unwrap();
-            live.rename(&to, &dir.join(format!("{name}.old-1")))
-                .unwrap();
-            live.rename(&staged, &to).unwrap();
+            for m in [
+                Move {
+                    from: to.clone(),
+                    to: journal::aside_of(&to, &stamp),
+                },
+                Move { from: staged, to },
+            ] {
+                live.journal.moves.push(m.clone());
+                live.save().unwrap();
+                live.rename(&m).unwrap();
+            }
         }
         let mut names: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
             .collect();
         names.sort();
         (names, live)
@@ -842,14 +1191,29 @@ mod tests {
     fn an_uncommitted_swap_is_undone_on_drop_and_the_server_started_again() {
         let dir = tempfile::tempdir().unwrap();
         let (names, live) = swapped(dir.path());
-        assert_eq!(names, ["binlogs", "binlogs.old-1", "mysql", "mysql.old-1"]);
+        assert_eq!(
+            names,
+            [
+                "binlogs",
+                "binlogs.old-20261128T120000Z",
+                "mysql",
+                "mysql.old-20261128T120000Z",
+                "state"
+            ]
+        );
+        let journal = live.path.clone();
+        let staging = live.journal.staging.clone();
+        assert!(journal.exists());
         drop(live);
         for name in ["mysql", "binlogs"] {
             assert!(dir.path().join(name).join("old").exists(), "{name} is back");
-            let staged = dir.path().join(format!("staged-{name}/new"));
-            assert!(staged.exists(), "{name}: staged copy is back in staging");
-            assert!(!dir.path().join(format!("{name}.old-1")).exists());
+            assert!(!dir
+                .path()
+                .join(format!("{name}.old-20261128T120000Z"))
+                .exists());
         }
+        assert!(!staging.exists(), "staging removed");
+        assert!(!journal.exists(), "journal removed");
         assert!(
             dir.path().join("started").exists(),
             "the server was started"
@@ -857,17 +1221,61 @@ mod tests {
     }
 
     #[test]
-    fn a_committed_swap_stays_and_names_the_old_data_directory() {
+    fn a_committed_swap_stays_names_the_old_data_directory_and_finishing_removes_the_journal() {
         let dir = tempfile::tempdir().unwrap();
         let (_, mut live) = swapped(dir.path());
-        let old = live.commit(&dir.path().join("mysql"));
-        assert_eq!(old, Some(dir.path().join("mysql.old-1")));
+        live.enter(Phase::Commit, &Interrupt::default()).unwrap();
+        let old = live.old_datadir();
+        assert_eq!(old, Some(dir.path().join("mysql.old-20261128T120000Z")));
+        drop(live.staging.take());
+        let journal = live.path.clone();
+        live.finish();
         drop(live);
         assert!(dir.path().join("mysql/new").exists());
-        assert!(dir.path().join("mysql.old-1/old").exists());
+        assert!(dir.path().join("mysql.old-20261128T120000Z/old").exists());
+        assert!(!journal.exists());
         assert!(
             !dir.path().join("started").exists(),
             "not started by the guard"
+        );
+    }
+
+    #[test]
+    fn a_committed_swap_dropped_before_the_start_keeps_the_data_and_starts_the_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, mut live) = swapped(dir.path());
+        live.enter(Phase::Commit, &Interrupt::default()).unwrap();
+        let journal = live.path.clone();
+        drop(live);
+        assert!(dir.path().join("mysql/new").exists());
+        assert!(!journal.exists());
+        assert!(dir.path().join("started").exists());
+    }
+
+    #[test]
+    fn a_killed_swap_is_undone_by_recovery_from_the_journal_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, live) = swapped(dir.path());
+        let cfg = live.cfg;
+        // As after kill -9: nothing of the process runs its guards.
+        std::mem::forget(live);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // Nothing answers on the socket of this config.
+        let err = rt
+            .block_on(recover_locked(cfg, Duration::ZERO))
+            .unwrap_err();
+        let err = format!("{err:#}");
+        assert!(err.contains("moved 4 path(s) back"), "{err}");
+        assert!(err.contains("does not answer"), "{err}");
+        assert!(dir.path().join("mysql/old").exists());
+        assert!(dir.path().join("started").exists());
+        assert!(!journal_path(cfg).exists());
+        assert_eq!(
+            rt.block_on(recover_locked(cfg, Duration::ZERO)).unwrap(),
+            None
         );
     }
 }
