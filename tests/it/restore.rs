@@ -524,3 +524,222 @@ fn stop_first_puts_the_old_data_back_when_refused_and_a_server_that_is_down_is_n
     assert!(log.contains("the server is not running"), "{log}");
     assert_eq!(target.db.sql("SELECT id FROM d.t"), "7");
 }
+
+/// Every pause point of a restore (`MYSNAP_TEST_PAUSE_AT`), in the order of
+/// `--stop-first`'s run or the default one, and whether the restored data
+/// stays when the restore is killed there (from the commit on).
+fn pause_points(stop_first: bool) -> [(&'static str, bool); 6] {
+    let (a, b) = if stop_first {
+        ("stop", "stage")
+    } else {
+        ("stage", "stop")
+    };
+    [
+        (a, false),
+        (b, false),
+        ("swap", false),
+        ("swap-aside", false),
+        ("commit", true),
+        ("start", true),
+    ]
+}
+
+impl Target {
+    /// Starts `restorer ARGS` pausing at `point`; returns once it says so.
+    fn paused(&self, src: &Rig, args: &[&str], point: &str) -> std::process::Child {
+        use std::io::BufRead;
+        let mut c = Command::new(mysnap_tests::bin("restorer"));
+        c.env("MYSNAP_CONFIG", &self.config)
+            .env("MYSNAP_TEST_PAUSE_AT", point)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(s3) = &src.s3 {
+            c.envs(s3.env());
+        }
+        let mut child = c.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let want = format!("paused at {point}");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line == want => return child,
+                Ok(line) => seen.push(line),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "restorer {args:?} did not pause at {point}; stderr:\n{}",
+                        seen.join("\n")
+                    );
+                }
+            }
+        }
+    }
+
+    /// Whether the server serves the data it had before the restores (the
+    /// marker) or the backup's (`d.t` = `row`); panics when it serves
+    /// nothing or something else.
+    fn serves_old_data(&self, row: u32, what: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.db.try_sql("SELECT 1").is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the server does not answer"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        match self.db.try_sql("SELECT v FROM target.marker") {
+            Ok(v) => {
+                assert_eq!(v, "old data", "{what}");
+                true
+            }
+            Err(_) => {
+                assert_eq!(self.db.sql("SELECT id FROM d.t"), row.to_string(), "{what}");
+                false
+            }
+        }
+    }
+
+    /// No staging directory and no journal are left; the set-aside data
+    /// directories are removed (so the next round starts clean).
+    fn assert_clean_and_drop_old(&self, what: &str) {
+        let parent = self.datadir.parent().unwrap();
+        for e in std::fs::read_dir(parent).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            assert!(
+                !name.contains("mysnap-restore"),
+                "{what}: staging left: {name}"
+            );
+            if name.starts_with("mysql.old-") {
+                std::fs::remove_dir_all(e.path()).unwrap();
+            }
+        }
+        let journal = self._tmp.path().join("state/restore.journal");
+        assert!(!journal.exists(), "{what}: journal left");
+    }
+}
+
+#[test]
+fn a_restore_killed_at_any_phase_is_finished_or_undone_by_recover_or_the_next_restore() {
+    if !gate("a_restore_killed_at_any_phase_is_finished_or_undone_by_recover_or_the_next_restore") {
+        return;
+    }
+    let (src, id, _, _) = backed_up_source(7);
+    let target = Target::new(
+        &src,
+        MariaOpts {
+            server_id: 2,
+            ..MariaOpts::default()
+        },
+        None,
+    );
+    let out = target.restorer(&src, &["recover"]);
+    assert_ok(&out, "recover without a journal");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "nothing to recover"
+    );
+    for stop_first in [false, true] {
+        for (point, stays) in pause_points(stop_first) {
+            let what = format!("killed at {point} (stop first: {stop_first})");
+            // The server serves the marker: "old data".
+            if target.db.try_sql("SELECT 1 FROM target.marker").is_err() {
+                target.db.sql("CREATE DATABASE IF NOT EXISTS target; CREATE TABLE target.marker (v TEXT); INSERT INTO target.marker VALUES ('old data')");
+            }
+            let mut args = vec!["restore", id.as_str()];
+            if stop_first {
+                args.push("--stop-first");
+            }
+            let mut child = target.paused(&src, &args, point);
+            child.kill().unwrap();
+            child.wait().unwrap();
+            // Some are recovered by the next restore, the others by `recover`.
+            let rerun = matches!(
+                (point, stop_first),
+                ("swap-aside", false) | ("stop", true) | ("start", false)
+            );
+            if rerun {
+                let out = target.restorer(&src, &["restore", &id]);
+                assert_ok(&out, &what);
+                let log = String::from_utf8_lossy(&out.stderr);
+                assert!(log.contains("found the journal"), "{what}: {log}");
+                assert!(!target.serves_old_data(7, &what), "{what}: restored");
+            } else {
+                let out = target.restorer(&src, &["recover"]);
+                assert_ok(&out, &what);
+                let line = String::from_utf8_lossy(&out.stdout);
+                eprintln!("{what}: {}", line.trim());
+                assert!(line.contains("found the journal"), "{what}: {line}");
+                assert_eq!(target.serves_old_data(7, &what), !stays, "{what}: {line}");
+            }
+            target.assert_clean_and_drop_old(&what);
+        }
+    }
+}
+
+#[test]
+fn sigterm_stops_a_restore_fast_and_a_swap_under_way_is_undone_first() {
+    if !gate("sigterm_stops_a_restore_fast_and_a_swap_under_way_is_undone_first") {
+        return;
+    }
+    let (src, id, _, _) = backed_up_source(7);
+    let target = Target::new(
+        &src,
+        MariaOpts {
+            server_id: 2,
+            ..MariaOpts::default()
+        },
+        None,
+    );
+    // During staging; and in the middle of the swap, the server stopped and
+    // the data directory set aside: finished, then undone.
+    for (point, args) in [
+        ("stage", vec!["restore", id.as_str()]),
+        ("swap-aside", vec!["restore", id.as_str()]),
+        ("stage", vec!["restore", "--stop-first", id.as_str()]),
+    ] {
+        let what = format!("SIGTERM at {point} ({args:?})");
+        let mut child = target.paused(&src, &args, point);
+        let t = Instant::now();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "{what}: still running"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(status.code(), Some(1), "{what}");
+        if point == "stage" && args.len() == 2 {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "{what}: {:?}",
+                t.elapsed()
+            );
+        }
+        assert!(target.serves_old_data(7, &what), "{what}");
+        target.assert_untouched(&what);
+        assert!(
+            !target._tmp.path().join("state/restore.journal").exists(),
+            "{what}: journal left"
+        );
+    }
+}

@@ -276,7 +276,7 @@ pub fn describe(j: &Journal, actions: &[Action]) -> String {
         .count();
     let started = actions.contains(&Action::StartServer);
     let found = format!(
-        "found the journal of a restore of backup {} into {} that stopped in phase {}",
+        "found the journal of a restore of backup {} into {} that was interrupted in phase {}",
         j.backup_id,
         j.datadir.display(),
         j.phase.name()
