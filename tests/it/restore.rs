@@ -547,10 +547,22 @@ fn pause_points(stop_first: bool) -> [(&'static str, bool); 6] {
 impl Target {
     /// Starts `restorer ARGS` pausing at `point`; returns once it says so.
     fn paused(&self, src: &Rig, args: &[&str], point: &str) -> std::process::Child {
+        self.paused_with(src, args, point, &[]).0
+    }
+
+    /// [`Target::paused`] with more environment; also returns the rest of stderr, by line.
+    fn paused_with(
+        &self,
+        src: &Rig,
+        args: &[&str],
+        point: &str,
+        env: &[(&str, &Path)],
+    ) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
         use std::io::BufRead;
         let mut c = Command::new(mysnap_tests::bin("restorer"));
         c.env("MYSNAP_CONFIG", &self.config)
             .env("MYSNAP_TEST_PAUSE_AT", point)
+            .envs(env.iter().copied())
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -573,7 +585,7 @@ impl Target {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(line) if line == want => return child,
+                Ok(line) if line == want => return (child, rx),
                 Ok(line) => seen.push(line),
                 Err(_) => {
                     let _ = child.kill();
@@ -742,4 +754,64 @@ fn sigterm_stops_a_restore_fast_and_a_swap_under_way_is_undone_first() {
             "{what}: journal left"
         );
     }
+}
+
+#[test]
+fn a_filesystem_that_fills_up_while_unpacking_stops_the_restore_and_changes_nothing() {
+    if !gate("a_filesystem_that_fills_up_while_unpacking_stops_the_restore_and_changes_nothing") {
+        return;
+    }
+    // Tables of random strings: tens of MiB that neither compress nor stay sparse.
+    let src = Rig::new(StoreKind::File);
+    src.db.sql(
+        "CREATE DATABASE d; CREATE TABLE d.t (id INT PRIMARY KEY); INSERT INTO d.t VALUES (7)",
+    );
+    sysbench_prepare(&src.db.socket, 2, 40_000);
+    let id = src.backup();
+    let target = Target::new(
+        &src,
+        MariaOpts {
+            server_id: 2,
+            ..MariaOpts::default()
+        },
+        Some(800),
+    );
+    let parent = target.datadir.parent().unwrap().to_path_buf();
+    let resume = target._tmp.path().join("resume");
+    // Room enough at the check; then, before unpacking, the disk fills up
+    // (another writer) but for 1 MiB.
+    let (mut child, stderr) = target.paused_with(
+        &src,
+        &["restore", &id],
+        "stage",
+        &[("MYSNAP_TEST_RESUME", &resume)],
+    );
+    let st = nix::sys::statvfs::statvfs(&parent).unwrap();
+    let avail = st.blocks_available() as u64 * st.fragment_size() as u64;
+    let filler = parent.join("filler");
+    let ok = Command::new("fallocate")
+        .args(["-l", &(avail - (1 << 20)).to_string()])
+        .arg(&filler)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "fallocate");
+    std::fs::write(&resume, b"").unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "still running");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let log: Vec<String> = stderr.try_iter().collect();
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(status.code(), Some(1), "{log:?}");
+    let line = log.iter().find(|l| l.starts_with("error:")).unwrap();
+    eprintln!("{line}");
+    assert!(line.contains("No space left on device"), "{line}");
+    assert!(target.serves_old_data(7, "disk full"));
+    target.assert_untouched("disk full");
+    assert!(!target._tmp.path().join("state/restore.journal").exists());
 }

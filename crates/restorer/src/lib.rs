@@ -5,7 +5,9 @@
 //! server keeps running; only then it stops the server, keeps the old data
 //! directory as `<datadir>.old-<time>`, moves the new one in and starts the
 //! server. Any failure before the swap leaves the live data untouched
-//! (`restore.rs`: the phases and their guards).
+//! (`restore.rs`: the phases and their guards), and a restore killed at any
+//! instant is finished or undone by the next one or `restorer recover`
+//! (`journal.rs`).
 //! The restorer never writes to the store.
 
 #[cfg(test)]

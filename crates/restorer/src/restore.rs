@@ -106,6 +106,8 @@ pub enum Phase {
 /// The test hook: `MYSNAP_TEST_PAUSE_AT=<point>` pauses a restore at that
 /// point (a [`Phase::name`], or [`SWAP_ASIDE`]) until it is killed.
 pub const PAUSE_ENV: &str = "MYSNAP_TEST_PAUSE_AT";
+/// With the test hook: a pause also ends once the file this names exists.
+pub const RESUME_ENV: &str = "MYSNAP_TEST_RESUME";
 /// The pause point inside the swap: the data directory set aside, the staged
 /// one not yet moved in.
 pub const SWAP_ASIDE: &str = "swap-aside";
@@ -144,13 +146,15 @@ impl Phase {
 /// The test hook ([`PAUSE_ENV`], documented in ARCHITECTURE.md as such):
 /// says `paused at <point>` on stderr and waits until the process is killed
 /// (or, after SIGINT/SIGTERM, goes on, so the signal is handled as anywhere
-/// else at this point).
+/// else at this point; or goes on once the file [`RESUME_ENV`] names exists).
 fn pause_at(point: &str, int: &Interrupt) {
     if std::env::var_os(PAUSE_ENV).is_some_and(|v| v == point) {
         // The one print of this library: a test waits for this line.
         eprintln!("paused at {point}");
+        let resume = std::env::var_os(RESUME_ENV).map(PathBuf::from);
+        let resumed = || resume.as_ref().is_some_and(|f| f.exists());
         tokio::task::block_in_place(|| {
-            while !int.is_set() {
+            while !int.is_set() && !resumed() {
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
@@ -236,6 +240,7 @@ pub async fn restore(
     let mut down_since = None;
     if opts.stop_first {
         first.enter(int);
+        int.check()?;
         down_since = Some(stop_first(&plan, &mut live)?);
         live.enter(Phase::Stage, int)?;
     } else {
@@ -245,6 +250,7 @@ pub async fn restore(
     int.check()?;
     if !opts.stop_first {
         live.enter(Phase::Stop, int)?;
+        int.check()?;
         down_since = Some(stop(&mut live)?);
         // A signal during the stop waits until here: the guard starts the
         // server again.
@@ -705,10 +711,15 @@ impl<'a> SwapGuard<'a> {
         self.journal.save(&self.path)
     }
 
-    /// Records that `phase` begins, then enters it.
+    /// Records that `phase` begins, then enters it. When the journal
+    /// cannot be written, the phase is not entered (a drop then recovers
+    /// from the phase before, as a recovery from the file would).
     fn enter(&mut self, phase: Phase, int: &Interrupt) -> anyhow::Result<()> {
-        self.journal.phase = phase;
-        self.save()?;
+        let before = std::mem::replace(&mut self.journal.phase, phase);
+        if let Err(e) = self.save() {
+            self.journal.phase = before;
+            return Err(e);
+        }
         phase.enter(int);
         Ok(())
     }
