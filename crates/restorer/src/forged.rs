@@ -254,10 +254,22 @@ impl Rig {
     /// verify and stage of backup `id` (stage into a fresh staging directory).
     pub async fn try_both(&self, id: &str) -> (anyhow::Result<()>, anyhow::Result<()>) {
         let verified = crate::verify(&self.cfg, id, &Silent).await.map(|_| ());
+        let staged = self
+            .try_stage(id, &std::sync::atomic::AtomicBool::new(false))
+            .await;
+        (verified, staged)
+    }
+
+    /// stage of backup `id` into a fresh staging directory, stopped by `cancel`.
+    pub async fn try_stage(
+        &self,
+        id: &str,
+        cancel: &std::sync::atomic::AtomicBool,
+    ) -> anyhow::Result<()> {
         let staging = self.root().join("stage/s");
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir(&staging).unwrap();
-        let staged = async {
+        async {
             let store: Arc<dyn Store> = Arc::new(FileStore::new(
                 self.root().join("store"),
                 common::store::Transfer::from_config(&self.cfg.store),
@@ -271,15 +283,14 @@ impl Rig {
                 crate::StageDir {
                     dir: &staging,
                     owner: None,
-                    cancel: &std::sync::atomic::AtomicBool::new(false),
+                    cancel,
                 },
                 &Silent,
             )
             .await?;
             anyhow::Ok(())
         }
-        .await;
-        (verified, staged)
+        .await
     }
 
     /// Everything under the rig's directory outside `stage/` and `store/`,
@@ -339,6 +350,24 @@ fn rt() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
+}
+
+#[test]
+fn a_cancelled_stage_stops_at_its_first_read_and_writes_nothing() {
+    rt().block_on(async {
+        let mut rig = Rig::new();
+        let m = rig.backup(&["mysql"], &[dir("mysql"), file("mysql/t.ibd", b"rows")]);
+        let before = rig.outside();
+        let cancel = std::sync::atomic::AtomicBool::new(true);
+        let err = rig.try_stage(&m.backup_id, &cancel).await.unwrap_err();
+        assert!(
+            format!("{err:#}").contains("interrupted by a signal"),
+            "{err:#}"
+        );
+        let staged = rig.root().join("stage/s");
+        assert_eq!(std::fs::read_dir(&staged).unwrap().count(), 0);
+        assert_eq!(rig.outside(), before);
+    });
 }
 
 #[test]
