@@ -313,7 +313,7 @@ async fn recover_locked(cfg: &Config, start_timeout: Duration) -> anyhow::Result
         return Ok(None);
     };
     j.check(cfg, &path)?;
-    let running = server_running(cfg, &j.datadir).is_some();
+    let running = running_settled(cfg, &j.datadir, SETTLE).await;
     let actions = journal::decide(&j, &|p| p.symlink_metadata().is_ok(), running)?;
     let line = journal::describe(&j, &actions);
     if let Err((action, e)) = run_actions(cfg, &actions, &path) {
@@ -328,6 +328,37 @@ async fn recover_locked(cfg: &Config, start_timeout: Duration) -> anyhow::Result
             .with_context(|| format!("{line}, but the server does not answer"))?;
     }
     Ok(Some(line))
+}
+
+/// How long recovery waits for a server that is neither up nor gone.
+const SETTLE: Duration = Duration::from_secs(60);
+
+/// Whether the server runs, as recovery must know it. A process working in
+/// the data directory that does not listen (yet, or any more) is starting
+/// or stopping (the stop command of a killed restore may still run): wait
+/// until it listens or is gone, up to `patience`; still undecided then, it
+/// counts as running (never two servers on one data directory).
+async fn running_settled(cfg: &Config, datadir: &Path, patience: Duration) -> bool {
+    // Unable to tell (an unreadable password or defaults file): it may run.
+    let listening = || ConnectInfo::from_config(&cfg.mysql).map_or(true, |i| i.listening());
+    let start = Instant::now();
+    let mut said = false;
+    loop {
+        match (process_in(datadir), listening()) {
+            (_, true) => return true,
+            (None, false) => return false,
+            (Some(_), false) if start.elapsed() >= patience => return true,
+            (Some(pid), false) => {
+                if !std::mem::replace(&mut said, true) {
+                    tracing::info!(
+                        "process {pid} works in {} but the server does not listen: waiting up to {patience:?} until it is up or gone",
+                        datadir.display()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
 }
 
 /// Runs recovery `actions` in order, each idempotent; stops at the first
