@@ -218,6 +218,19 @@ pub enum Action {
     RemoveJournal,
 }
 
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::MoveBack { from, to } => {
+                write!(f, "moving {} back to {}", from.display(), to.display())
+            }
+            Action::RemoveStaging(dir) => write!(f, "removing {}", dir.display()),
+            Action::StartServer => write!(f, "starting the server"),
+            Action::RemoveJournal => write!(f, "removing the journal"),
+        }
+    }
+}
+
 /// What recovering from `j` takes, given what exists now (`exists`, without
 /// following a final link) and whether the server runs: before the commit
 /// every move done is undone, newest first, and the server started again if

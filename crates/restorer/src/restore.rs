@@ -237,14 +237,12 @@ pub async fn restore(
     live.journal.phase = first;
     live.save()?;
     live.staging = Some(Staging::create(&plan.staging)?);
+    first.enter(int);
+    int.check()?;
     let mut down_since = None;
     if opts.stop_first {
-        first.enter(int);
-        int.check()?;
         down_since = Some(stop_first(&plan, &mut live)?);
         live.enter(Phase::Stage, int)?;
-    } else {
-        first.enter(int);
     }
     let (streamed, unpack_secs) = stage(cfg, &plan, int, progress).await?;
     int.check()?;
@@ -362,38 +360,27 @@ async fn running_settled(cfg: &Config, datadir: &Path, patience: Duration) -> bo
 }
 
 /// Runs recovery `actions` in order, each idempotent; stops at the first
-/// that fails, naming it (the journal is removed only by the last action,
+/// that fails, returning it (the journal is removed only by the last action,
 /// so a recovery that fails or is killed is tried again).
 fn run_actions(
     cfg: &Config,
     actions: &[Action],
     path: &Path,
-) -> Result<(), (String, anyhow::Error)> {
+) -> Result<(), (Action, anyhow::Error)> {
     for a in actions {
-        let (what, r) = match a {
-            Action::MoveBack { from, to } => (
-                format!("moving {} back to {}", from.display(), to.display()),
-                // A staged path goes back into the staging directory, which
-                // may be gone already.
-                to.parent()
-                    .map_or(Ok(()), std::fs::create_dir_all)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|()| common::state::rename_durably(from, to)),
-            ),
-            Action::StartServer => (
-                "starting the server".to_string(),
-                run_service("mysql.start_command", &cfg.mysql.start_command),
-            ),
-            Action::RemoveStaging(dir) => (
-                format!("removing {}", dir.display()),
-                remove_durably(dir, true),
-            ),
-            Action::RemoveJournal => (
-                format!("removing {}", path.display()),
-                remove_durably(path, false),
-            ),
+        let r = match a {
+            // A staged path goes back into the staging directory, which may
+            // be gone already.
+            Action::MoveBack { from, to } => to
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| common::state::rename_durably(from, to)),
+            Action::StartServer => run_service("mysql.start_command", &cfg.mysql.start_command),
+            Action::RemoveStaging(dir) => remove_durably(dir, true),
+            Action::RemoveJournal => remove_durably(path, false),
         };
-        r.map_err(|e| (what, e))?;
+        r.map_err(|e| (a.clone(), e))?;
     }
     Ok(())
 }
@@ -823,11 +810,11 @@ impl<'a> SwapGuard<'a> {
         match run_actions(self.cfg, &actions, &self.path) {
             Ok(()) if started => Undone::Started,
             Ok(()) => Undone::NotStopped,
-            Err((what, e)) if what.starts_with("moving") => {
+            Err((what @ Action::MoveBack { .. }, e)) => {
                 tracing::error!("{what}: {e:#}");
                 Undone::NotMovedBack
             }
-            Err((what, e)) if what.starts_with("starting") => Undone::StartFailed(e),
+            Err((Action::StartServer, e)) => Undone::StartFailed(e),
             Err((what, e)) => {
                 tracing::error!("{what}: {e:#}");
                 if started {
