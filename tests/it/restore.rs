@@ -698,6 +698,25 @@ fn a_restore_killed_at_any_phase_is_finished_or_undone_by_recover_or_the_next_re
             target.assert_clean_and_drop_old(&what);
         }
     }
+    // A journal naming another data directory (written with another
+    // config) is refused with exit 2, and nothing is touched.
+    let journal = target._tmp.path().join("state/restore.journal");
+    std::fs::write(
+        &journal,
+        format!(
+            r#"{{"version": 1, "backup_id": "{id}", "datadir": "/elsewhere/mysql",
+            "staging": "/elsewhere/.mysql.mysnap-restore-{id}", "stopped_server": true,
+            "phase": "swap", "moves": []}}"#
+        ),
+    )
+    .unwrap();
+    for cmd in [vec!["recover"], vec!["restore", id.as_str()]] {
+        let line = error_line(&target.restorer(&src, &cmd), 2);
+        assert!(line.contains("does not fit this config"), "{cmd:?}: {line}");
+        assert!(journal.exists());
+    }
+    std::fs::remove_file(&journal).unwrap();
+    assert!(!target.serves_old_data(7, "after a refused journal"));
 }
 
 #[test]
