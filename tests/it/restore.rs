@@ -720,8 +720,8 @@ fn a_restore_killed_at_any_phase_is_finished_or_undone_by_recover_or_the_next_re
 }
 
 #[test]
-fn sigterm_stops_a_restore_fast_and_a_swap_under_way_is_undone_first() {
-    if !gate("sigterm_stops_a_restore_fast_and_a_swap_under_way_is_undone_first") {
+fn sigterm_stops_a_restore_fast_a_swap_under_way_is_undone_first_and_a_committed_one_finishes() {
+    if !gate("sigterm_stops_a_restore_fast_a_swap_under_way_is_undone_first_and_a_committed_one_finishes") {
         return;
     }
     let (src, id, _, _) = backed_up_source(7);
@@ -773,6 +773,17 @@ fn sigterm_stops_a_restore_fast_and_a_swap_under_way_is_undone_first() {
             "{what}: journal left"
         );
     }
+    // After the commit the restore finishes: the server is started, with
+    // the restored data.
+    let mut child = target.paused(&src, &["restore", &id], "commit");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success(), "SIGTERM after the commit");
+    assert!(!target.serves_old_data(7, "SIGTERM after the commit"));
+    assert!(!target._tmp.path().join("state/restore.journal").exists());
 }
 
 #[test]
