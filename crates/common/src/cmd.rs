@@ -55,6 +55,18 @@ pub fn run_for<S: AsRef<OsStr>>(argv: &[S], timeout: Option<Duration>) -> Result
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Like [`run_for`], in a process group of its own: a Ctrl-C in the
+/// terminal (SIGINT to the foreground group) does not reach it, so the
+/// caller decides what a signal means (the restorer lets the server's stop
+/// and start commands finish, then undoes or finishes the swap).
+pub fn run_own_group_for<S: AsRef<OsStr>>(
+    argv: &[S],
+    timeout: Option<Duration>,
+) -> Result<String, CmdError> {
+    let out = output_with(argv, timeout, true)?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Like [`run`], but returns the whole output.
 pub fn output<S: AsRef<OsStr>>(argv: &[S]) -> Result<Output, CmdError> {
     output_for(argv, Some(DEFAULT_TIMEOUT))
@@ -67,6 +79,14 @@ pub fn output_for<S: AsRef<OsStr>>(
     argv: &[S],
     timeout: Option<Duration>,
 ) -> Result<Output, CmdError> {
+    output_with(argv, timeout, false)
+}
+
+fn output_with<S: AsRef<OsStr>>(
+    argv: &[S],
+    timeout: Option<Duration>,
+    own_group: bool,
+) -> Result<Output, CmdError> {
     let cmd = display_argv(argv);
     let (prog, args) = argv.split_first().ok_or_else(|| CmdError::Spawn {
         cmd: cmd.clone(),
@@ -77,14 +97,17 @@ pub fn output_for<S: AsRef<OsStr>>(
         cmd: cmd.clone(),
         source,
     };
-    let child = Command::new(prog)
+    let mut command = Command::new(prog);
+    command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-        .spawn()
-        .map_err(spawn_err)?;
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1");
+    if own_group {
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    }
+    let child = command.spawn().map_err(spawn_err)?;
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -160,6 +183,16 @@ mod tests {
             .output()
             .unwrap();
         assert!(out.stdout.is_empty(), "still running: {:?}", out.stdout);
+    }
+
+    #[test]
+    fn a_command_of_its_own_group_is_out_of_reach_of_the_terminal_s_ctrl_c() {
+        let ours = nix::unistd::getpgrp().as_raw().to_string();
+        let group_of = ["sh", "-c", "ps -o pgid= -p $$"];
+        let shared = run(&group_of).unwrap();
+        let own = run_own_group_for(&group_of, None).unwrap();
+        assert_eq!(shared.trim(), ours);
+        assert_ne!(own.trim(), ours);
     }
 
     #[test]

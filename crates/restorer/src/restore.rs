@@ -1009,7 +1009,9 @@ fn run_service(cfg_key: &str, argv: &[String]) -> anyhow::Result<()> {
             "{cfg_key} is empty: restore needs it to stop and start the server"
         )));
     }
-    cmd::run_for(argv, Some(cmd::SERVICE_TIMEOUT)).with_context(|| format!("{cfg_key} failed"))?;
+    // Out of reach of a Ctrl-C: a signal waits until the command is done.
+    cmd::run_own_group_for(argv, Some(cmd::SERVICE_TIMEOUT))
+        .with_context(|| format!("{cfg_key} failed"))?;
     Ok(())
 }
 
