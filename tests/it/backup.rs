@@ -193,6 +193,10 @@ state_dir = "{state}"
             concurrency: 4,
             memory_limit: bytesize::ByteSize::mib(256),
             max_attempts: 3,
+            connect_timeout: std::time::Duration::from_secs(10),
+            read_timeout: std::time::Duration::from_secs(120),
+            connect_timeout: std::time::Duration::from_secs(10),
+            read_timeout: std::time::Duration::from_secs(120),
         }
     }
 

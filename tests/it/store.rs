@@ -23,6 +23,8 @@ fn config(url: String, endpoint: Option<&str>) -> StoreConfig {
         concurrency: 4,
         memory_limit: bytesize::ByteSize::mib(256),
         max_attempts: 3,
+        connect_timeout: std::time::Duration::from_secs(10),
+        read_timeout: std::time::Duration::from_secs(120),
     }
 }
 
