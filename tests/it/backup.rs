@@ -195,8 +195,6 @@ state_dir = "{state}"
             max_attempts: 3,
             connect_timeout: std::time::Duration::from_secs(10),
             read_timeout: std::time::Duration::from_secs(120),
-            connect_timeout: std::time::Duration::from_secs(10),
-            read_timeout: std::time::Duration::from_secs(120),
         }
     }
 
