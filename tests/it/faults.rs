@@ -10,7 +10,7 @@ use common::store::{abort_leftovers, open, Store, UploadLog};
 use mysnap_tests::faults::{Fault, FaultProxy, On, Times};
 use mysnap_tests::S3Server;
 
-use crate::store::{config, data, sha, stream, uploads_on_server};
+use crate::store::{config, data, sha, stream, stream_new, uploads_on_server};
 
 const MIB: usize = 1 << 20;
 
@@ -119,6 +119,23 @@ async fn transient_faults_on_upload_are_retried_and_the_object_is_intact() {
         );
         let got = f.direct().await.get(&key, 1 << 30).await.unwrap();
         assert_eq!(sha(&got), sha(&body[..len]), "{fault:?} on {on:?}");
+    }
+    assert!(uploads_on_server(&f.server.root).is_empty());
+
+    // A CompleteMultipartUpload that the store carried out but whose answer
+    // was lost: the SDK's retry is refused (the upload is gone, and the
+    // object exists), yet the object is this upload's.
+    for fault in [Fault::StallResponse, Fault::TruncateResponseBody] {
+        f.proxy
+            .inject(fault, On::CompleteMultipartUpload, Times::First(1));
+        let key = format!("lost/{fault:?}");
+        let before = f.proxy.injected();
+        stream_new(&*f.store, &key, body.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{fault:?} on the completion: {e:#}"));
+        assert_eq!(f.proxy.injected() - before, 1, "{fault:?}");
+        let got = f.direct().await.get(&key, 1 << 30).await.unwrap();
+        assert_eq!(sha(&got), sha(&body), "{fault:?}");
     }
     assert!(uploads_on_server(&f.server.root).is_empty());
 }

@@ -82,7 +82,7 @@ pub fn uploads_on_server(root: &Path) -> Vec<String> {
 }
 
 /// Streams `body` to `key` with `create_only`.
-async fn stream_new(store: &dyn Store, key: &str, body: Vec<u8>) -> anyhow::Result<u64> {
+pub async fn stream_new(store: &dyn Store, key: &str, body: Vec<u8>) -> anyhow::Result<u64> {
     let (mut w, mut upload) = store.transfer().upload(body.len() as u64);
     upload.create_only = true;
     let writer = std::thread::spawn(move || {

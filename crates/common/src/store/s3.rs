@@ -444,7 +444,9 @@ impl S3Store {
             done.push(r??);
         }
         done.sort_by_key(|p| p.part_number());
-        self.client
+        let etag = multipart_etag(&done);
+        let completed = self
+            .client
             .complete_multipart_upload()
             .bucket(&self.bucket)
             .key(full)
@@ -456,10 +458,59 @@ impl S3Store {
             )
             .set_if_none_match(upload.create_only.then(|| "*".to_string()))
             .send()
-            .await
-            .map_err(|e| s3_error("CompleteMultipartUpload", url, e))?;
+            .await;
+        if let Err(e) = completed {
+            // A CompleteMultipartUpload whose answer was lost is retried by
+            // the SDK, and the retry refused (the upload is gone, or the
+            // object exists): the object carrying this upload's ETag is
+            // the proof that it completed.
+            let err = s3_error("CompleteMultipartUpload", url, e);
+            if etag.is_none() || self.etag(full).await != etag {
+                return Err(err.into());
+            }
+            tracing::warn!("{err}; but {url} is this upload's object: it completed");
+            // Had the store refused it after all (an object of the very same
+            // bytes existed), the upload must not stay behind; after a
+            // completion the store refuses the abort, which is fine.
+            if let Err(e) = self.abort(full, upload_id).await {
+                tracing::debug!("{e}");
+            }
+        }
         Ok(total)
     }
+
+    /// The ETag of object `full`, when it exists and the store says.
+    async fn etag(&self, full: &str) -> Option<String> {
+        let out = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(full)
+            .send()
+            .await
+            .ok()?;
+        Some(out.e_tag()?.trim_matches('"').to_string())
+    }
+}
+
+/// The ETag S3 gives the object of a completed multipart upload: the MD5 of
+/// its parts' MD5s (their ETags), then `-<parts>`; `None` when a part's ETag
+/// is not an MD5 (some encryption modes).
+fn multipart_etag(parts: &[CompletedPart]) -> Option<String> {
+    use md5::Digest;
+    let mut md5s = Vec::with_capacity(parts.len() * 16);
+    for p in parts {
+        let one = hex::decode(p.e_tag()?.trim_matches('"')).ok()?;
+        if one.len() != 16 {
+            return None;
+        }
+        md5s.extend(one);
+    }
+    Some(format!(
+        "{}-{}",
+        hex::encode(md5::Md5::digest(&md5s)),
+        parts.len()
+    ))
 }
 
 #[async_trait]
