@@ -1058,7 +1058,7 @@ fn transient_s3_faults_leave_the_backup_and_its_verify_intact() {
     let id = rig.backup();
     assert_eq!(proxy.injected(), 6, "{:?}", proxy.log());
     let key = format!("db1/{id}/manifest.toml");
-    assert_eq!(manifests(&rig), [key.clone()]);
+    assert_eq!(manifests(&rig), std::slice::from_ref(&key));
     let m = Manifest::parse(&String::from_utf8(rig.fetch(&key)).unwrap(), &key).unwrap();
     let info = m.archive.expect("a stored manifest has its archive");
     assert!(info.size > 10 << 20, "a multipart upload: {}", info.size);
