@@ -1051,12 +1051,15 @@ fn transient_s3_faults_leave_the_backup_and_its_verify_intact() {
         (Fault::InternalError500, On::UploadPart),
         (Fault::SlowDown503, On::CreateMultipartUpload),
         (Fault::InternalError500, On::CompleteMultipartUpload),
+        // Carried out, but the answer is lost: the retry is refused.
+        (Fault::TruncateResponseBody, On::CompleteMultipartUpload),
         (Fault::ResetRequestBody, On::PutObject),
+        (Fault::StallResponse, On::PutObject),
     ] {
         proxy.inject(fault, on, Times::First(1));
     }
     let id = rig.backup();
-    assert_eq!(proxy.injected(), 6, "{:?}", proxy.log());
+    assert_eq!(proxy.injected(), 8, "{:?}", proxy.log());
     let key = format!("db1/{id}/manifest.toml");
     assert_eq!(manifests(&rig), std::slice::from_ref(&key));
     let m = Manifest::parse(&String::from_utf8(rig.fetch(&key)).unwrap(), &key).unwrap();
@@ -1077,7 +1080,7 @@ fn transient_s3_faults_leave_the_backup_and_its_verify_intact() {
     }
     let out = rig.run("restorer", &["verify", &id]);
     assert_ok(&out, "restorer verify through a flaky S3");
-    assert_eq!(proxy.injected(), 11, "{:?}", proxy.log());
+    assert_eq!(proxy.injected(), 13, "{:?}", proxy.log());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("retrying"), "a warning per retry: {stderr}");
 }

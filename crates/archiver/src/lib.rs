@@ -184,20 +184,30 @@ async fn archive(
     });
     let text = complete.to_toml();
     let manifest_key = complete.key();
-    store
-        .put_new(&manifest_key, text.clone().into())
-        .await
-        .map_err(|e| exists_is_taken(e, cfg, manifest, &store.url(&manifest_key)))?;
-    // A store that ignores If-None-Match (older S3-compatible servers) shows
-    // here, when another host wrote the manifest at the same time.
-    let stored = store.get(&manifest_key, 1 << 20).await?;
-    anyhow::ensure!(
-        stored == text.as_bytes(),
-        "{} changed right after this run wrote it: another host wrote backup {} under the same backup.name {:?} at the same time, and the store ignores If-None-Match; give every host its own backup.name and check both backups with `restorer verify`",
-        store.url(&manifest_key),
-        manifest.backup_id,
-        cfg.backup.name
-    );
+    let put = store.put_new(&manifest_key, text.clone().into()).await;
+    // Read back: the stored manifest must be this one. A PutObject whose
+    // answer was lost is retried and refused as existing, though it is
+    // ours; a store that ignores If-None-Match (older S3-compatible
+    // servers) lets another host's write replace it unnoticed.
+    let stored = store.get(&manifest_key, 1 << 20).await;
+    match (put, stored) {
+        (_, Ok(stored)) if stored == text.as_bytes() => {}
+        (Err(e), _) => {
+            return Err(exists_is_taken(
+                e,
+                cfg,
+                manifest,
+                &store.url(&manifest_key),
+            ))
+        }
+        (Ok(()), Err(e)) => return Err(e),
+        (Ok(()), Ok(_)) => anyhow::bail!(
+            "{} changed right after this run wrote it: another host wrote backup {} under the same backup.name {:?} at the same time, and the store ignores If-None-Match; give every host its own backup.name and check both backups with `restorer verify`",
+            store.url(&manifest_key),
+            manifest.backup_id,
+            cfg.backup.name
+        ),
+    }
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(
         "backup {} complete: {} files, {} of data stored as {} in {secs:.1}s ({}/s)",
