@@ -88,6 +88,39 @@ async fn through_the_proxy_requests_arrive_unchanged_and_pass_the_signature_chec
     assert_eq!(f.proxy.injected(), 0);
 }
 
+/// The server behind the proxy still checks signatures: a request whose
+/// signature is wrong is refused as such, not let through.
+#[test]
+fn through_the_proxy_a_wrong_signature_is_still_refused() {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let server = S3Server::start(&tmp.path().join("s3"));
+    server.create_bucket("mysnap-test");
+    let proxy = FaultProxy::start(&server.endpoint);
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y%m%dT%H%M%SZ"])
+        .output()
+        .unwrap();
+    let now = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let addr = proxy.endpoint.strip_prefix("http://").unwrap();
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        conn,
+        "GET /mysnap-test/ HTTP/1.1\r\nHost: {addr}\r\nx-amz-date: {now}\r\nx-amz-content-sha256: UNSIGNED-PAYLOAD\r\nAuthorization: AWS4-HMAC-SHA256 Credential={}/{}/us-east-1/s3/aws4_request, SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature={}\r\nConnection: close\r\n\r\n",
+        server.access_key,
+        &now[..8],
+        "0".repeat(64)
+    )
+    .unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 403") && answer.contains("SignatureDoesNotMatch"),
+        "{answer}"
+    );
+    assert_eq!(proxy.forwarded(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_faults_on_upload_are_retried_and_the_object_is_intact() {
     let f = Flaky::new().await;
