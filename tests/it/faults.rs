@@ -308,6 +308,49 @@ async fn an_upload_whose_abort_fails_stays_recorded_and_the_next_run_aborts_it()
     assert!(log.records().unwrap().is_empty());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_whose_endpoint_went_away_stays_recorded_and_the_next_run_aborts_it() {
+    let mut f = Flaky::new().await;
+    let state = tempfile::tempdir().unwrap();
+    let log = UploadLog::in_state_dir(state.path());
+    f.proxy
+        .inject(Fault::StallResponse, On::UploadPart, Times::Always);
+    let Flaky {
+        server,
+        proxy,
+        store,
+        ..
+    } = &mut f;
+    let upload = stream_logged(&**store, "gone/data.bin", data(13 * MIB, 8), &log);
+    let went_away = async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while uploads_on_server(&server.root).is_empty() || log.records().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "the upload never began");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Connections drop, new ones are refused: the abort cannot reach it.
+        tokio::task::block_in_place(|| proxy.stop());
+    };
+    let (result, ()) = tokio::join!(upload, went_away);
+    let err = result.expect_err("an upload whose endpoint went away must fail");
+    assert!(
+        format!("{err:#}").contains("s3://mysnap-test/pfx/gone/data.bin"),
+        "{err:#}"
+    );
+    assert_eq!(
+        uploads_on_server(&f.server.root).len(),
+        1,
+        "the upload is left"
+    );
+    assert_eq!(log.records().unwrap().len(), 1, "and recorded");
+
+    // The next run reaches the store again.
+    let direct = f.direct().await;
+    assert_eq!(abort_leftovers(&*direct, &log).await.unwrap(), 1);
+    assert!(uploads_on_server(&f.server.root).is_empty());
+    assert!(log.records().unwrap().is_empty());
+}
+
 /// [`stream`] with the upload recorded in `log`.
 async fn stream_logged(
     store: &dyn Store,
