@@ -1099,6 +1099,7 @@ fn a_persistent_503_fails_the_archiver_with_exit_1_and_leaves_nothing() {
     assert!(
         line.contains("s3://backups/fleet/db1/")
             && line.contains("SlowDown")
+            && line.contains("store.max_attempts")
             && line.contains("not listed"),
         "{line}"
     );

@@ -43,6 +43,12 @@ pub enum StoreError {
         url: String,
         detail: String,
     },
+    #[error("{op} {url}: the store kept failing: {detail} (each request was tried store.max_attempts times: the store is overloaded or failing; try again later, or raise store.max_attempts)")]
+    Failing {
+        op: String,
+        url: String,
+        detail: String,
+    },
     #[error("{op} {url}: the object exists already{hint}")]
     Exists {
         op: String,

@@ -121,6 +121,10 @@ where
             hint: " (HTTP 403 without a reason: wrong credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile or instance role), this host's clock off, or no permission for this bucket)",
         },
         Some("PreconditionFailed") => StoreError::Exists { op, url, hint: "" },
+        Some("SlowDown" | "ServiceUnavailable" | "InternalError" | "RequestTimeout") => {
+            StoreError::Failing { op, url, detail }
+        }
+        _ if status.is_some_and(|s| s >= 500) => StoreError::Failing { op, url, detail },
         Some("AuthorizationHeaderMalformed") => StoreError::Denied {
             op,
             url,
