@@ -1169,12 +1169,20 @@ fn an_upload_left_by_a_killed_archiver_is_aborted_by_the_next_run() {
     assert_eq!(upload_records(&rig).len(), 1, "and its record");
 
     proxy.clear();
-    let id = rig.backup();
+    let manifest = rig.snapshot();
+    let out = rig.run("archiver", &["--manifest", manifest.to_str().unwrap()]);
+    assert_ok(&out, "the next archiver");
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         uploads_on_server(&root).is_empty(),
-        "the next run aborted it"
+        "the next run aborted it: {:?} left; records {:?}; proxy {:?}; {stderr}",
+        uploads_on_server(&root),
+        upload_records(&rig),
+        proxy.log()
     );
-    assert!(upload_records(&rig).is_empty());
+    assert!(upload_records(&rig).is_empty(), "{stderr}");
+    assert!(stderr.contains("aborted the upload"), "{stderr}");
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert_eq!(manifests(&rig), [format!("db1/{id}/manifest.toml")]);
 }
 
