@@ -9,9 +9,12 @@ use std::time::{Duration, Instant};
 
 use common::config::Compression;
 use common::manifest::{Manifest, RelPath};
+use mysnap_tests::faults::{Fault, FaultProxy, On, Times};
 use mysnap_tests::{
     bin, gate, sysbench_prepare, sysbench_run, BtrfsVolume, MariaDb, MariaOpts, S3Server,
 };
+
+use crate::store::uploads_on_server;
 use sha2::{Digest, Sha256};
 
 pub enum StoreKind {
@@ -193,6 +196,8 @@ state_dir = "{state}"
             concurrency: 4,
             memory_limit: bytesize::ByteSize::mib(256),
             max_attempts: 3,
+            connect_timeout: std::time::Duration::from_secs(10),
+            read_timeout: std::time::Duration::from_secs(120),
         }
     }
 
@@ -996,4 +1001,267 @@ fn the_deploy_wrapper_backs_up_and_passes_on_the_failing_programs_exit_code() {
     let out = run();
     assert!(error_line(&out, 2).contains("lock_methd"));
     assert!(out.stdout.is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// A flaky S3: the real server behind the fault-injecting proxy.
+
+/// A rig whose store is reached through a fault proxy (returned), with the
+/// archive uncompressed (so it is a multipart upload), `read_timeout` and
+/// the default 5 attempts per request. (The test server joins 80 MiB of
+/// parts in a few seconds: a read timeout shorter than that fails the
+/// CompleteMultipartUpload.)
+fn flaky_rig(read_timeout: &str) -> (Rig, FaultProxy) {
+    let rig = Rig::new(StoreKind::S3);
+    let proxy = FaultProxy::start(&rig.s3.as_ref().unwrap().endpoint);
+    rig.write_config(|t| {
+        set(t, "store", "endpoint", proxy.endpoint.clone());
+        set(t, "store", "read_timeout", read_timeout);
+        set(t, "archive", "compression", "none");
+    });
+    (rig, proxy)
+}
+
+fn manifests(rig: &Rig) -> Vec<String> {
+    rig.store_keys()
+        .into_iter()
+        .filter(|k| k.ends_with("manifest.toml"))
+        .collect()
+}
+
+/// Upload records left in the state directory.
+fn upload_records(rig: &Rig) -> Vec<String> {
+    std::fs::read_dir(rig.state.join("uploads"))
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn transient_s3_faults_leave_the_backup_and_its_verify_intact() {
+    if !gate("transient_s3_faults_leave_the_backup_and_its_verify_intact") {
+        return;
+    }
+    let (rig, proxy) = flaky_rig("10s");
+    for (fault, on) in [
+        (Fault::SlowDown503, On::UploadPart),
+        (Fault::ResetRequestBody, On::UploadPart),
+        (Fault::InternalError500, On::UploadPart),
+        (Fault::SlowDown503, On::CreateMultipartUpload),
+        (Fault::InternalError500, On::CompleteMultipartUpload),
+        // Carried out, but the answer is lost: the retry is refused.
+        (Fault::TruncateResponseBody, On::CompleteMultipartUpload),
+        (Fault::ResetRequestBody, On::PutObject),
+        (Fault::StallResponse, On::PutObject),
+    ] {
+        proxy.inject(fault, on, Times::First(1));
+    }
+    let id = rig.backup();
+    assert_eq!(proxy.injected(), 8, "{:?}", proxy.log());
+    let key = format!("db1/{id}/manifest.toml");
+    assert_eq!(manifests(&rig), std::slice::from_ref(&key));
+    let m = Manifest::parse(&String::from_utf8(rig.fetch(&key)).unwrap(), &key).unwrap();
+    let info = m.archive.expect("a stored manifest has its archive");
+    assert!(info.size > 10 << 20, "a multipart upload: {}", info.size);
+    assert_eq!(sha(&rig.fetch(&info.key)), info.sha256.as_str());
+    assert!(uploads_on_server(&rig.s3.as_ref().unwrap().root).is_empty());
+    assert!(upload_records(&rig).is_empty());
+
+    for fault in [
+        Fault::ResetResponseBody,
+        Fault::TruncateResponseBody,
+        Fault::SlowDown503,
+        Fault::InternalError500,
+        Fault::StallResponseBody,
+    ] {
+        proxy.inject(fault, On::GetObject, Times::First(1));
+    }
+    let out = rig.run("restorer", &["verify", &id]);
+    assert_ok(&out, "restorer verify through a flaky S3");
+    assert_eq!(proxy.injected(), 13, "{:?}", proxy.log());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("retrying"), "a warning per retry: {stderr}");
+}
+
+#[test]
+fn a_persistent_503_fails_the_archiver_with_exit_1_and_leaves_nothing() {
+    if !gate("a_persistent_503_fails_the_archiver_with_exit_1_and_leaves_nothing") {
+        return;
+    }
+    let (rig, proxy) = flaky_rig("10s");
+    proxy.inject(Fault::SlowDown503, On::UploadPart, Times::Always);
+    let manifest = rig.snapshot();
+    let started = Instant::now();
+    let out = rig.run("archiver", &["--manifest", manifest.to_str().unwrap()]);
+    let line = error_line(&out, 1);
+    assert!(
+        line.contains("s3://backups/fleet/db1/")
+            && line.contains("SlowDown")
+            && line.contains("store.max_attempts")
+            && line.contains("not listed"),
+        "{line}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(manifests(&rig).is_empty(), "{:?}", rig.store_keys());
+    assert!(rig.store_keys().is_empty(), "{:?}", rig.store_keys());
+    assert!(uploads_on_server(&rig.s3.as_ref().unwrap().root).is_empty());
+    assert!(upload_records(&rig).is_empty());
+    assert!(rig.snapshots().is_empty());
+}
+
+#[test]
+fn a_stalled_s3_fails_the_archiver_within_its_timeouts() {
+    if !gate("a_stalled_s3_fails_the_archiver_within_its_timeouts") {
+        return;
+    }
+    let (rig, proxy) = flaky_rig("2s");
+    proxy.inject(Fault::StallResponse, On::UploadPart, Times::Always);
+    let manifest = rig.snapshot();
+    let started = Instant::now();
+    let out = rig.run("archiver", &["--manifest", manifest.to_str().unwrap()]);
+    let line = error_line(&out, 1);
+    // 5 attempts of 2 s per part, plus backoff.
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "{:?}: {line}",
+        started.elapsed()
+    );
+    assert!(line.contains("s3://backups/fleet/db1/"), "{line}");
+    assert!(manifests(&rig).is_empty());
+    assert!(uploads_on_server(&rig.s3.as_ref().unwrap().root).is_empty());
+}
+
+#[test]
+fn an_upload_left_by_a_killed_archiver_is_aborted_by_the_next_run() {
+    if !gate("an_upload_left_by_a_killed_archiver_is_aborted_by_the_next_run") {
+        return;
+    }
+    let (rig, proxy) = flaky_rig("10s");
+    let root = rig.s3.as_ref().unwrap().root.clone();
+    // The store stops answering parts: the archiver waits, with its upload begun.
+    proxy.inject(Fault::StallResponse, On::UploadPart, Times::Always);
+    let manifest = rig.snapshot();
+    let mut archiver = rig
+        .cmd("archiver")
+        .args(["--manifest", manifest.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while upload_records(&rig).is_empty() || uploads_on_server(&root).is_empty() {
+        assert!(Instant::now() < deadline, "the upload never began");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    archiver.kill().unwrap(); // SIGKILL
+    let _ = archiver.wait();
+    assert_eq!(
+        uploads_on_server(&root).len(),
+        1,
+        "kill -9 leaves the upload"
+    );
+    assert_eq!(upload_records(&rig).len(), 1, "and its record");
+
+    proxy.clear();
+    let manifest = rig.snapshot();
+    let out = rig.run("archiver", &["--manifest", manifest.to_str().unwrap()]);
+    assert_ok(&out, "the next archiver");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        uploads_on_server(&root).is_empty(),
+        "the next run aborted it: {:?} left; records {:?}; proxy {:?}; {stderr}",
+        uploads_on_server(&root),
+        upload_records(&rig),
+        proxy.log()
+    );
+    assert!(upload_records(&rig).is_empty(), "{stderr}");
+    assert!(stderr.contains("aborted the upload"), "{stderr}");
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(manifests(&rig), [format!("db1/{id}/manifest.toml")]);
+}
+
+#[test]
+fn two_hosts_with_one_backup_name_and_id_store_one_intact_backup_and_the_other_fails() {
+    if !gate("two_hosts_with_one_backup_name_and_id_store_one_intact_backup_and_the_other_fails") {
+        return;
+    }
+    let rig = Rig::new(StoreKind::S3);
+    rig.write_config(|t| set(t, "archive", "compression", "none"));
+    let manifest_a = rig.snapshot();
+    let a = Manifest::load(&manifest_a).unwrap();
+
+    // Host B: its own state and snapshot directories, the same backup.name,
+    // and (by a clock or a crafted manifest) the same backup id.
+    let state_b = rig.tmp.path().join("state-b");
+    let snaps_b = rig.vol.subvol.join(".snapshots-b");
+    std::fs::create_dir_all(&snaps_b).unwrap();
+    let snap_b = snaps_b.join(a.snapshot.name.as_str());
+    let status = Command::new("btrfs")
+        .args(["subvolume", "snapshot", "-r"])
+        .arg(&a.snapshot.path)
+        .arg(&snap_b)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut b = a.clone();
+    b.snapshot.path = snap_b;
+    let dir_b = state_b.join(a.backup_id.as_str());
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let manifest_b = dir_b.join("manifest.toml");
+    std::fs::write(&manifest_b, b.to_toml()).unwrap();
+    let mut t: toml::Table =
+        toml::from_str(&std::fs::read_to_string(&rig.config).unwrap()).unwrap();
+    set(&mut t, "backup", "state_dir", state_b.to_str().unwrap());
+    set(&mut t, "volume", "snapshot_dir", snaps_b.to_str().unwrap());
+    let config_b = rig.tmp.path().join("b.toml");
+    std::fs::write(&config_b, toml::to_string(&t).unwrap()).unwrap();
+
+    let spawn = |config: &Path, manifest: &Path| {
+        rig.cmd("archiver")
+            .env("MYSNAP_CONFIG", config)
+            .args(["--manifest", manifest.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (run_a, run_b) = (
+        spawn(&rig.config, &manifest_a),
+        spawn(&config_b, &manifest_b),
+    );
+    let outs = [
+        run_a.wait_with_output().unwrap(),
+        run_b.wait_with_output().unwrap(),
+    ];
+    let ok: Vec<&Output> = outs.iter().filter(|o| o.status.success()).collect();
+    assert_eq!(
+        ok.len(),
+        1,
+        "exactly one host stores the backup: {:?}",
+        outs.iter()
+            .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+            .collect::<Vec<_>>()
+    );
+    let failed = outs.iter().find(|o| !o.status.success()).unwrap();
+    let line = error_line(failed, 1);
+    assert!(
+        line.contains("exists already")
+            && line.contains("backup.name")
+            && line.contains(&format!("db1/{}", a.backup_id)),
+        "{line}"
+    );
+    assert_eq!(
+        manifests(&rig),
+        [format!("db1/{}/manifest.toml", a.backup_id)]
+    );
+    assert!(uploads_on_server(&rig.s3.as_ref().unwrap().root).is_empty());
+    let out = rig.run("restorer", &["verify", a.backup_id.as_str()]);
+    assert_ok(&out, "verify of the one stored backup");
 }

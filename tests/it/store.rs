@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 const MIB: usize = 1 << 20;
 
-fn config(url: String, endpoint: Option<&str>) -> StoreConfig {
+pub fn config(url: String, endpoint: Option<&str>) -> StoreConfig {
     StoreConfig {
         url: common::config::StoreUrl::parse(&url).unwrap(),
         region: endpoint.map(|_| "us-east-1".to_string()),
@@ -23,11 +23,13 @@ fn config(url: String, endpoint: Option<&str>) -> StoreConfig {
         concurrency: 4,
         memory_limit: bytesize::ByteSize::mib(256),
         max_attempts: 3,
+        connect_timeout: std::time::Duration::from_secs(10),
+        read_timeout: std::time::Duration::from_secs(120),
     }
 }
 
 /// Deterministic incompressible-looking bytes (xorshift).
-fn data(len: usize, seed: u64) -> Vec<u8> {
+pub fn data(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
     let mut v = Vec::with_capacity(len + 8);
     while v.len() < len {
@@ -40,13 +42,18 @@ fn data(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
-fn sha(b: &[u8]) -> String {
+pub fn sha(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }
 
 /// Streams `body` through a part channel from a blocking thread; `finish`
 /// false drops the writer without finishing (an aborted stream).
-async fn stream(store: &dyn Store, key: &str, body: Vec<u8>, finish: bool) -> anyhow::Result<u64> {
+pub async fn stream(
+    store: &dyn Store,
+    key: &str,
+    body: Vec<u8>,
+    finish: bool,
+) -> anyhow::Result<u64> {
     let (mut w, upload) = store.transfer().upload(body.len() as u64);
     let writer = std::thread::spawn(move || -> std::io::Result<()> {
         w.write_all(&body)?;
@@ -61,6 +68,38 @@ async fn stream(store: &dyn Store, key: &str, body: Vec<u8>, finish: bool) -> an
         written.expect("writer failed although the upload succeeded");
     }
     result
+}
+
+/// Multipart uploads the S3 test server holds (s3s-fs keeps one
+/// `.upload-<id>.json` per upload in its root).
+pub fn uploads_on_server(root: &Path) -> Vec<String> {
+    std::fs::read_dir(root)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".upload-") && n.ends_with(".json"))
+        .collect()
+}
+
+/// Streams `body` to `key` with `create_only`.
+pub async fn stream_new(store: &dyn Store, key: &str, body: Vec<u8>) -> anyhow::Result<u64> {
+    let (mut w, mut upload) = store.transfer().upload(body.len() as u64);
+    upload.create_only = true;
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(&body).and_then(|()| w.finish());
+    });
+    let result = store.put_stream(key, upload).await;
+    writer.join().expect("writer thread panicked");
+    result
+}
+
+fn is_exists(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref(),
+            Some(common::store::StoreError::Exists { .. })
+        )
+    })
 }
 
 fn keys(list: &[&str]) -> Vec<String> {
@@ -209,6 +248,30 @@ async fn conformance(store: &dyn Store, sibling: &dyn Store, missing: &dyn Store
     store.delete("big/data.bin").await.unwrap();
     assert_eq!(store.size("big/data.bin").await.unwrap(), None);
 
+    // create-only writes refuse an existing object and leave it as it was
+    store
+        .put_new("new/m", Bytes::from_static(b"first"))
+        .await
+        .unwrap();
+    let err = store
+        .put_new("new/m", Bytes::from_static(b"second"))
+        .await
+        .expect_err("put_new of an existing key must fail");
+    assert!(is_exists(&err), "{err:#}");
+    let first = data(11 * MIB, 11);
+    stream_new(store, "new/big", first.clone()).await.unwrap();
+    for (len, what) in [(11 * MIB, "multipart"), (100, "single put")] {
+        let err = stream_new(store, "new/big", data(len, 12))
+            .await
+            .expect_err("a create-only stream onto an existing key must fail");
+        assert!(is_exists(&err), "{what}: {err:#}");
+        let got = store.get("new/big", 1 << 30).await.unwrap();
+        assert_eq!(sha(&got), sha(&first), "{what}: the first object is intact");
+    }
+    for k in ["new/m", "new/big"] {
+        store.delete(k).await.unwrap();
+    }
+
     // abort: the writer goes away without finish()
     for (key, len) in [
         ("abort/multipart.bin", 12 * MIB),
@@ -314,12 +377,7 @@ async fn s3_store_conformance() {
     conformance(&*store, &*sibling, &*missing).await;
 
     // Aborted multipart uploads leave no parts behind on the server.
-    let leftovers: Vec<String> = std::fs::read_dir(&server.root)
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(".upload"))
-        .collect();
+    let leftovers = uploads_on_server(&server.root);
     assert!(
         leftovers.is_empty(),
         "multipart uploads left on the server: {leftovers:?}"

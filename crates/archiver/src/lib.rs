@@ -133,8 +133,32 @@ async fn archive(
         snap.display()
     );
     let store = store::open(&cfg.store).await?;
+    // Uploads of runs killed mid-way (kill -9, a store that went away
+    // before the abort) are aborted before this one starts.
+    let uploads = store::UploadLog::in_state_dir(&cfg.backup.state_dir);
+    if let Err(e) = store::abort_leftovers(store.as_ref(), &uploads).await {
+        tracing::warn!("cannot clean up the uploads of earlier runs: {e:#}");
+    }
     let key = format::keys::archive(&manifest.name, &manifest.backup_id, cfg.archive.compression);
-    let (stats, size) = stream(cfg, manifest, store.as_ref(), &key, progress, cancel).await?;
+    // Another host writing under the same backup.name may have taken this
+    // id: refuse now rather than after the upload. (The archive and the
+    // manifest are also written only if absent, for a race.)
+    for k in [&key, &manifest.key()] {
+        if store.size(k).await?.is_some() {
+            return Err(taken(cfg, manifest, &store.url(k)));
+        }
+    }
+    let (stats, size) = stream(
+        cfg,
+        manifest,
+        store.as_ref(),
+        &key,
+        uploads,
+        progress,
+        cancel,
+    )
+    .await
+    .map_err(|e| exists_is_taken(e, cfg, manifest, &store.url(&key)))?;
     if cancel.is_cancelled() {
         store.delete(&key).await?;
         anyhow::bail!("interrupted by a signal; the backup is incomplete and not listed");
@@ -158,9 +182,32 @@ async fn archive(
         files: stats.files,
         archive_secs: started.elapsed().as_secs_f64(),
     });
-    store
-        .put(&complete.key(), complete.to_toml().into())
-        .await?;
+    let text = complete.to_toml();
+    let manifest_key = complete.key();
+    let put = store.put_new(&manifest_key, text.clone().into()).await;
+    // Read back: the stored manifest must be this one. A PutObject whose
+    // answer was lost is retried and refused as existing, though it is
+    // ours; a store that ignores If-None-Match (older S3-compatible
+    // servers) lets another host's write replace it unnoticed.
+    let stored = store.get(&manifest_key, 1 << 20).await;
+    match (put, stored) {
+        (_, Ok(stored)) if stored == text.as_bytes() => {}
+        (Err(e), _) => {
+            return Err(exists_is_taken(
+                e,
+                cfg,
+                manifest,
+                &store.url(&manifest_key),
+            ))
+        }
+        (Ok(()), Err(e)) => return Err(e),
+        (Ok(()), Ok(_)) => anyhow::bail!(
+            "{} changed right after this run wrote it: another host wrote backup {} under the same backup.name {:?} at the same time, and the store ignores If-None-Match; give every host its own backup.name and check both backups with `restorer verify`",
+            store.url(&manifest_key),
+            manifest.backup_id,
+            cfg.backup.name
+        ),
+    }
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(
         "backup {} complete: {} files, {} of data stored as {} in {secs:.1}s ({}/s)",
@@ -173,21 +220,51 @@ async fn archive(
     Ok(())
 }
 
-/// tar → codec → SHA-256 → the store's streamed upload of `key`: a blocking
-/// thread produces parts while the store uploads them. Returns the tar
-/// statistics and the bytes stored; on any failure nothing is stored.
+/// The error of a run whose backup id another host took: `url` exists.
+fn taken(cfg: &Config, manifest: &Manifest, url: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "backup {} exists already: {url} is in the store; another host writes backups under the same backup.name {:?}: give every host its own backup.name (this run stored nothing)",
+        manifest.backup_id,
+        cfg.backup.name
+    )
+}
+
+/// `err`, or [`taken`] when it is the store refusing to replace `url`.
+fn exists_is_taken(
+    err: anyhow::Error,
+    cfg: &Config,
+    manifest: &Manifest,
+    url: &str,
+) -> anyhow::Error {
+    let exists = err
+        .chain()
+        .any(|c| matches!(c.downcast_ref(), Some(store::StoreError::Exists { .. })));
+    if exists {
+        taken(cfg, manifest, url)
+    } else {
+        err
+    }
+}
+
+/// tar → codec → SHA-256 → the store's streamed upload of `key` (recorded
+/// in `uploads` while it runs, and never replacing an existing object): a
+/// blocking thread produces parts while the store uploads them. Returns the
+/// tar statistics and the bytes stored; on any failure nothing is stored.
 async fn stream(
     cfg: &Config,
     manifest: &Manifest,
     store: &dyn store::Store,
     key: &str,
+    uploads: store::UploadLog,
     progress: &dyn Progress,
     cancel: &Cancel,
 ) -> anyhow::Result<(TarStats, u64)> {
     let snap = &manifest.snapshot.path;
     let estimate = format::write::estimate(snap, &manifest.data)?;
     progress.set_total(estimate);
-    let (writer, upload) = store.transfer().upload(estimate);
+    let (writer, mut upload) = store.transfer().upload(estimate);
+    upload.log = Some(uploads);
+    upload.create_only = true;
     tracing::info!(
         "archiving {} (about {}) to {} in parts of {}, {} in flight",
         snap.display(),

@@ -331,6 +331,12 @@ pub struct StoreConfig {
     /// Attempts per request on throttling, 5xx and timeouts.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// Longest wait for a connection to the store.
+    #[serde(with = "humantime_serde", default = "default_connect_timeout")]
+    pub connect_timeout: Duration,
+    /// Longest wait for a response, and for each piece of a body being read.
+    #[serde(with = "humantime_serde", default = "default_read_timeout")]
+    pub read_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -534,6 +540,12 @@ fn default_memory_limit() -> ByteSize {
 fn default_max_attempts() -> u32 {
     5
 }
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_read_timeout() -> Duration {
+    Duration::from_secs(120)
+}
 fn default_compression() -> Compression {
     Compression::Zstd
 }
@@ -616,6 +628,14 @@ impl Config {
         if self.store.max_attempts == 0 {
             return Err("store.max_attempts must be at least 1".into());
         }
+        for (key, d) in [
+            ("store.connect_timeout", self.store.connect_timeout),
+            ("store.read_timeout", self.store.read_timeout),
+        ] {
+            if d < Duration::from_millis(100) {
+                return Err(format!("{key} must be at least 100ms, got {d:?}"));
+            }
+        }
         Ok(())
     }
 
@@ -658,6 +678,8 @@ name = "db1"
         assert_eq!(c.store.part_size, ByteSize::mib(16));
         assert_eq!(c.store.memory_limit, ByteSize::mib(256));
         assert_eq!(c.store.concurrency, 8);
+        assert_eq!(c.store.connect_timeout, Duration::from_secs(10));
+        assert_eq!(c.store.read_timeout, Duration::from_secs(120));
         assert_eq!(c.archive.compression, Compression::Zstd);
         assert_eq!(c.level(), 3);
         assert_eq!(c.backup.state_dir, PathBuf::from("/var/lib/mysnap"));
@@ -677,10 +699,14 @@ name = "db1"
 
     #[test]
     fn human_sizes_and_durations() {
-        let text = MINIMAL.replace("[store]", "[store]\npart_size = \"16MiB\"")
-            + "[mysql]\nlock_timeout = \"1500ms\"\n";
+        let text = MINIMAL.replace(
+            "[store]",
+            "[store]\npart_size = \"16MiB\"\nread_timeout = \"2s\"\nconnect_timeout = \"500ms\"",
+        ) + "[mysql]\nlock_timeout = \"1500ms\"\n";
         let c = parse(&text).unwrap();
         assert_eq!(c.store.part_size, ByteSize::mib(16));
+        assert_eq!(c.store.read_timeout, Duration::from_secs(2));
+        assert_eq!(c.store.connect_timeout, Duration::from_millis(500));
         assert_eq!(c.mysql.lock_timeout, Duration::from_millis(1500));
     }
 

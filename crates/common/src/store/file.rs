@@ -1,6 +1,8 @@
 //! A store in a local or NFS directory: objects are files under the root,
-//! written to a temporary name, fsynced and renamed into place. Objects are
-//! mode 0600 and the directories created for them 0700, whatever the umask.
+//! written to a temporary name (`.<name>.partial-<pid>`), fsynced and renamed
+//! into place, or linked when they must not replace an object (`link`
+//! refuses an existing name). Objects are mode 0600 and the directories
+//! created for them 0700, whatever the umask.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::ops::Range;
@@ -10,7 +12,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{Chunk, Store, Transfer, Upload};
+use super::{Chunk, Store, StoreError, Transfer, Upload, UploadRecord};
 
 pub struct FileStore {
     root: PathBuf,
@@ -36,12 +38,32 @@ impl FileStore {
         Ok(self.root.join(key))
     }
 
-    fn temp_path(path: &Path) -> PathBuf {
+    /// The temporary file of an upload of `path` by process `pid`.
+    fn temp_path(path: &Path, pid: u32) -> PathBuf {
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        path.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+        path.with_file_name(format!(".{name}.partial-{pid}"))
+    }
+}
+
+/// Moves the finished temporary file `tmp` to `path`: a rename, or with
+/// `create_only` a link, which fails when `path` exists (then `tmp` is left
+/// for the caller to remove).
+fn publish(tmp: &Path, path: &Path, url: &str, create_only: bool) -> anyhow::Result<()> {
+    if !create_only {
+        return Ok(std::fs::rename(tmp, path)?);
+    }
+    match std::fs::hard_link(tmp, path) {
+        Ok(()) => Ok(std::fs::remove_file(tmp)?),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(StoreError::Exists {
+            op: "create".into(),
+            url: url.to_string(),
+            hint: "",
+        }
+        .into()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -114,6 +136,43 @@ impl Store for FileStore {
         .await
     }
 
+    async fn put_new(&self, key: &str, body: Bytes) -> anyhow::Result<()> {
+        let path = self.path(key)?;
+        let url = self.url(key);
+        blocking(move || {
+            let dir = path.parent().context("key has no parent")?;
+            crate::state::create_private_dir(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let tmp = Self::temp_path(&path, std::process::id());
+            let written = (|| -> anyhow::Result<()> {
+                let mut f = crate::state::create_private_file(&tmp)?;
+                f.write_all(&body)?;
+                f.sync_all()?;
+                publish(&tmp, &path, &url, true)?;
+                Ok(sync_dir(dir)?)
+            })();
+            if written.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            written.with_context(|| format!("cannot write {url}"))
+        })
+        .await
+    }
+
+    /// `upload_id` is the process id in the temporary file's name.
+    async fn abort_upload(&self, key: &str, upload_id: &str) -> anyhow::Result<()> {
+        let pid: u32 = upload_id
+            .parse()
+            .with_context(|| format!("{upload_id:?} is not an upload of the file store"))?;
+        let tmp = Self::temp_path(&self.path(key)?, pid);
+        match tokio::fs::remove_file(&tmp).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("cannot remove {}", tmp.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn transfer(&self) -> Transfer {
         self.transfer
     }
@@ -123,9 +182,19 @@ impl Store for FileStore {
     async fn put_stream(&self, key: &str, upload: Upload) -> anyhow::Result<u64> {
         let mut parts = upload.parts;
         let path = self.path(key)?;
-        let tmp = Self::temp_path(&path);
+        let pid = std::process::id();
+        let tmp = Self::temp_path(&path, pid);
         let url = self.url(key);
-        let (tmp2, path2) = (tmp.clone(), path.clone());
+        let record = match &upload.log {
+            None => None,
+            Some(log) => Some(log.record(&UploadRecord {
+                url: url.clone(),
+                key: key.to_string(),
+                upload_id: pid.to_string(),
+            })?),
+        };
+        let create_only = upload.create_only;
+        let (tmp2, path2, url2) = (tmp.clone(), path.clone(), url.clone());
         let result = blocking(move || {
             let dir = path2.parent().context("key has no parent")?;
             crate::state::create_private_dir(dir)
@@ -151,13 +220,16 @@ impl Store for FileStore {
             }
             let f = f.into_inner().map_err(|e| e.into_error())?;
             f.sync_all()?;
-            std::fs::rename(&tmp2, &path2)?;
+            publish(&tmp2, &path2, &url2, create_only)?;
             sync_dir(dir)?;
             Ok(total)
         })
         .await;
         if result.is_err() {
             let _ = std::fs::remove_file(&tmp);
+        }
+        if let Some(r) = record {
+            r.remove();
         }
         result.with_context(|| format!("upload to {url} failed"))
     }
@@ -289,6 +361,8 @@ mod tests {
                 parts,
                 part_size: 5 << 20,
                 in_flight: 1,
+                log: None,
+                create_only: false,
             };
             let n = store
                 .put_stream("db2/x/data.tar.zst", upload)

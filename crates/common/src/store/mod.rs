@@ -4,6 +4,7 @@
 mod download;
 mod file;
 mod s3;
+mod uploads;
 
 use std::io;
 use std::ops::Range;
@@ -17,6 +18,7 @@ use crate::config::{StoreConfig, StoreUrl};
 pub use download::Download;
 pub use file::FileStore;
 pub use s3::S3Store;
+pub use uploads::{abort_leftovers, Recorded, UploadLog, UploadRecord};
 
 /// Why a store operation failed, in the style of object_store's errors:
 /// the operation, the object, and what the operator can do about it.
@@ -40,6 +42,18 @@ pub enum StoreError {
         op: String,
         url: String,
         detail: String,
+    },
+    #[error("{op} {url}: the store kept failing: {detail} (each request was tried store.max_attempts times: the store is overloaded or failing; try again later, or raise store.max_attempts)")]
+    Failing {
+        op: String,
+        url: String,
+        detail: String,
+    },
+    #[error("{op} {url}: the object exists already{hint}")]
+    Exists {
+        op: String,
+        url: String,
+        hint: &'static str,
     },
     #[error("{url} is larger than the {limit} bytes mysnap reads for it: refused")]
     TooLarge { url: String, limit: u64 },
@@ -86,13 +100,22 @@ pub trait Store: Send + Sync {
     async fn check(&self) -> anyhow::Result<()>;
     /// Writes a small object in one request.
     async fn put(&self, key: &str, body: Bytes) -> anyhow::Result<()>;
+    /// Writes a small object that must not exist yet: when it does,
+    /// [`StoreError::Exists`] and the object is left as it was (S3:
+    /// `If-None-Match: *`; a directory: `link`, which refuses to replace).
+    async fn put_new(&self, key: &str, body: Bytes) -> anyhow::Result<()>;
     /// How this store moves data (fixed when it was opened).
     fn transfer(&self) -> Transfer;
     /// Streams the parts of `upload` (from [`Transfer::upload`]) to `key`
     /// with up to `upload.in_flight` in flight; the object appears only
     /// after [`Chunk::End`]; any failure aborts the upload and leaves no
-    /// object. Returns the bytes written.
+    /// object. With `upload.log`, the upload is recorded there while it
+    /// runs; with `upload.create_only`, an existing `key` is not replaced
+    /// ([`StoreError::Exists`]). Returns the bytes written.
     async fn put_stream(&self, key: &str, upload: Upload) -> anyhow::Result<u64>;
+    /// Aborts an upload of `key` that a [`UploadRecord`] names (left by a
+    /// killed run); one the store no longer knows counts as aborted.
+    async fn abort_upload(&self, key: &str, upload_id: &str) -> anyhow::Result<()>;
     /// Size of `key`, or `None` when it does not exist.
     async fn size(&self, key: &str) -> anyhow::Result<Option<u64>>;
     /// Bytes `range` of `key`; a store that sends more is refused.
@@ -140,6 +163,10 @@ pub struct Upload {
     pub part_size: u64,
     /// Parts uploaded at once.
     pub in_flight: usize,
+    /// Where the upload is recorded while it runs (see [`UploadLog`]).
+    pub log: Option<UploadLog>,
+    /// Refuse to replace an existing object.
+    pub create_only: bool,
 }
 
 impl Upload {
@@ -172,6 +199,8 @@ impl Transfer {
                 parts,
                 part_size,
                 in_flight,
+                log: None,
+                create_only: false,
             },
         )
     }

@@ -1,7 +1,11 @@
 //! S3 and S3-compatible servers through aws-sdk-s3. Credentials come from
 //! aws-config's standard chain (env, profile, instance role); they are never
-//! logged. Retries with backoff and jitter (throttling, 5xx, timeouts) are the
-//! SDK's standard retry mode.
+//! logged. Retries with backoff and jitter of requests (throttling, 5xx,
+//! timeouts, connection errors, bodies of parts included) are the SDK's
+//! standard retry mode; a GET whose response *body* breaks (a reset, fewer
+//! bytes than its Content-Length, no data for `store.read_timeout`) is
+//! retried here ([`S3Store::get_body`]), since the SDK hands the body over
+//! before it is read.
 
 use std::ops::Range;
 use std::time::Duration;
@@ -16,10 +20,9 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
 use bytes::Bytes;
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::{Chunk, Store, StoreError, Transfer, Upload};
+use super::{Chunk, Store, StoreError, Transfer, Upload, UploadRecord};
 use crate::config::StoreConfig;
 
 pub struct S3Store {
@@ -27,6 +30,35 @@ pub struct S3Store {
     bucket: String,
     prefix: String,
     transfer: Transfer,
+    /// Attempts of one GET whose body broke (`store.max_attempts`).
+    max_attempts: u32,
+    /// Longest wait for the next piece of a body (`store.read_timeout`).
+    read_timeout: Duration,
+}
+
+/// First and largest pause between attempts (before jitter).
+const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(20);
+
+/// The pause before attempt `attempt + 1`: exponential, capped, with full
+/// jitter (a random share of it), so clients that failed together do not
+/// retry together.
+fn backoff(attempt: u32) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let cap = INITIAL_BACKOFF
+        .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+        .min(MAX_BACKOFF);
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    cap.mul_f64((random >> 11) as f64 / (1u64 << 53) as f64)
+}
+
+/// Why reading a response body failed: a broken transfer is worth another
+/// attempt, a store sending too much is not.
+enum BodyError {
+    Broken(String),
+    Refused(anyhow::Error),
 }
 
 /// The typed error of an S3 call: the operation, the object, the server's
@@ -88,6 +120,11 @@ where
             detail,
             hint: " (HTTP 403 without a reason: wrong credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile or instance role), this host's clock off, or no permission for this bucket)",
         },
+        Some("PreconditionFailed") => StoreError::Exists { op, url, hint: "" },
+        Some("SlowDown" | "ServiceUnavailable" | "InternalError" | "RequestTimeout") => {
+            StoreError::Failing { op, url, detail }
+        }
+        _ if status.is_some_and(|s| s >= 500) => StoreError::Failing { op, url, detail },
         Some("AuthorizationHeaderMalformed") => StoreError::Denied {
             op,
             url,
@@ -102,32 +139,58 @@ where
 }
 
 /// Reads a response body, refusing more than `limit` bytes (a store that
-/// sends more than asked is not trusted with memory).
+/// sends more than asked is not trusted with memory), waiting at most
+/// `timeout` for each piece, and checking it got all of `expected` bytes
+/// (the Content-Length) when the store said how many.
 async fn read_body(
-    mut body: aws_sdk_s3::primitives::ByteStream,
+    mut body: ByteStream,
     url: &str,
     limit: u64,
-) -> anyhow::Result<Bytes> {
+    expected: Option<u64>,
+    timeout: Duration,
+) -> Result<Bytes, BodyError> {
     let mut buf = bytes::BytesMut::new();
-    while let Some(chunk) = body
-        .try_next()
-        .await
-        .with_context(|| format!("reading {url}"))?
-    {
-        if (buf.len() + chunk.len()) as u64 > limit {
-            return Err(StoreError::TooLarge {
-                url: url.to_string(),
-                limit,
+    loop {
+        let chunk = match tokio::time::timeout(timeout, body.try_next()).await {
+            Err(_) => {
+                return Err(BodyError::Broken(format!(
+                    "no data for {timeout:?} after {} bytes (store.read_timeout)",
+                    buf.len()
+                )))
             }
-            .into());
+            Ok(Err(e)) => {
+                return Err(BodyError::Broken(format!(
+                    "the body broke after {} bytes: {}",
+                    buf.len(),
+                    DisplayErrorContext(&e)
+                )))
+            }
+            Ok(Ok(None)) => break,
+            Ok(Ok(Some(chunk))) => chunk,
+        };
+        if (buf.len() + chunk.len()) as u64 > limit {
+            return Err(BodyError::Refused(
+                StoreError::TooLarge {
+                    url: url.to_string(),
+                    limit,
+                }
+                .into(),
+            ));
         }
         buf.extend_from_slice(&chunk);
     }
-    Ok(buf.freeze())
+    match expected {
+        Some(n) if (buf.len() as u64) < n => Err(BodyError::Broken(format!(
+            "the body ended after {} of its {n} bytes",
+            buf.len()
+        ))),
+        _ => Ok(buf.freeze()),
+    }
 }
 
 impl S3Store {
     pub async fn new(cfg: &StoreConfig, bucket: String, prefix: String) -> anyhow::Result<S3Store> {
+        // Every request is bounded: connecting, and waiting for its response.
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
         if let Some(region) = &cfg.region {
             loader = loader.region(aws_config::Region::new(region.clone()));
@@ -138,13 +201,13 @@ impl S3Store {
             .retry_config(
                 RetryConfig::standard()
                     .with_max_attempts(cfg.max_attempts)
-                    .with_initial_backoff(Duration::from_millis(200))
-                    .with_max_backoff(Duration::from_secs(20)),
+                    .with_initial_backoff(INITIAL_BACKOFF)
+                    .with_max_backoff(MAX_BACKOFF),
             )
             .timeout_config(
                 TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(10))
-                    .read_timeout(Duration::from_secs(120))
+                    .connect_timeout(cfg.connect_timeout)
+                    .read_timeout(cfg.read_timeout)
                     .build(),
             );
         if sdk.region().is_none() {
@@ -158,7 +221,100 @@ impl S3Store {
             bucket,
             prefix,
             transfer: Transfer::from_config(cfg),
+            max_attempts: cfg.max_attempts,
+            read_timeout: cfg.read_timeout,
         })
+    }
+
+    /// GETs `key` (bytes `range`, or all of it) and reads the body, at most
+    /// `limit` bytes. The request itself is retried by the SDK; a body that
+    /// breaks is asked for again, up to `store.max_attempts` times with
+    /// backoff and jitter, with a warning for each retry.
+    async fn get_body(
+        &self,
+        key: &str,
+        range: Option<Range<u64>>,
+        limit: u64,
+    ) -> anyhow::Result<Bytes> {
+        let url = self.url(key);
+        let what = match &range {
+            Some(r) => format!("{url} bytes {}-{}", r.start, r.end - 1),
+            None => url.clone(),
+        };
+        let mut attempt = 1;
+        loop {
+            let out = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(self.key(key))
+                .set_range(
+                    range
+                        .as_ref()
+                        .map(|r| format!("bytes={}-{}", r.start, r.end - 1)),
+                )
+                .send()
+                .await
+                .map_err(|e| s3_error("GetObject", &url, e))?;
+            let expected = out.content_length().and_then(|n| u64::try_from(n).ok());
+            if expected.is_some_and(|n| n > limit) {
+                return Err(StoreError::TooLarge { url, limit }.into());
+            }
+            let broken = match read_body(out.body, &url, limit, expected, self.read_timeout).await {
+                Ok(b) => return Ok(b),
+                Err(BodyError::Refused(e)) => return Err(e),
+                Err(BodyError::Broken(why)) => why,
+            };
+            if attempt >= self.max_attempts {
+                anyhow::bail!(StoreError::Unreachable {
+                    op: "GetObject".into(),
+                    url: what,
+                    detail: format!("{broken}, {attempt} attempts (store.max_attempts)"),
+                });
+            }
+            let pause = backoff(attempt);
+            tracing::warn!(
+                "GetObject {what}: {broken}; retrying in {pause:.1?} (attempt {} of {})",
+                attempt + 1,
+                self.max_attempts
+            );
+            tokio::time::sleep(pause).await;
+            attempt += 1;
+        }
+    }
+
+    /// One PutObject; `if_absent`: only when `key` does not exist.
+    async fn put_object(&self, key: &str, body: Bytes, if_absent: bool) -> anyhow::Result<()> {
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.key(key))
+            .set_if_none_match(if_absent.then(|| "*".to_string()))
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| s3_error("PutObject", &self.url(key), e))?;
+        Ok(())
+    }
+
+    async fn abort(&self, full: &str, upload_id: &str) -> Result<(), StoreError> {
+        match self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(full)
+            .upload_id(upload_id)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("NoSuchUpload") => Ok(()),
+            Err(e) => Err(s3_error(
+                "AbortMultipartUpload",
+                &format!("s3://{}/{full}", self.bucket),
+                e,
+            )),
+        }
     }
 
     fn key(&self, key: &str) -> String {
@@ -169,13 +325,7 @@ impl S3Store {
         }
     }
 
-    async fn multipart(
-        &self,
-        key: &str,
-        first: Bytes,
-        parts: &mut mpsc::Receiver<Chunk>,
-        concurrency: usize,
-    ) -> anyhow::Result<u64> {
+    async fn multipart(&self, key: &str, first: Bytes, upload: &mut Upload) -> anyhow::Result<u64> {
         let url = self.url(key);
         let full = self.key(key);
         let created = self
@@ -190,22 +340,47 @@ impl S3Store {
             .upload_id()
             .context("CreateMultipartUpload returned no upload id")?
             .to_string();
+        // Recorded before the first part: a run killed from now on leaves a
+        // record the next run aborts.
+        let record = match &upload.log {
+            None => None,
+            Some(log) => match log.record(&UploadRecord {
+                url: url.clone(),
+                key: key.to_string(),
+                upload_id: upload_id.clone(),
+            }) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    if let Err(a) = self.abort(&full, &upload_id).await {
+                        tracing::warn!("{a}");
+                    }
+                    return Err(e.context(format!("upload to {url} not started")));
+                }
+            },
+        };
         let result = self
-            .upload_parts(&full, &url, &upload_id, first, parts, concurrency)
+            .upload_parts(&full, &url, &upload_id, first, upload)
             .await;
-        if result.is_err() {
+        let finished = match &result {
+            Ok(_) => true,
             // Leave nothing behind: a failed upload must not cost storage or look complete.
-            if let Err(e) = self
-                .client
-                .abort_multipart_upload()
-                .bucket(&self.bucket)
-                .key(&full)
-                .upload_id(&upload_id)
-                .send()
-                .await
-            {
-                tracing::warn!("{}", s3_error("AbortMultipartUpload", &url, e));
-            }
+            Err(_) => match self.abort(&full, &upload_id).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(
+                        "{e}; {}",
+                        if record.is_some() {
+                            "the next archiver run aborts it"
+                        } else {
+                            "abort it with the store's tools or a lifecycle rule"
+                        }
+                    );
+                    false
+                }
+            },
+        };
+        if let (true, Some(r)) = (finished, record) {
+            r.remove();
         }
         result
     }
@@ -216,9 +391,9 @@ impl S3Store {
         url: &str,
         upload_id: &str,
         first: Bytes,
-        parts: &mut mpsc::Receiver<Chunk>,
-        concurrency: usize,
+        upload: &mut Upload,
     ) -> anyhow::Result<u64> {
+        let (parts, concurrency) = (&mut upload.parts, upload.in_flight.max(1));
         let mut inflight: JoinSet<anyhow::Result<CompletedPart>> = JoinSet::new();
         let mut done: Vec<CompletedPart> = Vec::new();
         let mut total = 0u64;
@@ -273,7 +448,9 @@ impl S3Store {
             done.push(r??);
         }
         done.sort_by_key(|p| p.part_number());
-        self.client
+        let etag = multipart_etag(&done);
+        let completed = self
+            .client
             .complete_multipart_upload()
             .bucket(&self.bucket)
             .key(full)
@@ -283,11 +460,61 @@ impl S3Store {
                     .set_parts(Some(done))
                     .build(),
             )
+            .set_if_none_match(upload.create_only.then(|| "*".to_string()))
             .send()
-            .await
-            .map_err(|e| s3_error("CompleteMultipartUpload", url, e))?;
+            .await;
+        if let Err(e) = completed {
+            // A CompleteMultipartUpload whose answer was lost is retried by
+            // the SDK, and the retry refused (the upload is gone, or the
+            // object exists): the object carrying this upload's ETag is
+            // the proof that it completed.
+            let err = s3_error("CompleteMultipartUpload", url, e);
+            if etag.is_none() || self.etag(full).await != etag {
+                return Err(err.into());
+            }
+            tracing::warn!("{err}; but {url} is this upload's object: it completed");
+            // Had the store refused it after all (an object of the very same
+            // bytes existed), the upload must not stay behind; after a
+            // completion the store refuses the abort, which is fine.
+            if let Err(e) = self.abort(full, upload_id).await {
+                tracing::debug!("{e}");
+            }
+        }
         Ok(total)
     }
+
+    /// The ETag of object `full`, when it exists and the store says.
+    async fn etag(&self, full: &str) -> Option<String> {
+        let out = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(full)
+            .send()
+            .await
+            .ok()?;
+        Some(out.e_tag()?.trim_matches('"').to_string())
+    }
+}
+
+/// The ETag S3 gives the object of a completed multipart upload: the MD5 of
+/// its parts' MD5s (their ETags), then `-<parts>`; `None` when a part's ETag
+/// is not an MD5 (some encryption modes).
+fn multipart_etag(parts: &[CompletedPart]) -> Option<String> {
+    use md5::Digest;
+    let mut md5s = Vec::with_capacity(parts.len() * 16);
+    for p in parts {
+        let one = hex::decode(p.e_tag()?.trim_matches('"')).ok()?;
+        if one.len() != 16 {
+            return None;
+        }
+        md5s.extend(one);
+    }
+    Some(format!(
+        "{}-{}",
+        hex::encode(md5::Md5::digest(&md5s)),
+        parts.len()
+    ))
 }
 
 #[async_trait]
@@ -318,23 +545,24 @@ impl Store for S3Store {
     }
 
     async fn put(&self, key: &str, body: Bytes) -> anyhow::Result<()> {
-        self.client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(self.key(key))
-            .body(ByteStream::from(body))
-            .send()
-            .await
-            .map_err(|e| s3_error("PutObject", &self.url(key), e))?;
-        Ok(())
+        self.put_object(key, body, false).await
+    }
+
+    async fn put_new(&self, key: &str, body: Bytes) -> anyhow::Result<()> {
+        self.put_object(key, body, true).await
+    }
+
+    async fn abort_upload(&self, key: &str, upload_id: &str) -> anyhow::Result<()> {
+        Ok(self.abort(&self.key(key), upload_id).await?)
     }
 
     fn transfer(&self) -> Transfer {
         self.transfer
     }
 
-    async fn put_stream(&self, key: &str, upload: Upload) -> anyhow::Result<u64> {
-        let (mut parts, concurrency) = (upload.parts, upload.in_flight);
+    async fn put_stream(&self, key: &str, mut upload: Upload) -> anyhow::Result<u64> {
+        let create_only = upload.create_only;
+        let parts = &mut upload.parts;
         let first = match parts.recv().await {
             Some(Chunk::Data(b)) => b,
             Some(Chunk::End) => Bytes::new(),
@@ -347,11 +575,11 @@ impl Store for S3Store {
         if first.len() < super::MIN_PART as usize {
             return match parts.recv().await {
                 Some(Chunk::End) | None if first.is_empty() => {
-                    self.put(key, first).await.map(|()| 0)
+                    self.put_object(key, first, create_only).await.map(|()| 0)
                 }
                 Some(Chunk::End) => {
                     let n = first.len() as u64;
-                    self.put(key, first).await.map(|()| n)
+                    self.put_object(key, first, create_only).await.map(|()| n)
                 }
                 Some(Chunk::Data(_)) => anyhow::bail!(
                     "upload to {}: a part smaller than 5 MiB before the last",
@@ -363,8 +591,7 @@ impl Store for S3Store {
                 ),
             };
         }
-        self.multipart(key, first, &mut parts, concurrency.max(1))
-            .await
+        self.multipart(key, first, &mut upload).await
     }
 
     async fn size(&self, key: &str) -> anyhow::Result<Option<u64>> {
@@ -386,33 +613,12 @@ impl Store for S3Store {
         if range.is_empty() {
             return Ok(Bytes::new());
         }
-        let url = self.url(key);
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(self.key(key))
-            .range(format!("bytes={}-{}", range.start, range.end - 1))
-            .send()
-            .await
-            .map_err(|e| s3_error("GetObject", &url, e))?;
-        read_body(out.body, &url, range.end - range.start).await
+        let limit = range.end - range.start;
+        self.get_body(key, Some(range), limit).await
     }
 
     async fn get(&self, key: &str, limit: u64) -> anyhow::Result<Bytes> {
-        let url = self.url(key);
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(self.key(key))
-            .send()
-            .await
-            .map_err(|e| s3_error("GetObject", &url, e))?;
-        if out.content_length().is_some_and(|n| n as u64 > limit) {
-            return Err(StoreError::TooLarge { url, limit }.into());
-        }
-        read_body(out.body, &url, limit).await
+        self.get_body(key, None, limit).await
     }
 
     async fn list(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
