@@ -997,3 +997,168 @@ fn the_deploy_wrapper_backs_up_and_passes_on_the_failing_programs_exit_code() {
     assert!(error_line(&out, 2).contains("lock_methd"));
     assert!(out.stdout.is_empty());
 }
+
+/// A writer inserting timestamped rows one after another on its own
+/// connection until stopped: the longest gap between two consecutive
+/// successful commits, and how many committed.
+struct StallWriter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(Duration, usize)>,
+}
+
+impl StallWriter {
+    fn start(db: &MariaDb) -> StallWriter {
+        db.sql(
+            "CREATE DATABASE IF NOT EXISTS d; \
+             CREATE TABLE d.ticks (id INT AUTO_INCREMENT PRIMARY KEY, at DATETIME(6)) ENGINE=InnoDB",
+        );
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, socket) = (stop.clone(), db.socket.to_string_lossy().into_owned());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                use mysql_async::prelude::Queryable;
+                let opts = mysql_async::OptsBuilder::default()
+                    .socket(Some(socket))
+                    .user(Some("root"));
+                let mut conn = mysql_async::Conn::new(opts).await.expect("writer connects");
+                let (mut last, mut worst, mut n) = (Instant::now(), Duration::ZERO, 0);
+                while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                    conn.query_drop("INSERT INTO d.ticks (at) VALUES (NOW(6))")
+                        .await
+                        .expect("writer's INSERT");
+                    worst = worst.max(last.elapsed());
+                    last = Instant::now();
+                    n += 1;
+                }
+                (worst, n)
+            })
+        });
+        StallWriter { stop, thread }
+    }
+
+    /// Stops it: the longest gap between consecutive commits, and the commits.
+    fn finish(self) -> (Duration, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("writer thread")
+    }
+}
+
+/// A directory holding a `btrfs` that runs the real one, but after
+/// `subvolume snapshot` (which it does make) hangs for 30 s, as a snapshot
+/// command stuck in the kernel or on a lock would.
+fn hanging_btrfs(dir: &Path) -> PathBuf {
+    let real = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "command -v btrfs"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    assert!(real.starts_with('/'), "btrfs not found: {real:?}");
+    let bin = dir.join("hang-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let script = bin.join("btrfs");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ \"$1 $2\" = \"subvolume snapshot\" ]; then\n  {real} \"$@\" || exit $?\n  exec sleep 30\nfi\nexec {real} \"$@\"\n"
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
+/// Subvolumes of the rig's btrfs filesystem other than the snapshotted one.
+fn extra_subvolumes(rig: &Rig) -> Vec<String> {
+    let out = Command::new("btrfs")
+        .args(["subvolume", "list"])
+        .arg(&rig.vol.mnt)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(" path ").map(|(_, p)| p.to_string()))
+        .filter(|p| p != "vol")
+        .collect()
+}
+
+/// The snapshot command hangs under the lock: the lock is ended at
+/// `mysql.max_hold`, the run fails with exit 3 naming the step and the key,
+/// the snapshot the command made is removed, nothing is saved, and a
+/// writer's longest stall stays near the bound.
+fn a_hanging_snapshot_command_is_cut_off_at_max_hold(lock_method: &str) {
+    let rig = Rig::new(StoreKind::File);
+    rig.write_config(|t| {
+        set(t, "mysql", "max_hold", "2s");
+        set(t, "mysql", "lock_method", lock_method);
+    });
+    let hang = hanging_btrfs(rig.tmp.path());
+    let path = format!(
+        "{}:{}",
+        hang.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let writer = StallWriter::start(&rig.db);
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let out = rig.cmd("snapshotter").env("PATH", path).output().unwrap();
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let (stall, commits) = writer.finish();
+    eprintln!(
+        "{lock_method}: snapshotter ran {took:?}; the writer's longest stall {stall:?} over {commits} commits"
+    );
+    let line = error_line(&out, 3);
+    eprintln!("{line}");
+    assert!(
+        line.contains("mysql.max_hold") && line.contains("btrfs subvolume snapshot"),
+        "{line}"
+    );
+    assert!(
+        stall < Duration::from_secs(4),
+        "a writer stalled {stall:?} (max_hold 2s)"
+    );
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    assert!(rig.snapshots().is_empty(), "{:?}", rig.snapshots());
+    assert!(
+        extra_subvolumes(&rig).is_empty(),
+        "{:?}",
+        extra_subvolumes(&rig)
+    );
+    assert!(rig.pending().is_empty(), "{:?}", rig.pending());
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("manifest"),
+        "no manifest path printed"
+    );
+    // Writers go on at once.
+    let t = Instant::now();
+    rig.db.sql("INSERT INTO d.ticks (at) VALUES (NOW(6))");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    // And the next backup, with the real command, works.
+    rig.backup();
+}
+
+#[test]
+fn a_hanging_snapshot_command_is_cut_off_at_max_hold_with_backup_stage() {
+    if !gate("a_hanging_snapshot_command_is_cut_off_at_max_hold_with_backup_stage") {
+        return;
+    }
+    a_hanging_snapshot_command_is_cut_off_at_max_hold("backup_stage");
+}
+
+#[test]
+fn a_hanging_snapshot_command_is_cut_off_at_max_hold_with_ftwrl() {
+    if !gate("a_hanging_snapshot_command_is_cut_off_at_max_hold_with_ftwrl") {
+        return;
+    }
+    a_hanging_snapshot_command_is_cut_off_at_max_hold("ftwrl");
+}

@@ -2,6 +2,7 @@
 //! created in the snapshot directory on the same filesystem.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 
@@ -30,18 +31,21 @@ impl SnapshotBackend for Btrfs {
         Backend::Btrfs
     }
 
-    fn create(&self, name: &str) -> anyhow::Result<Snapshot> {
+    fn create(&self, name: &str, timeout: Duration) -> anyhow::Result<Snapshot> {
         let path = self.path(name)?;
         crate::state::create_private_dir(&self.dir)
             .with_context(|| format!("cannot create snapshot directory {}", self.dir.display()))?;
-        cmd::run(&[
-            "btrfs".as_ref(),
-            "subvolume".as_ref(),
-            "snapshot".as_ref(),
-            "-r".as_ref(),
-            self.subvolume.as_os_str(),
-            path.as_os_str(),
-        ])
+        cmd::run_for(
+            &[
+                "btrfs".as_ref(),
+                "subvolume".as_ref(),
+                "snapshot".as_ref(),
+                "-r".as_ref(),
+                self.subvolume.as_os_str(),
+                path.as_os_str(),
+            ],
+            Some(timeout),
+        )
         .with_context(|| {
             format!(
                 "cannot snapshot {} (volume.mountpoint must be a btrfs subvolume)",

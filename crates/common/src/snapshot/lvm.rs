@@ -193,10 +193,10 @@ impl SnapshotBackend for Lvm {
         Backend::Lvm
     }
 
-    fn create(&self, name: &str) -> anyhow::Result<Snapshot> {
+    fn create(&self, name: &str, timeout: std::time::Duration) -> anyhow::Result<Snapshot> {
         // Under the server's lock: only the snapshot itself; the mount comes after.
         let name = self.checked(name)?;
-        cmd::run(&self.lvcreate_argv(name)).with_context(|| {
+        cmd::run_for(&self.lvcreate_argv(name), Some(timeout)).with_context(|| {
             format!(
                 "cannot snapshot {}/{} with {} of copy-on-write space (volume group {} needs free extents: volprep keeps volume.snapshot_reserve_percent free; see volume.snapshot_size)",
                 self.vg, self.lv, self.size, self.vg
