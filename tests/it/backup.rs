@@ -1162,3 +1162,69 @@ fn a_hanging_snapshot_command_is_cut_off_at_max_hold_with_ftwrl() {
     }
     a_hanging_snapshot_command_is_cut_off_at_max_hold("ftwrl");
 }
+
+#[test]
+fn a_second_snapshotter_leaves_a_handed_off_backup_to_its_late_archiver() {
+    if !gate("a_second_snapshotter_leaves_a_handed_off_backup_to_its_late_archiver") {
+        return;
+    }
+    let rig = Rig::new(StoreKind::File);
+    let first = rig.snapshot();
+    let m = Manifest::load(&first).unwrap();
+    // Cron overlap: another snapshotter starts before the archiver did.
+    let line = error_line(&rig.run("snapshotter", &[]), 1);
+    assert!(
+        line.contains(&format!("backup {} ", m.backup_id))
+            && line.contains("was handed off")
+            && line.contains("backup.handoff_grace"),
+        "{line}"
+    );
+    assert_eq!(rig.snapshots(), [m.snapshot.name.to_string()]);
+    assert_eq!(rig.pending(), [m.backup_id.to_string()]);
+
+    // The archiver comes late, and while another run holds the state lock
+    // for a moment: it waits, then archives the first snapshot.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut holder = Command::new("flock")
+        .arg(rig.state.join("lock"))
+        .args(["sleep", "3"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let id = rig.archive(&first);
+    assert!(t.elapsed() >= Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(holder.wait().unwrap().success());
+    assert_eq!(id, m.backup_id.as_str());
+    assert!(rig.snapshots().is_empty(), "{:?}", rig.snapshots());
+    assert!(rig.pending().is_empty(), "{:?}", rig.pending());
+    assert!(rig
+        .store_keys()
+        .contains(&format!("db1/{id}/manifest.toml")));
+
+    // A backup no archiver claimed within backup.handoff_grace is a killed
+    // run's: the next snapshotter removes it and goes on.
+    rig.write_config(|t| set(t, "backup", "handoff_grace", "10s"));
+    let orphan = rig.snapshot();
+    let o = Manifest::load(&orphan).unwrap();
+    let old = std::time::SystemTime::now() - Duration::from_secs(60);
+    std::fs::File::options()
+        .write(true)
+        .open(&orphan)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let out = rig.run("snapshotter", &[]);
+    assert_ok(&out, "snapshotter");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("removing snapshot {}", o.snapshot.name))
+            && stderr.contains("no archiver claimed it within backup.handoff_grace"),
+        "{stderr}"
+    );
+    let third = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let t = Manifest::load(&third).unwrap();
+    assert_eq!(rig.snapshots(), [t.snapshot.name.to_string()]);
+    assert_eq!(rig.pending(), [t.backup_id.to_string()]);
+    rig.archive(&third);
+}

@@ -270,6 +270,15 @@ step "a killed run: snapshotter alone leaves a snapshot"
 stale_manifest=$(snapshotter --config "$D/src.toml" 2>"$RUN/stale.log") || { cat "$RUN/stale.log"; fail "snapshotter"; }
 [ -f "$stale_manifest" ] || fail "snapshotter printed '$stale_manifest'"
 [ -n "$(snapshot_lvs mysnapsrc)" ] || fail "no snapshot LV after snapshotter"
+# A handed-off backup is kept for its archiver (backup.handoff_grace): a
+# second snapshotter refuses to start over it...
+rc=0; snapshotter --config "$D/src.toml" >/dev/null 2>"$RUN/overlap.log" || rc=$?
+cat "$RUN/overlap.log"
+[ $rc = 1 ] || fail "a snapshotter over a handed-off backup exited $rc, not 1"
+grep -q "was handed off" "$RUN/overlap.log" || fail "no clear refusal over a handed-off backup"
+[ -n "$(snapshot_lvs mysnapsrc)" ] || fail "the handed-off snapshot was removed"
+# ...until no archiver claimed it within the grace: then it is a killed run's.
+touch -d '-1 hour' "$stale_manifest"
 
 step "snapshotter | archiver under load, to S3 on loopback"
 sysbench_cmd src --time=25 --threads=2 --report-interval=0 run >"$RUN/load.out" 2>&1 &

@@ -20,7 +20,7 @@ use common::dialect;
 use common::manifest::{self, Manifest, SnapshotInfo, FORMAT_VERSION, MANIFEST_FILE};
 use common::mysql::{query_rows, ConnectInfo};
 use common::snapshot::{self, SnapshotBackend};
-use common::state::StateLock;
+use common::state::{StateLock, Verdict};
 
 pub use layout::{plan_layout, DataVars};
 pub use lock::LockOutcome;
@@ -29,7 +29,12 @@ pub use lock::LockOutcome;
 pub async fn run(cfg: &Config) -> anyhow::Result<PathBuf> {
     let state = StateLock::acquire(&cfg.backup.state_dir)?;
     let backend = snapshot::backend(&cfg.volume, &cfg.backup.state_dir);
-    remove_stale(&state, backend.as_ref(), &cfg.backup.name)?;
+    remove_stale(
+        &state,
+        backend.as_ref(),
+        &cfg.backup.name,
+        cfg.backup.handoff_grace,
+    )?;
     let ready = prepare(cfg).await?;
     let id = next_backup_id(&state).await?;
     let name = snapshot::snapshot_name(&cfg.backup.name, &id);
@@ -183,16 +188,32 @@ pub fn abandon(cfg: &Config, manifest_path: &std::path::Path) -> anyhow::Result<
     std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))
 }
 
-/// Removes snapshots and state left by earlier runs that were killed. Only
-/// this config's, known by the naming and the state directory.
+/// Removes snapshots and state left by earlier runs that did not finish
+/// (only this config's, known by the naming and the state directory), and
+/// refuses to start while a backup handed off to its archiver is pending:
+/// between the snapshotter's exit and the archiver's start nobody holds the
+/// state lock, and that backup is not stale ([`common::state::judge`]).
 fn remove_stale(
     state: &StateLock,
     backend: &dyn SnapshotBackend,
     backup_name: &str,
+    grace: Duration,
 ) -> anyhow::Result<()> {
+    let mut stale = Vec::new();
+    let mut kept = Vec::new();
+    for id in state.pending_ids()? {
+        match state.verdict(&id, grace)? {
+            Verdict::Stale(why) => stale.push((id, why)),
+            busy => kept.push((id, busy)),
+        }
+    }
     let prefix = snapshot::snapshot_prefix(backup_name);
     for name in backend.list(&prefix)? {
-        if !snapshot::is_own_snapshot(backup_name, &name) {
+        if !snapshot::is_own_snapshot(backup_name, &name)
+            || kept
+                .iter()
+                .any(|(id, _)| name.strip_prefix(&prefix) == Some(id))
+        {
             continue;
         }
         tracing::warn!("removing snapshot {name} left by an earlier run that did not finish");
@@ -200,14 +221,30 @@ fn remove_stale(
             .remove(&name)
             .with_context(|| format!("cannot remove stale snapshot {name}"))?;
     }
-    for id in state.pending_ids()? {
+    for (id, why) in stale {
         let dir = state.backup_dir(&id);
         tracing::warn!(
-            "removing state {} of backup {id}, which never completed",
+            "removing state {} of backup {id}, which never completed: {why}",
             dir.display()
         );
         std::fs::remove_dir_all(&dir)
             .with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    if let Some((id, verdict)) = kept.first() {
+        let manifest = state.backup_dir(id).join(MANIFEST_FILE);
+        let what = match verdict {
+            Verdict::HandedOff { age } => format!(
+                "was handed off {}s ago and its archiver has not started",
+                age.as_secs()
+            ),
+            _ => "is being archived".to_string(),
+        };
+        anyhow::bail!(
+            "backup {id} ({}) {what}: not starting another backup over it; wait for its archiver (or run `archiver --manifest {}`); a backup no archiver claims within backup.handoff_grace ({}s) is removed by the next snapshotter",
+            manifest.display(),
+            manifest.display(),
+            grace.as_secs()
+        );
     }
     Ok(())
 }
