@@ -1228,3 +1228,63 @@ fn a_second_snapshotter_leaves_a_handed_off_backup_to_its_late_archiver() {
     assert_eq!(rig.pending(), [t.backup_id.to_string()]);
     rig.archive(&third);
 }
+
+/// Fills the filesystem of `dir` with one file until ENOSPC.
+fn fill_until_full(file: &Path) {
+    let mut f = std::fs::File::create(file).unwrap();
+    let chunk = vec![0x5au8; 1 << 20];
+    use std::io::Write;
+    loop {
+        match f.write_all(&chunk) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
+            Err(e) => panic!("filling {}: {e}", file.display()),
+        }
+    }
+    // Small writes take what is left in partly used blocks.
+    let small = vec![0x5au8; 4096];
+    while f.write_all(&small).is_ok() {}
+    let _ = f.sync_all();
+}
+
+#[test]
+fn a_backup_on_a_full_btrfs_volume_fails_cleanly_before_the_lock() {
+    if !gate("a_backup_on_a_full_btrfs_volume_fails_cleanly_before_the_lock") {
+        return;
+    }
+    let rig = Rig::new(StoreKind::File);
+    rig.db.sql(
+        "CREATE DATABASE d; CREATE TABLE d.w (id INT AUTO_INCREMENT PRIMARY KEY) ENGINE=InnoDB; \
+         INSERT INTO d.w VALUES ()",
+    );
+    let fill = rig.vol.mnt.join("fill");
+    fill_until_full(&fill);
+    let started = Instant::now();
+    let out = rig.run("snapshotter", &[]);
+    let line = error_line(&out, 1);
+    assert!(
+        line.contains("is full") && line.contains("free space on it first"),
+        "{line}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(rig.snapshots().is_empty(), "{:?}", rig.snapshots());
+    assert!(
+        extra_subvolumes(&rig).is_empty(),
+        "{:?}",
+        extra_subvolumes(&rig)
+    );
+    assert!(rig.pending().is_empty(), "{:?}", rig.pending());
+    assert!(rig.store_keys().is_empty(), "{:?}", rig.store_keys());
+    // Nothing was locked: once there is room, a write goes through at once,
+    // and so does a backup.
+    std::fs::remove_file(&fill).unwrap();
+    Command::new("sync").status().unwrap();
+    let t = Instant::now();
+    rig.db.sql("INSERT INTO d.w VALUES ()");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    rig.backup();
+}

@@ -93,6 +93,7 @@ struct Ready {
 /// the store, both connections, the lock method, where the data is.
 async fn prepare(cfg: &Config) -> anyhow::Result<Ready> {
     snapshot::check_mounted(&cfg.volume)?;
+    check_free_space(&cfg.volume.mountpoint)?;
     let store = common::store::open(&cfg.store).await?;
     store.check().await?;
     let info = ConnectInfo::from_config(&cfg.mysql)?;
@@ -128,6 +129,32 @@ async fn prepare(cfg: &Config) -> anyhow::Result<Ready> {
         layout,
         server,
     })
+}
+
+/// The least free space the volume must have for a backup to start. Under
+/// the lock the server writes a new binary log and a btrfs snapshot needs
+/// metadata space; on a full volume the server waits for space to write
+/// (commits blocked) and the snapshot fails: refused before, not found out
+/// under the lock.
+pub const MIN_FREE_BYTES: u64 = 64 << 20;
+
+/// Refuses a volume with less than [`MIN_FREE_BYTES`] free.
+fn check_free_space(mountpoint: &std::path::Path) -> anyhow::Result<()> {
+    let st = nix::sys::statvfs::statvfs(mountpoint).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the free space of {} (volume.mountpoint): {e}",
+            mountpoint.display()
+        )
+    })?;
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    anyhow::ensure!(
+        free >= MIN_FREE_BYTES,
+        "the volume at {} (volume.mountpoint) is full: {} MiB free, less than the {} MiB a backup needs (the server writes a new binary log and a snapshot needs metadata space, with commits blocked); free space on it first, nothing was locked or snapshotted",
+        mountpoint.display(),
+        free >> 20,
+        MIN_FREE_BYTES >> 20
+    );
+    Ok(())
 }
 
 /// The locked phase and what follows it at once: long queries waited out

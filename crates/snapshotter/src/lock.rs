@@ -402,7 +402,7 @@ impl<'a> LockSession<'a> {
         if self.stage() && self.server.log_bin {
             // Not under BLOCK_COMMIT, where it would lengthen the hold: the
             // coordinates read under it need not be at a file start.
-            exec(&mut self.conn, "FLUSH BINARY LOGS").await?;
+            self.bounded("FLUSH BINARY LOGS").await?;
         }
         let attempts = self.policy.retries + 1;
         for attempt in 1..=attempts {
@@ -421,6 +421,32 @@ impl<'a> LockSession<'a> {
             }
         }
         Err(self.timed_out(attempts).await)
+    }
+
+    /// Runs `sql` on the lock connection before the lock, bounded by the
+    /// lock timeout: the watcher `KILL QUERY`s it when it outlives that (a
+    /// server waiting for disk space to write its binary log waits for ever).
+    async fn bounded(&mut self, sql: &str) -> anyhow::Result<()> {
+        let timeout = self.policy.timeout;
+        let Self { conn, watcher, .. } = self;
+        let watcher = watcher
+            .as_mut()
+            .expect("the watcher is here before the lock");
+        let conn_id = conn.id();
+        let (done_tx, done_rx) = oneshot::channel();
+        let running = async {
+            let r = exec(conn, sql).await;
+            let _ = done_tx.send(());
+            r
+        };
+        let after = timeout + Duration::from_millis(250);
+        let (r, killed) = tokio::join!(running, watch(watcher, conn_id, after, done_rx));
+        match r {
+            Err(e) if killed => Err(e.context(format!(
+                "`{sql}` did not finish within {timeout:?} (mysql.lock_timeout) and was killed; nothing is locked: is the volume full (the server waits for space to write)? see the server's error log"
+            ))),
+            r => r,
+        }
     }
 
     /// One lock attempt, every stage of it bounded by one watcher: the wait

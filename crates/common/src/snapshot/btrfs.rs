@@ -46,11 +46,22 @@ impl SnapshotBackend for Btrfs {
             ],
             Some(timeout),
         )
-        .with_context(|| {
-            format!(
-                "cannot snapshot {} (volume.mountpoint must be a btrfs subvolume)",
-                self.subvolume.display()
-            )
+        .map_err(|e| {
+            let why = match &e {
+                cmd::CmdError::Failed { stderr, .. } if stderr.contains("No space left") => format!(
+                    "the btrfs filesystem of {} is full (a snapshot needs free metadata space; see `btrfs filesystem usage`): free space on it",
+                    self.subvolume.display()
+                ),
+                cmd::CmdError::TimedOut { .. } => format!(
+                    "the snapshot of {} took too long (mysql.max_hold)",
+                    self.subvolume.display()
+                ),
+                _ => format!(
+                    "cannot snapshot {} (volume.mountpoint must be a btrfs subvolume)",
+                    self.subvolume.display()
+                ),
+            };
+            anyhow::Error::new(e).context(why)
         })?;
         Ok(Snapshot {
             name: name.to_string(),
