@@ -11,9 +11,10 @@
 #
 # 1. volprep (--dry-run, real with --move-datadir and --fstab, again: no change,
 #    refusal of a foreign filesystem) on a loop file: PV, VG, LV, xfs, mount.
-# 2. MariaDB on the LV, sysbench data and load; a killed run's snapshot left;
-#    `snapshotter | archiver` to the S3 test server: the stale snapshot is
-#    removed, the backup lands.
+# 2. MariaDB on the LV, sysbench data and load; a handed-off backup left
+#    (a second snapshotter refuses over it), then aged past
+#    backup.handoff_grace; `snapshotter | archiver` to the S3 test server:
+#    the stale snapshot is removed, the backup lands.
 # 3. A second volume; restore refused while it is not mounted; a server on
 #    it; `restorer restore latest --replica-of`; once
 #    the replica caught up, every CHECKSUM TABLE matches the source.

@@ -4,9 +4,10 @@
 //! volume (before any lock), pick the lock method (`mysql.lock_method`), wait
 //! out long queries (FTWRL only), take the lock bounded by `lock_timeout`
 //! (session `lock_wait_timeout` plus a watcher that `KILL QUERY`s the
-//! attempt), and under it record coordinates and snapshot (see `lock.rs`).
-//! `UNLOCK TABLES` / `BACKUP STAGE END` runs in every outcome. The manifest
-//! goes to `STATE_DIR/<id>/manifest.toml`.
+//! attempt), and under it record coordinates and snapshot within
+//! `mysql.max_hold` (see `lock.rs`). `UNLOCK TABLES` / `BACKUP STAGE END`
+//! runs in every outcome. The manifest goes to `STATE_DIR/<id>/manifest.toml`;
+//! a later snapshotter leaves it to its archiver (`remove_stale`).
 
 mod layout;
 mod lock;
