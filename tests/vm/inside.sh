@@ -20,6 +20,8 @@
 #    the replica caught up, every CHECKSUM TABLE matches the source.
 # 4. Overflow: a tiny snapshot, heavy writes before the archive ends → the
 #    backup fails, nothing is listed, no snapshot LV is left.
+# 5. mysql.max_hold: lvcreate waits for the VG's lock (held by `flock`) →
+#    the lock is ended at the bound, exit 3, writers go on, no LV is left.
 set -euo pipefail
 
 BIN=${1:?usage: inside.sh BIN_DIR OUT_DIR}
@@ -370,6 +372,38 @@ grep -qiE "overflow|invalid|Input/output error" "$RUN/ovf-arch.log" || fail "the
 [ -n "$(snapshot_lvs mysnapsrc)" ] && fail "snapshot LVs left after the overflow: $(snapshot_lvs mysnapsrc)"
 grep -q "$D/state-db1-overflow/mnt" /proc/self/mountinfo && fail "a snapshot mount is left after the overflow"
 rm -f "$D/srcmnt/ballast"
+
+step "max_hold: lvcreate waiting for the volume group's lock is cut off, writers go on"
+sed 's/^name = "db1"/name = "db1-hold"/; s#state-db1#state-db1-hold#; s/^lock_retries = 3/lock_retries = 3\nmax_hold = "3s"/' "$D/src.toml" >"$D/hold.toml"
+grep -q '^max_hold = "3s"' "$D/hold.toml" || fail "hold.toml has no max_hold"
+LOCK_DIR=$(lvmconfig --type full global/locking_dir 2>/dev/null | sed -n 's/.*="\(.*\)"/\1/p')
+LOCK_DIR=${LOCK_DIR:-/run/lock/lvm}
+mkdir -p "$LOCK_DIR"
+sql src "CREATE TABLE IF NOT EXISTS sbtest.ticks (id INT AUTO_INCREMENT PRIMARY KEY)"
+# A writer: the time of every commit.
+( while [ ! -e "$RUN/ticks.stop" ]; do sql src "INSERT INTO sbtest.ticks VALUES ()" && date +%s.%N; done ) >"$RUN/ticks" 2>"$RUN/ticks.err" &
+WRITER=$!
+# A shared hold of the VG's lock for 15 s: lvs (the snapshotter's checks) goes
+# on, lvcreate (it needs the lock exclusively) waits, as behind another LVM command.
+flock -s "$LOCK_DIR/V_mysnapsrc" sleep 15 &
+HOLDER=$!
+sleep 1
+T0=$(date +%s.%N)
+rc=0; snapshotter --config "$D/hold.toml" >"$RUN/hold.out" 2>"$RUN/hold.log" || rc=$?
+metric max_hold_run_secs "$(elapsed "$T0")"
+sleep 1
+touch "$RUN/ticks.stop"
+wait $WRITER || true
+cat "$RUN/hold.log"
+[ $rc = 3 ] || fail "the snapshotter exited $rc, not 3, with lvcreate waiting"
+grep -q "lvcreate -s.*mysql.max_hold" "$RUN/hold.log" || fail "the error does not name lvcreate and mysql.max_hold"
+[ -s "$RUN/hold.out" ] && fail "a manifest was printed: $(cat "$RUN/hold.out")"
+stall=$(awk 'NR > 1 && $1 - p > m { m = $1 - p } { p = $1 } END { printf "%.2f", m }' "$RUN/ticks")
+metric max_hold_writer_stall_secs "$stall"
+awk -v s="$stall" 'BEGIN { exit !(s < 7) }' || fail "a writer stalled ${stall}s (max_hold 3s)"
+wait $HOLDER || true
+[ -n "$(snapshot_lvs mysnapsrc)" ] && fail "snapshot LVs left after max_hold: $(snapshot_lvs mysnapsrc)"
+ls "$D/state-db1-hold" | grep -q '^[0-9]\{8\}T' && fail "pending state left: $(ls "$D/state-db1-hold")"
 
 step "done"
 echo PASS >"$OUT/result"

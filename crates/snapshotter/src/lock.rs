@@ -236,10 +236,6 @@ impl Hold {
     pub fn left(&self) -> Duration {
         self.left_at(Instant::now())
     }
-
-    pub fn passed_at(&self, now: Instant) -> bool {
-        now >= self.deadline()
-    }
 }
 
 /// Ends the lock when its hold passes the bound: `KILL CONNECTION` of the
@@ -354,7 +350,7 @@ impl<'a> LockSession<'a> {
         let watchdog = Watchdog::start(watcher, self.conn.id(), hold.deadline());
         let recorded = self.record(backend, name, hold).await;
         let unlocked = if recorded.is_ok() {
-            self.step = "UNLOCK";
+            self.step = release_sql(self.policy.method);
             self.release().await
         } else {
             // The lock connection is closed below, which ends the lock even
@@ -389,7 +385,8 @@ impl<'a> LockSession<'a> {
                 e
             }
         };
-        if fired || hold.passed_at(Instant::now()) {
+        // Judged on the hold itself, not on the time the removal took.
+        if fired || held >= hold.max {
             return Err(hold_exceeded(&policy, step, backend.kind(), held, &err));
         }
         Err(err)
@@ -751,9 +748,12 @@ mod tests {
             hold.left_at(from + Duration::from_millis(500)),
             Duration::from_millis(1500)
         );
-        assert!(!hold.passed_at(from + Duration::from_millis(1999)));
+        assert_eq!(
+            hold.left_at(from + Duration::from_millis(1999)),
+            Duration::from_millis(1)
+        );
         // Once passed: nothing left, never a negative or wrapped duration.
-        assert!(hold.passed_at(from + Duration::from_secs(2)));
+        assert_eq!(hold.left_at(from + Duration::from_secs(2)), Duration::ZERO);
         assert_eq!(hold.left_at(from + Duration::from_secs(3)), Duration::ZERO);
     }
 }
