@@ -376,9 +376,10 @@ rm -f "$D/srcmnt/ballast"
 step "max_hold: lvcreate waiting for the volume group's lock is cut off, writers go on"
 sed 's/^name = "db1"/name = "db1-hold"/; s#state-db1#state-db1-hold#; s/^lock_retries = 3/lock_retries = 3\nmax_hold = "3s"/' "$D/src.toml" >"$D/hold.toml"
 grep -q '^max_hold = "3s"' "$D/hold.toml" || fail "hold.toml has no max_hold"
-LOCK_DIR=$(lvmconfig --type full global/locking_dir 2>/dev/null | sed -n 's/.*="\(.*\)"/\1/p')
+LOCK_DIR=$(lvmconfig --type full global/locking_dir 2>/dev/null | sed -n 's/.*="\(.*\)"/\1/p' || true)
 LOCK_DIR=${LOCK_DIR:-/run/lock/lvm}
 mkdir -p "$LOCK_DIR"
+ls -la "$LOCK_DIR"
 sql src "CREATE TABLE IF NOT EXISTS sbtest.ticks (id INT AUTO_INCREMENT PRIMARY KEY)"
 # A writer: the time of every commit.
 ( while [ ! -e "$RUN/ticks.stop" ]; do sql src "INSERT INTO sbtest.ticks VALUES ()" && date +%s.%N; done ) >"$RUN/ticks" 2>"$RUN/ticks.err" &
