@@ -585,8 +585,8 @@ fn hold_exceeded(
         format!("`{step}`")
     };
     Error::LockTimeout(format!(
-        "{step} was still running when the lock ({}) reached mysql.max_hold ({:?}): the lock was ended after {:.1}s so writers could go on, no snapshot was kept and nothing was saved; find out why {step} was slow ({cause:#}), or raise mysql.max_hold",
-        lock_name(policy.method),
+        "{step} was still running when the lock ({}) reached mysql.max_hold ({:?}): the lock was ended after {:.1}s so writers could go on, no snapshot was kept and nothing was saved; find out why it was slow ({cause:#}), or raise mysql.max_hold",
+        policy.method.as_str(),
         policy.max_hold,
         held.as_secs_f64(),
     ))
