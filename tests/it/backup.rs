@@ -1265,3 +1265,294 @@ fn two_hosts_with_one_backup_name_and_id_store_one_intact_backup_and_the_other_f
     let out = rig.run("restorer", &["verify", a.backup_id.as_str()]);
     assert_ok(&out, "verify of the one stored backup");
 }
+
+/// A writer inserting timestamped rows one after another on its own
+/// connection until stopped: the longest gap between two consecutive
+/// successful commits, and how many committed.
+struct StallWriter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(Duration, usize)>,
+}
+
+impl StallWriter {
+    fn start(db: &MariaDb) -> StallWriter {
+        db.sql(
+            "CREATE DATABASE IF NOT EXISTS d; \
+             CREATE TABLE d.ticks (id INT AUTO_INCREMENT PRIMARY KEY, at DATETIME(6)) ENGINE=InnoDB",
+        );
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, socket) = (stop.clone(), db.socket.to_string_lossy().into_owned());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                use mysql_async::prelude::Queryable;
+                let opts = mysql_async::OptsBuilder::default()
+                    .socket(Some(socket))
+                    .user(Some("root"));
+                let mut conn = mysql_async::Conn::new(opts).await.expect("writer connects");
+                let (mut last, mut worst, mut n) = (Instant::now(), Duration::ZERO, 0);
+                while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                    conn.query_drop("INSERT INTO d.ticks (at) VALUES (NOW(6))")
+                        .await
+                        .expect("writer's INSERT");
+                    worst = worst.max(last.elapsed());
+                    last = Instant::now();
+                    n += 1;
+                }
+                (worst, n)
+            })
+        });
+        StallWriter { stop, thread }
+    }
+
+    /// Stops it: the longest gap between consecutive commits, and the commits.
+    fn finish(self) -> (Duration, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("writer thread")
+    }
+}
+
+/// A directory holding a `btrfs` that runs the real one, but after
+/// `subvolume snapshot` (which it does make) hangs for 30 s, as a snapshot
+/// command stuck in the kernel or on a lock would.
+fn hanging_btrfs(dir: &Path) -> PathBuf {
+    let real = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "command -v btrfs"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    assert!(real.starts_with('/'), "btrfs not found: {real:?}");
+    let bin = dir.join("hang-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let script = bin.join("btrfs");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ \"$1 $2\" = \"subvolume snapshot\" ]; then\n  {real} \"$@\" || exit $?\n  exec sleep 30\nfi\nexec {real} \"$@\"\n"
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
+/// Subvolumes of the rig's btrfs filesystem other than the snapshotted one.
+fn extra_subvolumes(rig: &Rig) -> Vec<String> {
+    let out = Command::new("btrfs")
+        .args(["subvolume", "list"])
+        .arg(&rig.vol.mnt)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(" path ").map(|(_, p)| p.to_string()))
+        .filter(|p| p != "vol")
+        .collect()
+}
+
+/// The snapshot command hangs under the lock: the lock is ended at
+/// `mysql.max_hold`, the run fails with exit 3 naming the step and the key,
+/// the snapshot the command made is removed, nothing is saved, and a
+/// writer's longest stall stays near the bound.
+fn a_hanging_snapshot_command_is_cut_off_at_max_hold(lock_method: &str) {
+    let rig = Rig::new(StoreKind::File);
+    rig.write_config(|t| {
+        set(t, "mysql", "max_hold", "2s");
+        set(t, "mysql", "lock_method", lock_method);
+    });
+    let hang = hanging_btrfs(rig.tmp.path());
+    let path = format!(
+        "{}:{}",
+        hang.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let writer = StallWriter::start(&rig.db);
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let out = rig.cmd("snapshotter").env("PATH", path).output().unwrap();
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let (stall, commits) = writer.finish();
+    eprintln!(
+        "{lock_method}: snapshotter ran {took:?}; the writer's longest stall {stall:?} over {commits} commits"
+    );
+    let line = error_line(&out, 3);
+    eprintln!("{line}");
+    assert!(
+        line.contains("mysql.max_hold") && line.contains("btrfs subvolume snapshot"),
+        "{line}"
+    );
+    assert!(
+        stall < Duration::from_secs(4),
+        "a writer stalled {stall:?} (max_hold 2s)"
+    );
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    assert!(rig.snapshots().is_empty(), "{:?}", rig.snapshots());
+    assert!(
+        extra_subvolumes(&rig).is_empty(),
+        "{:?}",
+        extra_subvolumes(&rig)
+    );
+    assert!(rig.pending().is_empty(), "{:?}", rig.pending());
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("manifest"),
+        "no manifest path printed"
+    );
+    // Writers go on at once.
+    let t = Instant::now();
+    rig.db.sql("INSERT INTO d.ticks (at) VALUES (NOW(6))");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    // And the next backup, with the real command, works.
+    rig.backup();
+}
+
+#[test]
+fn a_hanging_snapshot_command_is_cut_off_at_max_hold_with_backup_stage() {
+    if !gate("a_hanging_snapshot_command_is_cut_off_at_max_hold_with_backup_stage") {
+        return;
+    }
+    a_hanging_snapshot_command_is_cut_off_at_max_hold("backup_stage");
+}
+
+#[test]
+fn a_hanging_snapshot_command_is_cut_off_at_max_hold_with_ftwrl() {
+    if !gate("a_hanging_snapshot_command_is_cut_off_at_max_hold_with_ftwrl") {
+        return;
+    }
+    a_hanging_snapshot_command_is_cut_off_at_max_hold("ftwrl");
+}
+
+#[test]
+fn a_second_snapshotter_leaves_a_handed_off_backup_to_its_late_archiver() {
+    if !gate("a_second_snapshotter_leaves_a_handed_off_backup_to_its_late_archiver") {
+        return;
+    }
+    let rig = Rig::new(StoreKind::File);
+    let first = rig.snapshot();
+    let m = Manifest::load(&first).unwrap();
+    // Cron overlap: another snapshotter starts before the archiver did.
+    let line = error_line(&rig.run("snapshotter", &[]), 1);
+    assert!(
+        line.contains(&format!("backup {} ", m.backup_id))
+            && line.contains("was handed off")
+            && line.contains("backup.handoff_grace"),
+        "{line}"
+    );
+    assert_eq!(rig.snapshots(), [m.snapshot.name.to_string()]);
+    assert_eq!(rig.pending(), [m.backup_id.to_string()]);
+
+    // The archiver comes late, and while another run holds the state lock
+    // for a moment: it waits, then archives the first snapshot.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut holder = Command::new("flock")
+        .arg(rig.state.join("lock"))
+        .args(["sleep", "3"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let id = rig.archive(&first);
+    assert!(t.elapsed() >= Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(holder.wait().unwrap().success());
+    assert_eq!(id, m.backup_id.as_str());
+    assert!(rig.snapshots().is_empty(), "{:?}", rig.snapshots());
+    assert!(rig.pending().is_empty(), "{:?}", rig.pending());
+    assert!(rig
+        .store_keys()
+        .contains(&format!("db1/{id}/manifest.toml")));
+
+    // A backup no archiver claimed within backup.handoff_grace is a killed
+    // run's: the next snapshotter removes it and goes on.
+    rig.write_config(|t| set(t, "backup", "handoff_grace", "10s"));
+    let orphan = rig.snapshot();
+    let o = Manifest::load(&orphan).unwrap();
+    let old = std::time::SystemTime::now() - Duration::from_secs(60);
+    std::fs::File::options()
+        .write(true)
+        .open(&orphan)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let out = rig.run("snapshotter", &[]);
+    assert_ok(&out, "snapshotter");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("removing snapshot {}", o.snapshot.name))
+            && stderr.contains("no archiver claimed it within backup.handoff_grace"),
+        "{stderr}"
+    );
+    let third = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let t = Manifest::load(&third).unwrap();
+    assert_eq!(rig.snapshots(), [t.snapshot.name.to_string()]);
+    assert_eq!(rig.pending(), [t.backup_id.to_string()]);
+    rig.archive(&third);
+}
+
+/// Fills the filesystem of `dir` with one file until ENOSPC.
+fn fill_until_full(file: &Path) {
+    let mut f = std::fs::File::create(file).unwrap();
+    let chunk = vec![0x5au8; 1 << 20];
+    use std::io::Write;
+    loop {
+        match f.write_all(&chunk) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
+            Err(e) => panic!("filling {}: {e}", file.display()),
+        }
+    }
+    // Small writes take what is left in partly used blocks.
+    let small = vec![0x5au8; 4096];
+    while f.write_all(&small).is_ok() {}
+    let _ = f.sync_all();
+}
+
+#[test]
+fn a_backup_on_a_full_btrfs_volume_fails_cleanly_before_the_lock() {
+    if !gate("a_backup_on_a_full_btrfs_volume_fails_cleanly_before_the_lock") {
+        return;
+    }
+    let rig = Rig::new(StoreKind::File);
+    rig.db.sql(
+        "CREATE DATABASE d; CREATE TABLE d.w (id INT AUTO_INCREMENT PRIMARY KEY) ENGINE=InnoDB; \
+         INSERT INTO d.w VALUES ()",
+    );
+    let fill = rig.vol.mnt.join("fill");
+    fill_until_full(&fill);
+    let started = Instant::now();
+    let out = rig.run("snapshotter", &[]);
+    let line = error_line(&out, 1);
+    assert!(
+        line.contains("is full") && line.contains("free space on it first"),
+        "{line}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(rig.snapshots().is_empty(), "{:?}", rig.snapshots());
+    assert!(
+        extra_subvolumes(&rig).is_empty(),
+        "{:?}",
+        extra_subvolumes(&rig)
+    );
+    assert!(rig.pending().is_empty(), "{:?}", rig.pending());
+    assert!(rig.store_keys().is_empty(), "{:?}", rig.store_keys());
+    // Nothing was locked: once there is room, a write goes through at once,
+    // and so does a backup.
+    std::fs::remove_file(&fill).unwrap();
+    Command::new("sync").status().unwrap();
+    let t = Instant::now();
+    rig.db.sql("INSERT INTO d.w VALUES ()");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    rig.backup();
+}

@@ -11,14 +11,17 @@
 #
 # 1. volprep (--dry-run, real with --move-datadir and --fstab, again: no change,
 #    refusal of a foreign filesystem) on a loop file: PV, VG, LV, xfs, mount.
-# 2. MariaDB on the LV, sysbench data and load; a killed run's snapshot left;
-#    `snapshotter | archiver` to the S3 test server: the stale snapshot is
-#    removed, the backup lands.
+# 2. MariaDB on the LV, sysbench data and load; a handed-off backup left
+#    (a second snapshotter refuses over it), then aged past
+#    backup.handoff_grace; `snapshotter | archiver` to the S3 test server:
+#    the stale snapshot is removed, the backup lands.
 # 3. A second volume; restore refused while it is not mounted; a server on
 #    it; `restorer restore latest --replica-of`; once
 #    the replica caught up, every CHECKSUM TABLE matches the source.
 # 4. Overflow: a tiny snapshot, heavy writes before the archive ends → the
 #    backup fails, nothing is listed, no snapshot LV is left.
+# 5. mysql.max_hold: lvcreate makes the snapshot and hangs → the lock is
+#    ended at the bound, exit 3, writers go on, the snapshot LV is removed.
 set -euo pipefail
 
 BIN=${1:?usage: inside.sh BIN_DIR OUT_DIR}
@@ -270,6 +273,15 @@ step "a killed run: snapshotter alone leaves a snapshot"
 stale_manifest=$(snapshotter --config "$D/src.toml" 2>"$RUN/stale.log") || { cat "$RUN/stale.log"; fail "snapshotter"; }
 [ -f "$stale_manifest" ] || fail "snapshotter printed '$stale_manifest'"
 [ -n "$(snapshot_lvs mysnapsrc)" ] || fail "no snapshot LV after snapshotter"
+# A handed-off backup is kept for its archiver (backup.handoff_grace): a
+# second snapshotter refuses to start over it...
+rc=0; snapshotter --config "$D/src.toml" >/dev/null 2>"$RUN/overlap.log" || rc=$?
+cat "$RUN/overlap.log"
+[ $rc = 1 ] || fail "a snapshotter over a handed-off backup exited $rc, not 1"
+grep -q "was handed off" "$RUN/overlap.log" || fail "no clear refusal over a handed-off backup"
+[ -n "$(snapshot_lvs mysnapsrc)" ] || fail "the handed-off snapshot was removed"
+# ...until no archiver claimed it within the grace: then it is a killed run's.
+touch -d '-1 hour' "$stale_manifest"
 
 step "snapshotter | archiver under load, to S3 on loopback"
 sysbench_cmd src --time=25 --threads=2 --report-interval=0 run >"$RUN/load.out" 2>&1 &
@@ -360,6 +372,37 @@ grep -qiE "overflow|invalid|Input/output error" "$RUN/ovf-arch.log" || fail "the
 [ -n "$(snapshot_lvs mysnapsrc)" ] && fail "snapshot LVs left after the overflow: $(snapshot_lvs mysnapsrc)"
 grep -q "$D/state-db1-overflow/mnt" /proc/self/mountinfo && fail "a snapshot mount is left after the overflow"
 rm -f "$D/srcmnt/ballast"
+
+step "max_hold: a snapshot command that hangs under the lock is cut off, writers go on"
+sed 's/^name = "db1"/name = "db1-hold"/; s#state-db1#state-db1-hold#; s/^lock_retries = 3/lock_retries = 3\nmax_hold = "8s"/' "$D/src.toml" >"$D/hold.toml"
+grep -q '^max_hold = "8s"' "$D/hold.toml" || fail "hold.toml has no max_hold"
+# An lvcreate that makes the snapshot and then hangs (as one waiting for udev
+# would): the killed command's snapshot must be found and removed. (A shared
+# flock on the VG's lock file did not make lvcreate wait in this VM.)
+REAL_LVCREATE=$(command -v lvcreate)
+mkdir -p "$D/hang"
+printf '#!/bin/sh\n%s "$@" || exit $?\nexec sleep 60\n' "$REAL_LVCREATE" >"$D/hang/lvcreate"
+chmod 755 "$D/hang/lvcreate"
+sql src "CREATE TABLE IF NOT EXISTS sbtest.ticks (id INT AUTO_INCREMENT PRIMARY KEY)"
+# A writer: the time of every commit.
+( while [ ! -e "$RUN/ticks.stop" ]; do sql src "INSERT INTO sbtest.ticks VALUES ()" && date +%s.%N; done ) >"$RUN/ticks" 2>"$RUN/ticks.err" &
+WRITER=$!
+sleep 1
+T0=$(date +%s.%N)
+rc=0; PATH="$D/hang:$PATH" snapshotter --config "$D/hold.toml" >"$RUN/hold.out" 2>"$RUN/hold.log" || rc=$?
+metric max_hold_run_secs "$(elapsed "$T0")"
+sleep 1
+touch "$RUN/ticks.stop"
+wait $WRITER || true
+cat "$RUN/hold.log"
+[ $rc = 3 ] || fail "the snapshotter exited $rc, not 3, with lvcreate hanging"
+grep -q "lvcreate -s.*mysql.max_hold" "$RUN/hold.log" || fail "the error does not name lvcreate and mysql.max_hold"
+[ -s "$RUN/hold.out" ] && fail "a manifest was printed: $(cat "$RUN/hold.out")"
+stall=$(awk 'NR > 1 && $1 - p > m { m = $1 - p } { p = $1 } END { printf "%.2f", m }' "$RUN/ticks")
+metric max_hold_writer_stall_secs "$stall"
+awk -v s="$stall" 'BEGIN { exit !(s < 12) }' || fail "a writer stalled ${stall}s (max_hold 8s)"
+[ -n "$(snapshot_lvs mysnapsrc)" ] && fail "snapshot LVs left after max_hold: $(snapshot_lvs mysnapsrc)"
+ls "$D/state-db1-hold" | grep -q '^[0-9]\{8\}T' && fail "pending state left: $(ls "$D/state-db1-hold")"
 
 step "done"
 echo PASS >"$OUT/result"

@@ -51,6 +51,11 @@ impl Cancel {
     }
 }
 
+/// How long the archiver waits for the state lock: the snapshotter that
+/// handed it the manifest may still be exiting, or a later one deciding
+/// that this backup is not stale (it then refuses to start).
+pub const STATE_LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Archives the snapshot of `manifest_path`; returns the backup id.
 pub async fn run(
     cfg: &Config,
@@ -58,8 +63,15 @@ pub async fn run(
     progress: &dyn Progress,
     cancel: &Cancel,
 ) -> anyhow::Result<String> {
-    let state =
-        StateLock::acquire_waiting(&cfg.backup.state_dir, std::time::Duration::from_secs(10))?;
+    let state = StateLock::acquire_waiting(&cfg.backup.state_dir, STATE_LOCK_PATIENCE)
+        .with_context(|| {
+            format!(
+                "waited {}s for the state lock; the backup of {} stays pending: run `archiver --manifest {}` again once that run has finished (a later snapshotter keeps it for backup.handoff_grace)",
+                STATE_LOCK_PATIENCE.as_secs(),
+                manifest_path.display(),
+                manifest_path.display()
+            )
+        })?;
     let manifest = Manifest::load(manifest_path)?;
     anyhow::ensure!(
         manifest.name == cfg.backup.name,
@@ -74,6 +86,8 @@ pub async fn run(
         manifest_path.display(),
         manifest.backup_id
     );
+    // Held while archiving: a later snapshotter never counts this backup stale.
+    let _claim = state.claim(&manifest.backup_id)?;
     let backend = snapshot::backend(&cfg.volume, &cfg.backup.state_dir);
     let result = archive(cfg, &manifest, backend.as_ref(), progress, cancel).await;
     // A read error from an overflowed (LVM) snapshot is reported as what it is.

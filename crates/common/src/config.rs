@@ -51,6 +51,11 @@ pub struct MysqlConfig {
     /// How long to wait for running long queries to finish before the first attempt.
     #[serde(with = "humantime_serde", default = "default_long_query_wait")]
     pub long_query_wait: Duration,
+    /// The hard bound on the hold: from the lock that blocks commits being
+    /// granted to its end. Everything under the lock gets only what is left
+    /// of it; when it passes, the lock is ended and the run fails (exit 3).
+    #[serde(with = "humantime_serde", default = "default_max_hold")]
+    pub max_hold: Duration,
     #[serde(default)]
     pub stop_command: Vec<String>,
     #[serde(default)]
@@ -70,6 +75,7 @@ impl Default for MysqlConfig {
             lock_retries: default_lock_retries(),
             lock_method: LockMethod::Auto,
             long_query_wait: default_long_query_wait(),
+            max_hold: default_max_hold(),
             stop_command: Vec::new(),
             start_command: Vec::new(),
         }
@@ -387,6 +393,11 @@ pub struct BackupConfig {
     pub name: String,
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// How long a manifest the snapshotter handed on stays reserved for its
+    /// archiver: within it a later snapshotter neither removes that backup
+    /// nor starts another; after it, an unclaimed backup is stale.
+    #[serde(with = "humantime_serde", default = "default_handoff_grace")]
+    pub handoff_grace: Duration,
 }
 
 /// `store.url`, parsed when the config is read.
@@ -528,6 +539,14 @@ fn default_lock_retries() -> u32 {
 fn default_long_query_wait() -> Duration {
     Duration::from_secs(60)
 }
+fn default_max_hold() -> Duration {
+    Duration::from_secs(10)
+}
+/// The least `mysql.max_hold` accepted: a snapshot needs some time.
+pub const MIN_MAX_HOLD: Duration = Duration::from_secs(1);
+fn default_handoff_grace() -> Duration {
+    Duration::from_secs(10 * 60)
+}
 fn default_part_size() -> ByteSize {
     ByteSize::mib(16)
 }
@@ -607,6 +626,18 @@ impl Config {
         if self.mysql.lock_timeout < Duration::from_millis(100) {
             return Err("mysql.lock_timeout must be at least 100ms".into());
         }
+        if self.mysql.max_hold < MIN_MAX_HOLD {
+            return Err(format!(
+                "mysql.max_hold must be at least {MIN_MAX_HOLD:?} (the snapshot is taken within it), got {:?}",
+                self.mysql.max_hold
+            ));
+        }
+        if self.backup.handoff_grace < Duration::from_secs(10) {
+            return Err(format!(
+                "backup.handoff_grace must be at least 10s (the archiver's time to start), got {:?}",
+                self.backup.handoff_grace
+            ));
+        }
         if self.mysql.password_file.is_some() && self.mysql.defaults_file.is_some() {
             return Err("set mysql.password_file or mysql.defaults_file, not both".into());
         }
@@ -683,6 +714,8 @@ name = "db1"
         assert_eq!(c.archive.compression, Compression::Zstd);
         assert_eq!(c.level(), 3);
         assert_eq!(c.backup.state_dir, PathBuf::from("/var/lib/mysnap"));
+        assert_eq!(c.mysql.max_hold, Duration::from_secs(10));
+        assert_eq!(c.backup.handoff_grace, Duration::from_secs(600));
         let VolumeBackend::Btrfs(b) = &c.volume.backend else {
             panic!("btrfs")
         };
@@ -708,6 +741,27 @@ name = "db1"
         assert_eq!(c.store.read_timeout, Duration::from_secs(2));
         assert_eq!(c.store.connect_timeout, Duration::from_millis(500));
         assert_eq!(c.mysql.lock_timeout, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn max_hold_and_handoff_grace_have_floors() {
+        let with = |section: &str, kv: &str| {
+            MINIMAL.replace(&format!("[{section}]"), &format!("[{section}]\n{kv}"))
+        };
+        let mysql = |kv: &str| MINIMAL.to_string() + "[mysql]\n" + kv + "\n";
+        let c = parse(&mysql("max_hold = \"2s\"")).unwrap();
+        assert_eq!(c.mysql.max_hold, Duration::from_secs(2));
+        for bad in ["0s", "500ms"] {
+            let err = parse(&mysql(&format!("max_hold = \"{bad}\""))).unwrap_err();
+            assert!(err.contains("mysql.max_hold must be at least 1s"), "{err}");
+        }
+        let c = parse(&with("backup", "handoff_grace = \"30m\"")).unwrap();
+        assert_eq!(c.backup.handoff_grace, Duration::from_secs(1800));
+        let err = parse(&with("backup", "handoff_grace = \"1s\"")).unwrap_err();
+        assert!(
+            err.contains("backup.handoff_grace must be at least 10s"),
+            "{err}"
+        );
     }
 
     #[test]

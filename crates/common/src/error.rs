@@ -21,7 +21,8 @@ pub enum Error {
     /// Bad configuration or usage: exit 2.
     #[error("{0}")]
     Config(String),
-    /// FLUSH TABLES WITH READ LOCK could not be taken within its retries: exit 3.
+    /// The lock could not be taken within its retries, or was ended because it
+    /// was held for `mysql.max_hold`: exit 3.
     #[error("{0}")]
     LockTimeout(String),
     /// Checksum, size, truncated or unsafe archive: exit 4.

@@ -1,11 +1,18 @@
 //! The local state directory (`backup.state_dir`): one directory per pending
 //! backup holding its manifest, and the lock that keeps two runs of the same
 //! config apart.
+//!
+//! The hand-off: the snapshotter saves the manifest and releases the state
+//! lock; its archiver takes the lock and then claims the backup (an `flock`
+//! on `<id>/claim`, held while it works). Between the two nobody holds the
+//! lock, so a later snapshotter must tell a backup waiting for its archiver
+//! from one left by a killed run: [`judge`] says which pending backup is stale.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use nix::fcntl::{Flock, FlockArg};
@@ -158,6 +165,47 @@ impl StateLock {
         self.dir.join(id)
     }
 
+    /// How a later run sees pending backup `id` (see [`judge`]).
+    pub fn verdict(&self, id: &str, grace: Duration) -> anyhow::Result<Verdict> {
+        let dir = self.backup_dir(id);
+        let claim = match OpenOptions::new().write(true).open(dir.join(CLAIM_FILE)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Claim::None,
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot open {}", dir.join(CLAIM_FILE).display()))
+            }
+            Ok(f) => match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+                Ok(_unlocked_on_drop) => Claim::Abandoned,
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => Claim::Held,
+                Err((_, e)) => anyhow::bail!("cannot lock {}: {e}", dir.join(CLAIM_FILE).display()),
+            },
+        };
+        let manifest = dir.join(crate::keys::MANIFEST_FILE);
+        let age = match std::fs::metadata(&manifest) {
+            Ok(m) => Some(
+                m.modified()
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .unwrap_or_default(),
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", manifest.display())),
+        };
+        Ok(judge(age, claim, grace))
+    }
+
+    /// The archiver's claim on pending backup `id`: while it is held, no
+    /// later run counts the backup as stale.
+    pub fn claim(&self, id: &str) -> anyhow::Result<ClaimLock> {
+        let dir = self.backup_dir(id);
+        create_private_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let lock = lock_file(
+            &self.backup_dir(id).join(CLAIM_FILE),
+            &format!("another archiver is archiving backup {id}"),
+        )?;
+        Ok(ClaimLock { _lock: lock })
+    }
+
     /// Ids of backups with a local state directory (pending or left by a killed run).
     pub fn pending_ids(&self) -> anyhow::Result<Vec<String>> {
         let mut ids = Vec::new();
@@ -172,6 +220,55 @@ impl StateLock {
         ids.sort();
         Ok(ids)
     }
+}
+
+/// The claim file of a pending backup, locked by the archiver working on it.
+pub const CLAIM_FILE: &str = "claim";
+
+/// Whether a pending backup's archiver claim is there, and held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// No archiver took it yet.
+    None,
+    /// An archiver holds it: at work.
+    Held,
+    /// An archiver took it and went away (killed) without cleaning up.
+    Abandoned,
+}
+
+/// What a later run may do with a pending backup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Handed off `age` ago, not claimed yet: its archiver may still come.
+    HandedOff { age: Duration },
+    /// An archiver is working on it.
+    InUse,
+    /// Left by a run that did not finish: remove it (why, for the log).
+    Stale(String),
+}
+
+/// Judges a pending backup: `manifest_age` is how long ago its manifest was
+/// saved (`None`: there is none, the snapshotter did not finish).
+pub fn judge(manifest_age: Option<Duration>, claim: Claim, grace: Duration) -> Verdict {
+    match (claim, manifest_age) {
+        (Claim::Held, _) => Verdict::InUse,
+        (Claim::Abandoned, _) => Verdict::Stale("its archiver went away before finishing".into()),
+        (Claim::None, None) => {
+            Verdict::Stale("it has no manifest: its snapshotter did not finish".into())
+        }
+        (Claim::None, Some(age)) if age < grace => Verdict::HandedOff { age },
+        (Claim::None, Some(age)) => Verdict::Stale(format!(
+            "its manifest was handed off {}s ago and no archiver claimed it within backup.handoff_grace ({}s)",
+            age.as_secs(),
+            grace.as_secs()
+        )),
+    }
+}
+
+/// An archiver's claim on one pending backup, held until dropped (or the
+/// process dies).
+pub struct ClaimLock {
+    _lock: Flock<File>,
 }
 
 #[cfg(test)]
@@ -198,6 +295,55 @@ mod tests {
         assert!(!a.exists() && b.exists());
         let err = sync_dir(&dir.path().join("none")).unwrap_err().to_string();
         assert!(err.contains("none"), "{err}");
+    }
+
+    #[test]
+    fn a_handed_off_backup_is_stale_only_without_manifest_after_the_grace_or_when_abandoned() {
+        let grace = Duration::from_secs(600);
+        let min = |m: u64| Some(Duration::from_secs(60 * m));
+        assert_eq!(
+            judge(min(1), Claim::None, grace),
+            Verdict::HandedOff {
+                age: Duration::from_secs(60)
+            }
+        );
+        assert!(
+            matches!(judge(min(11), Claim::None, grace), Verdict::Stale(w) if w.contains("backup.handoff_grace"))
+        );
+        assert!(
+            matches!(judge(None, Claim::None, grace), Verdict::Stale(w) if w.contains("no manifest"))
+        );
+        assert!(
+            matches!(judge(min(1), Claim::Abandoned, grace), Verdict::Stale(w) if w.contains("archiver went away"))
+        );
+        // A claim held is never stale, however old.
+        assert_eq!(judge(min(600), Claim::Held, grace), Verdict::InUse);
+        assert_eq!(judge(None, Claim::Held, grace), Verdict::InUse);
+    }
+
+    #[test]
+    fn a_claim_is_held_while_its_lock_lives_and_abandoned_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateLock::acquire(dir.path()).unwrap();
+        let id = "20261128T120000Z";
+        create_private_dir(&state.backup_dir(id)).unwrap();
+        let grace = Duration::from_secs(600);
+        assert!(matches!(
+            state.verdict(id, grace).unwrap(),
+            Verdict::Stale(_)
+        ));
+        std::fs::write(state.backup_dir(id).join(crate::keys::MANIFEST_FILE), "x").unwrap();
+        assert!(matches!(
+            state.verdict(id, grace).unwrap(),
+            Verdict::HandedOff { .. }
+        ));
+        let claim = state.claim(id).unwrap();
+        assert!(state.claim(id).is_err(), "one archiver per backup");
+        assert_eq!(state.verdict(id, grace).unwrap(), Verdict::InUse);
+        drop(claim);
+        assert!(
+            matches!(state.verdict(id, grace).unwrap(), Verdict::Stale(w) if w.contains("went away"))
+        );
     }
 
     #[test]

@@ -4,9 +4,10 @@
 //! volume (before any lock), pick the lock method (`mysql.lock_method`), wait
 //! out long queries (FTWRL only), take the lock bounded by `lock_timeout`
 //! (session `lock_wait_timeout` plus a watcher that `KILL QUERY`s the
-//! attempt), and under it record coordinates and snapshot (see `lock.rs`).
-//! `UNLOCK TABLES` / `BACKUP STAGE END` runs in every outcome. The manifest
-//! goes to `STATE_DIR/<id>/manifest.toml`.
+//! attempt), and under it record coordinates and snapshot within
+//! `mysql.max_hold` (see `lock.rs`). `UNLOCK TABLES` / `BACKUP STAGE END`
+//! runs in every outcome. The manifest goes to `STATE_DIR/<id>/manifest.toml`;
+//! a later snapshotter leaves it to its archiver (`remove_stale`).
 
 mod layout;
 mod lock;
@@ -20,7 +21,7 @@ use common::dialect;
 use common::manifest::{self, Manifest, SnapshotInfo, FORMAT_VERSION, MANIFEST_FILE};
 use common::mysql::{query_rows, ConnectInfo};
 use common::snapshot::{self, SnapshotBackend};
-use common::state::StateLock;
+use common::state::{StateLock, Verdict};
 
 pub use layout::{plan_layout, DataVars};
 pub use lock::LockOutcome;
@@ -29,7 +30,12 @@ pub use lock::LockOutcome;
 pub async fn run(cfg: &Config) -> anyhow::Result<PathBuf> {
     let state = StateLock::acquire(&cfg.backup.state_dir)?;
     let backend = snapshot::backend(&cfg.volume, &cfg.backup.state_dir);
-    remove_stale(&state, backend.as_ref(), &cfg.backup.name)?;
+    remove_stale(
+        &state,
+        backend.as_ref(),
+        &cfg.backup.name,
+        cfg.backup.handoff_grace,
+    )?;
     let ready = prepare(cfg).await?;
     let id = next_backup_id(&state).await?;
     let name = snapshot::snapshot_name(&cfg.backup.name, &id);
@@ -88,6 +94,7 @@ struct Ready {
 /// the store, both connections, the lock method, where the data is.
 async fn prepare(cfg: &Config) -> anyhow::Result<Ready> {
     snapshot::check_mounted(&cfg.volume)?;
+    check_free_space(&cfg.volume.mountpoint)?;
     let store = common::store::open(&cfg.store).await?;
     store.check().await?;
     let info = ConnectInfo::from_config(&cfg.mysql)?;
@@ -123,6 +130,32 @@ async fn prepare(cfg: &Config) -> anyhow::Result<Ready> {
         layout,
         server,
     })
+}
+
+/// The least free space the volume must have for a backup to start. Under
+/// the lock the server writes a new binary log and a btrfs snapshot needs
+/// metadata space; on a full volume the server waits for space to write
+/// (commits blocked) and the snapshot fails: refused before, not found out
+/// under the lock.
+pub const MIN_FREE_BYTES: u64 = 64 << 20;
+
+/// Refuses a volume with less than [`MIN_FREE_BYTES`] free.
+fn check_free_space(mountpoint: &std::path::Path) -> anyhow::Result<()> {
+    let st = nix::sys::statvfs::statvfs(mountpoint).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the free space of {} (volume.mountpoint): {e}",
+            mountpoint.display()
+        )
+    })?;
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    anyhow::ensure!(
+        free >= MIN_FREE_BYTES,
+        "the volume at {} (volume.mountpoint) is full: {} MiB free, less than the {} MiB a backup needs (the server writes a new binary log and a snapshot needs metadata space, with commits blocked); free space on it first, nothing was locked or snapshotted",
+        mountpoint.display(),
+        free >> 20,
+        MIN_FREE_BYTES >> 20
+    );
+    Ok(())
 }
 
 /// The locked phase and what follows it at once: long queries waited out
@@ -183,16 +216,32 @@ pub fn abandon(cfg: &Config, manifest_path: &std::path::Path) -> anyhow::Result<
     std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))
 }
 
-/// Removes snapshots and state left by earlier runs that were killed. Only
-/// this config's, known by the naming and the state directory.
+/// Removes snapshots and state left by earlier runs that did not finish
+/// (only this config's, known by the naming and the state directory), and
+/// refuses to start while a backup handed off to its archiver is pending:
+/// between the snapshotter's exit and the archiver's start nobody holds the
+/// state lock, and that backup is not stale ([`common::state::judge`]).
 fn remove_stale(
     state: &StateLock,
     backend: &dyn SnapshotBackend,
     backup_name: &str,
+    grace: Duration,
 ) -> anyhow::Result<()> {
+    let mut stale = Vec::new();
+    let mut kept = Vec::new();
+    for id in state.pending_ids()? {
+        match state.verdict(&id, grace)? {
+            Verdict::Stale(why) => stale.push((id, why)),
+            busy => kept.push((id, busy)),
+        }
+    }
     let prefix = snapshot::snapshot_prefix(backup_name);
     for name in backend.list(&prefix)? {
-        if !snapshot::is_own_snapshot(backup_name, &name) {
+        if !snapshot::is_own_snapshot(backup_name, &name)
+            || kept
+                .iter()
+                .any(|(id, _)| name.strip_prefix(&prefix) == Some(id))
+        {
             continue;
         }
         tracing::warn!("removing snapshot {name} left by an earlier run that did not finish");
@@ -200,14 +249,30 @@ fn remove_stale(
             .remove(&name)
             .with_context(|| format!("cannot remove stale snapshot {name}"))?;
     }
-    for id in state.pending_ids()? {
+    for (id, why) in stale {
         let dir = state.backup_dir(&id);
         tracing::warn!(
-            "removing state {} of backup {id}, which never completed",
+            "removing state {} of backup {id}, which never completed: {why}",
             dir.display()
         );
         std::fs::remove_dir_all(&dir)
             .with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    if let Some((id, verdict)) = kept.first() {
+        let manifest = state.backup_dir(id).join(MANIFEST_FILE);
+        let what = match verdict {
+            Verdict::HandedOff { age } => format!(
+                "was handed off {}s ago and its archiver has not started",
+                age.as_secs()
+            ),
+            _ => "is being archived".to_string(),
+        };
+        anyhow::bail!(
+            "backup {id} ({}) {what}: not starting another backup over it; wait for its archiver (or run `archiver --manifest {}`); a backup no archiver claims within backup.handoff_grace ({}s) is removed by the next snapshotter",
+            manifest.display(),
+            manifest.display(),
+            grace.as_secs()
+        );
     }
     Ok(())
 }

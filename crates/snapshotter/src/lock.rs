@@ -24,10 +24,20 @@
 //! *hold* is the time commits are blocked: from that grant to UNLOCK TABLES or
 //! BACKUP STAGE END returning. (With `backup_stage`, MyISAM writes and DDL
 //! already wait from BLOCK_DDL on, which is inside the wait.)
+//!
+//! The hold is bounded by `mysql.max_hold` ([`Hold`]): every step under the
+//! lock gets only what is left of it (the snapshot command is killed after
+//! that), and a [`Watchdog`] on the watcher connection ends the lock when the
+//! bound passes with `KILL CONNECTION` of the lock connection. Not `KILL
+//! QUERY`: the lock connection is idle while the snapshot command runs, and
+//! only the end of the connection frees writers at once, in any state: the
+//! server releases the global read lock and ends the backup stage when it
+//! drops a connection. (UNLOCK TABLES and BACKUP STAGE END can only be sent
+//! on the lock connection itself, which may be stuck in a statement.)
 
 use std::time::{Duration, Instant};
 
-use common::config::{LockMethod, MysqlConfig};
+use common::config::{Backend, LockMethod, MysqlConfig};
 use common::dialect::{self, ServerVersion};
 use common::error::Error;
 use common::manifest::{Binlog, BinlogFile, GtidSet, LockTimes, SourceCoordinates};
@@ -37,6 +47,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 use rand::Rng;
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 /// What the locked phase produced.
 #[derive(Debug)]
@@ -169,6 +180,8 @@ pub struct LockPolicy {
     pub timeout: Duration,
     /// Attempts after the first (`mysql.lock_retries`).
     pub retries: u32,
+    /// The longest the lock that blocks commits may be held (`mysql.max_hold`).
+    pub max_hold: Duration,
 }
 
 impl LockPolicy {
@@ -178,6 +191,7 @@ impl LockPolicy {
             method,
             timeout: cfg.lock_timeout,
             retries: cfg.lock_retries,
+            max_hold: cfg.max_hold,
         }
     }
 }
@@ -201,16 +215,82 @@ pub struct Granted {
     pub at: Instant,
 }
 
+/// The bound on one hold: from when the lock was granted, at most `max`.
+#[derive(Clone, Copy, Debug)]
+pub struct Hold {
+    pub from: Instant,
+    pub max: Duration,
+}
+
+impl Hold {
+    /// When the lock must be ended.
+    pub fn deadline(&self) -> Instant {
+        self.from + self.max
+    }
+
+    /// What is left of the bound at `now` (zero once it passed).
+    pub fn left_at(&self, now: Instant) -> Duration {
+        self.deadline().saturating_duration_since(now)
+    }
+
+    pub fn left(&self) -> Duration {
+        self.left_at(Instant::now())
+    }
+}
+
+/// Ends the lock when its hold passes the bound: `KILL CONNECTION` of the
+/// lock connection, sent on the watcher connection from a task of its own
+/// (so a blocking step of the locked phase cannot delay it).
+struct Watchdog {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<(Conn, bool)>,
+}
+
+impl Watchdog {
+    fn start(mut watcher: Conn, target: u32, deadline: Instant) -> Watchdog {
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            tokio::select! {
+                _ = stopped => (watcher, false),
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    match watcher.query_drop(format!("KILL CONNECTION {target}")).await {
+                        Ok(()) => tracing::error!(
+                            "the lock was held for mysql.max_hold: ended it (KILL CONNECTION {target})"
+                        ),
+                        Err(e) => tracing::error!(
+                            "the lock was held for mysql.max_hold, but KILL CONNECTION {target} failed: {e} (the lock ends when this process exits)"
+                        ),
+                    }
+                    (watcher, true)
+                }
+            }
+        });
+        Watchdog { stop, task }
+    }
+
+    /// Stops watching; the watcher connection back, and whether it fired.
+    async fn stop(self) -> anyhow::Result<(Conn, bool)> {
+        let _ = self.stop.send(());
+        self.task
+            .await
+            .map_err(|e| anyhow::anyhow!("the lock watchdog failed: {e}"))
+    }
+}
+
 /// A connection that takes the lock, and a watcher connection that
-/// `KILL QUERY`s a lock attempt outliving its timeout. The lock is released
+/// `KILL QUERY`s a lock attempt outliving its timeout and, as the
+/// [`Watchdog`], ends a hold outliving `mysql.max_hold`. The lock is released
 /// by [`LockSession::release`] on every path of [`LockSession::locked_snapshot`];
 /// a session dropped in any other way closes its connections, and the server
 /// drops the lock (and ends the backup stage) with the connection.
 pub struct LockSession<'a> {
     conn: Conn,
-    watcher: Conn,
+    /// `None` only while the watchdog has it.
+    watcher: Option<Conn>,
     server: ServerInfo<'a>,
     policy: LockPolicy,
+    /// The step under the lock that runs now, for the `max_hold` error.
+    step: &'static str,
 }
 
 impl<'a> LockSession<'a> {
@@ -230,9 +310,10 @@ impl<'a> LockSession<'a> {
         .await?;
         Ok(LockSession {
             conn,
-            watcher,
+            watcher: Some(watcher),
             server,
             policy,
+            step: "",
         })
     }
 
@@ -241,8 +322,10 @@ impl<'a> LockSession<'a> {
     }
 
     /// Takes the lock, runs `backend.create(name)` under it with the
-    /// coordinates recorded, and releases it, in every outcome. A snapshot
-    /// of a failed locked phase is removed.
+    /// coordinates recorded, and releases it, in every outcome, within
+    /// `mysql.max_hold` of the grant (else the watchdog ends it and the run
+    /// fails with exit 3). A snapshot of a failed locked phase is removed,
+    /// also one a killed snapshot command made after all.
     pub async fn locked_snapshot(
         mut self,
         backend: &dyn SnapshotBackend,
@@ -256,25 +339,57 @@ impl<'a> LockSession<'a> {
                 return Err(e);
             }
         };
-        let recorded = self.record(backend, name).await;
-        let unlocked = self.release().await;
-        let hold = granted.at.elapsed();
-        let method = self.policy.method;
-        self.close(unlocked.is_ok()).await;
-        match (recorded, unlocked) {
-            (Ok(r), Ok(())) => Ok(r.outcome(method, granted, hold)),
-            (Ok(r), Err(e)) => {
-                tracing::warn!(
-                    "removing snapshot {} of a failed locked phase",
-                    r.snapshot.name
-                );
-                if let Err(e2) = backend.remove(&r.snapshot.name) {
-                    tracing::error!("cannot remove snapshot {}: {e2:#}", r.snapshot.name);
-                }
-                Err(e)
+        let hold = Hold {
+            from: granted.at,
+            max: self.policy.max_hold,
+        };
+        let watcher = self
+            .watcher
+            .take()
+            .expect("the watcher is back after acquire");
+        let watchdog = Watchdog::start(watcher, self.conn.id(), hold.deadline());
+        let recorded = self.record(backend, name, hold).await;
+        let unlocked = if recorded.is_ok() {
+            self.step = release_sql(self.policy.method);
+            self.release().await
+        } else {
+            // The lock connection is closed below, which ends the lock even
+            // where this cannot (the watchdog killed it).
+            let _ = self.release().await;
+            Ok(())
+        };
+        let held = granted.at.elapsed();
+        let fired = match watchdog.stop().await {
+            Ok((w, fired)) => {
+                self.watcher = Some(w);
+                fired
             }
-            (Err(e), _) => Err(e),
+            Err(e) => {
+                tracing::error!("{e:#}");
+                true
+            }
+        };
+        let (method, policy, step) = (self.policy.method, self.policy, self.step);
+        self.close(recorded.is_ok() && unlocked.is_ok() && !fired)
+            .await;
+        let err = match (recorded, unlocked) {
+            (Ok(r), Ok(())) => return Ok(r.outcome(method, granted, held)),
+            (Ok(r), Err(e)) => {
+                remove_failed(backend, &r.snapshot.name);
+                e
+            }
+            (Err(e), _) => {
+                if step == SNAPSHOT_STEP {
+                    remove_if_made(backend, name);
+                }
+                e
+            }
+        };
+        // Judged on the hold itself, not on the time the removal took.
+        if fired || held >= hold.max {
+            return Err(hold_exceeded(&policy, step, backend.kind(), held, &err));
         }
+        Err(err)
     }
 
     /// Takes the lock: at most `retries + 1` attempts, each bounded twice
@@ -284,7 +399,7 @@ impl<'a> LockSession<'a> {
         if self.stage() && self.server.log_bin {
             // Not under BLOCK_COMMIT, where it would lengthen the hold: the
             // coordinates read under it need not be at a file start.
-            exec(&mut self.conn, "FLUSH BINARY LOGS").await?;
+            self.bounded("FLUSH BINARY LOGS").await?;
         }
         let attempts = self.policy.retries + 1;
         for attempt in 1..=attempts {
@@ -305,11 +420,40 @@ impl<'a> LockSession<'a> {
         Err(self.timed_out(attempts).await)
     }
 
+    /// Runs `sql` on the lock connection before the lock, bounded by the
+    /// lock timeout: the watcher `KILL QUERY`s it when it outlives that (a
+    /// server waiting for disk space to write its binary log waits for ever).
+    async fn bounded(&mut self, sql: &str) -> anyhow::Result<()> {
+        let timeout = self.policy.timeout;
+        let Self { conn, watcher, .. } = self;
+        let watcher = watcher
+            .as_mut()
+            .expect("the watcher is here before the lock");
+        let conn_id = conn.id();
+        let (done_tx, done_rx) = oneshot::channel();
+        let running = async {
+            let r = exec(conn, sql).await;
+            let _ = done_tx.send(());
+            r
+        };
+        let after = timeout + Duration::from_millis(250);
+        let (r, killed) = tokio::join!(running, watch(watcher, conn_id, after, done_rx));
+        match r {
+            Err(e) if killed => Err(e.context(format!(
+                "`{sql}` did not finish within {timeout:?} (mysql.lock_timeout) and was killed; nothing is locked: is the volume full (the server waits for space to write)? see the server's error log"
+            ))),
+            r => r,
+        }
+    }
+
     /// One lock attempt, every stage of it bounded by one watcher: the wait
     /// when granted, `None` when it timed out (and nothing is held).
     async fn attempt(&mut self, attempt: u32, attempts: u32) -> anyhow::Result<Option<Duration>> {
         let (method, timeout) = (self.policy.method, self.policy.timeout);
         let Self { conn, watcher, .. } = self;
+        let watcher = watcher
+            .as_mut()
+            .expect("the watcher is here while acquiring");
         let conn_id = conn.id();
         let (cancel_tx, cancel_rx) = oneshot::channel();
         let taking = async {
@@ -340,7 +484,10 @@ impl<'a> LockSession<'a> {
 
     /// The lock timeout error, naming the longest running statement.
     async fn timed_out(&mut self, attempts: u32) -> anyhow::Error {
-        let culprit = longest_writer(&mut self.watcher).await.unwrap_or_default();
+        let culprit = match self.watcher.as_mut() {
+            Some(w) => longest_writer(w).await.unwrap_or_default(),
+            None => String::new(),
+        };
         Error::LockTimeout(format!(
             "could not take {} within {:?} in {attempts} attempts{culprit}; nothing is locked and no snapshot was taken: retry later or raise mysql.lock_timeout",
             lock_name(self.policy.method),
@@ -349,16 +496,44 @@ impl<'a> LockSession<'a> {
         .into()
     }
 
-    /// Under the lock: the coordinates, the source's, the time, the snapshot.
+    /// Under the lock: the coordinates, the source's, the time, the
+    /// snapshot; each step named in `self.step`, the snapshot command
+    /// bounded by what is left of `hold` (the watchdog bounds the statements).
     async fn record(
         &mut self,
         backend: &dyn SnapshotBackend,
         name: &str,
+        hold: Hold,
     ) -> anyhow::Result<Recorded> {
-        let (binlog, gtid) = self.coordinates().await?;
-        let source = replica_source(&mut self.conn, self.server.version).await?;
+        let (version, log_bin) = (self.server.version, self.server.log_bin);
+        let (binlog, gtid) = if log_bin {
+            if !self.stage() {
+                // BACKUP STAGE rotated the binary log before the lock.
+                self.step = "FLUSH BINARY LOGS";
+                exec(&mut self.conn, "FLUSH BINARY LOGS").await?;
+            }
+            self.step = "FLUSH ENGINE LOGS";
+            flush_engine_logs(&mut self.conn).await?;
+            self.step = version.binlog_status_sql();
+            let binlog = binlog_coordinates(&mut self.conn, version).await?;
+            self.step = "the GTID state";
+            let gtid = dialect::gtid_state(&mut self.conn, version)
+                .await?
+                .and_then(|g| checked("GTID state", &g));
+            (binlog, gtid)
+        } else {
+            tracing::warn!(
+                "the binary log is off: the backup records no coordinates and cannot seed replicas"
+            );
+            (None, None)
+        };
+        self.step = "the replica status";
+        let source = replica_source(&mut self.conn, version).await?;
         let at = time::OffsetDateTime::now_utc();
-        let snapshot = backend.create(name)?;
+        self.step = SNAPSHOT_STEP;
+        let left = hold.left();
+        anyhow::ensure!(!left.is_zero(), "no time left for the snapshot");
+        let snapshot = blocking(|| backend.create(name, left))?;
         Ok(Recorded {
             snapshot,
             binlog,
@@ -366,14 +541,6 @@ impl<'a> LockSession<'a> {
             source,
             at,
         })
-    }
-
-    /// Binary log file and position, and the GTID state, under the lock.
-    pub async fn coordinates(&mut self) -> anyhow::Result<(Option<Binlog>, Option<GtidSet>)> {
-        let (version, log_bin) = (self.server.version, self.server.log_bin);
-        // BACKUP STAGE rotated the binary log before the lock.
-        let flush_binlog = !self.stage();
-        coordinates(&mut self.conn, version, log_bin, flush_binlog).await
     }
 
     /// Releases what the method holds, in whatever stage it got to. BACKUP
@@ -395,7 +562,67 @@ impl<'a> LockSession<'a> {
         } else {
             drop(self.conn);
         }
-        let _ = self.watcher.disconnect().await;
+        if let Some(w) = self.watcher {
+            let _ = w.disconnect().await;
+        }
+    }
+}
+
+/// The error of a hold that passed `mysql.max_hold` during `step`.
+fn hold_exceeded(
+    policy: &LockPolicy,
+    step: &str,
+    backend: Backend,
+    held: Duration,
+    cause: &anyhow::Error,
+) -> anyhow::Error {
+    let step = if step == SNAPSHOT_STEP {
+        match backend {
+            Backend::Lvm => "the snapshot command `lvcreate -s`".to_string(),
+            _ => "the snapshot command `btrfs subvolume snapshot`".to_string(),
+        }
+    } else {
+        format!("`{step}`")
+    };
+    Error::LockTimeout(format!(
+        "{step} was still running when the lock ({}) reached mysql.max_hold ({:?}): the lock was ended after {:.1}s so writers could go on, no snapshot was kept and nothing was saved; find out why it was slow ({cause:#}), or raise mysql.max_hold",
+        policy.method.as_str(),
+        policy.max_hold,
+        held.as_secs_f64(),
+    ))
+    .into()
+}
+
+/// The step that runs the snapshot command.
+const SNAPSHOT_STEP: &str = "the snapshot";
+
+/// Runs a blocking step (an external command) without holding up the
+/// runtime's other tasks, among them the watchdog.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// Removes the snapshot of a failed locked phase.
+fn remove_failed(backend: &dyn SnapshotBackend, name: &str) {
+    tracing::warn!("removing snapshot {name} of a failed locked phase");
+    if let Err(e) = backend.remove(name) {
+        tracing::error!("cannot remove snapshot {name}: {e:#}");
+    }
+}
+
+/// After a snapshot command failed or was killed: it may have made the
+/// snapshot all the same (a killed `lvcreate` may have got that far), so
+/// list the snapshots and remove it when it is there.
+fn remove_if_made(backend: &dyn SnapshotBackend, name: &str) {
+    match backend.list(name) {
+        Ok(names) if names.iter().any(|n| n == name) => remove_failed(backend, name),
+        Ok(_) => {}
+        Err(e) => tracing::error!(
+            "cannot list snapshots to remove {name}, which a failed snapshot command may have made: {e:#}; remove it by hand if it exists"
+        ),
     }
 }
 
@@ -426,39 +653,26 @@ impl Recorded {
     }
 }
 
-/// Binary log file and position, and the GTID state, under the lock;
-/// `flush_binlog`: rotate the binary log first (FTWRL; BACKUP STAGE did before the lock).
-async fn coordinates(
+/// With the binary log on, InnoDB may keep commit records in its log buffer
+/// (prepare was made durable, the binary log decides at recovery). Writing
+/// them out makes the snapshot hold exactly the transactions of the coordinates.
+async fn flush_engine_logs(conn: &mut Conn) -> anyhow::Result<()> {
+    exec(conn, "FLUSH NO_WRITE_TO_BINLOG ENGINE LOGS").await
+}
+
+/// Binary log file and position, under the lock.
+async fn binlog_coordinates(
     conn: &mut Conn,
     version: &ServerVersion,
-    log_bin: bool,
-    flush_binlog: bool,
-) -> anyhow::Result<(Option<Binlog>, Option<GtidSet>)> {
-    if !log_bin {
-        tracing::warn!(
-            "the binary log is off: the backup records no coordinates and cannot seed replicas"
-        );
-        return Ok((None, None));
-    }
-    if flush_binlog {
-        exec(conn, "FLUSH BINARY LOGS").await?;
-    }
-    // With the binary log on, InnoDB may keep commit records in its log buffer
-    // (prepare was made durable, the binary log decides at recovery). Writing
-    // them out makes the snapshot hold exactly the transactions of these coordinates.
-    exec(conn, "FLUSH NO_WRITE_TO_BINLOG ENGINE LOGS").await?;
-    let binlog = match dialect::binlog_status(conn, version).await? {
+) -> anyhow::Result<Option<Binlog>> {
+    Ok(match dialect::binlog_status(conn, version).await? {
         Some(b) => Some(Binlog {
             file: BinlogFile::parse(&b.file)
                 .map_err(|e| anyhow::anyhow!("`{}` reported {e}", version.binlog_status_sql()))?,
             position: b.position,
         }),
         None => None,
-    };
-    let gtid = dialect::gtid_state(conn, version)
-        .await?
-        .and_then(|g| checked("GTID state", &g));
-    Ok((binlog, gtid))
+    })
 }
 
 /// Where this server replicates from, when it is a replica.
@@ -515,4 +729,31 @@ async fn longest_writer(conn: &mut Conn) -> anyhow::Result<String> {
             )
         })
         .unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_is_left_of_the_hold() {
+        let from = Instant::now();
+        let hold = Hold {
+            from,
+            max: Duration::from_secs(2),
+        };
+        assert_eq!(hold.deadline(), from + Duration::from_secs(2));
+        assert_eq!(hold.left_at(from), Duration::from_secs(2));
+        assert_eq!(
+            hold.left_at(from + Duration::from_millis(500)),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            hold.left_at(from + Duration::from_millis(1999)),
+            Duration::from_millis(1)
+        );
+        // Once passed: nothing left, never a negative or wrapped duration.
+        assert_eq!(hold.left_at(from + Duration::from_secs(2)), Duration::ZERO);
+        assert_eq!(hold.left_at(from + Duration::from_secs(3)), Duration::ZERO);
+    }
 }

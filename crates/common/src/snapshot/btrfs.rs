@@ -2,6 +2,7 @@
 //! created in the snapshot directory on the same filesystem.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 
@@ -30,23 +31,37 @@ impl SnapshotBackend for Btrfs {
         Backend::Btrfs
     }
 
-    fn create(&self, name: &str) -> anyhow::Result<Snapshot> {
+    fn create(&self, name: &str, timeout: Duration) -> anyhow::Result<Snapshot> {
         let path = self.path(name)?;
         crate::state::create_private_dir(&self.dir)
             .with_context(|| format!("cannot create snapshot directory {}", self.dir.display()))?;
-        cmd::run(&[
-            "btrfs".as_ref(),
-            "subvolume".as_ref(),
-            "snapshot".as_ref(),
-            "-r".as_ref(),
-            self.subvolume.as_os_str(),
-            path.as_os_str(),
-        ])
-        .with_context(|| {
-            format!(
-                "cannot snapshot {} (volume.mountpoint must be a btrfs subvolume)",
-                self.subvolume.display()
-            )
+        cmd::run_for(
+            &[
+                "btrfs".as_ref(),
+                "subvolume".as_ref(),
+                "snapshot".as_ref(),
+                "-r".as_ref(),
+                self.subvolume.as_os_str(),
+                path.as_os_str(),
+            ],
+            Some(timeout),
+        )
+        .map_err(|e| {
+            let why = match &e {
+                cmd::CmdError::Failed { stderr, .. } if stderr.contains("No space left") => format!(
+                    "the btrfs filesystem of {} is full (a snapshot needs free metadata space; see `btrfs filesystem usage`): free space on it",
+                    self.subvolume.display()
+                ),
+                cmd::CmdError::TimedOut { .. } => format!(
+                    "the snapshot of {} took too long (mysql.max_hold)",
+                    self.subvolume.display()
+                ),
+                _ => format!(
+                    "cannot snapshot {} (volume.mountpoint must be a btrfs subvolume)",
+                    self.subvolume.display()
+                ),
+            };
+            anyhow::Error::new(e).context(why)
         })?;
         Ok(Snapshot {
             name: name.to_string(),

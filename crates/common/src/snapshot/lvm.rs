@@ -193,14 +193,21 @@ impl SnapshotBackend for Lvm {
         Backend::Lvm
     }
 
-    fn create(&self, name: &str) -> anyhow::Result<Snapshot> {
+    fn create(&self, name: &str, timeout: std::time::Duration) -> anyhow::Result<Snapshot> {
         // Under the server's lock: only the snapshot itself; the mount comes after.
         let name = self.checked(name)?;
-        cmd::run(&self.lvcreate_argv(name)).with_context(|| {
-            format!(
-                "cannot snapshot {}/{} with {} of copy-on-write space (volume group {} needs free extents: volprep keeps volume.snapshot_reserve_percent free; see volume.snapshot_size)",
-                self.vg, self.lv, self.size, self.vg
-            )
+        cmd::run_for(&self.lvcreate_argv(name), Some(timeout)).map_err(|e| {
+            let why = match &e {
+                cmd::CmdError::TimedOut { .. } => format!(
+                    "the snapshot of {}/{} took too long (mysql.max_hold)",
+                    self.vg, self.lv
+                ),
+                _ => format!(
+                    "cannot snapshot {}/{} with {} of copy-on-write space (volume group {} needs free extents: volprep keeps volume.snapshot_reserve_percent free; see volume.snapshot_size)",
+                    self.vg, self.lv, self.size, self.vg
+                ),
+            };
+            anyhow::Error::new(e).context(why)
         })?;
         Ok(Snapshot {
             name: name.to_string(),

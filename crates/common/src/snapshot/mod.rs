@@ -5,6 +5,7 @@ mod btrfs;
 mod lvm;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::config::{Backend, VolumeBackend, VolumeConfig};
 
@@ -21,10 +22,13 @@ pub struct Snapshot {
 
 pub trait SnapshotBackend: Send + Sync {
     fn kind(&self) -> Backend;
-    /// Creates a read-only snapshot of the volume named `name` and makes its
-    /// files readable at the returned path. Called under the server's lock:
-    /// must be quick.
-    fn create(&self, name: &str) -> anyhow::Result<Snapshot>;
+    /// Creates a read-only snapshot of the volume named `name`, whose files
+    /// [`SnapshotBackend::make_readable`] makes readable at the returned path.
+    /// Called under the server's lock: must be quick, and its command is
+    /// killed after `timeout` (what is left of `mysql.max_hold`). A killed
+    /// command may still have made the snapshot: the caller then finds it
+    /// with [`SnapshotBackend::list`] and removes it.
+    fn create(&self, name: &str, timeout: Duration) -> anyhow::Result<Snapshot>;
     /// Makes a created snapshot's files readable at its path (LVM: mounts it).
     /// Called after the server's lock is released, so that work is not under
     /// the lock; idempotent (the archiver calls it again).
