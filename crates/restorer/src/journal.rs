@@ -22,7 +22,51 @@ use common::error::config_err;
 use common::manifest::BackupId;
 use serde::{Deserialize, Serialize};
 
-use crate::restore::Phase;
+/// The phases of a restore; [`Phase::order`] is the order `restore::restore`
+/// runs them in. The journal records the phase entered last by its [`Phase::name`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Manifest, flags, version and room checked; nothing touched.
+    Check,
+    /// The archive unpacked and verified into the staging directory.
+    Stage,
+    /// The server stopped.
+    Stop,
+    /// The live paths set aside and the staged ones moved in.
+    Swap,
+    /// The restored data stays; the staging directory is removed.
+    Commit,
+    /// The server started and answering.
+    Start,
+    /// Replication set up and running (`--replica-of`).
+    Replicate,
+}
+
+impl Phase {
+    /// The phases in the order they run: `--stop-first` stops before staging.
+    pub fn order(stop_first: bool) -> [Phase; 7] {
+        use Phase::*;
+        if stop_first {
+            [Check, Stop, Stage, Swap, Commit, Start, Replicate]
+        } else {
+            [Check, Stage, Stop, Swap, Commit, Start, Replicate]
+        }
+    }
+
+    /// The name in the journal, the logs and `MYSNAP_TEST_PAUSE_AT`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Check => "check",
+            Phase::Stage => "stage",
+            Phase::Stop => "stop",
+            Phase::Swap => "swap",
+            Phase::Commit => "commit",
+            Phase::Start => "start",
+            Phase::Replicate => "replicate",
+        }
+    }
+}
 
 /// The journal's file name in `backup.state_dir`.
 pub const FILE: &str = "restore.journal";

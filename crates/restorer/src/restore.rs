@@ -46,8 +46,9 @@ use common::manifest::{ArchiveInfo, BackupId, Manifest};
 use common::mysql::ConnectInfo;
 use common::progress::Progress;
 use common::store::Store;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+pub use crate::journal::Phase;
 use crate::journal::{self, Action, Journal, Move};
 use crate::replica::{self, ReplicaFlags, ReplicaOf, StartAt};
 
@@ -82,27 +83,6 @@ pub struct Report {
     pub replication_lag_secs: Option<u64>,
 }
 
-/// The phases of a restore; [`Phase::order`] is the order [`restore`] runs
-/// them in. The journal records the phase entered last by its [`Phase::name`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Phase {
-    /// Manifest, flags, version and room checked; nothing touched.
-    Check,
-    /// The archive unpacked and verified into the staging directory.
-    Stage,
-    /// The server stopped.
-    Stop,
-    /// The live paths set aside and the staged ones moved in.
-    Swap,
-    /// The restored data stays; the staging directory is removed.
-    Commit,
-    /// The server started and answering.
-    Start,
-    /// Replication set up and running (`--replica-of`).
-    Replicate,
-}
-
 /// The test hook: `MYSNAP_TEST_PAUSE_AT=<point>` pauses a restore at that
 /// point (a [`Phase::name`], or [`SWAP_ASIDE`]) until it is killed.
 pub const PAUSE_ENV: &str = "MYSNAP_TEST_PAUSE_AT";
@@ -113,29 +93,6 @@ pub const RESUME_ENV: &str = "MYSNAP_TEST_RESUME";
 pub const SWAP_ASIDE: &str = "swap-aside";
 
 impl Phase {
-    /// The phases in the order they run: `--stop-first` stops before staging.
-    pub fn order(stop_first: bool) -> [Phase; 7] {
-        use Phase::*;
-        if stop_first {
-            [Check, Stop, Stage, Swap, Commit, Start, Replicate]
-        } else {
-            [Check, Stage, Stop, Swap, Commit, Start, Replicate]
-        }
-    }
-
-    /// The name in the journal, the logs and [`PAUSE_ENV`].
-    pub fn name(self) -> &'static str {
-        match self {
-            Phase::Check => "check",
-            Phase::Stage => "stage",
-            Phase::Stop => "stop",
-            Phase::Swap => "swap",
-            Phase::Commit => "commit",
-            Phase::Start => "start",
-            Phase::Replicate => "replicate",
-        }
-    }
-
     /// Logs the start of this phase (and pauses there when the test hook says so).
     fn enter(self, int: &Interrupt) {
         tracing::debug!("restore phase: {}", self.name());
