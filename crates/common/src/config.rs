@@ -25,6 +25,8 @@ pub struct Config {
     #[serde(default)]
     pub archive: ArchiveConfig,
     pub backup: BackupConfig,
+    /// Absent: `restorer prune` does nothing.
+    pub retention: Option<crate::retention::RetentionConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -667,6 +669,9 @@ impl Config {
                 return Err(format!("{key} must be at least 100ms, got {d:?}"));
             }
         }
+        if self.retention.as_ref().is_some_and(|r| r.keeps_nothing()) {
+            return Err("[retention] keeps no backup but the newest (every keep_* is 0 and no keep_within): it would delete every other backup; set a keep_* key, or remove the section to keep everything".into());
+        }
         Ok(())
     }
 
@@ -720,6 +725,28 @@ name = "db1"
             panic!("btrfs")
         };
         assert_eq!(b.snapshot_dir, PathBuf::from("/mnt/.mysnap-snapshots"));
+    }
+
+    #[test]
+    fn retention_section() {
+        assert_eq!(parse(MINIMAL).unwrap().retention, None);
+        let c = parse(&format!(
+            "{MINIMAL}[retention]\nkeep_daily = 7\nkeep_within = \"14d\"\npin = [\"20261101T000000Z\"]\n"
+        ))
+        .unwrap();
+        let r = c.retention.unwrap();
+        assert_eq!(r.keep_daily, 7);
+        assert_eq!(r.keep_within, Some(Duration::from_secs(14 * 86400)));
+        assert_eq!(r.pin[0], "20261101T000000Z");
+        for (bad, why) in [
+            ("[retention]\n", "keeps no backup but the newest"),
+            ("[retention]\nkeep_last = 0\n", "keeps no backup but the newest"),
+            ("[retention]\nkeep_last = 1\npin = [\"2026\"]\n", "not a backup id"),
+            ("[retention]\nkeep_lats = 1\n", "unknown field"),
+        ] {
+            let e = parse(&format!("{MINIMAL}{bad}")).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]

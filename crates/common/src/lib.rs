@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: the one TOML file of the contract.
 //! - [`manifest`]: the hand-off file between snapshotter, archiver and restorer.
+//! - [`retention`]: which backups a `[retention]` policy keeps (pure).
 //! - [`store`]: where archives live (S3 or a directory), behind one trait.
 //! - [`archive`]: the archive format: store keys, the write and the read path.
 //! - [`codec`]: zstd, xz, none; and the SHA-256 of the stored bytes.
@@ -29,6 +30,7 @@ pub mod mountinfo;
 pub mod mysql;
 pub mod progress;
 pub mod reader;
+pub mod retention;
 pub mod snapshot;
 pub mod state;
 pub mod store;
