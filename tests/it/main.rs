@@ -3,6 +3,7 @@
 
 mod backup;
 mod faults;
+mod prune;
 mod restore;
 mod smoke;
 mod store;

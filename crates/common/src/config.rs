@@ -740,8 +740,14 @@ name = "db1"
         assert_eq!(r.pin[0], "20261101T000000Z");
         for (bad, why) in [
             ("[retention]\n", "keeps no backup but the newest"),
-            ("[retention]\nkeep_last = 0\n", "keeps no backup but the newest"),
-            ("[retention]\nkeep_last = 1\npin = [\"2026\"]\n", "not a backup id"),
+            (
+                "[retention]\nkeep_last = 0\n",
+                "keeps no backup but the newest",
+            ),
+            (
+                "[retention]\nkeep_last = 1\npin = [\"2026\"]\n",
+                "not a backup id",
+            ),
             ("[retention]\nkeep_lats = 1\n", "unknown field"),
         ] {
             let e = parse(&format!("{MINIMAL}{bad}")).unwrap_err();

@@ -47,8 +47,7 @@ impl RetentionConfig {
     /// such a section is refused (config error), since it is almost surely
     /// a mistake that would delete every other backup.
     pub fn keeps_nothing(&self) -> bool {
-        self.counts().iter().all(|(_, n)| *n == 0)
-            && self.keep_within.is_none_or(|d| d.is_zero())
+        self.counts().iter().all(|(_, n)| *n == 0) && self.keep_within.is_none_or(|d| d.is_zero())
     }
 
     fn counts(&self) -> [(Rule, u32); 6] {
@@ -221,7 +220,12 @@ mod tests {
         let d = apply(&policy, &year_of_dailies());
         assert_eq!(
             d[0].reasons,
-            ["newest", "daily 2026-12-31", "weekly 2026-W53", "monthly 2026-12"]
+            [
+                "newest",
+                "daily 2026-12-31",
+                "weekly 2026-W53",
+                "monthly 2026-12"
+            ]
         );
         assert_eq!(d[4].reasons, ["daily 2026-12-27", "weekly 2026-W52"]);
         assert_eq!(d.len(), 365);
@@ -254,10 +258,7 @@ mod tests {
             &year_of_dailies(),
             &["20261231T030000Z", "20261230T030000Z", "20261229T030000Z"],
         );
-        assert_eq!(
-            apply(&policy, &year_of_dailies())[2].reasons,
-            ["last 3"]
-        );
+        assert_eq!(apply(&policy, &year_of_dailies())[2].reasons, ["last 3"]);
     }
 
     #[test]

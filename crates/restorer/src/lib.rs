@@ -8,11 +8,13 @@
 //! (`restore.rs`: the phases and their guards), and a restore killed at any
 //! instant is finished or undone by the next one or `restorer recover`
 //! (`journal.rs`).
-//! The restorer never writes to the store.
+//! The restorer is the store's reader and administrator: it writes to the
+//! store only in `restorer prune` (`prune.rs`), and only by deleting.
 
 #[cfg(test)]
 mod forged;
 pub mod journal;
+pub mod prune;
 pub mod replica;
 mod restore;
 

@@ -58,6 +58,15 @@ enum Cmd {
         #[arg(long, default_value = "5min", value_parser = humantime::parse_duration)]
         start_timeout: Duration,
     },
+    /// Apply the [retention] policy: print keep/remove per backup; delete only with --apply
+    Prune {
+        /// Delete the backups marked remove (default: a dry run)
+        #[arg(long)]
+        apply: bool,
+        /// One JSON object on stdout
+        #[arg(long)]
+        json: bool,
+    },
     /// Finish or undo a restore that was killed (kill -9, power loss), from its journal
     Recover {
         /// Longest wait for the server to answer after start
@@ -119,6 +128,13 @@ fn main() -> std::process::ExitCode {
                 let progress = common::progress::for_stderr("restoring", quiet);
                 let report = restorer::restore(&cfg, &opts, progress.as_ref()).await?;
                 println!("{}", serde_json::to_string(&report)?);
+            }
+            Cmd::Prune { apply, json } => {
+                let report = restorer::prune::prune(&cfg, apply).await?;
+                match json {
+                    true => println!("{}", serde_json::to_string_pretty(&report)?),
+                    false => print!("{}", restorer::prune::prune_lines(&report)),
+                }
             }
             Cmd::Recover { start_timeout } => match restorer::recover(&cfg, start_timeout).await? {
                 Some(line) => println!("{line}"),
