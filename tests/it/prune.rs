@@ -215,3 +215,60 @@ fn prune_without_a_policy_does_nothing_and_a_policy_of_zeros_is_refused() {
     assert!(err.contains("keeps no backup but the newest"), "{err}");
     assert_eq!(zeros.files().len(), 2);
 }
+
+/// `deploy/mysnap-backup` with stand-ins for snapshotter and archiver (no
+/// MariaDB): after the backup it prunes with the real restorer; a failing
+/// prune still prints the backup id and exits 5.
+#[test]
+fn the_deploy_wrapper_prunes_after_a_backup_and_a_failed_prune_exits_5() {
+    use std::os::unix::fs::PermissionsExt;
+    let rig = Rig::new("[retention]\nkeep_last = 1\n");
+    for id in ["20200101T030000Z", "20200102T030000Z"] {
+        rig.plant(id, Some(&manifest(id)));
+    }
+    let bin_dir = rig.store.parent().unwrap().join("bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let script = |name: &str, body: &str| {
+        let p = bin_dir.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    script("snapshotter", "echo /tmp/pending.toml");
+    script("archiver", "echo 20200102T030000Z");
+    script(
+        "restorer",
+        &format!("exec {} \"$@\"", bin("restorer").display()),
+    );
+    let wrapper = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mysnap-backup");
+    let run = || {
+        Command::new("sh")
+            .arg(&wrapper)
+            .arg("--config")
+            .arg(&rig.config)
+            .env("MYSNAP_BIN_DIR", &bin_dir)
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"20200102T030000Z\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("removed 20200101T030000Z"));
+    assert!(!rig
+        .store
+        .join("db1/20200101T030000Z/manifest.toml")
+        .exists());
+    assert!(rig
+        .store
+        .join("db1/20200102T030000Z/manifest.toml")
+        .exists());
+
+    script("restorer", "exit 1");
+    let out = run();
+    assert_eq!(out.status.code(), Some(5));
+    assert_eq!(out.stdout, b"20200102T030000Z\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("prune --apply failed (exit 1)"));
+}
