@@ -133,9 +133,11 @@ fn prune_dry_run_changes_nothing_and_apply_removes_exactly_the_listed_backups() 
         let id = format!("202001{day:02}T030000Z");
         rig.plant(&id, Some(&manifest(&id)));
     }
-    // An archive without a manifest (an upload under way) and a manifest that
-    // does not parse: prune never deletes either.
+    // An archive without a manifest, years old (a killed run's): garbage,
+    // removed; one younger than a day (an upload under way) and a manifest that does not
+    // parse: never deleted.
     rig.plant("20200105T120000Z", None);
+    rig.plant("20991231T000000Z", None);
     rig.plant("20191231T030000Z", Some("not a manifest"));
     let before = rig.files();
 
@@ -154,7 +156,16 @@ remove 20200101T030000Z
 ";
     let (lines, skipped) = dry.split_at(expected.len());
     assert_eq!(lines, expected);
-    assert!(skipped.starts_with("skip 20191231T030000Z  "), "{skipped}");
+    let skipped: Vec<&str> = skipped.lines().collect();
+    assert_eq!(skipped.len(), 2, "{skipped:?}");
+    assert!(
+        skipped[0].starts_with("skip 20191231T030000Z  "),
+        "{skipped:?}"
+    );
+    assert_eq!(
+        skipped[1],
+        "remove db1/20200105T120000Z/data.tar.zst  an archive without a manifest"
+    );
     assert_eq!(rig.files(), before, "a dry run changes nothing");
     let json: serde_json::Value = serde_json::from_str(&rig.ok(&["prune", "--json"])).unwrap();
     assert_eq!(json["applied"], false);
@@ -164,8 +175,11 @@ remove 20200101T030000Z
     let applied = rig.ok(&["prune", "--apply"]);
     let expected_applied = expected.replace("remove ", "removed ");
     assert!(applied.starts_with(&expected_applied), "{applied}");
+    assert!(applied
+        .ends_with("removed db1/20200105T120000Z/data.tar.zst  an archive without a manifest\n"));
     let removed = ["07", "06", "04", "03", "01"];
     let mut after = before.clone();
+    assert!(after.remove("db1/20200105T120000Z/data.tar.zst"));
     for d in removed {
         for f in ["manifest.toml", "data.tar.zst"] {
             assert!(after.remove(&format!("db1/202001{d}T030000Z/{f}")));

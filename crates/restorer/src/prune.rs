@@ -25,6 +25,46 @@ pub struct PruneReport {
     pub decisions: Vec<Decision>,
     /// Backups whose manifest could not be read: never deleted.
     pub unreadable: Vec<Unreadable>,
+    /// Archive keys without a manifest whose id is older than
+    /// [`GARBAGE_GRACE`]: left by a killed run or a prune stopped half-way;
+    /// deleted with `apply`.
+    pub garbage: Vec<String>,
+}
+
+/// How old (by its id, the backup's start) an archive without a manifest
+/// must be before prune deletes it: an archive is stored only moments
+/// before its manifest, so a day-old one will never get one.
+pub const GARBAGE_GRACE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// The archive keys in `listed` of backups with no manifest in `listed`
+/// and an id older than `now - GARBAGE_GRACE`.
+pub fn garbage(
+    listed: &[String],
+    name: &common::manifest::BackupName,
+    now: time::OffsetDateTime,
+) -> Vec<String> {
+    let manifests: std::collections::BTreeSet<BackupId> = listed
+        .iter()
+        .filter_map(|k| keys::manifest_id(name, k))
+        .collect();
+    let prefix = keys::backups_of(name);
+    let mut out = Vec::new();
+    for key in listed {
+        let Some((id, file)) = key.strip_prefix(&prefix).and_then(|r| r.split_once('/')) else {
+            continue;
+        };
+        let Ok(id) = BackupId::parse(id) else {
+            continue;
+        };
+        let old = id.time() + GARBAGE_GRACE < now;
+        let archive = [Compression::Zstd, Compression::Xz, Compression::None]
+            .iter()
+            .any(|c| keys::archive(name, &id, *c) == *key && c.file_name() == file);
+        if archive && old && !manifests.contains(&id) {
+            out.push(key.clone());
+        }
+    }
+    out
 }
 
 #[derive(Debug, Serialize)]
@@ -42,6 +82,7 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
             applied: apply,
             decisions: Vec::new(),
             unreadable: Vec::new(),
+            garbage: Vec::new(),
         });
     };
     let store = store::open(&cfg.store).await?;
@@ -69,9 +110,14 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
         }
     }
     let decisions = retention::apply(policy, &complete);
+    let garbage = garbage(&listed, &name, time::OffsetDateTime::now_utc());
     if apply {
         for d in decisions.iter().filter(|d| !d.keep()) {
             delete(store, &listed, &name, &d.id).await?;
+        }
+        for key in &garbage {
+            store.delete(key).await?;
+            tracing::info!("deleted {} (an archive without a manifest)", store.url(key));
         }
     }
     Ok(PruneReport {
@@ -79,6 +125,7 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
         applied: apply,
         decisions,
         unreadable,
+        garbage,
     })
 }
 
@@ -102,7 +149,8 @@ async fn delete(
 }
 
 /// The lines `restorer prune` prints: `keep <id>  <reasons>`, `remove <id>`
-/// (`removed` once applied), `skip <id>  <why>` for an unreadable manifest.
+/// (`removed` once applied), `skip <id>  <why>` for an unreadable manifest,
+/// `remove <key>  an archive without a manifest` for garbage.
 pub fn prune_lines(r: &PruneReport) -> String {
     if !r.policy {
         return "no [retention] policy: nothing to do\n".into();
@@ -120,5 +168,34 @@ pub fn prune_lines(r: &PruneReport) -> String {
     for u in &r.unreadable {
         out += &format!("skip {}  {}\n", u.id, u.why);
     }
+    let verb = if r.applied { "removed" } else { "remove" };
+    for key in &r.garbage {
+        out += &format!("{verb} {key}  an archive without a manifest\n");
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garbage_is_an_old_archive_without_a_manifest() {
+        let name = common::manifest::BackupName::parse("db1").unwrap();
+        let listed: Vec<String> = [
+            "db1/20261120T030000Z/data.tar.zst", // old, no manifest: garbage
+            "db1/20261121T030000Z/data.tar.xz",  // has a manifest
+            "db1/20261121T030000Z/manifest.toml",
+            "db1/20261122T030000Z/notes.txt",    // not an archive
+            "db1/20261127T040000Z/data.tar.zst", // younger than the grace
+            "db1/nonsense/data.tar.zst",
+        ]
+        .map(String::from)
+        .to_vec();
+        let now = time::macros::datetime!(2026-11-28 03:00 UTC);
+        assert_eq!(
+            garbage(&listed, &name, now),
+            ["db1/20261120T030000Z/data.tar.zst"]
+        );
+    }
 }
