@@ -232,9 +232,9 @@ fn prune_without_a_policy_does_nothing_and_a_policy_of_zeros_is_refused() {
 
 /// `deploy/mysnap-backup` with stand-ins for snapshotter and archiver (no
 /// MariaDB): after the backup it prunes with the real restorer; a failing
-/// prune still prints the backup id and exits 5.
+/// prune still prints the backup id and exits 6.
 #[test]
-fn the_deploy_wrapper_prunes_after_a_backup_and_a_failed_prune_exits_5() {
+fn the_deploy_wrapper_prunes_after_a_backup_and_a_failed_prune_exits_6() {
     use std::os::unix::fs::PermissionsExt;
     let rig = Rig::new("[retention]\nkeep_last = 1\n");
     for id in ["20200101T030000Z", "20200102T030000Z"] {
@@ -282,7 +282,7 @@ fn the_deploy_wrapper_prunes_after_a_backup_and_a_failed_prune_exits_5() {
 
     script("restorer", "exit 1");
     let out = run();
-    assert_eq!(out.status.code(), Some(5));
+    assert_eq!(out.status.code(), Some(6));
     assert_eq!(out.stdout, b"20200102T030000Z\n");
     assert!(String::from_utf8_lossy(&out.stderr).contains("prune --apply failed (exit 1)"));
 }
