@@ -15,6 +15,7 @@ mod forged;
 pub mod journal;
 pub mod replica;
 mod restore;
+pub mod status;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
