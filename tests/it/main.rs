@@ -5,5 +5,6 @@ mod backup;
 mod faults;
 mod restore;
 mod smoke;
+mod status;
 mod store;
 mod volprep;

@@ -223,9 +223,6 @@ mod tests {
     use crate::forged::Rig;
     use common::manifest::BackupId;
 
-    fn at(s: &str) -> time::OffsetDateTime {
-        BackupId::parse(s).unwrap().time()
-    }
 
     fn name(s: &str) -> BackupName {
         BackupName::parse(s).unwrap()
