@@ -106,7 +106,10 @@ fn status_shows_the_newest_backup_and_fails_a_stale_or_missing_one_with_exit_5()
     assert_ok(&out, "restorer status --max-age 1h");
     let text = String::from_utf8(out.stdout).unwrap();
     assert_eq!(text.lines().count(), 1, "{text}");
-    assert!(text.starts_with(&format!("db1: newest {newest}, ")), "{text}");
+    assert!(
+        text.starts_with(&format!("db1: newest {newest}, ")),
+        "{text}"
+    );
     assert!(
         text.contains("1.0 MiB, lock held 0.042s, archived in 12s, 2 complete backups"),
         "{text}"

@@ -221,8 +221,6 @@ pub fn stale_error(st: &Status) -> Option<anyhow::Error> {
 mod tests {
     use super::*;
     use crate::forged::Rig;
-    use common::manifest::BackupId;
-
 
     fn name(s: &str) -> BackupName {
         BackupName::parse(s).unwrap()
@@ -265,12 +263,33 @@ mod tests {
         let t = m.backup_id.time();
         let n = name("db1");
         let hour = Some(Duration::from_secs(3600));
-        let fresh = name_status(&n, &[m.clone()], hour, t + time::Duration::minutes(59));
+        let fresh = name_status(
+            &n,
+            std::slice::from_ref(&m),
+            hour,
+            t + time::Duration::minutes(59),
+        );
         assert!(!fresh.stale);
         assert_eq!(fresh.newest.as_ref().unwrap().age_secs, 59 * 60);
         assert_eq!(fresh.complete_backups, 1);
-        assert!(name_status(&n, &[m.clone()], hour, t + time::Duration::minutes(61)).stale);
-        assert!(!name_status(&n, &[m.clone()], None, t + time::Duration::days(9)).stale);
+        assert!(
+            name_status(
+                &n,
+                std::slice::from_ref(&m),
+                hour,
+                t + time::Duration::minutes(61)
+            )
+            .stale
+        );
+        assert!(
+            !name_status(
+                &n,
+                std::slice::from_ref(&m),
+                None,
+                t + time::Duration::days(9)
+            )
+            .stale
+        );
         assert!(name_status(&n, &[], hour, t).stale);
         assert!(!name_status(&n, &[], None, t).stale);
         // A backup from the near future is 0 s old, not an overflow.
@@ -301,11 +320,18 @@ mod tests {
             .collect();
         assert_eq!(
             shown,
-            [("Bad Name", false, false), ("db1", true, true), ("db2", true, true)]
+            [
+                ("Bad Name", false, false),
+                ("db1", true, true),
+                ("db2", true, true)
+            ]
         );
         assert!(!st.ok);
         let text = status_text(&st);
-        assert!(text.contains("\"Bad Name\": skipped, not a backup name"), "{text}");
+        assert!(
+            text.contains("\"Bad Name\": skipped, not a backup name"),
+            "{text}"
+        );
         assert!(text.contains("db2: STALE no complete backup"), "{text}");
         assert!(
             text.contains(&format!("db1: STALE newest {}, 2h old,", m.backup_id)),
