@@ -79,7 +79,7 @@ enum Cmd {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = common::cli::parse();
     cli.global.init_logging();
     let quiet = cli.global.quiet();
     exit_with(runtime().block_on(async {
