@@ -6,5 +6,6 @@ mod faults;
 mod prune;
 mod restore;
 mod smoke;
+mod status;
 mod store;
 mod volprep;

@@ -108,3 +108,99 @@ pub fn exit_code_of(err: &anyhow::Error) -> ExitCode {
         })
         .unwrap_or(ExitCode::Failure)
 }
+
+/// Parses the command line of program `C`. Two hidden first arguments, for
+/// packaging (README, "Shell completions and man pages"), print instead
+/// and exit: `--generate-completions bash|zsh|fish|elvish|powershell` (a
+/// completion script on stdout) and `--generate-man DIR` (`<program>.1` and
+/// one page per subcommand, `<program>-<subcommand>.1`, into DIR).
+pub fn parse<C: clap::Parser>() -> C {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let first = args.get(1).and_then(|a| a.to_str());
+    let value = args.get(2).and_then(|a| a.to_str());
+    match (first, value) {
+        (Some("--generate-completions"), shell) => {
+            std::process::exit(generate_completions::<C>(shell))
+        }
+        (Some("--generate-man"), dir) => std::process::exit(generate_man::<C>(dir)),
+        _ => C::parse(),
+    }
+}
+
+fn generate_completions<C: clap::CommandFactory>(shell: Option<&str>) -> i32 {
+    use clap::ValueEnum;
+    let Some(shell) = shell.and_then(|s| clap_complete::Shell::from_str(s, true).ok()) else {
+        eprintln!(
+            "error: --generate-completions takes a shell: bash, zsh, fish, elvish or powershell"
+        );
+        return ExitCode::Usage as i32;
+    };
+    let mut cmd = C::command();
+    let name = cmd.get_name().to_string();
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, name, &mut script);
+    match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: cannot write the completion script: {e}");
+            ExitCode::Failure as i32
+        }
+    }
+}
+
+fn generate_man<C: clap::CommandFactory>(dir: Option<&str>) -> i32 {
+    let Some(dir) = dir else {
+        eprintln!("error: --generate-man takes the directory to write the pages into");
+        return ExitCode::Usage as i32;
+    };
+    match clap_mangen::generate_to(C::command(), dir) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: cannot write man pages into {dir}: {e}");
+            ExitCode::Failure as i32
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A program like mysnap's: global flags and a required subcommand.
+    #[derive(clap::Parser)]
+    #[command(name = "prog", version, about = "A program")]
+    struct Cli {
+        #[command(flatten)]
+        global: super::GlobalArgs,
+        #[command(subcommand)]
+        command: Cmd,
+    }
+
+    #[derive(clap::Subcommand)]
+    enum Cmd {
+        /// Shows the status
+        Status,
+    }
+
+    #[test]
+    fn completions_and_man_pages_are_generated_for_every_shell_and_subcommand() {
+        use clap::CommandFactory;
+        for shell in ["bash", "zsh", "fish"] {
+            let mut out = Vec::new();
+            let s = <clap_complete::Shell as clap::ValueEnum>::from_str(shell, true).unwrap();
+            clap_complete::generate(s, &mut Cli::command(), "prog", &mut out);
+            let text = String::from_utf8(out).unwrap();
+            assert!(
+                text.contains("status") && text.contains("config"),
+                "{shell}"
+            );
+        }
+        assert_eq!(super::generate_completions::<Cli>(Some("tcsh")), 2);
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(super::generate_man::<Cli>(dir.path().to_str()), 0);
+        let page = std::fs::read_to_string(dir.path().join("prog.1")).unwrap();
+        assert!(
+            page.contains("A program") && page.contains("config"),
+            "{page}"
+        );
+        assert!(dir.path().join("prog-status.1").is_file());
+    }
+}

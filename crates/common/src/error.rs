@@ -14,6 +14,9 @@ pub enum ExitCode {
     Usage = 2,
     LockTimeout = 3,
     Integrity = 4,
+    /// `restorer status --max-age`: a backup name's newest complete backup
+    /// is older than the limit, or there is none.
+    Stale = 5,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +31,9 @@ pub enum Error {
     /// Checksum, size, truncated or unsafe archive: exit 4.
     #[error("{0}")]
     Integrity(String),
+    /// A backup older than `restorer status --max-age`, or none: exit 5.
+    #[error("{0}")]
+    Stale(String),
 }
 
 impl Error {
@@ -36,6 +42,7 @@ impl Error {
             Error::Config(_) => ExitCode::Usage,
             Error::LockTimeout(_) => ExitCode::LockTimeout,
             Error::Integrity(_) => ExitCode::Integrity,
+            Error::Stale(_) => ExitCode::Stale,
         }
     }
 }

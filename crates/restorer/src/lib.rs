@@ -17,6 +17,7 @@ pub mod journal;
 pub mod prune;
 pub mod replica;
 mod restore;
+pub mod status;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;

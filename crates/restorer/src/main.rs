@@ -25,6 +25,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Newest complete backup, its age and size, per backup name (exit 5 when older than --max-age)
+    Status {
+        /// Every backup name in the store, not only backup.name
+        #[arg(long)]
+        all: bool,
+        /// Exit 5 when a shown name's newest complete backup is older than this (e.g. 26h), or it has none
+        #[arg(long, value_name = "AGE", value_parser = humantime::parse_duration)]
+        max_age: Option<Duration>,
+        /// One JSON document on stdout (README, "Status")
+        #[arg(long)]
+        json: bool,
+    },
     /// Read the whole archive as restore would; check size, SHA-256 and every entry (exit 4 on failure)
     Verify {
         /// Backup id, or "latest"
@@ -76,7 +88,7 @@ enum Cmd {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = common::cli::parse();
     cli.global.init_logging();
     let quiet = cli.global.quiet();
     exit_with(runtime().block_on(async {
@@ -88,6 +100,17 @@ fn main() -> std::process::ExitCode {
             }
             Cmd::List { json: false } => {
                 print!("{}", restorer::list_table(&restorer::list(&cfg).await?));
+            }
+            Cmd::Status { all, max_age, json } => {
+                let st = restorer::status::status(&cfg, all, max_age).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&st)?);
+                } else {
+                    print!("{}", restorer::status::status_text(&st));
+                }
+                if let Some(e) = restorer::status::stale_error(&st) {
+                    return Err(e);
+                }
             }
             Cmd::Verify { id } => {
                 let progress = common::progress::for_stderr("verifying", quiet);

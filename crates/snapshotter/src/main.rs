@@ -15,7 +15,7 @@ struct Cli {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = common::cli::parse();
     cli.global.init_logging();
     exit_with(runtime().block_on(async {
         let cfg = cli.global.load_config()?;

@@ -1,0 +1,353 @@
+//! `restorer status`: did last night's backup happen? For each backup name,
+//! the newest complete backup, its age and what its manifest records, read
+//! through the same checked path as `restorer list` ([`crate::list_in`]).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::config::Config;
+use common::error::Error;
+use common::manifest::{BackupName, Manifest};
+use common::store::{self, Store};
+use serde::Serialize;
+
+/// What `restorer status --json` prints (README, "Status").
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Status {
+    /// RFC 3339 UTC time of the check.
+    pub checked_at: String,
+    /// `--max-age` in seconds, or `null` without it.
+    pub max_age_secs: Option<u64>,
+    /// `false` when `--max-age` was given and a name is stale.
+    pub ok: bool,
+    pub names: Vec<NameStatus>,
+}
+
+/// One backup name.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NameStatus {
+    /// The name as found in the store (not trusted when `valid` is false).
+    pub name: String,
+    /// Whether `name` is a valid `backup.name`; an invalid one is reported
+    /// and never read.
+    pub valid: bool,
+    /// Why the name was not read (invalid), else `null`.
+    pub problem: Option<String>,
+    /// Complete backups (a manifest that parses, with an archive).
+    pub complete_backups: usize,
+    /// The newest complete backup, or `null` when there is none.
+    pub newest: Option<Newest>,
+    /// Older than `--max-age`, or no complete backup (always false without it).
+    pub stale: bool,
+}
+
+/// What the newest complete backup's manifest records.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Newest {
+    pub id: String,
+    /// RFC 3339 time of the snapshot.
+    pub created_at: String,
+    /// Seconds from the backup's start (its id) to `checked_at`.
+    pub age_secs: u64,
+    /// Bytes of the stored archive.
+    pub size: u64,
+    /// Seconds commits were blocked by the lock.
+    pub lock_hold_secs: f64,
+    /// Seconds the archiver took (start to upload complete).
+    pub archive_secs: f64,
+}
+
+/// Checks `backup.name` (or, with `all`, every name in the store) against
+/// `max_age`.
+pub async fn status(cfg: &Config, all: bool, max_age: Option<Duration>) -> anyhow::Result<Status> {
+    let store = store::open(&cfg.store).await?;
+    let own = crate::backup_name(cfg)?;
+    let now = time::OffsetDateTime::now_utc();
+    status_in(store.as_ref(), &own, all, max_age, now).await
+}
+
+async fn status_in(
+    store: &dyn Store,
+    own: &BackupName,
+    all: bool,
+    max_age: Option<Duration>,
+    now: time::OffsetDateTime,
+) -> anyhow::Result<Status> {
+    let mut names = BTreeSet::from([own.to_string()]);
+    if all {
+        names.extend(names_in(&store.list("").await?));
+    }
+    let mut out = Vec::new();
+    for raw in names {
+        let name = match BackupName::parse(&raw) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("not reading {}: {e}", store.url(&raw));
+                out.push(NameStatus {
+                    name: raw,
+                    valid: false,
+                    problem: Some(format!("not a backup name: {e}")),
+                    complete_backups: 0,
+                    newest: None,
+                    stale: false,
+                });
+                continue;
+            }
+        };
+        let backups = crate::list_in(store, &name).await?;
+        out.push(name_status(&name, &backups, max_age, now));
+    }
+    Ok(Status {
+        checked_at: rfc3339(now),
+        max_age_secs: max_age.map(|d| d.as_secs()),
+        ok: !out.iter().any(|n| n.stale),
+        names: out,
+    })
+}
+
+/// The names in a listing of the whole store: the first component of every
+/// key below one.
+fn names_in(keys: &[String]) -> BTreeSet<String> {
+    keys.iter()
+        .filter_map(|k| k.split_once('/').map(|(n, _)| n.to_string()))
+        .collect()
+}
+
+/// The status of `name` from its complete backups, newest first.
+fn name_status(
+    name: &BackupName,
+    backups: &[Manifest],
+    max_age: Option<Duration>,
+    now: time::OffsetDateTime,
+) -> NameStatus {
+    let newest = backups.first().map(|m| Newest {
+        id: m.backup_id.to_string(),
+        created_at: m.created_at.to_string(),
+        age_secs: age(m, now).as_secs(),
+        size: m.archive.as_ref().map_or(0, |a| a.size),
+        lock_hold_secs: m.lock.hold_secs,
+        archive_secs: m.archive.as_ref().map_or(0.0, |a| a.archive_secs),
+    });
+    let stale = match (max_age, &newest) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(max), Some(n)) => n.age_secs > max.as_secs(),
+    };
+    NameStatus {
+        name: name.to_string(),
+        valid: true,
+        problem: None,
+        complete_backups: backups.len(),
+        newest,
+        stale,
+    }
+}
+
+/// Time since the backup started (its id); zero for one from the (near) future.
+fn age(m: &Manifest, now: time::OffsetDateTime) -> Duration {
+    Duration::try_from(now - m.backup_id.time()).unwrap_or(Duration::ZERO)
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.replace_nanosecond(0)
+        .unwrap_or(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("a UTC time formats")
+}
+
+/// An age for people: whole seconds below an hour, whole minutes above.
+pub fn fmt_age(secs: u64) -> String {
+    let secs = if secs >= 3600 { secs / 60 * 60 } else { secs };
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+/// Seconds with the precision that matters (lock holds are milliseconds).
+fn fmt_secs(s: f64) -> String {
+    if s < 10.0 {
+        format!("{s:.3}s")
+    } else {
+        fmt_age(s.round() as u64)
+    }
+}
+
+/// The text `restorer status` prints: one line per name.
+pub fn status_text(st: &Status) -> String {
+    let mut out = String::new();
+    for n in &st.names {
+        let mark = if n.stale { " STALE" } else { "" };
+        let line = match (&n.problem, &n.newest) {
+            (Some(p), _) => format!("{:?}: skipped, {p}", n.name),
+            (None, None) => format!("{}:{mark} no complete backup", n.name),
+            (None, Some(b)) => format!(
+                "{}:{mark} newest {}, {} old, {}, lock held {}, archived in {}, {} complete backup{}",
+                n.name,
+                b.id,
+                fmt_age(b.age_secs),
+                bytesize::ByteSize(b.size),
+                fmt_secs(b.lock_hold_secs),
+                fmt_secs(b.archive_secs),
+                n.complete_backups,
+                if n.complete_backups == 1 { "" } else { "s" }
+            ),
+        };
+        out += &line;
+        out.push('\n');
+    }
+    out
+}
+
+/// The error (exit 5) for a status with stale names, naming each and its
+/// age; `None` when all is well.
+pub fn stale_error(st: &Status) -> Option<anyhow::Error> {
+    let max = fmt_age(st.max_age_secs?);
+    let stale: Vec<String> = st
+        .names
+        .iter()
+        .filter(|n| n.stale)
+        .map(|n| match &n.newest {
+            Some(b) => format!(
+                "the newest backup of {} ({}) is {} old, older than --max-age {max}",
+                n.name,
+                b.id,
+                fmt_age(b.age_secs)
+            ),
+            None => format!("{} has no complete backup", n.name),
+        })
+        .collect();
+    (!stale.is_empty()).then(|| Error::Stale(stale.join("; ")).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::forged::Rig;
+
+    fn name(s: &str) -> BackupName {
+        BackupName::parse(s).unwrap()
+    }
+
+    #[test]
+    fn ages_read_as_people_say_them() {
+        for (secs, want) in [
+            (0, "0s"),
+            (59, "59s"),
+            (3599, "59m 59s"),
+            (3600 + 59, "1h"),
+            (26 * 3600 + 61, "1day 2h 1m"),
+        ] {
+            assert_eq!(fmt_age(secs), want, "{secs}");
+        }
+        assert_eq!(fmt_secs(0.0234), "0.023s");
+        assert_eq!(fmt_secs(75.4), "1m 15s");
+    }
+
+    #[test]
+    fn names_are_first_key_components() {
+        let keys = [
+            "db1/20261126T093000Z/manifest.toml",
+            "db1/20261126T093000Z/data.tar.zst",
+            "Bad Name/x",
+            "stray-file",
+        ]
+        .map(String::from);
+        assert_eq!(
+            names_in(&keys),
+            BTreeSet::from(["Bad Name".to_string(), "db1".to_string()])
+        );
+    }
+
+    #[test]
+    fn stale_means_older_than_max_age_or_none() {
+        let mut rig = Rig::new();
+        let m = rig.backup(&["mysql"], &[crate::forged::dir("mysql")]);
+        let t = m.backup_id.time();
+        let n = name("db1");
+        let hour = Some(Duration::from_secs(3600));
+        let fresh = name_status(
+            &n,
+            std::slice::from_ref(&m),
+            hour,
+            t + time::Duration::minutes(59),
+        );
+        assert!(!fresh.stale);
+        assert_eq!(fresh.newest.as_ref().unwrap().age_secs, 59 * 60);
+        assert_eq!(fresh.complete_backups, 1);
+        assert!(
+            name_status(
+                &n,
+                std::slice::from_ref(&m),
+                hour,
+                t + time::Duration::minutes(61)
+            )
+            .stale
+        );
+        assert!(
+            !name_status(
+                &n,
+                std::slice::from_ref(&m),
+                None,
+                t + time::Duration::days(9)
+            )
+            .stale
+        );
+        assert!(name_status(&n, &[], hour, t).stale);
+        assert!(!name_status(&n, &[], None, t).stale);
+        // A backup from the near future is 0 s old, not an overflow.
+        let early = name_status(&n, &[m], hour, t - time::Duration::minutes(5));
+        assert_eq!(early.newest.unwrap().age_secs, 0);
+    }
+
+    #[test]
+    fn all_reports_every_name_and_a_bad_one_without_reading_it() {
+        let mut rig = Rig::new();
+        let m = rig.backup(&["mysql"], &[crate::forged::dir("mysql")]);
+        let store_dir = rig.root().join("store");
+        std::fs::create_dir_all(store_dir.join("Bad Name/x")).unwrap();
+        std::fs::write(store_dir.join("Bad Name/x/manifest.toml"), "junk").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let store = rt.block_on(store::open(&rig.cfg.store)).unwrap();
+        let now = m.backup_id.time() + time::Duration::hours(2);
+        let max = Some(Duration::from_secs(3600));
+        let st = rt
+            .block_on(status_in(store.as_ref(), &name("db2"), true, max, now))
+            .unwrap();
+        let shown: Vec<(&str, bool, bool)> = st
+            .names
+            .iter()
+            .map(|n| (n.name.as_str(), n.valid, n.stale))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("Bad Name", false, false),
+                ("db1", true, true),
+                ("db2", true, true)
+            ]
+        );
+        assert!(!st.ok);
+        let text = status_text(&st);
+        assert!(
+            text.contains("\"Bad Name\": skipped, not a backup name"),
+            "{text}"
+        );
+        assert!(text.contains("db2: STALE no complete backup"), "{text}");
+        assert!(
+            text.contains(&format!("db1: STALE newest {}, 2h old,", m.backup_id)),
+            "{text}"
+        );
+        let err = format!("{}", stale_error(&st).unwrap());
+        assert!(err.contains("db1") && err.contains("2h old"), "{err}");
+        assert!(err.contains("db2 has no complete backup"), "{err}");
+        let code = common::cli::exit_code_of(&stale_error(&st).unwrap());
+        assert_eq!(code, common::ExitCode::Stale);
+
+        // Without --all, only this config's name; without --max-age, never stale.
+        let st = rt
+            .block_on(status_in(store.as_ref(), &name("db1"), false, None, now))
+            .unwrap();
+        assert_eq!(st.names.len(), 1);
+        assert!(st.ok && stale_error(&st).is_none());
+    }
+}
