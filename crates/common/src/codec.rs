@@ -223,4 +223,28 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("memory"), "{err}");
     }
+
+    /// An xz block whose LZMA2 dictionary (4 GiB) needs more than the
+    /// decoder's memory limit is refused before the dictionary is allocated.
+    #[test]
+    fn an_xz_block_asking_for_a_huge_dictionary_is_refused() {
+        let mut enc = xz2::write::XzEncoder::new(Vec::new(), 1);
+        enc.write_all(&[1u8; 4096]).unwrap();
+        let mut stored = enc.finish().unwrap();
+        // Stream header (12 bytes), then the block header: its size, flags
+        // (no optional sizes from this encoder), one filter: LZMA2 (0x21)
+        // with one property byte, the dictionary size; padding; CRC32.
+        let start = 12;
+        let len = (usize::from(stored[start]) + 1) * 4;
+        assert_eq!(stored[start + 1], 0, "block flags");
+        assert_eq!(&stored[start + 2..start + 4], &[0x21, 0x01], "LZMA2 filter");
+        stored[start + 4] = 40; // 4 GiB - 1, the largest dictionary
+        let crc = crc32fast::hash(&stored[start..start + len - 4]);
+        stored[start + len - 4..start + len].copy_from_slice(&crc.to_le_bytes());
+        let err = decoder(&stored[..], Compression::Xz)
+            .unwrap()
+            .read_to_end(&mut Vec::new())
+            .unwrap_err();
+        assert!(err.to_string().to_lowercase().contains("memory"), "{err}");
+    }
 }
