@@ -231,6 +231,106 @@ fn restore_under_load(lock_method: &str) {
     );
 }
 
+/// A backup taken on a MariaDB replica records where the replica was in its
+/// source's history as a GTID position (`@@gtid_slave_pos`, which `SHOW SLAVE
+/// STATUS` lacks), and `--replica-of-source` seeds a sibling replica from it
+/// that catches up with the source.
+#[test]
+fn a_backup_of_a_replica_seeds_a_sibling_replica_of_its_source_by_gtid() {
+    if !gate("a_backup_of_a_replica_seeds_a_sibling_replica_of_its_source_by_gtid") {
+        return;
+    }
+    let src_port = free_port();
+    let src = Rig::with(
+        StoreKind::File,
+        MariaOpts {
+            server_id: 1,
+            port: Some(src_port),
+            log_bin: true,
+        },
+    );
+    src.db.sql(
+        "CREATE USER repl@'%' IDENTIFIED BY 'repl-secret'; GRANT REPLICATION SLAVE ON *.* TO repl@'%'; \
+         CREATE USER repl@localhost IDENTIFIED BY 'repl-secret'; GRANT REPLICATION SLAVE ON *.* TO repl@localhost; \
+         CREATE DATABASE d; CREATE TABLE d.t (id INT PRIMARY KEY) ENGINE=InnoDB; \
+         INSERT INTO d.t VALUES (1), (2), (3)",
+    );
+    let replica = Rig::with(
+        StoreKind::File,
+        MariaOpts {
+            server_id: 2,
+            port: Some(free_port()),
+            log_bin: true,
+        },
+    );
+    replica.db.sql(&format!(
+        "CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={src_port}, MASTER_USER='repl', \
+         MASTER_PASSWORD='repl-secret', MASTER_USE_GTID=slave_pos; START SLAVE"
+    ));
+    let caught_up = |db: &MariaDb| {
+        let want = src.db.sql("SELECT @@gtid_binlog_pos");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while db.sql("SELECT @@gtid_slave_pos") != want {
+            assert!(
+                Instant::now() < deadline,
+                "no catching up with {want}: {}",
+                db.sql("SHOW SLAVE STATUS\\G")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        want
+    };
+    let at_backup = caught_up(&replica.db);
+    let id = replica.backup();
+    let m = Manifest::parse(
+        &String::from_utf8(replica.fetch(&format!("db1/{id}/manifest.toml"))).unwrap(),
+        "store",
+    )
+    .unwrap();
+    let source = m.source.expect("a backup of a replica records its source");
+    assert_eq!(source.port, src_port);
+    assert_eq!(
+        source.gtid.as_ref().map(|g| g.to_string()),
+        Some(at_backup),
+        "the replica's GTID position in its source's history"
+    );
+    // Written after the backup: the sibling must fetch these from the source.
+    src.db.sql("INSERT INTO d.t VALUES (4), (5)");
+
+    let sibling = Target::new(
+        &replica,
+        MariaOpts {
+            server_id: 3,
+            port: Some(free_port()),
+            log_bin: true,
+        },
+        None,
+    );
+    let pw = sibling._tmp.path().join("repl.pass");
+    std::fs::write(&pw, "repl-secret\n").unwrap();
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let out = sibling.restorer(
+        &replica,
+        &[
+            "restore",
+            &id,
+            "--replica-of-source",
+            "--replication-user",
+            "repl",
+            "--replication-password-file",
+            pw.to_str().unwrap(),
+        ],
+    );
+    assert_ok(&out, "restorer restore --replica-of-source");
+    caught_up(&sibling.db);
+    assert_eq!(
+        sibling
+            .db
+            .sql("SELECT GROUP_CONCAT(id ORDER BY id) FROM d.t"),
+        "1,2,3,4,5"
+    );
+}
+
 /// Writes a crafted archive and its manifest (copied from a real one) as backup `id`.
 fn plant(store_root: &Path, real: &Manifest, id: &str, archive: &[u8]) {
     let mut m = real.clone();

@@ -134,6 +134,17 @@ impl ServerVersion {
         }
     }
 
+    /// The query of a replica's GTID position when its status row lacks it:
+    /// MariaDB's `SHOW SLAVE STATUS` has no `Gtid_Slave_Pos` column, so it is
+    /// read from `@@gtid_slave_pos` (one column, `gtid`). MySQL's row has
+    /// `Executed_Gtid_Set`.
+    pub fn replica_gtid_sql(&self) -> Option<&'static str> {
+        match self.flavor {
+            Flavor::Mariadb => Some("SELECT @@GLOBAL.gtid_slave_pos AS gtid"),
+            Flavor::Mysql => None,
+        }
+    }
+
     /// The words of the statements that point a server at its source.
     pub fn replication_sql(&self) -> ReplicationSql {
         let mysql_gtid = |reset, option| GtidStart {
@@ -256,12 +267,22 @@ pub async fn gtid_state(conn: &mut Conn, v: &ServerVersion) -> anyhow::Result<Op
 }
 
 /// How this server replicates (`SHOW SLAVE STATUS` or `SHOW REPLICA
-/// STATUS`); `None` when it is no replica.
+/// STATUS`), with the GTID position it has executed up to where the
+/// server keeps it apart ([`ServerVersion::replica_gtid_sql`]); `None` when
+/// it is no replica.
 pub async fn replica_status(
     conn: &mut Conn,
     v: &ServerVersion,
 ) -> anyhow::Result<Option<ReplicaStatus>> {
-    first_row(conn, v.replica_status_sql()).await
+    let Some(mut status) = first_row::<ReplicaStatus>(conn, v.replica_status_sql()).await? else {
+        return Ok(None);
+    };
+    if let (None, Some(sql)) = (&status.gtid, v.replica_gtid_sql()) {
+        status.gtid = first_row::<GtidState>(conn, sql)
+            .await?
+            .and_then(|g| g.gtid);
+    }
+    Ok(Some(status))
 }
 
 #[cfg(test)]
@@ -278,10 +299,12 @@ mod tests {
         assert_eq!(maria.binlog_status_sql(), "SHOW MASTER STATUS");
         assert_eq!(maria.replica_status_sql(), "SHOW SLAVE STATUS");
         assert!(maria.gtid_sql().contains("gtid_binlog_pos"));
+        assert!(maria.replica_gtid_sql().unwrap().contains("gtid_slave_pos"));
         let old = ServerVersion::parse("5.5.5-10.3.39-MariaDB");
         assert_eq!((old.flavor, old.major, old.minor), (Flavor::Mariadb, 10, 3));
         let my80 = ServerVersion::parse("8.0.21");
         assert_eq!(my80.flavor, Flavor::Mysql);
+        assert_eq!(my80.replica_gtid_sql(), None);
         assert_eq!(my80.binlog_status_sql(), "SHOW MASTER STATUS");
         assert_eq!(my80.replica_status_sql(), "SHOW SLAVE STATUS");
         let my8022 = ServerVersion::parse("8.0.36-0ubuntu0.22.04.1");
