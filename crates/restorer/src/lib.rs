@@ -53,14 +53,25 @@ fn backup_name(cfg: &Config) -> anyhow::Result<BackupName> {
     BackupName::parse(&cfg.backup.name).map_err(|e| config_err(format!("backup.name: {e}")))
 }
 
+/// Manifests read at once by `list` (one GET each): a year of daily backups
+/// lists in a few round trips' time, not 365.
+const LIST_READS_IN_FLIGHT: usize = 16;
+
 async fn list_in(store: &dyn Store, name: &BackupName) -> anyhow::Result<Vec<Manifest>> {
+    use futures::stream::{self, StreamExt};
     let keys = store.list(&keys::backups_of(name)).await?;
+    let ids: Vec<(&String, BackupId)> = keys
+        .iter()
+        .filter_map(|key| Some((key, keys::manifest_id(name, key)?)))
+        .collect();
+    let read: Vec<_> = stream::iter(&ids)
+        .map(|(key, id)| async move { (*key, read_manifest(store, name, id).await) })
+        .buffered(LIST_READS_IN_FLIGHT)
+        .collect()
+        .await;
     let mut out = Vec::new();
-    for key in &keys {
-        let Some(id) = keys::manifest_id(name, key) else {
-            continue;
-        };
-        match read_manifest(store, name, &id).await {
+    for (key, result) in read {
+        match result {
             Ok(m) if m.archive.is_some() => out.push(m),
             Ok(_) => tracing::warn!(
                 "skipping {}: a manifest without an archive (never completed)",
