@@ -642,33 +642,31 @@ pub async fn serve(
     }
 }
 
-/// An S3 server on 127.0.0.1 serving `root`, in a background thread with its own
-/// tokio runtime; shut down on drop.
-pub struct S3Server {
+/// A server on 127.0.0.1, in a background thread with its own tokio
+/// runtime (2 workers), until [`ServerThread::stop`] or drop: then its port
+/// refuses connections, and what it still serves is dropped with the runtime
+/// after at most `linger`.
+pub struct ServerThread {
     /// `http://127.0.0.1:PORT`
     pub endpoint: String,
-    pub access_key: String,
-    pub secret_key: String,
-    pub root: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl S3Server {
-    pub fn start(root: &Path) -> S3Server {
-        std::fs::create_dir_all(root)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", root.display()));
-        let root = root
-            .canonicalize()
-            .unwrap_or_else(|e| panic!("{}: {e}", root.display()));
-        let (access_key, secret_key) = process_credentials().clone();
+impl ServerThread {
+    /// Binds a free port and runs `serve(listener)` on it, in a thread named
+    /// `<name>-<port>`.
+    pub fn start<F, Fut>(name: &str, linger: Duration, serve: F) -> ServerThread
+    where
+        F: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()>,
+    {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         listener.set_nonblocking(true).expect("set_nonblocking");
         let addr: SocketAddr = listener.local_addr().expect("local_addr");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let (ak, sk, r) = (access_key.clone(), secret_key.clone(), root.clone());
         let thread = std::thread::Builder::new()
-            .name(format!("s3-test-server-{}", addr.port()))
+            .name(format!("{name}-{}", addr.port()))
             .spawn(move || {
                 let rt = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
@@ -679,24 +677,72 @@ impl S3Server {
                     let listener =
                         tokio::net::TcpListener::from_std(listener).expect("tokio listener");
                     tokio::select! {
-                        r = serve(listener, r, ak, sk) => {
-                            if let Err(e) = r {
-                                eprintln!("s3 test server stopped: {e:#}");
-                            }
-                        }
+                        () = serve(listener) => {}
                         _ = stop_rx => {}
                     }
                 });
-                rt.shutdown_timeout(Duration::from_secs(2));
+                rt.shutdown_timeout(linger);
             })
-            .expect("spawn the S3 server thread");
-        S3Server {
+            .unwrap_or_else(|e| panic!("cannot spawn the {name} thread: {e}"));
+        ServerThread {
             endpoint: format!("http://{addr}"),
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops listening and drops every connection. Idempotent.
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ServerThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// An S3 server on 127.0.0.1 serving `root`, in a [`ServerThread`]; shut
+/// down on drop.
+pub struct S3Server {
+    /// `http://127.0.0.1:PORT`
+    pub endpoint: String,
+    pub access_key: String,
+    pub secret_key: String,
+    pub root: PathBuf,
+    _server: ServerThread,
+}
+
+impl S3Server {
+    pub fn start(root: &Path) -> S3Server {
+        std::fs::create_dir_all(root)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", root.display()));
+        let root = root
+            .canonicalize()
+            .unwrap_or_else(|e| panic!("{}: {e}", root.display()));
+        let (access_key, secret_key) = process_credentials().clone();
+        let (ak, sk, r) = (access_key.clone(), secret_key.clone(), root.clone());
+        let server = ServerThread::start(
+            "s3-test-server",
+            Duration::from_secs(2),
+            move |listener| async move {
+                if let Err(e) = serve(listener, r, ak, sk).await {
+                    eprintln!("s3 test server stopped: {e:#}");
+                }
+            },
+        );
+        S3Server {
+            endpoint: server.endpoint.clone(),
             access_key,
             secret_key,
             root,
-            stop: Some(stop_tx),
-            thread: Some(thread),
+            _server: server,
         }
     }
 
@@ -729,16 +775,5 @@ impl S3Server {
                 std::env::set_var(k, v);
             }
         });
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
