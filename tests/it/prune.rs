@@ -8,47 +8,6 @@ use std::process::{Command, Output};
 
 use mysnap_tests::bin;
 
-/// A manifest as the archiver writes it, for backup `id` of db1.
-fn manifest(id: &str) -> String {
-    format!(
-        r#"format_version = 1
-backup_id = "{id}"
-name = "db1"
-created_at = "2020-01-01T03:00:00Z"
-[server]
-flavor = "mariadb"
-version = "10.11.6-MariaDB-log"
-hostname = "db1"
-server_id = 1
-[lock]
-method = "ftwrl"
-attempts = 1
-wait_secs = 0.01
-hold_secs = 0.02
-[snapshot]
-backend = "btrfs"
-name = "mysnap-db1-{id}"
-path = "/mnt/.mysnap-snapshots/mysnap-db1-{id}"
-[data]
-volume_root = "/mnt"
-datadir = "mysql"
-paths = ["mysql"]
-exclude = []
-[archive]
-key = "db1/{id}/data.tar.zst"
-size = 4
-compression = "zstd"
-level = 3
-sha256 = "{sha}"
-tar_size = 10240
-unpacked_size = 4096
-files = 2
-archive_secs = 1.0
-"#,
-        sha = "ab".repeat(32)
-    )
-}
-
 struct Rig {
     _tmp: tempfile::TempDir,
     store: PathBuf,
@@ -78,13 +37,14 @@ impl Rig {
         }
     }
 
+    /// Plants backup `id` of db1: its archive, and `manifest` when given.
     fn plant(&self, id: &str, manifest: Option<&str>) {
-        let dir = self.store.join("db1").join(id);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("data.tar.zst"), b"zstd").unwrap();
-        if let Some(m) = manifest {
-            std::fs::write(dir.join("manifest.toml"), m).unwrap();
-        }
+        mysnap_tests::plant(&self.store, "db1", id, manifest);
+    }
+
+    /// Plants a complete backup of db1.
+    fn plant_backup(&self, id: &str) {
+        mysnap_tests::plant_backup(&self.store, "db1", id);
     }
 
     fn restorer(&self, args: &[&str]) -> Output {
@@ -108,19 +68,7 @@ impl Rig {
 
     /// Every file in the store, relative to it.
     fn files(&self) -> BTreeSet<String> {
-        fn walk(root: &Path, dir: &Path, out: &mut BTreeSet<String>) {
-            for e in std::fs::read_dir(dir).unwrap() {
-                let p = e.unwrap().path();
-                if p.is_dir() {
-                    walk(root, &p, out);
-                } else {
-                    out.insert(p.strip_prefix(root).unwrap().display().to_string());
-                }
-            }
-        }
-        let mut out = BTreeSet::new();
-        walk(&self.store, &self.store, &mut out);
-        out
+        mysnap_tests::files_below(&self.store)
     }
 }
 
@@ -131,7 +79,7 @@ fn prune_dry_run_changes_nothing_and_apply_removes_exactly_the_listed_backups() 
         Rig::new("[retention]\nkeep_last = 3\nkeep_weekly = 2\npin = [\"20200102T030000Z\"]\n");
     for day in 1..=10 {
         let id = format!("202001{day:02}T030000Z");
-        rig.plant(&id, Some(&manifest(&id)));
+        rig.plant_backup(&id);
     }
     // An archive without a manifest, years old (a killed run's): garbage,
     // removed; one younger than a day (an upload under way) and a manifest that does not
@@ -212,8 +160,8 @@ remove 20200101T030000Z
 #[test]
 fn prune_without_a_policy_does_nothing_and_a_policy_of_zeros_is_refused() {
     let rig = Rig::new("");
-    rig.plant("20200101T030000Z", Some(&manifest("20200101T030000Z")));
-    rig.plant("20200102T030000Z", Some(&manifest("20200102T030000Z")));
+    rig.plant_backup("20200101T030000Z");
+    rig.plant_backup("20200102T030000Z");
     let before = rig.files();
     assert_eq!(
         rig.ok(&["prune", "--apply"]),
@@ -222,7 +170,7 @@ fn prune_without_a_policy_does_nothing_and_a_policy_of_zeros_is_refused() {
     assert_eq!(rig.files(), before);
 
     let zeros = Rig::new("[retention]\nkeep_daily = 0\n");
-    zeros.plant("20200101T030000Z", Some(&manifest("20200101T030000Z")));
+    zeros.plant_backup("20200101T030000Z");
     let out = zeros.restorer(&["prune", "--apply"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -238,7 +186,7 @@ fn the_deploy_wrapper_prunes_after_a_backup_and_a_failed_prune_exits_6() {
     use std::os::unix::fs::PermissionsExt;
     let rig = Rig::new("[retention]\nkeep_last = 1\n");
     for id in ["20200101T030000Z", "20200102T030000Z"] {
-        rig.plant(id, Some(&manifest(id)));
+        rig.plant_backup(id);
     }
     let bin_dir = rig.store.parent().unwrap().join("bin");
     std::fs::create_dir_all(&bin_dir).unwrap();

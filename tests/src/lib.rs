@@ -777,3 +777,93 @@ impl S3Server {
         });
     }
 }
+
+// ---------------------------------------------------------------------------
+// Planted backups: a directory store filled by hand (no MariaDB needed)
+
+/// The backup id of the time `ago` before now.
+pub fn id_ago(ago: Duration) -> String {
+    let t = time::OffsetDateTime::now_utc() - ago;
+    common::manifest::BackupId::from_time(t).to_string()
+}
+
+/// The manifest the archiver stores for backup `id` of `name`, created at
+/// the time of its id: a 1 MiB zstd archive, the lock held 0.042 s,
+/// archived in 12.25 s.
+pub fn synthetic_manifest(name: &str, id: &str) -> String {
+    let created = common::manifest::BackupId::parse(id)
+        .unwrap_or_else(|e| panic!("{id:?} is not a backup id: {e}"))
+        .time()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    format!(
+        r#"format_version = 1
+backup_id = "{id}"
+name = "{name}"
+created_at = "{created}"
+
+[server]
+flavor = "mariadb"
+version = "10.11.6-MariaDB-log"
+hostname = "db1"
+server_id = 1
+
+[lock]
+method = "ftwrl"
+attempts = 1
+wait_secs = 0.01
+hold_secs = 0.042
+
+[snapshot]
+backend = "btrfs"
+name = "mysnap-{name}-{id}"
+path = "/mnt/.mysnap-snapshots/mysnap-{name}-{id}"
+
+[data]
+volume_root = "/mnt"
+datadir = "mysql"
+paths = ["mysql"]
+exclude = []
+
+[archive]
+key = "{name}/{id}/data.tar.zst"
+size = 1048576
+compression = "zstd"
+level = 3
+sha256 = "{sha}"
+tar_size = 2097152
+unpacked_size = 2000000
+files = 10
+archive_secs = 12.25
+"#,
+        sha = "ab".repeat(32)
+    )
+}
+
+/// Plants backup `id` of `name` in the directory store `store`: its archive
+/// `data.tar.zst` (a few bytes: nothing here reads it) and, when given,
+/// `manifest.toml` with `manifest` as its text.
+pub fn plant(store: &Path, name: &str, id: &str, manifest: Option<&str>) {
+    let dir = store.join(name).join(id);
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    std::fs::write(dir.join("data.tar.zst"), b"zstd").unwrap();
+    if let Some(m) = manifest {
+        std::fs::write(dir.join("manifest.toml"), m).unwrap();
+    }
+}
+
+/// Plants a complete backup ([`synthetic_manifest`]) of `name` as `id`.
+pub fn plant_backup(store: &Path, name: &str, id: &str) {
+    plant(store, name, id, Some(&synthetic_manifest(name, id)));
+}
+
+/// Every file below `root` (relative paths; links are listed, not followed).
+pub fn files_below(root: &Path) -> std::collections::BTreeSet<String> {
+    walkdir::WalkDir::new(root)
+        .into_iter()
+        .map(|e| e.unwrap_or_else(|e| panic!("cannot list {}: {e}", root.display())))
+        .filter(|e| !e.file_type().is_dir())
+        .map(|e| e.path().strip_prefix(root).unwrap().display().to_string())
+        .collect()
+}
