@@ -418,6 +418,56 @@ impl MariaDb {
     }
 }
 
+/// Starts `cmd` with its stderr piped and returns once it printed the line
+/// `want` (a test hook's `paused at <point>`), with the rest of its stderr,
+/// by line. Panics with what it printed when `want` does not come within
+/// `within` (the child is killed).
+pub fn spawn_until_line(
+    cmd: &mut Command,
+    want: &str,
+    within: Duration,
+) -> (Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", describe(cmd)));
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line == want => return (child, rx),
+            Ok(line) => seen.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{} did not print {want:?} within {within:?}; stderr:\n{}",
+                    describe(cmd),
+                    seen.join("\n")
+                );
+            }
+        }
+    }
+}
+
+/// Sends `signal` to `child` (SIGTERM, SIGKILL, ...).
+pub fn send_signal(child: &Child, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, signal)
+        .unwrap_or_else(|e| panic!("cannot send {signal} to process {pid}: {e}"));
+}
+
 /// Whether process `pid` exists (and is not a zombie).
 fn alive(pid: i32) -> bool {
     if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
