@@ -234,3 +234,136 @@ fn the_deploy_wrapper_prunes_after_a_backup_and_a_failed_prune_exits_6() {
     assert_eq!(out.stdout, b"20200102T030000Z\n");
     assert!(String::from_utf8_lossy(&out.stderr).contains("prune --apply failed (exit 1)"));
 }
+
+/// The backup ids `restorer list --json` shows, newest first.
+fn listed(rig: &Rig) -> Vec<String> {
+    let list: serde_json::Value = serde_json::from_str(&rig.ok(&["list", "--json"])).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["backup_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Keys no archiver writes, in the store and beside it: prune (a dry run
+/// and `--apply`) removes what its policy removes and the one old archive
+/// without a manifest, and leaves every forged key, and everything outside
+/// the store, as it was; an archive with a far-future id is neither garbage
+/// nor the newest backup.
+#[test]
+fn prune_leaves_forged_keys_and_everything_outside_the_store_alone() {
+    use std::os::unix::fs::symlink;
+    let rig = Rig::new("[retention]\nkeep_last = 1\n");
+    for id in ["20200101T030000Z", "20200102T030000Z", "20200103T030000Z"] {
+        rig.plant_backup(id);
+    }
+    // The one real piece of garbage: an old archive without a manifest.
+    rig.plant("20200104T030000Z", None);
+
+    let outside = rig.store.parent().unwrap().join("outside");
+    std::fs::create_dir_all(outside.join("20200105T030000Z")).unwrap();
+    std::fs::write(outside.join("victim"), "not the store's").unwrap();
+    std::fs::write(
+        outside.join("20200105T030000Z/data.tar.zst"),
+        "not the store's",
+    )
+    .unwrap();
+    let forge = |key: &str| {
+        let path = rig.store.join(key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, "forged").unwrap();
+    };
+    // What `db1/../x/data.tar.zst` would name (the file store holds no `..`
+    // key), other names, ids that are not times, archives one level down,
+    // and names no codec has.
+    for key in [
+        "x/data.tar.zst",
+        "db2/20200101T030000Z/data.tar.zst",
+        "db1x/20200101T030000Z/data.tar.zst",
+        "db1/29991231T000000Z/data.tar.zst",
+        "db1/nonsense/data.tar.zst",
+        "db1/20201301T000000Z/data.tar.zst",
+        "db1/.../data.tar.zst",
+        "db1/20200101T040000Z/sub/data.tar.zst",
+        "db1/20200101T050000Z/data.tar.gz",
+        "db1/20200101T050000Z/data.tar.zst.bak",
+    ] {
+        forge(key);
+    }
+    // Links out of the store, as an archive and as a backup's directory.
+    std::fs::create_dir_all(rig.store.join("db1/20200101T060000Z")).unwrap();
+    symlink(
+        outside.join("victim"),
+        rig.store.join("db1/20200101T060000Z/data.tar.zst"),
+    )
+    .unwrap();
+    symlink(
+        outside.join("20200105T030000Z"),
+        rig.store.join("db1/20200101T070000Z"),
+    )
+    .unwrap();
+    // A manifest under another backup's key, and one whose archive key
+    // leaves its backup: both refused, neither deleted.
+    let newest = mysnap_tests::synthetic_manifest("db1", "20200103T030000Z");
+    rig.plant("20200106T030000Z", Some(&newest));
+    let leaving = mysnap_tests::synthetic_manifest("db1", "20200107T030000Z").replace(
+        "key = \"db1/20200107T030000Z/data.tar.zst\"",
+        "key = \"db1/../outside/victim\"",
+    );
+    rig.plant("20200107T030000Z", Some(&leaving));
+
+    let before = rig.files();
+    let outside_before = mysnap_tests::files_below(&outside);
+    let expected = |verb: &str| {
+        format!(
+            "keep 20200103T030000Z  newest, last 1\n\
+             {verb} 20200102T030000Z\n\
+             {verb} 20200101T030000Z\n"
+        )
+    };
+    let garbage = "db1/20200104T030000Z/data.tar.zst  an archive without a manifest\n";
+    let check = |out: &str, verb: &str| {
+        let (decided, rest) = out.split_at(expected(verb).len().min(out.len()));
+        assert_eq!(decided, expected(verb), "{out}");
+        let rest: Vec<&str> = rest.lines().collect();
+        assert_eq!(rest.len(), 3, "{out}");
+        assert!(rest[0].starts_with("skip 20200106T030000Z  "), "{out}");
+        assert!(rest[1].starts_with("skip 20200107T030000Z  "), "{out}");
+        assert_eq!(
+            format!("{}\n", rest[2]),
+            format!("{verb} {garbage}"),
+            "{out}"
+        );
+    };
+
+    check(&rig.ok(&["prune"]), "remove");
+    assert_eq!(rig.files(), before, "a dry run changes nothing");
+    let json: serde_json::Value = serde_json::from_str(&rig.ok(&["prune", "--json"])).unwrap();
+    assert_eq!(
+        json["garbage"],
+        serde_json::json!(["db1/20200104T030000Z/data.tar.zst"])
+    );
+
+    check(&rig.ok(&["prune", "--apply"]), "removed");
+    let mut after = before.clone();
+    for key in [
+        "db1/20200102T030000Z/manifest.toml",
+        "db1/20200102T030000Z/data.tar.zst",
+        "db1/20200101T030000Z/manifest.toml",
+        "db1/20200101T030000Z/data.tar.zst",
+        "db1/20200104T030000Z/data.tar.zst",
+    ] {
+        assert!(after.remove(key), "{key}");
+    }
+    assert_eq!(rig.files(), after, "only the decided keys are deleted");
+    assert_eq!(mysnap_tests::files_below(&outside), outside_before);
+    assert_eq!(
+        std::fs::read_to_string(outside.join("victim")).unwrap(),
+        "not the store's"
+    );
+    assert_eq!(listed(&rig), ["20200103T030000Z"]);
+    // Again: nothing more is removed, the forged keys stay.
+    let again = rig.ok(&["prune", "--apply"]);
+    assert!(!again.contains("removed"), "{again}");
+    assert_eq!(rig.files(), after);
+}
