@@ -367,3 +367,76 @@ fn prune_leaves_forged_keys_and_everything_outside_the_store_alone() {
     assert!(!again.contains("removed"), "{again}");
     assert_eq!(rig.files(), after);
 }
+
+/// `restorer prune --apply` killed (`kill -9`) between a backup's manifest
+/// and its archive: `list` never shows the half-deleted backup, and the next
+/// prune finishes the job: the archive without a manifest is garbage once
+/// its id is older than the grace (a day), and left alone before that.
+#[test]
+fn a_prune_killed_between_a_manifest_and_its_archive_is_finished_by_the_next_one() {
+    let rig = Rig::new("[retention]\nkeep_last = 1\n");
+    let killed_at_first_deletion = || {
+        let mut cmd = Command::new(bin("restorer"));
+        cmd.arg("--config")
+            .arg(&rig.config)
+            .args(["prune", "--apply"])
+            .env("MYSNAP_TEST_PAUSE_AT", "prune-manifest-deleted")
+            .stdout(std::process::Stdio::null());
+        let want = "paused at prune-manifest-deleted";
+        let (mut child, _) =
+            mysnap_tests::spawn_until_line(&mut cmd, want, std::time::Duration::from_secs(60));
+        let during = listed(&rig);
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        during
+    };
+
+    // Old ids: the half-deleted backup's archive is garbage at once.
+    for id in ["20200101T030000Z", "20200102T030000Z", "20200103T030000Z"] {
+        rig.plant_backup(id);
+    }
+    let before = rig.files();
+    let during = killed_at_first_deletion();
+    let mut half = before.clone();
+    assert!(half.remove("db1/20200102T030000Z/manifest.toml"));
+    assert_eq!(rig.files(), half, "the manifest is deleted first");
+    assert_eq!(during, ["20200103T030000Z", "20200101T030000Z"]);
+    assert_eq!(listed(&rig), during, "never the half-deleted backup");
+    assert_eq!(
+        rig.ok(&["prune", "--apply"]),
+        "keep 20200103T030000Z  newest, last 1\n\
+         removed 20200101T030000Z\n\
+         removed db1/20200102T030000Z/data.tar.zst  an archive without a manifest\n"
+    );
+    let only = |id: &str| {
+        ["manifest.toml", "data.tar.zst"]
+            .map(|f| format!("db1/{id}/{f}"))
+            .into_iter()
+            .collect::<BTreeSet<String>>()
+    };
+    assert_eq!(rig.files(), only("20200103T030000Z"));
+
+    // Ids of the last hours: its archive waits out the grace.
+    let hour = std::time::Duration::from_secs(3600);
+    let (older, newer) = (
+        mysnap_tests::id_ago(3 * hour),
+        mysnap_tests::id_ago(2 * hour),
+    );
+    rig.plant_backup(&older);
+    rig.plant_backup(&newer);
+    let during = killed_at_first_deletion();
+    assert_eq!(during, [newer.clone(), "20200103T030000Z".to_string()]);
+    assert_eq!(listed(&rig), during);
+    assert_eq!(
+        rig.ok(&["prune", "--apply"]),
+        format!("keep {newer}  newest, last 1\nremoved 20200103T030000Z\n")
+    );
+    let mut left = only(&newer);
+    left.insert(format!("db1/{older}/data.tar.zst"));
+    assert_eq!(
+        rig.files(),
+        left,
+        "a young archive without a manifest stays"
+    );
+    assert_eq!(listed(&rig), [newer]);
+}

@@ -89,7 +89,8 @@ pub struct Report {
 }
 
 /// The test hook: `MYSNAP_TEST_PAUSE_AT=<point>` pauses a restore at that
-/// point (a [`Phase::name`], or [`SWAP_ASIDE`]) until it is killed.
+/// point (a [`Phase::name`], or [`SWAP_ASIDE`]), or a prune at
+/// [`crate::prune::MANIFEST_DELETED`], until it is killed.
 pub const PAUSE_ENV: &str = "MYSNAP_TEST_PAUSE_AT";
 /// With the test hook: a pause also ends once the file this names exists.
 pub const RESUME_ENV: &str = "MYSNAP_TEST_RESUME";
@@ -101,7 +102,7 @@ impl Phase {
     /// Logs the start of this phase (and pauses there when the test hook says so).
     fn enter(self, int: &Interrupt) {
         tracing::debug!("restore phase: {}", self.name());
-        pause_at(self.name(), int);
+        pause_at(self.name(), Some(int));
     }
 }
 
@@ -109,14 +110,16 @@ impl Phase {
 /// says `paused at <point>` on stderr and waits until the process is killed
 /// (or, after SIGINT/SIGTERM, goes on, so the signal is handled as anywhere
 /// else at this point; or goes on once the file [`RESUME_ENV`] names exists).
-fn pause_at(point: &str, int: &Interrupt) {
+/// `int`: the run's signal flag; without one (a run that catches no
+/// signal) only the resume file or the end of the process ends the pause.
+pub(crate) fn pause_at(point: &str, int: Option<&Interrupt>) {
     if std::env::var_os(PAUSE_ENV).is_some_and(|v| v == point) {
         // The one print of this library: a test waits for this line.
         eprintln!("paused at {point}");
         let resume = std::env::var_os(RESUME_ENV).map(PathBuf::from);
         let resumed = || resume.as_ref().is_some_and(|f| f.exists());
         tokio::task::block_in_place(|| {
-            while !int.is_set() && !resumed() {
+            while !int.is_some_and(Interrupt::is_set) && !resumed() {
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
@@ -847,7 +850,7 @@ fn swap(cfg: &Config, plan: &Plan, live: &mut SwapGuard, int: &Interrupt) -> any
     let moved = (|| -> anyhow::Result<()> {
         for m in &planned {
             if m.to == plan.datadir {
-                pause_at(SWAP_ASIDE, int);
+                pause_at(SWAP_ASIDE, Some(int));
             }
             if let Some(dir) = m.to.parent() {
                 std::fs::create_dir_all(dir)
