@@ -270,7 +270,7 @@ fn archiver_signalled_mid_way(
         archiver.try_wait().unwrap().is_none(),
         "the archiver finished before the {signal}"
     );
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(archiver.id() as i32), signal).unwrap();
+    mysnap_tests::send_signal(&archiver, signal);
     (manifest, archiver)
 }
 
@@ -507,51 +507,76 @@ fn a_backup_to_a_directory_store_with_xz() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
-#[test]
-fn a_long_write_makes_the_lock_give_up_with_exit_3_and_writers_barely_wait() {
-    if !gate("a_long_write_makes_the_lock_give_up_with_exit_3_and_writers_barely_wait") {
-        return;
-    }
+/// Runs `sql` through the mariadb client in the background.
+fn background_sql(rig: &Rig, sql: &str) -> std::process::Child {
+    Command::new("mariadb")
+        .arg("-S")
+        .arg(&rig.db.socket)
+        .args(["-uroot", "-e", sql])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// A rig whose snapshotter tries `lock_method` once more after a first
+/// attempt of 1 s, on a server where `setup` (SQL) ran.
+fn lock_contention_rig(lock_method: &str, setup: &str) -> Rig {
     let rig = Rig::new(StoreKind::File);
     rig.write_config(|t| {
         set(t, "mysql", "lock_timeout", "1s");
         set(t, "mysql", "lock_retries", 1);
-        set(t, "mysql", "lock_method", "ftwrl");
+        set(t, "mysql", "lock_method", lock_method);
     });
-    rig.db.sql(
-        "CREATE DATABASE d; CREATE TABLE d.t (id INT PRIMARY KEY); INSERT INTO d.t VALUES (1); \
-         CREATE TABLE d.w (id INT AUTO_INCREMENT PRIMARY KEY)",
-    );
-    // A write that runs for 30 s: FLUSH TABLES WITH READ LOCK must wait for it.
-    let mut long = Command::new("mariadb")
-        .arg("-S")
-        .arg(&rig.db.socket)
-        .args([
-            "-uroot",
-            "-e",
-            "UPDATE d.t SET id = id + 0 WHERE SLEEP(30) = 0",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    rig.db.sql(setup);
+    rig
+}
 
-    let started = Instant::now();
+/// The tables of the long-write tests: `d.t`, which the long write holds,
+/// and `d.w`, where a writer inserts.
+const LONG_WRITE_TABLES: &str = "CREATE DATABASE d; CREATE TABLE d.t (id INT PRIMARY KEY); \
+    INSERT INTO d.t VALUES (1); CREATE TABLE d.w (id INT AUTO_INCREMENT PRIMARY KEY)";
+
+/// A write that runs for 30 s: FLUSH TABLES WITH READ LOCK must wait for it.
+const LONG_WRITE: &str = "UPDATE d.t SET id = id + 0 WHERE SLEEP(30) = 0";
+
+/// Runs the snapshotter while inserting into `d.w` one row after another:
+/// the longest an INSERT took, and the snapshotter's output.
+fn snapshot_while_inserting(rig: &Rig) -> (Duration, Output) {
     let mut snap = rig
         .cmd("snapshotter")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // A concurrent writer: every INSERT's latency while the snapshotter tries.
     let mut worst = Duration::ZERO;
     while snap.try_wait().unwrap().is_none() {
         let t = Instant::now();
         rig.db.sql("INSERT INTO d.w VALUES ()");
         worst = worst.max(t.elapsed());
     }
-    let out = snap.wait_with_output().unwrap();
+    (worst, snap.wait_with_output().unwrap())
+}
+
+/// Nothing holds a lock: an INSERT into `d.w` goes through within `limit`.
+fn assert_insert_within(rig: &Rig, limit: Duration) {
+    let t = Instant::now();
+    rig.db.sql("INSERT INTO d.w VALUES ()");
+    assert!(t.elapsed() < limit, "an INSERT took {:?}", t.elapsed());
+}
+
+#[test]
+fn a_long_write_makes_the_lock_give_up_with_exit_3_and_writers_barely_wait() {
+    if !gate("a_long_write_makes_the_lock_give_up_with_exit_3_and_writers_barely_wait") {
+        return;
+    }
+    let rig = lock_contention_rig("ftwrl", LONG_WRITE_TABLES);
+    let mut long = background_sql(&rig, LONG_WRITE);
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let started = Instant::now();
+    // A concurrent writer: every INSERT's latency while the snapshotter tries.
+    let (worst, out) = snapshot_while_inserting(&rig);
     let line = error_line(&out, 3);
     assert!(
         line.contains("could not take FLUSH TABLES WITH READ LOCK"),
@@ -570,24 +595,9 @@ fn a_long_write_makes_the_lock_give_up_with_exit_3_and_writers_barely_wait() {
         rig.snapshots()
     );
     assert!(rig.pending().is_empty());
-    // Nothing holds a lock: a write goes through at once.
-    let t = Instant::now();
-    rig.db.sql("INSERT INTO d.w VALUES ()");
-    assert!(t.elapsed() < Duration::from_secs(2));
+    assert_insert_within(&rig, Duration::from_secs(2));
     let _ = long.kill();
     let _ = long.wait();
-}
-
-/// Runs `sql` through the mariadb client in the background.
-fn background_sql(rig: &Rig, sql: &str) -> std::process::Child {
-    Command::new("mariadb")
-        .arg("-S")
-        .arg(&rig.db.socket)
-        .args(["-uroot", "-e", sql])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
 }
 
 #[test]
@@ -595,34 +605,13 @@ fn a_long_write_does_not_hold_up_a_backup_stage_snapshot_and_writers_keep_commit
     if !gate("a_long_write_does_not_hold_up_a_backup_stage_snapshot_and_writers_keep_committing") {
         return;
     }
-    let rig = Rig::new(StoreKind::File);
-    rig.write_config(|t| {
-        set(t, "mysql", "lock_timeout", "1s");
-        set(t, "mysql", "lock_retries", 1);
-        set(t, "mysql", "lock_method", "backup_stage");
-    });
-    rig.db.sql(
-        "CREATE DATABASE d; CREATE TABLE d.t (id INT PRIMARY KEY); INSERT INTO d.t VALUES (1); \
-         CREATE TABLE d.w (id INT AUTO_INCREMENT PRIMARY KEY)",
-    );
+    let rig = lock_contention_rig("backup_stage", LONG_WRITE_TABLES);
     // The write that makes FLUSH TABLES WITH READ LOCK give up (the test
     // above): BACKUP STAGE BLOCK_COMMIT waits only for commits in progress.
-    let mut long = background_sql(&rig, "UPDATE d.t SET id = id + 0 WHERE SLEEP(30) = 0");
+    let mut long = background_sql(&rig, LONG_WRITE);
     std::thread::sleep(Duration::from_millis(1500));
 
-    let mut snap = rig
-        .cmd("snapshotter")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut worst = Duration::ZERO;
-    while snap.try_wait().unwrap().is_none() {
-        let t = Instant::now();
-        rig.db.sql("INSERT INTO d.w VALUES ()");
-        worst = worst.max(t.elapsed());
-    }
-    let out = snap.wait_with_output().unwrap();
+    let (worst, out) = snapshot_while_inserting(&rig);
     assert_ok(&out, "snapshotter");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("lock (backup_stage) waited"), "{stderr}");
@@ -640,9 +629,7 @@ fn a_long_write_does_not_hold_up_a_backup_stage_snapshot_and_writers_keep_commit
         long.try_wait().unwrap().is_none(),
         "the long write ended early"
     );
-    let t = Instant::now();
-    rig.db.sql("INSERT INTO d.w VALUES ()");
-    assert!(t.elapsed() < Duration::from_secs(1));
+    assert_insert_within(&rig, Duration::from_secs(1));
     let _ = long.kill();
     let _ = long.wait();
     rig.archive(Path::new(String::from_utf8_lossy(&out.stdout).trim()));
@@ -653,13 +640,8 @@ fn a_commit_that_blocks_backup_stage_block_commit_makes_it_give_up_with_exit_3()
     if !gate("a_commit_that_blocks_backup_stage_block_commit_makes_it_give_up_with_exit_3") {
         return;
     }
-    let rig = Rig::new(StoreKind::File);
-    rig.write_config(|t| {
-        set(t, "mysql", "lock_timeout", "1s");
-        set(t, "mysql", "lock_retries", 1);
-        set(t, "mysql", "lock_method", "backup_stage");
-    });
-    rig.db.sql(
+    let rig = lock_contention_rig(
+        "backup_stage",
         "CREATE DATABASE d; CREATE TABLE d.w (id INT AUTO_INCREMENT PRIMARY KEY); \
          CREATE TABLE d.b (id INT AUTO_INCREMENT PRIMARY KEY)",
     );
@@ -699,9 +681,7 @@ fn a_commit_that_blocks_backup_stage_block_commit_makes_it_give_up_with_exit_3()
     // Nothing is held: once that commit is through, writes go through at
     // once, and another backup can start its stages.
     assert!(slow.wait().unwrap().success());
-    let t = Instant::now();
-    rig.db.sql("INSERT INTO d.w VALUES ()");
-    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert_insert_within(&rig, Duration::from_secs(1));
     rig.db
         .sql("SET SESSION lock_wait_timeout = 1; BACKUP STAGE START; BACKUP STAGE BLOCK_COMMIT; BACKUP STAGE END");
 
@@ -717,9 +697,7 @@ fn a_commit_that_blocks_backup_stage_block_commit_makes_it_give_up_with_exit_3()
     let _ = other.kill();
     let _ = other.wait();
     assert!(rig.snapshots().is_empty(), "{:?}", rig.snapshots());
-    let t = Instant::now();
-    rig.db.sql("INSERT INTO d.w VALUES ()");
-    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert_insert_within(&rig, Duration::from_secs(1));
 }
 
 #[test]
@@ -738,9 +716,7 @@ fn an_archiver_killed_mid_upload_leaves_no_listed_backup_and_the_next_run_cleans
         "kill -9 leaves the snapshot"
     );
     assert!(
-        !rig.store_keys()
-            .iter()
-            .any(|k| k.ends_with("manifest.toml")),
+        manifests(&rig).is_empty(),
         "a killed backup is never listed: {:?}",
         rig.store_keys()
     );
@@ -754,12 +730,7 @@ fn an_archiver_killed_mid_upload_leaves_no_listed_backup_and_the_next_run_cleans
         rig.snapshots()
     );
     assert!(rig.pending().is_empty());
-    let manifests: Vec<String> = rig
-        .store_keys()
-        .into_iter()
-        .filter(|k| k.ends_with("manifest.toml"))
-        .collect();
-    assert_eq!(manifests, [format!("db1/{id}/manifest.toml")]);
+    assert_eq!(manifests(&rig), [format!("db1/{id}/manifest.toml")]);
     assert!(
         !rig.store_keys()
             .iter()
@@ -1029,7 +1000,6 @@ fn manifests(rig: &Rig) -> Vec<String> {
         .collect()
 }
 
-/// Upload records left in the state directory.
 /// The upload records in the state directory (not a record still being
 /// written: its temporary file is a dot file).
 fn upload_records(rig: &Rig) -> Vec<String> {
@@ -1088,34 +1058,42 @@ fn transient_s3_faults_leave_the_backup_and_its_verify_intact() {
     assert!(stderr.contains("retrying"), "a warning per retry: {stderr}");
 }
 
-#[test]
-fn a_persistent_503_fails_the_archiver_with_exit_1_and_leaves_nothing() {
-    if !gate("a_persistent_503_fails_the_archiver_with_exit_1_and_leaves_nothing") {
-        return;
-    }
-    let (rig, proxy) = flaky_rig("10s");
-    proxy.inject(Fault::SlowDown503, On::UploadPart, Times::Always);
+/// Snapshots, then archives through a store where `fault` hits every
+/// UploadPart: the archiver fails with exit 1 within its bounds (5 attempts
+/// per request, with backoff), names the store, and leaves nothing: no
+/// object, no multipart upload, no upload record, no snapshot. Its error line.
+fn archiver_failing_on_every_part(fault: Fault, read_timeout: &str) -> String {
+    let (rig, proxy) = flaky_rig(read_timeout);
+    proxy.inject(fault, On::UploadPart, Times::Always);
     let manifest = rig.snapshot();
     let started = Instant::now();
     let out = rig.run("archiver", &["--manifest", manifest.to_str().unwrap()]);
     let line = error_line(&out, 1);
     assert!(
-        line.contains("s3://backups/fleet/db1/")
-            && line.contains("SlowDown")
-            && line.contains("store.max_attempts")
-            && line.contains("not listed"),
-        "{line}"
-    );
-    assert!(
         started.elapsed() < Duration::from_secs(120),
-        "{:?}",
+        "{:?}: {line}",
         started.elapsed()
     );
-    assert!(manifests(&rig).is_empty(), "{:?}", rig.store_keys());
+    assert!(line.contains("s3://backups/fleet/db1/"), "{line}");
     assert!(rig.store_keys().is_empty(), "{:?}", rig.store_keys());
     assert!(uploads_on_server(&rig.s3.as_ref().unwrap().root).is_empty());
     assert!(upload_records(&rig).is_empty());
     assert!(rig.snapshots().is_empty());
+    line
+}
+
+#[test]
+fn a_persistent_503_fails_the_archiver_with_exit_1_and_leaves_nothing() {
+    if !gate("a_persistent_503_fails_the_archiver_with_exit_1_and_leaves_nothing") {
+        return;
+    }
+    let line = archiver_failing_on_every_part(Fault::SlowDown503, "10s");
+    assert!(
+        line.contains("SlowDown")
+            && line.contains("store.max_attempts")
+            && line.contains("not listed"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -1123,21 +1101,8 @@ fn a_stalled_s3_fails_the_archiver_within_its_timeouts() {
     if !gate("a_stalled_s3_fails_the_archiver_within_its_timeouts") {
         return;
     }
-    let (rig, proxy) = flaky_rig("2s");
-    proxy.inject(Fault::StallResponse, On::UploadPart, Times::Always);
-    let manifest = rig.snapshot();
-    let started = Instant::now();
-    let out = rig.run("archiver", &["--manifest", manifest.to_str().unwrap()]);
-    let line = error_line(&out, 1);
     // 5 attempts of 2 s per part, plus backoff.
-    assert!(
-        started.elapsed() < Duration::from_secs(120),
-        "{:?}: {line}",
-        started.elapsed()
-    );
-    assert!(line.contains("s3://backups/fleet/db1/"), "{line}");
-    assert!(manifests(&rig).is_empty());
-    assert!(uploads_on_server(&rig.s3.as_ref().unwrap().root).is_empty());
+    archiver_failing_on_every_part(Fault::StallResponse, "2s");
 }
 
 #[test]
@@ -1563,8 +1528,6 @@ fn a_backup_on_a_full_btrfs_volume_fails_cleanly_before_the_lock() {
     // and so does a backup.
     std::fs::remove_file(&fill).unwrap();
     Command::new("sync").status().unwrap();
-    let t = Instant::now();
-    rig.db.sql("INSERT INTO d.w VALUES ()");
-    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_insert_within(&rig, Duration::from_secs(2));
     rig.backup();
 }

@@ -8,47 +8,6 @@ use std::process::{Command, Output};
 
 use mysnap_tests::bin;
 
-/// A manifest as the archiver writes it, for backup `id` of db1.
-fn manifest(id: &str) -> String {
-    format!(
-        r#"format_version = 1
-backup_id = "{id}"
-name = "db1"
-created_at = "2020-01-01T03:00:00Z"
-[server]
-flavor = "mariadb"
-version = "10.11.6-MariaDB-log"
-hostname = "db1"
-server_id = 1
-[lock]
-method = "ftwrl"
-attempts = 1
-wait_secs = 0.01
-hold_secs = 0.02
-[snapshot]
-backend = "btrfs"
-name = "mysnap-db1-{id}"
-path = "/mnt/.mysnap-snapshots/mysnap-db1-{id}"
-[data]
-volume_root = "/mnt"
-datadir = "mysql"
-paths = ["mysql"]
-exclude = []
-[archive]
-key = "db1/{id}/data.tar.zst"
-size = 4
-compression = "zstd"
-level = 3
-sha256 = "{sha}"
-tar_size = 10240
-unpacked_size = 4096
-files = 2
-archive_secs = 1.0
-"#,
-        sha = "ab".repeat(32)
-    )
-}
-
 struct Rig {
     _tmp: tempfile::TempDir,
     store: PathBuf,
@@ -78,13 +37,14 @@ impl Rig {
         }
     }
 
+    /// Plants backup `id` of db1: its archive, and `manifest` when given.
     fn plant(&self, id: &str, manifest: Option<&str>) {
-        let dir = self.store.join("db1").join(id);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("data.tar.zst"), b"zstd").unwrap();
-        if let Some(m) = manifest {
-            std::fs::write(dir.join("manifest.toml"), m).unwrap();
-        }
+        mysnap_tests::plant(&self.store, "db1", id, manifest);
+    }
+
+    /// Plants a complete backup of db1.
+    fn plant_backup(&self, id: &str) {
+        mysnap_tests::plant_backup(&self.store, "db1", id);
     }
 
     fn restorer(&self, args: &[&str]) -> Output {
@@ -108,19 +68,7 @@ impl Rig {
 
     /// Every file in the store, relative to it.
     fn files(&self) -> BTreeSet<String> {
-        fn walk(root: &Path, dir: &Path, out: &mut BTreeSet<String>) {
-            for e in std::fs::read_dir(dir).unwrap() {
-                let p = e.unwrap().path();
-                if p.is_dir() {
-                    walk(root, &p, out);
-                } else {
-                    out.insert(p.strip_prefix(root).unwrap().display().to_string());
-                }
-            }
-        }
-        let mut out = BTreeSet::new();
-        walk(&self.store, &self.store, &mut out);
-        out
+        mysnap_tests::files_below(&self.store)
     }
 }
 
@@ -131,7 +79,7 @@ fn prune_dry_run_changes_nothing_and_apply_removes_exactly_the_listed_backups() 
         Rig::new("[retention]\nkeep_last = 3\nkeep_weekly = 2\npin = [\"20200102T030000Z\"]\n");
     for day in 1..=10 {
         let id = format!("202001{day:02}T030000Z");
-        rig.plant(&id, Some(&manifest(&id)));
+        rig.plant_backup(&id);
     }
     // An archive without a manifest, years old (a killed run's): garbage,
     // removed; one younger than a day (an upload under way) and a manifest that does not
@@ -212,8 +160,8 @@ remove 20200101T030000Z
 #[test]
 fn prune_without_a_policy_does_nothing_and_a_policy_of_zeros_is_refused() {
     let rig = Rig::new("");
-    rig.plant("20200101T030000Z", Some(&manifest("20200101T030000Z")));
-    rig.plant("20200102T030000Z", Some(&manifest("20200102T030000Z")));
+    rig.plant_backup("20200101T030000Z");
+    rig.plant_backup("20200102T030000Z");
     let before = rig.files();
     assert_eq!(
         rig.ok(&["prune", "--apply"]),
@@ -222,7 +170,7 @@ fn prune_without_a_policy_does_nothing_and_a_policy_of_zeros_is_refused() {
     assert_eq!(rig.files(), before);
 
     let zeros = Rig::new("[retention]\nkeep_daily = 0\n");
-    zeros.plant("20200101T030000Z", Some(&manifest("20200101T030000Z")));
+    zeros.plant_backup("20200101T030000Z");
     let out = zeros.restorer(&["prune", "--apply"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -238,7 +186,7 @@ fn the_deploy_wrapper_prunes_after_a_backup_and_a_failed_prune_exits_6() {
     use std::os::unix::fs::PermissionsExt;
     let rig = Rig::new("[retention]\nkeep_last = 1\n");
     for id in ["20200101T030000Z", "20200102T030000Z"] {
-        rig.plant(id, Some(&manifest(id)));
+        rig.plant_backup(id);
     }
     let bin_dir = rig.store.parent().unwrap().join("bin");
     std::fs::create_dir_all(&bin_dir).unwrap();
@@ -285,4 +233,210 @@ fn the_deploy_wrapper_prunes_after_a_backup_and_a_failed_prune_exits_6() {
     assert_eq!(out.status.code(), Some(6));
     assert_eq!(out.stdout, b"20200102T030000Z\n");
     assert!(String::from_utf8_lossy(&out.stderr).contains("prune --apply failed (exit 1)"));
+}
+
+/// The backup ids `restorer list --json` shows, newest first.
+fn listed(rig: &Rig) -> Vec<String> {
+    let list: serde_json::Value = serde_json::from_str(&rig.ok(&["list", "--json"])).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["backup_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Keys no archiver writes, in the store and beside it: prune (a dry run
+/// and `--apply`) removes what its policy removes and the one old archive
+/// without a manifest, and leaves every forged key, and everything outside
+/// the store, as it was; an archive with a far-future id is neither garbage
+/// nor the newest backup.
+#[test]
+fn prune_leaves_forged_keys_and_everything_outside_the_store_alone() {
+    use std::os::unix::fs::symlink;
+    let rig = Rig::new("[retention]\nkeep_last = 1\n");
+    for id in ["20200101T030000Z", "20200102T030000Z", "20200103T030000Z"] {
+        rig.plant_backup(id);
+    }
+    // The one real piece of garbage: an old archive without a manifest.
+    rig.plant("20200104T030000Z", None);
+
+    let outside = rig.store.parent().unwrap().join("outside");
+    std::fs::create_dir_all(outside.join("20200105T030000Z")).unwrap();
+    std::fs::write(outside.join("victim"), "not the store's").unwrap();
+    std::fs::write(
+        outside.join("20200105T030000Z/data.tar.zst"),
+        "not the store's",
+    )
+    .unwrap();
+    let forge = |key: &str| {
+        let path = rig.store.join(key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, "forged").unwrap();
+    };
+    // What `db1/../x/data.tar.zst` would name (the file store holds no `..`
+    // key), other names, ids that are not times, archives one level down,
+    // and names no codec has.
+    for key in [
+        "x/data.tar.zst",
+        "db2/20200101T030000Z/data.tar.zst",
+        "db1x/20200101T030000Z/data.tar.zst",
+        "db1/29991231T000000Z/data.tar.zst",
+        "db1/nonsense/data.tar.zst",
+        "db1/20201301T000000Z/data.tar.zst",
+        "db1/.../data.tar.zst",
+        "db1/20200101T040000Z/sub/data.tar.zst",
+        "db1/20200101T050000Z/data.tar.gz",
+        "db1/20200101T050000Z/data.tar.zst.bak",
+    ] {
+        forge(key);
+    }
+    // Links out of the store, as an archive and as a backup's directory.
+    std::fs::create_dir_all(rig.store.join("db1/20200101T060000Z")).unwrap();
+    symlink(
+        outside.join("victim"),
+        rig.store.join("db1/20200101T060000Z/data.tar.zst"),
+    )
+    .unwrap();
+    symlink(
+        outside.join("20200105T030000Z"),
+        rig.store.join("db1/20200101T070000Z"),
+    )
+    .unwrap();
+    // A manifest under another backup's key, and one whose archive key
+    // leaves its backup: both refused, neither deleted.
+    let newest = mysnap_tests::synthetic_manifest("db1", "20200103T030000Z");
+    rig.plant("20200106T030000Z", Some(&newest));
+    let leaving = mysnap_tests::synthetic_manifest("db1", "20200107T030000Z").replace(
+        "key = \"db1/20200107T030000Z/data.tar.zst\"",
+        "key = \"db1/../outside/victim\"",
+    );
+    rig.plant("20200107T030000Z", Some(&leaving));
+
+    let before = rig.files();
+    let outside_before = mysnap_tests::files_below(&outside);
+    let expected = |verb: &str| {
+        format!(
+            "keep 20200103T030000Z  newest, last 1\n\
+             {verb} 20200102T030000Z\n\
+             {verb} 20200101T030000Z\n"
+        )
+    };
+    let garbage = "db1/20200104T030000Z/data.tar.zst  an archive without a manifest\n";
+    let check = |out: &str, verb: &str| {
+        let (decided, rest) = out.split_at(expected(verb).len().min(out.len()));
+        assert_eq!(decided, expected(verb), "{out}");
+        let rest: Vec<&str> = rest.lines().collect();
+        assert_eq!(rest.len(), 3, "{out}");
+        assert!(rest[0].starts_with("skip 20200106T030000Z  "), "{out}");
+        assert!(rest[1].starts_with("skip 20200107T030000Z  "), "{out}");
+        assert_eq!(
+            format!("{}\n", rest[2]),
+            format!("{verb} {garbage}"),
+            "{out}"
+        );
+    };
+
+    check(&rig.ok(&["prune"]), "remove");
+    assert_eq!(rig.files(), before, "a dry run changes nothing");
+    let json: serde_json::Value = serde_json::from_str(&rig.ok(&["prune", "--json"])).unwrap();
+    assert_eq!(
+        json["garbage"],
+        serde_json::json!(["db1/20200104T030000Z/data.tar.zst"])
+    );
+
+    check(&rig.ok(&["prune", "--apply"]), "removed");
+    let mut after = before.clone();
+    for key in [
+        "db1/20200102T030000Z/manifest.toml",
+        "db1/20200102T030000Z/data.tar.zst",
+        "db1/20200101T030000Z/manifest.toml",
+        "db1/20200101T030000Z/data.tar.zst",
+        "db1/20200104T030000Z/data.tar.zst",
+    ] {
+        assert!(after.remove(key), "{key}");
+    }
+    assert_eq!(rig.files(), after, "only the decided keys are deleted");
+    assert_eq!(mysnap_tests::files_below(&outside), outside_before);
+    assert_eq!(
+        std::fs::read_to_string(outside.join("victim")).unwrap(),
+        "not the store's"
+    );
+    assert_eq!(listed(&rig), ["20200103T030000Z"]);
+    // Again: nothing more is removed, the forged keys stay.
+    let again = rig.ok(&["prune", "--apply"]);
+    assert!(!again.contains("removed"), "{again}");
+    assert_eq!(rig.files(), after);
+}
+
+/// `restorer prune --apply` killed (`kill -9`) between a backup's manifest
+/// and its archive: `list` never shows the half-deleted backup, and the next
+/// prune finishes the job: the archive without a manifest is garbage once
+/// its id is older than the grace (a day), and left alone before that.
+#[test]
+fn a_prune_killed_between_a_manifest_and_its_archive_is_finished_by_the_next_one() {
+    let rig = Rig::new("[retention]\nkeep_last = 1\n");
+    let killed_at_first_deletion = || {
+        let mut cmd = Command::new(bin("restorer"));
+        cmd.arg("--config")
+            .arg(&rig.config)
+            .args(["prune", "--apply"])
+            .env("MYSNAP_TEST_PAUSE_AT", "prune-manifest-deleted")
+            .stdout(std::process::Stdio::null());
+        let want = "paused at prune-manifest-deleted";
+        let (mut child, _) =
+            mysnap_tests::spawn_until_line(&mut cmd, want, std::time::Duration::from_secs(60));
+        let during = listed(&rig);
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        during
+    };
+
+    // Old ids: the half-deleted backup's archive is garbage at once.
+    for id in ["20200101T030000Z", "20200102T030000Z", "20200103T030000Z"] {
+        rig.plant_backup(id);
+    }
+    let before = rig.files();
+    let during = killed_at_first_deletion();
+    let mut half = before.clone();
+    assert!(half.remove("db1/20200102T030000Z/manifest.toml"));
+    assert_eq!(rig.files(), half, "the manifest is deleted first");
+    assert_eq!(during, ["20200103T030000Z", "20200101T030000Z"]);
+    assert_eq!(listed(&rig), during, "never the half-deleted backup");
+    assert_eq!(
+        rig.ok(&["prune", "--apply"]),
+        "keep 20200103T030000Z  newest, last 1\n\
+         removed 20200101T030000Z\n\
+         removed db1/20200102T030000Z/data.tar.zst  an archive without a manifest\n"
+    );
+    let only = |id: &str| {
+        ["manifest.toml", "data.tar.zst"]
+            .map(|f| format!("db1/{id}/{f}"))
+            .into_iter()
+            .collect::<BTreeSet<String>>()
+    };
+    assert_eq!(rig.files(), only("20200103T030000Z"));
+
+    // Ids of the last hours: its archive waits out the grace.
+    let hour = std::time::Duration::from_secs(3600);
+    let (older, newer) = (
+        mysnap_tests::id_ago(3 * hour),
+        mysnap_tests::id_ago(2 * hour),
+    );
+    rig.plant_backup(&older);
+    rig.plant_backup(&newer);
+    let during = killed_at_first_deletion();
+    assert_eq!(during, [newer.clone(), "20200103T030000Z".to_string()]);
+    assert_eq!(listed(&rig), during);
+    assert_eq!(
+        rig.ok(&["prune", "--apply"]),
+        format!("keep {newer}  newest, last 1\nremoved 20200103T030000Z\n")
+    );
+    let mut left = only(&newer);
+    left.insert(format!("db1/{older}/data.tar.zst"));
+    assert_eq!(
+        rig.files(),
+        left,
+        "a young archive without a manifest stays"
+    );
+    assert_eq!(listed(&rig), [newer]);
 }

@@ -58,6 +58,23 @@ impl Target {
         }
     }
 
+    /// A fresh server (server id 2) in `tmp/srv/mysql`.
+    fn second(src: &Rig) -> Target {
+        Target::new(
+            src,
+            MariaOpts {
+                server_id: 2,
+                ..MariaOpts::default()
+            },
+            None,
+        )
+    }
+
+    /// Where a restore keeps its journal.
+    fn journal(&self) -> PathBuf {
+        self._tmp.path().join("state/restore.journal")
+    }
+
     fn restorer(&self, src: &Rig, args: &[&str]) -> Output {
         let mut c = Command::new(mysnap_tests::bin("restorer"));
         c.env("MYSNAP_CONFIG", &self.config)
@@ -459,14 +476,7 @@ fn tampered_and_unsafe_archives_are_refused_with_exit_4_and_the_target_keeps_ser
     m.archive.as_mut().unwrap().size = archive.len() as u64;
     std::fs::write(&short, m.to_toml()).unwrap();
 
-    let target = Target::new(
-        &src,
-        MariaOpts {
-            server_id: 2,
-            ..MariaOpts::default()
-        },
-        None,
-    );
+    let target = Target::second(&src);
     for (cid, _, needle) in &cases {
         for cmd in ["verify", "restore"] {
             let out = target.restorer(&src, &[cmd, cid]);
@@ -578,14 +588,7 @@ fn stop_first_puts_the_old_data_back_when_refused_and_a_server_that_is_down_is_n
     m.archive.as_mut().unwrap().sha256 = real.archive.as_ref().unwrap().sha256.clone();
     std::fs::write(&path, m.to_toml()).unwrap();
 
-    let mut target = Target::new(
-        &src,
-        MariaOpts {
-            server_id: 2,
-            ..MariaOpts::default()
-        },
-        None,
-    );
+    let mut target = Target::second(&src);
     // The server is stopped and its data set aside before unpacking; the
     // refusal puts the data back and starts the server again.
     let out = target.restorer(&src, &["restore", "--stop-first", bad]);
@@ -658,44 +661,20 @@ impl Target {
         point: &str,
         env: &[(&str, &Path)],
     ) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
-        use std::io::BufRead;
         let mut c = Command::new(mysnap_tests::bin("restorer"));
         c.env("MYSNAP_CONFIG", &self.config)
             .env("MYSNAP_TEST_PAUSE_AT", point)
             .envs(env.iter().copied())
             .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .stdout(Stdio::null());
         if let Some(s3) = &src.s3 {
             c.envs(s3.env());
         }
-        let mut child = c.spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        let want = format!("paused at {point}");
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) if line == want => return (child, rx),
-                Ok(line) => seen.push(line),
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!(
-                        "restorer {args:?} did not pause at {point}; stderr:\n{}",
-                        seen.join("\n")
-                    );
-                }
-            }
-        }
+        mysnap_tests::spawn_until_line(
+            &mut c,
+            &format!("paused at {point}"),
+            Duration::from_secs(120),
+        )
     }
 
     /// Whether the server serves the data it had before the restores (the
@@ -737,8 +716,7 @@ impl Target {
                 std::fs::remove_dir_all(e.path()).unwrap();
             }
         }
-        let journal = self._tmp.path().join("state/restore.journal");
-        assert!(!journal.exists(), "{what}: journal left");
+        assert!(!self.journal().exists(), "{what}: journal left");
     }
 }
 
@@ -748,14 +726,7 @@ fn a_restore_killed_at_any_phase_is_finished_or_undone_by_recover_or_the_next_re
         return;
     }
     let (src, id, _, _) = backed_up_source(7);
-    let target = Target::new(
-        &src,
-        MariaOpts {
-            server_id: 2,
-            ..MariaOpts::default()
-        },
-        None,
-    );
+    let target = Target::second(&src);
     let out = target.restorer(&src, &["recover"]);
     assert_ok(&out, "recover without a journal");
     assert_eq!(
@@ -800,7 +771,7 @@ fn a_restore_killed_at_any_phase_is_finished_or_undone_by_recover_or_the_next_re
     }
     // A journal naming another data directory (written with another
     // config) is refused with exit 2, and nothing is touched.
-    let journal = target._tmp.path().join("state/restore.journal");
+    let journal = target.journal();
     std::fs::write(
         &journal,
         format!(
@@ -825,14 +796,7 @@ fn sigterm_stops_a_restore_fast_a_swap_under_way_is_undone_first_and_a_committed
         return;
     }
     let (src, id, _, _) = backed_up_source(7);
-    let target = Target::new(
-        &src,
-        MariaOpts {
-            server_id: 2,
-            ..MariaOpts::default()
-        },
-        None,
-    );
+    let target = Target::second(&src);
     // During staging; and in the middle of the swap, the server stopped and
     // the data directory set aside: finished, then undone.
     for (point, args) in [
@@ -843,11 +807,7 @@ fn sigterm_stops_a_restore_fast_a_swap_under_way_is_undone_first_and_a_committed
         let what = format!("SIGTERM at {point} ({args:?})");
         let mut child = target.paused(&src, &args, point);
         let t = Instant::now();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
+        mysnap_tests::send_signal(&child, nix::sys::signal::Signal::SIGTERM);
         let status = loop {
             if let Some(s) = child.try_wait().unwrap() {
                 break s;
@@ -868,22 +828,15 @@ fn sigterm_stops_a_restore_fast_a_swap_under_way_is_undone_first_and_a_committed
         }
         assert!(target.serves_old_data(7, &what), "{what}");
         target.assert_untouched(&what);
-        assert!(
-            !target._tmp.path().join("state/restore.journal").exists(),
-            "{what}: journal left"
-        );
+        assert!(!target.journal().exists(), "{what}: journal left");
     }
     // After the commit the restore finishes: the server is started, with
     // the restored data.
     let mut child = target.paused(&src, &["restore", &id], "commit");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    mysnap_tests::send_signal(&child, nix::sys::signal::Signal::SIGTERM);
     assert!(child.wait().unwrap().success(), "SIGTERM after the commit");
     assert!(!target.serves_old_data(7, "SIGTERM after the commit"));
-    assert!(!target._tmp.path().join("state/restore.journal").exists());
+    assert!(!target.journal().exists());
 }
 
 #[test]
@@ -943,5 +896,5 @@ fn a_filesystem_that_fills_up_while_unpacking_stops_the_restore_and_changes_noth
     assert!(line.contains("No space left on device"), "{line}");
     assert!(target.serves_old_data(7, "disk full"));
     target.assert_untouched("disk full");
-    assert!(!target._tmp.path().join("state/restore.journal").exists());
+    assert!(!target.journal().exists());
 }

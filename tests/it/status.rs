@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::manifest::BackupId;
 use mysnap_tests::bin;
 
 use crate::backup::{assert_ok, error_line};
@@ -23,60 +22,10 @@ fn config(dir: &Path, name: &str) -> PathBuf {
     path
 }
 
-/// Plants the manifest of a complete backup of `name` that started `ago` seconds ago.
-fn plant(dir: &Path, name: &str, ago: i64) -> String {
-    let t = time::OffsetDateTime::now_utc() - time::Duration::seconds(ago);
-    let id = BackupId::from_time(t).to_string();
-    let created = t
-        .replace_nanosecond(0)
-        .unwrap()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap();
-    let text = format!(
-        r#"format_version = 1
-backup_id = "{id}"
-name = "{name}"
-created_at = "{created}"
-
-[server]
-flavor = "mariadb"
-version = "10.11.6-MariaDB-log"
-hostname = "db1"
-server_id = 1
-
-[lock]
-method = "ftwrl"
-attempts = 1
-wait_secs = 0.01
-hold_secs = 0.042
-
-[snapshot]
-backend = "btrfs"
-name = "mysnap-{name}-{id}"
-path = "/mnt/.mysnap-snapshots/mysnap-{name}-{id}"
-
-[data]
-volume_root = "/mnt"
-datadir = "mysql"
-paths = ["mysql"]
-exclude = []
-
-[archive]
-key = "{name}/{id}/data.tar.zst"
-size = 1048576
-compression = "zstd"
-level = 3
-sha256 = "{sha}"
-tar_size = 2097152
-unpacked_size = 2000000
-files = 10
-archive_secs = 12.25
-"#,
-        sha = "ab".repeat(32)
-    );
-    let d = dir.join("store").join(name).join(&id);
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(d.join("manifest.toml"), text).unwrap();
+/// Plants a complete backup of `name` that started `ago` seconds ago.
+fn plant(dir: &Path, name: &str, ago: u64) -> String {
+    let id = mysnap_tests::id_ago(std::time::Duration::from_secs(ago));
+    mysnap_tests::plant_backup(&dir.join("store"), name, &id);
     id
 }
 
@@ -97,9 +46,7 @@ fn status_shows_the_newest_backup_and_fails_a_stale_or_missing_one_with_exit_5()
     plant(dir, "db1", 3 * 3600);
     let newest = plant(dir, "db1", 10);
     // db3 has only an archive: no complete backup.
-    let incomplete = dir.join("store/db3/20261126T093000Z");
-    std::fs::create_dir_all(&incomplete).unwrap();
-    std::fs::write(incomplete.join("data.tar.zst"), b"x").unwrap();
+    mysnap_tests::plant(&dir.join("store"), "db3", "20261126T093000Z", None);
     let db1 = config(dir, "db1");
 
     let out = status(&db1, &["--max-age", "1h"]);

@@ -27,6 +27,8 @@ use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
+use crate::ServerThread;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Body = BoxBody<Bytes, BoxError>;
 
@@ -162,15 +164,14 @@ impl RequestKind {
     }
 }
 
-/// The proxy, on 127.0.0.1 in a thread with its own runtime; stopped on drop
-/// (or by [`FaultProxy::stop`]: then its port refuses connections, like an
+/// The proxy, on 127.0.0.1 in a [`ServerThread`]; stopped on drop (or by
+/// [`FaultProxy::stop`]: then its port refuses connections, like an
 /// endpoint that went away).
 pub struct FaultProxy {
     /// `http://127.0.0.1:PORT`: use it as `store.endpoint`.
     pub endpoint: String,
     state: Arc<Mutex<State>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    server: ServerThread,
 }
 
 impl FaultProxy {
@@ -180,37 +181,16 @@ impl FaultProxy {
             .strip_prefix("http://")
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("upstream {upstream:?} is not http://IP:PORT"));
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        listener.set_nonblocking(true).expect("set_nonblocking");
-        let addr = listener.local_addr().expect("local_addr");
         let state = Arc::new(Mutex::new(State::default()));
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let st = state.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("fault-proxy-{}", addr.port()))
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("tokio runtime");
-                rt.block_on(async move {
-                    let listener =
-                        tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-                    tokio::select! {
-                        () = accept_loop(listener, upstream, st) => {}
-                        _ = stop_rx => {}
-                    }
-                });
-                // Stalled connections are dropped with the runtime.
-                rt.shutdown_timeout(Duration::from_millis(200));
-            })
-            .expect("spawn the fault proxy thread");
+        // Stalled connections are dropped with the runtime.
+        let server = ServerThread::start("fault-proxy", Duration::from_millis(200), move |l| {
+            accept_loop(l, upstream, st)
+        });
         FaultProxy {
-            endpoint: format!("http://{addr}"),
+            endpoint: server.endpoint.clone(),
             state,
-            stop: Some(stop_tx),
-            thread: Some(thread),
+            server,
         }
     }
 
@@ -246,22 +226,11 @@ impl FaultProxy {
 
     /// Stops listening and drops every connection: the endpoint went away.
     pub fn stop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.server.stop();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

@@ -418,6 +418,56 @@ impl MariaDb {
     }
 }
 
+/// Starts `cmd` with its stderr piped and returns once it printed the line
+/// `want` (a test hook's `paused at <point>`), with the rest of its stderr,
+/// by line. Panics with what it printed when `want` does not come within
+/// `within` (the child is killed).
+pub fn spawn_until_line(
+    cmd: &mut Command,
+    want: &str,
+    within: Duration,
+) -> (Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", describe(cmd)));
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line == want => return (child, rx),
+            Ok(line) => seen.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{} did not print {want:?} within {within:?}; stderr:\n{}",
+                    describe(cmd),
+                    seen.join("\n")
+                );
+            }
+        }
+    }
+}
+
+/// Sends `signal` to `child` (SIGTERM, SIGKILL, ...).
+pub fn send_signal(child: &Child, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, signal)
+        .unwrap_or_else(|e| panic!("cannot send {signal} to process {pid}: {e}"));
+}
+
 /// Whether process `pid` exists (and is not a zombie).
 fn alive(pid: i32) -> bool {
     if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
@@ -642,33 +692,31 @@ pub async fn serve(
     }
 }
 
-/// An S3 server on 127.0.0.1 serving `root`, in a background thread with its own
-/// tokio runtime; shut down on drop.
-pub struct S3Server {
+/// A server on 127.0.0.1, in a background thread with its own tokio
+/// runtime (2 workers), until [`ServerThread::stop`] or drop: then its port
+/// refuses connections, and what it still serves is dropped with the runtime
+/// after at most `linger`.
+pub struct ServerThread {
     /// `http://127.0.0.1:PORT`
     pub endpoint: String,
-    pub access_key: String,
-    pub secret_key: String,
-    pub root: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl S3Server {
-    pub fn start(root: &Path) -> S3Server {
-        std::fs::create_dir_all(root)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", root.display()));
-        let root = root
-            .canonicalize()
-            .unwrap_or_else(|e| panic!("{}: {e}", root.display()));
-        let (access_key, secret_key) = process_credentials().clone();
+impl ServerThread {
+    /// Binds a free port and runs `serve(listener)` on it, in a thread named
+    /// `<name>-<port>`.
+    pub fn start<F, Fut>(name: &str, linger: Duration, serve: F) -> ServerThread
+    where
+        F: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()>,
+    {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         listener.set_nonblocking(true).expect("set_nonblocking");
         let addr: SocketAddr = listener.local_addr().expect("local_addr");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let (ak, sk, r) = (access_key.clone(), secret_key.clone(), root.clone());
         let thread = std::thread::Builder::new()
-            .name(format!("s3-test-server-{}", addr.port()))
+            .name(format!("{name}-{}", addr.port()))
             .spawn(move || {
                 let rt = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
@@ -679,24 +727,72 @@ impl S3Server {
                     let listener =
                         tokio::net::TcpListener::from_std(listener).expect("tokio listener");
                     tokio::select! {
-                        r = serve(listener, r, ak, sk) => {
-                            if let Err(e) = r {
-                                eprintln!("s3 test server stopped: {e:#}");
-                            }
-                        }
+                        () = serve(listener) => {}
                         _ = stop_rx => {}
                     }
                 });
-                rt.shutdown_timeout(Duration::from_secs(2));
+                rt.shutdown_timeout(linger);
             })
-            .expect("spawn the S3 server thread");
-        S3Server {
+            .unwrap_or_else(|e| panic!("cannot spawn the {name} thread: {e}"));
+        ServerThread {
             endpoint: format!("http://{addr}"),
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops listening and drops every connection. Idempotent.
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ServerThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// An S3 server on 127.0.0.1 serving `root`, in a [`ServerThread`]; shut
+/// down on drop.
+pub struct S3Server {
+    /// `http://127.0.0.1:PORT`
+    pub endpoint: String,
+    pub access_key: String,
+    pub secret_key: String,
+    pub root: PathBuf,
+    _server: ServerThread,
+}
+
+impl S3Server {
+    pub fn start(root: &Path) -> S3Server {
+        std::fs::create_dir_all(root)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", root.display()));
+        let root = root
+            .canonicalize()
+            .unwrap_or_else(|e| panic!("{}: {e}", root.display()));
+        let (access_key, secret_key) = process_credentials().clone();
+        let (ak, sk, r) = (access_key.clone(), secret_key.clone(), root.clone());
+        let server = ServerThread::start(
+            "s3-test-server",
+            Duration::from_secs(2),
+            move |listener| async move {
+                if let Err(e) = serve(listener, r, ak, sk).await {
+                    eprintln!("s3 test server stopped: {e:#}");
+                }
+            },
+        );
+        S3Server {
+            endpoint: server.endpoint.clone(),
             access_key,
             secret_key,
             root,
-            stop: Some(stop_tx),
-            thread: Some(thread),
+            _server: server,
         }
     }
 
@@ -732,13 +828,92 @@ impl S3Server {
     }
 }
 
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+// ---------------------------------------------------------------------------
+// Planted backups: a directory store filled by hand (no MariaDB needed)
+
+/// The backup id of the time `ago` before now.
+pub fn id_ago(ago: Duration) -> String {
+    let t = time::OffsetDateTime::now_utc() - ago;
+    common::manifest::BackupId::from_time(t).to_string()
+}
+
+/// The manifest the archiver stores for backup `id` of `name`, created at
+/// the time of its id: a 1 MiB zstd archive, the lock held 0.042 s,
+/// archived in 12.25 s.
+pub fn synthetic_manifest(name: &str, id: &str) -> String {
+    let created = common::manifest::BackupId::parse(id)
+        .unwrap_or_else(|e| panic!("{id:?} is not a backup id: {e}"))
+        .time()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    format!(
+        r#"format_version = 1
+backup_id = "{id}"
+name = "{name}"
+created_at = "{created}"
+
+[server]
+flavor = "mariadb"
+version = "10.11.6-MariaDB-log"
+hostname = "db1"
+server_id = 1
+
+[lock]
+method = "ftwrl"
+attempts = 1
+wait_secs = 0.01
+hold_secs = 0.042
+
+[snapshot]
+backend = "btrfs"
+name = "mysnap-{name}-{id}"
+path = "/mnt/.mysnap-snapshots/mysnap-{name}-{id}"
+
+[data]
+volume_root = "/mnt"
+datadir = "mysql"
+paths = ["mysql"]
+exclude = []
+
+[archive]
+key = "{name}/{id}/data.tar.zst"
+size = 1048576
+compression = "zstd"
+level = 3
+sha256 = "{sha}"
+tar_size = 2097152
+unpacked_size = 2000000
+files = 10
+archive_secs = 12.25
+"#,
+        sha = "ab".repeat(32)
+    )
+}
+
+/// Plants backup `id` of `name` in the directory store `store`: its archive
+/// `data.tar.zst` (a few bytes: nothing here reads it) and, when given,
+/// `manifest.toml` with `manifest` as its text.
+pub fn plant(store: &Path, name: &str, id: &str, manifest: Option<&str>) {
+    let dir = store.join(name).join(id);
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    std::fs::write(dir.join("data.tar.zst"), b"zstd").unwrap();
+    if let Some(m) = manifest {
+        std::fs::write(dir.join("manifest.toml"), m).unwrap();
     }
+}
+
+/// Plants a complete backup ([`synthetic_manifest`]) of `name` as `id`.
+pub fn plant_backup(store: &Path, name: &str, id: &str) {
+    plant(store, name, id, Some(&synthetic_manifest(name, id)));
+}
+
+/// Every file below `root` (relative paths; links are listed, not followed).
+pub fn files_below(root: &Path) -> std::collections::BTreeSet<String> {
+    walkdir::WalkDir::new(root)
+        .into_iter()
+        .map(|e| e.unwrap_or_else(|e| panic!("cannot list {}: {e}", root.display())))
+        .filter(|e| !e.file_type().is_dir())
+        .map(|e| e.path().strip_prefix(root).unwrap().display().to_string())
+        .collect()
 }

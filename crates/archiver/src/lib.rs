@@ -7,49 +7,18 @@
 //! local state are removed in every outcome.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 use common::config::Config;
 use common::manifest::{ArchiveInfo, Manifest};
 use common::progress::Progress;
+use common::signal::Interrupt;
 use common::snapshot::{self, SnapshotBackend};
 use common::state::StateLock;
 use common::store;
 
 use common::archive::{self as format, TarStats};
-
-/// Set on SIGINT/SIGTERM: the pipeline stops, the upload is aborted, the
-/// snapshot removed.
-#[derive(Clone, Default)]
-pub struct Cancel(Arc<AtomicBool>);
-
-impl Cancel {
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-    /// Cancels on SIGINT or SIGTERM.
-    pub fn on_signals(&self) -> anyhow::Result<()> {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut term = signal(SignalKind::terminate())?;
-        let me = self.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-            tracing::warn!("signal received: aborting the upload and removing the snapshot");
-            me.cancel();
-        });
-        Ok(())
-    }
-}
 
 /// How long the archiver waits for the state lock: the snapshotter that
 /// handed it the manifest may still be exiting, or a later one deciding
@@ -61,7 +30,7 @@ pub async fn run(
     cfg: &Config,
     manifest_path: &Path,
     progress: &dyn Progress,
-    cancel: &Cancel,
+    cancel: &Interrupt,
 ) -> anyhow::Result<String> {
     let state = StateLock::acquire_waiting(&cfg.backup.state_dir, STATE_LOCK_PATIENCE)
         .with_context(|| {
@@ -92,7 +61,7 @@ pub async fn run(
     let result = archive(cfg, &manifest, backend.as_ref(), progress, cancel).await;
     // A read error from an overflowed (LVM) snapshot is reported as what it is.
     let result = result.map_err(|e| {
-        if backend.kind() != common::config::Backend::Lvm || cancel.is_cancelled() {
+        if backend.kind() != common::config::Backend::Lvm || cancel.is_set() {
             return e;
         }
         match backend.check_valid(&manifest.snapshot.name) {
@@ -133,7 +102,7 @@ async fn archive(
     manifest: &Manifest,
     backend: &dyn SnapshotBackend,
     progress: &dyn Progress,
-    cancel: &Cancel,
+    cancel: &Interrupt,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let snap = &manifest.snapshot.path;
@@ -173,7 +142,7 @@ async fn archive(
     )
     .await
     .map_err(|e| exists_is_taken(e, cfg, manifest, &store.url(&key)))?;
-    if cancel.is_cancelled() {
+    if cancel.is_set() {
         store.delete(&key).await?;
         anyhow::bail!("interrupted by a signal; the backup is incomplete and not listed");
     }
@@ -271,7 +240,7 @@ async fn stream(
     key: &str,
     uploads: store::UploadLog,
     progress: &dyn Progress,
-    cancel: &Cancel,
+    cancel: &Interrupt,
 ) -> anyhow::Result<(TarStats, u64)> {
     let snap = &manifest.snapshot.path;
     let estimate = format::write::estimate(snap, &manifest.data)?;
@@ -303,7 +272,7 @@ async fn stream(
             let enc_writer = common::codec::Encoder::new(&mut enc, compression, level, threads)?;
             let (enc_writer, stats) =
                 format::write_tar(snap, &manifest.data, enc_writer, progress, &|| {
-                    cancel.is_cancelled()
+                    cancel.is_set()
                 })?;
             enc_writer.finish().context("finishing compression")?;
             let (writer, size, sha) = enc.finish();

@@ -37,8 +37,9 @@ fn main() -> std::process::ExitCode {
                 PathBuf::from(line)
             }
         };
-        let cancel = archiver::Cancel::default();
-        cancel.on_signals()?;
+        // SIGINT/SIGTERM: the pipeline stops, the upload is aborted, the snapshot removed.
+        let cancel = common::signal::Interrupt::default();
+        cancel.on_signals("aborting the upload and removing the snapshot")?;
         let progress = common::progress::for_stderr("archiving", cli.global.quiet());
         let id = archiver::run(&cfg, &manifest, progress.as_ref(), &cancel).await?;
         println!("{id}");

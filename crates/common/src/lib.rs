@@ -31,6 +31,7 @@ pub mod mysql;
 pub mod progress;
 pub mod reader;
 pub mod retention;
+pub mod signal;
 pub mod snapshot;
 pub mod state;
 pub mod store;

@@ -147,7 +147,9 @@ fn main() -> std::process::ExitCode {
                     start_timeout,
                     interrupt: restorer::Interrupt::default(),
                 };
-                opts.interrupt.on_signals()?;
+                opts.interrupt.on_signals(
+                    "stopping the restore (a swap under way is committed or undone first)",
+                )?;
                 let progress = common::progress::for_stderr("restoring", quiet);
                 let report = restorer::restore(&cfg, &opts, progress.as_ref()).await?;
                 println!("{}", serde_json::to_string(&report)?);

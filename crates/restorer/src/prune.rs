@@ -129,6 +129,12 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
     })
 }
 
+/// The test hook's pause point ([`crate::PAUSE_ENV`]) between a backup's
+/// manifest deleted and its archive: a prune killed here leaves an archive
+/// without a manifest, garbage for the next prune once older than
+/// [`GARBAGE_GRACE`].
+pub const MANIFEST_DELETED: &str = "prune-manifest-deleted";
+
 async fn delete(
     store: &dyn Store,
     listed: &[String],
@@ -138,6 +144,7 @@ async fn delete(
     let manifest = keys::manifest(name, id);
     store.delete(&manifest).await?;
     tracing::info!("deleted {}", store.url(&manifest));
+    crate::restore::pause_at(MANIFEST_DELETED, None);
     for c in [Compression::Zstd, Compression::Xz, Compression::None] {
         let key = keys::archive(name, id, c);
         if listed.contains(&key) {

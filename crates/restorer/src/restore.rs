@@ -32,7 +32,6 @@
 //! the swap is committed (the server is then started) or undone.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,6 +50,12 @@ use serde::Serialize;
 pub use crate::journal::Phase;
 use crate::journal::{self, Action, Journal, Move};
 use crate::replica::{self, ReplicaFlags, ReplicaOf, StartAt};
+
+/// Set by SIGINT or SIGTERM: a restore stops at the next phase boundary
+/// (staging at once, through the unpacking's reader); from the stop to the
+/// commit the swap is finished first (then committed and the server
+/// started) or undone, so a signal never leaves the server stopped.
+pub use common::signal::Interrupt;
 
 /// How to restore.
 #[derive(Clone, Default)]
@@ -84,7 +89,8 @@ pub struct Report {
 }
 
 /// The test hook: `MYSNAP_TEST_PAUSE_AT=<point>` pauses a restore at that
-/// point (a [`Phase::name`], or [`SWAP_ASIDE`]) until it is killed.
+/// point (a [`Phase::name`], or [`SWAP_ASIDE`]), or a prune at
+/// [`crate::prune::MANIFEST_DELETED`], until it is killed.
 pub const PAUSE_ENV: &str = "MYSNAP_TEST_PAUSE_AT";
 /// With the test hook: a pause also ends once the file this names exists.
 pub const RESUME_ENV: &str = "MYSNAP_TEST_RESUME";
@@ -96,7 +102,7 @@ impl Phase {
     /// Logs the start of this phase (and pauses there when the test hook says so).
     fn enter(self, int: &Interrupt) {
         tracing::debug!("restore phase: {}", self.name());
-        pause_at(self.name(), int);
+        pause_at(self.name(), Some(int));
     }
 }
 
@@ -104,63 +110,28 @@ impl Phase {
 /// says `paused at <point>` on stderr and waits until the process is killed
 /// (or, after SIGINT/SIGTERM, goes on, so the signal is handled as anywhere
 /// else at this point; or goes on once the file [`RESUME_ENV`] names exists).
-fn pause_at(point: &str, int: &Interrupt) {
+/// `int`: the run's signal flag; without one (a run that catches no
+/// signal) only the resume file or the end of the process ends the pause.
+pub(crate) fn pause_at(point: &str, int: Option<&Interrupt>) {
     if std::env::var_os(PAUSE_ENV).is_some_and(|v| v == point) {
         // The one print of this library: a test waits for this line.
         eprintln!("paused at {point}");
         let resume = std::env::var_os(RESUME_ENV).map(PathBuf::from);
         let resumed = || resume.as_ref().is_some_and(|f| f.exists());
         tokio::task::block_in_place(|| {
-            while !int.is_set() && !resumed() {
+            while !int.is_some_and(Interrupt::is_set) && !resumed() {
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
     }
 }
 
-/// Set by SIGINT or SIGTERM: a restore stops at the next phase boundary
-/// (staging at once, through the unpacking's reader); from the stop to the
-/// commit the swap is finished first (then committed and the server
-/// started) or undone, so a signal never leaves the server stopped.
-#[derive(Clone, Default)]
-pub struct Interrupt(Arc<AtomicBool>);
-
-impl Interrupt {
-    /// Sets this on SIGINT or SIGTERM (instead of ending the process).
-    pub fn on_signals(&self) -> anyhow::Result<()> {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut term = signal(SignalKind::terminate())?;
-        let me = self.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-            tracing::warn!(
-                "signal received: stopping the restore (a swap under way is committed or undone first)"
-            );
-            me.0.store(true, Ordering::SeqCst);
-        });
-        Ok(())
+/// An error once a signal came: the guards then undo what is not committed.
+fn stop_if_interrupted(int: &Interrupt) -> anyhow::Result<()> {
+    if int.is_set() {
+        return Err(interrupted());
     }
-
-    pub fn is_set(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-
-    /// The flag itself, for the unpacking's reader.
-    pub fn flag(&self) -> &AtomicBool {
-        &self.0
-    }
-
-    /// An error once a signal came: the guards then undo what is not committed.
-    fn check(&self) -> anyhow::Result<()> {
-        if self.is_set() {
-            return Err(interrupted());
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
 /// The error of a restore stopped by a signal before its commit (the
@@ -186,7 +157,7 @@ pub async fn restore(
         tracing::warn!("{line}");
     }
     let plan = check(cfg, opts, lock).await?;
-    int.check()?;
+    stop_if_interrupted(int)?;
     // The journal first: a restore killed now leaves its staging directory
     // for the next restore or `restorer recover` to remove.
     let mut live = SwapGuard::new(cfg, &plan);
@@ -195,25 +166,25 @@ pub async fn restore(
     live.save()?;
     live.staging = Some(Staging::create(&plan.staging)?);
     first.enter(int);
-    int.check()?;
+    stop_if_interrupted(int)?;
     let mut down_since = None;
     if opts.stop_first {
         down_since = Some(stop_first(&plan, &mut live)?);
         live.enter(Phase::Stage, int)?;
     }
     let (streamed, unpack_secs) = stage(cfg, &plan, int, progress).await?;
-    int.check()?;
+    stop_if_interrupted(int)?;
     if !opts.stop_first {
         live.enter(Phase::Stop, int)?;
-        int.check()?;
+        stop_if_interrupted(int)?;
         down_since = Some(stop(&mut live)?);
         // A signal during the stop waits until here: the guard starts the
         // server again.
-        int.check()?;
+        stop_if_interrupted(int)?;
     }
     swap(cfg, &plan, &mut live, int)?;
     // A signal during the swap waits until here: the guard undoes it.
-    int.check()?;
+    stop_if_interrupted(int)?;
     live.enter(Phase::Commit, int)?;
     let old_datadir = live.old_datadir();
     drop(live.staging.take());
@@ -879,7 +850,7 @@ fn swap(cfg: &Config, plan: &Plan, live: &mut SwapGuard, int: &Interrupt) -> any
     let moved = (|| -> anyhow::Result<()> {
         for m in &planned {
             if m.to == plan.datadir {
-                pause_at(SWAP_ASIDE, int);
+                pause_at(SWAP_ASIDE, Some(int));
             }
             if let Some(dir) = m.to.parent() {
                 std::fs::create_dir_all(dir)

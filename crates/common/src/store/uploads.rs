@@ -3,7 +3,8 @@
 //! the upload id) before the first part is sent and removed after the upload
 //! completed or was aborted. A run killed mid-upload (`kill -9`, an endpoint
 //! that went away before the abort) leaves its record; the next archiver run
-//! aborts every recorded upload ([`abort_leftovers`]) before it uploads.
+//! aborts every recorded upload ([`abort_leftovers`]) before it uploads,
+//! also one whose record was whole but not yet renamed into place.
 
 use std::path::{Path, PathBuf};
 
@@ -70,24 +71,11 @@ impl UploadLog {
     }
 
     /// Every record, with its file; a file that does not parse is reported
-    /// and skipped.
+    /// and skipped. A record still being written (its temporary file) is
+    /// not one yet.
     pub fn records(&self) -> anyhow::Result<Vec<(Recorded, UploadRecord)>> {
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e).with_context(|| format!("cannot list {}", self.dir.display())),
-        };
         let mut out = Vec::new();
-        for entry in entries {
-            let path = entry
-                .with_context(|| format!("cannot list {}", self.dir.display()))?
-                .path();
-            if path.extension().is_none_or(|e| e != "toml") {
-                continue;
-            }
-            let parsed = std::fs::read_to_string(&path)
-                .map_err(anyhow::Error::from)
-                .and_then(|t| Ok(toml::from_str::<UploadRecord>(&t)?));
+        for (path, parsed) in self.scan(false)? {
             match parsed {
                 Ok(rec) => out.push((Recorded(path), rec)),
                 Err(e) => tracing::warn!(
@@ -98,15 +86,82 @@ impl UploadLog {
         }
         Ok(out)
     }
+
+    /// The records of runs that ended, for [`abort_leftovers`]: every record,
+    /// and also the temporary file of a record whose writer was killed
+    /// before the rename, when it parses (it is whole: the upload it names
+    /// may have begun). A temporary file that does not parse is removed:
+    /// the run was killed while writing it, before any part was sent, and
+    /// what it names cannot be read (a bucket lifecycle rule ends such an
+    /// upload). Only under the state lock, so no run is writing a record
+    /// meanwhile.
+    pub fn leftovers(&self) -> anyhow::Result<Vec<(Recorded, UploadRecord)>> {
+        let mut out = Vec::new();
+        for (path, parsed) in self.scan(true)? {
+            let temp = is_temp(&path);
+            match parsed {
+                Ok(rec) => out.push((Recorded(path), rec)),
+                Err(e) if temp => {
+                    tracing::warn!(
+                        "removing {}, an upload record cut short by a killed run ({e:#}): no part was sent; the upload it was for cannot be named (a bucket lifecycle rule AbortIncompleteMultipartUpload ends it)",
+                        path.display()
+                    );
+                    Recorded(path).remove();
+                }
+                Err(e) => tracing::warn!(
+                    "upload record {} is unreadable ({e:#}); remove it by hand",
+                    path.display()
+                ),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every record file (with `temps`, also the temporary files
+    /// [`crate::state::write_atomic`] writes them through), parsed.
+    fn scan(&self, temps: bool) -> anyhow::Result<Vec<(PathBuf, anyhow::Result<UploadRecord>)>> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("cannot list {}", self.dir.display())),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let path = entry
+                .with_context(|| format!("cannot list {}", self.dir.display()))?
+                .path();
+            let record = path.extension().is_some_and(|e| e == "toml") && !is_temp(&path);
+            if !(record || temps && is_temp(&path)) {
+                continue;
+            }
+            let parsed = std::fs::read_to_string(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|t| Ok(toml::from_str::<UploadRecord>(&t)?));
+            out.push((path, parsed));
+        }
+        Ok(out)
+    }
+}
+
+/// Whether `path` is the temporary file of a record: `.<hash>.toml.tmp-<pid>`
+/// ([`crate::state::write_atomic`]'s name).
+fn is_temp(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix('.'))
+        .and_then(|n| n.split_once(".toml.tmp-"))
+        .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Aborts every upload recorded in `log` for `store` and removes its record
-/// (an upload the store no longer knows counts as aborted). A record of
-/// another store, or an abort that fails, is kept and reported: the next run
-/// tries again. Returns how many uploads were aborted.
+/// (an upload the store no longer knows counts as aborted), also one whose
+/// record a killed run left half-written ([`UploadLog::leftovers`]). A
+/// record of another store, or an abort that fails, is kept and reported:
+/// the next run tries again. Returns how many uploads were aborted. Call it
+/// under the state lock only (no run of this config is uploading).
 pub async fn abort_leftovers(store: &dyn Store, log: &UploadLog) -> anyhow::Result<usize> {
     let mut aborted = 0;
-    for (file, rec) in log.records()? {
+    for (file, rec) in log.leftovers()? {
         if store.url(&rec.key) != rec.url {
             tracing::warn!(
                 "upload record {} is for {}, not this config's store: abort it there, then remove the record",
@@ -162,5 +217,80 @@ mod tests {
         assert_eq!(all[0].1, rec);
         written.remove();
         assert!(log.records().unwrap().is_empty());
+    }
+
+    /// A killed archiver's record as it left it: written, but still under
+    /// its temporary name (`cut`: only its first half written).
+    fn left_in_temp(log: &UploadLog, rec: &UploadRecord, cut: bool) -> PathBuf {
+        let written = log.record(rec).unwrap().0;
+        let name = written.file_name().unwrap().to_string_lossy().into_owned();
+        let temp = written.with_file_name(format!(".{name}.tmp-4321"));
+        std::fs::rename(&written, &temp).unwrap();
+        if cut {
+            let text = std::fs::read(&temp).unwrap();
+            std::fs::write(&temp, &text[..text.len() / 2]).unwrap();
+        }
+        temp
+    }
+
+    #[tokio::test]
+    async fn a_whole_temporary_record_is_aborted_and_a_cut_one_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let transfer = crate::store::Transfer {
+            part_size: 5 << 20,
+            concurrency: 1,
+            memory_limit: 16 << 20,
+        };
+        let store = crate::store::FileStore::new(root.clone(), transfer);
+        let log = UploadLog::in_state_dir(&dir.path().join("state"));
+        // A file store's upload is its `.partial-<pid>` file; the upload id is the pid.
+        let upload = |id: &str, pid: &str| {
+            let key = format!("db1/{id}/data.tar.zst");
+            let partial = root.join(format!("db1/{id}/.data.tar.zst.partial-{pid}"));
+            std::fs::create_dir_all(partial.parent().unwrap()).unwrap();
+            std::fs::write(&partial, b"part").unwrap();
+            let rec = UploadRecord {
+                url: store.url(&key),
+                key,
+                upload_id: pid.into(),
+            };
+            (rec, partial)
+        };
+        let (recorded, recorded_part) = upload("20261101T000000Z", "1001");
+        log.record(&recorded).unwrap();
+        let (whole, whole_part) = upload("20261102T000000Z", "1002");
+        let whole_temp = left_in_temp(&log, &whole, false);
+        let (cut, cut_part) = upload("20261103T000000Z", "1003");
+        let cut_temp = left_in_temp(&log, &cut, true);
+        let unreadable = log.dir().join("0123.toml");
+        std::fs::write(&unreadable, "not a record").unwrap();
+        let other = log.dir().join(".notes.tmp-12");
+        std::fs::write(&other, "not ours").unwrap();
+
+        // A reader without the state lock sees only the renamed record.
+        let seen: Vec<UploadRecord> = log.records().unwrap().into_iter().map(|r| r.1).collect();
+        assert_eq!(seen, std::slice::from_ref(&recorded));
+        assert!(whole_temp.exists() && cut_temp.exists());
+
+        assert_eq!(abort_leftovers(&store, &log).await.unwrap(), 2);
+        assert!(
+            !recorded_part.exists() && !whole_part.exists(),
+            "both aborted"
+        );
+        assert!(
+            !whole_temp.exists(),
+            "the whole temporary record is removed"
+        );
+        assert!(!cut_temp.exists(), "the cut one too");
+        assert!(
+            cut_part.exists(),
+            "what a cut record named is not guessed at"
+        );
+        assert!(
+            unreadable.exists() && other.exists(),
+            "the rest is left alone"
+        );
+        assert!(log.leftovers().unwrap().is_empty());
     }
 }
