@@ -128,6 +128,13 @@ pub struct Interrupt(Arc<AtomicBool>);
 impl Interrupt {
     /// Sets this on SIGINT or SIGTERM (instead of ending the process).
     pub fn on_signals(&self) -> anyhow::Result<()> {
+        self.on_signals_saying(
+            "signal received: stopping the restore (a swap under way is committed or undone first)",
+        )
+    }
+
+    /// As [`Interrupt::on_signals`], logging `what` when a signal comes.
+    pub fn on_signals_saying(&self, what: &'static str) -> anyhow::Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut int = signal(SignalKind::interrupt())?;
         let mut term = signal(SignalKind::terminate())?;
@@ -137,9 +144,7 @@ impl Interrupt {
                 _ = int.recv() => {}
                 _ = term.recv() => {}
             }
-            tracing::warn!(
-                "signal received: stopping the restore (a swap under way is committed or undone first)"
-            );
+            tracing::warn!("{what}");
             me.0.store(true, Ordering::SeqCst);
         });
         Ok(())
@@ -155,7 +160,7 @@ impl Interrupt {
     }
 
     /// An error once a signal came: the guards then undo what is not committed.
-    fn check(&self) -> anyhow::Result<()> {
+    pub(crate) fn check(&self) -> anyhow::Result<()> {
         if self.is_set() {
             return Err(interrupted());
         }
@@ -165,7 +170,7 @@ impl Interrupt {
 
 /// The error of a restore stopped by a signal before its commit (the
 /// guards put everything back as it was).
-fn interrupted() -> anyhow::Error {
+pub(crate) fn interrupted() -> anyhow::Error {
     anyhow::anyhow!("interrupted; nothing was changed")
 }
 
@@ -521,7 +526,7 @@ async fn installed_version(cfg: &Config) -> Option<ServerVersion> {
     None
 }
 
-fn check_version(m: &Manifest, installed: Option<&ServerVersion>) -> anyhow::Result<()> {
+pub(crate) fn check_version(m: &Manifest, installed: Option<&ServerVersion>) -> anyhow::Result<()> {
     let backup = ServerVersion::parse(&m.server.version);
     let Some(v) = installed else {
         tracing::warn!(
@@ -539,7 +544,7 @@ fn check_version(m: &Manifest, installed: Option<&ServerVersion>) -> anyhow::Res
     Ok(())
 }
 
-fn check_space(dir: &Path, info: &ArchiveInfo) -> anyhow::Result<()> {
+pub(crate) fn check_space(dir: &Path, info: &ArchiveInfo) -> anyhow::Result<()> {
     let st = nix::sys::statvfs::statvfs(dir)
         .with_context(|| format!("cannot stat the filesystem of {}", dir.display()))?;
     let avail = st.blocks_available() as u64 * st.fragment_size() as u64;
@@ -839,6 +844,7 @@ async fn stage(
             dir: &plan.staging,
             owner: plan.owner,
             cancel: int.flag(),
+            in_place: None,
         },
         progress,
     )
