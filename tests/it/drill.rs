@@ -303,3 +303,92 @@ fn plant(store_root: &Path, real: &Manifest, id: &str, archive: &[u8]) {
     std::fs::write(dir.join("data.tar.zst"), archive).unwrap();
     std::fs::write(dir.join("manifest.toml"), m.to_toml()).unwrap();
 }
+
+/// Processes working in `dir` or below.
+fn working_in(dir: &Path) -> Vec<i32> {
+    let dir = dir.canonicalize().unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cwd = std::fs::read_link(e.path().join("cwd")).ok()?;
+            cwd.starts_with(&dir).then_some(pid)
+        })
+        .collect()
+}
+
+#[test]
+fn a_drill_stopped_by_a_signal_or_kill_9_leaves_no_server_and_no_scratch_behind() {
+    if !gate("a_drill_stopped_by_a_signal_or_kill_9_leaves_no_server_and_no_scratch_behind") {
+        return;
+    }
+    use nix::sys::signal::{kill, Signal};
+    let rig = Rig::new(StoreKind::File);
+    let id = rig.backup();
+    let scratch = scratch(&rig);
+    // A server that listens elsewhere (a later --socket wins): the drill
+    // waits for it, with the server running in the scratch, until stopped.
+    let elsewhere = format!("/tmp/mysnap-drill-test-{}.sock", std::process::id());
+    let wrapper = rig.tmp.path().join("slow-mariadbd");
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nexec /usr/sbin/mariadbd \"$@\" --socket={elsewhere}\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    rig.write_config(|t| set(t, "drill", "server_binary", wrapper.to_str().unwrap()));
+    let all_records = || {
+        rig.store_keys()
+            .iter()
+            .filter(|k| k.contains("/drill-"))
+            .count()
+    };
+
+    for signal in [Signal::SIGTERM, Signal::SIGKILL] {
+        let mut child = rig
+            .cmd("restorer")
+            .args(["drill", &id, "--scratch", scratch.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        // The throwaway server runs once a process works in the copy's data directory.
+        let data = scratch.join("mysnap-drill-db1/data");
+        while !data.exists() || working_in(&data).is_empty() {
+            assert!(std::time::Instant::now() < deadline, "no server started");
+            assert!(child.try_wait().unwrap().is_none(), "the drill ended early");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+        let out = child.wait_with_output().unwrap();
+        if signal == Signal::SIGTERM {
+            let line = error_line(&out, 1);
+            assert!(line.contains("interrupted"), "{line}");
+            assert_clean(&scratch, "after SIGTERM");
+        } else {
+            // kill -9 leaves the server and the scratch to the next drill.
+            assert!(
+                !working_in(&data).is_empty(),
+                "the server went with the drill"
+            );
+        }
+        assert_eq!(all_records(), 0, "an interrupted drill recorded something");
+    }
+
+    // The next drill (a real server) stops the leftover server, removes
+    // the leftover scratch, and passes.
+    rig.write_config(|_| {});
+    let out = drill(&rig, &[&id, "--scratch", scratch.to_str().unwrap()]);
+    assert_ok(&out, "the drill after a kill -9");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("left by a drill that did not finish"),
+        "{stderr}"
+    );
+    assert_clean(&scratch, "after the drill after a kill -9");
+    assert_eq!(all_records(), 1);
+    let _ = std::fs::remove_file(&elsewhere);
+    let _ = std::fs::remove_file(format!("{elsewhere}.lock"));
+}
