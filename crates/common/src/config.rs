@@ -937,6 +937,26 @@ name = "db1"
     }
 
     #[test]
+    fn the_example_drill_section_parses_uncommented() {
+        let text = include_str!("../../../deploy/mysnap.example.toml");
+        let start = text
+            .find("# [drill]")
+            .expect("a [drill] section in the example");
+        let block: String = text[start..]
+            .lines()
+            .take_while(|l| l.starts_with("# "))
+            .map(|l| format!("{}\n", &l[2..]))
+            .collect();
+        let c = parse(&format!("{MINIMAL}{block}")).unwrap();
+        assert_eq!(
+            c.drill.server_binary,
+            Some(PathBuf::from("/usr/sbin/mariadbd"))
+        );
+        assert_eq!(c.drill.start_timeout, Duration::from_secs(600));
+        assert_eq!(c.drill.server_options.len(), 1);
+    }
+
+    #[test]
     fn contract_example_parses() {
         let text = include_str!("../../../deploy/mysnap.example.toml");
         let c = parse(text).unwrap();
