@@ -92,7 +92,8 @@ pub const DRILL_OWN_OPTIONS: &[&str] = &[
 
 /// Checks one `drill.server_options` entry: `--name` or `--name=value`, no
 /// control characters, not one of [`DRILL_OWN_OPTIONS`] (in any spelling:
-/// `_` for `-`, `loose-`, `skip-`, `enable-`, `disable-`), nor `log-bin*` or `wsrep*`.
+/// `_` for `-`, `loose-`, `skip-`, `enable-`, `disable-`), nor `log-bin*` or
+/// `wsrep*`, and no path (no `/`).
 fn check_server_option(opt: &str) -> Result<(), String> {
     let bad = |why: String| Err(format!("drill.server_options {opt:?}: {why}"));
     let Some(body) = opt.strip_prefix("--") else {
@@ -115,6 +116,9 @@ fn check_server_option(opt: &str) -> Result<(), String> {
     if DRILL_OWN_OPTIONS.contains(&bare) || bare.starts_with("log-bin") || bare.starts_with("wsrep")
     {
         return bad("restorer drill sets this option itself (the throwaway server must stay away from the live server's files, network and replication source)".into());
+    }
+    if body.contains('/') {
+        return bad("names a path: the throwaway server's files all live in its scratch directory, and a path could lead it to the live server's files".into());
     }
     Ok(())
 }
@@ -916,6 +920,14 @@ name = "db1"
                 "sets this option itself",
             ),
             ("server_options = [\"--a b\"]", "is not an option name"),
+            (
+                "server_options = [\"--innodb-data-home-dir=/var/lib/mysql\"]",
+                "names a path",
+            ),
+            (
+                "server_options = [\"--innodb-data-file-path=/dev/sdb:10Gnewraw\"]",
+                "names a path",
+            ),
             (
                 "server_options = [\"--loose-networking\"]",
                 "sets this option itself",

@@ -781,7 +781,16 @@ pub async fn last_drill(
         let url = store.url(key);
         let bytes = match store.get(key, drill::MAX_RECORD_BYTES).await {
             Ok(b) => b,
-            Err(e) if common::cli::exit_code_of(&e) == ExitCode::Integrity => {
+            // Too large, or deleted since the listing (a prune).
+            Err(e)
+                if common::cli::exit_code_of(&e) == ExitCode::Integrity
+                    || e.chain().any(|c| {
+                        matches!(
+                            c.downcast_ref::<common::store::StoreError>(),
+                            Some(common::store::StoreError::NotFound { .. })
+                        )
+                    }) =>
+            {
                 tracing::warn!("skipping {url}: {e:#}");
                 continue;
             }
