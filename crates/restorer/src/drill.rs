@@ -781,20 +781,15 @@ pub async fn last_drill(
         let url = store.url(key);
         let bytes = match store.get(key, drill::MAX_RECORD_BYTES).await {
             Ok(b) => b,
-            // Too large, or deleted since the listing (a prune).
-            Err(e)
-                if common::cli::exit_code_of(&e) == ExitCode::Integrity
-                    || e.chain().any(|c| {
-                        matches!(
-                            c.downcast_ref::<common::store::StoreError>(),
-                            Some(common::store::StoreError::NotFound { .. })
-                        )
-                    }) =>
-            {
+            Err(e) if common::cli::exit_code_of(&e) == ExitCode::Integrity => {
                 tracing::warn!("skipping {url}: {e:#}");
                 continue;
             }
-            Err(e) => return Err(e),
+            // Deleted since the listing (a prune), or a store failure.
+            Err(e) => match store.size(key).await? {
+                None => continue,
+                Some(_) => return Err(e),
+            },
         };
         let parsed = std::str::from_utf8(&bytes)
             .map_err(|_| format!("drill record {url} is not UTF-8 text"))
@@ -815,6 +810,86 @@ mod tests {
         r.iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect()
+    }
+
+    fn record(id: &str, at: &str, result: Outcome) -> DrillRecord {
+        DrillRecord {
+            format_version: drill::FORMAT_VERSION,
+            name: BackupName::parse("db1").unwrap(),
+            backup_id: BackupId::parse(id).unwrap(),
+            started: BackupId::parse(at).unwrap(),
+            host: drill::text("h"),
+            result,
+            problem: None,
+            server_version: None,
+            tables_checked: 7,
+            tables_with_errors: 0,
+            errors: Vec::new(),
+            unpacked_bytes: 0,
+            unpack_secs: 0.0,
+            start_secs: 0.0,
+            check_secs: 0.0,
+            total_secs: 0.0,
+            mysnap_version: drill::text("0"),
+        }
+    }
+
+    #[test]
+    fn the_last_drill_is_the_newest_that_parses_of_a_complete_backup() {
+        use common::store::{FileStore, Store, Transfer};
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileStore::new(
+            tmp.path().to_path_buf(),
+            Transfer {
+                part_size: 5 << 20,
+                concurrency: 1,
+                memory_limit: 15 << 20,
+            },
+        );
+        let name = BackupName::parse("db1").unwrap();
+        let (a, b) = ("20261120T030000Z", "20261121T030000Z");
+        let complete = [BackupId::parse(a).unwrap(), BackupId::parse(b).unwrap()];
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let put = |key: String, text: String| {
+                let store = &store;
+                async move { store.put(&key, text.into_bytes().into()).await.unwrap() }
+            };
+            let key = |id: &str, at: &str| {
+                keys::drill(
+                    &name,
+                    &BackupId::parse(id).unwrap(),
+                    &BackupId::parse(at).unwrap(),
+                )
+            };
+            // An older drill of b, a newer one of a, and newer ones that do not count.
+            let old = record(b, "20261122T050000Z", Outcome::Ok);
+            put(key(b, "20261122T050000Z"), old.to_toml()).await;
+            let newest = record(a, "20261123T050000Z", Outcome::Failed);
+            put(key(a, "20261123T050000Z"), newest.to_toml()).await;
+            // A forged one (another backup's record under this key) and one of
+            // a backup that is not complete are newer still.
+            let forged = record(b, "20261123T050000Z", Outcome::Ok);
+            put(key(a, "20261124T050000Z"), forged.to_toml()).await;
+            let orphan = record("20261119T030000Z", "20261125T050000Z", Outcome::Ok);
+            put(
+                key("20261119T030000Z", "20261125T050000Z"),
+                orphan.to_toml(),
+            )
+            .await;
+            let listed = store.list("db1/").await.unwrap();
+            let got = last_drill(&store, &name, &listed, &complete).await.unwrap();
+            assert_eq!(got, Some(newest));
+            // A record deleted since the listing is skipped too.
+            let mut more = listed.clone();
+            more.push(key(b, "20261126T050000Z"));
+            let got = last_drill(&store, &name, &more, &complete).await.unwrap();
+            assert_eq!(got.unwrap().started.as_str(), "20261123T050000Z");
+            assert_eq!(last_drill(&store, &name, &listed, &[]).await.unwrap(), None);
+        });
     }
 
     #[test]
