@@ -27,6 +27,100 @@ pub struct Config {
     pub backup: BackupConfig,
     /// Absent: `restorer prune` does nothing.
     pub retention: Option<crate::retention::RetentionConfig>,
+    #[serde(default)]
+    pub drill: DrillConfig,
+}
+
+/// `[drill]`: how `restorer drill` restores a backup into a scratch
+/// directory and checks it with a throwaway server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillConfig {
+    /// Where the scratch directory is made (`--scratch` overrides); never
+    /// inside `volume.datadir`.
+    #[serde(default = "default_scratch_dir")]
+    pub scratch_dir: PathBuf,
+    /// The server program; else `mariadbd` or `mysqld` from `PATH`, then `/usr/sbin`.
+    pub server_binary: Option<PathBuf>,
+    /// Longest wait for the throwaway server to answer (InnoDB recovery included).
+    #[serde(with = "humantime_serde", default = "default_drill_start_timeout")]
+    pub start_timeout: Duration,
+    /// Extra server options (`--name=value`), after mysnap's own.
+    #[serde(default)]
+    pub server_options: Vec<String>,
+}
+
+impl Default for DrillConfig {
+    fn default() -> Self {
+        DrillConfig {
+            scratch_dir: default_scratch_dir(),
+            server_binary: None,
+            start_timeout: default_drill_start_timeout(),
+            server_options: Vec::new(),
+        }
+    }
+}
+
+/// The server options `restorer drill` sets itself, which would let the
+/// throwaway server reach the live one's files, network or replication
+/// source: refused in `drill.server_options`.
+pub const DRILL_OWN_OPTIONS: &[&str] = &[
+    "defaults-file",
+    "defaults-extra-file",
+    "no-defaults",
+    "datadir",
+    "socket",
+    "pid-file",
+    "log-error",
+    "tmpdir",
+    "user",
+    "port",
+    "bind-address",
+    "networking",
+    "log-bin",
+    "log-basename",
+    "slave-start",
+    "replica-start",
+    "grant-tables",
+    "event-scheduler",
+    "mysqlx",
+    "init-file",
+    "init-connect",
+    "plugin-dir",
+    "secure-file-priv",
+];
+
+/// Checks one `drill.server_options` entry: `--name` or `--name=value`, no
+/// control characters, not one of [`DRILL_OWN_OPTIONS`] (in any spelling:
+/// `_` for `-`, `loose-`, `skip-`, `enable-`, `disable-`), nor `log-bin*` or
+/// `wsrep*`, and no path (no `/`).
+fn check_server_option(opt: &str) -> Result<(), String> {
+    let bad = |why: String| Err(format!("drill.server_options {opt:?}: {why}"));
+    let Some(body) = opt.strip_prefix("--") else {
+        return bad(
+            "must start with -- (e.g. \"--innodb-data-file-path=ibdata1:12M:autoextend\")".into(),
+        );
+    };
+    if opt.chars().any(char::is_control) || opt.len() > 4096 {
+        return bad("holds control characters or is longer than 4096 bytes".into());
+    }
+    let name = body.split('=').next().unwrap_or("").replace('_', "-");
+    // `--loose-x` and `--enable-x`/`--disable-x` are spellings of `x`.
+    let bare = name.strip_prefix("loose-").unwrap_or(&name);
+    let bare = ["enable-", "disable-", "skip-", "maximum-"]
+        .iter()
+        .fold(bare, |n, p| n.strip_prefix(p).unwrap_or(n));
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return bad("is not an option name".into());
+    }
+    if DRILL_OWN_OPTIONS.contains(&bare) || bare.starts_with("log-bin") || bare.starts_with("wsrep")
+    {
+        return bad("restorer drill sets this option itself (the throwaway server must stay away from the live server's files, network and replication source)".into());
+    }
+    if body.contains('/') {
+        return bad("names a path: the throwaway server's files all live in its scratch directory, and a path could lead it to the live server's files".into());
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -570,6 +664,12 @@ fn default_read_timeout() -> Duration {
 fn default_compression() -> Compression {
     Compression::Zstd
 }
+fn default_scratch_dir() -> PathBuf {
+    PathBuf::from("/var/tmp")
+}
+fn default_drill_start_timeout() -> Duration {
+    Duration::from_secs(600)
+}
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/mysnap")
 }
@@ -669,6 +769,26 @@ impl Config {
                 return Err(format!("{key} must be at least 100ms, got {d:?}"));
             }
         }
+        for (key, p) in [
+            ("drill.scratch_dir", Some(&self.drill.scratch_dir)),
+            ("drill.server_binary", self.drill.server_binary.as_ref()),
+        ] {
+            if let Some(p) = p.filter(|p| !p.is_absolute()) {
+                return Err(format!(
+                    "{key} must be an absolute path, got {}",
+                    p.display()
+                ));
+            }
+        }
+        if self.drill.start_timeout < Duration::from_secs(1) {
+            return Err(format!(
+                "drill.start_timeout must be at least 1s, got {:?}",
+                self.drill.start_timeout
+            ));
+        }
+        for opt in &self.drill.server_options {
+            check_server_option(opt)?;
+        }
         if self.retention.as_ref().is_some_and(|r| r.keeps_nothing()) {
             return Err("[retention] keeps no backup but the newest (every keep_* is 0 and no keep_within): it would delete every other backup; set a keep_* key, or remove the section to keep everything".into());
         }
@@ -753,6 +873,99 @@ name = "db1"
             let e = parse(&format!("{MINIMAL}{bad}")).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn drill_section() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.drill.scratch_dir, PathBuf::from("/var/tmp"));
+        assert_eq!(c.drill.server_binary, None);
+        assert_eq!(c.drill.start_timeout, Duration::from_secs(600));
+        assert!(c.drill.server_options.is_empty());
+        let c = parse(&format!(
+            "{MINIMAL}[drill]\nscratch_dir = \"/srv/scratch\"\nserver_binary = \"/opt/mariadb/bin/mariadbd\"\nstart_timeout = \"2m\"\nserver_options = [\"--innodb-data-file-path=ibdata1:64M:autoextend\", \"--innodb_page_size=8k\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.drill.scratch_dir, PathBuf::from("/srv/scratch"));
+        assert_eq!(c.drill.start_timeout, Duration::from_secs(120));
+        assert_eq!(c.drill.server_options.len(), 2);
+        for (bad, why) in [
+            (
+                "scratch_dir = \"tmp\"",
+                "drill.scratch_dir must be an absolute path",
+            ),
+            (
+                "server_binary = \"mariadbd\"",
+                "drill.server_binary must be an absolute path",
+            ),
+            ("start_timeout = \"0s\"", "drill.start_timeout"),
+            (
+                "server_options = [\"innodb-page-size=8k\"]",
+                "must start with --",
+            ),
+            (
+                "server_options = [\"--datadir=/var/lib/mysql\"]",
+                "sets this option itself",
+            ),
+            (
+                "server_options = [\"--loose-skip_networking=0\"]",
+                "sets this option itself",
+            ),
+            (
+                "server_options = [\"--skip-slave-start=0\"]",
+                "sets this option itself",
+            ),
+            (
+                "server_options = [\"--wsrep_on=ON\"]",
+                "sets this option itself",
+            ),
+            ("server_options = [\"--a b\"]", "is not an option name"),
+            (
+                "server_options = [\"--innodb-data-home-dir=/var/lib/mysql\"]",
+                "names a path",
+            ),
+            (
+                "server_options = [\"--innodb-data-file-path=/dev/sdb:10Gnewraw\"]",
+                "names a path",
+            ),
+            (
+                "server_options = [\"--loose-networking\"]",
+                "sets this option itself",
+            ),
+            (
+                "server_options = [\"--log_bin=x\"]",
+                "sets this option itself",
+            ),
+            (
+                "server_options = [\"--port=3306\"]",
+                "sets this option itself",
+            ),
+            ("server_options = [\"--x\\n\"]", "control characters"),
+            ("scratch = \"/x\"", "unknown field"),
+        ] {
+            let e = parse(&format!("{MINIMAL}[drill]\n{bad}\n")).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_example_drill_section_parses_uncommented() {
+        let text = include_str!("../../../deploy/mysnap.example.toml");
+        let start = text
+            .find("# [drill]")
+            .expect("a [drill] section in the example");
+        let block: String = text[start..]
+            .lines()
+            .take_while(|l| l.starts_with("# "))
+            .map(|l| format!("{}\n", &l[2..]))
+            .collect();
+        let c = parse(&format!("{MINIMAL}{block}")).unwrap();
+        assert_eq!(
+            c.drill.server_binary,
+            Some(PathBuf::from("/usr/sbin/mariadbd"))
+        );
+        assert_eq!(c.drill.start_timeout, Duration::from_secs(600));
+        assert_eq!(c.drill.server_options.len(), 1);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! ```text
 //! <backup.name>/<backup id>/data.tar.zst | data.tar.xz | data.tar   the archive, written first
 //! <backup.name>/<backup id>/manifest.toml                            written last: the backup exists
+//! <backup.name>/<backup id>/drill-<time>.toml                        a restore drill's result (`restorer drill`)
 //! ```
 
 use crate::config::Compression;
@@ -23,6 +24,26 @@ pub fn manifest(name: &BackupName, id: &BackupId) -> String {
 
 pub fn archive(name: &BackupName, id: &BackupId, compression: Compression) -> String {
     format!("{name}/{id}/{}", compression.file_name())
+}
+
+/// The record of a restore drill of backup `id` that started at `at` (a
+/// UTC time in the form of a backup id).
+pub fn drill(name: &BackupName, id: &BackupId, at: &BackupId) -> String {
+    format!("{name}/{id}/{DRILL_PREFIX}{at}{DRILL_SUFFIX}")
+}
+
+const DRILL_PREFIX: &str = "drill-";
+const DRILL_SUFFIX: &str = ".toml";
+
+/// The backup id and drill time of a drill record key of `name`
+/// (`<name>/<id>/drill-<time>.toml`); `None` for every other key.
+pub fn drill_of(name: &BackupName, key: &str) -> Option<(BackupId, BackupId)> {
+    let rest = key.strip_prefix(name.as_str())?.strip_prefix('/')?;
+    let (id, file) = rest.split_once('/')?;
+    let at = file
+        .strip_prefix(DRILL_PREFIX)?
+        .strip_suffix(DRILL_SUFFIX)?;
+    Some((BackupId::parse(id).ok()?, BackupId::parse(at).ok()?))
 }
 
 /// The backup id of a manifest key of `name` (`<name>/<id>/manifest.toml`);
@@ -55,6 +76,27 @@ mod tests {
             "db1/20261126T093000Z/manifest.toml.bak",
         ] {
             assert_eq!(manifest_id(&n, other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn drill_records() {
+        let (n, id, at): (BackupName, BackupId, BackupId) =
+            (v("db1"), v("20261126T093000Z"), v("20261128T220500Z"));
+        let key = drill(&n, &id, &at);
+        assert_eq!(key, "db1/20261126T093000Z/drill-20261128T220500Z.toml");
+        assert_eq!(drill_of(&n, &key), Some((id.clone(), at)));
+        assert_eq!(manifest_id(&n, &key), None);
+        for other in [
+            "db1/20261126T093000Z/manifest.toml",
+            "db1/20261126T093000Z/data.tar.zst",
+            "db1-x/20261126T093000Z/drill-20261128T220500Z.toml",
+            "db1/20261126T093000Z/drill-20261128T220500Z.toml.bak",
+            "db1/20261126T093000Z/drill-x.toml",
+            "db1/20261126T093000Z/x/drill-20261128T220500Z.toml",
+            "db1/x/drill-20261128T220500Z.toml",
+        ] {
+            assert_eq!(drill_of(&n, other), None, "{other}");
         }
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: the one TOML file of the contract.
 //! - [`manifest`]: the hand-off file between snapshotter, archiver and restorer.
+//! - [`drill`]: the record of a restore drill, stored beside the manifest.
 //! - [`retention`]: which backups a `[retention]` policy keeps (pure).
 //! - [`store`]: where archives live (S3 or a directory), behind one trait.
 //! - [`archive`]: the archive format: store keys, the write and the read path.
@@ -21,6 +22,7 @@ pub mod cmd;
 pub mod codec;
 pub mod config;
 pub mod dialect;
+pub mod drill;
 pub mod error;
 pub mod grammar;
 pub mod ids;

@@ -284,6 +284,7 @@ impl Rig {
                     dir: &staging,
                     owner: None,
                     cancel,
+                    in_place: None,
                 },
                 &Silent,
             )

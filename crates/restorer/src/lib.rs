@@ -9,8 +9,10 @@
 //! instant is finished or undone by the next one or `restorer recover`
 //! (`journal.rs`).
 //! The restorer is the store's reader and administrator: it writes to the
-//! store only in `restorer prune` (`prune.rs`), and only by deleting.
+//! store only in `restorer prune` (`prune.rs`), only by deleting, and in
+//! `restorer drill` (`drill.rs`), only a new drill record beside a manifest.
 
+pub mod drill;
 #[cfg(test)]
 mod forged;
 pub mod journal;
@@ -58,8 +60,18 @@ fn backup_name(cfg: &Config) -> anyhow::Result<BackupName> {
 const LIST_READS_IN_FLIGHT: usize = 16;
 
 async fn list_in(store: &dyn Store, name: &BackupName) -> anyhow::Result<Vec<Manifest>> {
-    use futures::stream::{self, StreamExt};
     let keys = store.list(&keys::backups_of(name)).await?;
+    backups_in(store, name, &keys).await
+}
+
+/// The complete backups of `name` among `keys` (a listing of its prefix),
+/// newest first, as [`list_in`].
+async fn backups_in(
+    store: &dyn Store,
+    name: &BackupName,
+    keys: &[String],
+) -> anyhow::Result<Vec<Manifest>> {
+    use futures::stream::{self, StreamExt};
     let ids: Vec<(&String, BackupId)> = keys
         .iter()
         .filter_map(|key| Some((key, keys::manifest_id(name, key)?)))
@@ -255,16 +267,22 @@ async fn stream_archive(
 }
 
 /// Where [`stage`] unpacks: an empty directory, the owner of what it
-/// writes, and the flag that stops it (SIGINT/SIGTERM).
+/// writes, the flag that stops it (SIGINT/SIGTERM), and where the copy
+/// will be used.
 pub struct StageDir<'a> {
     pub dir: &'a Path,
     pub owner: Option<(u32, u32)>,
     pub cancel: &'a AtomicBool,
+    /// `None`: the copy is moved to `volume.datadir` and
+    /// `volume.mountpoint` (restore); `Some(root)`: it is used where it is
+    /// unpacked, `root` standing for the volume root (a drill's scratch).
+    pub in_place: Option<&'a Path>,
 }
 
 /// Unpacks backup `m` into the empty directory `to.dir` (`staging`) and prepares the
 /// copy for this server (clone hygiene, binary log index pointed at
-/// `volume.datadir` and `volume.mountpoint`, one syncfs): everything restore
+/// `volume.datadir` and `volume.mountpoint`, or at the copy itself with
+/// `to.in_place`, one syncfs): everything restore
 /// does before it touches the server. Nothing outside `staging` is written.
 pub async fn stage(
     cfg: &Config,
@@ -278,6 +296,7 @@ pub async fn stage(
         dir: staging,
         owner,
         cancel,
+        in_place,
     } = to;
     let s = stream_archive(
         store.clone(),
@@ -309,12 +328,13 @@ pub async fn stage(
         tracing::info!("removed from the copy: {}", removed.join(", "));
     }
     // The binary log index names files by the source's paths.
-    let mut moves = vec![(
-        m.data.volume_root.join(&m.data.datadir),
-        cfg.volume.datadir.clone(),
-    )];
+    let (datadir, root) = match in_place {
+        None => (cfg.volume.datadir.clone(), cfg.volume.mountpoint.as_path()),
+        Some(root) => (root.join(&m.data.datadir), root),
+    };
+    let mut moves = vec![(m.data.volume_root.join(&m.data.datadir), datadir)];
     for p in m.data.paths.iter().filter(|p| **p != m.data.datadir) {
-        moves.push((m.data.volume_root.join(p), cfg.volume.mountpoint.join(p)));
+        moves.push((m.data.volume_root.join(p), root.join(p)));
     }
     for dir in &roots {
         rewrite_binlog_indexes(dir, &moves)?;

@@ -79,6 +79,26 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Prove a backup restores: unpack it into a scratch directory, start a throwaway server on it,
+    /// CHECK TABLE every table, remove it all, and store the result beside the manifest (exit 4 when
+    /// the backup is damaged)
+    Drill {
+        /// Backup id, or "latest"
+        #[arg(default_value = "latest")]
+        id: String,
+        /// Directory to make the scratch in (default: drill.scratch_dir); never inside volume.datadir
+        #[arg(long, value_name = "DIR")]
+        scratch: Option<PathBuf>,
+        /// Longest wait for the throwaway server to answer (default: drill.start_timeout)
+        #[arg(long, value_parser = humantime::parse_duration)]
+        start_timeout: Option<Duration>,
+        /// Drill even if the installed server's flavor or major version differs from the backup's
+        #[arg(long)]
+        ignore_version: bool,
+        /// Print the stored record as one JSON object
+        #[arg(long)]
+        json: bool,
+    },
     /// Finish or undo a restore that was killed (kill -9, power loss), from its journal
     Recover {
         /// Longest wait for the server to answer after start
@@ -159,6 +179,30 @@ fn main() -> std::process::ExitCode {
                 match json {
                     true => println!("{}", serde_json::to_string_pretty(&report)?),
                     false => print!("{}", restorer::prune::prune_lines(&report)),
+                }
+            }
+            Cmd::Drill {
+                id,
+                scratch,
+                start_timeout,
+                ignore_version,
+                json,
+            } => {
+                let opts = restorer::drill::DrillOpts {
+                    id,
+                    scratch,
+                    start_timeout,
+                    ignore_version,
+                    interrupt: restorer::Interrupt::default(),
+                };
+                opts.interrupt.on_signals(
+                    "stopping the drill (its server is stopped and its scratch removed)",
+                )?;
+                let progress = common::progress::for_stderr("drilling", quiet);
+                let report = restorer::drill::drill(&cfg, &opts, progress.as_ref()).await?;
+                match json {
+                    true => println!("{}", serde_json::to_string(&report)?),
+                    false => println!("{}", restorer::drill::report_line(&report)),
                 }
             }
             Cmd::Recover { start_timeout } => match restorer::recover(&cfg, start_timeout).await? {

@@ -6,7 +6,8 @@
 //! never deleted; keys without a manifest (an upload under way, a killed
 //! run) are left alone. A backup is deleted manifest first, so a
 //! half-deleted backup is never listed, then its archive, by the key
-//! [`keys::archive`] gives (never a key read from the manifest).
+//! [`keys::archive`] gives (never a key read from the manifest), then its
+//! drill records (`restorer drill`), recognised by [`keys::drill_of`].
 
 use common::archive::keys;
 use common::config::{Compression, Config};
@@ -25,9 +26,9 @@ pub struct PruneReport {
     pub decisions: Vec<Decision>,
     /// Backups whose manifest could not be read: never deleted.
     pub unreadable: Vec<Unreadable>,
-    /// Archive keys without a manifest whose id is older than
-    /// [`GARBAGE_GRACE`]: left by a killed run or a prune stopped half-way;
-    /// deleted with `apply`.
+    /// Archive (and drill record) keys without a manifest whose id is older
+    /// than [`GARBAGE_GRACE`]: left by a killed run or a prune stopped
+    /// half-way; deleted with `apply`.
     pub garbage: Vec<String>,
 }
 
@@ -36,8 +37,8 @@ pub struct PruneReport {
 /// before its manifest, so a day-old one will never get one.
 pub const GARBAGE_GRACE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
-/// The archive keys in `listed` of backups with no manifest in `listed`
-/// and an id older than `now - GARBAGE_GRACE`.
+/// The archive and drill record keys in `listed` of backups with no
+/// manifest in `listed` and an id older than `now - GARBAGE_GRACE`.
 pub fn garbage(
     listed: &[String],
     name: &common::manifest::BackupName,
@@ -60,7 +61,8 @@ pub fn garbage(
         let archive = [Compression::Zstd, Compression::Xz, Compression::None]
             .iter()
             .any(|c| keys::archive(name, &id, *c) == *key && c.file_name() == file);
-        if archive && old && !manifests.contains(&id) {
+        let drill = keys::drill_of(name, key).is_some_and(|(of, _)| of == id);
+        if (archive || drill) && old && !manifests.contains(&id) {
             out.push(key.clone());
         }
     }
@@ -117,7 +119,7 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
         }
         for key in &garbage {
             store.delete(key).await?;
-            tracing::info!("deleted {} (an archive without a manifest)", store.url(key));
+            tracing::info!("deleted {} ({})", store.url(key), garbage_kind(key));
         }
     }
     Ok(PruneReport {
@@ -152,7 +154,26 @@ async fn delete(
             tracing::info!("deleted {}", store.url(&key));
         }
     }
+    for key in listed
+        .iter()
+        .filter(|k| keys::drill_of(name, k).is_some_and(|(of, _)| of == *id))
+    {
+        store.delete(key).await?;
+        tracing::info!("deleted {}", store.url(key));
+    }
     Ok(())
+}
+
+/// What a garbage key (an archive or a drill record, from [`garbage`]) is, for people.
+fn garbage_kind(key: &str) -> &'static str {
+    match key
+        .rsplit('/')
+        .next()
+        .is_some_and(|f| f.starts_with("drill-"))
+    {
+        true => "a drill record without a manifest",
+        false => "an archive without a manifest",
+    }
 }
 
 /// The lines `restorer prune` prints: `keep <id>  <reasons>`, `remove <id>`
@@ -177,7 +198,7 @@ pub fn prune_lines(r: &PruneReport) -> String {
     }
     let verb = if r.applied { "removed" } else { "remove" };
     for key in &r.garbage {
-        out += &format!("{verb} {key}  an archive without a manifest\n");
+        out += &format!("{verb} {key}  {}\n", garbage_kind(key));
     }
     out
 }
@@ -196,13 +217,19 @@ mod tests {
             "db1/20261122T030000Z/notes.txt",    // not an archive
             "db1/20261127T040000Z/data.tar.zst", // younger than the grace
             "db1/nonsense/data.tar.zst",
+            "db1/20261120T030000Z/drill-20261121T030000Z.toml", // of the garbage archive
+            "db1/20261121T030000Z/drill-20261122T030000Z.toml", // has a manifest
+            "db1/20261127T040000Z/drill-20261127T050000Z.toml", // younger than the grace
         ]
         .map(String::from)
         .to_vec();
         let now = time::macros::datetime!(2026-11-28 03:00 UTC);
         assert_eq!(
             garbage(&listed, &name, now),
-            ["db1/20261120T030000Z/data.tar.zst"]
+            [
+                "db1/20261120T030000Z/data.tar.zst",
+                "db1/20261120T030000Z/drill-20261121T030000Z.toml"
+            ]
         );
     }
 }

@@ -127,7 +127,7 @@ pub(crate) fn pause_at(point: &str, int: Option<&Interrupt>) {
 }
 
 /// An error once a signal came: the guards then undo what is not committed.
-fn stop_if_interrupted(int: &Interrupt) -> anyhow::Result<()> {
+pub(crate) fn stop_if_interrupted(int: &Interrupt) -> anyhow::Result<()> {
     if int.is_set() {
         return Err(interrupted());
     }
@@ -136,7 +136,7 @@ fn stop_if_interrupted(int: &Interrupt) -> anyhow::Result<()> {
 
 /// The error of a restore stopped by a signal before its commit (the
 /// guards put everything back as it was).
-fn interrupted() -> anyhow::Error {
+pub(crate) fn interrupted() -> anyhow::Error {
     anyhow::anyhow!("interrupted; nothing was changed")
 }
 
@@ -492,7 +492,7 @@ async fn installed_version(cfg: &Config) -> Option<ServerVersion> {
     None
 }
 
-fn check_version(m: &Manifest, installed: Option<&ServerVersion>) -> anyhow::Result<()> {
+pub(crate) fn check_version(m: &Manifest, installed: Option<&ServerVersion>) -> anyhow::Result<()> {
     let backup = ServerVersion::parse(&m.server.version);
     let Some(v) = installed else {
         tracing::warn!(
@@ -510,7 +510,7 @@ fn check_version(m: &Manifest, installed: Option<&ServerVersion>) -> anyhow::Res
     Ok(())
 }
 
-fn check_space(dir: &Path, info: &ArchiveInfo) -> anyhow::Result<()> {
+pub(crate) fn check_space(dir: &Path, info: &ArchiveInfo) -> anyhow::Result<()> {
     let st = nix::sys::statvfs::statvfs(dir)
         .with_context(|| format!("cannot stat the filesystem of {}", dir.display()))?;
     let avail = st.blocks_available() as u64 * st.fragment_size() as u64;
@@ -810,6 +810,7 @@ async fn stage(
             dir: &plan.staging,
             owner: plan.owner,
             cancel: int.flag(),
+            in_place: None,
         },
         progress,
     )

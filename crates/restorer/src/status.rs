@@ -1,6 +1,7 @@
 //! `restorer status`: did last night's backup happen? For each backup name,
 //! the newest complete backup, its age and what its manifest records, read
-//! through the same checked path as `restorer list` ([`crate::list_in`]).
+//! through the same checked path as `restorer list` ([`crate::backups_in`]),
+//! and the newest restore drill recorded ([`crate::drill::last_drill`]).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -39,6 +40,36 @@ pub struct NameStatus {
     pub newest: Option<Newest>,
     /// Older than `--max-age`, or no complete backup (always false without it).
     pub stale: bool,
+    /// The newest restore drill of any complete backup, or `null`.
+    pub last_drill: Option<LastDrill>,
+}
+
+/// What the newest drill record says (`restorer drill`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LastDrill {
+    /// The backup it restored.
+    pub backup_id: String,
+    /// RFC 3339 UTC time the drill started.
+    pub at: String,
+    /// Whether it passed.
+    pub ok: bool,
+    pub tables_checked: u64,
+    pub tables_with_errors: u64,
+    /// Why it failed, else `null`.
+    pub problem: Option<String>,
+}
+
+impl LastDrill {
+    fn of(r: &common::drill::DrillRecord) -> LastDrill {
+        LastDrill {
+            backup_id: r.backup_id.to_string(),
+            at: rfc3339(r.started.time()),
+            ok: r.result == common::drill::Outcome::Ok,
+            tables_checked: r.tables_checked,
+            tables_with_errors: r.tables_with_errors,
+            problem: r.problem.as_ref().map(|p| p.to_string()),
+        }
+    }
 }
 
 /// What the newest complete backup's manifest records.
@@ -90,12 +121,20 @@ async fn status_in(
                     complete_backups: 0,
                     newest: None,
                     stale: false,
+                    last_drill: None,
                 });
                 continue;
             }
         };
-        let backups = crate::list_in(store, &name).await?;
-        out.push(name_status(&name, &backups, max_age, now));
+        let keys = store.list(&common::keys::backups_of(&name)).await?;
+        let backups = crate::backups_in(store, &name, &keys).await?;
+        let mut st = name_status(&name, &backups, max_age, now);
+        let ids: Vec<_> = backups.iter().map(|m| m.backup_id.clone()).collect();
+        st.last_drill = crate::drill::last_drill(store, &name, &keys, &ids)
+            .await?
+            .as_ref()
+            .map(LastDrill::of);
+        out.push(st);
     }
     Ok(Status {
         checked_at: rfc3339(now),
@@ -140,6 +179,7 @@ fn name_status(
         complete_backups: backups.len(),
         newest,
         stale,
+        last_drill: None,
     }
 }
 
@@ -191,6 +231,20 @@ pub fn status_text(st: &Status) -> String {
             ),
         };
         out += &line;
+        if let Some(d) = &n.last_drill {
+            out += &match d.ok {
+                true => format!(
+                    ", last verified {} (drill ok of {}, {} tables)",
+                    d.at, d.backup_id, d.tables_checked
+                ),
+                false => format!(
+                    ", last drill FAILED {} (of {}: {})",
+                    d.at,
+                    d.backup_id,
+                    d.problem.as_deref().unwrap_or("no reason recorded")
+                ),
+            };
+        }
         out.push('\n');
     }
     out
