@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use common::cli::{exit_with, runtime, GlobalArgs};
+use common::metrics::{self, Job, Started};
 
 /// Archives the snapshot a manifest names (tar, compress, SHA-256) straight
 /// into the store, stores the manifest last, and removes the snapshot.
@@ -37,11 +38,19 @@ fn main() -> std::process::ExitCode {
                 PathBuf::from(line)
             }
         };
-        let cancel = archiver::Cancel::default();
-        cancel.on_signals()?;
-        let progress = common::progress::for_stderr("archiving", cli.global.quiet());
-        let id = archiver::run(&cfg, &manifest, progress.as_ref(), &cancel).await?;
-        println!("{id}");
-        Ok(())
+        // From here on the run is a backup's end: recorded as the backup job
+        // (without a manifest the snapshotter failed, and recorded that).
+        let started = Started::now();
+        let result = async {
+            let cancel = archiver::Cancel::default();
+            cancel.on_signals()?;
+            let progress = common::progress::for_stderr("archiving", cli.global.quiet());
+            let archived = archiver::run(&cfg, &manifest, progress.as_ref(), &cancel).await?;
+            println!("{}", archived.backup_id);
+            Ok(archived)
+        }
+        .await;
+        metrics::record(&cfg, Job::Backup, started, &result);
+        result.map(drop)
     }))
 }
