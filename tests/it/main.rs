@@ -3,6 +3,7 @@
 
 mod backup;
 mod faults;
+mod metrics;
 mod prune;
 mod restore;
 mod smoke;
