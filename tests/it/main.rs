@@ -4,6 +4,7 @@
 mod backup;
 mod drill;
 mod faults;
+mod metrics;
 mod prune;
 mod restore;
 mod smoke;

@@ -25,13 +25,47 @@ use common::archive::{self as format, TarStats};
 /// that this backup is not stale (it then refuses to start).
 pub const STATE_LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Archives the snapshot of `manifest_path`; returns the backup id.
+/// A stored backup, as the archiver saw it.
+#[derive(Debug, Clone)]
+pub struct Archived {
+    pub backup_id: String,
+    /// Bytes of the stored archive.
+    pub size: u64,
+    /// Bytes of file data in it.
+    pub unpacked_size: u64,
+    pub files: u64,
+    /// The lock's wait and hold, from the snapshotter's manifest.
+    pub lock: common::manifest::LockTimes,
+    /// LVM: the share of the snapshot's copy-on-write space used when the
+    /// archive was complete (0 to 1).
+    pub cow_used: Option<f64>,
+}
+
+impl common::metrics::Measured for Archived {
+    fn samples(&self) -> Vec<common::metrics::Sample> {
+        use common::metrics::{Metric, Sample};
+        let mut s = vec![
+            Sample(Metric::BackupBytes, self.size as f64),
+            Sample(Metric::BackupUnpackedBytes, self.unpacked_size as f64),
+            Sample(Metric::BackupFiles, self.files as f64),
+            Sample(Metric::BackupLockWait, self.lock.wait_secs),
+            Sample(Metric::BackupLockHold, self.lock.hold_secs),
+        ];
+        s.extend(
+            self.cow_used
+                .map(|c| Sample(Metric::BackupSnapshotCowUsed, c)),
+        );
+        s
+    }
+}
+
+/// Archives the snapshot of `manifest_path`; returns what was stored.
 pub async fn run(
     cfg: &Config,
     manifest_path: &Path,
     progress: &dyn Progress,
     cancel: &Interrupt,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<Archived> {
     let state = StateLock::acquire_waiting(&cfg.backup.state_dir, STATE_LOCK_PATIENCE)
         .with_context(|| {
             format!(
@@ -66,7 +100,7 @@ pub async fn run(
         }
         match backend.check_valid(&manifest.snapshot.name) {
             Err(invalid) => e.context(format!("{invalid:#}")),
-            Ok(()) => e,
+            Ok(_) => e,
         }
     });
     // Every outcome: no snapshot and no pending state left behind.
@@ -78,8 +112,8 @@ pub async fn run(
         }
     }
     match (result, removed) {
-        (Ok(()), Ok(())) => Ok(manifest.backup_id.to_string()),
-        (Ok(()), Err(e)) => {
+        (Ok(archived), Ok(())) => Ok(archived),
+        (Ok(_), Err(e)) => {
             tracing::error!(
                 "backup {} is complete, but its snapshot could not be removed: {e:#}",
                 manifest.backup_id
@@ -103,7 +137,7 @@ async fn archive(
     backend: &dyn SnapshotBackend,
     progress: &dyn Progress,
     cancel: &Interrupt,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Archived> {
     let started = Instant::now();
     let snap = &manifest.snapshot.path;
     backend.make_readable(&common::snapshot::Snapshot {
@@ -147,12 +181,15 @@ async fn archive(
         anyhow::bail!("interrupted by a signal; the backup is incomplete and not listed");
     }
     // An overflowed snapshot (LVM) means the archive may be inconsistent.
-    if let Err(e) = backend.check_valid(&manifest.snapshot.name) {
-        let _ = store.delete(&key).await;
-        return Err(
-            e.context("the snapshot became invalid during the backup; the archive was deleted")
-        );
-    }
+    let cow_used = match backend.check_valid(&manifest.snapshot.name) {
+        Ok(used) => used,
+        Err(e) => {
+            let _ = store.delete(&key).await;
+            return Err(e.context(
+                "the snapshot became invalid during the backup; the archive was deleted",
+            ));
+        }
+    };
     let mut complete = manifest.clone();
     complete.archive = Some(ArchiveInfo {
         key,
@@ -200,7 +237,14 @@ async fn archive(
         bytesize(size),
         bytesize((stats.content_bytes as f64 / secs.max(1e-3)) as u64)
     );
-    Ok(())
+    Ok(Archived {
+        backup_id: complete.backup_id.to_string(),
+        size,
+        unpacked_size: stats.content_bytes,
+        files: stats.files,
+        lock: complete.lock.clone(),
+        cow_used,
+    })
 }
 
 /// The error of a run whose backup id another host took: `url` exists.

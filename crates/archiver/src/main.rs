@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use common::cli::{exit_with, runtime, GlobalArgs};
+use common::metrics::{self, Job, Started};
 
 /// Archives the snapshot a manifest names (tar, compress, SHA-256) straight
 /// into the store, stores the manifest last, and removes the snapshot.
@@ -37,12 +38,20 @@ fn main() -> std::process::ExitCode {
                 PathBuf::from(line)
             }
         };
-        // SIGINT/SIGTERM: the pipeline stops, the upload is aborted, the snapshot removed.
-        let cancel = common::signal::Interrupt::default();
-        cancel.on_signals("aborting the upload and removing the snapshot")?;
-        let progress = common::progress::for_stderr("archiving", cli.global.quiet());
-        let id = archiver::run(&cfg, &manifest, progress.as_ref(), &cancel).await?;
-        println!("{id}");
-        Ok(())
+        // From here on the run is a backup's end: recorded as the backup job
+        // (without a manifest the snapshotter failed, and recorded that).
+        let started = Started::now();
+        let result = async {
+            // SIGINT/SIGTERM: the pipeline stops, the upload is aborted, the snapshot removed.
+            let cancel = common::signal::Interrupt::default();
+            cancel.on_signals("aborting the upload and removing the snapshot")?;
+            let progress = common::progress::for_stderr("archiving", cli.global.quiet());
+            let archived = archiver::run(&cfg, &manifest, progress.as_ref(), &cancel).await?;
+            println!("{}", archived.backup_id);
+            Ok(archived)
+        }
+        .await;
+        metrics::record(&cfg, Job::Backup, started, &result);
+        result.map(drop)
     }))
 }

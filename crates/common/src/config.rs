@@ -29,6 +29,16 @@ pub struct Config {
     pub retention: Option<crate::retention::RetentionConfig>,
     #[serde(default)]
     pub drill: DrillConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: Prometheus textfile metrics (`common::metrics`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// node_exporter's `--collector.textfile.directory`; absent: no metrics.
+    pub textfile_dir: Option<PathBuf>,
 }
 
 /// `[drill]`: how `restorer drill` restores a backup into a scratch
@@ -717,6 +727,7 @@ impl Config {
         for (key, p) in [
             ("backup.state_dir", Some(&self.backup.state_dir)),
             ("mysql.socket", self.mysql.socket.as_ref()),
+            ("metrics.textfile_dir", self.metrics.textfile_dir.as_ref()),
         ] {
             if let Some(p) = p.filter(|p| !p.is_absolute()) {
                 return Err(format!(
@@ -944,6 +955,30 @@ name = "db1"
             ("scratch = \"/x\"", "unknown field"),
         ] {
             let e = parse(&format!("{MINIMAL}[drill]\n{bad}\n")).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn metrics_section() {
+        assert_eq!(parse(MINIMAL).unwrap().metrics.textfile_dir, None);
+        let c = parse(&format!(
+            "{MINIMAL}[metrics]\ntextfile_dir = \"/var/lib/prometheus/node-exporter\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.metrics.textfile_dir,
+            Some(PathBuf::from("/var/lib/prometheus/node-exporter"))
+        );
+        for (bad, why) in [
+            (
+                "[metrics]\ntextfile_dir = \"node-exporter\"\n",
+                "metrics.textfile_dir must be an absolute path",
+            ),
+            ("[metrics]\ntextfile = \"/x\"\n", "unknown field `textfile`"),
+            ("[metrics]\ntextfile_dir = 3\n", "line 11: invalid type"),
+        ] {
+            let e = parse(&format!("{MINIMAL}{bad}")).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
         }
     }

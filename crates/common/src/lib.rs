@@ -15,6 +15,7 @@
 //! - [`cmd`]: the one way external commands are run (argv, never a shell string).
 //! - [`grammar`]: what names and values from a manifest or a flag may look like.
 //! - [`cli`]: flags, logging and exit codes shared by the binaries.
+//! - [`metrics`]: Prometheus textfile metrics of each job run.
 
 pub mod archive;
 pub mod cli;
@@ -28,6 +29,7 @@ pub mod grammar;
 pub mod ids;
 pub mod keys;
 pub mod manifest;
+pub mod metrics;
 pub mod mountinfo;
 pub mod mysql;
 pub mod progress;

@@ -10,7 +10,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -50,6 +50,13 @@ pub fn create_private_file(path: &Path) -> std::io::Result<File> {
 /// Writes `bytes` to `path` atomically: a temporary file beside it (mode
 /// 0600), fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    write_atomic_with_mode(path, bytes, PRIVATE_FILE_MODE)
+}
+
+/// [`write_atomic`] with file mode `mode`, exactly, whatever the umask (a
+/// reader never sees a partial file: the temporary one, `.<name>.tmp-<pid>`,
+/// is renamed over `path` only once complete and flushed).
+pub fn write_atomic_with_mode(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     let dir = path.parent().context("path has no parent directory")?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
@@ -60,6 +67,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     ));
     let write = || -> std::io::Result<()> {
         let mut f = create_private_file(&tmp)?;
+        if mode != PRIVATE_FILE_MODE {
+            f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        }
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;

@@ -55,6 +55,10 @@ pub struct DrillReport {
     pub record: DrillRecord,
 }
 
+/// A drill's metrics file has the run metrics only (README, "Metrics"): its
+/// details are in the drill record beside the manifest.
+impl common::metrics::Measured for DrillReport {}
+
 /// The line `restorer drill` prints.
 pub fn report_line(r: &DrillReport) -> String {
     let d = &r.record;

@@ -344,12 +344,27 @@ pub async fn stage(
     Ok(s)
 }
 
+/// A backup `verify` read whole.
+#[derive(Debug)]
+pub struct Verified {
+    pub manifest: Manifest,
+    /// Bytes of the stored archive read and checked.
+    pub size: u64,
+    pub streamed: Streamed,
+}
+
+impl common::metrics::Measured for Verified {
+    fn samples(&self) -> Vec<common::metrics::Sample> {
+        use common::metrics::{Metric, Sample};
+        vec![
+            Sample(Metric::VerifyBytes, self.size as f64),
+            Sample(Metric::VerifyUnpackedBytes, self.streamed.file_bytes as f64),
+        ]
+    }
+}
+
 /// Reads the whole archive as restore would, writing nothing.
-pub async fn verify(
-    cfg: &Config,
-    id: &str,
-    progress: &dyn Progress,
-) -> anyhow::Result<(Manifest, Streamed)> {
+pub async fn verify(cfg: &Config, id: &str, progress: &dyn Progress) -> anyhow::Result<Verified> {
     let c = choose(cfg, id).await?;
     let never = AtomicBool::new(false);
     let s = stream_archive(
@@ -361,7 +376,11 @@ pub async fn verify(
         &never,
     )
     .await?;
-    Ok((c.manifest, s))
+    Ok(Verified {
+        manifest: c.manifest,
+        size: c.info.size,
+        streamed: s,
+    })
 }
 
 /// Removes what must not travel to another server: the server UUID, pid and

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use common::cli::{exit_with, runtime, GlobalArgs};
+use common::metrics::{self, Job};
 use restorer::{ReplicaFlags, RestoreOpts};
 
 /// Lists, verifies and restores mysnap backups.
@@ -134,14 +135,15 @@ fn main() -> std::process::ExitCode {
             }
             Cmd::Verify { id } => {
                 let progress = common::progress::for_stderr("verifying", quiet);
-                let (m, s) = restorer::verify(&cfg, &id, progress.as_ref()).await?;
+                let verify = restorer::verify(&cfg, &id, progress.as_ref());
+                let v = metrics::track(&cfg, Job::Verify, verify).await?;
                 tracing::info!(
                     "backup {} is intact: {} entries, {} files",
-                    m.backup_id,
-                    s.entries,
-                    s.files
+                    v.manifest.backup_id,
+                    v.streamed.entries,
+                    v.streamed.files
                 );
-                println!("{}", m.backup_id);
+                println!("{}", v.manifest.backup_id);
             }
             Cmd::Restore {
                 id,
@@ -175,7 +177,11 @@ fn main() -> std::process::ExitCode {
                 println!("{}", serde_json::to_string(&report)?);
             }
             Cmd::Prune { apply, json } => {
-                let report = restorer::prune::prune(&cfg, apply).await?;
+                let prune = restorer::prune::prune(&cfg, apply);
+                let report = match apply {
+                    true => metrics::track(&cfg, Job::Prune, prune).await?,
+                    false => prune.await?,
+                };
                 match json {
                     true => println!("{}", serde_json::to_string_pretty(&report)?),
                     false => print!("{}", restorer::prune::prune_lines(&report)),
@@ -199,7 +205,8 @@ fn main() -> std::process::ExitCode {
                     "stopping the drill (its server is stopped and its scratch removed)",
                 )?;
                 let progress = common::progress::for_stderr("drilling", quiet);
-                let report = restorer::drill::drill(&cfg, &opts, progress.as_ref()).await?;
+                let drill = restorer::drill::drill(&cfg, &opts, progress.as_ref());
+                let report = metrics::track(&cfg, Job::Drill, drill).await?;
                 match json {
                     true => println!("{}", serde_json::to_string(&report)?),
                     false => println!("{}", restorer::drill::report_line(&report)),

@@ -69,6 +69,23 @@ pub fn garbage(
     out
 }
 
+/// Recorded only for `--apply` (a dry run changes nothing).
+impl common::metrics::Measured for PruneReport {
+    fn samples(&self) -> Vec<common::metrics::Sample> {
+        use common::metrics::{Metric, Sample};
+        if !self.policy {
+            return Vec::new();
+        }
+        let kept = self.decisions.iter().filter(|d| d.keep()).count();
+        vec![
+            Sample(Metric::PruneKept, kept as f64),
+            Sample(Metric::PruneRemoved, (self.decisions.len() - kept) as f64),
+            Sample(Metric::PruneGarbageRemoved, self.garbage.len() as f64),
+            Sample(Metric::PruneUnreadable, self.unreadable.len() as f64),
+        ]
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct Unreadable {
     pub id: BackupId,

@@ -100,13 +100,13 @@ impl SnapshotBackend for Btrfs {
         Ok(names)
     }
 
-    fn check_valid(&self, name: &str) -> anyhow::Result<()> {
+    fn check_valid(&self, name: &str) -> anyhow::Result<Option<f64>> {
         let path = self.path(name)?;
         anyhow::ensure!(
             path.is_dir(),
             "snapshot {} disappeared during the backup",
             path.display()
         );
-        Ok(())
+        Ok(None)
     }
 }

@@ -31,6 +31,11 @@ impl LvRow {
         matches!(self.attr.chars().next(), Some('s' | 'S'))
     }
 
+    /// The share of the copy-on-write space used, 0 to 1.
+    pub fn cow_used(&self) -> Option<f64> {
+        self.data_percent.map(|p| p / 100.0)
+    }
+
     /// Why the snapshot can no longer be trusted, if it cannot.
     pub fn invalid_reason(&self) -> Option<String> {
         match self.attr.chars().nth(4) {
@@ -271,7 +276,7 @@ impl SnapshotBackend for Lvm {
         Ok(names)
     }
 
-    fn check_valid(&self, name: &str) -> anyhow::Result<()> {
+    fn check_valid(&self, name: &str) -> anyhow::Result<Option<f64>> {
         let name = self.checked(name)?;
         let target = format!("{}/{name}", self.vg);
         let out = cmd::run(&self.lvs_argv(&target))
@@ -289,7 +294,7 @@ impl SnapshotBackend for Lvm {
             "snapshot {target} is whole ({:.2}% of its copy-on-write space used)",
             row.data_percent.unwrap_or(0.0)
         );
-        Ok(())
+        Ok(row.cow_used())
     }
 }
 
@@ -399,6 +404,8 @@ mod tests {
         assert_eq!(rows[1].data_percent, Some(12.34));
         assert!(rows[1].is_snapshot());
         assert_eq!(rows[1].invalid_reason(), None);
+        assert!((rows[1].cow_used().unwrap() - 0.1234).abs() < 1e-9);
+        assert_eq!(rows[0].cow_used(), None);
         assert!(rows[2].invalid_reason().unwrap().contains("'I'"));
         assert_eq!(rows[3].data_percent, None);
         let full = LvRow {

@@ -41,8 +41,9 @@ pub trait SnapshotBackend: Send + Sync {
     /// Names of existing snapshots whose name starts with `prefix`.
     fn list(&self, prefix: &str) -> anyhow::Result<Vec<String>>;
     /// Checks, before the archive is declared complete, that the snapshot is
-    /// still whole (an LVM snapshot can overflow).
-    fn check_valid(&self, name: &str) -> anyhow::Result<()>;
+    /// still whole (an LVM snapshot can overflow). Returns the share of its
+    /// copy-on-write space used (0 to 1) where the backend has one (LVM).
+    fn check_valid(&self, name: &str) -> anyhow::Result<Option<f64>>;
 }
 
 /// The name of this config's snapshot for one backup: `mysnap-<name>-<id>`.
