@@ -3,6 +3,7 @@
 
 mod backup;
 mod faults;
+mod options;
 mod prune;
 mod restore;
 mod smoke;
