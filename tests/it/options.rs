@@ -139,14 +139,14 @@ async fn without_options_no_such_header_is_sent() {
 }
 
 /// A config for the restorer binary with the S3 store at `endpoint`.
-fn restorer_config(dir: &std::path::Path, endpoint: &str) -> std::path::PathBuf {
+fn restorer_config(dir: &std::path::Path, endpoint: &str, extra: &str) -> std::path::PathBuf {
     let config = dir.join("mysnap.toml");
     std::fs::write(
         &config,
         format!(
             "[volume]\nbackend = \"btrfs\"\nmountpoint = \"/mnt\"\ndatadir = \"/mnt/mysql\"\n\
              [store]\nurl = \"s3://mysnap-test/pfx\"\nendpoint = \"{endpoint}\"\nforce_path_style = true\n\
-             region = \"us-east-1\"\nmax_attempts = 2\n\
+             region = \"us-east-1\"\nmax_attempts = 2\n{extra}\n\
              [backup]\nname = \"db1\"\nstate_dir = \"{}\"\n[retention]\nkeep_last = 1\n",
             dir.join("state").display()
         ),
@@ -180,7 +180,7 @@ async fn prune_on_a_store_without_list_multipart_uploads_warns_and_goes_on() {
     .await
     .unwrap();
     assert_eq!(store.list_uploads("db1/").await.unwrap(), None);
-    let config = restorer_config(tmp.path(), &server.endpoint);
+    let config = restorer_config(tmp.path(), &server.endpoint, "");
     let out = restorer(&server, &config, &["prune", "--apply"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -247,7 +247,7 @@ async fn prune_aborts_old_incomplete_uploads_of_archives_and_only_those() {
             upload("db10/20261120T030000Z/data.tar.zst", "x", "2026-11-20T03:00:05.000Z"),
         ),
     );
-    let config = restorer_config(tmp.path(), &proxy.endpoint);
+    let config = restorer_config(tmp.path(), &proxy.endpoint, "");
     let dry = restorer(&server, &config, &["prune"]);
     let stdout = String::from_utf8_lossy(&dry.stdout);
     assert!(
@@ -283,5 +283,74 @@ async fn prune_aborts_old_incomplete_uploads_of_archives_and_only_those() {
     assert!(
         !pruned.is_empty() && aborts.iter().all(|a| a.contains(&upload_id)),
         "{aborts:?}"
+    );
+}
+
+/// With Object Lock configured, a delete the store refuses (403
+/// AccessDenied: still locked) keeps that backup, whole and listed, and
+/// prune goes on; credentials that may not list multipart uploads get a
+/// warning naming the permission, not a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_keeps_a_backup_whose_delete_the_store_refuses_under_object_lock() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = S3Server::start(&tmp.path().join("s3"));
+    server.create_bucket("mysnap-test");
+    server.set_process_env();
+    let direct = open(&config(
+        "s3://mysnap-test/pfx".into(),
+        Some(&server.endpoint),
+    ))
+    .await
+    .unwrap();
+    let ids = ["20200101T030000Z", "20200102T030000Z", "20200103T030000Z"];
+    for id in ids {
+        let m = crate::prune::manifest(id);
+        direct
+            .put(&format!("db1/{id}/manifest.toml"), Bytes::from(m))
+            .await
+            .unwrap();
+        direct
+            .put(
+                &format!("db1/{id}/data.tar.zst"),
+                Bytes::from_static(b"zstd"),
+            )
+            .await
+            .unwrap();
+    }
+    let proxy = FaultProxy::start(&server.endpoint);
+    let denied = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied because object protected by object lock.</Message><RequestId>fault-proxy</RequestId></Error>";
+    proxy.answer_with(
+        On::DeleteObject("20200101T030000Z/manifest.toml".into()),
+        hyper::StatusCode::FORBIDDEN,
+        denied,
+    );
+    proxy.answer_with(
+        On::ListMultipartUploads,
+        hyper::StatusCode::FORBIDDEN,
+        denied,
+    );
+    // A day's retention: long over for backups of 2020.
+    let config = restorer_config(tmp.path(), &proxy.endpoint, "object_lock_days = 1");
+    let out = restorer(&server, &config, &["prune", "--apply"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stdout,
+        "keep 20200103T030000Z  newest, last 1\n\
+         removed 20200102T030000Z\n\
+         keep 20200101T030000Z  the store refused the delete: locked (Object Lock)\n"
+    );
+    assert!(stderr.contains("s3:ListBucketMultipartUploads"), "{stderr}");
+    assert_eq!(
+        direct.list("db1/").await.unwrap(),
+        [
+            "db1/20200101T030000Z/data.tar.zst",
+            "db1/20200101T030000Z/manifest.toml",
+            "db1/20200103T030000Z/data.tar.zst",
+            "db1/20200103T030000Z/manifest.toml",
+        ]
     );
 }

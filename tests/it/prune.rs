@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use mysnap_tests::bin;
 
 /// A manifest as the archiver writes it, for backup `id` of db1.
-fn manifest(id: &str) -> String {
+pub fn manifest(id: &str) -> String {
     format!(
         r#"format_version = 1
 backup_id = "{id}"

@@ -73,6 +73,8 @@ pub enum On {
     AbortMultipartUpload,
     /// `GET ?uploads` of a bucket
     ListMultipartUploads,
+    /// `DELETE` of an object whose key ends with this text
+    DeleteObject(String),
 }
 
 /// How many matching requests get the fault.
@@ -97,8 +99,8 @@ struct State {
     injected: Vec<(Fault, String)>,
     forwarded: usize,
     seen: Vec<SeenRequest>,
-    /// Requests answered by the proxy with `200 OK` and this XML body.
-    canned: Vec<(On, String)>,
+    /// Requests answered by the proxy with this status and XML body.
+    canned: Vec<(On, StatusCode, String)>,
 }
 
 /// A request as it arrived at the proxy: what it is and its headers (names
@@ -189,6 +191,12 @@ impl RequestKind {
             On::CompleteMultipartUpload => m == Method::POST && self.has("uploadId"),
             On::AbortMultipartUpload => m == Method::DELETE && self.has("uploadId"),
             On::ListMultipartUploads => m == Method::GET && self.has("uploads"),
+            On::DeleteObject(end) => {
+                m == Method::DELETE
+                    && self.is_object()
+                    && !self.has("uploadId")
+                    && self.path.ends_with(end.as_str())
+            }
         }
     }
 
@@ -263,7 +271,13 @@ impl FaultProxy {
     /// XML `body` instead of being forwarded (a store answering a call the
     /// test server lacks, such as ListMultipartUploads).
     pub fn answer(&self, on: On, body: &str) {
-        self.lock().canned.push((on, body.to_string()));
+        self.answer_with(on, StatusCode::OK, body);
+    }
+
+    /// Like [`FaultProxy::answer`], with `status` (say, a 403 AccessDenied
+    /// of a store that refuses the call).
+    pub fn answer_with(&self, on: On, status: StatusCode, body: &str) {
+        self.lock().canned.push((on, status, body.to_string()));
     }
 
     /// Removes every rule: requests are forwarded unchanged again.
@@ -403,14 +417,14 @@ async fn handle(
             kind: kind.clone(),
             headers,
         });
-        match st.canned.iter().find(|(on, _)| kind.matches(on)) {
-            Some((_, body)) => (Some(body.clone()), None),
+        match st.canned.iter().find(|(on, _, _)| kind.matches(on)) {
+            Some((_, status, body)) => (Some((*status, body.clone())), None),
             None => (None, st.take(&kind)),
         }
     };
-    if let Some(body) = canned {
+    if let Some((status, body)) = canned {
         let _ = req.into_body().collect().await;
-        return Ok(full(StatusCode::OK, body));
+        return Ok(full(status, body));
     }
     match fault {
         Some(f @ (Fault::SlowDown503 | Fault::InternalError500)) => {

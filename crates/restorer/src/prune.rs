@@ -241,9 +241,18 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
     let mut garbage = garbage(&listed, &name, now);
     let lock_days = cfg.store.object_lock().map(|(_, days)| days);
     let mut locked = hold_locked(&mut decisions, &mut garbage, &name, lock_days, now);
-    let (uploads, uploads_listed) = match store.list_uploads(&keys::backups_of(&name)).await? {
-        Some(pending) => (stale_uploads(&pending, &name, now), true),
-        None => {
+    let (uploads, uploads_listed) = match store.list_uploads(&keys::backups_of(&name)).await {
+        Ok(Some(pending)) => (stale_uploads(&pending, &name, now), true),
+        // Credentials made for prune before it listed uploads may lack the
+        // permission: the backups are still pruned.
+        Err(e) if is_denied(&e) => {
+            tracing::warn!(
+                "{e:#}; incomplete uploads not checked: grant s3:ListBucketMultipartUploads and s3:AbortMultipartUpload, or rely on a lifecycle rule (AbortIncompleteMultipartUpload)"
+            );
+            (Vec::new(), false)
+        }
+        Err(e) => return Err(e),
+        Ok(None) => {
             tracing::warn!(
                 "{}: this store cannot list multipart uploads (ListMultipartUploads): set a lifecycle rule (AbortIncompleteMultipartUpload) on the bucket to remove those killed runs left",
                 store.url(&keys::backups_of(&name))
@@ -253,16 +262,28 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
     };
     if apply {
         for u in &uploads {
-            store.abort_upload(&u.key, &u.upload_id).await?;
-            tracing::info!("aborted an incomplete upload of {}", store.url(&u.key));
+            match store.abort_upload(&u.key, &u.upload_id).await {
+                Ok(()) => tracing::info!("aborted an incomplete upload of {}", store.url(&u.key)),
+                Err(e) if is_denied(&e) => tracing::warn!(
+                    "{e:#}; left: grant s3:AbortMultipartUpload, or rely on a lifecycle rule (AbortIncompleteMultipartUpload)"
+                ),
+                Err(e) => return Err(e),
+            }
         }
         let locking = lock_days.is_some();
-        for d in decisions.iter().filter(|d| !d.keep()) {
-            delete(store, &listed, &name, &d.id, locking, &mut locked).await?;
+        for d in decisions.iter_mut().filter(|d| !d.keep()) {
+            if !delete(store, &listed, &name, &d.id, locking, &mut locked).await? {
+                d.reasons.push(REFUSED.to_string());
+            }
         }
         for key in &garbage {
-            if delete_one(store, key, locking, &mut locked).await? {
+            if delete_one(store, key, locking).await? {
                 tracing::info!("deleted {} (an archive without a manifest)", store.url(key));
+            } else {
+                locked.push(Locked {
+                    key: key.clone(),
+                    why: REFUSED.into(),
+                });
             }
         }
     }
@@ -278,15 +299,13 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
     })
 }
 
+/// Why a backup or key is kept whose delete the store refused.
+const REFUSED: &str = "the store refused the delete: locked (Object Lock)";
+
 /// Deletes `key`; when the store refuses it (access denied) and Object
-/// Lock is configured, the object is still locked: it is reported as kept
-/// and prune goes on. Returns whether it was deleted.
-async fn delete_one(
-    store: &dyn Store,
-    key: &str,
-    locking: bool,
-    locked: &mut Vec<Locked>,
-) -> anyhow::Result<bool> {
+/// Lock is configured, the object is still locked: it is kept, with a
+/// warning, and prune goes on. Returns whether it was deleted.
+async fn delete_one(store: &dyn Store, key: &str, locking: bool) -> anyhow::Result<bool> {
     match store.delete(key).await {
         Ok(()) => Ok(true),
         Err(e) if locking && is_denied(&e) => {
@@ -294,10 +313,6 @@ async fn delete_one(
                 "kept {}: the store refused the delete (still locked by Object Lock?): {e:#}",
                 store.url(key)
             );
-            locked.push(Locked {
-                key: key.to_string(),
-                why: "the store refused the delete: locked (Object Lock)".into(),
-            });
             Ok(false)
         }
         Err(e) => Err(e),
@@ -313,6 +328,10 @@ fn is_denied(e: &anyhow::Error) -> bool {
     })
 }
 
+/// Deletes backup `id`, manifest first; returns false when the store
+/// refused the manifest's delete (the backup stays whole and listed). An
+/// archive whose delete is refused after its manifest went is reported in
+/// `locked`: garbage for a later prune.
 async fn delete(
     store: &dyn Store,
     listed: &[String],
@@ -320,21 +339,27 @@ async fn delete(
     id: &BackupId,
     locking: bool,
     locked: &mut Vec<Locked>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let manifest = keys::manifest(name, id);
-    // A manifest still locked keeps the whole backup, listed and whole.
-    if !delete_one(store, &manifest, locking, locked).await? {
-        return Ok(());
+    if !delete_one(store, &manifest, locking).await? {
+        return Ok(false);
     }
     tracing::info!("deleted {}", store.url(&manifest));
     for c in [Compression::Zstd, Compression::Xz, Compression::None] {
         let key = keys::archive(name, id, c);
-        // An archive still locked stays as garbage, deleted by a later prune.
-        if listed.contains(&key) && delete_one(store, &key, locking, locked).await? {
+        if !listed.contains(&key) {
+            continue;
+        }
+        if delete_one(store, &key, locking).await? {
             tracing::info!("deleted {}", store.url(&key));
+        } else {
+            locked.push(Locked {
+                key,
+                why: format!("{REFUSED}; its manifest was deleted"),
+            });
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// The lines `restorer prune` prints: `keep <id>  <reasons>`, `remove <id>`
