@@ -368,6 +368,31 @@ mod tests {
     }
 
     #[test]
+    fn an_upload_rate_limit_holds_the_part_writer_back() {
+        // 3 MiB at 4 MiB/s: at least 0.75 s (a lower bound).
+        let transfer = Transfer {
+            part_size: 5 << 20,
+            concurrency: 2,
+            memory_limit: 64 << 20,
+            upload_rate: Some(4 << 20),
+        };
+        let (mut w, mut upload) = transfer.upload(3 << 20);
+        let start = std::time::Instant::now();
+        let t = std::thread::spawn(move || {
+            io::Write::write_all(&mut w, &vec![1u8; 3 << 20]).unwrap();
+            w.finish().unwrap();
+        });
+        let mut got = 0;
+        while let Some(Chunk::Data(b)) = upload.parts.blocking_recv() {
+            got += b.len();
+        }
+        t.join().unwrap();
+        let took = start.elapsed();
+        assert_eq!(got, 3 << 20);
+        assert!(took >= std::time::Duration::from_millis(740), "{took:?}");
+    }
+
+    #[test]
     fn part_writer_cuts_exact_parts_and_ends() {
         let (mut w, mut rx) = part_channel(8);
         let t = std::thread::spawn(move || {
