@@ -198,6 +198,12 @@ state_dir = "{state}"
             max_attempts: 3,
             connect_timeout: std::time::Duration::from_secs(10),
             read_timeout: std::time::Duration::from_secs(120),
+            storage_class: None,
+            sse: None,
+            sse_kms_key_id: None,
+            object_lock_days: None,
+            object_lock_mode: None,
+            upload_rate_limit: None,
         }
     }
 
@@ -1530,4 +1536,38 @@ fn a_backup_on_a_full_btrfs_volume_fails_cleanly_before_the_lock() {
     Command::new("sync").status().unwrap();
     assert_insert_within(&rig, Duration::from_secs(2));
     rig.backup();
+}
+
+/// `archive.read_rate_limit` and `store.upload_rate_limit`: the backup
+/// takes at least as long as its bytes need at those rates (a lower bound:
+/// a busy machine only makes it slower) and is intact.
+#[test]
+fn a_rate_limited_backup_keeps_to_its_limits_and_is_intact() {
+    if !gate("a_rate_limited_backup_keeps_to_its_limits_and_is_intact") {
+        return;
+    }
+    let rig = Rig::new(StoreKind::S3);
+    let (read_rate, upload_rate) = (40u64 << 20, 1u64 << 20);
+    rig.write_config(|t| {
+        set(t, "archive", "read_rate_limit", "40MiB");
+        set(t, "store", "upload_rate_limit", "1MiB");
+    });
+    rig.db.sql("CREATE DATABASE d; CREATE TABLE d.t (id INT PRIMARY KEY, v TEXT); INSERT INTO d.t VALUES (1, 'one')");
+    let id = rig.backup();
+    let m = Manifest::parse(
+        &String::from_utf8(rig.fetch(&format!("db1/{id}/manifest.toml"))).unwrap(),
+        "store",
+    )
+    .unwrap();
+    let a = m.archive.unwrap();
+    let need = (a.unpacked_size as f64 / read_rate as f64).max(a.size as f64 / upload_rate as f64);
+    assert!(
+        a.archive_secs >= need * 0.95,
+        "archived {} bytes ({} stored) in {:.2} s, under the {need:.2} s the limits allow",
+        a.unpacked_size,
+        a.size,
+        a.archive_secs
+    );
+    let out = rig.run("restorer", &["verify", &id]);
+    assert_ok(&out, "restorer verify of a rate-limited backup");
 }

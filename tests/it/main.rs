@@ -5,6 +5,7 @@ mod backup;
 mod drill;
 mod faults;
 mod metrics;
+mod options;
 mod prune;
 mod restore;
 mod smoke;

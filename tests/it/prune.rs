@@ -157,6 +157,49 @@ remove 20200101T030000Z
     assert_eq!(rig.files(), after);
 }
 
+/// The directory store's incomplete uploads are its writes' temporary
+/// files (`.<name>.partial-<pid>`): those of an archive, more than a day
+/// old (by id and by mtime), are aborted (removed) with `--apply`.
+#[test]
+fn prune_removes_old_temporary_files_of_archives_in_a_directory_store() {
+    let rig = Rig::new("[retention]\nkeep_last = 1\n");
+    rig.plant_backup("20200110T030000Z");
+    let partial = |id: &str, name: &str, old: bool| {
+        let dir = rig.store.join("db1").join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, b"part").unwrap();
+        if old {
+            let ok = Command::new("touch")
+                .args(["-d", "2020-01-02 00:00:00 UTC"])
+                .arg(&p)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "touch -d");
+        }
+    };
+    partial("20200101T030000Z", ".data.tar.zst.partial-4242", true); // aborted
+    partial("20200102T030000Z", ".data.tar.zst.partial-4243", false); // written just now
+    partial("20200103T030000Z", ".manifest.toml.partial-4244", true); // not an archive
+    partial("20200104T030000Z", ".data.tar.zst.partial-x", true); // not a pid
+    let before = rig.files();
+    assert_eq!(
+        rig.ok(&["prune"]),
+        "keep 20200110T030000Z  newest, last 1\n\
+         abort db1/20200101T030000Z/data.tar.zst  an incomplete upload started 2020-01-02T00:00:00Z\n"
+    );
+    assert_eq!(rig.files(), before, "a dry run changes nothing");
+    let applied = rig.ok(&["prune", "--apply"]);
+    assert!(
+        applied.ends_with("aborted db1/20200101T030000Z/data.tar.zst  an incomplete upload started 2020-01-02T00:00:00Z\n"),
+        "{applied}"
+    );
+    let mut after = before;
+    assert!(after.remove("db1/20200101T030000Z/.data.tar.zst.partial-4242"));
+    assert_eq!(rig.files(), after);
+}
+
 #[test]
 fn prune_without_a_policy_does_nothing_and_a_policy_of_zeros_is_refused() {
     let rig = Rig::new("");

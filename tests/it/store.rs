@@ -25,6 +25,12 @@ pub fn config(url: String, endpoint: Option<&str>) -> StoreConfig {
         max_attempts: 3,
         connect_timeout: std::time::Duration::from_secs(10),
         read_timeout: std::time::Duration::from_secs(120),
+        storage_class: None,
+        sse: None,
+        sse_kms_key_id: None,
+        object_lock_days: None,
+        object_lock_mode: None,
+        upload_rate_limit: None,
     }
 }
 

@@ -73,6 +73,10 @@ pub enum On {
     CompleteMultipartUpload,
     /// `DELETE ?uploadId`
     AbortMultipartUpload,
+    /// `GET ?uploads` of a bucket
+    ListMultipartUploads,
+    /// `DELETE` of an object whose key ends with this text
+    DeleteObject(String),
 }
 
 /// How many matching requests get the fault.
@@ -96,6 +100,37 @@ struct State {
     rules: Vec<Rule>,
     injected: Vec<(Fault, String)>,
     forwarded: usize,
+    seen: Vec<SeenRequest>,
+    /// Requests answered by the proxy with this status and XML body.
+    canned: Vec<(On, StatusCode, String)>,
+}
+
+/// A request as it arrived at the proxy: what it is and its headers (names
+/// lowercase), for tests of what mysnap sends.
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    kind: RequestKind,
+    pub headers: Vec<(String, String)>,
+}
+
+impl SeenRequest {
+    /// Whether the request is of the kind `on` names.
+    pub fn is(&self, on: &On) -> bool {
+        self.kind.matches(on)
+    }
+
+    /// The value of header `name` (lowercase), if sent.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// `METHOD /path?query`, for messages.
+    pub fn describe(&self) -> String {
+        self.kind.describe()
+    }
 }
 
 impl State {
@@ -116,6 +151,7 @@ impl State {
 }
 
 /// What a request is, as far as faults care.
+#[derive(Debug, Clone)]
 struct RequestKind {
     method: Method,
     path: String,
@@ -156,6 +192,13 @@ impl RequestKind {
             On::CreateMultipartUpload => m == Method::POST && self.has("uploads"),
             On::CompleteMultipartUpload => m == Method::POST && self.has("uploadId"),
             On::AbortMultipartUpload => m == Method::DELETE && self.has("uploadId"),
+            On::ListMultipartUploads => m == Method::GET && self.has("uploads"),
+            On::DeleteObject(end) => {
+                m == Method::DELETE
+                    && self.is_object()
+                    && !self.has("uploadId")
+                    && self.path.ends_with(end.as_str())
+            }
         }
     }
 
@@ -204,9 +247,24 @@ impl FaultProxy {
         self.lock().rules.push(Rule { fault, on, left });
     }
 
+    /// From now on, requests matching `on` are answered `200 OK` with the
+    /// XML `body` instead of being forwarded (a store answering a call the
+    /// test server lacks, such as ListMultipartUploads).
+    pub fn answer(&self, on: On, body: &str) {
+        self.answer_with(on, StatusCode::OK, body);
+    }
+
+    /// Like [`FaultProxy::answer`], with `status` (say, a 403 AccessDenied
+    /// of a store that refuses the call).
+    pub fn answer_with(&self, on: On, status: StatusCode, body: &str) {
+        self.lock().canned.push((on, status, body.to_string()));
+    }
+
     /// Removes every rule: requests are forwarded unchanged again.
     pub fn clear(&self) {
-        self.lock().rules.clear();
+        let mut st = self.lock();
+        st.rules.clear();
+        st.canned.clear();
     }
 
     /// How many faults were injected so far.
@@ -217,6 +275,11 @@ impl FaultProxy {
     /// The faults injected so far and the requests they hit (for messages).
     pub fn log(&self) -> Vec<(Fault, String)> {
         self.lock().injected.clone()
+    }
+
+    /// Every request that arrived so far, in order, with its headers.
+    pub fn seen(&self) -> Vec<SeenRequest> {
+        self.lock().seen.clone()
     }
 
     /// How many requests reached the server.
@@ -307,7 +370,31 @@ async fn handle(
     conn: Arc<Conn>,
 ) -> Result<Response<Body>, BoxError> {
     let kind = RequestKind::of(&req);
-    let fault = state.lock().unwrap_or_else(|e| e.into_inner()).take(&kind);
+    let headers = req
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_ascii_lowercase(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let (canned, fault) = {
+        let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+        st.seen.push(SeenRequest {
+            kind: kind.clone(),
+            headers,
+        });
+        match st.canned.iter().find(|(on, _, _)| kind.matches(on)) {
+            Some((_, status, body)) => (Some((*status, body.clone())), None),
+            None => (None, st.take(&kind)),
+        }
+    };
+    if let Some((status, body)) = canned {
+        let _ = req.into_body().collect().await;
+        return Ok(full(status, body));
+    }
     match fault {
         Some(f @ (Fault::SlowDown503 | Fault::InternalError500)) => {
             // Read the request as a server would before answering.

@@ -28,6 +28,9 @@ commands:
                           mysnap vs mariabackup, mysqldump, mydumper and the
                           hardware limits, 1× and 4× the data (root);
                           writes target/bench/report.{md,json} and bench.png
+  install-extras [--prefix /usr/local] [--bin-dir DIR]
+                          man pages and bash/zsh/fish completions of the four programs
+                          (found on PATH, or in DIR) into <prefix>/share (root for /usr/local)
 ";
 
 /// Debian packages, each with a command (or file) that shows it is there.
@@ -81,6 +84,7 @@ fn main() {
         Some("demo") => demo(),
         Some("backup") => backup(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("install-extras") => install_extras(&args[1..]),
         _ => {
             eprint!("{USAGE}");
             std::process::exit(2);
@@ -448,6 +452,115 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
         .args(args))
 }
 
+/// The programs with man pages and completions.
+const PROGRAMS: [&str; 4] = ["snapshotter", "archiver", "restorer", "volprep"];
+
+/// Where each shell looks for completions below `<prefix>/share`, and the
+/// file name of program `p`'s script there.
+const COMPLETIONS: [(&str, &str, &str, &str); 3] = [
+    ("bash", "bash-completion/completions", "", ""),
+    ("zsh", "zsh/site-functions", "_", ""),
+    ("fish", "fish/vendor_completions.d", "", ".fish"),
+];
+
+/// `cargo xtask install-extras`: man pages and completions from each
+/// program's hidden `--generate-man DIR` and `--generate-completions SHELL`.
+fn install_extras(args: &[String]) -> anyhow::Result<()> {
+    let mut prefix = PathBuf::from("/usr/local");
+    let mut bin_dir = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || {
+            it.next()
+                .map(PathBuf::from)
+                .with_context(|| format!("{a} needs a directory"))
+        };
+        match a.as_str() {
+            "--prefix" => prefix = value()?,
+            "--bin-dir" => bin_dir = Some(value()?),
+            _ => bail!("install-extras: unknown argument {a:?} (--prefix DIR, --bin-dir DIR)"),
+        }
+    }
+    for p in PROGRAMS {
+        let program = match &bin_dir {
+            Some(d) => d.join(p),
+            None => find_on_path(p).with_context(|| {
+                format!("{p} is not on PATH: install the programs first (cargo install --path crates/{p}), or pass --bin-dir target/release")
+            })?,
+        };
+        for path in install_program_extras(&program, p, &prefix)? {
+            eprintln!("xtask: installed {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Writes program `name`'s man pages and completions below `prefix`;
+/// returns the files written. Each completion is written to a temporary
+/// name and renamed into place, so a shell never reads half a script.
+fn install_program_extras(
+    program: &Path,
+    name: &str,
+    prefix: &Path,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let share = prefix.join("share");
+    let mut written = Vec::new();
+    for (shell, dir, before, after) in COMPLETIONS {
+        let dir = share.join(dir);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let out = Command::new(program)
+            .args(["--generate-completions", shell])
+            .output()
+            .with_context(|| format!("cannot run {}", program.display()))?;
+        if !out.status.success() || out.stdout.is_empty() {
+            bail!(
+                "{} --generate-completions {shell} failed ({}): {}",
+                program.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let path = dir.join(format!("{before}{name}{after}"));
+        let tmp = dir.join(format!(".{before}{name}{after}.tmp"));
+        std::fs::write(&tmp, &out.stdout)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        written.push(path);
+    }
+    let man = share.join("man/man1");
+    std::fs::create_dir_all(&man).with_context(|| format!("cannot create {}", man.display()))?;
+    run(Command::new(program).arg("--generate-man").arg(&man))?;
+    let pages = man_pages(&man, name)?;
+    anyhow::ensure!(
+        pages.iter().any(|p| p.ends_with(format!("{name}.1"))),
+        "{} --generate-man wrote no {name}.1 into {}",
+        program.display(),
+        man.display()
+    );
+    written.extend(pages);
+    Ok(written)
+}
+
+/// The man pages of `name` in `dir`: `<name>.1` and `<name>-<subcommand>.1`.
+fn man_pages(dir: &Path, name: &str) -> anyhow::Result<std::collections::BTreeSet<PathBuf>> {
+    let mut out = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let e = e?;
+        let f = e.file_name().to_string_lossy().into_owned();
+        if f == format!("{name}.1") || (f.starts_with(&format!("{name}-")) && f.ends_with(".1")) {
+            out.insert(e.path());
+        }
+    }
+    Ok(out)
+}
+
 fn bin(name: &str) -> PathBuf {
     target_dir().join("debug").join(name)
 }
@@ -504,5 +617,45 @@ mod tests {
         let text = std::fs::read_to_string(&log).unwrap();
         assert_eq!(text, "out\nerr\nfailing\n");
         std::fs::remove_file(&log).unwrap();
+    }
+
+    /// The layout below the prefix, with a stand-in for a program that
+    /// answers the two hidden flags as the real ones do.
+    #[test]
+    fn install_extras_writes_each_shell_and_the_man_pages_under_the_prefix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("xtask-extras-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let program = dir.join("fake");
+        std::fs::write(
+            &program,
+            "#!/bin/sh\ncase \"$1\" in\n--generate-completions) echo \"# $2 completion\";;\n\
+             --generate-man) : > \"$2/fake.1\"; : > \"$2/fake-list.1\";;\n*) exit 2;;\nesac\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let prefix = dir.join("prefix");
+        let written = install_program_extras(&program, "fake", &prefix).unwrap();
+        let rel: Vec<String> = written
+            .iter()
+            .map(|p| p.strip_prefix(&prefix).unwrap().display().to_string())
+            .collect();
+        assert_eq!(
+            rel,
+            [
+                "share/bash-completion/completions/fake",
+                "share/zsh/site-functions/_fake",
+                "share/fish/vendor_completions.d/fake.fish",
+                "share/man/man1/fake-list.1",
+                "share/man/man1/fake.1",
+            ]
+        );
+        let zsh = std::fs::read_to_string(prefix.join("share/zsh/site-functions/_fake")).unwrap();
+        assert_eq!(zsh, "# zsh completion\n");
+        // A program that fails is an error naming it.
+        let err = install_program_extras(&dir.join("missing"), "missing", &prefix).unwrap_err();
+        assert!(format!("{err:#}").contains("missing"), "{err:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

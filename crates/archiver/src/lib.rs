@@ -310,14 +310,22 @@ async fn stream(
     }
     let (compression, level) = (cfg.archive.compression, cfg.level());
     let threads = common::codec::threads(cfg.archive.threads);
+    let read_limit = cfg
+        .archive
+        .read_rate_limit
+        .map(|r| common::reader::RateLimit::new(r.as_u64()));
     let (produced, uploaded) = std::thread::scope(|scope| {
         let producer = scope.spawn(|| -> anyhow::Result<TarStats> {
             let mut enc = common::codec::Hashing::new(writer);
             let enc_writer = common::codec::Encoder::new(&mut enc, compression, level, threads)?;
-            let (enc_writer, stats) =
-                format::write_tar(snap, &manifest.data, enc_writer, progress, &|| {
-                    cancel.is_set()
-                })?;
+            let (enc_writer, stats) = format::write_tar(
+                snap,
+                &manifest.data,
+                enc_writer,
+                progress,
+                &|| cancel.is_set(),
+                read_limit.as_ref(),
+            )?;
             enc_writer.finish().context("finishing compression")?;
             let (writer, size, sha) = enc.finish();
             writer

@@ -449,6 +449,167 @@ pub struct StoreConfig {
     /// Longest wait for a response, and for each piece of a body being read.
     #[serde(with = "humantime_serde", default = "default_read_timeout")]
     pub read_timeout: Duration,
+    /// S3 only: the storage class of every object written (`x-amz-storage-class`).
+    pub storage_class: Option<StorageClass>,
+    /// S3 only: server-side encryption of every object written.
+    pub sse: Option<Sse>,
+    /// S3 only, with `sse = "aws:kms"`: the KMS key (else the bucket's default key).
+    pub sse_kms_key_id: Option<KmsKeyId>,
+    /// S3 only: Object Lock retention set on every object written, in days.
+    pub object_lock_days: Option<u32>,
+    /// S3 only: the Object Lock mode (default GOVERNANCE); needs `object_lock_days`.
+    pub object_lock_mode: Option<ObjectLockMode>,
+    /// Most bytes per second handed to the store by an upload.
+    pub upload_rate_limit: Option<ByteSize>,
+}
+
+impl StoreConfig {
+    /// The Object Lock retention every object gets, when configured.
+    pub fn object_lock(&self) -> Option<(ObjectLockMode, u32)> {
+        self.object_lock_days
+            .map(|d| (self.object_lock_mode.unwrap_or_default(), d))
+    }
+}
+
+/// `store.storage_class`: one of the classes S3 documents, spelled as S3
+/// does (case-sensitive). GLACIER and DEEP_ARCHIVE are refused: their
+/// objects cannot be read before a RestoreObject, so `restorer list` and
+/// `restore` could not read the backups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorageClass(&'static str);
+
+impl<'de> Deserialize<'de> for StorageClass {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<StorageClass, D::Error> {
+        StorageClass::try_from(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl StorageClass {
+    pub const ALLOWED: [&'static str; 9] = [
+        "STANDARD",
+        "STANDARD_IA",
+        "ONEZONE_IA",
+        "INTELLIGENT_TIERING",
+        "GLACIER_IR",
+        "REDUCED_REDUNDANCY",
+        "EXPRESS_ONEZONE",
+        "OUTPOSTS",
+        "SNOW",
+    ];
+    pub fn as_str(self) -> &'static str {
+        self.0
+    }
+}
+
+impl TryFrom<String> for StorageClass {
+    type Error = String;
+    fn try_from(s: String) -> Result<StorageClass, String> {
+        if let Some(c) = StorageClass::ALLOWED.iter().find(|c| **c == s) {
+            return Ok(StorageClass(c));
+        }
+        if s == "GLACIER" || s == "DEEP_ARCHIVE" {
+            return Err(format!(
+                "store.storage_class {s:?} is refused: objects in it must be restored (RestoreObject) before they can be read, so mysnap could neither list nor restore the backups; use GLACIER_IR, or a lifecycle rule that transitions old backups"
+            ));
+        }
+        Err(format!(
+            "store.storage_class {:?} is not an S3 storage class (case-sensitive): one of {}",
+            shown(&s),
+            StorageClass::ALLOWED.join(", ")
+        ))
+    }
+}
+
+/// A config value quoted in an error, at most 64 characters of it.
+fn shown(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// `store.sse`: server-side encryption requested on every write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum Sse {
+    /// `AES256`: keys managed by S3 (SSE-S3).
+    Aes256,
+    /// `aws:kms`: SSE-KMS, with `store.sse_kms_key_id` or the bucket's default key.
+    AwsKms,
+}
+
+impl Sse {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sse::Aes256 => "AES256",
+            Sse::AwsKms => "aws:kms",
+        }
+    }
+}
+
+impl TryFrom<String> for Sse {
+    type Error = String;
+    fn try_from(s: String) -> Result<Sse, String> {
+        match s.as_str() {
+            "AES256" => Ok(Sse::Aes256),
+            "aws:kms" => Ok(Sse::AwsKms),
+            _ => Err(format!(
+                "store.sse {:?} is neither \"AES256\" nor \"aws:kms\" (case-sensitive)",
+                shown(&s)
+            )),
+        }
+    }
+}
+
+/// `store.sse_kms_key_id`: a KMS key id, ARN or alias. Not a secret, but
+/// not repeated in error messages either; it is checked only for shape
+/// (S3 says whether the key exists).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct KmsKeyId(String);
+
+impl KmsKeyId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for KmsKeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KmsKeyId(..)")
+    }
+}
+
+impl TryFrom<String> for KmsKeyId {
+    type Error = String;
+    fn try_from(s: String) -> Result<KmsKeyId, String> {
+        let ok = !s.is_empty()
+            && s.len() <= 2048
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || ":/-_.".contains(c));
+        if ok {
+            Ok(KmsKeyId(s))
+        } else {
+            Err("store.sse_kms_key_id must be a KMS key id, ARN or alias (letters, digits and : / - _ ., at most 2048 characters)".into())
+        }
+    }
+}
+
+/// `store.object_lock_mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ObjectLockMode {
+    /// Users with `s3:BypassGovernanceRetention` can still delete.
+    #[default]
+    Governance,
+    /// Nobody, not even the root account, can delete before the date.
+    Compliance,
+}
+
+impl ObjectLockMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObjectLockMode::Governance => "GOVERNANCE",
+            ObjectLockMode::Compliance => "COMPLIANCE",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -480,6 +641,8 @@ pub struct ArchiveConfig {
     /// Compression threads; 0 = all cores.
     #[serde(default)]
     pub threads: u32,
+    /// Most bytes per second read from the snapshot.
+    pub read_rate_limit: Option<ByteSize>,
 }
 
 impl Default for ArchiveConfig {
@@ -488,6 +651,7 @@ impl Default for ArchiveConfig {
             compression: default_compression(),
             level: None,
             threads: 0,
+            read_rate_limit: None,
         }
     }
 }
@@ -648,6 +812,11 @@ fn default_long_query_wait() -> Duration {
 fn default_max_hold() -> Duration {
     Duration::from_secs(10)
 }
+/// The least rate limit accepted (`store.upload_rate_limit`,
+/// `archive.read_rate_limit`): below it a backup of any size takes days.
+pub const MIN_RATE_LIMIT: ByteSize = ByteSize::mib(1);
+/// The longest Object Lock retention accepted (100 years).
+pub const MAX_OBJECT_LOCK_DAYS: u32 = 36500;
 /// The least `mysql.max_hold` accepted: a snapshot needs some time.
 pub const MIN_MAX_HOLD: Duration = Duration::from_secs(1);
 fn default_handoff_grace() -> Duration {
@@ -691,6 +860,31 @@ pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
 }
 
+/// The `section.key` of the `key = value` line holding byte `at` of
+/// `text`, when it is one (for messages only).
+fn key_at(text: &str, at: usize) -> Option<String> {
+    let start = text.get(..at)?.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    let plain = |k: &str| {
+        !k.is_empty()
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    };
+    if !plain(key) {
+        return None;
+    }
+    let section = text[..start].lines().rev().find_map(|l| {
+        let l = l.trim();
+        l.strip_prefix('[')?.strip_suffix(']').map(str::trim)
+    });
+    Some(match section {
+        Some(sec) if plain(sec) => format!("{sec}.{key}"),
+        _ => key.to_string(),
+    })
+}
+
 impl Config {
     /// Reads and validates the config file; every problem is a one-line error (exit 2).
     pub fn load(path: &Path) -> anyhow::Result<Config> {
@@ -709,11 +903,15 @@ impl Config {
                 .span()
                 .map(|s| format!(" line {}", text[..s.start].matches('\n').count() + 1))
                 .unwrap_or_default();
-            config_err(format!(
-                "config {}{line}: {}",
-                path.display(),
-                e.message().trim()
-            ))
+            let message = e.message().trim();
+            // Name the key whose value was refused, unless the message does.
+            let key = e
+                .span()
+                .and_then(|s| key_at(text, s.start))
+                .filter(|k| !message.contains(k.as_str()))
+                .map(|k| format!("{k}: "))
+                .unwrap_or_default();
+            config_err(format!("config {}{line}: {key}{message}", path.display()))
         })?;
         cfg.validate()
             .map_err(|e| config_err(format!("config {}: {e}", path.display())))?;
@@ -800,8 +998,57 @@ impl Config {
         for opt in &self.drill.server_options {
             check_server_option(opt)?;
         }
+        self.validate_s3_options()?;
+        for (key, limit) in [
+            ("store.upload_rate_limit", self.store.upload_rate_limit),
+            ("archive.read_rate_limit", self.archive.read_rate_limit),
+        ] {
+            if limit.is_some_and(|l| l < MIN_RATE_LIMIT) {
+                return Err(format!(
+                    "{key} must be at least {MIN_RATE_LIMIT} (bytes per second), got {}",
+                    limit.unwrap_or_default()
+                ));
+            }
+        }
         if self.retention.as_ref().is_some_and(|r| r.keeps_nothing()) {
             return Err("[retention] keeps no backup but the newest (every keep_* is 0 and no keep_within): it would delete every other backup; set a keep_* key, or remove the section to keep everything".into());
+        }
+        Ok(())
+    }
+
+    /// The keys only an S3 store has, and how they fit together.
+    fn validate_s3_options(&self) -> Result<(), String> {
+        let s = &self.store;
+        if matches!(s.url, StoreUrl::File { .. }) {
+            for (key, set) in [
+                ("storage_class", s.storage_class.is_some()),
+                ("sse", s.sse.is_some()),
+                ("sse_kms_key_id", s.sse_kms_key_id.is_some()),
+                ("object_lock_days", s.object_lock_days.is_some()),
+                ("object_lock_mode", s.object_lock_mode.is_some()),
+            ] {
+                if set {
+                    return Err(format!(
+                        "store.{key} applies only to an s3:// store.url, and this store is a directory: remove it"
+                    ));
+                }
+            }
+        }
+        if s.sse_kms_key_id.is_some() && s.sse != Some(Sse::AwsKms) {
+            return Err(
+                "store.sse_kms_key_id needs store.sse = \"aws:kms\": set it, or remove the key id"
+                    .into(),
+            );
+        }
+        if s.object_lock_mode.is_some() && s.object_lock_days.is_none() {
+            return Err("store.object_lock_mode needs store.object_lock_days: set the days, or remove the mode".into());
+        }
+        if let Some(d) = s.object_lock_days {
+            if !(1..=MAX_OBJECT_LOCK_DAYS).contains(&d) {
+                return Err(format!(
+                    "store.object_lock_days must be between 1 and {MAX_OBJECT_LOCK_DAYS}, got {d}"
+                ));
+            }
         }
         Ok(())
     }
@@ -1071,6 +1318,109 @@ name = "db1"
         ))
         .unwrap_err();
         assert!(err.contains("backup_stage"), "{err}");
+    }
+
+    #[test]
+    fn s3_write_options() {
+        let s3 = |kv: &str| {
+            MINIMAL.replace(
+                "url = \"file:///var/backups/mysnap\"",
+                &format!("url = \"s3://bucket/p\"\n{kv}"),
+            )
+        };
+        let c = parse(&s3("storage_class = \"GLACIER_IR\"\nsse = \"aws:kms\"\nsse_kms_key_id = \"arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab\"\nobject_lock_days = 30")).unwrap();
+        assert_eq!(c.store.storage_class.unwrap().as_str(), "GLACIER_IR");
+        assert_eq!(c.store.sse, Some(Sse::AwsKms));
+        assert_eq!(
+            c.store.object_lock(),
+            Some((ObjectLockMode::Governance, 30))
+        );
+        let c = parse(&s3(
+            "sse = \"AES256\"\nobject_lock_days = 7\nobject_lock_mode = \"COMPLIANCE\"",
+        ))
+        .unwrap();
+        assert_eq!(c.store.sse, Some(Sse::Aes256));
+        assert_eq!(c.store.object_lock(), Some((ObjectLockMode::Compliance, 7)));
+        let none = parse(MINIMAL).unwrap();
+        assert_eq!(none.store.object_lock(), None);
+        assert_eq!(none.store.storage_class, None);
+        for (kv, needle) in [
+            (
+                "storage_class = \"standard_ia\"",
+                "store.storage_class \"standard_ia\" is not",
+            ),
+            (
+                "storage_class = \"GLACIER\"",
+                "store.storage_class \"GLACIER\" is refused",
+            ),
+            ("storage_class = \"DEEP_ARCHIVE\"", "RestoreObject"),
+            ("sse = \"aes256\"", "store.sse"),
+            (
+                "sse = \"AES256\"\nsse_kms_key_id = \"k\"",
+                "store.sse_kms_key_id needs",
+            ),
+            (
+                "sse = \"aws:kms\"\nsse_kms_key_id = \"a b\"",
+                "store.sse_kms_key_id must be",
+            ),
+            (
+                "object_lock_mode = \"COMPLIANCE\"",
+                "store.object_lock_mode needs",
+            ),
+            (
+                "object_lock_days = 7\nobject_lock_mode = \"compliance\"",
+                "COMPLIANCE",
+            ),
+            (
+                "object_lock_days = 0",
+                "store.object_lock_days must be between 1",
+            ),
+            ("object_lock_days = -1", "object_lock_days"),
+            (
+                "upload_rate_limit = \"100KiB\"",
+                "store.upload_rate_limit must be at least",
+            ),
+        ] {
+            let e = parse(&s3(kv)).unwrap_err();
+            assert!(e.contains(needle), "{kv}: {e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+        // The key id is not repeated in errors.
+        let e = parse(&s3(
+            "sse = \"AES256\"\nsse_kms_key_id = \"alias/secretish\"",
+        ))
+        .unwrap_err();
+        assert!(!e.contains("secretish"), "{e}");
+        // A directory store refuses the S3-only keys.
+        for kv in [
+            "storage_class = \"STANDARD\"",
+            "sse = \"AES256\"",
+            "object_lock_days = 3",
+        ] {
+            let text = MINIMAL.replace("[store]", &format!("[store]\n{kv}"));
+            let e = parse(&text).unwrap_err();
+            assert!(
+                e.contains("applies only to an s3:// store.url"),
+                "{kv}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn rate_limits() {
+        let text = MINIMAL.replace("[store]", "[store]\nupload_rate_limit = \"50MiB\"")
+            + "[archive]\nread_rate_limit = \"20MB\"\n";
+        let c = parse(&text).unwrap();
+        assert_eq!(c.store.upload_rate_limit, Some(ByteSize::mib(50)));
+        assert_eq!(c.archive.read_rate_limit, Some(ByteSize::mb(20)));
+        let e = parse(&(MINIMAL.to_string() + "[archive]\nread_rate_limit = \"0\"\n")).unwrap_err();
+        assert!(
+            e.contains("archive.read_rate_limit must be at least"),
+            "{e}"
+        );
+        let e =
+            parse(&(MINIMAL.to_string() + "[archive]\nread_rate_limit = \"fast\"\n")).unwrap_err();
+        assert!(e.contains("read_rate_limit"), "{e}");
     }
 
     #[test]

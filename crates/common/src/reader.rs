@@ -2,9 +2,11 @@
 //! [`ChunkReader`] turns a sequence of byte chunks (parts of a download,
 //! blocks from a decoder thread) into a blocking reader without copying
 //! them again, and [`ProgressReader`] reports bytes read to a [`Progress`]
-//! (and stops on cancellation).
+//! (and stops on cancellation) and keeps to a [`RateLimit`].
 
 use std::io::{self, Read};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 
@@ -57,12 +59,69 @@ impl ChunkSource for std::sync::mpsc::Receiver<io::Result<Bytes>> {
     }
 }
 
-/// A reader that reports what it reads to `progress`, and fails once
-/// `cancelled` says so.
+/// A limit on bytes per second (`archive.read_rate_limit`,
+/// `store.upload_rate_limit`), shared by every thread that moves such
+/// bytes: each asks [`RateLimit::reserve`] before it moves its bytes and
+/// waits what it is told, so that from the first byte on, at most `rate`
+/// bytes per second pass on average (no credit is saved up while idle).
+///
+/// A few lines rather than a crate: the users are a blocking `Read` and a
+/// blocking part writer handing bytes to an async upload, in pieces of any
+/// size; rate limiters such as `governor` count cells with a burst that a
+/// piece must not exceed, and need a clock and an async wait of their own.
+#[derive(Debug)]
+pub struct RateLimit {
+    bytes_per_sec: u64,
+    /// When the bytes reserved so far will have passed at the rate.
+    next: Mutex<Option<Instant>>,
+}
+
+impl RateLimit {
+    pub fn new(bytes_per_sec: u64) -> RateLimit {
+        RateLimit {
+            bytes_per_sec: bytes_per_sec.max(1),
+            next: Mutex::new(None),
+        }
+    }
+
+    pub fn bytes_per_sec(&self) -> u64 {
+        self.bytes_per_sec
+    }
+
+    /// Reserves `n` bytes; returns how long to wait before moving them.
+    pub fn reserve(&self, n: u64) -> Duration {
+        let now = Instant::now();
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        let start = next.map_or(now, |t| t.max(now));
+        let end = start + Duration::from_secs_f64(n as f64 / self.bytes_per_sec as f64);
+        *next = Some(end);
+        end - now
+    }
+
+    /// Reserves `n` bytes and sleeps until they may be moved.
+    pub fn take_blocking(&self, n: u64) {
+        let wait = self.reserve(n);
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+
+    /// The largest piece to move at once: about a tenth of a second's worth
+    /// (at least 64 KiB), so that waits stay short and smooth.
+    pub fn piece(&self) -> usize {
+        usize::try_from(self.bytes_per_sec / 10)
+            .unwrap_or(usize::MAX)
+            .max(64 << 10)
+    }
+}
+
+/// A reader that reports what it reads to `progress`, fails once
+/// `cancelled` says so, and keeps to a [`RateLimit`] when given one.
 pub struct ProgressReader<'a, R> {
     inner: R,
     progress: &'a dyn Progress,
     cancelled: &'a dyn Fn() -> bool,
+    limit: Option<&'a RateLimit>,
 }
 
 impl<'a, R: Read> ProgressReader<'a, R> {
@@ -71,7 +130,14 @@ impl<'a, R: Read> ProgressReader<'a, R> {
             inner,
             progress,
             cancelled: &|| false,
+            limit: None,
         }
+    }
+
+    /// Reads keep to `limit` (none: as fast as the source gives).
+    pub fn limited_by(mut self, limit: Option<&'a RateLimit>) -> Self {
+        self.limit = limit;
+        self
     }
 
     /// Reads fail with "interrupted by a signal" once `cancelled()` is true.
@@ -86,7 +152,15 @@ impl<R: Read> Read for ProgressReader<'_, R> {
         if (self.cancelled)() {
             return Err(io::Error::other("interrupted by a signal"));
         }
-        let n = self.inner.read(buf)?;
+        let n = match self.limit {
+            None => self.inner.read(buf)?,
+            Some(limit) => {
+                let len = buf.len().min(limit.piece());
+                let n = self.inner.read(&mut buf[..len])?;
+                limit.take_blocking(n as u64);
+                n
+            }
+        };
         self.progress.advance(n as u64);
         Ok(n)
     }
@@ -122,6 +196,46 @@ mod tests {
         assert_eq!(r.read(&mut b).unwrap(), 1);
         assert_eq!(r.read(&mut b).unwrap_err().to_string(), "boom");
         assert_eq!(r.read(&mut b).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_rate_limited_read_takes_at_least_its_share_of_time() {
+        // 3 MiB at 4 MiB/s: at least 0.75 s (a lower bound; a busy machine
+        // only makes it slower).
+        let limit = RateLimit::new(4 << 20);
+        let data = vec![7u8; 3 << 20];
+        let start = Instant::now();
+        let mut out = Vec::new();
+        ProgressReader::new(&data[..], &crate::progress::Silent)
+            .limited_by(Some(&limit))
+            .read_to_end(&mut out)
+            .unwrap();
+        let took = start.elapsed();
+        assert_eq!(out, data);
+        assert!(took >= Duration::from_millis(740), "{took:?}");
+        // Shared by two threads, the limit is their sum.
+        let limit = RateLimit::new(4 << 20);
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    for _ in 0..6 {
+                        limit.take_blocking(256 << 10);
+                    }
+                });
+            }
+        });
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(740), "two threads: {took:?}");
+    }
+
+    #[test]
+    fn reserving_without_a_wait_gives_no_credit_for_idle_time() {
+        let limit = RateLimit::new(1 << 20);
+        assert!(limit.reserve(1 << 20) >= Duration::from_millis(999));
+        assert!(limit.reserve(1 << 20) >= Duration::from_millis(1999));
+        assert_eq!(limit.piece(), 104857);
+        assert_eq!(RateLimit::new(1).piece(), 64 << 10);
     }
 
     #[test]

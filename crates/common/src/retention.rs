@@ -19,27 +19,44 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::BackupId;
 
-/// The `[retention]` section. Absent: prune does nothing.
+/// The `[retention]` section. Absent: prune does nothing. Each `keep_*`
+/// count is a number from 0, or -1 for no limit ([`UNLIMITED`]: every
+/// backup, or the newest of every hour/day/… that has one), as in restic.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetentionConfig {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "keep_count")]
     pub keep_last: u32,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "keep_count")]
     pub keep_hourly: u32,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "keep_count")]
     pub keep_daily: u32,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "keep_count")]
     pub keep_weekly: u32,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "keep_count")]
     pub keep_monthly: u32,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "keep_count")]
     pub keep_yearly: u32,
     #[serde(with = "humantime_serde", default)]
     pub keep_within: Option<Duration>,
     /// Backups never removed by prune, by id.
     #[serde(default)]
     pub pin: Vec<BackupId>,
+}
+
+/// A `keep_*` count of -1: no limit.
+pub const UNLIMITED: u32 = u32::MAX;
+
+/// A `keep_*` value: -1 is [`UNLIMITED`], 0 and up a count.
+fn keep_count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = i64::deserialize(d)?;
+    match n {
+        -1 => Ok(UNLIMITED),
+        0.. if n < i64::from(UNLIMITED) => Ok(n as u32),
+        _ => Err(serde::de::Error::custom(format!(
+            "a retention.keep_* count must be -1 (no limit) or a number from 0, got {n}"
+        ))),
+    }
 }
 
 impl RetentionConfig {
@@ -133,7 +150,9 @@ pub fn apply(policy: &RetentionConfig, ids: &[BackupId]) -> Vec<Decision> {
             if last.as_ref() != Some(&bucket) {
                 reasons.push(bucket.clone());
                 *last = Some(bucket);
-                *n -= 1;
+                if *n != UNLIMITED {
+                    *n -= 1;
+                }
             }
         }
         if let (Some(d), Some(newest)) = (policy.keep_within, newest) {
@@ -335,6 +354,116 @@ mod tests {
         let d = apply(&policy, &v);
         assert_eq!(d.len(), 365);
         assert!(d.windows(2).all(|w| w[0].id > w[1].id));
+    }
+
+    /// `-1` in the config: no limit (restic's semantics).
+    #[test]
+    fn minus_one_is_unlimited() {
+        let parse = |text: &str| toml::from_str::<RetentionConfig>(text).map_err(|e| e.to_string());
+        for (text, expected) in [
+            (
+                "keep_last = -1",
+                RetentionConfig {
+                    keep_last: UNLIMITED,
+                    ..Default::default()
+                },
+            ),
+            (
+                "keep_daily = -1\nkeep_weekly = 4",
+                RetentionConfig {
+                    keep_daily: UNLIMITED,
+                    keep_weekly: 4,
+                    ..Default::default()
+                },
+            ),
+            (
+                "keep_yearly = 0\nkeep_monthly = -1",
+                RetentionConfig {
+                    keep_monthly: UNLIMITED,
+                    ..Default::default()
+                },
+            ),
+            (
+                "keep_hourly = 4294967294",
+                RetentionConfig {
+                    keep_hourly: 4294967294,
+                    ..Default::default()
+                },
+            ),
+        ] {
+            assert_eq!(parse(text).unwrap(), expected, "{text}");
+        }
+        for bad in [
+            "keep_last = -2",
+            "keep_daily = 4294967295",
+            "keep_weekly = -100",
+            "keep_last = \"all\"",
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.contains("keep"), "{bad}: {e}");
+        }
+        assert!(!parse("keep_last = -1").unwrap().keeps_nothing());
+
+        // Table: the policy, and how many of the year of dailies it keeps.
+        let v = year_of_dailies();
+        for (policy, kept_count, oldest_kept) in [
+            (
+                RetentionConfig {
+                    keep_last: UNLIMITED,
+                    ..Default::default()
+                },
+                365,
+                "20260101T030000Z",
+            ),
+            (
+                RetentionConfig {
+                    keep_daily: UNLIMITED,
+                    ..Default::default()
+                },
+                365,
+                "20260101T030000Z",
+            ),
+            // One per month, every month: Dec .. Jan.
+            (
+                RetentionConfig {
+                    keep_monthly: UNLIMITED,
+                    ..Default::default()
+                },
+                12,
+                "20260131T030000Z",
+            ),
+            // 2026 has ISO weeks W01 (from Mon 12-29-2025) .. W53: the newest of each.
+            (
+                RetentionConfig {
+                    keep_weekly: UNLIMITED,
+                    ..Default::default()
+                },
+                53,
+                "20260104T030000Z",
+            ),
+            (
+                RetentionConfig {
+                    keep_yearly: UNLIMITED,
+                    ..Default::default()
+                },
+                1,
+                "20261231T030000Z",
+            ),
+            // Unlimited monthly plus 7 dailies: 12 months, 6 more days in December.
+            (
+                RetentionConfig {
+                    keep_monthly: UNLIMITED,
+                    keep_daily: 7,
+                    ..Default::default()
+                },
+                18,
+                "20260131T030000Z",
+            ),
+        ] {
+            let kept = kept(&policy, &v);
+            assert_eq!(kept.len(), kept_count, "{policy:?}");
+            assert_eq!(kept.last().unwrap(), oldest_kept, "{policy:?}");
+        }
     }
 
     #[test]

@@ -848,6 +848,7 @@ mod tests {
                 part_size: 5 << 20,
                 concurrency: 1,
                 memory_limit: 15 << 20,
+                upload_rate: None,
             },
         );
         let name = BackupName::parse("db1").unwrap();

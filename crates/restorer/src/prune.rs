@@ -30,6 +30,130 @@ pub struct PruneReport {
     /// than [`GARBAGE_GRACE`]: left by a killed run or a prune stopped
     /// half-way; deleted with `apply`.
     pub garbage: Vec<String>,
+    /// Keys kept because they are still under Object Lock: garbage whose
+    /// retention has not ended, and objects whose delete the store refused.
+    pub locked: Vec<Locked>,
+    /// Incomplete multipart uploads of this name's archives started more
+    /// than [`GARBAGE_GRACE`] ago (aborted with `apply`).
+    pub uploads: Vec<StaleUpload>,
+    /// False when the store cannot list incomplete uploads (then a
+    /// lifecycle rule must remove them).
+    pub uploads_listed: bool,
+}
+
+/// An incomplete multipart upload prune aborts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StaleUpload {
+    pub key: String,
+    pub upload_id: String,
+    /// RFC 3339, when the store said.
+    pub initiated: Option<String>,
+}
+
+/// The uploads in `pending` that prune aborts: of an archive key of `name`
+/// (checked as listed keys are: a real backup id, the archive name
+/// [`keys::archive`] gives), with an upload id of at most 1 KiB of visible
+/// ASCII, whose backup id and start (when the store says) are both more
+/// than [`GARBAGE_GRACE`] old. Every other upload is left alone.
+pub fn stale_uploads(
+    pending: &[store::PendingUpload],
+    name: &common::manifest::BackupName,
+    now: time::OffsetDateTime,
+) -> Vec<StaleUpload> {
+    let prefix = keys::backups_of(name);
+    pending
+        .iter()
+        .filter(|u| {
+            let Some(id) = u
+                .key
+                .strip_prefix(&prefix)
+                .and_then(|r| r.split_once('/'))
+                .and_then(|(id, _)| BackupId::parse(id).ok())
+            else {
+                return false;
+            };
+            let archive = [Compression::Zstd, Compression::Xz, Compression::None]
+                .iter()
+                .any(|c| keys::archive(name, &id, *c) == u.key);
+            let id_ok = (1..=1024).contains(&u.upload_id.len())
+                && u.upload_id.bytes().all(|b| b.is_ascii_graphic());
+            let old = id.time() + GARBAGE_GRACE < now
+                && u.initiated.is_none_or(|t| t + GARBAGE_GRACE < now);
+            archive && id_ok && old
+        })
+        .map(|u| StaleUpload {
+            key: u.key.clone(),
+            upload_id: u.upload_id.clone(),
+            initiated: u.initiated.map(rfc3339),
+        })
+        .collect()
+}
+
+/// A key prune leaves because of Object Lock, and until when (or why).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Locked {
+    pub key: String,
+    pub why: String,
+}
+
+/// How long after a backup's id its objects are written at the latest: each
+/// object's retention runs `store.object_lock_days` from its own write, and
+/// an archive is stored within a day of its start (as [`GARBAGE_GRACE`]).
+pub const LOCK_SLACK: std::time::Duration = GARBAGE_GRACE;
+
+/// Until when the objects of backup `id` may be locked with a retention
+/// of `days`: the id plus the days plus [`LOCK_SLACK`].
+pub fn locked_until(id: &BackupId, days: u32) -> time::OffsetDateTime {
+    id.time() + time::Duration::days(i64::from(days)) + LOCK_SLACK
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+/// Object Lock and the policy: a backup the policy would remove is kept
+/// (reason `locked until <date>`) while its objects may be locked, and
+/// garbage archives likewise (moved from `garbage` to the returned list).
+/// Nothing changes without a lock (`lock_days` `None`).
+pub fn hold_locked(
+    decisions: &mut [Decision],
+    garbage: &mut Vec<String>,
+    name: &common::manifest::BackupName,
+    lock_days: Option<u32>,
+    now: time::OffsetDateTime,
+) -> Vec<Locked> {
+    let Some(days) = lock_days else {
+        return Vec::new();
+    };
+    for d in decisions.iter_mut().filter(|d| !d.keep()) {
+        let until = locked_until(&d.id, days);
+        if until > now {
+            d.reasons.push(format!("locked until {}", rfc3339(until)));
+        }
+    }
+    let prefix = keys::backups_of(name);
+    let mut locked = Vec::new();
+    garbage.retain(|key| {
+        let id = key
+            .strip_prefix(&prefix)
+            .and_then(|r| r.split_once('/'))
+            .and_then(|(id, _)| BackupId::parse(id).ok());
+        match id.map(|id| locked_until(&id, days)) {
+            Some(until) if until > now => {
+                locked.push(Locked {
+                    key: key.clone(),
+                    why: format!(
+                        "an archive without a manifest, locked until {}",
+                        rfc3339(until)
+                    ),
+                });
+                false
+            }
+            _ => true,
+        }
+    });
+    locked
 }
 
 /// How old (by its id, the backup's start) an archive without a manifest
@@ -102,6 +226,9 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
             decisions: Vec::new(),
             unreadable: Vec::new(),
             garbage: Vec::new(),
+            locked: Vec::new(),
+            uploads: Vec::new(),
+            uploads_listed: false,
         });
     };
     let store = store::open(&cfg.store).await?;
@@ -128,15 +255,55 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
             Err(e) => return Err(e),
         }
     }
-    let decisions = retention::apply(policy, &complete);
-    let garbage = garbage(&listed, &name, time::OffsetDateTime::now_utc());
+    let now = time::OffsetDateTime::now_utc();
+    let mut decisions = retention::apply(policy, &complete);
+    let mut garbage = garbage(&listed, &name, now);
+    let lock_days = cfg.store.object_lock().map(|(_, days)| days);
+    let mut locked = hold_locked(&mut decisions, &mut garbage, &name, lock_days, now);
+    let (uploads, uploads_listed) = match store.list_uploads(&keys::backups_of(&name)).await {
+        Ok(Some(pending)) => (stale_uploads(&pending, &name, now), true),
+        // Credentials made for prune before it listed uploads may lack the
+        // permission: the backups are still pruned.
+        Err(e) if is_denied(&e) => {
+            tracing::warn!(
+                "{e:#}; incomplete uploads not checked: grant s3:ListBucketMultipartUploads and s3:AbortMultipartUpload, or rely on a lifecycle rule (AbortIncompleteMultipartUpload)"
+            );
+            (Vec::new(), false)
+        }
+        Err(e) => return Err(e),
+        Ok(None) => {
+            tracing::warn!(
+                "{}: this store cannot list multipart uploads (ListMultipartUploads): set a lifecycle rule (AbortIncompleteMultipartUpload) on the bucket to remove those killed runs left",
+                store.url(&keys::backups_of(&name))
+            );
+            (Vec::new(), false)
+        }
+    };
     if apply {
-        for d in decisions.iter().filter(|d| !d.keep()) {
-            delete(store, &listed, &name, &d.id).await?;
+        for u in &uploads {
+            match store.abort_upload(&u.key, &u.upload_id).await {
+                Ok(()) => tracing::info!("aborted an incomplete upload of {}", store.url(&u.key)),
+                Err(e) if is_denied(&e) => tracing::warn!(
+                    "{e:#}; left: grant s3:AbortMultipartUpload, or rely on a lifecycle rule (AbortIncompleteMultipartUpload)"
+                ),
+                Err(e) => return Err(e),
+            }
+        }
+        let locking = lock_days.is_some();
+        for d in decisions.iter_mut().filter(|d| !d.keep()) {
+            if !delete(store, &listed, &name, &d.id, locking, &mut locked).await? {
+                d.reasons.push(REFUSED.to_string());
+            }
         }
         for key in &garbage {
-            store.delete(key).await?;
-            tracing::info!("deleted {} ({})", store.url(key), garbage_kind(key));
+            if delete_one(store, key, locking).await? {
+                tracing::info!("deleted {} ({})", store.url(key), garbage_kind(key));
+            } else {
+                locked.push(Locked {
+                    key: key.clone(),
+                    why: REFUSED.into(),
+                });
+            }
         }
     }
     Ok(PruneReport {
@@ -145,6 +312,9 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
         decisions,
         unreadable,
         garbage,
+        locked,
+        uploads,
+        uploads_listed,
     })
 }
 
@@ -154,31 +324,81 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
 /// [`GARBAGE_GRACE`].
 pub const MANIFEST_DELETED: &str = "prune-manifest-deleted";
 
+/// Why a backup or key is kept whose delete the store refused.
+const REFUSED: &str = "the store refused the delete: locked (Object Lock)";
+
+/// Deletes `key`; when the store refuses it (access denied) and Object
+/// Lock is configured, the object is still locked: it is kept, with a
+/// warning, and prune goes on. Returns whether it was deleted.
+async fn delete_one(store: &dyn Store, key: &str, locking: bool) -> anyhow::Result<bool> {
+    match store.delete(key).await {
+        Ok(()) => Ok(true),
+        Err(e) if locking && is_denied(&e) => {
+            tracing::warn!(
+                "kept {}: the store refused the delete (still locked by Object Lock?): {e:#}",
+                store.url(key)
+            );
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn is_denied(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref(),
+            Some(common::store::StoreError::Denied { .. })
+        )
+    })
+}
+
+/// Deletes backup `id`, manifest first; returns false when the store
+/// refused the manifest's delete (the backup stays whole and listed). An
+/// archive whose delete is refused after its manifest went is reported in
+/// `locked`: garbage for a later prune.
 async fn delete(
     store: &dyn Store,
     listed: &[String],
     name: &common::manifest::BackupName,
     id: &BackupId,
-) -> anyhow::Result<()> {
+    locking: bool,
+    locked: &mut Vec<Locked>,
+) -> anyhow::Result<bool> {
     let manifest = keys::manifest(name, id);
-    store.delete(&manifest).await?;
+    if !delete_one(store, &manifest, locking).await? {
+        return Ok(false);
+    }
     tracing::info!("deleted {}", store.url(&manifest));
     crate::restore::pause_at(MANIFEST_DELETED, None);
     for c in [Compression::Zstd, Compression::Xz, Compression::None] {
         let key = keys::archive(name, id, c);
-        if listed.contains(&key) {
-            store.delete(&key).await?;
+        if !listed.contains(&key) {
+            continue;
+        }
+        if delete_one(store, &key, locking).await? {
             tracing::info!("deleted {}", store.url(&key));
+        } else {
+            locked.push(Locked {
+                key,
+                why: format!("{REFUSED}; its manifest was deleted"),
+            });
         }
     }
     for key in listed
         .iter()
         .filter(|k| keys::drill_of(name, k).is_some_and(|(of, _)| of == *id))
     {
-        store.delete(key).await?;
-        tracing::info!("deleted {}", store.url(key));
+        if delete_one(store, key, locking).await? {
+            tracing::info!("deleted {}", store.url(key));
+        } else {
+            locked.push(Locked {
+                key: key.clone(),
+                why: format!("{REFUSED}; its manifest was deleted"),
+            });
+        }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// What a garbage key (an archive or a drill record, from [`garbage`]) is, for people.
@@ -215,7 +435,21 @@ pub fn prune_lines(r: &PruneReport) -> String {
     }
     let verb = if r.applied { "removed" } else { "remove" };
     for key in &r.garbage {
-        out += &format!("{verb} {key}  {}\n", garbage_kind(key));
+        if !r.locked.iter().any(|l| l.key == *key) {
+            out += &format!("{verb} {key}  {}\n", garbage_kind(key));
+        }
+    }
+    for l in &r.locked {
+        out += &format!("keep {}  {}\n", l.key, l.why);
+    }
+    let verb = if r.applied { "aborted" } else { "abort" };
+    for u in &r.uploads {
+        let since = u
+            .initiated
+            .as_deref()
+            .map(|t| format!(" started {t}"))
+            .unwrap_or_default();
+        out += &format!("{verb} {}  an incomplete upload{since}\n", u.key);
     }
     out
 }
@@ -223,6 +457,122 @@ pub fn prune_lines(r: &PruneReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn object_lock_keeps_what_may_still_be_locked() {
+        let name = common::manifest::BackupName::parse("db1").unwrap();
+        let id = |s: &str| BackupId::parse(s).unwrap();
+        let now = time::macros::datetime!(2026-11-28 03:00 UTC);
+        let policy = common::retention::RetentionConfig {
+            keep_last: 1,
+            ..Default::default()
+        };
+        let ids = [
+            id("20261128T020000Z"), // newest
+            id("20261120T030000Z"), // + 7 days + 1 day slack = 11-28 03:00: free now
+            id("20261121T030000Z"), // locked until 11-29 03:00
+        ];
+        let mut garbage = vec![
+            "db1/20261101T030000Z/data.tar.zst".to_string(),
+            "db1/20261125T030000Z/data.tar.zst".to_string(),
+        ];
+        // Without a lock nothing changes.
+        let mut d = retention::apply(&policy, &ids);
+        let mut g = garbage.clone();
+        assert!(hold_locked(&mut d, &mut g, &name, None, now).is_empty());
+        assert_eq!(d.iter().filter(|d| d.keep()).count(), 1);
+        assert_eq!(g.len(), 2);
+
+        let mut d = retention::apply(&policy, &ids);
+        let locked = hold_locked(&mut d, &mut garbage, &name, Some(7), now);
+        let kept: Vec<_> = d
+            .iter()
+            .map(|d| (d.id.to_string(), d.reasons.clone()))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                (
+                    "20261128T020000Z".to_string(),
+                    vec!["newest".to_string(), "last 1".to_string()]
+                ),
+                (
+                    "20261121T030000Z".to_string(),
+                    vec!["locked until 2026-11-29T03:00:00Z".to_string()]
+                ),
+                ("20261120T030000Z".to_string(), vec![]),
+            ]
+        );
+        assert_eq!(garbage, ["db1/20261101T030000Z/data.tar.zst"]);
+        assert_eq!(
+            locked,
+            [Locked {
+                key: "db1/20261125T030000Z/data.tar.zst".into(),
+                why: "an archive without a manifest, locked until 2026-12-03T03:00:00Z".into(),
+            }]
+        );
+        let report = PruneReport {
+            policy: true,
+            applied: false,
+            decisions: d,
+            unreadable: Vec::new(),
+            garbage,
+            locked,
+            uploads: Vec::new(),
+            uploads_listed: true,
+        };
+        assert_eq!(
+            prune_lines(&report),
+            "keep 20261128T020000Z  newest, last 1\n\
+             keep 20261121T030000Z  locked until 2026-11-29T03:00:00Z\n\
+             remove 20261120T030000Z\n\
+             remove db1/20261101T030000Z/data.tar.zst  an archive without a manifest\n\
+             keep db1/20261125T030000Z/data.tar.zst  an archive without a manifest, locked until 2026-12-03T03:00:00Z\n"
+        );
+    }
+
+    #[test]
+    fn stale_uploads_are_old_uploads_of_archive_keys() {
+        let name = common::manifest::BackupName::parse("db1").unwrap();
+        let now = time::macros::datetime!(2026-11-28 03:00 UTC);
+        let up =
+            |key: &str, id: &str, initiated: Option<time::OffsetDateTime>| store::PendingUpload {
+                key: key.into(),
+                upload_id: id.into(),
+                initiated,
+            };
+        let old = Some(time::macros::datetime!(2026-11-20 03:05 UTC));
+        let pending = [
+            up("db1/20261120T030000Z/data.tar.zst", "u1", old), // aborted
+            up("db1/20261120T030000Z/data.tar.xz", "u2", None), // aborted: the id is old
+            up("db1/20261127T040000Z/data.tar.zst", "u3", None), // younger than the grace
+            up("db1/20261120T030000Z/data.tar.zst", "u4", Some(now)), // started just now
+            up("db1/20261120T030000Z/manifest.toml", "u5", old), // not an archive
+            up("db1/2026/data.tar.zst", "u6", old),             // not an id
+            up("db10/20261120T030000Z/data.tar.zst", "u7", old), // another name
+            up("db1/20261120T030000Z/data.tar.zst", "bad id", old), // not an upload id
+            up("db1/20261120T030000Z/data.tar.zst", "", old),
+        ];
+        let got: Vec<_> = stale_uploads(&pending, &name, now)
+            .into_iter()
+            .map(|u| (u.key, u.upload_id, u.initiated))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "db1/20261120T030000Z/data.tar.zst".to_string(),
+                    "u1".to_string(),
+                    Some("2026-11-20T03:05:00Z".to_string())
+                ),
+                (
+                    "db1/20261120T030000Z/data.tar.xz".to_string(),
+                    "u2".to_string(),
+                    None
+                ),
+            ]
+        );
+    }
 
     #[test]
     fn garbage_is_an_old_archive_without_a_manifest() {

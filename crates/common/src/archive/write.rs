@@ -15,7 +15,7 @@ use super::policy::{Kind, Policy};
 use crate::codec::Counting;
 use crate::manifest::DataLayout;
 use crate::progress::Progress;
-use crate::reader::ProgressReader;
+use crate::reader::{ProgressReader, RateLimit};
 use tar::{Builder, EntryType, Header, HeaderMode};
 use walkdir::WalkDir;
 
@@ -90,6 +90,7 @@ pub fn write_tar<W: Write>(
     out: W,
     progress: &dyn Progress,
     cancelled: &dyn Fn() -> bool,
+    read_limit: Option<&RateLimit>,
 ) -> anyhow::Result<(W, TarStats)> {
     let mut tar = Builder::new(Counting::new(out));
     tar.mode(HeaderMode::Complete);
@@ -121,7 +122,8 @@ pub fn write_tar<W: Write>(
                 .map_err(|why| refused(path, why))?;
             let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
             let reader = ProgressReader::new(BufReader::with_capacity(1 << 20, f), progress)
-                .cancelled_by(cancelled);
+                .cancelled_by(cancelled)
+                .limited_by(read_limit);
             stats.files += 1;
             stats.content_bytes += md.len();
             tar.append_data(&mut header, &name, reader)
@@ -184,11 +186,15 @@ mod tests {
             paths: vec![v("mysql")],
             exclude: vec![v("mysql/ibtmp1")],
         };
-        let (bytes, stats) =
-            write_tar(root, &layout, Vec::new(), &crate::progress::Silent, &|| {
-                false
-            })
-            .unwrap();
+        let (bytes, stats) = write_tar(
+            root,
+            &layout,
+            Vec::new(),
+            &crate::progress::Silent,
+            &|| false,
+            None,
+        )
+        .unwrap();
         assert_eq!(stats.files, 2);
         assert_eq!(stats.content_bytes, 70_004);
         assert_eq!(stats.tar_size, bytes.len() as u64);
@@ -228,6 +234,7 @@ mod tests {
             Vec::new(),
             &crate::progress::Silent,
             cancelled,
+            None,
         )
     }
 

@@ -12,7 +12,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{Chunk, Store, StoreError, Transfer, Upload, UploadRecord};
+use super::{Chunk, PendingUpload, Store, StoreError, Transfer, Upload, UploadRecord};
 
 pub struct FileStore {
     root: PathBuf,
@@ -306,6 +306,53 @@ impl Store for FileStore {
         .await
     }
 
+    /// The temporary files `.<name>.partial-<pid>` under `prefix`: the
+    /// writes of a process that was killed (or is still running).
+    async fn list_uploads(&self, prefix: &str) -> anyhow::Result<Option<Vec<PendingUpload>>> {
+        let root = self.root.clone();
+        let prefix = prefix.to_string();
+        blocking(move || {
+            let dir_part = prefix.rsplit_once('/').map_or("", |(d, _)| d);
+            let start = root.join(dir_part);
+            let mut out = Vec::new();
+            if !start.exists() {
+                return Ok(Some(out));
+            }
+            for entry in walkdir::WalkDir::new(&start) {
+                let entry = entry.with_context(|| format!("cannot list {}", start.display()))?;
+                if !entry.file_type().is_file() {
+                    continue;
+                }
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some((object, pid)) = name
+                    .strip_prefix('.')
+                    .and_then(|n| n.rsplit_once(".partial-"))
+                    .filter(|(o, p)| !o.is_empty() && p.parse::<u32>().is_ok())
+                else {
+                    continue;
+                };
+                let dir = entry.path().parent().unwrap_or(&root).strip_prefix(&root)?;
+                let key = dir.join(object).to_string_lossy().into_owned();
+                if !key.starts_with(&prefix) {
+                    continue;
+                }
+                let initiated = entry
+                    .metadata()
+                    .ok()
+                    .and_then(|m| m.modified().ok())
+                    .map(time::OffsetDateTime::from);
+                out.push(PendingUpload {
+                    key,
+                    upload_id: pid.to_string(),
+                    initiated,
+                });
+            }
+            out.sort_by(|a, b| a.key.cmp(&b.key));
+            Ok(Some(out))
+        })
+        .await
+    }
+
     async fn delete(&self, key: &str) -> anyhow::Result<()> {
         match tokio::fs::remove_file(self.path(key)?).await {
             Ok(()) => Ok(()),
@@ -338,6 +385,7 @@ mod tests {
             part_size: 5 << 20,
             concurrency: 1,
             memory_limit: 16 << 20,
+            upload_rate: None,
         };
         let store = FileStore::new(root.clone(), transfer);
         let rt = tokio::runtime::Builder::new_current_thread()

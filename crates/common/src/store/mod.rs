@@ -14,6 +14,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use crate::config::{StoreConfig, StoreUrl};
+use crate::reader::RateLimit;
 
 pub use download::Download;
 pub use file::FileStore;
@@ -76,6 +77,17 @@ impl StoreError {
     }
 }
 
+/// An upload in progress, as [`Store::list_uploads`] found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingUpload {
+    /// The key being written, relative to the store's prefix.
+    pub key: String,
+    /// What [`Store::abort_upload`] takes to abort it.
+    pub upload_id: String,
+    /// When it was started, when the store says.
+    pub initiated: Option<time::OffsetDateTime>,
+}
+
 /// S3's limit on the number of parts of one upload.
 pub const MAX_PARTS: u64 = 10_000;
 /// S3's smallest part (all but the last).
@@ -125,6 +137,12 @@ pub trait Store: Send + Sync {
     async fn get(&self, key: &str, limit: u64) -> anyhow::Result<Bytes>;
     /// Every key that starts with `prefix`, sorted.
     async fn list(&self, prefix: &str) -> anyhow::Result<Vec<String>>;
+    /// The uploads under `prefix` that were started and neither completed
+    /// nor aborted (S3: ListMultipartUploads; a directory: the temporary
+    /// files of its writes), for [`Store::abort_upload`]; `Ok(None)` when
+    /// the store cannot list them. Keys and ids are as the store sent them:
+    /// untrusted until the caller checks them.
+    async fn list_uploads(&self, prefix: &str) -> anyhow::Result<Option<Vec<PendingUpload>>>;
     async fn delete(&self, key: &str) -> anyhow::Result<()>;
 }
 
@@ -153,6 +171,8 @@ pub struct Transfer {
     pub part_size: u64,
     pub concurrency: usize,
     pub memory_limit: u64,
+    /// Most bytes per second an upload hands over (`store.upload_rate_limit`).
+    pub upload_rate: Option<u64>,
 }
 
 /// The receiving end of a streamed upload, with its plan.
@@ -182,6 +202,7 @@ impl Transfer {
             part_size: cfg.part_size.as_u64(),
             concurrency: cfg.concurrency,
             memory_limit: cfg.memory_limit.as_u64(),
+            upload_rate: cfg.upload_rate_limit.map(|r| r.as_u64()),
         }
     }
 
@@ -191,7 +212,8 @@ impl Transfer {
     /// as many in flight as `memory_limit` holds.
     pub fn upload(&self, expected: u64) -> (PartWriter, Upload) {
         let part_size = plan_part_size(self.part_size, expected);
-        let (writer, parts) = part_channel(part_size);
+        let (mut writer, parts) = part_channel(part_size);
+        writer.limit = self.upload_rate.map(RateLimit::new);
         let in_flight = in_flight(self.memory_limit, part_size, self.concurrency);
         (
             writer,
@@ -232,11 +254,14 @@ fn in_flight(memory_limit: u64, part_size: u64, concurrency: usize) -> usize {
 }
 
 /// The writing end of a streamed upload: a blocking `Write` that cuts the
-/// stream into parts of `part_size` and hands them over without copying.
+/// stream into parts of `part_size` and hands them over without copying,
+/// no faster than `store.upload_rate_limit` when set (the parts in flight
+/// are at most one part's time ahead of it: the channel holds one).
 pub struct PartWriter {
     tx: mpsc::Sender<Chunk>,
     buf: BytesMut,
     part_size: usize,
+    limit: Option<RateLimit>,
 }
 
 /// A part channel: the writer for a blocking producer, the receiver for
@@ -249,6 +274,7 @@ fn part_channel(part_size: u64) -> (PartWriter, mpsc::Receiver<Chunk>) {
             tx,
             buf: BytesMut::with_capacity(part_size),
             part_size,
+            limit: None,
         },
         rx,
     )
@@ -273,7 +299,11 @@ impl PartWriter {
 
 impl io::Write for PartWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = data.len().min(self.part_size - self.buf.len());
+        let mut n = data.len().min(self.part_size - self.buf.len());
+        if let Some(limit) = &self.limit {
+            n = n.min(limit.piece());
+            limit.take_blocking(n as u64);
+        }
         self.buf.extend_from_slice(&data[..n]);
         if self.buf.len() == self.part_size {
             let part =
@@ -335,6 +365,31 @@ mod tests {
         assert_eq!(in_flight(256 * mib, 64 * mib, 8), 2);
         assert_eq!(in_flight(256 * mib, 600 * mib, 8), 1);
         assert_eq!(in_flight(256 * mib, 5 * mib, 4), 4);
+    }
+
+    #[test]
+    fn an_upload_rate_limit_holds_the_part_writer_back() {
+        // 3 MiB at 4 MiB/s: at least 0.75 s (a lower bound).
+        let transfer = Transfer {
+            part_size: 5 << 20,
+            concurrency: 2,
+            memory_limit: 64 << 20,
+            upload_rate: Some(4 << 20),
+        };
+        let (mut w, mut upload) = transfer.upload(3 << 20);
+        let start = std::time::Instant::now();
+        let t = std::thread::spawn(move || {
+            io::Write::write_all(&mut w, &vec![1u8; 3 << 20]).unwrap();
+            w.finish().unwrap();
+        });
+        let mut got = 0;
+        while let Some(Chunk::Data(b)) = upload.parts.blocking_recv() {
+            got += b.len();
+        }
+        t.join().unwrap();
+        let took = start.elapsed();
+        assert_eq!(got, 3 << 20);
+        assert!(took >= std::time::Duration::from_millis(740), "{took:?}");
     }
 
     #[test]

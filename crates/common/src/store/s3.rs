@@ -22,7 +22,7 @@ use aws_sdk_s3::Client;
 use bytes::Bytes;
 use tokio::task::JoinSet;
 
-use super::{Chunk, Store, StoreError, Transfer, Upload, UploadRecord};
+use super::{Chunk, PendingUpload, Store, StoreError, Transfer, Upload, UploadRecord};
 use crate::config::StoreConfig;
 
 pub struct S3Store {
@@ -34,7 +34,61 @@ pub struct S3Store {
     max_attempts: u32,
     /// Longest wait for the next piece of a body (`store.read_timeout`).
     read_timeout: Duration,
+    /// What every object written carries (storage class, encryption, lock).
+    put_options: PutOptions,
 }
+
+/// The headers every PutObject and CreateMultipartUpload carries, from
+/// `store.storage_class`, `store.sse`, `store.sse_kms_key_id`,
+/// `store.object_lock_days` and `store.object_lock_mode`. S3 wants a
+/// Content-MD5 or a checksum on writes with a retention: the SDK's default
+/// CRC32 checksum of every PutObject and UploadPart is that checksum.
+#[derive(Debug, Clone, Default)]
+struct PutOptions {
+    storage_class: Option<aws_sdk_s3::types::StorageClass>,
+    sse: Option<aws_sdk_s3::types::ServerSideEncryption>,
+    kms_key_id: Option<String>,
+    lock: Option<(aws_sdk_s3::types::ObjectLockMode, u32)>,
+}
+
+impl PutOptions {
+    fn from_config(cfg: &StoreConfig) -> PutOptions {
+        use aws_sdk_s3::types::{ObjectLockMode, ServerSideEncryption, StorageClass};
+        PutOptions {
+            storage_class: cfg.storage_class.map(|c| StorageClass::from(c.as_str())),
+            sse: cfg.sse.map(|e| ServerSideEncryption::from(e.as_str())),
+            kms_key_id: cfg.sse_kms_key_id.as_ref().map(|k| k.as_str().to_string()),
+            lock: cfg
+                .object_lock()
+                .map(|(mode, days)| (ObjectLockMode::from(mode.as_str()), days)),
+        }
+    }
+
+    /// The retention's end for an object written now: `object_lock_days`
+    /// from now, in whole seconds.
+    fn retain_until(&self) -> Option<aws_sdk_s3::primitives::DateTime> {
+        self.lock.as_ref().map(|(_, days)| {
+            let until = time::OffsetDateTime::now_utc() + time::Duration::days(i64::from(*days));
+            aws_sdk_s3::primitives::DateTime::from_secs(until.unix_timestamp())
+        })
+    }
+}
+
+/// Sets the [`PutOptions`] on a PutObject or CreateMultipartUpload
+/// builder (the two have the same setters, but no common trait).
+macro_rules! with_put_options {
+    ($req:expr, $o:expr) => {{
+        let o: &PutOptions = $o;
+        $req.set_storage_class(o.storage_class.clone())
+            .set_server_side_encryption(o.sse.clone())
+            .set_ssekms_key_id(o.kms_key_id.clone())
+            .set_object_lock_mode(o.lock.as_ref().map(|(m, _)| m.clone()))
+            .set_object_lock_retain_until_date(o.retain_until())
+    }};
+}
+
+/// Most pages of ListMultipartUploads (1,000 uploads each) one listing reads.
+const MAX_UPLOAD_PAGES: usize = 100;
 
 /// First and largest pause between attempts (before jitter).
 const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
@@ -223,6 +277,7 @@ impl S3Store {
             transfer: Transfer::from_config(cfg),
             max_attempts: cfg.max_attempts,
             read_timeout: cfg.read_timeout,
+            put_options: PutOptions::from_config(cfg),
         })
     }
 
@@ -285,12 +340,14 @@ impl S3Store {
 
     /// One PutObject; `if_absent`: only when `key` does not exist.
     async fn put_object(&self, key: &str, body: Bytes, if_absent: bool) -> anyhow::Result<()> {
-        self.client
+        let req = self
+            .client
             .put_object()
             .bucket(&self.bucket)
             .key(self.key(key))
             .set_if_none_match(if_absent.then(|| "*".to_string()))
-            .body(ByteStream::from(body))
+            .body(ByteStream::from(body));
+        with_put_options!(req, &self.put_options)
             .send()
             .await
             .map_err(|e| s3_error("PutObject", &self.url(key), e))?;
@@ -328,11 +385,12 @@ impl S3Store {
     async fn multipart(&self, key: &str, first: Bytes, upload: &mut Upload) -> anyhow::Result<u64> {
         let url = self.url(key);
         let full = self.key(key);
-        let created = self
+        let req = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
-            .key(&full)
+            .key(&full);
+        let created = with_put_options!(req, &self.put_options)
             .send()
             .await
             .map_err(|e| s3_error("CreateMultipartUpload", &url, e))?;
@@ -651,6 +709,63 @@ impl Store for S3Store {
         }
         keys.sort();
         Ok(keys)
+    }
+
+    async fn list_uploads(&self, prefix: &str) -> anyhow::Result<Option<Vec<PendingUpload>>> {
+        let full = self.key(prefix);
+        let strip = if self.prefix.is_empty() {
+            0
+        } else {
+            self.prefix.len() + 1
+        };
+        let mut out = Vec::new();
+        let (mut key_marker, mut id_marker) = (None, None);
+        for _ in 0..MAX_UPLOAD_PAGES {
+            let page = match self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(&full)
+                .set_key_marker(key_marker.take())
+                .set_upload_id_marker(id_marker.take())
+                .send()
+                .await
+            {
+                Ok(p) => p,
+                Err(e)
+                    if e.code() == Some("NotImplemented")
+                        || e.raw_response().is_some_and(|r| r.status().as_u16() == 501) =>
+                {
+                    return Ok(None)
+                }
+                Err(e) => return Err(s3_error("ListMultipartUploads", &self.url(prefix), e).into()),
+            };
+            // An upload outside the prefix asked for (a broken or hostile
+            // server) is ignored.
+            out.extend(page.uploads().iter().filter_map(|u| {
+                let key = u.key().filter(|k| k.starts_with(&full))?;
+                Some(PendingUpload {
+                    key: key.get(strip..)?.to_string(),
+                    upload_id: u.upload_id()?.to_string(),
+                    initiated: u
+                        .initiated()
+                        .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.secs()).ok()),
+                })
+            }));
+            if page.is_truncated() != Some(true) {
+                return Ok(Some(out));
+            }
+            key_marker = page.next_key_marker().map(str::to_string);
+            id_marker = page.next_upload_id_marker().map(str::to_string);
+            if key_marker.is_none() && id_marker.is_none() {
+                return Ok(Some(out));
+            }
+        }
+        tracing::warn!(
+            "{}: more than {MAX_UPLOAD_PAGES} pages of multipart uploads; looked at the first ones only",
+            self.url(prefix)
+        );
+        Ok(Some(out))
     }
 
     async fn delete(&self, key: &str) -> anyhow::Result<()> {

@@ -241,6 +241,7 @@ mod tests {
             part_size: 5 << 20,
             concurrency: 1,
             memory_limit: 16 << 20,
+            upload_rate: None,
         };
         let store = crate::store::FileStore::new(root.clone(), transfer);
         let log = UploadLog::in_state_dir(&dir.path().join("state"));

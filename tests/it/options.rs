@@ -1,0 +1,356 @@
+//! What the S3 store puts on the wire for `store.storage_class`,
+//! `store.sse`, `store.sse_kms_key_id` and Object Lock: the fault proxy
+//! records every request's headers in front of the real server (s3s-fs,
+//! signatures checked), and every write must carry them.
+
+use bytes::Bytes;
+use common::config::{KmsKeyId, ObjectLockMode, Sse, StorageClass};
+use common::store::open;
+use mysnap_tests::faults::{FaultProxy, On};
+use mysnap_tests::S3Server;
+
+use crate::store::{config, data, sha, stream, stream_new};
+
+const MIB: usize = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_write_carries_storage_class_encryption_and_object_lock() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = S3Server::start(&tmp.path().join("s3"));
+    server.create_bucket("mysnap-test");
+    server.set_process_env();
+    let proxy = FaultProxy::start(&server.endpoint);
+    let mut cfg = config("s3://mysnap-test/pfx".into(), Some(&proxy.endpoint));
+    // s3s-fs refuses a PutObject in a class other than STANDARD and
+    // REDUCED_REDUNDANCY; it ignores the encryption and lock headers.
+    cfg.storage_class = Some(StorageClass::try_from("REDUCED_REDUNDANCY".to_string()).unwrap());
+    cfg.sse = Some(Sse::try_from("aws:kms".to_string()).unwrap());
+    cfg.sse_kms_key_id = Some(KmsKeyId::try_from("alias/mysnap-test".to_string()).unwrap());
+    cfg.object_lock_days = Some(30);
+    cfg.object_lock_mode = Some(ObjectLockMode::Compliance);
+    let store = open(&cfg).await.unwrap();
+
+    let before = time::OffsetDateTime::now_utc();
+    let body = data(13 * MIB, 7);
+    stream(&*store, "a/data.bin", body.clone(), true)
+        .await
+        .unwrap();
+    stream_new(&*store, "a/new.bin", body[..11 * MIB].to_vec())
+        .await
+        .unwrap();
+    store
+        .put("a/small", Bytes::from_static(b"small"))
+        .await
+        .unwrap();
+    store
+        .put_new("a/manifest.toml", Bytes::from_static(b"m"))
+        .await
+        .unwrap();
+    let after = time::OffsetDateTime::now_utc();
+    let got = store.get("a/data.bin", 1 << 30).await.unwrap();
+    assert_eq!(sha(&got), sha(&body));
+
+    let seen = proxy.seen();
+    let writes: Vec<_> = seen
+        .iter()
+        .filter(|r| r.is(&On::PutObject) || r.is(&On::CreateMultipartUpload))
+        .collect();
+    assert_eq!(writes.len(), 4, "two PutObject, two CreateMultipartUpload");
+    let fmt = time::format_description::well_known::Rfc3339;
+    for r in &writes {
+        let what = r.describe();
+        assert_eq!(
+            r.header("x-amz-storage-class"),
+            Some("REDUCED_REDUNDANCY"),
+            "{what}"
+        );
+        assert_eq!(
+            r.header("x-amz-server-side-encryption"),
+            Some("aws:kms"),
+            "{what}"
+        );
+        assert_eq!(
+            r.header("x-amz-server-side-encryption-aws-kms-key-id"),
+            Some("alias/mysnap-test"),
+            "{what}"
+        );
+        assert_eq!(
+            r.header("x-amz-object-lock-mode"),
+            Some("COMPLIANCE"),
+            "{what}"
+        );
+        let until = r
+            .header("x-amz-object-lock-retain-until-date")
+            .unwrap_or_else(|| panic!("{what}: no retain-until date"));
+        let until = time::OffsetDateTime::parse(until, &fmt).unwrap();
+        let days = time::Duration::days(30);
+        assert!(
+            until >= before + days - time::Duration::seconds(1) && until <= after + days,
+            "{what}: retain until {until}"
+        );
+    }
+    // S3 takes a write with a retention only with Content-MD5 or a
+    // checksum: every PutObject and UploadPart has the SDK's.
+    for r in seen
+        .iter()
+        .filter(|r| r.is(&On::PutObject) || r.is(&On::UploadPart))
+    {
+        let checksum = r.headers.iter().any(|(n, _)| {
+            n == "content-md5" || n.starts_with("x-amz-checksum-") || n == "x-amz-trailer"
+        });
+        assert!(checksum, "{}: no checksum: {:?}", r.describe(), r.headers);
+    }
+    // Reads and parts carry none of the write options.
+    for r in seen
+        .iter()
+        .filter(|r| r.is(&On::GetObject) || r.is(&On::UploadPart))
+    {
+        assert_eq!(r.header("x-amz-storage-class"), None, "{}", r.describe());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_options_no_such_header_is_sent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = S3Server::start(&tmp.path().join("s3"));
+    server.create_bucket("mysnap-test");
+    server.set_process_env();
+    let proxy = FaultProxy::start(&server.endpoint);
+    let store = open(&config(
+        "s3://mysnap-test/pfx".into(),
+        Some(&proxy.endpoint),
+    ))
+    .await
+    .unwrap();
+    store
+        .put("a/small", Bytes::from_static(b"small"))
+        .await
+        .unwrap();
+    let seen = proxy.seen();
+    let put = seen.iter().find(|r| r.is(&On::PutObject)).unwrap();
+    for h in [
+        "x-amz-storage-class",
+        "x-amz-server-side-encryption",
+        "x-amz-object-lock-mode",
+        "x-amz-object-lock-retain-until-date",
+    ] {
+        assert_eq!(put.header(h), None, "{h}");
+    }
+}
+
+/// A config for the restorer binary with the S3 store at `endpoint`.
+fn restorer_config(dir: &std::path::Path, endpoint: &str, extra: &str) -> std::path::PathBuf {
+    let config = dir.join("mysnap.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[volume]\nbackend = \"btrfs\"\nmountpoint = \"/mnt\"\ndatadir = \"/mnt/mysql\"\n\
+             [store]\nurl = \"s3://mysnap-test/pfx\"\nendpoint = \"{endpoint}\"\nforce_path_style = true\n\
+             region = \"us-east-1\"\nmax_attempts = 2\n{extra}\n\
+             [backup]\nname = \"db1\"\nstate_dir = \"{}\"\n[retention]\nkeep_last = 1\n",
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn restorer(server: &S3Server, config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(mysnap_tests::bin("restorer"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .envs(server.env())
+        .output()
+        .unwrap()
+}
+
+/// The test server has no ListMultipartUploads (s3s answers
+/// NotImplemented): prune says so, names the lifecycle rule, and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_on_a_store_without_list_multipart_uploads_warns_and_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = S3Server::start(&tmp.path().join("s3"));
+    server.create_bucket("mysnap-test");
+    server.set_process_env();
+    let store = open(&config(
+        "s3://mysnap-test/pfx".into(),
+        Some(&server.endpoint),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(store.list_uploads("db1/").await.unwrap(), None);
+    let config = restorer_config(tmp.path(), &server.endpoint, "");
+    let out = restorer(&server, &config, &["prune", "--apply"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("this store cannot list multipart uploads")
+            && stderr.contains("AbortIncompleteMultipartUpload"),
+        "{stderr}"
+    );
+}
+
+/// A store that lists incomplete uploads (the proxy answers
+/// ListMultipartUploads for the server): prune aborts exactly the old
+/// upload of an archive key, on the real server, and leaves the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_aborts_old_incomplete_uploads_of_archives_and_only_those() {
+    use mysnap_tests::faults::{Fault, Times};
+    let tmp = tempfile::tempdir().unwrap();
+    let server = S3Server::start(&tmp.path().join("s3"));
+    server.create_bucket("mysnap-test");
+    server.set_process_env();
+    let proxy = FaultProxy::start(&server.endpoint);
+    let store = open(&config(
+        "s3://mysnap-test/pfx".into(),
+        Some(&proxy.endpoint),
+    ))
+    .await
+    .unwrap();
+    // A killed run's upload: the abort after the failed stream fails too.
+    proxy.inject(
+        Fault::InternalError500,
+        On::AbortMultipartUpload,
+        Times::Always,
+    );
+    let key = "db1/20261120T030000Z/data.tar.zst";
+    assert!(stream(&*store, key, data(11 * MIB, 9), false)
+        .await
+        .is_err());
+    proxy.clear();
+    assert_eq!(crate::store::uploads_on_server(&server.root).len(), 1);
+    let upload_id = proxy
+        .seen()
+        .iter()
+        .filter(|r| r.is(&On::AbortMultipartUpload))
+        .find_map(|r| {
+            r.describe()
+                .split(['?', '&'])
+                .find_map(|p| p.strip_prefix("uploadId=").map(str::to_string))
+        })
+        .expect("an AbortMultipartUpload with its uploadId");
+    let upload = |key: &str, id: &str, initiated: &str| {
+        format!("<Upload><Key>pfx/{key}</Key><UploadId>{id}</UploadId><Initiated>{initiated}</Initiated><StorageClass>STANDARD</StorageClass></Upload>")
+    };
+    let young = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    proxy.answer(
+        On::ListMultipartUploads,
+        &format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<ListMultipartUploadsResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Bucket>mysnap-test</Bucket><Prefix>pfx/db1/</Prefix><MaxUploads>1000</MaxUploads><IsTruncated>false</IsTruncated>{}{}{}{}</ListMultipartUploadsResult>",
+            upload(key, &upload_id, "2026-11-20T03:00:05.000Z"),
+            // Started just now (a run in progress), not an archive, another name.
+            upload("db1/20261120T030000Z/data.tar.xz", "young", &young),
+            upload("db1/20261120T030000Z/manifest.toml", "m", "2026-11-20T03:00:05.000Z"),
+            upload("db10/20261120T030000Z/data.tar.zst", "x", "2026-11-20T03:00:05.000Z"),
+        ),
+    );
+    let config = restorer_config(tmp.path(), &proxy.endpoint, "");
+    let dry = restorer(&server, &config, &["prune"]);
+    let stdout = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        dry.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    assert_eq!(
+        stdout,
+        format!("abort {key}  an incomplete upload started 2026-11-20T03:00:05Z\n")
+    );
+    assert_eq!(
+        crate::store::uploads_on_server(&server.root).len(),
+        1,
+        "a dry run"
+    );
+    let out = restorer(&server, &config, &["prune", "--apply"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("aborted {key}")));
+    assert!(crate::store::uploads_on_server(&server.root).is_empty());
+    let aborts: Vec<_> = proxy
+        .seen()
+        .iter()
+        .filter(|r| r.is(&On::AbortMultipartUpload))
+        .map(|r| r.describe())
+        .collect();
+    // The one the failed stream tried (500s, retried) and the prune's.
+    let pruned: Vec<_> = aborts.iter().filter(|a| a.contains(&upload_id)).collect();
+    assert!(
+        !pruned.is_empty() && aborts.iter().all(|a| a.contains(&upload_id)),
+        "{aborts:?}"
+    );
+}
+
+/// With Object Lock configured, a delete the store refuses (403
+/// AccessDenied: still locked) keeps that backup, whole and listed, and
+/// prune goes on; credentials that may not list multipart uploads get a
+/// warning naming the permission, not a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_keeps_a_backup_whose_delete_the_store_refuses_under_object_lock() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = S3Server::start(&tmp.path().join("s3"));
+    server.create_bucket("mysnap-test");
+    server.set_process_env();
+    let direct = open(&config(
+        "s3://mysnap-test/pfx".into(),
+        Some(&server.endpoint),
+    ))
+    .await
+    .unwrap();
+    let ids = ["20200101T030000Z", "20200102T030000Z", "20200103T030000Z"];
+    for id in ids {
+        let m = mysnap_tests::synthetic_manifest("db1", id);
+        direct
+            .put(&format!("db1/{id}/manifest.toml"), Bytes::from(m))
+            .await
+            .unwrap();
+        direct
+            .put(
+                &format!("db1/{id}/data.tar.zst"),
+                Bytes::from_static(b"zstd"),
+            )
+            .await
+            .unwrap();
+    }
+    let proxy = FaultProxy::start(&server.endpoint);
+    let denied = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied because object protected by object lock.</Message><RequestId>fault-proxy</RequestId></Error>";
+    proxy.answer_with(
+        On::DeleteObject("20200101T030000Z/manifest.toml".into()),
+        hyper::StatusCode::FORBIDDEN,
+        denied,
+    );
+    proxy.answer_with(
+        On::ListMultipartUploads,
+        hyper::StatusCode::FORBIDDEN,
+        denied,
+    );
+    // A day's retention: long over for backups of 2020.
+    let config = restorer_config(tmp.path(), &proxy.endpoint, "object_lock_days = 1");
+    let out = restorer(&server, &config, &["prune", "--apply"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stdout,
+        "keep 20200103T030000Z  newest, last 1\n\
+         removed 20200102T030000Z\n\
+         keep 20200101T030000Z  the store refused the delete: locked (Object Lock)\n"
+    );
+    assert!(stderr.contains("s3:ListBucketMultipartUploads"), "{stderr}");
+    assert_eq!(
+        direct.list("db1/").await.unwrap(),
+        [
+            "db1/20200101T030000Z/data.tar.zst",
+            "db1/20200101T030000Z/manifest.toml",
+            "db1/20200103T030000Z/data.tar.zst",
+            "db1/20200103T030000Z/manifest.toml",
+        ]
+    );
+}
