@@ -1223,7 +1223,10 @@ name = "db1"
                 "metrics.textfile_dir must be an absolute path",
             ),
             ("[metrics]\ntextfile = \"/x\"\n", "unknown field `textfile`"),
-            ("[metrics]\ntextfile_dir = 3\n", "line 11: invalid type"),
+            (
+                "[metrics]\ntextfile_dir = 3\n",
+                "line 11: metrics.textfile_dir: invalid type",
+            ),
         ] {
             let e = parse(&format!("{MINIMAL}{bad}")).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
