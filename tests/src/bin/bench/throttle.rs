@@ -166,9 +166,9 @@ pub fn measure(b: &Bench, data_bytes: u64, writer: &Writer, report: &mut Report)
     );
     let mut json = vec![serde_json::json!({"backup": "none", "secs": null,
         "tps": idle_tps, "p95_ms": idle_p95, "stall_secs": idle_stall})];
-    for (what, limit, f) in [
-        ("unthrottled", None, &full),
-        (label.as_str(), Some(limit), &slow),
+    for (what, key, limit, f) in [
+        ("unthrottled", "unthrottled", None, &full),
+        (label.as_str(), "throttled", Some(limit), &slow),
     ] {
         let mbs = data_bytes as f64 / 1e6 / f.secs;
         writeln!(
@@ -181,7 +181,7 @@ pub fn measure(b: &Bench, data_bytes: u64, writer: &Writer, report: &mut Report)
         )
         .unwrap();
         json.push(
-            serde_json::json!({"backup": what, "read_rate_limit": limit, "secs": f.secs,
+            serde_json::json!({"backup": key, "read_rate_limit": limit, "secs": f.secs,
             "mb_per_s": mbs, "tps": f.tps, "p95_ms": f.p95, "stall_secs": f.stall}),
         );
     }
