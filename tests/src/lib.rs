@@ -492,7 +492,9 @@ impl Drop for MariaDb {
 // ---------------------------------------------------------------------------
 // sysbench
 
-fn sysbench(socket: &Path, tables: u32, rows: u32) -> Command {
+/// A sysbench `oltp_read_write` command on `tables` tables of `rows` rows;
+/// the caller adds the options and the action.
+pub fn sysbench(socket: &Path, tables: u32, rows: u32) -> Command {
     let mut cmd = Command::new("sysbench");
     cmd.arg("oltp_read_write")
         .arg("--db-driver=mysql")

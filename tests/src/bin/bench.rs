@@ -8,7 +8,8 @@
 //!
 //! `main` is the sequence of measurements; the modules beside this file hold
 //! the parts: `dataset` (the rig and its data), `measure` (timing), `lock`,
-//! `limits`, `contenders` (mysnap and its peers), `report` and `chart`.
+//! `limits`, `contenders` (mysnap and its peers), `throttle` (a backup under
+//! load, with and without a read limit), `report` and `chart`.
 
 #[path = "bench/chart.rs"]
 mod chart;
@@ -24,6 +25,8 @@ mod lock;
 mod measure;
 #[path = "bench/report.rs"]
 mod report;
+#[path = "bench/throttle.rs"]
+mod throttle;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -85,6 +88,10 @@ fn main() {
     // Backup: the limits on the same snapshot, mysnap, the peers.
     let peers = Peers::new(&b);
     let backup = backup(&b, &peers, data_bytes, &mut report);
+
+    // Throttling: a backup under load, unthrottled and with a read limit.
+    eprintln!("bench: throttling");
+    throttle::measure(&b, data_bytes, &writer, &mut report);
 
     // Restore: archive → server answering, from what the backups left.
     let restore = restore(&b, &peers, &mut report);
