@@ -8,9 +8,10 @@ mod uploads;
 
 use std::io;
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::config::{StoreConfig, StoreUrl};
@@ -257,11 +258,44 @@ fn in_flight(memory_limit: u64, part_size: u64, concurrency: usize) -> usize {
 /// stream into parts of `part_size` and hands them over without copying,
 /// no faster than `store.upload_rate_limit` when set (the parts in flight
 /// are at most one part's time ahead of it: the channel holds one).
+///
+/// Part buffers are recycled: a part handed over returns to the writer's
+/// pool when the store drops its last reference, so the stream touches the
+/// same few buffers from the second part on. A fresh allocation per part
+/// costs the kernel a page fault for every 4 KiB of every part, which was
+/// half the CPU time of a `none` backup and made it vary by 2x between runs.
 pub struct PartWriter {
     tx: mpsc::Sender<Chunk>,
-    buf: BytesMut,
+    buf: Vec<u8>,
     part_size: usize,
+    pool: Pool,
     limit: Option<RateLimit>,
+}
+
+/// Buffers of parts the store is done with. It holds at most as many as
+/// were alive at once (parts in flight, one queued, one being filled).
+type Pool = Arc<Mutex<Vec<Vec<u8>>>>;
+
+/// A part's bytes: back into the pool when the last reference goes.
+struct PooledPart {
+    buf: Vec<u8>,
+    pool: Pool,
+}
+
+impl AsRef<[u8]> for PooledPart {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for PooledPart {
+    fn drop(&mut self) {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        if let Ok(mut pool) = self.pool.lock() {
+            pool.push(buf);
+        }
+    }
 }
 
 /// A part channel: the writer for a blocking producer, the receiver for
@@ -272,8 +306,9 @@ fn part_channel(part_size: u64) -> (PartWriter, mpsc::Receiver<Chunk>) {
     (
         PartWriter {
             tx,
-            buf: BytesMut::with_capacity(part_size),
+            buf: Vec::with_capacity(part_size),
             part_size,
+            pool: Pool::default(),
             limit: None,
         },
         rx,
@@ -287,10 +322,21 @@ impl PartWriter {
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))
     }
 
+    /// The filled buffer as a part; a recycled (or new) empty one in its place.
+    fn take_part(&mut self) -> Bytes {
+        let recycled = self.pool.lock().ok().and_then(|mut pool| pool.pop());
+        let next = recycled.unwrap_or_else(|| Vec::with_capacity(self.part_size));
+        let buf = std::mem::replace(&mut self.buf, next);
+        Bytes::from_owner(PooledPart {
+            buf,
+            pool: self.pool.clone(),
+        })
+    }
+
     /// Sends the last part and marks the stream complete.
     pub fn finish(mut self) -> io::Result<()> {
         if !self.buf.is_empty() {
-            let part = self.buf.split().freeze();
+            let part = self.take_part();
             self.send(Chunk::Data(part))?;
         }
         self.send(Chunk::End)
@@ -306,8 +352,7 @@ impl io::Write for PartWriter {
         }
         self.buf.extend_from_slice(&data[..n]);
         if self.buf.len() == self.part_size {
-            let part =
-                std::mem::replace(&mut self.buf, BytesMut::with_capacity(self.part_size)).freeze();
+            let part = self.take_part();
             self.send(Chunk::Data(part))?;
         }
         Ok(n)
@@ -408,5 +453,41 @@ mod tests {
         }
         t.join().unwrap();
         assert_eq!(got, ["01234567", "89abcdef", "XYZ", "END"]);
+    }
+
+    #[test]
+    fn part_buffers_come_back_to_the_writer_when_the_store_drops_them() {
+        let (mut w, mut rx) = part_channel(8);
+        io::Write::write_all(&mut w, b"01234567").unwrap();
+        let Some(Chunk::Data(first)) = rx.blocking_recv() else {
+            panic!("no part")
+        };
+        let first_ptr = first.as_ptr();
+        let held = first.clone();
+        drop(first);
+        assert!(
+            w.pool.lock().unwrap().is_empty(),
+            "a part still referenced is not reused"
+        );
+        drop(held);
+        assert_eq!(w.pool.lock().unwrap().len(), 1);
+        // The buffer being filled was allocated before; the recycled one is
+        // used for the part after it.
+        io::Write::write_all(&mut w, b"89abcdefXY").unwrap();
+        let Some(Chunk::Data(second)) = rx.blocking_recv() else {
+            panic!("no part")
+        };
+        assert_eq!(&second[..], b"89abcdef");
+        drop(second);
+        io::Write::write_all(&mut w, b"ZZZZZZ").unwrap();
+        let Some(Chunk::Data(third)) = rx.blocking_recv() else {
+            panic!("no part")
+        };
+        assert_eq!(&third[..], b"XYZZZZZZ");
+        assert_eq!(
+            third.as_ptr(),
+            first_ptr,
+            "the first part's buffer was not reused"
+        );
     }
 }
