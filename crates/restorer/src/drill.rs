@@ -122,7 +122,7 @@ pub async fn drill(
     if let Some((uid, gid)) = owner {
         warn_unreachable(&scratch, uid, gid);
     }
-    crate::restore::stop_if_interrupted(int)?;
+    int.stop_if_set()?;
     tracing::info!(
         "drill of backup {} ({}) in {}",
         m.backup_id,
@@ -254,7 +254,7 @@ async fn steps(
     .await?;
     rec.unpacked_bytes = streamed.file_bytes;
     rec.unpack_secs = t.elapsed().as_secs_f64();
-    crate::restore::stop_if_interrupted(int)?;
+    int.stop_if_set()?;
 
     let t = Instant::now();
     let datadir = data.join(&m.data.datadir);
@@ -329,7 +329,7 @@ async fn check_tables(
         errors: Vec::new(),
     };
     for (db, table) in &tables {
-        crate::restore::stop_if_interrupted(int)?;
+        int.stop_if_set()?;
         let shown = format!("{}.{}", quote_ident(db), quote_ident(table));
         let sql = format!("CHECK TABLE {shown}");
         let rows: Result<Vec<mysql_async::Row>, _> = conn.query(sql.as_str()).await;
@@ -644,7 +644,7 @@ impl Scratch {
         })?;
         let start = Instant::now();
         loop {
-            crate::restore::stop_if_interrupted(int)?;
+            int.stop_if_set()?;
             if let Some(status) = self
                 .server
                 .as_mut()
