@@ -60,26 +60,17 @@ pub fn stale_uploads(
     name: &common::manifest::BackupName,
     now: time::OffsetDateTime,
 ) -> Vec<StaleUpload> {
-    let prefix = keys::backups_of(name);
     pending
         .iter()
         .filter(|u| {
-            let Some(id) = u
-                .key
-                .strip_prefix(&prefix)
-                .and_then(|r| r.split_once('/'))
-                .and_then(|(id, _)| BackupId::parse(id).ok())
-            else {
+            let Some((id, _)) = keys::archive_of(name, &u.key) else {
                 return false;
             };
-            let archive = [Compression::Zstd, Compression::Xz, Compression::None]
-                .iter()
-                .any(|c| keys::archive(name, &id, *c) == u.key);
             let id_ok = (1..=1024).contains(&u.upload_id.len())
                 && u.upload_id.bytes().all(|b| b.is_ascii_graphic());
             let old = id.time() + GARBAGE_GRACE < now
                 && u.initiated.is_none_or(|t| t + GARBAGE_GRACE < now);
-            archive && id_ok && old
+            id_ok && old
         })
         .map(|u| StaleUpload {
             key: u.key.clone(),
@@ -132,13 +123,9 @@ pub fn hold_locked(
             d.reasons.push(format!("locked until {}", rfc3339(until)));
         }
     }
-    let prefix = keys::backups_of(name);
     let mut locked = Vec::new();
     garbage.retain(|key| {
-        let id = key
-            .strip_prefix(&prefix)
-            .and_then(|r| r.split_once('/'))
-            .and_then(|(id, _)| BackupId::parse(id).ok());
+        let id = keys::parse(key).filter(|k| k.name == *name).map(|k| k.id);
         match id.map(|id| locked_until(&id, days)) {
             Some(until) if until > now => {
                 locked.push(Locked {
@@ -172,25 +159,21 @@ pub fn garbage(
         .iter()
         .filter_map(|k| keys::manifest_id(name, k))
         .collect();
-    let prefix = keys::backups_of(name);
-    let mut out = Vec::new();
-    for key in listed {
-        let Some((id, file)) = key.strip_prefix(&prefix).and_then(|r| r.split_once('/')) else {
-            continue;
-        };
-        let Ok(id) = BackupId::parse(id) else {
-            continue;
-        };
-        let old = id.time() + GARBAGE_GRACE < now;
-        let archive = [Compression::Zstd, Compression::Xz, Compression::None]
-            .iter()
-            .any(|c| keys::archive(name, &id, *c) == *key && c.file_name() == file);
-        let drill = keys::drill_of(name, key).is_some_and(|(of, _)| of == id);
-        if (archive || drill) && old && !manifests.contains(&id) {
-            out.push(key.clone());
-        }
-    }
-    out
+    listed
+        .iter()
+        .filter(|key| {
+            let id = match keys::parse(key).filter(|k| k.name == *name) {
+                Some(keys::Key {
+                    id,
+                    object: keys::Object::Archive(_) | keys::Object::Drill(_),
+                    ..
+                }) => id,
+                _ => return false,
+            };
+            id.time() + GARBAGE_GRACE < now && !manifests.contains(&id)
+        })
+        .cloned()
+        .collect()
 }
 
 /// Recorded only for `--apply` (a dry run changes nothing).
@@ -403,13 +386,9 @@ async fn delete(
 
 /// What a garbage key (an archive or a drill record, from [`garbage`]) is, for people.
 fn garbage_kind(key: &str) -> &'static str {
-    match key
-        .rsplit('/')
-        .next()
-        .is_some_and(|f| f.starts_with("drill-"))
-    {
-        true => "a drill record without a manifest",
-        false => "an archive without a manifest",
+    match keys::parse(key).map(|k| k.object) {
+        Some(keys::Object::Drill(_)) => "a drill record without a manifest",
+        _ => "an archive without a manifest",
     }
 }
 
@@ -572,6 +551,20 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn garbage_is_named_by_its_parsed_key() {
+        for (key, kind) in [
+            ("db1/20261120T030000Z/data.tar.zst", "an archive without a manifest"),
+            ("db1/20261120T030000Z/data.tar", "an archive without a manifest"),
+            (
+                "db1/20261120T030000Z/drill-20261121T030000Z.toml",
+                "a drill record without a manifest",
+            ),
+        ] {
+            assert_eq!(garbage_kind(key), kind, "{key}");
+        }
     }
 
     #[test]
