@@ -66,8 +66,11 @@ pub fn parse(key: &str) -> Option<Key> {
         {
             Some(c) => Object::Archive(c),
             None => Object::Drill(
-                BackupId::parse(file.strip_prefix(DRILL_PREFIX)?.strip_suffix(DRILL_SUFFIX)?)
-                    .ok()?,
+                BackupId::parse(
+                    file.strip_prefix(DRILL_PREFIX)?
+                        .strip_suffix(DRILL_SUFFIX)?,
+                )
+                .ok()?,
             ),
         },
     };

@@ -352,7 +352,11 @@ fn record_checked(rec: &mut DrillRecord, checked: Checked) -> anyhow::Result<()>
             checked.errors.len(),
             checked.checked,
             shown.join("; "),
-            if checked.errors.len() > 3 { "; …" } else { "" }
+            if checked.errors.len() > 3 {
+                "; …"
+            } else {
+                ""
+            }
         );
         rec.problem = Some(drill::text(&problem));
         return Err(integrity_err(format!(

@@ -556,8 +556,14 @@ mod tests {
     #[test]
     fn garbage_is_named_by_its_parsed_key() {
         for (key, kind) in [
-            ("db1/20261120T030000Z/data.tar.zst", "an archive without a manifest"),
-            ("db1/20261120T030000Z/data.tar", "an archive without a manifest"),
+            (
+                "db1/20261120T030000Z/data.tar.zst",
+                "an archive without a manifest",
+            ),
+            (
+                "db1/20261120T030000Z/data.tar",
+                "an archive without a manifest",
+            ),
             (
                 "db1/20261120T030000Z/drill-20261121T030000Z.toml",
                 "a drill record without a manifest",
