@@ -830,6 +830,59 @@ impl S3Server {
     }
 }
 
+/// The bucket of the tests' S3 stores, and the store URL under it.
+pub const TEST_BUCKET: &str = "mysnap-test";
+pub const TEST_S3_URL: &str = "s3://mysnap-test/pfx";
+
+impl S3Server {
+    /// A server on `root` with [`TEST_BUCKET`], its credentials in this
+    /// process's environment (for stores opened in the test itself).
+    pub fn with_bucket(root: &Path) -> S3Server {
+        let server = S3Server::start(root);
+        server.create_bucket(TEST_BUCKET);
+        server.set_process_env();
+        server
+    }
+
+    /// The `[store]` keys of an S3 store reached at `endpoint` (this
+    /// server, or a proxy in front of it), beside `url`.
+    pub fn store_keys(endpoint: &str) -> toml::Table {
+        let mut t = toml::Table::new();
+        t.insert("endpoint".into(), endpoint.into());
+        t.insert("force_path_style".into(), true.into());
+        t.insert("region".into(), "us-east-1".into());
+        t
+    }
+}
+
+/// A store config for `url`, reached at `endpoint` for S3 (this server or
+/// a proxy), with small parts and short timeouts.
+pub fn store_config(url: &str, endpoint: Option<&str>) -> common::config::StoreConfig {
+    common::config::StoreConfig {
+        url: common::config::StoreUrl::parse(url).unwrap(),
+        region: endpoint.map(|_| "us-east-1".to_string()),
+        endpoint: endpoint.map(str::to_string),
+        force_path_style: endpoint.is_some(),
+        part_size: bytesize::ByteSize::mib(5),
+        concurrency: 4,
+        memory_limit: bytesize::ByteSize::mib(256),
+        max_attempts: 3,
+        connect_timeout: Duration::from_secs(10),
+        read_timeout: Duration::from_secs(120),
+        storage_class: None,
+        sse: None,
+        sse_kms_key_id: None,
+        object_lock_days: None,
+        object_lock_mode: None,
+        upload_rate_limit: None,
+    }
+}
+
+/// [`store_config`] of [`TEST_S3_URL`] at `endpoint`.
+pub fn s3_config(endpoint: &str) -> common::config::StoreConfig {
+    store_config(TEST_S3_URL, Some(endpoint))
+}
+
 // ---------------------------------------------------------------------------
 // Planted backups: a directory store filled by hand (no MariaDB needed)
 
