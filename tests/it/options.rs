@@ -321,6 +321,71 @@ async fn prune_aborts_old_incomplete_uploads_of_archives_and_only_those() {
     );
 }
 
+/// `kill -9` of `restorer prune --apply` between two aborts of stale
+/// uploads (test hook `prune-upload-aborted`), then a rerun: the rerun
+/// finishes (the upload aborted already counts as aborted), every stale
+/// upload is gone, and the backup kept is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_killed_while_aborting_uploads_finishes_on_rerun_and_loses_nothing() {
+    let rig = PruneRig::new().await;
+    let id = "20200103T030000Z";
+    rig.direct
+        .put(
+            &format!("db1/{id}/manifest.toml"),
+            Bytes::from(mysnap_tests::synthetic_manifest("db1", id)),
+        )
+        .await
+        .unwrap();
+    rig.direct
+        .put(
+            &format!("db1/{id}/data.tar.zst"),
+            Bytes::from_static(b"zstd"),
+        )
+        .await
+        .unwrap();
+    let keys = [
+        "db1/20261120T030000Z/data.tar.zst",
+        "db1/20261121T030000Z/data.tar.zst",
+    ];
+    let mut ids = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        ids.push(rig.leave_upload(key, 20 + i as u64).await);
+    }
+    let at = "2026-11-21T03:00:05.000Z";
+    rig.list_uploads_as(&[(keys[0], &ids[0], at), (keys[1], &ids[1], at)]);
+    let config = rig.config(&rig.proxy.endpoint, "");
+    let mut cmd = rig.restorer(&config, &["prune", "--apply"]);
+    cmd.env("MYSNAP_TEST_PAUSE_AT", "prune-upload-aborted");
+    let (child, _) = mysnap_tests::spawn_until_line(
+        &mut cmd,
+        "paused at prune-upload-aborted",
+        std::time::Duration::from_secs(60),
+    );
+    mysnap_tests::send_signal(&child, nix::sys::signal::Signal::SIGKILL);
+    let mut child = child;
+    child.wait().unwrap();
+    assert_eq!(
+        crate::store::uploads_on_server(&rig.server.root).len(),
+        1,
+        "killed after the first abort"
+    );
+
+    let (stdout, _) = rig.restorer_ok(&config, &["prune", "--apply"]);
+    for key in keys {
+        assert!(stdout.contains(&format!("aborted {key}")), "{stdout}");
+    }
+    assert!(crate::store::uploads_on_server(&rig.server.root).is_empty());
+    assert_eq!(
+        rig.direct.list("db1/").await.unwrap(),
+        [
+            format!("db1/{id}/data.tar.zst"),
+            format!("db1/{id}/manifest.toml")
+        ]
+    );
+    let (stdout, _) = rig.restorer_ok(&config, &["list"]);
+    assert!(stdout.contains(id), "{stdout}");
+}
+
 /// With Object Lock configured, a delete the store refuses (403
 /// AccessDenied: still locked) keeps that backup, whole and listed, and
 /// prune goes on; credentials that may not list multipart uploads get a

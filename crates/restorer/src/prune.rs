@@ -265,7 +265,10 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
     if apply {
         for u in &uploads {
             match store.abort_upload(&u.key, &u.upload_id).await {
-                Ok(()) => tracing::info!("aborted an incomplete upload of {}", store.url(&u.key)),
+                Ok(()) => {
+                    tracing::info!("aborted an incomplete upload of {}", store.url(&u.key));
+                    crate::restore::pause_at(UPLOAD_ABORTED, None);
+                }
                 Err(e) if is_denied(&e) => tracing::warn!(
                     "{e:#}; left: grant s3:AbortMultipartUpload, or rely on a lifecycle rule (AbortIncompleteMultipartUpload)"
                 ),
@@ -306,6 +309,11 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
 /// without a manifest, garbage for the next prune once older than
 /// [`GARBAGE_GRACE`].
 pub const MANIFEST_DELETED: &str = "prune-manifest-deleted";
+
+/// The test hook's pause point after each incomplete upload aborted: a
+/// prune killed here leaves the others to the next prune, which counts an
+/// upload the store no longer knows as aborted.
+pub const UPLOAD_ABORTED: &str = "prune-upload-aborted";
 
 /// Why a backup or key is kept whose delete the store refused.
 const REFUSED: &str = "the store refused the delete: locked (Object Lock)";
