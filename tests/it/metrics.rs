@@ -33,6 +33,9 @@ fn read_metrics(path: &Path, kind: &str) -> BTreeMap<String, f64> {
     out
 }
 
+/// A secret key the test S3 server refuses.
+const WRONG_SECRET: &str = "Wr0ngSecretKeyForTheTestServer";
+
 fn now() -> f64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -58,6 +61,22 @@ fn assert_run(m: &BTreeMap<String, f64>, before: f64, after: f64, code: f64) {
     assert!(took > 0.0 && took <= after - before + 0.01, "{took}: {m:?}");
 }
 
+/// Runs `step`, then reads `file`'s metrics of `kind` and checks the run
+/// they record: within the step's time, with exit `code`.
+fn recorded<T>(
+    file: &Path,
+    kind: &str,
+    code: f64,
+    step: impl FnOnce() -> T,
+) -> (T, BTreeMap<String, f64>) {
+    let before = now();
+    let out = step();
+    let after = now();
+    let m = read_metrics(file, kind);
+    assert_run(&m, before, after, code);
+    (out, m)
+}
+
 #[test]
 fn backups_prune_and_verify_write_their_metrics_and_a_failure_keeps_the_last_success() {
     if !gate("backups_prune_and_verify_write_their_metrics_and_a_failure_keeps_the_last_success") {
@@ -76,12 +95,7 @@ fn backups_prune_and_verify_write_their_metrics_and_a_failure_keeps_the_last_suc
     let backup_file = dir.join("mysnap_db1_backup.prom");
 
     // A backup: run metrics, and the backup's from its manifest.
-    let before = now();
-    let id1 = rig.backup();
-    let after = now();
-    eprintln!("{}", std::fs::read_to_string(&backup_file).unwrap());
-    let m = read_metrics(&backup_file, "backup");
-    assert_run(&m, before, after, 0.0);
+    let (id1, m) = recorded(&backup_file, "backup", 0.0, || rig.backup());
     let success = m["mysnap_last_success_timestamp_seconds"];
     assert_eq!(success, m["mysnap_last_run_timestamp_seconds"]);
     let manifest = newest(&rig);
@@ -113,17 +127,14 @@ fn backups_prune_and_verify_write_their_metrics_and_a_failure_keeps_the_last_suc
     // The archiver fails (the store refuses its credentials): exit 1
     // recorded, the last success and the backup's figures kept.
     let manifest_path = rig.snapshot();
-    let before = now();
-    let out = rig
-        .cmd("archiver")
-        .args(["--manifest", manifest_path.to_str().unwrap()])
-        .env("AWS_SECRET_ACCESS_KEY", "Wr0ngSecretKeyForTheTestServer")
-        .output()
-        .unwrap();
-    let after = now();
+    let (out, failed) = recorded(&backup_file, "backup", 1.0, || {
+        rig.cmd("archiver")
+            .args(["--manifest", manifest_path.to_str().unwrap()])
+            .env("AWS_SECRET_ACCESS_KEY", WRONG_SECRET)
+            .output()
+            .unwrap()
+    });
     error_line(&out, 1);
-    let failed = read_metrics(&backup_file, "backup");
-    assert_run(&failed, before, after, 1.0);
     assert_eq!(failed["mysnap_last_success_timestamp_seconds"], success);
     for kept in [
         "mysnap_backup_bytes",
@@ -134,16 +145,13 @@ fn backups_prune_and_verify_write_their_metrics_and_a_failure_keeps_the_last_suc
     }
 
     // The snapshotter fails: it records the backup's failure itself.
-    let before = now();
-    let out = rig
-        .cmd("snapshotter")
-        .env("AWS_SECRET_ACCESS_KEY", "Wr0ngSecretKeyForTheTestServer")
-        .output()
-        .unwrap();
-    let after = now();
+    let (out, failed) = recorded(&backup_file, "backup", 1.0, || {
+        rig.cmd("snapshotter")
+            .env("AWS_SECRET_ACCESS_KEY", WRONG_SECRET)
+            .output()
+            .unwrap()
+    });
     error_line(&out, 1);
-    let failed = read_metrics(&backup_file, "backup");
-    assert_run(&failed, before, after, 1.0);
     assert_eq!(failed["mysnap_last_success_timestamp_seconds"], success);
     assert_eq!(failed["mysnap_backup_bytes"], m["mysnap_backup_bytes"]);
 
@@ -158,12 +166,10 @@ fn backups_prune_and_verify_write_their_metrics_and_a_failure_keeps_the_last_suc
     let prune_file = dir.join("mysnap_db1_prune.prom");
     assert_ok(&rig.run("restorer", &["prune"]), "prune");
     assert!(!prune_file.exists());
-    let before = now();
-    assert_ok(&rig.run("restorer", &["prune", "--apply"]), "prune --apply");
-    let after = now();
-    eprintln!("{}", std::fs::read_to_string(&prune_file).unwrap());
-    let p = read_metrics(&prune_file, "prune");
-    assert_run(&p, before, after, 0.0);
+    let (out, p) = recorded(&prune_file, "prune", 0.0, || {
+        rig.run("restorer", &["prune", "--apply"])
+    });
+    assert_ok(&out, "prune --apply");
     assert_eq!(p["mysnap_prune_kept"], 1.0);
     assert_eq!(p["mysnap_prune_removed"], 1.0);
     assert_eq!(p["mysnap_prune_garbage_removed"], 0.0);
@@ -171,12 +177,10 @@ fn backups_prune_and_verify_write_their_metrics_and_a_failure_keeps_the_last_suc
 
     // Verify: the stored bytes it read.
     let verify_file = dir.join("mysnap_db1_verify.prom");
-    let before = now();
-    assert_ok(&rig.run("restorer", &["verify", "latest"]), "verify");
-    let after = now();
-    eprintln!("{}", std::fs::read_to_string(&verify_file).unwrap());
-    let v = read_metrics(&verify_file, "verify");
-    assert_run(&v, before, after, 0.0);
+    let (out, v) = recorded(&verify_file, "verify", 0.0, || {
+        rig.run("restorer", &["verify", "latest"])
+    });
+    assert_ok(&out, "verify");
     let latest = newest(&rig);
     assert_eq!(latest.backup_id.to_string(), id2);
     let archive = latest.archive.as_ref().unwrap();
