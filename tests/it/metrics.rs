@@ -253,3 +253,117 @@ fn a_metrics_directory_that_cannot_be_written_warns_and_the_backup_still_succeed
         "{line}"
     );
 }
+
+/// A hostile old metrics file in `metrics.textfile_dir` (garbage, huge, a
+/// FIFO, a link out of the directory), and a temporary file a killed
+/// writer left: a failed `restorer verify`, which reads the old file back
+/// to keep the last success, replaces it with a regular 0644 file of its
+/// own metrics, atomically, never following the link, never reading past
+/// 64 KiB, never blocking on the FIFO; the killed writer's file is removed.
+#[test]
+fn a_hostile_old_metrics_file_is_replaced_and_never_followed_or_read_unbounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    crate::status::plant(dir, "db1", 60);
+    let config = crate::status::config(dir, "db1");
+    let textfile = dir.join("textfile");
+    std::fs::create_dir(&textfile).unwrap();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "[metrics]\ntextfile_dir = \"{}\"\n",
+        textfile.display()
+    ));
+    std::fs::write(&config, text).unwrap();
+    let file = textfile.join("mysnap_db1_verify.prom");
+    let success = "mysnap_last_success_timestamp_seconds{name=\"db1\",kind=\"verify\"} 5\n";
+    let outside = dir.join("outside.prom");
+    std::fs::write(&outside, success).unwrap();
+    let ended = {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        c.wait().unwrap();
+        c.id()
+    };
+    let stale_tmp = textfile.join(format!(".mysnap_db1_verify.prom.tmp-{ended}"));
+
+    type Plant<'a> = Box<dyn Fn(&Path) + 'a>;
+    let cases: [(&str, Plant); 4] = [
+        (
+            "garbage",
+            Box::new(|p: &Path| {
+                let mut bytes = vec![0xff, 0xfe, 0, 1, b'\n'];
+                bytes.extend_from_slice(
+                    b"mysnap_last_success_timestamp_seconds{name=\"db2\",kind=\"verify\"} 5\n",
+                );
+                bytes.extend_from_slice(
+                    b"mysnap_last_exit_code{name=\"db1\",kind=\"verify\"} NaN\n",
+                );
+                std::fs::write(p, bytes).unwrap();
+            }),
+        ),
+        (
+            "huge",
+            Box::new(|p: &Path| {
+                // 8 GiB, sparse: a success line past the 64 KiB read bound.
+                let f = std::fs::File::create(p).unwrap();
+                f.set_len(8 << 30).unwrap();
+                use std::os::unix::fs::FileExt;
+                f.write_all_at(
+                    b"\nmysnap_last_success_timestamp_seconds{name=\"db1\",kind=\"verify\"} 5\n",
+                    1 << 20,
+                )
+                .unwrap();
+            }),
+        ),
+        (
+            "a FIFO",
+            Box::new(|p: &Path| {
+                nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap()
+            }),
+        ),
+        (
+            "a link out of the directory",
+            Box::new(move |p: &Path| {
+                std::os::unix::fs::symlink(dir.join("outside.prom"), p).unwrap()
+            }),
+        ),
+    ];
+    for (what, plant) in &cases {
+        let _ = std::fs::remove_file(&file);
+        plant(&file);
+        std::fs::write(&stale_tmp, "partial").unwrap();
+        let started = std::time::Instant::now();
+        let out = std::process::Command::new(mysnap_tests::bin("restorer"))
+            .arg("--config")
+            .arg(&config)
+            .args(["verify", "20200101T000000Z"])
+            .output()
+            .unwrap();
+        let code = out.status.code().expect("exited");
+        assert_ne!(code, 0, "{what}: a verify of a missing backup fails");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "{what}: took {:?}",
+            started.elapsed()
+        );
+        let md = std::fs::symlink_metadata(&file).unwrap();
+        assert!(md.is_file(), "{what}: replaced by a regular file");
+        assert_eq!(md.permissions().mode() & 0o777, 0o644, "{what}");
+        assert!(md.len() < 4096, "{what}: {} bytes", md.len());
+        let m = read_metrics(&file, "verify");
+        assert_eq!(m["mysnap_last_exit_code"], f64::from(code), "{what}");
+        assert!(
+            !m.contains_key("mysnap_last_success_timestamp_seconds"),
+            "{what}: a success that was never ours: {m:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&outside).unwrap(),
+            success,
+            "{what}: the link's target is untouched"
+        );
+        let names: Vec<String> = std::fs::read_dir(&textfile)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["mysnap_db1_verify.prom"], "{what}");
+    }
+}

@@ -9,7 +9,7 @@ use mysnap_tests::bin;
 use crate::backup::{assert_ok, error_line};
 
 /// A config for backup name `name` on the directory store `<dir>/store`.
-fn config(dir: &Path, name: &str) -> PathBuf {
+pub fn config(dir: &Path, name: &str) -> PathBuf {
     let path = dir.join(format!("{name}.toml"));
     let text = format!(
         "[mysql]\nstop_command = [\"true\"]\nstart_command = [\"true\"]\n\
@@ -23,7 +23,7 @@ fn config(dir: &Path, name: &str) -> PathBuf {
 }
 
 /// Plants a complete backup of `name` that started `ago` seconds ago.
-fn plant(dir: &Path, name: &str, ago: u64) -> String {
+pub fn plant(dir: &Path, name: &str, ago: u64) -> String {
     let id = mysnap_tests::id_ago(std::time::Duration::from_secs(ago));
     mysnap_tests::plant_backup(&dir.join("store"), name, &id);
     id
