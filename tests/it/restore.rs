@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use common::manifest::Manifest;
 use mysnap_tests::{
-    free_port, gate, sysbench_prepare, sysbench_run, BtrfsVolume, MariaDb, MariaOpts,
+    free_port, gate, plant_archive, send_signal, sysbench_prepare, sysbench_run, BtrfsVolume,
+    MariaDb, MariaOpts,
 };
-use sha2::{Digest, Sha256};
 
 use crate::backup::{assert_ok, error_line, set, Rig, StoreKind};
 
@@ -105,10 +105,6 @@ impl Target {
             parent.display()
         );
     }
-}
-
-fn sha(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
 }
 
 #[test]
@@ -348,21 +344,6 @@ fn a_backup_of_a_replica_seeds_a_sibling_replica_of_its_source_by_gtid() {
     );
 }
 
-/// Writes a crafted archive and its manifest (copied from a real one) as backup `id`.
-fn plant(store_root: &Path, real: &Manifest, id: &str, archive: &[u8]) {
-    let mut m = real.clone();
-    m.backup_id = common::manifest::BackupId::parse(id).unwrap();
-    let mut info = m.archive.clone().unwrap();
-    info.key = format!("db1/{id}/data.tar.zst");
-    info.size = archive.len() as u64;
-    info.sha256 = common::manifest::Sha256Hex::parse(&sha(archive)).unwrap();
-    m.archive = Some(info);
-    let dir = store_root.join("db1").join(id);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("data.tar.zst"), archive).unwrap();
-    std::fs::write(dir.join("manifest.toml"), m.to_toml()).unwrap();
-}
-
 /// A zstd tar with one crafted entry after a harmless directory; names are raw bytes.
 fn crafted(name: &str, kind: tar::EntryType, link: &str) -> Vec<u8> {
     crafted_many(&[(name, kind, link)])
@@ -462,7 +443,7 @@ fn tampered_and_unsafe_archives_are_refused_with_exit_4_and_the_target_keeps_ser
         ),
     ];
     for (cid, bytes, _) in &cases {
-        plant(&store_root, &real, cid, bytes);
+        plant_archive(&store_root, &real, cid, bytes);
     }
     // The flipped byte: keep the real SHA-256, as if the object had rotted in the store.
     let rotten = store_root.join("db1/20261101T000001Z/manifest.toml");
@@ -582,7 +563,7 @@ fn stop_first_puts_the_old_data_back_when_refused_and_a_server_that_is_down_is_n
     let mid = rotten.len() / 2;
     rotten[mid] ^= 0x40;
     let bad = "20261101T000001Z";
-    plant(&store_root, &real, bad, &rotten);
+    plant_archive(&store_root, &real, bad, &rotten);
     let path = store_root.join(format!("db1/{bad}/manifest.toml"));
     let mut m = Manifest::parse(&std::fs::read_to_string(&path).unwrap(), "x").unwrap();
     m.archive.as_mut().unwrap().sha256 = real.archive.as_ref().unwrap().sha256.clone();
@@ -745,7 +726,7 @@ fn a_restore_killed_at_any_phase_is_finished_or_undone_by_recover_or_the_next_re
                 args.push("--stop-first");
             }
             let mut child = target.paused(&src, &args, point);
-            child.kill().unwrap();
+            send_signal(&child, nix::sys::signal::Signal::SIGKILL);
             child.wait().unwrap();
             // Some are recovered by the next restore, the others by `recover`.
             let rerun = matches!(

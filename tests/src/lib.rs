@@ -963,6 +963,30 @@ pub fn plant_backup(store: &Path, name: &str, id: &str) {
     plant(store, name, id, Some(&synthetic_manifest(name, id)));
 }
 
+/// Stores `archive` (zstd) as backup `id` of db1 in the directory store
+/// `store_root`, with `real`'s manifest adjusted to it (key, size, SHA-256):
+/// a crafted or damaged copy of a real backup.
+pub fn plant_archive(
+    store_root: &Path,
+    real: &common::manifest::Manifest,
+    id: &str,
+    archive: &[u8],
+) {
+    use sha2::{Digest, Sha256};
+    let mut m = real.clone();
+    m.backup_id = common::manifest::BackupId::parse(id).unwrap();
+    let mut info = m.archive.clone().unwrap();
+    info.key = format!("db1/{id}/data.tar.zst");
+    info.size = archive.len() as u64;
+    info.sha256 =
+        common::manifest::Sha256Hex::parse(&hex::encode(Sha256::digest(archive))).unwrap();
+    m.archive = Some(info);
+    let dir = store_root.join("db1").join(id);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("data.tar.zst"), archive).unwrap();
+    std::fs::write(dir.join("manifest.toml"), m.to_toml()).unwrap();
+}
+
 /// Every file below `root` (relative paths; links are listed, not followed).
 pub fn files_below(root: &Path) -> std::collections::BTreeSet<String> {
     walkdir::WalkDir::new(root)
