@@ -8,7 +8,7 @@ use std::process::Output;
 
 use common::drill::{DrillRecord, Outcome};
 use common::manifest::{BackupName, Manifest};
-use mysnap_tests::{gate, plant_archive, send_signal, MariaDb, MariaOpts};
+use mysnap_tests::{gate, plant_archive, processes_in, send_signal, MariaDb, MariaOpts};
 
 use crate::backup::{assert_ok, error_line, set, Rig, StoreKind};
 
@@ -48,17 +48,12 @@ fn assert_clean(scratch: &Path, what: &str) {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert!(left.is_empty(), "{what}: left in the scratch: {left:?}");
-    let scratch = scratch.canonicalize().unwrap();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cwd) = std::fs::read_link(e.path().join("cwd")) {
-            assert!(
-                !cwd.starts_with(&scratch),
-                "{what}: process {:?} still works in {}",
-                e.file_name(),
-                cwd.display()
-            );
-        }
-    }
+    let working = processes_in(scratch);
+    assert!(
+        working.is_empty(),
+        "{what}: processes {working:?} still work in {}",
+        scratch.display()
+    );
 }
 
 /// The live server's data directory entries (names), and its answer.
@@ -287,20 +282,6 @@ fn a_drill_of_a_damaged_backup_exits_4_records_the_failure_and_leaves_nothing_be
     );
 }
 
-/// Processes working in `dir` or below.
-fn working_in(dir: &Path) -> Vec<i32> {
-    let dir = dir.canonicalize().unwrap();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-            let cwd = std::fs::read_link(e.path().join("cwd")).ok()?;
-            cwd.starts_with(&dir).then_some(pid)
-        })
-        .collect()
-}
-
 #[test]
 fn a_drill_stopped_by_a_signal_or_kill_9_leaves_no_server_and_no_scratch_behind() {
     if !gate("a_drill_stopped_by_a_signal_or_kill_9_leaves_no_server_and_no_scratch_behind") {
@@ -339,7 +320,7 @@ fn a_drill_stopped_by_a_signal_or_kill_9_leaves_no_server_and_no_scratch_behind(
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         // The throwaway server runs once a process works in the copy's data directory.
         let data = scratch.join("mysnap-drill-db1/data");
-        while !data.exists() || working_in(&data).is_empty() {
+        while !data.exists() || processes_in(&data).is_empty() {
             assert!(std::time::Instant::now() < deadline, "no server started");
             assert!(child.try_wait().unwrap().is_none(), "the drill ended early");
             std::thread::sleep(std::time::Duration::from_millis(100));
@@ -353,7 +334,7 @@ fn a_drill_stopped_by_a_signal_or_kill_9_leaves_no_server_and_no_scratch_behind(
         } else {
             // kill -9 leaves the server and the scratch to the next drill.
             assert!(
-                !working_in(&data).is_empty(),
+                !processes_in(&data).is_empty(),
                 "the server went with the drill"
             );
         }

@@ -468,6 +468,23 @@ pub fn send_signal(child: &Child, signal: nix::sys::signal::Signal) {
         .unwrap_or_else(|e| panic!("cannot send {signal} to process {pid}: {e}"));
 }
 
+/// The processes working in `dir` or below it (their current directory):
+/// a server a test or a killed run left there.
+pub fn processes_in(dir: &Path) -> Vec<i32> {
+    let dir = dir
+        .canonicalize()
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cwd = std::fs::read_link(e.path().join("cwd")).ok()?;
+            cwd.starts_with(&dir).then_some(pid)
+        })
+        .collect()
+}
+
 /// Whether process `pid` exists (and is not a zombie).
 fn alive(pid: i32) -> bool {
     if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
