@@ -70,6 +70,29 @@ impl Target {
         )
     }
 
+    /// A fresh server with server id `server_id`, a port and a binary
+    /// log: a replica to be.
+    fn replica(src: &Rig, server_id: u32) -> Target {
+        Target::new(
+            src,
+            MariaOpts {
+                server_id,
+                port: Some(free_port()),
+                log_bin: true,
+            },
+            None,
+        )
+    }
+
+    /// The replication user's password in a 0600 file, for
+    /// `--replication-password-file`.
+    fn replication_password_file(&self) -> PathBuf {
+        let pw = self._tmp.path().join("repl.pass");
+        std::fs::write(&pw, format!("{REPL_SECRET}\n")).unwrap();
+        std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        pw
+    }
+
     /// Where a restore keeps its journal.
     fn journal(&self) -> PathBuf {
         self._tmp.path().join("state/restore.journal")
@@ -123,23 +146,33 @@ fn a_backup_stage_backup_under_load_restores_as_a_replica_that_matches_the_sourc
     restore_under_load("backup_stage");
 }
 
-/// Backs up with `lock_method` under sysbench (InnoDB) and a writer of MyISAM,
-/// Aria and InnoDB counters, restores as a replica, and compares every table.
-fn restore_under_load(lock_method: &str) {
-    let src_port = free_port();
+/// The replication user's password on a [`replication_source`].
+const REPL_SECRET: &str = "repl-secret";
+
+/// A source server (server id 1, a port, a binary log) with the
+/// replication user `repl`; returns it and its port.
+fn replication_source(kind: StoreKind) -> (Rig, u16) {
+    let port = free_port();
     let src = Rig::with(
-        StoreKind::S3,
+        kind,
         MariaOpts {
             server_id: 1,
-            port: Some(src_port),
+            port: Some(port),
             log_bin: true,
         },
     );
     // Both host forms: MariaDB's anonymous ''@localhost would otherwise shadow repl@'%'.
-    src.db.sql(
-        "CREATE USER repl@'%' IDENTIFIED BY 'repl-secret'; GRANT REPLICATION SLAVE ON *.* TO repl@'%'; \
-         CREATE USER repl@localhost IDENTIFIED BY 'repl-secret'; GRANT REPLICATION SLAVE ON *.* TO repl@localhost",
-    );
+    src.db.sql(&format!(
+        "CREATE USER repl@'%' IDENTIFIED BY '{REPL_SECRET}'; GRANT REPLICATION SLAVE ON *.* TO repl@'%'; \
+         CREATE USER repl@localhost IDENTIFIED BY '{REPL_SECRET}'; GRANT REPLICATION SLAVE ON *.* TO repl@localhost",
+    ));
+    (src, port)
+}
+
+/// Backs up with `lock_method` under sysbench (InnoDB) and a writer of MyISAM,
+/// Aria and InnoDB counters, restores as a replica, and compares every table.
+fn restore_under_load(lock_method: &str) {
+    let (src, src_port) = replication_source(StoreKind::S3);
     src.write_config(|t| set(t, "mysql", "lock_method", lock_method));
     src.db.sql(
         "CREATE DATABASE d; CREATE TABLE d.m (id INT PRIMARY KEY, v INT) ENGINE=MyISAM; \
@@ -178,18 +211,8 @@ fn restore_under_load(lock_method: &str) {
     .unwrap();
     assert_eq!(m.lock.method.as_str(), lock_method);
 
-    let target = Target::new(
-        &src,
-        MariaOpts {
-            server_id: 2,
-            port: Some(free_port()),
-            log_bin: true,
-        },
-        None,
-    );
-    let pw = target._tmp.path().join("repl.pass");
-    std::fs::write(&pw, "repl-secret\n").unwrap();
-    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let target = Target::replica(&src, 2);
+    let pw = target.replication_password_file();
     let out = target.restorer(
         &src,
         &[
@@ -205,7 +228,7 @@ fn restore_under_load(lock_method: &str) {
     );
     assert_ok(&out, "restorer restore --replica-of");
     assert!(
-        !String::from_utf8_lossy(&out.stderr).contains("repl-secret"),
+        !String::from_utf8_lossy(&out.stderr).contains(REPL_SECRET),
         "the password leaked"
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -253,19 +276,9 @@ fn a_backup_of_a_replica_seeds_a_sibling_replica_of_its_source_by_gtid() {
     if !gate("a_backup_of_a_replica_seeds_a_sibling_replica_of_its_source_by_gtid") {
         return;
     }
-    let src_port = free_port();
-    let src = Rig::with(
-        StoreKind::File,
-        MariaOpts {
-            server_id: 1,
-            port: Some(src_port),
-            log_bin: true,
-        },
-    );
+    let (src, src_port) = replication_source(StoreKind::File);
     src.db.sql(
-        "CREATE USER repl@'%' IDENTIFIED BY 'repl-secret'; GRANT REPLICATION SLAVE ON *.* TO repl@'%'; \
-         CREATE USER repl@localhost IDENTIFIED BY 'repl-secret'; GRANT REPLICATION SLAVE ON *.* TO repl@localhost; \
-         CREATE DATABASE d; CREATE TABLE d.t (id INT PRIMARY KEY) ENGINE=InnoDB; \
+        "CREATE DATABASE d; CREATE TABLE d.t (id INT PRIMARY KEY) ENGINE=InnoDB; \
          INSERT INTO d.t VALUES (1), (2), (3)",
     );
     let replica = Rig::with(
@@ -278,7 +291,7 @@ fn a_backup_of_a_replica_seeds_a_sibling_replica_of_its_source_by_gtid() {
     );
     replica.db.sql(&format!(
         "CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={src_port}, MASTER_USER='repl', \
-         MASTER_PASSWORD='repl-secret', MASTER_USE_GTID=slave_pos; START SLAVE"
+         MASTER_PASSWORD='{REPL_SECRET}', MASTER_USE_GTID=slave_pos; START SLAVE"
     ));
     let caught_up = |db: &MariaDb| {
         let want = src.db.sql("SELECT @@gtid_binlog_pos");
@@ -310,18 +323,8 @@ fn a_backup_of_a_replica_seeds_a_sibling_replica_of_its_source_by_gtid() {
     // Written after the backup: the sibling must fetch these from the source.
     src.db.sql("INSERT INTO d.t VALUES (4), (5)");
 
-    let sibling = Target::new(
-        &replica,
-        MariaOpts {
-            server_id: 3,
-            port: Some(free_port()),
-            log_bin: true,
-        },
-        None,
-    );
-    let pw = sibling._tmp.path().join("repl.pass");
-    std::fs::write(&pw, "repl-secret\n").unwrap();
-    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let sibling = Target::replica(&replica, 3);
+    let pw = sibling.replication_password_file();
     let out = sibling.restorer(
         &replica,
         &[
