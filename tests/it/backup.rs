@@ -78,9 +78,7 @@ impl Rig {
         store.insert("part_size".into(), "5MiB".into());
         store.insert("concurrency".into(), 4.into());
         if let Some(s3) = &self.s3 {
-            store.insert("endpoint".into(), s3.endpoint.clone().into());
-            store.insert("force_path_style".into(), true.into());
-            store.insert("region".into(), "us-east-1".into());
+            store.extend(S3Server::store_keys(&s3.endpoint));
         }
         let mut t: toml::Table = toml::from_str(&format!(
             r#"

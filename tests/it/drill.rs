@@ -8,7 +8,7 @@ use std::process::Output;
 
 use common::drill::{DrillRecord, Outcome};
 use common::manifest::{BackupName, Manifest};
-use mysnap_tests::{gate, MariaDb, MariaOpts};
+use mysnap_tests::{gate, plant_archive, processes_in, send_signal, MariaDb, MariaOpts};
 
 use crate::backup::{assert_ok, error_line, set, Rig, StoreKind};
 
@@ -48,17 +48,12 @@ fn assert_clean(scratch: &Path, what: &str) {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert!(left.is_empty(), "{what}: left in the scratch: {left:?}");
-    let scratch = scratch.canonicalize().unwrap();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cwd) = std::fs::read_link(e.path().join("cwd")) {
-            assert!(
-                !cwd.starts_with(&scratch),
-                "{what}: process {:?} still works in {}",
-                e.file_name(),
-                cwd.display()
-            );
-        }
-    }
+    let working = processes_in(scratch);
+    assert!(
+        working.is_empty(),
+        "{what}: processes {working:?} still work in {}",
+        scratch.display()
+    );
 }
 
 /// The live server's data directory entries (names), and its answer.
@@ -212,7 +207,7 @@ fn a_drill_of_a_damaged_backup_exits_4_records_the_failure_and_leaves_nothing_be
     // A backup whose archive is intact, but whose table d.big is damaged
     // inside it (a forged or rotten backup that passes every archive check).
     let damaged = "20261101T000001Z";
-    plant(
+    plant_archive(
         &store_root,
         &real,
         damaged,
@@ -235,7 +230,7 @@ fn a_drill_of_a_damaged_backup_exits_4_records_the_failure_and_leaves_nothing_be
     let mut flipped = archive.clone();
     let mid = flipped.len() / 2;
     flipped[mid] ^= 0x40;
-    plant(&store_root, &real, rotten, &flipped);
+    plant_archive(&store_root, &real, rotten, &flipped);
     let m = store_root.join(format!("db1/{rotten}/manifest.toml"));
     let mut forged = Manifest::parse(&std::fs::read_to_string(&m).unwrap(), "x").unwrap();
     forged.archive.as_mut().unwrap().sha256 = real.archive.as_ref().unwrap().sha256.clone();
@@ -287,43 +282,12 @@ fn a_drill_of_a_damaged_backup_exits_4_records_the_failure_and_leaves_nothing_be
     );
 }
 
-/// Stores `archive` as backup `id`, with `real`'s manifest adjusted to it.
-fn plant(store_root: &Path, real: &Manifest, id: &str, archive: &[u8]) {
-    use sha2::{Digest, Sha256};
-    let mut m = real.clone();
-    m.backup_id = common::manifest::BackupId::parse(id).unwrap();
-    let mut info = m.archive.clone().unwrap();
-    info.key = format!("db1/{id}/data.tar.zst");
-    info.size = archive.len() as u64;
-    info.sha256 =
-        common::manifest::Sha256Hex::parse(&hex::encode(Sha256::digest(archive))).unwrap();
-    m.archive = Some(info);
-    let dir = store_root.join("db1").join(id);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("data.tar.zst"), archive).unwrap();
-    std::fs::write(dir.join("manifest.toml"), m.to_toml()).unwrap();
-}
-
-/// Processes working in `dir` or below.
-fn working_in(dir: &Path) -> Vec<i32> {
-    let dir = dir.canonicalize().unwrap();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-            let cwd = std::fs::read_link(e.path().join("cwd")).ok()?;
-            cwd.starts_with(&dir).then_some(pid)
-        })
-        .collect()
-}
-
 #[test]
 fn a_drill_stopped_by_a_signal_or_kill_9_leaves_no_server_and_no_scratch_behind() {
     if !gate("a_drill_stopped_by_a_signal_or_kill_9_leaves_no_server_and_no_scratch_behind") {
         return;
     }
-    use nix::sys::signal::{kill, Signal};
+    use nix::sys::signal::Signal;
     let rig = Rig::new(StoreKind::File);
     let id = rig.backup();
     let scratch = scratch(&rig);
@@ -356,12 +320,12 @@ fn a_drill_stopped_by_a_signal_or_kill_9_leaves_no_server_and_no_scratch_behind(
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         // The throwaway server runs once a process works in the copy's data directory.
         let data = scratch.join("mysnap-drill-db1/data");
-        while !data.exists() || working_in(&data).is_empty() {
+        while !data.exists() || processes_in(&data).is_empty() {
             assert!(std::time::Instant::now() < deadline, "no server started");
             assert!(child.try_wait().unwrap().is_none(), "the drill ended early");
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+        send_signal(&child, signal);
         let out = child.wait_with_output().unwrap();
         if signal == Signal::SIGTERM {
             let line = error_line(&out, 1);
@@ -370,7 +334,7 @@ fn a_drill_stopped_by_a_signal_or_kill_9_leaves_no_server_and_no_scratch_behind(
         } else {
             // kill -9 leaves the server and the scratch to the next drill.
             assert!(
-                !working_in(&data).is_empty(),
+                !processes_in(&data).is_empty(),
                 "the server went with the drill"
             );
         }

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::store::{abort_leftovers, open, Store, UploadLog};
 use mysnap_tests::faults::{Fault, FaultProxy, On, Times};
-use mysnap_tests::S3Server;
+use mysnap_tests::{s3_config, S3Server};
 
-use crate::store::{config, data, sha, stream, stream_new, uploads_on_server};
+use crate::store::{data, sha, stream, stream_new, uploads_on_server};
 
 const MIB: usize = 1 << 20;
 
@@ -26,11 +26,9 @@ struct Flaky {
 impl Flaky {
     async fn new() -> Flaky {
         let tmp = tempfile::tempdir().unwrap();
-        let server = S3Server::start(&tmp.path().join("s3"));
-        server.create_bucket("mysnap-test");
-        server.set_process_env();
+        let server = S3Server::with_bucket(&tmp.path().join("s3"));
         let proxy = FaultProxy::start(&server.endpoint);
-        let mut cfg = config("s3://mysnap-test/pfx".into(), Some(&proxy.endpoint));
+        let mut cfg = s3_config(&proxy.endpoint);
         cfg.read_timeout = Duration::from_secs(2);
         let store = open(&cfg).await.unwrap();
         Flaky {
@@ -43,12 +41,7 @@ impl Flaky {
 
     /// The store without the proxy.
     async fn direct(&self) -> Box<dyn Store> {
-        open(&config(
-            "s3://mysnap-test/pfx".into(),
-            Some(&self.server.endpoint),
-        ))
-        .await
-        .unwrap()
+        open(&s3_config(&self.server.endpoint)).await.unwrap()
     }
 
     /// Every range of `key` (`len` bytes) as the restorer reads it: in

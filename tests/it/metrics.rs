@@ -33,6 +33,9 @@ fn read_metrics(path: &Path, kind: &str) -> BTreeMap<String, f64> {
     out
 }
 
+/// A secret key the test S3 server refuses.
+const WRONG_SECRET: &str = "Wr0ngSecretKeyForTheTestServer";
+
 fn now() -> f64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -58,6 +61,22 @@ fn assert_run(m: &BTreeMap<String, f64>, before: f64, after: f64, code: f64) {
     assert!(took > 0.0 && took <= after - before + 0.01, "{took}: {m:?}");
 }
 
+/// Runs `step`, then reads `file`'s metrics of `kind` and checks the run
+/// they record: within the step's time, with exit `code`.
+fn recorded<T>(
+    file: &Path,
+    kind: &str,
+    code: f64,
+    step: impl FnOnce() -> T,
+) -> (T, BTreeMap<String, f64>) {
+    let before = now();
+    let out = step();
+    let after = now();
+    let m = read_metrics(file, kind);
+    assert_run(&m, before, after, code);
+    (out, m)
+}
+
 #[test]
 fn backups_prune_and_verify_write_their_metrics_and_a_failure_keeps_the_last_success() {
     if !gate("backups_prune_and_verify_write_their_metrics_and_a_failure_keeps_the_last_success") {
@@ -76,12 +95,7 @@ fn backups_prune_and_verify_write_their_metrics_and_a_failure_keeps_the_last_suc
     let backup_file = dir.join("mysnap_db1_backup.prom");
 
     // A backup: run metrics, and the backup's from its manifest.
-    let before = now();
-    let id1 = rig.backup();
-    let after = now();
-    eprintln!("{}", std::fs::read_to_string(&backup_file).unwrap());
-    let m = read_metrics(&backup_file, "backup");
-    assert_run(&m, before, after, 0.0);
+    let (id1, m) = recorded(&backup_file, "backup", 0.0, || rig.backup());
     let success = m["mysnap_last_success_timestamp_seconds"];
     assert_eq!(success, m["mysnap_last_run_timestamp_seconds"]);
     let manifest = newest(&rig);
@@ -113,17 +127,14 @@ fn backups_prune_and_verify_write_their_metrics_and_a_failure_keeps_the_last_suc
     // The archiver fails (the store refuses its credentials): exit 1
     // recorded, the last success and the backup's figures kept.
     let manifest_path = rig.snapshot();
-    let before = now();
-    let out = rig
-        .cmd("archiver")
-        .args(["--manifest", manifest_path.to_str().unwrap()])
-        .env("AWS_SECRET_ACCESS_KEY", "Wr0ngSecretKeyForTheTestServer")
-        .output()
-        .unwrap();
-    let after = now();
+    let (out, failed) = recorded(&backup_file, "backup", 1.0, || {
+        rig.cmd("archiver")
+            .args(["--manifest", manifest_path.to_str().unwrap()])
+            .env("AWS_SECRET_ACCESS_KEY", WRONG_SECRET)
+            .output()
+            .unwrap()
+    });
     error_line(&out, 1);
-    let failed = read_metrics(&backup_file, "backup");
-    assert_run(&failed, before, after, 1.0);
     assert_eq!(failed["mysnap_last_success_timestamp_seconds"], success);
     for kept in [
         "mysnap_backup_bytes",
@@ -134,16 +145,13 @@ fn backups_prune_and_verify_write_their_metrics_and_a_failure_keeps_the_last_suc
     }
 
     // The snapshotter fails: it records the backup's failure itself.
-    let before = now();
-    let out = rig
-        .cmd("snapshotter")
-        .env("AWS_SECRET_ACCESS_KEY", "Wr0ngSecretKeyForTheTestServer")
-        .output()
-        .unwrap();
-    let after = now();
+    let (out, failed) = recorded(&backup_file, "backup", 1.0, || {
+        rig.cmd("snapshotter")
+            .env("AWS_SECRET_ACCESS_KEY", WRONG_SECRET)
+            .output()
+            .unwrap()
+    });
     error_line(&out, 1);
-    let failed = read_metrics(&backup_file, "backup");
-    assert_run(&failed, before, after, 1.0);
     assert_eq!(failed["mysnap_last_success_timestamp_seconds"], success);
     assert_eq!(failed["mysnap_backup_bytes"], m["mysnap_backup_bytes"]);
 
@@ -158,12 +166,10 @@ fn backups_prune_and_verify_write_their_metrics_and_a_failure_keeps_the_last_suc
     let prune_file = dir.join("mysnap_db1_prune.prom");
     assert_ok(&rig.run("restorer", &["prune"]), "prune");
     assert!(!prune_file.exists());
-    let before = now();
-    assert_ok(&rig.run("restorer", &["prune", "--apply"]), "prune --apply");
-    let after = now();
-    eprintln!("{}", std::fs::read_to_string(&prune_file).unwrap());
-    let p = read_metrics(&prune_file, "prune");
-    assert_run(&p, before, after, 0.0);
+    let (out, p) = recorded(&prune_file, "prune", 0.0, || {
+        rig.run("restorer", &["prune", "--apply"])
+    });
+    assert_ok(&out, "prune --apply");
     assert_eq!(p["mysnap_prune_kept"], 1.0);
     assert_eq!(p["mysnap_prune_removed"], 1.0);
     assert_eq!(p["mysnap_prune_garbage_removed"], 0.0);
@@ -171,12 +177,10 @@ fn backups_prune_and_verify_write_their_metrics_and_a_failure_keeps_the_last_suc
 
     // Verify: the stored bytes it read.
     let verify_file = dir.join("mysnap_db1_verify.prom");
-    let before = now();
-    assert_ok(&rig.run("restorer", &["verify", "latest"]), "verify");
-    let after = now();
-    eprintln!("{}", std::fs::read_to_string(&verify_file).unwrap());
-    let v = read_metrics(&verify_file, "verify");
-    assert_run(&v, before, after, 0.0);
+    let (out, v) = recorded(&verify_file, "verify", 0.0, || {
+        rig.run("restorer", &["verify", "latest"])
+    });
+    assert_ok(&out, "verify");
     let latest = newest(&rig);
     assert_eq!(latest.backup_id.to_string(), id2);
     let archive = latest.archive.as_ref().unwrap();
@@ -248,4 +252,118 @@ fn a_metrics_directory_that_cannot_be_written_warns_and_the_backup_still_succeed
         line.contains("metrics.textfile_dir must be an absolute path"),
         "{line}"
     );
+}
+
+/// A hostile old metrics file in `metrics.textfile_dir` (garbage, huge, a
+/// FIFO, a link out of the directory), and a temporary file a killed
+/// writer left: a failed `restorer verify`, which reads the old file back
+/// to keep the last success, replaces it with a regular 0644 file of its
+/// own metrics, atomically, never following the link, never reading past
+/// 64 KiB, never blocking on the FIFO; the killed writer's file is removed.
+#[test]
+fn a_hostile_old_metrics_file_is_replaced_and_never_followed_or_read_unbounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    crate::status::plant(dir, "db1", 60);
+    let config = crate::status::config(dir, "db1");
+    let textfile = dir.join("textfile");
+    std::fs::create_dir(&textfile).unwrap();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "[metrics]\ntextfile_dir = \"{}\"\n",
+        textfile.display()
+    ));
+    std::fs::write(&config, text).unwrap();
+    let file = textfile.join("mysnap_db1_verify.prom");
+    let success = "mysnap_last_success_timestamp_seconds{name=\"db1\",kind=\"verify\"} 5\n";
+    let outside = dir.join("outside.prom");
+    std::fs::write(&outside, success).unwrap();
+    let ended = {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        c.wait().unwrap();
+        c.id()
+    };
+    let stale_tmp = textfile.join(format!(".mysnap_db1_verify.prom.tmp-{ended}"));
+
+    type Plant<'a> = Box<dyn Fn(&Path) + 'a>;
+    let cases: [(&str, Plant); 4] = [
+        (
+            "garbage",
+            Box::new(|p: &Path| {
+                let mut bytes = vec![0xff, 0xfe, 0, 1, b'\n'];
+                bytes.extend_from_slice(
+                    b"mysnap_last_success_timestamp_seconds{name=\"db2\",kind=\"verify\"} 5\n",
+                );
+                bytes.extend_from_slice(
+                    b"mysnap_last_exit_code{name=\"db1\",kind=\"verify\"} NaN\n",
+                );
+                std::fs::write(p, bytes).unwrap();
+            }),
+        ),
+        (
+            "huge",
+            Box::new(|p: &Path| {
+                // 8 GiB, sparse: a success line past the 64 KiB read bound.
+                let f = std::fs::File::create(p).unwrap();
+                f.set_len(8 << 30).unwrap();
+                use std::os::unix::fs::FileExt;
+                f.write_all_at(
+                    b"\nmysnap_last_success_timestamp_seconds{name=\"db1\",kind=\"verify\"} 5\n",
+                    1 << 20,
+                )
+                .unwrap();
+            }),
+        ),
+        (
+            "a FIFO",
+            Box::new(|p: &Path| {
+                nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap()
+            }),
+        ),
+        (
+            "a link out of the directory",
+            Box::new(move |p: &Path| {
+                std::os::unix::fs::symlink(dir.join("outside.prom"), p).unwrap()
+            }),
+        ),
+    ];
+    for (what, plant) in &cases {
+        let _ = std::fs::remove_file(&file);
+        plant(&file);
+        std::fs::write(&stale_tmp, "partial").unwrap();
+        let started = std::time::Instant::now();
+        let out = std::process::Command::new(mysnap_tests::bin("restorer"))
+            .arg("--config")
+            .arg(&config)
+            .args(["verify", "20200101T000000Z"])
+            .output()
+            .unwrap();
+        let code = out.status.code().expect("exited");
+        assert_ne!(code, 0, "{what}: a verify of a missing backup fails");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "{what}: took {:?}",
+            started.elapsed()
+        );
+        let md = std::fs::symlink_metadata(&file).unwrap();
+        assert!(md.is_file(), "{what}: replaced by a regular file");
+        assert_eq!(md.permissions().mode() & 0o777, 0o644, "{what}");
+        assert!(md.len() < 4096, "{what}: {} bytes", md.len());
+        let m = read_metrics(&file, "verify");
+        assert_eq!(m["mysnap_last_exit_code"], f64::from(code), "{what}");
+        assert!(
+            !m.contains_key("mysnap_last_success_timestamp_seconds"),
+            "{what}: a success that was never ours: {m:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&outside).unwrap(),
+            success,
+            "{what}: the link's target is untouched"
+        );
+        let names: Vec<String> = std::fs::read_dir(&textfile)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["mysnap_db1_verify.prom"], "{what}");
+    }
 }

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use common::manifest::Manifest;
 use mysnap_tests::{
-    free_port, gate, sysbench_prepare, sysbench_run, BtrfsVolume, MariaDb, MariaOpts,
+    free_port, gate, plant_archive, send_signal, sysbench_prepare, sysbench_run, BtrfsVolume,
+    MariaDb, MariaOpts,
 };
-use sha2::{Digest, Sha256};
 
 use crate::backup::{assert_ok, error_line, set, Rig, StoreKind};
 
@@ -70,6 +70,29 @@ impl Target {
         )
     }
 
+    /// A fresh server with server id `server_id`, a port and a binary
+    /// log: a replica to be.
+    fn replica(src: &Rig, server_id: u32) -> Target {
+        Target::new(
+            src,
+            MariaOpts {
+                server_id,
+                port: Some(free_port()),
+                log_bin: true,
+            },
+            None,
+        )
+    }
+
+    /// The replication user's password in a 0600 file, for
+    /// `--replication-password-file`.
+    fn replication_password_file(&self) -> PathBuf {
+        let pw = self._tmp.path().join("repl.pass");
+        std::fs::write(&pw, format!("{REPL_SECRET}\n")).unwrap();
+        std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        pw
+    }
+
     /// Where a restore keeps its journal.
     fn journal(&self) -> PathBuf {
         self._tmp.path().join("state/restore.journal")
@@ -107,10 +130,6 @@ impl Target {
     }
 }
 
-fn sha(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
-}
-
 #[test]
 fn a_backup_under_load_restores_as_a_replica_that_matches_the_source() {
     if !gate("a_backup_under_load_restores_as_a_replica_that_matches_the_source") {
@@ -127,23 +146,33 @@ fn a_backup_stage_backup_under_load_restores_as_a_replica_that_matches_the_sourc
     restore_under_load("backup_stage");
 }
 
-/// Backs up with `lock_method` under sysbench (InnoDB) and a writer of MyISAM,
-/// Aria and InnoDB counters, restores as a replica, and compares every table.
-fn restore_under_load(lock_method: &str) {
-    let src_port = free_port();
+/// The replication user's password on a [`replication_source`].
+const REPL_SECRET: &str = "repl-secret";
+
+/// A source server (server id 1, a port, a binary log) with the
+/// replication user `repl`; returns it and its port.
+fn replication_source(kind: StoreKind) -> (Rig, u16) {
+    let port = free_port();
     let src = Rig::with(
-        StoreKind::S3,
+        kind,
         MariaOpts {
             server_id: 1,
-            port: Some(src_port),
+            port: Some(port),
             log_bin: true,
         },
     );
     // Both host forms: MariaDB's anonymous ''@localhost would otherwise shadow repl@'%'.
-    src.db.sql(
-        "CREATE USER repl@'%' IDENTIFIED BY 'repl-secret'; GRANT REPLICATION SLAVE ON *.* TO repl@'%'; \
-         CREATE USER repl@localhost IDENTIFIED BY 'repl-secret'; GRANT REPLICATION SLAVE ON *.* TO repl@localhost",
-    );
+    src.db.sql(&format!(
+        "CREATE USER repl@'%' IDENTIFIED BY '{REPL_SECRET}'; GRANT REPLICATION SLAVE ON *.* TO repl@'%'; \
+         CREATE USER repl@localhost IDENTIFIED BY '{REPL_SECRET}'; GRANT REPLICATION SLAVE ON *.* TO repl@localhost",
+    ));
+    (src, port)
+}
+
+/// Backs up with `lock_method` under sysbench (InnoDB) and a writer of MyISAM,
+/// Aria and InnoDB counters, restores as a replica, and compares every table.
+fn restore_under_load(lock_method: &str) {
+    let (src, src_port) = replication_source(StoreKind::S3);
     src.write_config(|t| set(t, "mysql", "lock_method", lock_method));
     src.db.sql(
         "CREATE DATABASE d; CREATE TABLE d.m (id INT PRIMARY KEY, v INT) ENGINE=MyISAM; \
@@ -182,18 +211,8 @@ fn restore_under_load(lock_method: &str) {
     .unwrap();
     assert_eq!(m.lock.method.as_str(), lock_method);
 
-    let target = Target::new(
-        &src,
-        MariaOpts {
-            server_id: 2,
-            port: Some(free_port()),
-            log_bin: true,
-        },
-        None,
-    );
-    let pw = target._tmp.path().join("repl.pass");
-    std::fs::write(&pw, "repl-secret\n").unwrap();
-    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let target = Target::replica(&src, 2);
+    let pw = target.replication_password_file();
     let out = target.restorer(
         &src,
         &[
@@ -209,7 +228,7 @@ fn restore_under_load(lock_method: &str) {
     );
     assert_ok(&out, "restorer restore --replica-of");
     assert!(
-        !String::from_utf8_lossy(&out.stderr).contains("repl-secret"),
+        !String::from_utf8_lossy(&out.stderr).contains(REPL_SECRET),
         "the password leaked"
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -257,19 +276,9 @@ fn a_backup_of_a_replica_seeds_a_sibling_replica_of_its_source_by_gtid() {
     if !gate("a_backup_of_a_replica_seeds_a_sibling_replica_of_its_source_by_gtid") {
         return;
     }
-    let src_port = free_port();
-    let src = Rig::with(
-        StoreKind::File,
-        MariaOpts {
-            server_id: 1,
-            port: Some(src_port),
-            log_bin: true,
-        },
-    );
+    let (src, src_port) = replication_source(StoreKind::File);
     src.db.sql(
-        "CREATE USER repl@'%' IDENTIFIED BY 'repl-secret'; GRANT REPLICATION SLAVE ON *.* TO repl@'%'; \
-         CREATE USER repl@localhost IDENTIFIED BY 'repl-secret'; GRANT REPLICATION SLAVE ON *.* TO repl@localhost; \
-         CREATE DATABASE d; CREATE TABLE d.t (id INT PRIMARY KEY) ENGINE=InnoDB; \
+        "CREATE DATABASE d; CREATE TABLE d.t (id INT PRIMARY KEY) ENGINE=InnoDB; \
          INSERT INTO d.t VALUES (1), (2), (3)",
     );
     let replica = Rig::with(
@@ -282,7 +291,7 @@ fn a_backup_of_a_replica_seeds_a_sibling_replica_of_its_source_by_gtid() {
     );
     replica.db.sql(&format!(
         "CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={src_port}, MASTER_USER='repl', \
-         MASTER_PASSWORD='repl-secret', MASTER_USE_GTID=slave_pos; START SLAVE"
+         MASTER_PASSWORD='{REPL_SECRET}', MASTER_USE_GTID=slave_pos; START SLAVE"
     ));
     let caught_up = |db: &MariaDb| {
         let want = src.db.sql("SELECT @@gtid_binlog_pos");
@@ -314,18 +323,8 @@ fn a_backup_of_a_replica_seeds_a_sibling_replica_of_its_source_by_gtid() {
     // Written after the backup: the sibling must fetch these from the source.
     src.db.sql("INSERT INTO d.t VALUES (4), (5)");
 
-    let sibling = Target::new(
-        &replica,
-        MariaOpts {
-            server_id: 3,
-            port: Some(free_port()),
-            log_bin: true,
-        },
-        None,
-    );
-    let pw = sibling._tmp.path().join("repl.pass");
-    std::fs::write(&pw, "repl-secret\n").unwrap();
-    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let sibling = Target::replica(&replica, 3);
+    let pw = sibling.replication_password_file();
     let out = sibling.restorer(
         &replica,
         &[
@@ -346,21 +345,6 @@ fn a_backup_of_a_replica_seeds_a_sibling_replica_of_its_source_by_gtid() {
             .sql("SELECT GROUP_CONCAT(id ORDER BY id) FROM d.t"),
         "1,2,3,4,5"
     );
-}
-
-/// Writes a crafted archive and its manifest (copied from a real one) as backup `id`.
-fn plant(store_root: &Path, real: &Manifest, id: &str, archive: &[u8]) {
-    let mut m = real.clone();
-    m.backup_id = common::manifest::BackupId::parse(id).unwrap();
-    let mut info = m.archive.clone().unwrap();
-    info.key = format!("db1/{id}/data.tar.zst");
-    info.size = archive.len() as u64;
-    info.sha256 = common::manifest::Sha256Hex::parse(&sha(archive)).unwrap();
-    m.archive = Some(info);
-    let dir = store_root.join("db1").join(id);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("data.tar.zst"), archive).unwrap();
-    std::fs::write(dir.join("manifest.toml"), m.to_toml()).unwrap();
 }
 
 /// A zstd tar with one crafted entry after a harmless directory; names are raw bytes.
@@ -462,7 +446,7 @@ fn tampered_and_unsafe_archives_are_refused_with_exit_4_and_the_target_keeps_ser
         ),
     ];
     for (cid, bytes, _) in &cases {
-        plant(&store_root, &real, cid, bytes);
+        plant_archive(&store_root, &real, cid, bytes);
     }
     // The flipped byte: keep the real SHA-256, as if the object had rotted in the store.
     let rotten = store_root.join("db1/20261101T000001Z/manifest.toml");
@@ -582,7 +566,7 @@ fn stop_first_puts_the_old_data_back_when_refused_and_a_server_that_is_down_is_n
     let mid = rotten.len() / 2;
     rotten[mid] ^= 0x40;
     let bad = "20261101T000001Z";
-    plant(&store_root, &real, bad, &rotten);
+    plant_archive(&store_root, &real, bad, &rotten);
     let path = store_root.join(format!("db1/{bad}/manifest.toml"));
     let mut m = Manifest::parse(&std::fs::read_to_string(&path).unwrap(), "x").unwrap();
     m.archive.as_mut().unwrap().sha256 = real.archive.as_ref().unwrap().sha256.clone();
@@ -745,7 +729,7 @@ fn a_restore_killed_at_any_phase_is_finished_or_undone_by_recover_or_the_next_re
                 args.push("--stop-first");
             }
             let mut child = target.paused(&src, &args, point);
-            child.kill().unwrap();
+            send_signal(&child, nix::sys::signal::Signal::SIGKILL);
             child.wait().unwrap();
             // Some are recovered by the next restore, the others by `recover`.
             let rerun = matches!(

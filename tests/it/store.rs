@@ -5,34 +5,11 @@ use std::io::Write;
 use std::path::Path;
 
 use bytes::Bytes;
-use bytesize::ByteSize;
-use common::config::StoreConfig;
 use common::store::{open, Store};
-use mysnap_tests::S3Server;
+use mysnap_tests::{s3_config, store_config, S3Server};
 use sha2::{Digest, Sha256};
 
 const MIB: usize = 1 << 20;
-
-pub fn config(url: String, endpoint: Option<&str>) -> StoreConfig {
-    StoreConfig {
-        url: common::config::StoreUrl::parse(&url).unwrap(),
-        region: endpoint.map(|_| "us-east-1".to_string()),
-        endpoint: endpoint.map(str::to_string),
-        force_path_style: endpoint.is_some(),
-        part_size: ByteSize::mib(5),
-        concurrency: 4,
-        memory_limit: bytesize::ByteSize::mib(256),
-        max_attempts: 3,
-        connect_timeout: std::time::Duration::from_secs(10),
-        read_timeout: std::time::Duration::from_secs(120),
-        storage_class: None,
-        sse: None,
-        sse_kms_key_id: None,
-        object_lock_days: None,
-        object_lock_mode: None,
-        upload_rate_limit: None,
-    }
-}
 
 /// Deterministic incompressible-looking bytes (xorshift).
 pub fn data(len: usize, seed: u64) -> Vec<u8> {
@@ -309,11 +286,11 @@ async fn file_store_conformance() {
     let root = tmp.path().join("store");
     std::fs::create_dir(&root).unwrap();
     let url = |p: &Path| format!("file://{}", p.display());
-    let store = open(&config(url(&root), None)).await.unwrap();
-    let sibling = open(&config(url(&tmp.path().join("store2")), None))
+    let store = open(&store_config(&url(&root), None)).await.unwrap();
+    let sibling = open(&store_config(&url(&tmp.path().join("store2")), None))
         .await
         .unwrap();
-    let missing = open(&config(url(&tmp.path().join("missing")), None))
+    let missing = open(&store_config(&url(&tmp.path().join("missing")), None))
         .await
         .unwrap();
     assert_eq!(store.url("a/b"), format!("file://{}/a/b", root.display()));
@@ -350,17 +327,13 @@ fn b64url(s: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_store_conformance() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = S3Server::start(&tmp.path().join("s3"));
-    server.create_bucket("mysnap-test");
-    server.set_process_env();
+    let server = S3Server::with_bucket(&tmp.path().join("s3"));
     let ep = Some(server.endpoint.as_str());
-    let store = open(&config("s3://mysnap-test/pfx".into(), ep))
+    let store = open(&s3_config(&server.endpoint)).await.unwrap();
+    let sibling = open(&store_config("s3://mysnap-test/pfx2", ep))
         .await
         .unwrap();
-    let sibling = open(&config("s3://mysnap-test/pfx2".into(), ep))
-        .await
-        .unwrap();
-    let missing = open(&config("s3://no-such-bucket/pfx".into(), ep))
+    let missing = open(&store_config("s3://no-such-bucket/pfx", ep))
         .await
         .unwrap();
     assert_eq!(store.url("a/b"), "s3://mysnap-test/pfx/a/b");

@@ -468,6 +468,23 @@ pub fn send_signal(child: &Child, signal: nix::sys::signal::Signal) {
         .unwrap_or_else(|e| panic!("cannot send {signal} to process {pid}: {e}"));
 }
 
+/// The processes working in `dir` or below it (their current directory):
+/// a server a test or a killed run left there.
+pub fn processes_in(dir: &Path) -> Vec<i32> {
+    let dir = dir
+        .canonicalize()
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cwd = std::fs::read_link(e.path().join("cwd")).ok()?;
+            cwd.starts_with(&dir).then_some(pid)
+        })
+        .collect()
+}
+
 /// Whether process `pid` exists (and is not a zombie).
 fn alive(pid: i32) -> bool {
     if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
@@ -830,6 +847,59 @@ impl S3Server {
     }
 }
 
+/// The bucket of the tests' S3 stores, and the store URL under it.
+pub const TEST_BUCKET: &str = "mysnap-test";
+pub const TEST_S3_URL: &str = "s3://mysnap-test/pfx";
+
+impl S3Server {
+    /// A server on `root` with [`TEST_BUCKET`], its credentials in this
+    /// process's environment (for stores opened in the test itself).
+    pub fn with_bucket(root: &Path) -> S3Server {
+        let server = S3Server::start(root);
+        server.create_bucket(TEST_BUCKET);
+        server.set_process_env();
+        server
+    }
+
+    /// The `[store]` keys of an S3 store reached at `endpoint` (this
+    /// server, or a proxy in front of it), beside `url`.
+    pub fn store_keys(endpoint: &str) -> toml::Table {
+        let mut t = toml::Table::new();
+        t.insert("endpoint".into(), endpoint.into());
+        t.insert("force_path_style".into(), true.into());
+        t.insert("region".into(), "us-east-1".into());
+        t
+    }
+}
+
+/// A store config for `url`, reached at `endpoint` for S3 (this server or
+/// a proxy), with small parts and short timeouts.
+pub fn store_config(url: &str, endpoint: Option<&str>) -> common::config::StoreConfig {
+    common::config::StoreConfig {
+        url: common::config::StoreUrl::parse(url).unwrap(),
+        region: endpoint.map(|_| "us-east-1".to_string()),
+        endpoint: endpoint.map(str::to_string),
+        force_path_style: endpoint.is_some(),
+        part_size: bytesize::ByteSize::mib(5),
+        concurrency: 4,
+        memory_limit: bytesize::ByteSize::mib(256),
+        max_attempts: 3,
+        connect_timeout: Duration::from_secs(10),
+        read_timeout: Duration::from_secs(120),
+        storage_class: None,
+        sse: None,
+        sse_kms_key_id: None,
+        object_lock_days: None,
+        object_lock_mode: None,
+        upload_rate_limit: None,
+    }
+}
+
+/// [`store_config`] of [`TEST_S3_URL`] at `endpoint`.
+pub fn s3_config(endpoint: &str) -> common::config::StoreConfig {
+    store_config(TEST_S3_URL, Some(endpoint))
+}
+
 // ---------------------------------------------------------------------------
 // Planted backups: a directory store filled by hand (no MariaDB needed)
 
@@ -908,6 +978,30 @@ pub fn plant(store: &Path, name: &str, id: &str, manifest: Option<&str>) {
 /// Plants a complete backup ([`synthetic_manifest`]) of `name` as `id`.
 pub fn plant_backup(store: &Path, name: &str, id: &str) {
     plant(store, name, id, Some(&synthetic_manifest(name, id)));
+}
+
+/// Stores `archive` (zstd) as backup `id` of db1 in the directory store
+/// `store_root`, with `real`'s manifest adjusted to it (key, size, SHA-256):
+/// a crafted or damaged copy of a real backup.
+pub fn plant_archive(
+    store_root: &Path,
+    real: &common::manifest::Manifest,
+    id: &str,
+    archive: &[u8],
+) {
+    use sha2::{Digest, Sha256};
+    let mut m = real.clone();
+    m.backup_id = common::manifest::BackupId::parse(id).unwrap();
+    let mut info = m.archive.clone().unwrap();
+    info.key = format!("db1/{id}/data.tar.zst");
+    info.size = archive.len() as u64;
+    info.sha256 =
+        common::manifest::Sha256Hex::parse(&hex::encode(Sha256::digest(archive))).unwrap();
+    m.archive = Some(info);
+    let dir = store_root.join("db1").join(id);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("data.tar.zst"), archive).unwrap();
+    std::fs::write(dir.join("manifest.toml"), m.to_toml()).unwrap();
 }
 
 /// Every file below `root` (relative paths; links are listed, not followed).

@@ -129,8 +129,10 @@ pub async fn run(
     }
 }
 
-/// The archive phases: make the snapshot readable, stream it to the
-/// store, prove the snapshot stayed whole, store the manifest last.
+/// The archive phases: make the snapshot readable and check that the id
+/// is free ([`precheck`]), stream it to the store ([`stream`]), prove the
+/// snapshot stayed whole ([`settle`]), store the manifest last and read it
+/// back ([`store_manifest`]), then what was stored ([`archived`]).
 async fn archive(
     cfg: &Config,
     manifest: &Manifest,
@@ -139,6 +141,36 @@ async fn archive(
     cancel: &Interrupt,
 ) -> anyhow::Result<Archived> {
     let started = Instant::now();
+    let (store, uploads, key) = precheck(cfg, manifest, backend).await?;
+    let store = store.as_ref();
+    let (stats, size) = stream(cfg, manifest, store, &key, uploads, progress, cancel)
+        .await
+        .map_err(|e| exists_is_taken(e, cfg, manifest, &store.url(&key)))?;
+    let cow_used = settle(manifest, backend, store, &key, cancel).await?;
+    let mut complete = manifest.clone();
+    complete.archive = Some(ArchiveInfo {
+        key,
+        size,
+        compression: cfg.archive.compression,
+        level: cfg.level(),
+        sha256: common::manifest::Sha256Hex::parse(&stats.sha256).map_err(anyhow::Error::msg)?,
+        tar_size: stats.tar_size,
+        unpacked_size: stats.content_bytes,
+        files: stats.files,
+        archive_secs: started.elapsed().as_secs_f64(),
+    });
+    store_manifest(cfg, &complete, store).await?;
+    Ok(archived(&complete, &stats, size, cow_used, started))
+}
+
+/// The pre-check phase: the snapshot made readable and there, the store
+/// opened, uploads of killed runs aborted, and this backup's archive and
+/// manifest keys free. Returns the store, the upload log and the archive key.
+async fn precheck(
+    cfg: &Config,
+    manifest: &Manifest,
+    backend: &dyn SnapshotBackend,
+) -> anyhow::Result<(Box<dyn store::Store>, store::UploadLog, String)> {
     let snap = &manifest.snapshot.path;
     backend.make_readable(&common::snapshot::Snapshot {
         name: manifest.snapshot.name.to_string(),
@@ -165,69 +197,72 @@ async fn archive(
             return Err(taken(cfg, manifest, &store.url(k)));
         }
     }
-    let (stats, size) = stream(
-        cfg,
-        manifest,
-        store.as_ref(),
-        &key,
-        uploads,
-        progress,
-        cancel,
-    )
-    .await
-    .map_err(|e| exists_is_taken(e, cfg, manifest, &store.url(&key)))?;
+    Ok((store, uploads, key))
+}
+
+/// After the stream: the archive at `key` is deleted when a signal came
+/// or the snapshot overflowed (LVM: the archive may be inconsistent).
+/// Returns the share of the snapshot's copy-on-write space used.
+async fn settle(
+    manifest: &Manifest,
+    backend: &dyn SnapshotBackend,
+    store: &dyn store::Store,
+    key: &str,
+    cancel: &Interrupt,
+) -> anyhow::Result<Option<f64>> {
     if cancel.is_set() {
-        store.delete(&key).await?;
+        store.delete(key).await?;
         anyhow::bail!("interrupted by a signal; the backup is incomplete and not listed");
     }
-    // An overflowed snapshot (LVM) means the archive may be inconsistent.
-    let cow_used = match backend.check_valid(&manifest.snapshot.name) {
-        Ok(used) => used,
+    match backend.check_valid(&manifest.snapshot.name) {
+        Ok(used) => Ok(used),
         Err(e) => {
-            let _ = store.delete(&key).await;
-            return Err(e.context(
-                "the snapshot became invalid during the backup; the archive was deleted",
-            ));
+            let _ = store.delete(key).await;
+            Err(e.context("the snapshot became invalid during the backup; the archive was deleted"))
         }
-    };
-    let mut complete = manifest.clone();
-    complete.archive = Some(ArchiveInfo {
-        key,
-        size,
-        compression: cfg.archive.compression,
-        level: cfg.level(),
-        sha256: common::manifest::Sha256Hex::parse(&stats.sha256).map_err(anyhow::Error::msg)?,
-        tar_size: stats.tar_size,
-        unpacked_size: stats.content_bytes,
-        files: stats.files,
-        archive_secs: started.elapsed().as_secs_f64(),
-    });
+    }
+}
+
+/// The manifest phase: `complete` stored create-only, then read back: the
+/// stored manifest must be this one. A PutObject whose answer was lost is
+/// retried and refused as existing, though it is ours; a store that
+/// ignores If-None-Match (older S3-compatible servers) lets another host's
+/// write replace it unnoticed.
+async fn store_manifest(
+    cfg: &Config,
+    complete: &Manifest,
+    store: &dyn store::Store,
+) -> anyhow::Result<()> {
     let text = complete.to_toml();
     let manifest_key = complete.key();
     let put = store.put_new(&manifest_key, text.clone().into()).await;
-    // Read back: the stored manifest must be this one. A PutObject whose
-    // answer was lost is retried and refused as existing, though it is
-    // ours; a store that ignores If-None-Match (older S3-compatible
-    // servers) lets another host's write replace it unnoticed.
     let stored = store.get(&manifest_key, 1 << 20).await;
     match (put, stored) {
-        (_, Ok(stored)) if stored == text.as_bytes() => {}
-        (Err(e), _) => {
-            return Err(exists_is_taken(
-                e,
-                cfg,
-                manifest,
-                &store.url(&manifest_key),
-            ))
-        }
-        (Ok(()), Err(e)) => return Err(e),
+        (_, Ok(stored)) if stored == text.as_bytes() => Ok(()),
+        (Err(e), _) => Err(exists_is_taken(
+            e,
+            cfg,
+            complete,
+            &store.url(&manifest_key),
+        )),
+        (Ok(()), Err(e)) => Err(e),
         (Ok(()), Ok(_)) => anyhow::bail!(
             "{} changed right after this run wrote it: another host wrote backup {} under the same backup.name {:?} at the same time, and the store ignores If-None-Match; give every host its own backup.name and check both backups with `restorer verify`",
             store.url(&manifest_key),
-            manifest.backup_id,
+            complete.backup_id,
             cfg.backup.name
         ),
     }
+}
+
+/// The last phase: what was stored, logged and returned for the metrics.
+fn archived(
+    complete: &Manifest,
+    stats: &TarStats,
+    size: u64,
+    cow_used: Option<f64>,
+    started: Instant,
+) -> Archived {
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(
         "backup {} complete: {} files, {} of data stored as {} in {secs:.1}s ({}/s)",
@@ -237,14 +272,14 @@ async fn archive(
         bytesize(size),
         bytesize((stats.content_bytes as f64 / secs.max(1e-3)) as u64)
     );
-    Ok(Archived {
+    Archived {
         backup_id: complete.backup_id.to_string(),
         size,
         unpacked_size: stats.content_bytes,
         files: stats.files,
         lock: complete.lock.clone(),
         cow_used,
-    })
+    }
 }
 
 /// The error of a run whose backup id another host took: `url` exists.
@@ -308,35 +343,8 @@ async fn stream(
             cfg.store.memory_limit
         );
     }
-    let (compression, level) = (cfg.archive.compression, cfg.level());
-    let threads = common::codec::threads(cfg.archive.threads);
-    let read_limit = cfg
-        .archive
-        .read_rate_limit
-        .map(|r| common::reader::RateLimit::new(r.as_u64()));
     let (produced, uploaded) = std::thread::scope(|scope| {
-        let producer = scope.spawn(|| -> anyhow::Result<TarStats> {
-            let mut enc = common::codec::Hashing::new(writer);
-            let enc_writer = common::codec::Encoder::new(&mut enc, compression, level, threads)?;
-            let (enc_writer, stats) = format::write_tar(
-                snap,
-                &manifest.data,
-                enc_writer,
-                progress,
-                &|| cancel.is_set(),
-                read_limit.as_ref(),
-            )?;
-            enc_writer.finish().context("finishing compression")?;
-            let (writer, size, sha) = enc.finish();
-            writer
-                .finish()
-                .context("handing the last part to the upload")?;
-            Ok(TarStats {
-                stored_size: size,
-                sha256: sha,
-                ..stats
-            })
-        });
+        let producer = scope.spawn(|| produce(cfg, manifest, writer, progress, cancel));
         let uploaded = tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(store.put_stream(key, upload))
         });
@@ -365,6 +373,43 @@ async fn stream(
         stats.stored_size
     );
     Ok((stats, size))
+}
+
+/// The producing thread of [`stream`]: tar → codec → SHA-256 → `writer`,
+/// the upload's parts; `archive.read_rate_limit` on the snapshot's reads.
+fn produce(
+    cfg: &Config,
+    manifest: &Manifest,
+    writer: store::PartWriter,
+    progress: &dyn Progress,
+    cancel: &Interrupt,
+) -> anyhow::Result<TarStats> {
+    let (compression, level) = (cfg.archive.compression, cfg.level());
+    let threads = common::codec::threads(cfg.archive.threads);
+    let read_limit = cfg
+        .archive
+        .read_rate_limit
+        .map(|r| common::reader::RateLimit::new(r.as_u64()));
+    let mut enc = common::codec::Hashing::new(writer);
+    let enc_writer = common::codec::Encoder::new(&mut enc, compression, level, threads)?;
+    let (enc_writer, stats) = format::write_tar(
+        &manifest.snapshot.path,
+        &manifest.data,
+        enc_writer,
+        progress,
+        &|| cancel.is_set(),
+        read_limit.as_ref(),
+    )?;
+    enc_writer.finish().context("finishing compression")?;
+    let (writer, size, sha) = enc.finish();
+    writer
+        .finish()
+        .context("handing the last part to the upload")?;
+    Ok(TarStats {
+        stored_size: size,
+        sha256: sha,
+        ..stats
+    })
 }
 
 fn bytesize(n: u64) -> String {

@@ -35,23 +35,84 @@ pub fn drill(name: &BackupName, id: &BackupId, at: &BackupId) -> String {
 const DRILL_PREFIX: &str = "drill-";
 const DRILL_SUFFIX: &str = ".toml";
 
+/// What a key of the layout names, below its backup's `<name>/<id>/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Object {
+    Manifest,
+    /// The archive, in the compression its file name says.
+    Archive(Compression),
+    /// A drill record, with the drill's start.
+    Drill(BackupId),
+}
+
+/// A key of the layout, parsed: `<name>/<id>/<object>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Key {
+    pub name: BackupName,
+    pub id: BackupId,
+    pub object: Object,
+}
+
+/// Parses a listed key; `None` for every key outside the layout (a name or
+/// id that does not parse, another depth, another file name).
+pub fn parse(key: &str) -> Option<Key> {
+    let (name, rest) = key.split_once('/')?;
+    let (id, file) = rest.split_once('/')?;
+    let object = match file {
+        MANIFEST_FILE => Object::Manifest,
+        _ => match [Compression::Zstd, Compression::Xz, Compression::None]
+            .into_iter()
+            .find(|c| c.file_name() == file)
+        {
+            Some(c) => Object::Archive(c),
+            None => Object::Drill(
+                BackupId::parse(
+                    file.strip_prefix(DRILL_PREFIX)?
+                        .strip_suffix(DRILL_SUFFIX)?,
+                )
+                .ok()?,
+            ),
+        },
+    };
+    Some(Key {
+        name: BackupName::parse(name).ok()?,
+        id: BackupId::parse(id).ok()?,
+        object,
+    })
+}
+
+/// [`parse`], for a key of `name` only.
+fn parse_of(name: &BackupName, key: &str) -> Option<(BackupId, Object)> {
+    parse(key)
+        .filter(|k| k.name == *name)
+        .map(|k| (k.id, k.object))
+}
+
 /// The backup id and drill time of a drill record key of `name`
 /// (`<name>/<id>/drill-<time>.toml`); `None` for every other key.
 pub fn drill_of(name: &BackupName, key: &str) -> Option<(BackupId, BackupId)> {
-    let rest = key.strip_prefix(name.as_str())?.strip_prefix('/')?;
-    let (id, file) = rest.split_once('/')?;
-    let at = file
-        .strip_prefix(DRILL_PREFIX)?
-        .strip_suffix(DRILL_SUFFIX)?;
-    Some((BackupId::parse(id).ok()?, BackupId::parse(at).ok()?))
+    match parse_of(name, key)? {
+        (id, Object::Drill(at)) => Some((id, at)),
+        _ => None,
+    }
 }
 
 /// The backup id of a manifest key of `name` (`<name>/<id>/manifest.toml`);
 /// `None` for every other key.
 pub fn manifest_id(name: &BackupName, key: &str) -> Option<BackupId> {
-    let rest = key.strip_prefix(name.as_str())?.strip_prefix('/')?;
-    let id = rest.strip_suffix(MANIFEST_FILE)?.strip_suffix('/')?;
-    BackupId::parse(id).ok()
+    match parse_of(name, key)? {
+        (id, Object::Manifest) => Some(id),
+        _ => None,
+    }
+}
+
+/// The backup id and compression of an archive key of `name`
+/// (`<name>/<id>/data.tar[.zst|.xz]`); `None` for every other key.
+pub fn archive_of(name: &BackupName, key: &str) -> Option<(BackupId, Compression)> {
+    match parse_of(name, key)? {
+        (id, Object::Archive(c)) => Some((id, c)),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -98,5 +159,38 @@ mod tests {
         ] {
             assert_eq!(drill_of(&n, other), None, "{other}");
         }
+    }
+
+    #[test]
+    fn archives() {
+        let (n, id): (BackupName, BackupId) = (v("db1"), v("20261126T093000Z"));
+        for c in [Compression::Zstd, Compression::Xz, Compression::None] {
+            let key = archive(&n, &id, c);
+            assert_eq!(archive_of(&n, &key), Some((id.clone(), c)), "{key}");
+            assert_eq!(manifest_id(&n, &key), None);
+            assert_eq!(drill_of(&n, &key), None);
+        }
+        for other in [
+            "db1/20261126T093000Z/manifest.toml",
+            "db1/20261126T093000Z/drill-20261128T220500Z.toml",
+            "db1-x/20261126T093000Z/data.tar.zst",
+            "db10/20261126T093000Z/data.tar.zst",
+            "db1/20261126T093000Z/data.tar.zst.bak",
+            "db1/20261126T093000Z/data.tar.gz",
+            "db1/20261126T093000Z/x/data.tar.zst",
+            "db1/2026/data.tar.zst",
+            "db1/data.tar.zst",
+            "../20261126T093000Z/data.tar.zst",
+        ] {
+            assert_eq!(archive_of(&n, other), None, "{other}");
+        }
+        assert_eq!(
+            parse("db2/20261126T093000Z/data.tar.xz"),
+            Some(Key {
+                name: v("db2"),
+                id,
+                object: Object::Archive(Compression::Xz)
+            })
+        );
     }
 }

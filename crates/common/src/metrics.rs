@@ -253,6 +253,10 @@ pub fn write(
                 .filter(|s| !s.0.is_run_metric() || s.0 == Metric::LastSuccessTimestamp),
         );
     }
+    // A run killed mid-write left its temporary file: it does not pile up.
+    for stale in crate::state::remove_stale_temps(&path) {
+        tracing::info!("removed {}, left by a run that was killed", stale.display());
+    }
     crate::state::write_atomic_with_mode(&path, render(name, job, &values).as_bytes(), FILE_MODE)
         .map_err(|e| anyhow::anyhow!("metrics not written: {e:#}"))?;
     Ok(path)
@@ -493,6 +497,47 @@ garbage \u{0} line without labels
         assert!(!std::fs::read_to_string(&path)
             .unwrap()
             .contains("mysnap_last_success"));
+    }
+
+    #[test]
+    fn temporary_files_of_killed_writers_are_removed_and_no_others() {
+        let dir = tempfile::tempdir().unwrap();
+        // Writers that ended (kill -9 mid-write), and one that still runs.
+        let ended = || {
+            let mut gone = std::process::Command::new("true").spawn().unwrap();
+            gone.wait().unwrap();
+            gone.id()
+        };
+        let (dead, dead_link) = (ended(), ended());
+        let mut running = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let live = running.id();
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, "not ours").unwrap();
+        let tmp = |file: &str, pid: u32| dir.path().join(format!(".{file}.tmp-{pid}"));
+        let ours = "mysnap_db1_backup.prom";
+        std::fs::write(tmp(ours, dead), "partial").unwrap();
+        std::fs::write(tmp(ours, live), "being written").unwrap();
+        std::os::unix::fs::symlink(&outside, tmp(ours, dead_link)).unwrap();
+        let other = tmp("mysnap_db2_backup.prom", dead);
+        std::fs::write(&other, "another file's").unwrap();
+        let odd = dir.path().join(format!(".{ours}.tmp-{dead}x"));
+        std::fs::write(&odd, "not a pid").unwrap();
+
+        write(dir.path(), "db1", Job::Backup, &run(1.0, 0), &[]).unwrap();
+        let _ = running.kill();
+        let _ = running.wait();
+        assert!(!tmp(ours, dead).exists(), "a dead writer's file is removed");
+        assert!(
+            tmp(ours, dead_link).symlink_metadata().is_err(),
+            "and a link"
+        );
+        assert!(tmp(ours, live).exists(), "a running writer's file is kept");
+        assert!(other.exists() && odd.exists(), "other names are kept");
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "not ours");
+        assert!(file_path(dir.path(), "db1", Job::Backup).is_file());
     }
 
     #[test]

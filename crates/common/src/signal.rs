@@ -42,7 +42,22 @@ impl Interrupt {
     pub fn flag(&self) -> &AtomicBool {
         &self.0
     }
+
+    /// [`Interrupted`] once a signal came: where work may stop, its
+    /// guards then undo what is not committed.
+    pub fn stop_if_set(&self) -> Result<(), Interrupted> {
+        match self.is_set() {
+            true => Err(Interrupted),
+            false => Ok(()),
+        }
+    }
 }
+
+/// The error of work stopped by a signal before it changed anything (its
+/// guards put back what it had begun).
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted; nothing was changed")]
+pub struct Interrupted;
 
 #[cfg(test)]
 mod tests {
@@ -53,8 +68,11 @@ mod tests {
         let a = Interrupt::default();
         let b = a.clone();
         assert!(!b.is_set());
+        assert!(b.stop_if_set().is_ok());
         a.set();
         assert!(b.is_set() && b.flag().load(Ordering::SeqCst));
+        let e = b.stop_if_set().unwrap_err();
+        assert_eq!(e.to_string(), "interrupted; nothing was changed");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]

@@ -81,6 +81,41 @@ pub fn write_atomic_with_mode(path: &Path, bytes: &[u8], mode: u32) -> anyhow::R
     })
 }
 
+/// The temporary files of `path` that writers killed mid-write left
+/// (`.<name>.tmp-<pid>` of [`write_atomic_with_mode`], whose process no
+/// longer runs) are removed; a link among them is removed, never followed.
+/// Returns those removed. Best effort: what cannot be listed or removed is
+/// left for the next writer.
+pub fn remove_stale_temps(path: &Path) -> Vec<PathBuf> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Vec::new();
+    };
+    let prefix = format!(".{}.tmp-", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let dead = |pid: &str| {
+        let Ok(pid) = pid.parse::<i32>() else {
+            return false;
+        };
+        pid > 0
+            && pid as u32 != std::process::id()
+            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                == Err(nix::errno::Errno::ESRCH)
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .is_some_and(|pid| pid.bytes().all(|b| b.is_ascii_digit()) && dead(pid))
+        })
+        .map(|e| e.path())
+        .filter(|p| std::fs::remove_file(p).is_ok())
+        .collect()
+}
+
 /// Flushes directory `dir` itself (its entries: a rename, a creation or a
 /// removal in it) to disk, so the change survives a power loss.
 pub fn sync_dir(dir: &Path) -> anyhow::Result<()> {

@@ -97,6 +97,48 @@ pub async fn drill(
     let started = Instant::now();
     let started_at = common::manifest::backup_id(time::OffsetDateTime::now_utc());
     let int = &opts.interrupt;
+    let p = prepare(cfg, opts).await?;
+    int.stop_if_set()?;
+    let (m, info) = (&p.chosen.manifest, &p.chosen.info);
+    tracing::info!(
+        "drill of backup {} ({}) in {}",
+        m.backup_id,
+        bytesize::ByteSize(info.size),
+        p.run_dir.display()
+    );
+    let mut scratch = Scratch::create(&p.run_dir, p.server.owner)?;
+    let mut rec = new_record(&p.name, &m.backup_id, &started_at);
+    let verdict = steps(cfg, &p, &mut scratch, &mut rec, int, progress).await;
+    // The server stopped and the scratch removed before anything is stored.
+    scratch.stop_server();
+    drop(scratch);
+    let verdict = judge(verdict, &mut rec, int)?;
+    rec.total_secs = started.elapsed().as_secs_f64();
+    let url = store_record(&p, &started_at, &rec).await?;
+    verdict.map_err(|e| {
+        e.context(format!(
+            "drill of backup {} failed (recorded {url})",
+            m.backup_id
+        ))
+    })?;
+    Ok(DrillReport { url, record: rec })
+}
+
+/// What a drill checked and chose before it creates anything.
+struct Prepared {
+    name: BackupName,
+    run_dir: PathBuf,
+    chosen: crate::Chosen,
+    server: Server,
+    /// `drill.lock`, held for the whole drill.
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// The prepare phase: the scratch checked against the live data directory,
+/// the server binary found, one drill at a time, the backup chosen and its
+/// server version checked, a killed drill's leftovers removed, the room
+/// checked, the owner found.
+async fn prepare(cfg: &Config, opts: &DrillOpts) -> anyhow::Result<Prepared> {
     let name = crate::backup_name(cfg)?;
     let scratch = scratch_dir(cfg, opts.scratch.as_deref())?;
     let run_dir = scratch.join(format!("mysnap-drill-{name}"));
@@ -105,35 +147,48 @@ pub async fn drill(
     let installed = common::cmd::run(&[binary.as_os_str(), "--version".as_ref()])
         .ok()
         .and_then(|out| ServerVersion::from_version_output(&out));
-    let _lock = lock_drills(cfg)?;
+    let lock = lock_drills(cfg)?;
     let chosen = crate::choose(cfg, &opts.id).await?;
-    let (m, info) = (&chosen.manifest, &chosen.info);
     if !opts.ignore_version {
-        check_version(m, installed.as_ref())?;
+        check_version(&chosen.manifest, installed.as_ref())?;
     }
     Scratch::remove_leftover(&run_dir)?;
-    check_space(&scratch, info)?;
+    check_space(&scratch, &chosen.info)?;
     // The server drops root for the data's owner; run as another user, it
     // keeps its own.
-    let owner = match nix::unistd::geteuid().is_root() {
+    let root = nix::unistd::geteuid().is_root();
+    let owner = match root {
         true => cfg.volume.owner_ids()?,
         false => None,
     };
     if let Some((uid, gid)) = owner {
         warn_unreachable(&scratch, uid, gid);
     }
-    crate::restore::stop_if_interrupted(int)?;
-    tracing::info!(
-        "drill of backup {} ({}) in {}",
-        m.backup_id,
-        bytesize::ByteSize(info.size),
-        run_dir.display()
-    );
-    let mut scratch = Scratch::create(&run_dir, owner)?;
-    let mut rec = DrillRecord {
+    let server = Server {
+        binary,
+        flavor: installed.as_ref().map(|v| v.flavor),
+        owner,
+        // As root, the server must be told whom to run as: the data's owner
+        // (root only when no owner is configured or found).
+        run_as: root.then(|| owner.map_or("root".to_string(), |(uid, _)| uid.to_string())),
+        timeout: opts.start_timeout.unwrap_or(cfg.drill.start_timeout),
+    };
+    Ok(Prepared {
+        name,
+        run_dir,
+        chosen,
+        server,
+        _lock: lock,
+    })
+}
+
+/// The record of a drill of backup `id` of `name` that started at
+/// `started_at`, before any step: a pass with nothing measured.
+fn new_record(name: &BackupName, id: &BackupId, started_at: &BackupId) -> DrillRecord {
+    DrillRecord {
         format_version: drill::FORMAT_VERSION,
         name: name.clone(),
-        backup_id: m.backup_id.clone(),
+        backup_id: id.clone(),
         started: started_at.clone(),
         host: drill::text(
             std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -152,59 +207,56 @@ pub async fn drill(
         check_secs: 0.0,
         total_secs: 0.0,
         mysnap_version: drill::text(env!("CARGO_PKG_VERSION")),
-    };
-    let server = Server {
-        binary: &binary,
-        flavor: installed.as_ref().map(|v| v.flavor),
-        owner,
-        // As root, the server must be told whom to run as: the data's owner
-        // (root only when no owner is configured or found).
-        run_as: nix::unistd::geteuid()
-            .is_root()
-            .then(|| owner.map_or("root".to_string(), |(uid, _)| uid.to_string())),
-        timeout: opts.start_timeout.unwrap_or(cfg.drill.start_timeout),
-    };
-    let verdict = steps(cfg, &chosen, &mut scratch, &server, &mut rec, int, progress).await;
-    // The server stopped and the scratch removed before anything is stored.
-    scratch.stop_server();
-    drop(scratch);
-    let verdict = match verdict {
-        Ok(()) => Ok(()),
-        Err(_) if int.is_set() => {
-            return Err(anyhow::anyhow!(
-                "interrupted; the throwaway server was stopped and the scratch directory removed, nothing was recorded"
-            ))
-        }
+    }
+}
+
+/// What the steps' outcome means: `Ok(verdict)` when it is to be recorded
+/// (a failure that is a verdict on the backup marks `rec` failed), `Err`
+/// for a failure that is not (interrupted, a store or local failure):
+/// nothing is recorded then.
+fn judge(
+    steps: anyhow::Result<()>,
+    rec: &mut DrillRecord,
+    int: &Interrupt,
+) -> anyhow::Result<anyhow::Result<()>> {
+    match steps {
+        Ok(()) => Ok(Ok(())),
+        Err(_) if int.is_set() => Err(anyhow::anyhow!(
+            "interrupted; the throwaway server was stopped and the scratch directory removed, nothing was recorded"
+        )),
         Err(e) if recorded(&e) => {
             rec.result = Outcome::Failed;
             if rec.problem.is_none() {
                 rec.problem = Some(drill::text(&format!("{e:#}")));
             }
-            Err(e)
+            Ok(Err(e))
         }
-        Err(e) => return Err(e),
-    };
-    rec.total_secs = started.elapsed().as_secs_f64();
-    let key = keys::drill(&name, &m.backup_id, &started_at);
-    let url = chosen.store.url(&key);
-    chosen
+        Err(e) => Err(e),
+    }
+}
+
+/// The record phase: `rec` stored beside the manifest, create-only;
+/// returns its URL.
+async fn store_record(
+    p: &Prepared,
+    started_at: &BackupId,
+    rec: &DrillRecord,
+) -> anyhow::Result<String> {
+    let id = &p.chosen.manifest.backup_id;
+    let key = keys::drill(&p.name, id, started_at);
+    let url = p.chosen.store.url(&key);
+    p.chosen
         .store
         .put_new(&key, rec.to_toml().into_bytes().into())
         .await
         .with_context(|| {
             format!(
-                "the drill of backup {} ended ({:?}) but its record could not be stored",
-                m.backup_id, rec.result
+                "the drill of backup {id} ended ({:?}) but its record could not be stored",
+                rec.result
             )
         })?;
     tracing::info!("recorded {url}");
-    verdict.map_err(|e| {
-        e.context(format!(
-            "drill of backup {} failed (recorded {url})",
-            m.backup_id
-        ))
-    })?;
-    Ok(DrillReport { url, record: rec })
+    Ok(url)
 }
 
 /// Whether a failure is a verdict on the backup (stored as a failed drill):
@@ -215,8 +267,8 @@ fn recorded(e: &anyhow::Error) -> bool {
 }
 
 /// How the throwaway server is started.
-struct Server<'a> {
-    binary: &'a Path,
+struct Server {
+    binary: PathBuf,
     flavor: Option<Flavor>,
     /// Owner of the unpacked files.
     owner: Option<(u32, u32)>,
@@ -225,41 +277,21 @@ struct Server<'a> {
     timeout: Duration,
 }
 
-/// Unpack, start, check: the steps that fill `rec`.
+/// The stage, start and check phases, each filling its part of `rec`.
 async fn steps(
     cfg: &Config,
-    chosen: &crate::Chosen,
+    p: &Prepared,
     scratch: &mut Scratch,
-    server: &Server<'_>,
     rec: &mut DrillRecord,
     int: &Interrupt,
     progress: &dyn Progress,
 ) -> anyhow::Result<()> {
-    let (m, info) = (&chosen.manifest, &chosen.info);
+    stage(cfg, p, scratch, rec, int, progress).await?;
+    int.stop_if_set()?;
     let t = Instant::now();
-    let data = scratch.data();
-    let streamed = crate::stage(
-        cfg,
-        chosen.store.clone(),
-        m,
-        info,
-        crate::StageDir {
-            dir: &data,
-            owner: server.owner,
-            cancel: int.flag(),
-            in_place: Some(&data),
-        },
-        progress,
-    )
-    .await?;
-    rec.unpacked_bytes = streamed.file_bytes;
-    rec.unpack_secs = t.elapsed().as_secs_f64();
-    crate::restore::stop_if_interrupted(int)?;
-
-    let t = Instant::now();
-    let datadir = data.join(&m.data.datadir);
-    scratch.start(server, &datadir, &cfg.drill.server_options)?;
-    let mut conn = scratch.wait_ready(server.timeout, int).await?;
+    let datadir = scratch.data().join(&p.chosen.manifest.data.datadir);
+    scratch.start(&p.server, &datadir, &cfg.drill.server_options)?;
+    let mut conn = scratch.wait_ready(p.server.timeout, int).await?;
     rec.start_secs = t.elapsed().as_secs_f64();
     let version: Option<String> = conn.query_first("SELECT VERSION()").await?;
     rec.server_version = version.as_deref().map(drill::text);
@@ -268,23 +300,63 @@ async fn steps(
     let checked = check_tables(&mut conn, scratch, int).await;
     rec.check_secs = t.elapsed().as_secs_f64();
     let _ = conn.disconnect().await;
-    let failed = checked?;
-    rec.tables_checked = failed.checked;
-    rec.tables_with_errors = failed.errors.len() as u64;
-    rec.errors = failed
+    record_checked(rec, checked?)
+}
+
+/// The stage phase: the backup unpacked through the restore's read path
+/// into the scratch's data directory, in place.
+async fn stage(
+    cfg: &Config,
+    p: &Prepared,
+    scratch: &Scratch,
+    rec: &mut DrillRecord,
+    int: &Interrupt,
+    progress: &dyn Progress,
+) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let data = scratch.data();
+    let streamed = crate::stage(
+        cfg,
+        p.chosen.store.clone(),
+        &p.chosen.manifest,
+        &p.chosen.info,
+        crate::StageDir {
+            dir: &data,
+            owner: p.server.owner,
+            cancel: int.flag(),
+            in_place: Some(&data),
+        },
+        progress,
+    )
+    .await?;
+    rec.unpacked_bytes = streamed.file_bytes;
+    rec.unpack_secs = t.elapsed().as_secs_f64();
+    Ok(())
+}
+
+/// What CHECK TABLE found, into `rec`; a table with an error is an
+/// integrity failure naming the first three.
+fn record_checked(rec: &mut DrillRecord, checked: Checked) -> anyhow::Result<()> {
+    rec.tables_checked = checked.checked;
+    rec.tables_with_errors = checked.errors.len() as u64;
+    rec.errors = checked
         .errors
         .iter()
         .take(drill::MAX_NAMED_TABLES)
         .map(|e| drill::text(e))
         .collect();
-    if !failed.errors.is_empty() {
-        let shown: Vec<&str> = failed.errors.iter().take(3).map(String::as_str).collect();
+    if !checked.errors.is_empty() {
+        let shown: Vec<&str> = checked.errors.iter().take(3).map(String::as_str).collect();
         let problem = format!(
             "{} of {} tables failed CHECK TABLE: {}{}",
-            failed.errors.len(),
-            failed.checked,
+            checked.errors.len(),
+            checked.checked,
             shown.join("; "),
-            if failed.errors.len() > 3 { "; …" } else { "" }
+            if checked.errors.len() > 3 {
+                "; …"
+            } else {
+                ""
+            }
         );
         rec.problem = Some(drill::text(&problem));
         return Err(integrity_err(format!(
@@ -293,7 +365,7 @@ async fn steps(
     }
     tracing::info!(
         "{} tables passed CHECK TABLE in {:.1}s",
-        failed.checked,
+        checked.checked,
         rec.check_secs
     );
     Ok(())
@@ -304,6 +376,14 @@ struct Checked {
     checked: u64,
     /// `` `db`.`table`: message `` per table with an error.
     errors: Vec<String>,
+}
+
+impl Checked {
+    /// Table `shown` failed with `why`: logged and kept.
+    fn failed(&mut self, shown: &str, why: &dyn std::fmt::Display) {
+        tracing::error!("CHECK TABLE {shown}: {why}");
+        self.errors.push(format!("{shown}: {why}"));
+    }
 }
 
 /// The base tables of every schema but the virtual ones.
@@ -329,7 +409,7 @@ async fn check_tables(
         errors: Vec::new(),
     };
     for (db, table) in &tables {
-        crate::restore::stop_if_interrupted(int)?;
+        int.stop_if_set()?;
         let shown = format!("{}.{}", quote_ident(db), quote_ident(table));
         let sql = format!("CHECK TABLE {shown}");
         let rows: Result<Vec<mysql_async::Row>, _> = conn.query(sql.as_str()).await;
@@ -345,14 +425,10 @@ async fn check_tables(
                     })
                     .collect();
                 if let Some(why) = check_verdict(&rows) {
-                    tracing::error!("CHECK TABLE {shown}: {why}");
-                    out.errors.push(format!("{shown}: {why}"));
+                    out.failed(&shown, &why);
                 }
             }
-            Err(mysql_async::Error::Server(e)) => {
-                tracing::error!("CHECK TABLE {shown}: {e}");
-                out.errors.push(format!("{shown}: {e}"));
-            }
+            Err(mysql_async::Error::Server(e)) => out.failed(&shown, &e),
             Err(e) => {
                 let tail = scratch.log_tail();
                 return Err(integrity_err(format!(
@@ -644,7 +720,7 @@ impl Scratch {
         })?;
         let start = Instant::now();
         loop {
-            crate::restore::stop_if_interrupted(int)?;
+            int.stop_if_set()?;
             if let Some(status) = self
                 .server
                 .as_mut()
@@ -952,7 +1028,7 @@ mod tests {
             server: None,
         };
         let server = Server {
-            binary: Path::new("/usr/sbin/mariadbd"),
+            binary: "/usr/sbin/mariadbd".into(),
             flavor: Some(Flavor::Mariadb),
             owner: Some((102, 105)),
             run_as: Some("102".into()),

@@ -363,7 +363,8 @@ impl common::metrics::Measured for Verified {
     }
 }
 
-/// Reads the whole archive as restore would, writing nothing.
+/// Reads the whole archive as restore would, writing nothing; logs that
+/// the backup is intact.
 pub async fn verify(cfg: &Config, id: &str, progress: &dyn Progress) -> anyhow::Result<Verified> {
     let c = choose(cfg, id).await?;
     let never = AtomicBool::new(false);
@@ -376,6 +377,12 @@ pub async fn verify(cfg: &Config, id: &str, progress: &dyn Progress) -> anyhow::
         &never,
     )
     .await?;
+    tracing::info!(
+        "backup {} is intact: {} entries, {} files",
+        c.manifest.backup_id,
+        s.entries,
+        s.files
+    );
     Ok(Verified {
         manifest: c.manifest,
         size: c.info.size,

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use common::cli::{exit_with, runtime, GlobalArgs};
+use common::config::Config;
 use common::metrics::{self, Job};
+use restorer::drill::DrillOpts;
 use restorer::{ReplicaFlags, RestoreOpts};
 
 /// Lists, verifies and restores mysnap backups.
@@ -115,36 +117,9 @@ fn main() -> std::process::ExitCode {
     exit_with(runtime().block_on(async {
         let cfg = cli.global.load_config()?;
         match cli.command {
-            Cmd::List { json: true } => {
-                let backups = restorer::list(&cfg).await?;
-                println!("{}", serde_json::to_string_pretty(&backups)?);
-            }
-            Cmd::List { json: false } => {
-                print!("{}", restorer::list_table(&restorer::list(&cfg).await?));
-            }
-            Cmd::Status { all, max_age, json } => {
-                let st = restorer::status::status(&cfg, all, max_age).await?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&st)?);
-                } else {
-                    print!("{}", restorer::status::status_text(&st));
-                }
-                if let Some(e) = restorer::status::stale_error(&st) {
-                    return Err(e);
-                }
-            }
-            Cmd::Verify { id } => {
-                let progress = common::progress::for_stderr("verifying", quiet);
-                let verify = restorer::verify(&cfg, &id, progress.as_ref());
-                let v = metrics::track(&cfg, Job::Verify, verify).await?;
-                tracing::info!(
-                    "backup {} is intact: {} entries, {} files",
-                    v.manifest.backup_id,
-                    v.streamed.entries,
-                    v.streamed.files
-                );
-                println!("{}", v.manifest.backup_id);
-            }
+            Cmd::List { json } => list(&cfg, json).await,
+            Cmd::Status { all, max_age, json } => status(&cfg, all, max_age, json).await,
+            Cmd::Verify { id } => verify(&cfg, &id, quiet).await,
             Cmd::Restore {
                 id,
                 replica_of,
@@ -169,24 +144,9 @@ fn main() -> std::process::ExitCode {
                     start_timeout,
                     interrupt: restorer::Interrupt::default(),
                 };
-                opts.interrupt.on_signals(
-                    "stopping the restore (a swap under way is committed or undone first)",
-                )?;
-                let progress = common::progress::for_stderr("restoring", quiet);
-                let report = restorer::restore(&cfg, &opts, progress.as_ref()).await?;
-                println!("{}", serde_json::to_string(&report)?);
+                restore(&cfg, &opts, quiet).await
             }
-            Cmd::Prune { apply, json } => {
-                let prune = restorer::prune::prune(&cfg, apply);
-                let report = match apply {
-                    true => metrics::track(&cfg, Job::Prune, prune).await?,
-                    false => prune.await?,
-                };
-                match json {
-                    true => println!("{}", serde_json::to_string_pretty(&report)?),
-                    false => print!("{}", restorer::prune::prune_lines(&report)),
-                }
-            }
+            Cmd::Prune { apply, json } => prune(&cfg, apply, json).await,
             Cmd::Drill {
                 id,
                 scratch,
@@ -194,29 +154,97 @@ fn main() -> std::process::ExitCode {
                 ignore_version,
                 json,
             } => {
-                let opts = restorer::drill::DrillOpts {
+                let opts = DrillOpts {
                     id,
                     scratch,
                     start_timeout,
                     ignore_version,
                     interrupt: restorer::Interrupt::default(),
                 };
-                opts.interrupt.on_signals(
-                    "stopping the drill (its server is stopped and its scratch removed)",
-                )?;
-                let progress = common::progress::for_stderr("drilling", quiet);
-                let drill = restorer::drill::drill(&cfg, &opts, progress.as_ref());
-                let report = metrics::track(&cfg, Job::Drill, drill).await?;
-                match json {
-                    true => println!("{}", serde_json::to_string(&report)?),
-                    false => println!("{}", restorer::drill::report_line(&report)),
-                }
+                drill(&cfg, &opts, json, quiet).await
             }
-            Cmd::Recover { start_timeout } => match restorer::recover(&cfg, start_timeout).await? {
-                Some(line) => println!("{line}"),
-                None => println!("nothing to recover"),
-            },
+            Cmd::Recover { start_timeout } => recover(&cfg, start_timeout).await,
         }
-        Ok(())
     }))
+}
+
+/// `restorer list`: a table, or one JSON array.
+async fn list(cfg: &Config, json: bool) -> anyhow::Result<()> {
+    let backups = restorer::list(cfg).await?;
+    match json {
+        true => println!("{}", serde_json::to_string_pretty(&backups)?),
+        false => print!("{}", restorer::list_table(&backups)),
+    }
+    Ok(())
+}
+
+/// `restorer status`: exit 5 when a shown name is stale.
+async fn status(
+    cfg: &Config,
+    all: bool,
+    max_age: Option<Duration>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let st = restorer::status::status(cfg, all, max_age).await?;
+    match json {
+        true => println!("{}", serde_json::to_string_pretty(&st)?),
+        false => print!("{}", restorer::status::status_text(&st)),
+    }
+    restorer::status::stale_error(&st).map_or(Ok(()), Err)
+}
+
+/// `restorer verify`: the id of the intact backup on stdout; metrics.
+async fn verify(cfg: &Config, id: &str, quiet: bool) -> anyhow::Result<()> {
+    let progress = common::progress::for_stderr("verifying", quiet);
+    let verify = restorer::verify(cfg, id, progress.as_ref());
+    let v = metrics::track(cfg, Job::Verify, verify).await?;
+    println!("{}", v.manifest.backup_id);
+    Ok(())
+}
+
+/// `restorer restore`: the report as one JSON line.
+async fn restore(cfg: &Config, opts: &RestoreOpts, quiet: bool) -> anyhow::Result<()> {
+    opts.interrupt
+        .on_signals("stopping the restore (a swap under way is committed or undone first)")?;
+    let progress = common::progress::for_stderr("restoring", quiet);
+    let report = restorer::restore(cfg, opts, progress.as_ref()).await?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// `restorer prune`: metrics only with `--apply` (a dry run changes nothing).
+async fn prune(cfg: &Config, apply: bool, json: bool) -> anyhow::Result<()> {
+    let prune = restorer::prune::prune(cfg, apply);
+    let report = match apply {
+        true => metrics::track(cfg, Job::Prune, prune).await?,
+        false => prune.await?,
+    };
+    match json {
+        true => println!("{}", serde_json::to_string_pretty(&report)?),
+        false => print!("{}", restorer::prune::prune_lines(&report)),
+    }
+    Ok(())
+}
+
+/// `restorer drill`: the record's line, or the record as JSON; metrics.
+async fn drill(cfg: &Config, opts: &DrillOpts, json: bool, quiet: bool) -> anyhow::Result<()> {
+    opts.interrupt
+        .on_signals("stopping the drill (its server is stopped and its scratch removed)")?;
+    let progress = common::progress::for_stderr("drilling", quiet);
+    let drill = restorer::drill::drill(cfg, opts, progress.as_ref());
+    let report = metrics::track(cfg, Job::Drill, drill).await?;
+    match json {
+        true => println!("{}", serde_json::to_string(&report)?),
+        false => println!("{}", restorer::drill::report_line(&report)),
+    }
+    Ok(())
+}
+
+/// `restorer recover`: what was done, or that nothing was to do.
+async fn recover(cfg: &Config, start_timeout: Duration) -> anyhow::Result<()> {
+    match restorer::recover(cfg, start_timeout).await? {
+        Some(line) => println!("{line}"),
+        None => println!("nothing to recover"),
+    }
+    Ok(())
 }

@@ -60,26 +60,17 @@ pub fn stale_uploads(
     name: &common::manifest::BackupName,
     now: time::OffsetDateTime,
 ) -> Vec<StaleUpload> {
-    let prefix = keys::backups_of(name);
     pending
         .iter()
         .filter(|u| {
-            let Some(id) = u
-                .key
-                .strip_prefix(&prefix)
-                .and_then(|r| r.split_once('/'))
-                .and_then(|(id, _)| BackupId::parse(id).ok())
-            else {
+            let Some((id, _)) = keys::archive_of(name, &u.key) else {
                 return false;
             };
-            let archive = [Compression::Zstd, Compression::Xz, Compression::None]
-                .iter()
-                .any(|c| keys::archive(name, &id, *c) == u.key);
             let id_ok = (1..=1024).contains(&u.upload_id.len())
                 && u.upload_id.bytes().all(|b| b.is_ascii_graphic());
             let old = id.time() + GARBAGE_GRACE < now
                 && u.initiated.is_none_or(|t| t + GARBAGE_GRACE < now);
-            archive && id_ok && old
+            id_ok && old
         })
         .map(|u| StaleUpload {
             key: u.key.clone(),
@@ -132,13 +123,9 @@ pub fn hold_locked(
             d.reasons.push(format!("locked until {}", rfc3339(until)));
         }
     }
-    let prefix = keys::backups_of(name);
     let mut locked = Vec::new();
     garbage.retain(|key| {
-        let id = key
-            .strip_prefix(&prefix)
-            .and_then(|r| r.split_once('/'))
-            .and_then(|(id, _)| BackupId::parse(id).ok());
+        let id = keys::parse(key).filter(|k| k.name == *name).map(|k| k.id);
         match id.map(|id| locked_until(&id, days)) {
             Some(until) if until > now => {
                 locked.push(Locked {
@@ -172,25 +159,21 @@ pub fn garbage(
         .iter()
         .filter_map(|k| keys::manifest_id(name, k))
         .collect();
-    let prefix = keys::backups_of(name);
-    let mut out = Vec::new();
-    for key in listed {
-        let Some((id, file)) = key.strip_prefix(&prefix).and_then(|r| r.split_once('/')) else {
-            continue;
-        };
-        let Ok(id) = BackupId::parse(id) else {
-            continue;
-        };
-        let old = id.time() + GARBAGE_GRACE < now;
-        let archive = [Compression::Zstd, Compression::Xz, Compression::None]
-            .iter()
-            .any(|c| keys::archive(name, &id, *c) == *key && c.file_name() == file);
-        let drill = keys::drill_of(name, key).is_some_and(|(of, _)| of == id);
-        if (archive || drill) && old && !manifests.contains(&id) {
-            out.push(key.clone());
-        }
-    }
-    out
+    listed
+        .iter()
+        .filter(|key| {
+            let id = match keys::parse(key).filter(|k| k.name == *name) {
+                Some(keys::Key {
+                    id,
+                    object: keys::Object::Archive(_) | keys::Object::Drill(_),
+                    ..
+                }) => id,
+                _ => return false,
+            };
+            id.time() + GARBAGE_GRACE < now && !manifests.contains(&id)
+        })
+        .cloned()
+        .collect()
 }
 
 /// Recorded only for `--apply` (a dry run changes nothing).
@@ -235,13 +218,40 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
     let store = store.as_ref();
     let name = crate::backup_name(cfg)?;
     let listed = store.list(&keys::backups_of(&name)).await?;
+    let (complete, unreadable) = read_manifests(store, &name, &listed).await?;
+    let now = time::OffsetDateTime::now_utc();
+    let mut decisions = retention::apply(policy, &complete);
+    let mut garbage = garbage(&listed, &name, now);
+    let lock_days = cfg.store.object_lock().map(|(_, days)| days);
+    let locked = hold_locked(&mut decisions, &mut garbage, &name, lock_days, now);
+    let (uploads, uploads_listed) = list_stale_uploads(store, &name, now).await?;
+    let mut report = PruneReport {
+        policy: true,
+        applied: apply,
+        decisions,
+        unreadable,
+        garbage,
+        locked,
+        uploads,
+        uploads_listed,
+    };
+    if apply {
+        apply_report(store, &listed, &name, lock_days.is_some(), &mut report).await?;
+    }
+    Ok(report)
+}
+
+/// The ids of the complete backups among the manifests in `listed`, and
+/// the manifests that cannot be read (never deleted).
+async fn read_manifests(
+    store: &dyn Store,
+    name: &common::manifest::BackupName,
+    listed: &[String],
+) -> anyhow::Result<(Vec<BackupId>, Vec<Unreadable>)> {
     let mut complete = Vec::new();
     let mut unreadable = Vec::new();
-    for key in &listed {
-        let Some(id) = keys::manifest_id(&name, key) else {
-            continue;
-        };
-        match crate::read_manifest(store, &name, &id).await {
+    for id in listed.iter().filter_map(|k| keys::manifest_id(name, k)) {
+        match crate::read_manifest(store, name, &id).await {
             Ok(m) if m.archive.is_some() => complete.push(id),
             Ok(_) => unreadable.push(Unreadable {
                 id,
@@ -255,67 +265,76 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
             Err(e) => return Err(e),
         }
     }
-    let now = time::OffsetDateTime::now_utc();
-    let mut decisions = retention::apply(policy, &complete);
-    let mut garbage = garbage(&listed, &name, now);
-    let lock_days = cfg.store.object_lock().map(|(_, days)| days);
-    let mut locked = hold_locked(&mut decisions, &mut garbage, &name, lock_days, now);
-    let (uploads, uploads_listed) = match store.list_uploads(&keys::backups_of(&name)).await {
-        Ok(Some(pending)) => (stale_uploads(&pending, &name, now), true),
+    Ok((complete, unreadable))
+}
+
+/// The incomplete uploads to abort ([`stale_uploads`]), and whether the
+/// store could list them (a store or credentials that cannot: a warning
+/// naming the lifecycle rule or the permission).
+async fn list_stale_uploads(
+    store: &dyn Store,
+    name: &common::manifest::BackupName,
+    now: time::OffsetDateTime,
+) -> anyhow::Result<(Vec<StaleUpload>, bool)> {
+    match store.list_uploads(&keys::backups_of(name)).await {
+        Ok(Some(pending)) => Ok((stale_uploads(&pending, name, now), true)),
         // Credentials made for prune before it listed uploads may lack the
         // permission: the backups are still pruned.
         Err(e) if is_denied(&e) => {
             tracing::warn!(
                 "{e:#}; incomplete uploads not checked: grant s3:ListBucketMultipartUploads and s3:AbortMultipartUpload, or rely on a lifecycle rule (AbortIncompleteMultipartUpload)"
             );
-            (Vec::new(), false)
+            Ok((Vec::new(), false))
         }
-        Err(e) => return Err(e),
+        Err(e) => Err(e),
         Ok(None) => {
             tracing::warn!(
                 "{}: this store cannot list multipart uploads (ListMultipartUploads): set a lifecycle rule (AbortIncompleteMultipartUpload) on the bucket to remove those killed runs left",
-                store.url(&keys::backups_of(&name))
+                store.url(&keys::backups_of(name))
             );
-            (Vec::new(), false)
-        }
-    };
-    if apply {
-        for u in &uploads {
-            match store.abort_upload(&u.key, &u.upload_id).await {
-                Ok(()) => tracing::info!("aborted an incomplete upload of {}", store.url(&u.key)),
-                Err(e) if is_denied(&e) => tracing::warn!(
-                    "{e:#}; left: grant s3:AbortMultipartUpload, or rely on a lifecycle rule (AbortIncompleteMultipartUpload)"
-                ),
-                Err(e) => return Err(e),
-            }
-        }
-        let locking = lock_days.is_some();
-        for d in decisions.iter_mut().filter(|d| !d.keep()) {
-            if !delete(store, &listed, &name, &d.id, locking, &mut locked).await? {
-                d.reasons.push(REFUSED.to_string());
-            }
-        }
-        for key in &garbage {
-            if delete_one(store, key, locking).await? {
-                tracing::info!("deleted {} ({})", store.url(key), garbage_kind(key));
-            } else {
-                locked.push(Locked {
-                    key: key.clone(),
-                    why: REFUSED.into(),
-                });
-            }
+            Ok((Vec::new(), false))
         }
     }
-    Ok(PruneReport {
-        policy: true,
-        applied: apply,
-        decisions,
-        unreadable,
-        garbage,
-        locked,
-        uploads,
-        uploads_listed,
-    })
+}
+
+/// `--apply`: the stale uploads aborted, the removed backups deleted
+/// (manifest first), then the garbage; what the store refuses under
+/// Object Lock (`locking`) is kept and added to `r.locked`.
+async fn apply_report(
+    store: &dyn Store,
+    listed: &[String],
+    name: &common::manifest::BackupName,
+    locking: bool,
+    r: &mut PruneReport,
+) -> anyhow::Result<()> {
+    for u in &r.uploads {
+        match store.abort_upload(&u.key, &u.upload_id).await {
+            Ok(()) => {
+                tracing::info!("aborted an incomplete upload of {}", store.url(&u.key));
+                crate::restore::pause_at(UPLOAD_ABORTED, None);
+            }
+            Err(e) if is_denied(&e) => tracing::warn!(
+                "{e:#}; left: grant s3:AbortMultipartUpload, or rely on a lifecycle rule (AbortIncompleteMultipartUpload)"
+            ),
+            Err(e) => return Err(e),
+        }
+    }
+    for d in r.decisions.iter_mut().filter(|d| !d.keep()) {
+        if !delete(store, listed, name, &d.id, locking, &mut r.locked).await? {
+            d.reasons.push(REFUSED.to_string());
+        }
+    }
+    for key in &r.garbage {
+        if delete_one(store, key, locking).await? {
+            tracing::info!("deleted {} ({})", store.url(key), garbage_kind(key));
+        } else {
+            r.locked.push(Locked {
+                key: key.clone(),
+                why: REFUSED.into(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The test hook's pause point ([`crate::PAUSE_ENV`]) between a backup's
@@ -323,6 +342,11 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
 /// without a manifest, garbage for the next prune once older than
 /// [`GARBAGE_GRACE`].
 pub const MANIFEST_DELETED: &str = "prune-manifest-deleted";
+
+/// The test hook's pause point after each incomplete upload aborted: a
+/// prune killed here leaves the others to the next prune, which counts an
+/// upload the store no longer knows as aborted.
+pub const UPLOAD_ABORTED: &str = "prune-upload-aborted";
 
 /// Why a backup or key is kept whose delete the store refused.
 const REFUSED: &str = "the store refused the delete: locked (Object Lock)";
@@ -403,13 +427,9 @@ async fn delete(
 
 /// What a garbage key (an archive or a drill record, from [`garbage`]) is, for people.
 fn garbage_kind(key: &str) -> &'static str {
-    match key
-        .rsplit('/')
-        .next()
-        .is_some_and(|f| f.starts_with("drill-"))
-    {
-        true => "a drill record without a manifest",
-        false => "an archive without a manifest",
+    match keys::parse(key).map(|k| k.object) {
+        Some(keys::Object::Drill(_)) => "a drill record without a manifest",
+        _ => "an archive without a manifest",
     }
 }
 
@@ -572,6 +592,26 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn garbage_is_named_by_its_parsed_key() {
+        for (key, kind) in [
+            (
+                "db1/20261120T030000Z/data.tar.zst",
+                "an archive without a manifest",
+            ),
+            (
+                "db1/20261120T030000Z/data.tar",
+                "an archive without a manifest",
+            ),
+            (
+                "db1/20261120T030000Z/drill-20261121T030000Z.toml",
+                "a drill record without a manifest",
+            ),
+        ] {
+            assert_eq!(garbage_kind(key), kind, "{key}");
+        }
     }
 
     #[test]

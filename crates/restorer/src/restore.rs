@@ -126,20 +126,6 @@ pub(crate) fn pause_at(point: &str, int: Option<&Interrupt>) {
     }
 }
 
-/// An error once a signal came: the guards then undo what is not committed.
-pub(crate) fn stop_if_interrupted(int: &Interrupt) -> anyhow::Result<()> {
-    if int.is_set() {
-        return Err(interrupted());
-    }
-    Ok(())
-}
-
-/// The error of a restore stopped by a signal before its commit (the
-/// guards put everything back as it was).
-pub(crate) fn interrupted() -> anyhow::Error {
-    anyhow::anyhow!("interrupted; nothing was changed")
-}
-
 /// Restores backup `opts.id` into `volume.datadir`: every phase, in
 /// [`Phase::order`], each irreversible step journaled first; the guards undo
 /// what is not committed on any error.
@@ -157,7 +143,7 @@ pub async fn restore(
         tracing::warn!("{line}");
     }
     let plan = check(cfg, opts, lock).await?;
-    stop_if_interrupted(int)?;
+    int.stop_if_set()?;
     // The journal first: a restore killed now leaves its staging directory
     // for the next restore or `restorer recover` to remove.
     let mut live = SwapGuard::new(cfg, &plan);
@@ -166,25 +152,25 @@ pub async fn restore(
     live.save()?;
     live.staging = Some(Staging::create(&plan.staging)?);
     first.enter(int);
-    stop_if_interrupted(int)?;
+    int.stop_if_set()?;
     let mut down_since = None;
     if opts.stop_first {
         down_since = Some(stop_first(&plan, &mut live)?);
         live.enter(Phase::Stage, int)?;
     }
     let (streamed, unpack_secs) = stage(cfg, &plan, int, progress).await?;
-    stop_if_interrupted(int)?;
+    int.stop_if_set()?;
     if !opts.stop_first {
         live.enter(Phase::Stop, int)?;
-        stop_if_interrupted(int)?;
+        int.stop_if_set()?;
         down_since = Some(stop(&mut live)?);
         // A signal during the stop waits until here: the guard starts the
         // server again.
-        stop_if_interrupted(int)?;
+        int.stop_if_set()?;
     }
     swap(cfg, &plan, &mut live, int)?;
     // A signal during the swap waits until here: the guard undoes it.
-    stop_if_interrupted(int)?;
+    int.stop_if_set()?;
     live.enter(Phase::Commit, int)?;
     let old_datadir = live.old_datadir();
     drop(live.staging.take());
@@ -817,7 +803,7 @@ async fn stage(
     .await
     .map_err(|e| {
         if int.is_set() {
-            interrupted()
+            common::signal::Interrupted.into()
         } else {
             e.context("restore failed; the data directory is unchanged")
         }
