@@ -149,6 +149,9 @@ async fn archive(
         "snapshot {} does not exist (was it removed by a later run?)",
         snap.display()
     );
+    // Keys first: a bad key file fails before anything is written.
+    let recipients = common::crypt::Recipients::from_config(cfg)?;
+    let auth = common::crypt::AuthKey::from_config(cfg)?;
     let store = store::open(&cfg.store).await?;
     // Uploads of runs killed mid-way (kill -9, a store that went away
     // before the abort) are aborted before this one starts.
@@ -156,11 +159,17 @@ async fn archive(
     if let Err(e) = store::abort_leftovers(store.as_ref(), &uploads).await {
         tracing::warn!("cannot clean up the uploads of earlier runs: {e:#}");
     }
-    let key = format::keys::archive(&manifest.name, &manifest.backup_id, cfg.archive.compression);
+    let key = format::keys::archive_of(
+        &manifest.name,
+        &manifest.backup_id,
+        cfg.archive.compression,
+        recipients.is_some(),
+    );
     // Another host writing under the same backup.name may have taken this
     // id: refuse now rather than after the upload. (The archive and the
     // manifest are also written only if absent, for a race.)
-    for k in [&key, &manifest.key()] {
+    let mac_key = format::keys::manifest_mac(&manifest.name, &manifest.backup_id);
+    for k in [&key, &mac_key, &manifest.key()] {
         if store.size(k).await?.is_some() {
             return Err(taken(cfg, manifest, &store.url(k)));
         }
@@ -171,6 +180,7 @@ async fn archive(
         store.as_ref(),
         &key,
         uploads,
+        recipients.as_ref(),
         progress,
         cancel,
     )
@@ -201,9 +211,20 @@ async fn archive(
         unpacked_size: stats.content_bytes,
         files: stats.files,
         archive_secs: started.elapsed().as_secs_f64(),
+        encryption: recipients.as_ref().map(|r| r.encryption()),
     });
+    if recipients.is_some() {
+        complete.format_version = common::manifest::ENCRYPTED_FORMAT_VERSION;
+    }
     let text = complete.to_toml();
     let manifest_key = complete.key();
+    // The MAC before the manifest: a manifest is never visible without it.
+    if let Some(auth) = &auth {
+        store
+            .put_new(&mac_key, auth.tag(&manifest_key, text.as_bytes()).into())
+            .await
+            .map_err(|e| exists_is_taken(e, cfg, manifest, &store.url(&mac_key)))?;
+    }
     let put = store.put_new(&manifest_key, text.clone().into()).await;
     // Read back: the stored manifest must be this one. A PutObject whose
     // answer was lost is retried and refused as existing, though it is
@@ -273,7 +294,7 @@ fn exists_is_taken(
     }
 }
 
-/// tar → codec → SHA-256 → the store's streamed upload of `key` (recorded
+/// tar → codec → encryption (`crypt::Sealer`, with `recipients`) → SHA-256 → the store's streamed upload of `key` (recorded
 /// in `uploads` while it runs, and never replacing an existing object): a
 /// blocking thread produces parts while the store uploads them. Returns the
 /// tar statistics and the bytes stored; on any failure nothing is stored.
@@ -283,6 +304,7 @@ async fn stream(
     store: &dyn store::Store,
     key: &str,
     uploads: store::UploadLog,
+    recipients: Option<&common::crypt::Recipients>,
     progress: &dyn Progress,
     cancel: &Interrupt,
 ) -> anyhow::Result<(TarStats, u64)> {
@@ -317,7 +339,9 @@ async fn stream(
     let (produced, uploaded) = std::thread::scope(|scope| {
         let producer = scope.spawn(|| -> anyhow::Result<TarStats> {
             let mut enc = common::codec::Hashing::new(writer);
-            let enc_writer = common::codec::Encoder::new(&mut enc, compression, level, threads)?;
+            let sealed =
+                common::crypt::Sealer::new(&mut enc, recipients).context("starting encryption")?;
+            let enc_writer = common::codec::Encoder::new(sealed, compression, level, threads)?;
             let (enc_writer, stats) = format::write_tar(
                 snap,
                 &manifest.data,
@@ -326,7 +350,11 @@ async fn stream(
                 &|| cancel.is_set(),
                 read_limit.as_ref(),
             )?;
-            enc_writer.finish().context("finishing compression")?;
+            enc_writer
+                .finish()
+                .context("finishing compression")?
+                .finish()
+                .context("finishing encryption")?;
             let (writer, size, sha) = enc.finish();
             writer
                 .finish()

@@ -3,6 +3,8 @@
 //!
 //! ```text
 //! <backup.name>/<backup id>/data.tar.zst | data.tar.xz | data.tar   the archive, written first
+//!                                  (+ `.age` when encrypted: data.tar.zst.age, ...)
+//! <backup.name>/<backup id>/manifest.toml.mac                        its HMAC, before the manifest ([auth])
 //! <backup.name>/<backup id>/manifest.toml                            written last: the backup exists
 //! <backup.name>/<backup id>/drill-<time>.toml                        a restore drill's result (`restorer drill`)
 //! ```
@@ -23,8 +25,37 @@ pub fn manifest(name: &BackupName, id: &BackupId) -> String {
 }
 
 pub fn archive(name: &BackupName, id: &BackupId, compression: Compression) -> String {
-    format!("{name}/{id}/{}", compression.file_name())
+    archive_of(name, id, compression, false)
 }
+
+/// The suffix of an encrypted archive's key (an age file).
+pub const ENCRYPTED_SUFFIX: &str = ".age";
+
+/// The archive's key, `encrypted` or not: `data.tar.zst` or `data.tar.zst.age`.
+pub fn archive_of(
+    name: &BackupName,
+    id: &BackupId,
+    compression: Compression,
+    encrypted: bool,
+) -> String {
+    let suffix = if encrypted { ENCRYPTED_SUFFIX } else { "" };
+    format!("{name}/{id}/{}{suffix}", compression.file_name())
+}
+
+/// Every key an archive of backup `id` may have (each codec, encrypted or not).
+pub fn archives(name: &BackupName, id: &BackupId) -> Vec<String> {
+    [Compression::Zstd, Compression::Xz, Compression::None]
+        .into_iter()
+        .flat_map(|c| [false, true].map(|e| archive_of(name, id, c, e)))
+        .collect()
+}
+
+/// The manifest's MAC (`[auth]`): stored before the manifest.
+pub fn manifest_mac(name: &BackupName, id: &BackupId) -> String {
+    format!("{}{MAC_SUFFIX}", manifest(name, id))
+}
+
+const MAC_SUFFIX: &str = ".mac";
 
 /// The record of a restore drill of backup `id` that started at `at` (a
 /// UTC time in the form of a backup id).
@@ -67,6 +98,16 @@ mod tests {
             archive(&n, &id, Compression::Xz),
             "db1/20261126T093000Z/data.tar.xz"
         );
+        assert_eq!(
+            archive_of(&n, &id, Compression::Zstd, true),
+            "db1/20261126T093000Z/data.tar.zst.age"
+        );
+        assert_eq!(archives(&n, &id).len(), 6);
+        assert_eq!(
+            manifest_mac(&n, &id),
+            "db1/20261126T093000Z/manifest.toml.mac"
+        );
+        assert_eq!(manifest_id(&n, &manifest_mac(&n, &id)), None);
         assert_eq!(manifest_id(&n, &manifest(&n, &id)), Some(id));
         for other in [
             "db1/20261126T093000Z/data.tar.zst",
