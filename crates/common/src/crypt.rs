@@ -334,16 +334,16 @@ pub fn open<'a, R: Read + 'a>(
 }
 
 /// A new identity and its recipient (`restorer keygen`): the secret key
-/// text to store in a 0600 file, and the public `age1…` string.
-pub fn generate_identity() -> (Zeroizing<String>, String) {
+/// text to store in a 0600 file, the public `age1…` string and its fingerprint.
+pub fn generate_identity() -> (Zeroizing<String>, String, String) {
     let id = age::x25519::Identity::generate();
     let public = id.to_public();
+    let fp = fingerprint(&public);
     let text = Zeroizing::new(format!(
-        "# created by mysnap: restore hosts only; keep a copy offline\n# public key: {public}\n# fingerprint: {}\n{}\n",
-        fingerprint(&public),
+        "# created by mysnap: restore hosts only; keep a copy offline\n# public key: {public}\n# fingerprint: {fp}\n{}\n",
         id.to_string().expose_secret()
     ));
-    (text, public.to_string())
+    (text, public.to_string(), fp)
 }
 
 /// A new HMAC key for `[auth] key_file`: 32 random bytes in hex.
@@ -467,6 +467,34 @@ impl AuthKey {
     }
 }
 
+// Debug shows where keys came from and their fingerprints, never a key.
+impl std::fmt::Debug for Recipients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let fps: Vec<_> = self.keys.iter().map(fingerprint).collect();
+        f.debug_struct("Recipients")
+            .field("fingerprints", &fps)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Identities {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identities")
+            .field("source", &self.source)
+            .field("fingerprints", &self.fingerprints())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for AuthKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthKey")
+            .field("id", &self.id)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -497,7 +525,7 @@ mod tests {
         let mut pubs = String::from("# recipients\n\n");
         let mut ids = Vec::new();
         for i in 0..n {
-            let (secret, public) = generate_identity();
+            let (secret, public, _) = generate_identity();
             let p = write_key(dir.path(), &format!("id{i}"), &secret, 0o600);
             ids.push(Identities::load(&p, "test").unwrap());
             pubs += &format!("{public}\n");
@@ -592,7 +620,7 @@ mod tests {
     #[test]
     fn key_files_readable_by_others_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let (secret, _) = generate_identity();
+        let (secret, _, _) = generate_identity();
         let p = write_key(dir.path(), "id", &secret, 0o640);
         let err = Identities::load(&p, "encryption.identity_file").unwrap_err();
         let msg = format!("{err:#}");

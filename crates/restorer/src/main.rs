@@ -106,6 +106,16 @@ enum Cmd {
         #[arg(long, default_value = "5min", value_parser = humantime::parse_duration)]
         start_timeout: Duration,
     },
+    /// Make key files: an age identity (restore hosts; its public key is printed for
+    /// encryption.recipients_file) and/or an HMAC key for auth.key_file; mode 0600, never replaced
+    Keygen {
+        /// Write a new age identity here (needs no config)
+        #[arg(long, value_name = "FILE", required_unless_present = "auth_key")]
+        identity: Option<PathBuf>,
+        /// Write a new HMAC-SHA256 key for auth.key_file here (needs no config)
+        #[arg(long, value_name = "FILE")]
+        auth_key: Option<PathBuf>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -113,6 +123,16 @@ fn main() -> std::process::ExitCode {
     cli.global.init_logging();
     let quiet = cli.global.quiet();
     exit_with(runtime().block_on(async {
+        if let Cmd::Keygen { identity, auth_key } = &cli.command {
+            if let Some(p) = identity {
+                println!("{}", restorer::keygen::identity(p)?);
+            }
+            if let Some(p) = auth_key {
+                restorer::keygen::auth_key(p)?;
+                tracing::info!("wrote a new auth key to {}", p.display());
+            }
+            return Ok(());
+        }
         let cfg = cli.global.load_config()?;
         match cli.command {
             Cmd::List { json: true } => {
@@ -212,6 +232,7 @@ fn main() -> std::process::ExitCode {
                     false => println!("{}", restorer::drill::report_line(&report)),
                 }
             }
+            Cmd::Keygen { .. } => unreachable!("handled before the config is read"),
             Cmd::Recover { start_timeout } => match restorer::recover(&cfg, start_timeout).await? {
                 Some(line) => println!("{line}"),
                 None => println!("nothing to recover"),

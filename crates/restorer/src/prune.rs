@@ -10,7 +10,7 @@
 //! drill records (`restorer drill`), recognised by [`keys::drill_of`].
 
 use common::archive::keys;
-use common::config::{Compression, Config};
+use common::config::Config;
 use common::manifest::BackupId;
 use common::retention::{self, Decision};
 use common::store::{self, Store};
@@ -72,9 +72,7 @@ pub fn stale_uploads(
             else {
                 return false;
             };
-            let archive = [Compression::Zstd, Compression::Xz, Compression::None]
-                .iter()
-                .any(|c| keys::archive(name, &id, *c) == u.key);
+            let archive = keys::archives(name, &id).contains(&u.key);
             let id_ok = (1..=1024).contains(&u.upload_id.len())
                 && u.upload_id.bytes().all(|b| b.is_ascii_graphic());
             let old = id.time() + GARBAGE_GRACE < now
@@ -182,9 +180,8 @@ pub fn garbage(
             continue;
         };
         let old = id.time() + GARBAGE_GRACE < now;
-        let archive = [Compression::Zstd, Compression::Xz, Compression::None]
-            .iter()
-            .any(|c| keys::archive(name, &id, *c) == *key && c.file_name() == file);
+        let archive = keys::archives(name, &id).contains(key)
+            || (keys::manifest_mac(name, &id) == *key && file.contains('.'));
         let drill = keys::drill_of(name, key).is_some_and(|(of, _)| of == id);
         if (archive || drill) && old && !manifests.contains(&id) {
             out.push(key.clone());
@@ -231,6 +228,10 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
             uploads_listed: false,
         });
     };
+    // With auth.key_file, a manifest that does not verify is unreadable:
+    // never deleted and not counted, so forged manifests cannot push real
+    // backups out of the policy.
+    let auth = common::crypt::AuthKey::from_config(cfg)?;
     let store = store::open(&cfg.store).await?;
     let store = store.as_ref();
     let name = crate::backup_name(cfg)?;
@@ -241,7 +242,7 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
         let Some(id) = keys::manifest_id(&name, key) else {
             continue;
         };
-        match crate::read_manifest(store, &name, &id).await {
+        match crate::read_manifest(store, &name, &id, auth.as_ref()).await {
             Ok(m) if m.archive.is_some() => complete.push(id),
             Ok(_) => unreadable.push(Unreadable {
                 id,
@@ -371,8 +372,10 @@ async fn delete(
     }
     tracing::info!("deleted {}", store.url(&manifest));
     crate::restore::pause_at(MANIFEST_DELETED, None);
-    for c in [Compression::Zstd, Compression::Xz, Compression::None] {
-        let key = keys::archive(name, id, c);
+    let objects = keys::archives(name, id)
+        .into_iter()
+        .chain([keys::manifest_mac(name, id)]);
+    for key in objects {
         if !listed.contains(&key) {
             continue;
         }
