@@ -298,6 +298,7 @@ fn exists_is_taken(
 /// in `uploads` while it runs, and never replacing an existing object): a
 /// blocking thread produces parts while the store uploads them. Returns the
 /// tar statistics and the bytes stored; on any failure nothing is stored.
+#[allow(clippy::too_many_arguments)]
 async fn stream(
     cfg: &Config,
     manifest: &Manifest,

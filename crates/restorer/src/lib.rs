@@ -581,6 +581,7 @@ mod tests {
                 unpacked_size: 0,
                 files: 0,
                 archive_secs: 0.0,
+                encryption: None,
             }),
         }
     }
