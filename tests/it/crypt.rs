@@ -83,7 +83,7 @@ fn rows(target: &Target) -> String {
 }
 
 fn archive_key(id: &str, file: &str) -> String {
-    format!("fleet/db1/{id}/{file}")
+    format!("db1/{id}/{file}")
 }
 
 #[test]
