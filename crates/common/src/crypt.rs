@@ -330,7 +330,22 @@ pub fn open<'a, R: Read + 'a>(
             ),
             e => format!("it cannot be decrypted with {}: {e}", ids.source),
         })?;
-    Ok(Box::new(r))
+    Ok(Box::new(Decrypting(r)))
+}
+
+/// Says what a failed chunk means.
+struct Decrypting<R>(R);
+
+impl<R: Read> Read for Decrypting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf).map_err(|e| match e.kind() {
+            io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof => io::Error::new(
+                e.kind(),
+                format!("decryption failed ({e}): the ciphertext was changed or cut short"),
+            ),
+            _ => e,
+        })
+    }
 }
 
 /// A new identity and its recipient (`restorer keygen`): the secret key
@@ -607,13 +622,14 @@ mod tests {
         for at in [stored.len() / 2, stored.len() - 5] {
             let mut bad = stored.clone();
             bad[at] ^= 1;
-            assert!(unseal(&bad, &enc, Some(&k.ids[0])).is_err(), "flip at {at}");
+            let err = unseal(&bad, &enc, Some(&k.ids[0])).unwrap_err();
+            assert!(err.contains("changed or cut short"), "flip at {at}: {err}");
         }
         // Cut at a chunk boundary (header + 64 KiB + tag) and mid-chunk.
         let header = stored.len() - data().len() - data().len().div_ceil(64 << 10) * 16;
         for cut in [header + (64 << 10) + 16, stored.len() - 100] {
             let err = unseal(&stored[..cut], &enc, Some(&k.ids[0])).unwrap_err();
-            assert!(!err.is_empty(), "cut at {cut}");
+            assert!(err.contains("changed or cut short"), "cut at {cut}: {err}");
         }
     }
 
