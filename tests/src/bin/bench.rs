@@ -234,6 +234,25 @@ fn backup(b: &Bench, peers: &Peers, data_bytes: u64, report: &mut Report) -> Bac
             ..Row::new(label, Ok(r.secs))
         });
     }
+    // Encrypted (age) and authenticated (HMAC): `÷ mysnap` is this row's
+    // time ÷ the unencrypted S3 row's (1.00: no cost; target: at most 1.05).
+    let (backup_tail, _) = contenders::crypt_configs(&b.tmp.path().join("keys"));
+    for (compression, limit) in [("zstd", limit_zstd), ("none", limit_read)] {
+        let label = format!("mysnap {compression} → S3, encrypted + authenticated");
+        eprintln!("bench: {label}");
+        let plain = rows
+            .iter()
+            .find(|r| r.label == format!("mysnap {compression} → S3"))
+            .and_then(|r| r.secs.as_ref().ok().copied());
+        let r = b.mysnap_backup_with(S3_URL, compression, &backup_tail);
+        rows.push(Row {
+            limit: Some(limit),
+            size: Some(r.size),
+            rss_mib: Some(r.rss_mib),
+            mysnap: plain,
+            ..Row::new(label, Ok(r.secs))
+        });
+    }
     b.clear_stores();
     let put = b.tmp.path().join("put.zst");
     let put_limit = limits::put(b, &put);
@@ -257,7 +276,8 @@ fn backup(b: &Bench, peers: &Peers, data_bytes: u64, report: &mut Report) -> Bac
     writeln!(
         report.md,
         "\nmysnap's times include the lock and snapshot; `÷ mysnap` compares with mysnap zstd → file://, \
-         which writes a compressed archive like the streamed mariabackup does."
+         which writes a compressed archive like the streamed mariabackup does; \
+         for the encrypted rows it is their time ÷ the same row's unencrypted (1.00: encryption costs nothing)."
     )
     .unwrap();
     BackupFigures {
@@ -299,6 +319,11 @@ fn restore(b: &Bench, peers: &Peers, report: &mut Report) -> RestoreFigures {
         std::fs::copy(archive.with_file_name(f), copied.join(f)).unwrap();
     }
     let rf = b.mysnap_restore(target, &id, &b.file_url());
+    // The same data encrypted and authenticated, from S3.
+    eprintln!("bench: restore, encrypted");
+    let (backup_tail, restore_tail) = contenders::crypt_configs(&b.tmp.path().join("keys"));
+    let (eid, _, _) = b.stored_backup_with(&backup_tail);
+    let re = b.mysnap_restore_with(target, &eid, S3_URL, &restore_tail);
     let mut rows = vec![
         Row {
             limit: Some(limit_untar),
@@ -320,6 +345,15 @@ fn restore(b: &Bench, peers: &Peers, report: &mut Report) -> RestoreFigures {
             limit: Some(limit_untar),
             rss_mib: Some(rf.rss_mib),
             ..Row::new("mysnap restore: file:// → server answering", Ok(rf.secs))
+        },
+        Row {
+            limit: Some(limit_untar),
+            rss_mib: Some(re.rss_mib),
+            mysnap: Some(r.secs),
+            ..Row::new(
+                "mysnap restore: S3, encrypted + authenticated → server answering (÷ mysnap: this ÷ unencrypted S3)",
+                Ok(re.secs),
+            )
         },
     ];
     let mysnap = Some(r.secs);
