@@ -173,15 +173,15 @@ pub fn garbage(
     let prefix = keys::backups_of(name);
     let mut out = Vec::new();
     for key in listed {
-        let Some((id, file)) = key.strip_prefix(&prefix).and_then(|r| r.split_once('/')) else {
+        let Some((id, _)) = key.strip_prefix(&prefix).and_then(|r| r.split_once('/')) else {
             continue;
         };
         let Ok(id) = BackupId::parse(id) else {
             continue;
         };
         let old = id.time() + GARBAGE_GRACE < now;
-        let archive = keys::archives(name, &id).contains(key)
-            || (keys::manifest_mac(name, &id) == *key && file.contains('.'));
+        let archive =
+            keys::archives(name, &id).contains(key) || keys::manifest_mac(name, &id) == *key;
         let drill = keys::drill_of(name, key).is_some_and(|(of, _)| of == id);
         if (archive || drill) && old && !manifests.contains(&id) {
             out.push(key.clone());
@@ -582,7 +582,10 @@ mod tests {
         let name = common::manifest::BackupName::parse("db1").unwrap();
         let listed: Vec<String> = [
             "db1/20261120T030000Z/data.tar.zst", // old, no manifest: garbage
+            "db1/20261119T030000Z/data.tar.age", // encrypted, old, no manifest: garbage
+            "db1/20261119T030000Z/manifest.toml.mac", // its MAC: garbage
             "db1/20261121T030000Z/data.tar.xz",  // has a manifest
+            "db1/20261121T030000Z/manifest.toml.mac",
             "db1/20261121T030000Z/manifest.toml",
             "db1/20261122T030000Z/notes.txt",    // not an archive
             "db1/20261127T040000Z/data.tar.zst", // younger than the grace
@@ -598,6 +601,8 @@ mod tests {
             garbage(&listed, &name, now),
             [
                 "db1/20261120T030000Z/data.tar.zst",
+                "db1/20261119T030000Z/data.tar.age",
+                "db1/20261119T030000Z/manifest.toml.mac",
                 "db1/20261120T030000Z/drill-20261121T030000Z.toml"
             ]
         );
