@@ -469,7 +469,11 @@ fn crypt_only(b: &Bench, data_bytes: u64, report: &mut Report) {
             )
         },
     ];
-    writeln!(report.md, "\n## Encryption: restore (S3 → server answering)\n").unwrap();
+    writeln!(
+        report.md,
+        "\n## Encryption: restore (S3 → server answering)\n"
+    )
+    .unwrap();
     report.table(&restore_rows, unpacked);
     writeln!(
         report.md,
