@@ -310,6 +310,17 @@ fn tampered_ciphertext_and_manifests_signed_with_another_key_are_refused_with_ex
         "restore, repaired",
     );
     assert_eq!(target.db.sql("SELECT id FROM d.t"), "7");
+    // A drill unpacks the encrypted backup through the same layer.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(src.tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let scratch = src.tmp.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = src.run(
+        "restorer",
+        &["drill", "--scratch", scratch.to_str().unwrap(), &id],
+    );
+    assert_ok(&out, "drill of the encrypted backup");
 
     // Without [auth], the restorer says once that authentication is off.
     edit_config(&target.config, |t| {
