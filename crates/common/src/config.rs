@@ -1242,6 +1242,39 @@ name = "db1"
     }
 
     #[test]
+    fn encryption_and_auth_sections() {
+        let c = parse(MINIMAL).unwrap();
+        assert!(c.encryption.recipients_file.is_none() && c.auth.key_file.is_none());
+        let c = parse(&format!(
+            "{MINIMAL}[encryption]\nrecipients_file = \"/etc/mysnap/recipients\"\nidentity_file = \"/etc/mysnap/identity\"\n[auth]\nkey_file = \"/etc/mysnap/auth.key\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.auth.key_file, Some(PathBuf::from("/etc/mysnap/auth.key")));
+        for (bad, why) in [
+            (
+                "[encryption]\nrecipients_file = \"recipients\"\n",
+                "encryption.recipients_file must be an absolute path",
+            ),
+            (
+                "[encryption]\nidentity_file = \"id\"\n",
+                "encryption.identity_file must be an absolute path",
+            ),
+            (
+                "[auth]\nkey_file = \"k\"\n",
+                "auth.key_file must be an absolute path",
+            ),
+            ("[auth]\nkey = \"00\"\n", "unknown field `key`"),
+            (
+                "[encryption]\nidentity = \"x\"\n",
+                "unknown field `identity`",
+            ),
+        ] {
+            let e = parse(&format!("{MINIMAL}{bad}")).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn metrics_section() {
         assert_eq!(parse(MINIMAL).unwrap().metrics.textfile_dir, None);
         let c = parse(&format!(
