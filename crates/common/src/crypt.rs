@@ -54,8 +54,10 @@ pub fn fingerprint(recipient: &age::x25519::Recipient) -> String {
 /// a `secret` one only when no group or other may read it, a public one
 /// only when no group or other may write it.
 fn read_key_file(path: &Path, key: &str, secret: bool) -> anyhow::Result<Zeroizing<String>> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| config_err(format!("{key} {}: {e}", path.display())))?;
+    let io_err = |e: io::Error| config_err(format!("{key} {}: {e}", path.display()));
+    // The mode is checked on the file opened, not on the name.
+    let file = std::fs::File::open(path).map_err(io_err)?;
+    let meta = file.metadata().map_err(io_err)?;
     if !meta.is_file() {
         return Err(config_err(format!(
             "{key} {} is not a regular file",
@@ -85,9 +87,9 @@ fn read_key_file(path: &Path, key: &str, secret: bool) -> anyhow::Result<Zeroizi
         )));
     }
     let mut text = Zeroizing::new(String::new());
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_KEY_FILE).read_to_string(&mut text))
-        .map_err(|e| config_err(format!("{key} {}: {e}", path.display())))?;
+    file.take(MAX_KEY_FILE)
+        .read_to_string(&mut text)
+        .map_err(io_err)?;
     Ok(text)
 }
 
