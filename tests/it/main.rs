@@ -2,6 +2,7 @@
 //! MariaDB or loop devices are skipped unless `MYSNAP_REAL=1`.
 
 mod backup;
+mod crypt;
 mod drill;
 mod faults;
 mod metrics;

@@ -13,9 +13,9 @@ use mysnap_tests::{
 use crate::backup::{assert_ok, error_line, set, Rig, StoreKind};
 
 /// A second server to restore onto, with a config sharing the source's store.
-struct Target {
-    db: MariaDb,
-    config: PathBuf,
+pub(crate) struct Target {
+    pub(crate) db: MariaDb,
+    pub(crate) config: PathBuf,
     datadir: PathBuf,
     _vol: Option<BtrfsVolume>,
     _tmp: tempfile::TempDir,
@@ -59,7 +59,7 @@ impl Target {
     }
 
     /// A fresh server (server id 2) in `tmp/srv/mysql`.
-    fn second(src: &Rig) -> Target {
+    pub(crate) fn second(src: &Rig) -> Target {
         Target::new(
             src,
             MariaOpts {
@@ -98,7 +98,7 @@ impl Target {
         self._tmp.path().join("state/restore.journal")
     }
 
-    fn restorer(&self, src: &Rig, args: &[&str]) -> Output {
+    pub(crate) fn restorer(&self, src: &Rig, args: &[&str]) -> Output {
         let mut c = Command::new(mysnap_tests::bin("restorer"));
         c.env("MYSNAP_CONFIG", &self.config)
             .args(args)
@@ -110,7 +110,7 @@ impl Target {
     }
 
     /// The live data directory is the old one, untouched, and the server still serves it.
-    fn assert_untouched(&self, what: &str) {
+    pub(crate) fn assert_untouched(&self, what: &str) {
         assert_eq!(
             self.db.sql("SELECT v FROM target.marker"),
             "old data",

@@ -141,9 +141,17 @@ async fn archive(
     cancel: &Interrupt,
 ) -> anyhow::Result<Archived> {
     let started = Instant::now();
-    let (store, uploads, key) = precheck(cfg, manifest, backend).await?;
+    // Keys first: a bad key file fails before anything is written.
+    let recipients = common::crypt::Recipients::from_config(cfg)?;
+    let auth = common::crypt::AuthKey::from_config(cfg)?;
+    let (store, uploads, key) = precheck(cfg, manifest, backend, recipients.is_some()).await?;
     let store = store.as_ref();
-    let (stats, size) = stream(cfg, manifest, store, &key, uploads, progress, cancel)
+    let sink = Sink {
+        store,
+        key: &key,
+        recipients: recipients.as_ref(),
+    };
+    let (stats, size) = stream(cfg, manifest, &sink, uploads, progress, cancel)
         .await
         .map_err(|e| exists_is_taken(e, cfg, manifest, &store.url(&key)))?;
     let cow_used = settle(manifest, backend, store, &key, cancel).await?;
@@ -158,18 +166,24 @@ async fn archive(
         unpacked_size: stats.content_bytes,
         files: stats.files,
         archive_secs: started.elapsed().as_secs_f64(),
+        encryption: recipients.as_ref().map(|r| r.encryption()),
     });
-    store_manifest(cfg, &complete, store).await?;
+    if recipients.is_some() {
+        complete.format_version = common::manifest::ENCRYPTED_FORMAT_VERSION;
+    }
+    store_manifest(cfg, &complete, store, auth.as_ref()).await?;
     Ok(archived(&complete, &stats, size, cow_used, started))
 }
 
 /// The pre-check phase: the snapshot made readable and there, the store
 /// opened, uploads of killed runs aborted, and this backup's archive and
-/// manifest keys free. Returns the store, the upload log and the archive key.
+/// manifest keys free (and its MAC's). Returns the store, the upload log and
+/// the archive key (`.age` when `encrypted`).
 async fn precheck(
     cfg: &Config,
     manifest: &Manifest,
     backend: &dyn SnapshotBackend,
+    encrypted: bool,
 ) -> anyhow::Result<(Box<dyn store::Store>, store::UploadLog, String)> {
     let snap = &manifest.snapshot.path;
     backend.make_readable(&common::snapshot::Snapshot {
@@ -188,11 +202,17 @@ async fn precheck(
     if let Err(e) = store::abort_leftovers(store.as_ref(), &uploads).await {
         tracing::warn!("cannot clean up the uploads of earlier runs: {e:#}");
     }
-    let key = format::keys::archive(&manifest.name, &manifest.backup_id, cfg.archive.compression);
+    let key = format::keys::archive_key(
+        &manifest.name,
+        &manifest.backup_id,
+        cfg.archive.compression,
+        encrypted,
+    );
+    let mac_key = format::keys::manifest_mac(&manifest.name, &manifest.backup_id);
     // Another host writing under the same backup.name may have taken this
     // id: refuse now rather than after the upload. (The archive and the
     // manifest are also written only if absent, for a race.)
-    for k in [&key, &manifest.key()] {
+    for k in [&key, &mac_key, &manifest.key()] {
         if store.size(k).await?.is_some() {
             return Err(taken(cfg, manifest, &store.url(k)));
         }
@@ -223,8 +243,9 @@ async fn settle(
     }
 }
 
-/// The manifest phase: `complete` stored create-only, then read back: the
-/// stored manifest must be this one. A PutObject whose answer was lost is
+/// The manifest phase: its MAC first (`[auth]`: a manifest is never
+/// visible without it), then `complete` stored create-only, then read
+/// back: the stored manifest must be this one. A PutObject whose answer was lost is
 /// retried and refused as existing, though it is ours; a store that
 /// ignores If-None-Match (older S3-compatible servers) lets another host's
 /// write replace it unnoticed.
@@ -232,9 +253,17 @@ async fn store_manifest(
     cfg: &Config,
     complete: &Manifest,
     store: &dyn store::Store,
+    auth: Option<&common::crypt::AuthKey>,
 ) -> anyhow::Result<()> {
     let text = complete.to_toml();
     let manifest_key = complete.key();
+    if let Some(auth) = auth {
+        let mac_key = format::keys::manifest_mac(&complete.name, &complete.backup_id);
+        store
+            .put_new(&mac_key, auth.tag(&manifest_key, text.as_bytes()).into())
+            .await
+            .map_err(|e| exists_is_taken(e, cfg, complete, &store.url(&mac_key)))?;
+    }
     let put = store.put_new(&manifest_key, text.clone().into()).await;
     let stored = store.get(&manifest_key, 1 << 20).await;
     match (put, stored) {
@@ -308,19 +337,27 @@ fn exists_is_taken(
     }
 }
 
-/// tar → codec → SHA-256 → the store's streamed upload of `key` (recorded
+/// Where [`stream`] puts the archive: the store, its key, and the
+/// recipients it is encrypted to (none: not encrypted).
+struct Sink<'a> {
+    store: &'a dyn store::Store,
+    key: &'a str,
+    recipients: Option<&'a common::crypt::Recipients>,
+}
+
+/// tar → codec → encryption → SHA-256 → the store's streamed upload of `key` (recorded
 /// in `uploads` while it runs, and never replacing an existing object): a
 /// blocking thread produces parts while the store uploads them. Returns the
 /// tar statistics and the bytes stored; on any failure nothing is stored.
 async fn stream(
     cfg: &Config,
     manifest: &Manifest,
-    store: &dyn store::Store,
-    key: &str,
+    sink: &Sink<'_>,
     uploads: store::UploadLog,
     progress: &dyn Progress,
     cancel: &Interrupt,
 ) -> anyhow::Result<(TarStats, u64)> {
+    let (store, key) = (sink.store, sink.key);
     let snap = &manifest.snapshot.path;
     let estimate = format::write::estimate(snap, &manifest.data)?;
     progress.set_total(estimate);
@@ -344,7 +381,8 @@ async fn stream(
         );
     }
     let (produced, uploaded) = std::thread::scope(|scope| {
-        let producer = scope.spawn(|| produce(cfg, manifest, writer, progress, cancel));
+        let producer =
+            scope.spawn(|| produce(cfg, manifest, writer, sink.recipients, progress, cancel));
         let uploaded = tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(store.put_stream(key, upload))
         });
@@ -375,12 +413,14 @@ async fn stream(
     Ok((stats, size))
 }
 
-/// The producing thread of [`stream`]: tar → codec → SHA-256 → `writer`,
-/// the upload's parts; `archive.read_rate_limit` on the snapshot's reads.
+/// The producing thread of [`stream`]: tar → codec → encryption (when
+/// `recipients`) → SHA-256 → `writer`, the upload's parts;
+/// `archive.read_rate_limit` on the snapshot's reads.
 fn produce(
     cfg: &Config,
     manifest: &Manifest,
     writer: store::PartWriter,
+    recipients: Option<&common::crypt::Recipients>,
     progress: &dyn Progress,
     cancel: &Interrupt,
 ) -> anyhow::Result<TarStats> {
@@ -391,7 +431,8 @@ fn produce(
         .read_rate_limit
         .map(|r| common::reader::RateLimit::new(r.as_u64()));
     let mut enc = common::codec::Hashing::new(writer);
-    let enc_writer = common::codec::Encoder::new(&mut enc, compression, level, threads)?;
+    let sealed = common::crypt::Sealer::new(&mut enc, recipients).context("starting encryption")?;
+    let enc_writer = common::codec::Encoder::new(sealed, compression, level, threads)?;
     let (enc_writer, stats) = format::write_tar(
         &manifest.snapshot.path,
         &manifest.data,
@@ -400,7 +441,11 @@ fn produce(
         &|| cancel.is_set(),
         read_limit.as_ref(),
     )?;
-    enc_writer.finish().context("finishing compression")?;
+    enc_writer
+        .finish()
+        .context("finishing compression")?
+        .finish()
+        .context("finishing encryption")?;
     let (writer, size, sha) = enc.finish();
     writer
         .finish()

@@ -31,6 +31,32 @@ pub struct Config {
     pub drill: DrillConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub encryption: EncryptionConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+/// `[encryption]`: client-side encryption of archives (`common::crypt`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionConfig {
+    /// Backup hosts: age public keys (`age1…`), one per line; set: every
+    /// new archive is encrypted to all of them.
+    pub recipients_file: Option<PathBuf>,
+    /// Restore hosts: age identities (`AGE-SECRET-KEY-1…`), one per line
+    /// (mode 0600). `MYSNAP_IDENTITY_FILE`, then systemd's
+    /// `$CREDENTIALS_DIRECTORY/mysnap-identity`, come before it.
+    pub identity_file: Option<PathBuf>,
+}
+
+/// `[auth]`: authenticated manifests (`common::crypt::AuthKey`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// An HMAC-SHA256 key, hex (at least 32 bytes), mode 0600, on backup
+    /// and restore hosts alike; set: manifests are MACed and checked.
+    pub key_file: Option<PathBuf>,
 }
 
 /// `[metrics]`: Prometheus textfile metrics (`common::metrics`).
@@ -926,6 +952,15 @@ impl Config {
             ("backup.state_dir", Some(&self.backup.state_dir)),
             ("mysql.socket", self.mysql.socket.as_ref()),
             ("metrics.textfile_dir", self.metrics.textfile_dir.as_ref()),
+            (
+                "encryption.recipients_file",
+                self.encryption.recipients_file.as_ref(),
+            ),
+            (
+                "encryption.identity_file",
+                self.encryption.identity_file.as_ref(),
+            ),
+            ("auth.key_file", self.auth.key_file.as_ref()),
         ] {
             if let Some(p) = p.filter(|p| !p.is_absolute()) {
                 return Err(format!(
@@ -1202,6 +1237,39 @@ name = "db1"
             ("scratch = \"/x\"", "unknown field"),
         ] {
             let e = parse(&format!("{MINIMAL}[drill]\n{bad}\n")).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn encryption_and_auth_sections() {
+        let c = parse(MINIMAL).unwrap();
+        assert!(c.encryption.recipients_file.is_none() && c.auth.key_file.is_none());
+        let c = parse(&format!(
+            "{MINIMAL}[encryption]\nrecipients_file = \"/etc/mysnap/recipients\"\nidentity_file = \"/etc/mysnap/identity\"\n[auth]\nkey_file = \"/etc/mysnap/auth.key\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.auth.key_file, Some(PathBuf::from("/etc/mysnap/auth.key")));
+        for (bad, why) in [
+            (
+                "[encryption]\nrecipients_file = \"recipients\"\n",
+                "encryption.recipients_file must be an absolute path",
+            ),
+            (
+                "[encryption]\nidentity_file = \"id\"\n",
+                "encryption.identity_file must be an absolute path",
+            ),
+            (
+                "[auth]\nkey_file = \"k\"\n",
+                "auth.key_file must be an absolute path",
+            ),
+            ("[auth]\nkey = \"00\"\n", "unknown field `key`"),
+            (
+                "[encryption]\nidentity = \"x\"\n",
+                "unknown field `identity`",
+            ),
+        ] {
+            let e = parse(&format!("{MINIMAL}{bad}")).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
         }
     }

@@ -3,6 +3,8 @@
 //!
 //! ```text
 //! <backup.name>/<backup id>/data.tar.zst | data.tar.xz | data.tar   the archive, written first
+//!                                  (+ `.age` when encrypted: data.tar.zst.age, ...)
+//! <backup.name>/<backup id>/manifest.toml.mac                        its HMAC, before the manifest ([auth])
 //! <backup.name>/<backup id>/manifest.toml                            written last: the backup exists
 //! <backup.name>/<backup id>/drill-<time>.toml                        a restore drill's result (`restorer drill`)
 //! ```
@@ -23,8 +25,37 @@ pub fn manifest(name: &BackupName, id: &BackupId) -> String {
 }
 
 pub fn archive(name: &BackupName, id: &BackupId, compression: Compression) -> String {
-    format!("{name}/{id}/{}", compression.file_name())
+    archive_key(name, id, compression, false)
 }
+
+/// The suffix of an encrypted archive's key (an age file).
+pub const ENCRYPTED_SUFFIX: &str = ".age";
+
+/// The archive's key, `encrypted` or not: `data.tar.zst` or `data.tar.zst.age`.
+pub fn archive_key(
+    name: &BackupName,
+    id: &BackupId,
+    compression: Compression,
+    encrypted: bool,
+) -> String {
+    let suffix = if encrypted { ENCRYPTED_SUFFIX } else { "" };
+    format!("{name}/{id}/{}{suffix}", compression.file_name())
+}
+
+/// Every key an archive of backup `id` may have (each codec, encrypted or not).
+pub fn archives(name: &BackupName, id: &BackupId) -> Vec<String> {
+    [Compression::Zstd, Compression::Xz, Compression::None]
+        .into_iter()
+        .flat_map(|c| [false, true].map(|e| archive_key(name, id, c, e)))
+        .collect()
+}
+
+/// The manifest's MAC (`[auth]`): stored before the manifest.
+pub fn manifest_mac(name: &BackupName, id: &BackupId) -> String {
+    format!("{}{MAC_SUFFIX}", manifest(name, id))
+}
+
+const MAC_SUFFIX: &str = ".mac";
 
 /// The record of a restore drill of backup `id` that started at `at` (a
 /// UTC time in the form of a backup id).
@@ -39,8 +70,14 @@ const DRILL_SUFFIX: &str = ".toml";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Object {
     Manifest,
-    /// The archive, in the compression its file name says.
-    Archive(Compression),
+    /// The manifest's MAC (`manifest.toml.mac`).
+    ManifestMac,
+    /// The archive, in the compression its file name says, encrypted when
+    /// it ends in `.age`.
+    Archive {
+        compression: Compression,
+        encrypted: bool,
+    },
     /// A drill record, with the drill's start.
     Drill(BackupId),
 }
@@ -58,21 +95,28 @@ pub struct Key {
 pub fn parse(key: &str) -> Option<Key> {
     let (name, rest) = key.split_once('/')?;
     let (id, file) = rest.split_once('/')?;
-    let object = match file {
-        MANIFEST_FILE => Object::Manifest,
-        _ => match [Compression::Zstd, Compression::Xz, Compression::None]
-            .into_iter()
-            .find(|c| c.file_name() == file)
-        {
-            Some(c) => Object::Archive(c),
-            None => Object::Drill(
-                BackupId::parse(
-                    file.strip_prefix(DRILL_PREFIX)?
-                        .strip_suffix(DRILL_SUFFIX)?,
-                )
-                .ok()?,
-            ),
+    let mac = format!("{MANIFEST_FILE}{MAC_SUFFIX}");
+    let (plain, encrypted) = match file.strip_suffix(ENCRYPTED_SUFFIX) {
+        Some(plain) => (plain, true),
+        None => (file, false),
+    };
+    let compression = [Compression::Zstd, Compression::Xz, Compression::None]
+        .into_iter()
+        .find(|c| c.file_name() == plain);
+    let object = match (file, compression) {
+        (MANIFEST_FILE, _) => Object::Manifest,
+        (f, _) if f == mac => Object::ManifestMac,
+        (_, Some(compression)) => Object::Archive {
+            compression,
+            encrypted,
         },
+        (_, None) => Object::Drill(
+            BackupId::parse(
+                file.strip_prefix(DRILL_PREFIX)?
+                    .strip_suffix(DRILL_SUFFIX)?,
+            )
+            .ok()?,
+        ),
     };
     Some(Key {
         name: BackupName::parse(name).ok()?,
@@ -107,10 +151,10 @@ pub fn manifest_id(name: &BackupName, key: &str) -> Option<BackupId> {
 }
 
 /// The backup id and compression of an archive key of `name`
-/// (`<name>/<id>/data.tar[.zst|.xz]`); `None` for every other key.
+/// (`<name>/<id>/data.tar[.zst|.xz][.age]`); `None` for every other key.
 pub fn archive_of(name: &BackupName, key: &str) -> Option<(BackupId, Compression)> {
     match parse_of(name, key)? {
-        (id, Object::Archive(c)) => Some((id, c)),
+        (id, Object::Archive { compression, .. }) => Some((id, compression)),
         _ => None,
     }
 }
@@ -128,6 +172,16 @@ mod tests {
             archive(&n, &id, Compression::Xz),
             "db1/20261126T093000Z/data.tar.xz"
         );
+        assert_eq!(
+            archive_key(&n, &id, Compression::Zstd, true),
+            "db1/20261126T093000Z/data.tar.zst.age"
+        );
+        assert_eq!(super::archives(&n, &id).len(), 6);
+        assert_eq!(
+            manifest_mac(&n, &id),
+            "db1/20261126T093000Z/manifest.toml.mac"
+        );
+        assert_eq!(manifest_id(&n, &manifest_mac(&n, &id)), None);
         assert_eq!(manifest_id(&n, &manifest(&n, &id)), Some(id));
         for other in [
             "db1/20261126T093000Z/data.tar.zst",
@@ -189,8 +243,29 @@ mod tests {
             Some(Key {
                 name: v("db2"),
                 id,
-                object: Object::Archive(Compression::Xz)
+                object: Object::Archive {
+                    compression: Compression::Xz,
+                    encrypted: false
+                }
             })
         );
+        for key in super::archives(&n, &v("20261126T093000Z")) {
+            let encrypted = key.ends_with(".age");
+            assert!(
+                matches!(parse(&key), Some(Key { object: Object::Archive { encrypted: e, .. }, .. }) if e == encrypted),
+                "{key}"
+            );
+        }
+        assert_eq!(
+            parse("db1/20261126T093000Z/manifest.toml.mac").map(|k| k.object),
+            Some(Object::ManifestMac)
+        );
+        for other in [
+            "db1/20261126T093000Z/data.tar.zst.age.age",
+            "db1/20261126T093000Z/manifest.toml.age",
+            "db1/20261126T093000Z/drill-20261128T220500Z.toml.age",
+        ] {
+            assert_eq!(parse(other), None, "{other}");
+        }
     }
 }

@@ -22,6 +22,7 @@ pub mod cli;
 pub mod cmd;
 pub mod codec;
 pub mod config;
+pub mod crypt;
 pub mod dialect;
 pub mod drill;
 pub mod error;

@@ -21,8 +21,17 @@ pub use crate::ids::{
     Sha256Hex, Text,
 };
 
-/// The format this mysnap writes; it reads this and every older one.
+/// The format this mysnap writes for an unencrypted backup (older mysnap
+/// reads it too).
 pub const FORMAT_VERSION: u32 = 1;
+/// The format of a backup whose archive is encrypted (`archive.encryption`):
+/// a mysnap without encryption refuses it ("upgrade mysnap") instead of
+/// misreading it.
+pub const ENCRYPTED_FORMAT_VERSION: u32 = 2;
+/// The newest format this mysnap reads (and every older one).
+pub const MAX_FORMAT_VERSION: u32 = ENCRYPTED_FORMAT_VERSION;
+/// The most recipients a manifest may name.
+pub const MAX_RECIPIENTS: usize = 64;
 pub use crate::keys::MANIFEST_FILE;
 /// The largest manifest mysnap reads (real ones are about 2 KiB).
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
@@ -159,6 +168,27 @@ pub struct ArchiveInfo {
     pub files: u64,
     /// Seconds from the start of the archiver to the archive's upload completing.
     pub archive_secs: f64,
+    /// Present when the stored bytes are an age file (encrypted after the
+    /// codec): what finds the key, never a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// How an archive is encrypted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Encryption {
+    pub scheme: EncryptionScheme,
+    /// SHA-256 of each recipient (`age1…` string) it was encrypted to:
+    /// `restorer keygen` and the errors print the same fingerprint.
+    pub recipients: Vec<Sha256Hex>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EncryptionScheme {
+    /// age v1 (age-encryption.org/v1) to X25519 recipients.
+    #[serde(rename = "age-x25519")]
+    AgeX25519,
 }
 
 #[derive(Deserialize)]
@@ -180,9 +210,9 @@ impl Manifest {
         }
         let v: VersionOnly = toml::from_str(text)
             .map_err(|e| err(format!("is not a mysnap manifest: {}", e.message())))?;
-        if v.format_version > FORMAT_VERSION {
+        if v.format_version > MAX_FORMAT_VERSION {
             return Err(err(format!(
-                "has format version {}, this mysnap reads up to {FORMAT_VERSION}: upgrade mysnap",
+                "has format version {}, this mysnap reads up to {MAX_FORMAT_VERSION}: upgrade mysnap",
                 v.format_version
             )));
         }
@@ -255,7 +285,26 @@ impl Manifest {
             return Err(format!("data.exclude {x:?} is not inside data.paths"));
         }
         if let Some(a) = &self.archive {
-            let want = crate::keys::archive(&self.name, &self.backup_id, a.compression);
+            if let Some(e) = &a.encryption {
+                if self.format_version < ENCRYPTED_FORMAT_VERSION {
+                    return Err(format!(
+                        "has archive.encryption but format version {}: encrypted backups are format {ENCRYPTED_FORMAT_VERSION}",
+                        self.format_version
+                    ));
+                }
+                if e.recipients.is_empty() || e.recipients.len() > MAX_RECIPIENTS {
+                    return Err(format!(
+                        "archive.encryption.recipients has {} entries (1 to {MAX_RECIPIENTS} allowed)",
+                        e.recipients.len()
+                    ));
+                }
+            }
+            let want = crate::keys::archive_key(
+                &self.name,
+                &self.backup_id,
+                a.compression,
+                a.encryption.is_some(),
+            );
             if a.key != want {
                 return Err(format!(
                     "archive.key {:?} is not {want:?}, the key of this backup's archive",
@@ -346,8 +395,36 @@ pub(crate) mod tests {
             unpacked_size: 4096,
             files: 2,
             archive_secs: 1.0,
+            encryption: None,
         });
         m
+    }
+
+    #[test]
+    fn an_encrypted_archive_needs_format_2_and_its_own_key() {
+        let mut m = sample_stored();
+        let a = m.archive.as_mut().unwrap();
+        a.encryption = Some(Encryption {
+            scheme: EncryptionScheme::AgeX25519,
+            recipients: vec![v(&"cd".repeat(32))],
+        });
+        let err = Manifest::parse(&m.to_toml(), "t").unwrap_err();
+        assert!(err.why.contains("format version 1"), "{err}");
+        m.format_version = ENCRYPTED_FORMAT_VERSION;
+        let err = Manifest::parse(&m.to_toml(), "t").unwrap_err();
+        assert!(err.why.contains("data.tar.zst.age"), "{err}");
+        m.archive.as_mut().unwrap().key = "db1/20261126T093000Z/data.tar.zst.age".into();
+        assert_eq!(Manifest::parse(&m.to_toml(), "t").unwrap(), m);
+        m.archive
+            .as_mut()
+            .unwrap()
+            .encryption
+            .as_mut()
+            .unwrap()
+            .recipients
+            .clear();
+        let err = Manifest::parse(&m.to_toml(), "t").unwrap_err();
+        assert!(err.why.contains("recipients"), "{err}");
     }
 
     #[test]

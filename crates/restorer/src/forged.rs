@@ -228,6 +228,7 @@ impl Rig {
                 unpacked_size: bytes,
                 files,
                 archive_secs: 0.0,
+                encryption: None,
             }),
         }
     }

@@ -16,6 +16,7 @@ pub mod drill;
 #[cfg(test)]
 mod forged;
 pub mod journal;
+pub mod keygen;
 pub mod prune;
 pub mod replica;
 mod restore;
@@ -30,6 +31,7 @@ use anyhow::Context;
 use common::archive::tree::{FileKind, SafeDir};
 use common::archive::{keys, ArchiveError, Streamed, Target};
 use common::config::Config;
+use common::crypt::{AuthKey, Identities};
 use common::error::config_err;
 use common::manifest::{
     ArchiveInfo, BackupId, BackupName, Manifest, ManifestError, MAX_MANIFEST_BYTES,
@@ -45,10 +47,12 @@ pub use restore::{recover, restore, Interrupt, Phase, Report, RestoreOpts, PAUSE
 const MAX_CLOCK_SKEW: Duration = Duration::from_secs(24 * 3600);
 
 /// The complete backups of `backup.name`, newest first. A manifest that
-/// does not parse is skipped with a warning naming its key.
+/// does not parse, or does not verify with `auth.key_file`, is skipped
+/// with a warning naming its key.
 pub async fn list(cfg: &Config) -> anyhow::Result<Vec<Manifest>> {
+    let auth = AuthKey::from_config(cfg)?;
     let store = store::open(&cfg.store).await?;
-    list_in(store.as_ref(), &backup_name(cfg)?).await
+    list_in(store.as_ref(), &backup_name(cfg)?, auth.as_ref()).await
 }
 
 fn backup_name(cfg: &Config) -> anyhow::Result<BackupName> {
@@ -59,9 +63,13 @@ fn backup_name(cfg: &Config) -> anyhow::Result<BackupName> {
 /// lists in a few round trips' time, not 365.
 const LIST_READS_IN_FLIGHT: usize = 16;
 
-async fn list_in(store: &dyn Store, name: &BackupName) -> anyhow::Result<Vec<Manifest>> {
+async fn list_in(
+    store: &dyn Store,
+    name: &BackupName,
+    auth: Option<&AuthKey>,
+) -> anyhow::Result<Vec<Manifest>> {
     let keys = store.list(&keys::backups_of(name)).await?;
-    backups_in(store, name, &keys).await
+    backups_in(store, name, &keys, auth).await
 }
 
 /// The complete backups of `name` among `keys` (a listing of its prefix),
@@ -70,6 +78,7 @@ async fn backups_in(
     store: &dyn Store,
     name: &BackupName,
     keys: &[String],
+    auth: Option<&AuthKey>,
 ) -> anyhow::Result<Vec<Manifest>> {
     use futures::stream::{self, StreamExt};
     let ids: Vec<(&String, BackupId)> = keys
@@ -77,7 +86,7 @@ async fn backups_in(
         .filter_map(|key| Some((key, keys::manifest_id(name, key)?)))
         .collect();
     let read: Vec<_> = stream::iter(&ids)
-        .map(|(key, id)| async move { (*key, read_manifest(store, name, id).await) })
+        .map(|(key, id)| async move { (*key, read_manifest(store, name, id, auth).await) })
         .buffered(LIST_READS_IN_FLIGHT)
         .collect()
         .await;
@@ -100,12 +109,14 @@ async fn backups_in(
 }
 
 /// Reads and parses the manifest of backup `id`: at most
-/// `MAX_MANIFEST_BYTES`, every field in its grammar, stored under its own key,
-/// and not from the future.
+/// `MAX_MANIFEST_BYTES`, authenticated by its MAC object when `auth` is
+/// given (before it is parsed), every field in its grammar, stored under
+/// its own key, and not from the future.
 async fn read_manifest(
     store: &dyn Store,
     name: &BackupName,
     id: &BackupId,
+    auth: Option<&AuthKey>,
 ) -> anyhow::Result<Manifest> {
     let key = keys::manifest(name, id);
     let url = store.url(&key);
@@ -128,6 +139,25 @@ async fn read_manifest(
         Some(_) => {}
     }
     let bytes = store.get(&key, MAX_MANIFEST_BYTES).await?;
+    if let Some(auth) = auth {
+        let mac_key = keys::manifest_mac(name, id);
+        let mac = match store.size(&mac_key).await? {
+            None => {
+                return Err(bad(format!(
+                    "has no MAC ({} is missing) and auth.key_file {} is set: an unauthenticated backup (forged, or taken before [auth] was configured) is refused",
+                    store.url(&mac_key),
+                    auth.path().display()
+                )))
+            }
+            Some(n) if n > common::crypt::MAX_MAC_BYTES => {
+                return Err(bad(format!(
+                    "has a MAC object of {n} bytes, larger than any MAC: forged"
+                )))
+            }
+            Some(_) => store.get(&mac_key, common::crypt::MAX_MAC_BYTES).await?,
+        };
+        auth.verify(&key, &bytes, &mac).map_err(bad)?;
+    }
     let text = std::str::from_utf8(&bytes).map_err(|_| bad("is not UTF-8 text".into()))?;
     let m = Manifest::parse_stored(text, &key, &url)?;
     let skew = time::Duration::try_from(MAX_CLOCK_SKEW).expect("a day fits");
@@ -147,8 +177,10 @@ async fn resolve(
     id: &str,
 ) -> anyhow::Result<(Manifest, ArchiveInfo)> {
     let name = backup_name(cfg)?;
+    let auth = AuthKey::from_config(cfg)?;
+    let auth = auth.as_ref();
     let m = if id == "latest" {
-        list_in(store, &name)
+        list_in(store, &name, auth)
             .await?
             .into_iter()
             .next()
@@ -160,7 +192,7 @@ async fn resolve(
             })?
     } else {
         let id = BackupId::parse(id).map_err(|e| config_err(format!("{e}, or \"latest\"")))?;
-        read_manifest(store, &name, &id).await?
+        read_manifest(store, &name, &id, auth).await?
     };
     let info = m.archive.clone().ok_or_else(|| {
         anyhow::anyhow!(
@@ -184,6 +216,16 @@ pub struct Chosen {
 pub async fn choose(cfg: &Config, id: &str) -> anyhow::Result<Chosen> {
     let store: Arc<dyn Store> = store::open(&cfg.store).await?.into();
     let (manifest, info) = resolve(store.as_ref(), cfg, id).await?;
+    // A missing or wrong identity is refused before anything is read or changed.
+    if info.encryption.is_some() {
+        let ids = Identities::from_config(cfg)?;
+        common::crypt::check_keys(info.encryption.as_ref(), ids.as_ref()).map_err(|why| {
+            ArchiveError::Key {
+                url: store.url(&info.key),
+                why,
+            }
+        })?;
+    }
     Ok(Chosen {
         store,
         manifest,
@@ -229,6 +271,7 @@ async fn stream_archive(
     target: Target<'_>,
     progress: &dyn Progress,
     cancel: &AtomicBool,
+    identities: Option<&Identities>,
 ) -> anyhow::Result<Streamed> {
     let url = store.url(&info.key);
     match store.size(&info.key).await? {
@@ -260,6 +303,7 @@ async fn stream_archive(
             target,
             progress,
             &failed,
+            identities,
         )
     });
     progress.finish();
@@ -298,6 +342,7 @@ pub async fn stage(
         cancel,
         in_place,
     } = to;
+    let ids = Identities::from_config(cfg)?;
     let s = stream_archive(
         store.clone(),
         m,
@@ -308,6 +353,7 @@ pub async fn stage(
         },
         progress,
         cancel,
+        ids.as_ref(),
     )
     .await?;
     // Every archived directory must be there, as a plain directory.
@@ -368,6 +414,7 @@ impl common::metrics::Measured for Verified {
 pub async fn verify(cfg: &Config, id: &str, progress: &dyn Progress) -> anyhow::Result<Verified> {
     let c = choose(cfg, id).await?;
     let never = AtomicBool::new(false);
+    let ids = Identities::from_config(cfg)?;
     let s = stream_archive(
         c.store,
         &c.manifest,
@@ -375,6 +422,7 @@ pub async fn verify(cfg: &Config, id: &str, progress: &dyn Progress) -> anyhow::
         Target::Discard,
         progress,
         &never,
+        ids.as_ref(),
     )
     .await?;
     tracing::info!(
@@ -540,6 +588,7 @@ mod tests {
                 unpacked_size: 0,
                 files: 0,
                 archive_secs: 0.0,
+                encryption: None,
             }),
         }
     }

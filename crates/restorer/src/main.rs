@@ -1,6 +1,6 @@
 //! restorer: list, verify and restore backups; provision replicas.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -108,6 +108,16 @@ enum Cmd {
         #[arg(long, default_value = "5min", value_parser = humantime::parse_duration)]
         start_timeout: Duration,
     },
+    /// Make key files: an age identity (restore hosts; its public key is printed for
+    /// encryption.recipients_file) and/or an HMAC key for auth.key_file; mode 0600, never replaced
+    Keygen {
+        /// Write a new age identity here (needs no config)
+        #[arg(long, value_name = "FILE", required_unless_present = "auth_key")]
+        identity: Option<PathBuf>,
+        /// Write a new HMAC-SHA256 key for auth.key_file here (needs no config)
+        #[arg(long, value_name = "FILE")]
+        auth_key: Option<PathBuf>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -115,6 +125,9 @@ fn main() -> std::process::ExitCode {
     cli.global.init_logging();
     let quiet = cli.global.quiet();
     exit_with(runtime().block_on(async {
+        if let Cmd::Keygen { identity, auth_key } = &cli.command {
+            return keygen(identity.as_deref(), auth_key.as_deref());
+        }
         let cfg = cli.global.load_config()?;
         match cli.command {
             Cmd::List { json } => list(&cfg, json).await,
@@ -163,6 +176,7 @@ fn main() -> std::process::ExitCode {
                 };
                 drill(&cfg, &opts, json, quiet).await
             }
+            Cmd::Keygen { .. } => unreachable!("handled before the config is read"),
             Cmd::Recover { start_timeout } => recover(&cfg, start_timeout).await,
         }
     }))
@@ -245,6 +259,18 @@ async fn recover(cfg: &Config, start_timeout: Duration) -> anyhow::Result<()> {
     match restorer::recover(cfg, start_timeout).await? {
         Some(line) => println!("{line}"),
         None => println!("nothing to recover"),
+    }
+    Ok(())
+}
+
+/// `restorer keygen`: new key files (mode 0600); the public key on stdout.
+fn keygen(identity: Option<&Path>, auth_key: Option<&Path>) -> anyhow::Result<()> {
+    if let Some(p) = identity {
+        println!("{}", restorer::keygen::identity(p)?);
+    }
+    if let Some(p) = auth_key {
+        restorer::keygen::auth_key(p)?;
+        tracing::info!("wrote a new auth key to {}", p.display());
     }
     Ok(())
 }

@@ -10,7 +10,7 @@
 //! drill records (`restorer drill`), recognised by [`keys::drill_of`].
 
 use common::archive::keys;
-use common::config::{Compression, Config};
+use common::config::Config;
 use common::manifest::BackupId;
 use common::retention::{self, Decision};
 use common::store::{self, Store};
@@ -165,7 +165,10 @@ pub fn garbage(
             let id = match keys::parse(key).filter(|k| k.name == *name) {
                 Some(keys::Key {
                     id,
-                    object: keys::Object::Archive(_) | keys::Object::Drill(_),
+                    object:
+                        keys::Object::Archive { .. }
+                        | keys::Object::ManifestMac
+                        | keys::Object::Drill(_),
                     ..
                 }) => id,
                 _ => return false,
@@ -214,11 +217,15 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
             uploads_listed: false,
         });
     };
+    // With auth.key_file, a manifest that does not verify is unreadable:
+    // never deleted and not counted, so forged manifests cannot push real
+    // backups out of the policy.
+    let auth = common::crypt::AuthKey::from_config(cfg)?;
     let store = store::open(&cfg.store).await?;
     let store = store.as_ref();
     let name = crate::backup_name(cfg)?;
     let listed = store.list(&keys::backups_of(&name)).await?;
-    let (complete, unreadable) = read_manifests(store, &name, &listed).await?;
+    let (complete, unreadable) = read_manifests(store, &name, &listed, auth.as_ref()).await?;
     let now = time::OffsetDateTime::now_utc();
     let mut decisions = retention::apply(policy, &complete);
     let mut garbage = garbage(&listed, &name, now);
@@ -247,11 +254,12 @@ async fn read_manifests(
     store: &dyn Store,
     name: &common::manifest::BackupName,
     listed: &[String],
+    auth: Option<&common::crypt::AuthKey>,
 ) -> anyhow::Result<(Vec<BackupId>, Vec<Unreadable>)> {
     let mut complete = Vec::new();
     let mut unreadable = Vec::new();
     for id in listed.iter().filter_map(|k| keys::manifest_id(name, k)) {
-        match crate::read_manifest(store, name, &id).await {
+        match crate::read_manifest(store, name, &id, auth).await {
             Ok(m) if m.archive.is_some() => complete.push(id),
             Ok(_) => unreadable.push(Unreadable {
                 id,
@@ -395,8 +403,10 @@ async fn delete(
     }
     tracing::info!("deleted {}", store.url(&manifest));
     crate::restore::pause_at(MANIFEST_DELETED, None);
-    for c in [Compression::Zstd, Compression::Xz, Compression::None] {
-        let key = keys::archive(name, id, c);
+    let objects = keys::archives(name, id)
+        .into_iter()
+        .chain([keys::manifest_mac(name, id)]);
+    for key in objects {
         if !listed.contains(&key) {
             continue;
         }
@@ -619,7 +629,10 @@ mod tests {
         let name = common::manifest::BackupName::parse("db1").unwrap();
         let listed: Vec<String> = [
             "db1/20261120T030000Z/data.tar.zst", // old, no manifest: garbage
+            "db1/20261119T030000Z/data.tar.age", // encrypted, old, no manifest: garbage
+            "db1/20261119T030000Z/manifest.toml.mac", // its MAC: garbage
             "db1/20261121T030000Z/data.tar.xz",  // has a manifest
+            "db1/20261121T030000Z/manifest.toml.mac",
             "db1/20261121T030000Z/manifest.toml",
             "db1/20261122T030000Z/notes.txt",    // not an archive
             "db1/20261127T040000Z/data.tar.zst", // younger than the grace
@@ -635,6 +648,8 @@ mod tests {
             garbage(&listed, &name, now),
             [
                 "db1/20261120T030000Z/data.tar.zst",
+                "db1/20261119T030000Z/data.tar.age",
+                "db1/20261119T030000Z/manifest.toml.mac",
                 "db1/20261120T030000Z/drill-20261121T030000Z.toml"
             ]
         );

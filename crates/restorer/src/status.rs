@@ -91,14 +91,16 @@ pub struct Newest {
 /// Checks `backup.name` (or, with `all`, every name in the store) against
 /// `max_age`.
 pub async fn status(cfg: &Config, all: bool, max_age: Option<Duration>) -> anyhow::Result<Status> {
+    let auth = common::crypt::AuthKey::from_config(cfg)?;
     let store = store::open(&cfg.store).await?;
     let own = crate::backup_name(cfg)?;
     let now = time::OffsetDateTime::now_utc();
-    status_in(store.as_ref(), &own, all, max_age, now).await
+    status_in(store.as_ref(), auth.as_ref(), &own, all, max_age, now).await
 }
 
 async fn status_in(
     store: &dyn Store,
+    auth: Option<&common::crypt::AuthKey>,
     own: &BackupName,
     all: bool,
     max_age: Option<Duration>,
@@ -127,7 +129,7 @@ async fn status_in(
             }
         };
         let keys = store.list(&common::keys::backups_of(&name)).await?;
-        let backups = crate::backups_in(store, &name, &keys).await?;
+        let backups = crate::backups_in(store, &name, &keys, auth).await?;
         let mut st = name_status(&name, &backups, max_age, now);
         let ids: Vec<_> = backups.iter().map(|m| m.backup_id.clone()).collect();
         st.last_drill = crate::drill::last_drill(store, &name, &keys, &ids)
@@ -365,7 +367,14 @@ mod tests {
         let now = m.backup_id.time() + time::Duration::hours(2);
         let max = Some(Duration::from_secs(3600));
         let st = rt
-            .block_on(status_in(store.as_ref(), &name("db2"), true, max, now))
+            .block_on(status_in(
+                store.as_ref(),
+                None,
+                &name("db2"),
+                true,
+                max,
+                now,
+            ))
             .unwrap();
         let shown: Vec<(&str, bool, bool)> = st
             .names
@@ -399,7 +408,14 @@ mod tests {
 
         // Without --all, only this config's name; without --max-age, never stale.
         let st = rt
-            .block_on(status_in(store.as_ref(), &name("db1"), false, None, now))
+            .block_on(status_in(
+                store.as_ref(),
+                None,
+                &name("db1"),
+                false,
+                None,
+                now,
+            ))
             .unwrap();
         assert_eq!(st.names.len(), 1);
         assert!(st.ok && stale_error(&st).is_none());

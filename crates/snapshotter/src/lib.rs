@@ -95,6 +95,11 @@ struct Ready {
 async fn prepare(cfg: &Config) -> anyhow::Result<Ready> {
     snapshot::check_mounted(&cfg.volume)?;
     check_free_space(&cfg.volume.mountpoint)?;
+    // The archiver reads the key files again; a bad one fails here, before the lock.
+    common::crypt::Recipients::from_config(cfg)?;
+    if let Some(p) = &cfg.auth.key_file {
+        common::crypt::AuthKey::load(p)?;
+    }
     let store = common::store::open(&cfg.store).await?;
     store.check().await?;
     let info = ConnectInfo::from_config(&cfg.mysql)?;

@@ -60,6 +60,10 @@ pub struct Args {
     /// Measure the lock only (both methods, idle and loaded), then stop
     #[arg(long)]
     lock_only: bool,
+    /// Measure only mysnap's backup and restore through S3, unencrypted
+    /// and encrypted + authenticated, then stop
+    #[arg(long)]
+    crypt_only: bool,
     /// Directory of the release binaries
     #[arg(long)]
     bin_dir: PathBuf,
@@ -73,6 +77,11 @@ fn main() {
     let data_bytes = b.data_bytes();
     let mut report = Report::default();
     header(&b, data_bytes, &mut report);
+    if b.args.crypt_only {
+        crypt_only(&b, data_bytes, &mut report);
+        report.finish(&b.args.out);
+        return;
+    }
 
     // The lock, per method, idle and under a sysbench read/write load, with
     // a single-row writer running throughout.
@@ -234,6 +243,25 @@ fn backup(b: &Bench, peers: &Peers, data_bytes: u64, report: &mut Report) -> Bac
             ..Row::new(label, Ok(r.secs))
         });
     }
+    // Encrypted (age) and authenticated (HMAC): `÷ mysnap` is this row's
+    // time ÷ the unencrypted S3 row's (1.00: no cost; target: at most 1.05).
+    let (backup_tail, _) = contenders::crypt_configs(&b.tmp.path().join("keys"));
+    for (compression, limit) in [("zstd", limit_zstd), ("none", limit_read)] {
+        let label = format!("mysnap {compression} → S3, encrypted + authenticated");
+        eprintln!("bench: {label}");
+        let plain = rows
+            .iter()
+            .find(|r| r.label == format!("mysnap {compression} → S3"))
+            .and_then(|r| r.secs.as_ref().ok().copied());
+        let r = b.mysnap_backup_with(S3_URL, compression, &backup_tail);
+        rows.push(Row {
+            limit: Some(limit),
+            size: Some(r.size),
+            rss_mib: Some(r.rss_mib),
+            mysnap: plain,
+            ..Row::new(label, Ok(r.secs))
+        });
+    }
     b.clear_stores();
     let put = b.tmp.path().join("put.zst");
     let put_limit = limits::put(b, &put);
@@ -257,7 +285,8 @@ fn backup(b: &Bench, peers: &Peers, data_bytes: u64, report: &mut Report) -> Bac
     writeln!(
         report.md,
         "\nmysnap's times include the lock and snapshot; `÷ mysnap` compares with mysnap zstd → file://, \
-         which writes a compressed archive like the streamed mariabackup does."
+         which writes a compressed archive like the streamed mariabackup does; \
+         for the encrypted rows it is their time ÷ the same row's unencrypted (1.00: encryption costs nothing)."
     )
     .unwrap();
     BackupFigures {
@@ -299,6 +328,11 @@ fn restore(b: &Bench, peers: &Peers, report: &mut Report) -> RestoreFigures {
         std::fs::copy(archive.with_file_name(f), copied.join(f)).unwrap();
     }
     let rf = b.mysnap_restore(target, &id, &b.file_url());
+    // The same data encrypted and authenticated, from S3.
+    eprintln!("bench: restore, encrypted");
+    let (backup_tail, restore_tail) = contenders::crypt_configs(&b.tmp.path().join("keys"));
+    let (eid, _, _) = b.stored_backup_with(&backup_tail);
+    let re = b.mysnap_restore_with(target, &eid, S3_URL, &restore_tail);
     let mut rows = vec![
         Row {
             limit: Some(limit_untar),
@@ -320,6 +354,15 @@ fn restore(b: &Bench, peers: &Peers, report: &mut Report) -> RestoreFigures {
             limit: Some(limit_untar),
             rss_mib: Some(rf.rss_mib),
             ..Row::new("mysnap restore: file:// → server answering", Ok(rf.secs))
+        },
+        Row {
+            limit: Some(limit_untar),
+            rss_mib: Some(re.rss_mib),
+            mysnap: Some(r.secs),
+            ..Row::new(
+                "mysnap restore: S3, encrypted + authenticated → server answering (÷ mysnap: this ÷ unencrypted S3)",
+                Ok(re.secs),
+            )
         },
     ];
     let mysnap = Some(r.secs);
@@ -376,6 +419,68 @@ fn restore(b: &Bench, peers: &Peers, report: &mut Report) -> RestoreFigures {
         limit_untar,
         mysnap_s3: r,
     }
+}
+
+/// `--crypt-only`: mysnap's backups (zstd, none) and zstd restore through
+/// S3, each unencrypted and then encrypted + authenticated; `÷ mysnap` of
+/// an encrypted row is its time ÷ the unencrypted one's.
+fn crypt_only(b: &Bench, data_bytes: u64, report: &mut Report) {
+    let (backup_tail, restore_tail) = contenders::crypt_configs(&b.tmp.path().join("keys"));
+    let mut rows = Vec::new();
+    for compression in ["zstd", "none"] {
+        eprintln!("bench: mysnap {compression} → S3, plain and encrypted");
+        let plain = b.mysnap_backup(S3_URL, compression);
+        let enc = b.mysnap_backup_with(S3_URL, compression, &backup_tail);
+        for (label, r, mysnap) in [
+            (format!("mysnap {compression} → S3"), plain, None),
+            (
+                format!("mysnap {compression} → S3, encrypted + authenticated"),
+                enc,
+                Some(plain.secs),
+            ),
+        ] {
+            rows.push(Row {
+                size: Some(r.size),
+                rss_mib: Some(r.rss_mib),
+                mysnap,
+                ..Row::new(label, Ok(r.secs))
+            });
+        }
+    }
+    writeln!(report.md, "\n## Encryption: backup (running server → S3)\n").unwrap();
+    report.table(&rows, data_bytes);
+    eprintln!("bench: restore, plain and encrypted");
+    let target = b.target_server("target");
+    let (id, _, unpacked) = b.stored_backup();
+    let plain = b.mysnap_restore(&target, &id, S3_URL);
+    let (eid, _, _) = b.stored_backup_with(&backup_tail);
+    let enc = b.mysnap_restore_with(&target, &eid, S3_URL, &restore_tail);
+    let restore_rows = vec![
+        Row {
+            rss_mib: Some(plain.rss_mib),
+            ..Row::new("mysnap restore: S3 → server answering", Ok(plain.secs))
+        },
+        Row {
+            rss_mib: Some(enc.rss_mib),
+            mysnap: Some(plain.secs),
+            ..Row::new(
+                "mysnap restore: S3, encrypted + authenticated → server answering",
+                Ok(enc.secs),
+            )
+        },
+    ];
+    writeln!(
+        report.md,
+        "\n## Encryption: restore (S3 → server answering)\n"
+    )
+    .unwrap();
+    report.table(&restore_rows, unpacked);
+    writeln!(
+        report.md,
+        "\n`÷ mysnap` of an encrypted row: its time ÷ the same row unencrypted (1.00: no cost)."
+    )
+    .unwrap();
+    b.clear_stores();
 }
 
 /// The figures of the scaling table, at the data's current size.

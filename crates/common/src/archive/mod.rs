@@ -7,7 +7,10 @@
 //! Format 1: one tar stream (GNU headers; directories, regular files and
 //! symbolic links only; paths relative to the volume root, under the
 //! manifest's `data.paths`), compressed as one zstd or xz stream or not at
-//! all. `zstd -dc data.tar.zst | tar -x` restores it by hand.
+//! all. `zstd -dc data.tar.zst | tar -x` restores it by hand. An encrypted
+//! archive (manifest format 2, `archive.encryption`, key `….age`) is that
+//! stream as an age v1 file (`crypt`): `age -d -i KEY data.tar.zst.age |
+//! zstd -dc | tar -x`.
 //!
 //! An archive read from the store is untrusted: nothing in it chooses a path
 //! outside the target, and nothing makes the reader hold or write more than
@@ -53,6 +56,8 @@ pub enum ArchiveError {
     },
     #[error("the archive {url} is larger than its manifest says: {what}")]
     TooLarge { url: String, what: String },
+    #[error("the archive {url} cannot be decrypted: {why}")]
+    Key { url: String, why: String },
     #[error("reading {url} from the store failed: {why}")]
     Store { url: String, why: String },
     #[error("cannot write {}: {source}", path.display())]

@@ -1,4 +1,5 @@
 //! The read path of `verify` and `restore`: stored bytes → SHA-256 →
+//! decrypt (`crypt::open`, when the manifest says it is encrypted) →
 //! decompress (bounded: no more than the manifest's `tar_size`) → tar entries
 //! admitted by the [`Policy`] → unpacked through [`SafeDir`] (restore) or read
 //! and discarded (verify). Size and SHA-256 are compared at the end.
@@ -18,6 +19,7 @@ use super::policy::{Kind, Policy, MAX_PATH};
 use super::tree::{Owner, SafeDir};
 use super::ArchiveError;
 use crate::codec::{decoder, Hashing};
+use crate::crypt::{self, Identities};
 use crate::manifest::{ArchiveInfo, RelPath};
 use crate::progress::Progress;
 use crate::reader::{ChunkReader, ProgressReader};
@@ -45,7 +47,9 @@ const QUEUED: usize = 8;
 
 /// Streams the archive read from `stored` (the bytes as stored at `url`)
 /// into `target`. `roots` are the manifest's `data.paths`; `store_failed` is
-/// set by the download when the store, not the data, failed.
+/// set by the download when the store, not the data, failed; `identities`
+/// decrypt an encrypted archive.
+#[allow(clippy::too_many_arguments)]
 pub fn stream(
     stored: impl Read,
     url: &str,
@@ -54,7 +58,13 @@ pub fn stream(
     target: Target<'_>,
     progress: &dyn Progress,
     store_failed: &AtomicBool,
+    identities: Option<&Identities>,
 ) -> Result<Streamed, ArchiveError> {
+    // A missing or wrong key is refused before anything is read or written.
+    crypt::check_keys(info.encryption.as_ref(), identities).map_err(|why| ArchiveError::Key {
+        url: url.to_string(),
+        why,
+    })?;
     let (tx, rx) = mpsc::sync_channel(QUEUED);
     let (decoded, unpacked) = std::thread::scope(|scope| {
         let unpacking = scope.spawn(|| {
@@ -69,13 +79,14 @@ pub fn stream(
             })
         });
         let mut hashing = Hashing::new(ProgressReader::new(stored, progress));
-        let decoded = decode(&mut hashing, url, info, &tx, store_failed).and_then(|()| {
-            drop(tx);
-            // Whatever follows the end of the compressed stream is hashed too.
-            io::copy(&mut hashing, &mut io::sink())
-                .map_err(|e| read_error(url, e, store_failed))?;
-            Ok(hashing.finish())
-        });
+        let decoded =
+            decode(&mut hashing, url, info, &tx, store_failed, identities).and_then(|()| {
+                drop(tx);
+                // Whatever follows the end of the compressed stream is hashed too.
+                io::copy(&mut hashing, &mut io::sink())
+                    .map_err(|e| read_error(url, e, store_failed))?;
+                Ok(hashing.finish())
+            });
         let unpacked = unpacking.join().unwrap_or_else(|_| {
             Err(ArchiveError::Corrupt {
                 url: url.to_string(),
@@ -144,13 +155,27 @@ fn decode<R: Read>(
     info: &ArchiveInfo,
     tx: &mpsc::SyncSender<io::Result<Bytes>>,
     store_failed: &AtomicBool,
+    identities: Option<&Identities>,
 ) -> Result<(), ArchiveError> {
     let fail = |e: ArchiveError| {
         let _ = tx.send(Err(io::Error::other(e.to_string())));
         e
     };
+    let plain = crypt::open(stored, info.encryption.as_ref(), identities).map_err(|why| {
+        fail(if store_failed.load(Ordering::SeqCst) {
+            ArchiveError::Store {
+                url: url.to_string(),
+                why,
+            }
+        } else {
+            ArchiveError::Key {
+                url: url.to_string(),
+                why,
+            }
+        })
+    })?;
     let mut decoded =
-        decoder(stored, info.compression).map_err(|e| fail(read_error(url, e, store_failed)))?;
+        decoder(plain, info.compression).map_err(|e| fail(read_error(url, e, store_failed)))?;
     let mut total = 0u64;
     loop {
         let mut chunk = Vec::with_capacity(CHUNK as usize);

@@ -35,7 +35,13 @@ pub struct Restore {
 impl Bench {
     /// snapshotter + archiver from a dropped cache: time, archiver's peak RSS, stored size.
     pub fn mysnap_backup(&self, url: &str, compression: &str) -> Backup {
+        self.mysnap_backup_with(url, compression, "")
+    }
+
+    /// [`Bench::mysnap_backup`] with `tail` appended to the config (`[encryption]`, `[auth]`).
+    pub fn mysnap_backup_with(&self, url: &str, compression: &str, tail: &str) -> Backup {
         let config = self.source_config(url, compression, "");
+        append(&config, tail);
         let (mut secs, mut rss, mut size) = (Vec::new(), Vec::new(), 0);
         for _ in 0..self.args.runs {
             self.clear_stores();
@@ -71,8 +77,14 @@ impl Bench {
     /// One zstd backup into the S3 store: its id, stored archive path and
     /// unpacked size.
     pub fn stored_backup(&self) -> (String, PathBuf, u64) {
+        self.stored_backup_with("")
+    }
+
+    /// [`Bench::stored_backup`] with `tail` appended to the config.
+    pub fn stored_backup_with(&self, tail: &str) -> (String, PathBuf, u64) {
         self.clear_stores();
         let config = self.source_config(S3_URL, "zstd", "");
+        append(&config, tail);
         let m = self.snapshot(&config).expect("snapshotter");
         let out = self
             .cmd("archiver", &config)
@@ -87,13 +99,25 @@ impl Bench {
             "bench",
         )
         .unwrap();
-        let unpacked = manifest.archive.as_ref().unwrap().unpacked_size;
-        (id, stored.join("data.tar.zst"), unpacked)
+        let archive = manifest.archive.as_ref().unwrap();
+        let file = archive.key.rsplit('/').next().unwrap().to_string();
+        (id, stored.join(file), archive.unpacked_size)
     }
 
     /// `restorer restore ID` onto `target` from a dropped cache: time, peak
     /// RSS, server downtime; the `.old` directory is removed after each run.
     pub fn mysnap_restore(&self, target: &MariaDb, id: &str, store_url: &str) -> Restore {
+        self.mysnap_restore_with(target, id, store_url, "")
+    }
+
+    /// [`Bench::mysnap_restore`] with `tail` appended to the config.
+    pub fn mysnap_restore_with(
+        &self,
+        target: &MariaDb,
+        id: &str,
+        store_url: &str,
+        tail: &str,
+    ) -> Restore {
         let root = target.datadir.parent().unwrap();
         let config = self.config(
             &Target {
@@ -105,6 +129,7 @@ impl Bench {
             "zstd",
             "",
         );
+        append(&config, tail);
         let (mut secs, mut rss, mut down, mut unpack) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..self.args.runs {
@@ -324,4 +349,48 @@ impl Peers {
 /// Drops what the reloads loaded into `target`.
 pub fn reset(target: &MariaDb) {
     target.sql("DROP DATABASE IF EXISTS sbtest");
+}
+
+/// Appends `tail` (whole sections) to the config file at `path`.
+fn append(path: &std::path::Path, tail: &str) {
+    if !tail.is_empty() {
+        let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+        std::io::Write::write_all(&mut f, tail.as_bytes()).unwrap();
+    }
+}
+
+/// Key files for the encrypted rows, made in `dir`: the config sections of
+/// a backup host (recipients, auth key) and of a restore host (identity,
+/// auth key).
+pub fn crypt_configs(dir: &std::path::Path) -> (String, String) {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir).unwrap();
+    let write = |name: &str, text: &str, mode: u32| {
+        let p = dir.join(name);
+        let _ = std::fs::remove_file(&p);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&p)
+            .unwrap();
+        std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+        p
+    };
+    let (secret, public, _) = common::crypt::generate_identity();
+    let identity = write("identity", &secret, 0o600);
+    let recipients = write("recipients", &format!("{public}\n"), 0o644);
+    let auth = write("auth.key", &common::crypt::generate_auth_key(), 0o600);
+    (
+        format!(
+            "[encryption]\nrecipients_file = {:?}\n[auth]\nkey_file = {:?}\n",
+            recipients.display().to_string(),
+            auth.display().to_string()
+        ),
+        format!(
+            "[encryption]\nidentity_file = {:?}\n[auth]\nkey_file = {:?}\n",
+            identity.display().to_string(),
+            auth.display().to_string()
+        ),
+    )
 }
