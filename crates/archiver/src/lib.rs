@@ -413,6 +413,10 @@ async fn stream(
     Ok((stats, size))
 }
 
+/// Buffers of [`common::codec::HANDOFF_CHUNK`] between the producer's two
+/// threads: enough to ride out a stall of either, 4 MiB at most.
+const HANDOFF_DEPTH: usize = 4;
+
 /// The producing thread of [`stream`]: tar → codec → encryption (when
 /// `recipients`) → SHA-256 → `writer`, the upload's parts;
 /// `archive.read_rate_limit` on the snapshot's reads.
@@ -431,21 +435,44 @@ fn produce(
         .read_rate_limit
         .map(|r| common::reader::RateLimit::new(r.as_u64()));
     let mut enc = common::codec::Hashing::new(writer);
-    let sealed = common::crypt::Sealer::new(&mut enc, recipients).context("starting encryption")?;
-    let enc_writer = common::codec::Encoder::new(sealed, compression, level, threads)?;
-    let (enc_writer, stats) = format::write_tar(
-        &manifest.snapshot.path,
-        &manifest.data,
-        enc_writer,
-        progress,
-        &|| cancel.is_set(),
-        read_limit.as_ref(),
-    )?;
-    enc_writer
-        .finish()
-        .context("finishing compression")?
-        .finish()
-        .context("finishing encryption")?;
+    // Two threads: tar and the codec here; encryption and the SHA-256 on
+    // the other, so their costs overlap instead of adding up.
+    let (front, back) = common::codec::Handoff::new(HANDOFF_DEPTH);
+    let stats = std::thread::scope(|scope| -> anyhow::Result<TarStats> {
+        let sealing = scope.spawn(|| -> anyhow::Result<()> {
+            let mut sealed =
+                common::crypt::Sealer::new(&mut enc, recipients).context("starting encryption")?;
+            back.drain(&mut sealed)?;
+            sealed.finish().context("finishing encryption")?;
+            Ok(())
+        });
+        let tarred = (|| -> anyhow::Result<TarStats> {
+            let enc_writer = common::codec::Encoder::new(front, compression, level, threads)?;
+            let (enc_writer, stats) = format::write_tar(
+                &manifest.snapshot.path,
+                &manifest.data,
+                enc_writer,
+                progress,
+                &|| cancel.is_set(),
+                read_limit.as_ref(),
+            )?;
+            enc_writer
+                .finish()
+                .context("finishing compression")?
+                .finish()?;
+            Ok(stats)
+        })();
+        let sealed = sealing
+            .join()
+            .map_err(|_| anyhow::anyhow!("the encryption thread panicked"))?;
+        match (tarred, sealed) {
+            (Ok(stats), Ok(())) => Ok(stats),
+            // The later stage stopped first: its error is the cause.
+            (Err(t), Err(s)) if is_broken_pipe(&t) => Err(s),
+            (Err(t), _) => Err(t),
+            (Ok(_), Err(s)) => Err(s),
+        }
+    })?;
     let (writer, size, sha) = enc.finish();
     writer
         .finish()

@@ -182,9 +182,157 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
+/// Bytes per buffer a [`Handoff`] passes to its drain.
+pub const HANDOFF_CHUNK: usize = 1 << 20;
+
+/// The writing end of a hand-off between two threads of one pipeline: what
+/// is written here is written, in order, by another thread
+/// ([`HandoffDrain::drain`]) into the next stage. The backup's producer
+/// runs tar and the codec on one thread and encryption and the SHA-256 on
+/// the other, so those stages overlap instead of adding up. At most
+/// `depth` buffers of [`HANDOFF_CHUNK`] are in the channel; buffers come
+/// back to the writer to be refilled (no allocation per chunk).
+pub struct Handoff {
+    full: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    empty: std::sync::mpsc::Receiver<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+/// The reading end of a [`Handoff`], for the other thread.
+pub struct HandoffDrain {
+    full: std::sync::mpsc::Receiver<Vec<u8>>,
+    empty: std::sync::mpsc::SyncSender<Vec<u8>>,
+}
+
+impl Handoff {
+    pub fn new(depth: usize) -> (Handoff, HandoffDrain) {
+        let (full_tx, full_rx) = std::sync::mpsc::sync_channel(depth);
+        let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel(depth + 1);
+        (
+            Handoff {
+                full: Some(full_tx),
+                empty: empty_rx,
+                buf: Vec::with_capacity(HANDOFF_CHUNK),
+            },
+            HandoffDrain {
+                full: full_rx,
+                empty: empty_tx,
+            },
+        )
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        let next = self
+            .empty
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(HANDOFF_CHUNK));
+        let full = std::mem::replace(&mut self.buf, next);
+        let gone = || io::Error::new(io::ErrorKind::BrokenPipe, "the next stage stopped");
+        self.full
+            .as_ref()
+            .ok_or_else(gone)?
+            .send(full)
+            .map_err(|_| gone())
+    }
+
+    /// Hands over what is buffered and closes the channel: the drain ends
+    /// once it has written everything. (Dropped without `finish`, the
+    /// buffered bytes are lost: the stream is incomplete, as on an error.)
+    pub fn finish(mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.send()?;
+        }
+        self.full = None;
+        Ok(())
+    }
+}
+
+impl Write for Handoff {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(HANDOFF_CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == HANDOFF_CHUNK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl HandoffDrain {
+    /// Writes every buffer into `out` until the [`Handoff`] is finished or
+    /// dropped. On an error it returns at once: the writer's next hand-over
+    /// fails with `BrokenPipe`.
+    pub fn drain<W: Write>(self, out: &mut W) -> io::Result<()> {
+        for mut buf in self.full.iter() {
+            out.write_all(&buf)?;
+            buf.clear();
+            let _ = self.empty.try_send(buf);
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_handoff_delivers_every_byte_in_order_and_reuses_its_buffers() {
+        let data: Vec<u8> = (0..5 * HANDOFF_CHUNK + 123)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let (mut front, back) = Handoff::new(2);
+        let got = std::thread::scope(|s| {
+            let t = s.spawn(|| {
+                let mut out = Vec::new();
+                back.drain(&mut out).unwrap();
+                out
+            });
+            for piece in data.chunks(300_001) {
+                front.write_all(piece).unwrap();
+            }
+            front.finish().unwrap();
+            t.join().unwrap()
+        });
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "bytes changed or reordered");
+    }
+
+    #[test]
+    fn a_failed_drain_fails_the_writer_and_a_dropped_writer_ends_the_drain() {
+        struct Broken;
+        impl Write for Broken {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::other("disk on fire"))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let (mut front, back) = Handoff::new(1);
+        let err = std::thread::scope(|s| {
+            let t = s.spawn(|| back.drain(&mut Broken));
+            let chunk = vec![0u8; HANDOFF_CHUNK];
+            let mut result = Ok(());
+            for _ in 0..10 {
+                result = front.write_all(&chunk);
+                if result.is_err() {
+                    break;
+                }
+            }
+            assert_eq!(result.unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+            t.join().unwrap().unwrap_err()
+        });
+        assert!(err.to_string().contains("disk on fire"), "{err}");
+        let (front, back) = Handoff::new(1);
+        drop(front);
+        let mut out = Vec::new();
+        back.drain(&mut out).unwrap();
+        assert!(out.is_empty());
+    }
 
     #[test]
     fn every_codec_round_trips_and_hashes_stored_bytes() {
