@@ -107,7 +107,22 @@ pub fn header_of(head: &[u8]) -> Result<(u32, u32), ScanError> {
 /// `r`: each header, the 13 bytes of a GTID event, everything else
 /// skipped. With `allow_partial`, a prefix that ends inside an event (the
 /// open binary log) is no error (`partial`).
-pub fn scan<R: Read>(mut r: R, size: u64, allow_partial: bool) -> Result<Scanned, ScanError> {
+pub fn scan<R: Read>(r: R, size: u64, allow_partial: bool) -> Result<Scanned, ScanError> {
+    walk(r, size, allow_partial, false)
+}
+
+/// Whether the first `size` bytes of a binary log (the open one, being
+/// written) hold a transaction (a GTID event); stops at the first.
+pub fn holds_transaction<R: Read>(r: R, size: u64) -> Result<bool, ScanError> {
+    Ok(walk(r, size, true, true)?.transactions > 0)
+}
+
+fn walk<R: Read>(
+    mut r: R,
+    size: u64,
+    allow_partial: bool,
+    stop_at_transaction: bool,
+) -> Result<Scanned, ScanError> {
     let mut head = [0u8; 4 + HEADER_LEN as usize];
     if size < head.len() as u64 {
         return Err(ScanError::Magic);
@@ -169,6 +184,9 @@ pub fn scan<R: Read>(mut r: R, size: u64, allow_partial: bool) -> Result<Scanned
             out.first_gtid.get_or_insert(gtid);
             out.last_gtid = Some(gtid);
             out.transactions += 1;
+            if stop_at_transaction {
+                return Ok(out);
+            }
         }
         let skipped = io::copy(&mut (&mut r).take(body_left), &mut io::sink())?;
         if skipped != body_left {
@@ -391,6 +409,10 @@ pub mod tests {
         );
         let s = scan(cut, size - 3, true).unwrap();
         assert!(s.partial && s.transactions == 2 && s.size < size - 3);
+        assert!(holds_transaction(cut, size - 3).unwrap());
+        // Only the header events: no transaction yet.
+        let header_only = 4 + 2 * HEADER_LEN as usize + 108;
+        assert!(!holds_transaction(&f[..header_only], header_only as u64).unwrap());
         // Not a binary log.
         assert!(matches!(
             scan(&b"hello world, not a binlog"[..], 25, false),
