@@ -1,0 +1,275 @@
+//! Point-in-time recovery end to end: `archiver binlogs` shipping a real
+//! MariaDB's binary logs to the in-process S3 server.
+
+use std::collections::BTreeMap;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::binlog::SegmentMeta;
+use common::ids::BackupName;
+use common::keys::{self, SegmentPart};
+use mysnap_tests::{gate, spawn_until_line};
+use sha2::{Digest, Sha256};
+
+use crate::backup::{assert_ok, error_line, set, Rig, StoreKind};
+
+fn name() -> BackupName {
+    BackupName::parse("db1").unwrap()
+}
+
+/// The complete segments in the store (their metadata, parsed as the store's
+/// untrusted input is), by metadata key; and the keys of data without metadata.
+fn segments(rig: &Rig) -> (BTreeMap<String, SegmentMeta>, Vec<String>) {
+    let n = name();
+    let keys = rig.store_keys();
+    let prefix = "fleet/"; // the rig's S3 prefix
+    let mut metas = BTreeMap::new();
+    let mut data = Vec::new();
+    for full in &keys {
+        let key = full.strip_prefix(prefix).unwrap_or(full);
+        match keys::segment_of(&n, key) {
+            Some((_, SegmentPart::Meta)) => {
+                let text = String::from_utf8(rig.fetch(key)).unwrap();
+                let meta = SegmentMeta::parse_stored(&text, key, key, &n)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                metas.insert(key.to_string(), meta);
+            }
+            Some((_, SegmentPart::Data)) => data.push(key.to_string()),
+            None => {}
+        }
+    }
+    let orphans = data
+        .into_iter()
+        .filter(|d| !metas.values().any(|m| m.segment().data_key(&n) == *d))
+        .collect();
+    (metas, orphans)
+}
+
+fn ship_once(rig: &Rig) -> Output {
+    rig.run("archiver", &["binlogs", "--once"])
+}
+
+fn shipped_keys(out: &Output) -> Vec<String> {
+    assert_ok(out, "archiver binlogs --once");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// The server's binary log `file`, as bytes.
+fn binlog_bytes(rig: &Rig, file: &str) -> Vec<u8> {
+    std::fs::read(rig.db.datadir.join(file)).unwrap()
+}
+
+/// Checks that the stored data of `meta` is the server's file, whole.
+fn assert_stored_is_the_file(rig: &Rig, meta: &SegmentMeta) {
+    let stored = rig.fetch(&meta.segment().data_key(&name()));
+    assert_eq!(stored.len() as u64, meta.stored_size);
+    assert_eq!(hex::encode(Sha256::digest(&stored)), meta.sha256.as_str());
+    let plain = zstd::decode_all(&stored[..]).unwrap();
+    assert_eq!(
+        plain,
+        binlog_bytes(rig, meta.file.as_str()),
+        "{}",
+        meta.file
+    );
+    assert_eq!(plain.len() as u64, meta.size);
+}
+
+fn seq_of(gtid_pos: &str) -> u64 {
+    gtid_pos.rsplit('-').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn binlogs_are_shipped_whole_once_resumed_and_a_purged_one_is_a_gap() {
+    if !gate("binlogs_are_shipped_whole_once_resumed_and_a_purged_one_is_a_gap") {
+        return;
+    }
+    let rig = Rig::new(StoreKind::S3);
+    rig.db.sql(
+        "CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY, v VARCHAR(20)); \
+         INSERT INTO app.t VALUES (1, 'one'), (2, 'two')",
+    );
+    let pos = rig.db.sql("SELECT @@gtid_binlog_pos");
+
+    // First run: the open binary log held transactions, so it was closed;
+    // every closed file is shipped, whole, with metadata after the data.
+    let first = shipped_keys(&ship_once(&rig));
+    assert!(!first.is_empty());
+    let (metas, orphans) = segments(&rig);
+    assert!(orphans.is_empty(), "{orphans:?}");
+    assert_eq!(first, metas.keys().cloned().collect::<Vec<_>>());
+    let logs = rig.db.sql("SHOW BINARY LOGS");
+    assert_eq!(logs.lines().count(), metas.len() + 1, "{logs}");
+    for m in metas.values() {
+        assert_eq!(m.server_id, 1);
+        assert_stored_is_the_file(&rig, m);
+    }
+    let newest = metas.values().max_by_key(|m| m.file.clone()).unwrap();
+    assert_eq!(
+        newest.last_gtid.as_ref().map(|g| g.to_string()),
+        Some(pos.clone()),
+        "the newest segment ends with the last commit"
+    );
+    let transactions: u64 = metas.values().map(|m| m.transactions).sum();
+    assert_eq!(transactions, seq_of(&pos), "every transaction shipped once");
+
+    // Nothing written since: nothing closed, nothing shipped.
+    assert_eq!(shipped_keys(&ship_once(&rig)), Vec::<String>::new());
+    assert_eq!(rig.db.sql("SHOW BINARY LOGS"), logs);
+
+    // A segment whose metadata is missing (a run killed between data and
+    // metadata) is shipped again, and only it.
+    let (victim, _) = metas.iter().next().unwrap();
+    let cfg = rig.store_cfg();
+    rig.block_on(async {
+        let store = common::store::open(&cfg).await.unwrap();
+        store.delete(victim).await.unwrap();
+    });
+    assert_eq!(shipped_keys(&ship_once(&rig)), vec![victim.clone()]);
+    assert_eq!(segments(&rig).0, metas);
+
+    // A gap: two binary logs closed and purged before any run shipped them.
+    for i in 3..5 {
+        rig.db.sql(&format!(
+            "INSERT INTO app.t VALUES ({i}, 'x'); FLUSH BINARY LOGS"
+        ));
+    }
+    let files: Vec<String> = rig
+        .db
+        .sql("SHOW BINARY LOGS")
+        .lines()
+        .map(|l| l.split('\t').next().unwrap().to_string())
+        .collect();
+    let current = files.last().unwrap();
+    // MariaDB keeps a binary log until InnoDB checkpointed its commits:
+    // purge until the current one is the only one left.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rig.db.sql("SHOW BINARY LOGS").lines().count() > 1 {
+        assert!(Instant::now() < deadline, "PURGE BINARY LOGS left older files");
+        rig.db.sql(&format!("PURGE BINARY LOGS TO '{current}'"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let missing = &files[files.len() - 3..files.len() - 1];
+    rig.db.sql("INSERT INTO app.t VALUES (9, 'after')");
+    let out = ship_once(&rig);
+    let line = error_line(&out, 1);
+    assert!(
+        line.contains(&format!("gap: {}, {} purged", missing[0], missing[1])),
+        "{line}"
+    );
+    // It kept shipping: what came after the gap is stored.
+    let (after, _) = segments(&rig);
+    assert!(
+        after.values().any(|m| m.file == *current.as_str()),
+        "{after:?}"
+    );
+}
+
+#[test]
+fn a_binlog_archiver_killed_between_data_and_metadata_loses_and_duplicates_nothing() {
+    if !gate("a_binlog_archiver_killed_between_data_and_metadata_loses_and_duplicates_nothing") {
+        return;
+    }
+    let rig = Rig::new(StoreKind::S3);
+    rig.db.sql(
+        "CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY); \
+         INSERT INTO app.t VALUES (1), (2), (3)",
+    );
+    let mut cmd = rig.cmd("archiver");
+    cmd.args(["binlogs", "--once"])
+        .env("MYSNAP_TEST_PAUSE_AT", "binlog-data-stored")
+        .stdout(Stdio::null());
+    let (mut child, _) = spawn_until_line(
+        &mut cmd,
+        "paused at binlog-data-stored",
+        Duration::from_secs(60),
+    );
+    mysnap_tests::send_signal(&child, nix::sys::signal::Signal::SIGKILL);
+    child.wait().unwrap();
+    let (metas, orphans) = segments(&rig);
+    assert!(metas.is_empty(), "{metas:?}");
+    assert_eq!(orphans.len(), 1, "the data of the segment killed mid-way");
+
+    // Rerun: the segment is shipped again, whole; each file once.
+    rig.db.sql("INSERT INTO app.t VALUES (4)");
+    let shipped = shipped_keys(&ship_once(&rig));
+    let (metas, orphans) = segments(&rig);
+    assert!(orphans.is_empty(), "{orphans:?}");
+    assert_eq!(shipped, metas.keys().cloned().collect::<Vec<_>>());
+    let logs = rig.db.sql("SHOW BINARY LOGS");
+    assert_eq!(metas.len() + 1, logs.lines().count(), "{logs}");
+    for m in metas.values() {
+        assert_stored_is_the_file(&rig, m);
+    }
+    let transactions: u64 = metas.values().map(|m| m.transactions).sum();
+    assert_eq!(
+        transactions,
+        seq_of(&rig.db.sql("SELECT @@gtid_binlog_pos"))
+    );
+}
+
+/// The recovery point: a running `archiver binlogs` with a 2 s interval,
+/// a commit every 250 ms for 20 s; for each commit, the time until a
+/// segment's metadata holding it is in the store.
+#[test]
+fn the_binlog_archiver_keeps_the_recovery_point_within_its_interval() {
+    if !gate("the_binlog_archiver_keeps_the_recovery_point_within_its_interval") {
+        return;
+    }
+    let rig = Rig::new(StoreKind::S3);
+    rig.write_config(|t| set(t, "binlog", "rotate_interval", "2s"));
+    rig.db
+        .sql("CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY, at DATETIME(6))");
+    let mut archiver = rig
+        .cmd("archiver")
+        .arg("binlogs")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut commits: Vec<(u64, Instant)> = Vec::new();
+    let mut lags: Vec<f64> = Vec::new();
+    let mut covered = 0u64;
+    let start = Instant::now();
+    let mut next_write = start;
+    let mut id = 0;
+    while start.elapsed() < Duration::from_secs(30) && (id < 80 || lags.len() < commits.len()) {
+        if id < 80 && Instant::now() >= next_write {
+            id += 1;
+            let pos = rig.db.sql(&format!(
+                "INSERT INTO app.t VALUES ({id}, NOW(6)); SELECT @@gtid_binlog_pos"
+            ));
+            commits.push((seq_of(&pos), Instant::now()));
+            next_write += Duration::from_millis(250);
+        }
+        let (metas, _) = segments(&rig);
+        let now = Instant::now();
+        let newest = metas
+            .values()
+            .filter_map(|m| m.last_gtid.as_ref().map(|g| seq_of(g)))
+            .max()
+            .unwrap_or(0);
+        for (seq, at) in &commits {
+            if *seq > covered && *seq <= newest {
+                lags.push(now.duration_since(*at).as_secs_f64());
+            }
+        }
+        covered = covered.max(newest);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    mysnap_tests::send_signal(&archiver, nix::sys::signal::Signal::SIGTERM);
+    let status = archiver.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(archiver.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    assert_eq!(lags.len(), commits.len(), "every commit shipped: {stderr}");
+    lags.sort_by(|a, b| a.total_cmp(b));
+    let (median, max) = (lags[lags.len() / 2], lags[lags.len() - 1]);
+    eprintln!(
+        "recovery point (rotate_interval 2s, a commit every 250 ms, {} commits): median {median:.2}s, max {max:.2}s",
+        lags.len()
+    );
+    assert!(max < 60.0, "recovery point {max:.1}s, over the 60 s target");
+}
