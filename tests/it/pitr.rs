@@ -147,7 +147,10 @@ fn binlogs_are_shipped_whole_once_resumed_and_a_purged_one_is_a_gap() {
     // purge until the current one is the only one left.
     let deadline = Instant::now() + Duration::from_secs(20);
     while rig.db.sql("SHOW BINARY LOGS").lines().count() > 1 {
-        assert!(Instant::now() < deadline, "PURGE BINARY LOGS left older files");
+        assert!(
+            Instant::now() < deadline,
+            "PURGE BINARY LOGS left older files"
+        );
         rig.db.sql(&format!("PURGE BINARY LOGS TO '{current}'"));
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -345,6 +345,156 @@ pub fn file_number(file: &str) -> Option<u64> {
     n.parse().ok()
 }
 
+/// How far a restore replays binary logs after a backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Every transaction archived (up to the first gap).
+    Latest,
+    /// Up to this UTC time (events after it are not replayed).
+    Time(time::OffsetDateTime),
+}
+
+/// Why no chain of segments reaches a target.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    #[error("the backup's binary log {file} of server {server_id} is not in the archive: no point after the backup can be recovered from it (was `archiver binlogs` running when it was taken?)")]
+    NotArchived { server_id: u64, file: String },
+    #[error("the binary log archive of server {server_id} has a gap: {from} to {to} are missing (purged before they were shipped); the archive reaches {reaches}; restore to a point before it, or from a backup taken after the gap")]
+    Gap {
+        server_id: u64,
+        from: String,
+        to: String,
+        reaches: String,
+    },
+    #[error("the binary log archive of server {server_id} ends at {reaches}, before the target {target}: a restore to the target would silently stop short (is `archiver binlogs` running?)")]
+    Short {
+        server_id: u64,
+        reaches: String,
+        target: String,
+    },
+}
+
+/// The segments a restore replays after a backup of server `server_id`
+/// taken at `backup_time` at binary log `file`: that file's segment (the
+/// newest created no later than the backup), then each next file number
+/// created no earlier than the one before, up to the first whose last event
+/// reaches `target`. A missing number before the target is a gap, refused
+/// with the range; a target past the archive's end is refused too.
+pub fn chain(
+    segments: &[SegmentMeta],
+    server_id: u64,
+    file: &BinlogFile,
+    backup_time: time::OffsetDateTime,
+    target: &Target,
+) -> Result<Vec<SegmentMeta>, ChainError> {
+    let (reach, gap) = reach(segments, server_id, file, backup_time)?;
+    let mut out = Vec::new();
+    for s in reach {
+        let last = s.last_event.time();
+        out.push(s);
+        if let Target::Time(t) = target {
+            if last >= *t {
+                return Ok(out);
+            }
+        }
+    }
+    let reaches = out
+        .last()
+        .map_or_else(String::new, |s| rfc3339(s.last_event.time()));
+    match (gap, target) {
+        (Some((from, to)), _) => Err(ChainError::Gap {
+            server_id,
+            from,
+            to,
+            reaches,
+        }),
+        (None, Target::Latest) => Ok(out),
+        (None, Target::Time(t)) => Err(ChainError::Short {
+            server_id,
+            reaches,
+            target: rfc3339(*t),
+        }),
+    }
+}
+
+/// The unbroken run of segments from the backup's file on, and the missing
+/// range after it when a later segment of the server exists (a gap).
+fn reach(
+    segments: &[SegmentMeta],
+    server_id: u64,
+    file: &BinlogFile,
+    backup_time: time::OffsetDateTime,
+) -> Result<(Vec<SegmentMeta>, Option<(String, String)>), ChainError> {
+    let mine: Vec<&SegmentMeta> = segments
+        .iter()
+        .filter(|s| s.server_id == server_id)
+        .collect();
+    let not_archived = || ChainError::NotArchived {
+        server_id,
+        file: file.to_string(),
+    };
+    let first = mine
+        .iter()
+        .filter(|s| s.file == *file && s.created.time() <= backup_time)
+        .max_by_key(|s| s.created.clone())
+        .ok_or_else(not_archived)?;
+    let stem = |f: &str| {
+        f.rsplit_once('.')
+            .map_or(f.to_string(), |(s, _)| s.to_string())
+    };
+    let digits = |f: &str| f.rsplit_once('.').map_or(0, |(_, n)| n.len());
+    let mut out = vec![(*first).clone()];
+    loop {
+        let cur = out.last().expect("one at least");
+        let n = file_number(&cur.file).ok_or_else(not_archived)?;
+        let later =
+            |s: &&&SegmentMeta| stem(&s.file) == stem(&cur.file) && s.created >= cur.created;
+        let next = mine
+            .iter()
+            .filter(later)
+            .filter(|s| file_number(&s.file) == Some(n + 1))
+            .min_by_key(|s| s.created.clone());
+        match next {
+            Some(s) => out.push((*s).clone()),
+            None => {
+                let beyond = mine
+                    .iter()
+                    .filter(later)
+                    .filter_map(|s| file_number(&s.file).filter(|k| *k > n + 1))
+                    .min();
+                let gap = beyond.map(|k| {
+                    let (st, w) = (stem(&cur.file), digits(&cur.file));
+                    (format!("{st}.{:0w$}", n + 1), format!("{st}.{:0w$}", k - 1))
+                });
+                return Ok((out, gap));
+            }
+        }
+    }
+}
+
+/// The span a backup can be rolled forward over: from its own time to the
+/// last event of the unbroken run of segments from its binary log on;
+/// `None` when its binary log is not archived.
+pub fn window(
+    segments: &[SegmentMeta],
+    server_id: u64,
+    file: &BinlogFile,
+    backup_time: time::OffsetDateTime,
+) -> Option<(time::OffsetDateTime, time::OffsetDateTime)> {
+    let (run, _) = reach(segments, server_id, file, backup_time).ok()?;
+    let end = run.last()?.last_event.time().max(backup_time);
+    Some((backup_time, end))
+}
+
+/// RFC 3339, UTC, whole seconds.
+pub fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.to_offset(time::UtcOffset::UTC)
+        .replace_nanosecond(0)
+        .unwrap_or(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("a UTC time formats")
+}
+
 #[cfg(test)]
 pub mod tests {
     use super::*;
@@ -501,5 +651,107 @@ pub mod tests {
         ] {
             assert_eq!(file_number(bad), None, "{bad}");
         }
+    }
+
+    /// A segment of server 1: `file`, created at minute `c`, events until minute `last`.
+    fn seg(file: &str, c: i64, last: i64) -> SegmentMeta {
+        let t0 = time::macros::datetime!(2026-11-28 10:00 UTC);
+        let at = |m: i64| BackupId::from_time(t0 + time::Duration::minutes(m));
+        SegmentMeta {
+            format_version: FORMAT_VERSION,
+            name: v("db1"),
+            server_id: 1,
+            file: v(file),
+            created: at(c),
+            size: 1,
+            stored_size: 1,
+            sha256: v(&"ab".repeat(32)),
+            compression: Compression::Zstd,
+            first_gtid: None,
+            last_gtid: None,
+            transactions: 0,
+            first_event: at(c),
+            last_event: at(last),
+        }
+    }
+
+    fn minute(m: i64) -> time::OffsetDateTime {
+        time::macros::datetime!(2026-11-28 10:00 UTC) + time::Duration::minutes(m)
+    }
+
+    fn files(c: &[SegmentMeta]) -> Vec<&str> {
+        c.iter().map(|s| s.file.as_str()).collect()
+    }
+
+    #[test]
+    fn a_chain_runs_from_the_backups_file_to_the_target() {
+        let segs = vec![
+            seg("binlog.000001", 0, 10),
+            seg("binlog.000002", 10, 20),
+            seg("binlog.000003", 20, 30),
+            seg("binlog.000004", 30, 40),
+            // Another server, and a restored server's later file of the same name.
+            SegmentMeta {
+                server_id: 2,
+                ..seg("binlog.000003", 20, 30)
+            },
+            seg("binlog.000003", 50, 60),
+        ];
+        let f: BinlogFile = v("binlog.000002");
+        let c = chain(&segs, 1, &f, minute(15), &Target::Time(minute(25))).unwrap();
+        assert_eq!(files(&c), ["binlog.000002", "binlog.000003"]);
+        assert_eq!(c[1].created, seg("binlog.000003", 20, 30).created);
+        let c = chain(&segs, 1, &f, minute(15), &Target::Latest).unwrap();
+        assert_eq!(
+            files(&c),
+            ["binlog.000002", "binlog.000003", "binlog.000004"]
+        );
+        // Past the end: refused, saying where the archive ends.
+        let e = chain(&segs, 1, &f, minute(15), &Target::Time(minute(45))).unwrap_err();
+        assert!(
+            e.to_string().contains("ends at 2026-11-28T10:40:00Z"),
+            "{e}"
+        );
+        // The backup's file not archived.
+        let e = chain(&segs, 1, &v("binlog.000009"), minute(15), &Target::Latest).unwrap_err();
+        assert!(matches!(e, ChainError::NotArchived { .. }), "{e}");
+        assert_eq!(
+            window(&segs, 1, &f, minute(15)),
+            Some((minute(15), minute(40)))
+        );
+        assert_eq!(window(&segs, 1, &v("binlog.000009"), minute(15)), None);
+    }
+
+    #[test]
+    fn a_gap_before_the_target_is_refused_with_the_missing_range() {
+        let segs = vec![
+            seg("binlog.000001", 0, 10),
+            seg("binlog.000002", 10, 20),
+            seg("binlog.000005", 40, 50),
+        ];
+        let f: BinlogFile = v("binlog.000001");
+        let e = chain(&segs, 1, &f, minute(5), &Target::Time(minute(45))).unwrap_err();
+        assert_eq!(
+            e,
+            ChainError::Gap {
+                server_id: 1,
+                from: "binlog.000003".into(),
+                to: "binlog.000004".into(),
+                reaches: "2026-11-28T10:20:00Z".into()
+            }
+        );
+        assert!(
+            e.to_string()
+                .contains("binlog.000003 to binlog.000004 are missing"),
+            "{e}"
+        );
+        assert!(chain(&segs, 1, &f, minute(5), &Target::Latest).is_err());
+        // Before the gap: fine.
+        let c = chain(&segs, 1, &f, minute(5), &Target::Time(minute(15))).unwrap();
+        assert_eq!(files(&c), ["binlog.000001", "binlog.000002"]);
+        assert_eq!(
+            window(&segs, 1, &f, minute(5)),
+            Some((minute(5), minute(20)))
+        );
     }
 }
