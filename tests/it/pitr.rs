@@ -276,3 +276,117 @@ fn the_binlog_archiver_keeps_the_recovery_point_within_its_interval() {
     );
     assert!(max < 60.0, "recovery point {max:.1}s, over the 60 s target");
 }
+
+/// `restorer status` shows the recoverable window: from the backup to the
+/// end of the unbroken archive after it (a gap ends it), on a directory
+/// store with a planted backup and planted segments (no MariaDB needed).
+#[test]
+fn status_shows_the_recoverable_window_up_to_a_gap() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let store = dir.join("store");
+    let id = mysnap_tests::id_ago(Duration::from_secs(3600));
+    let backup = common::ids::BackupId::parse(&id).unwrap().time();
+    let manifest = mysnap_tests::synthetic_manifest("db1", &id).replace(
+        "[server]",
+        "[binlog]\nfile = \"binlog.000002\"\nposition = 400\n\n[server]",
+    );
+    mysnap_tests::plant(&store, "db1", &id, Some(&manifest));
+    let at = |min: i64| common::ids::BackupId::from_time(backup + time::Duration::minutes(min));
+    let n = name();
+    let plant_segment = |file: &str, created: i64, last: i64| {
+        let meta = SegmentMeta {
+            format_version: common::binlog::FORMAT_VERSION,
+            name: n.clone(),
+            server_id: 1,
+            file: common::ids::BinlogFile::parse(file).unwrap(),
+            created: at(created),
+            size: 100,
+            stored_size: 50,
+            sha256: common::ids::Sha256Hex::parse(&"ab".repeat(32)).unwrap(),
+            compression: common::config::Compression::Zstd,
+            first_gtid: None,
+            last_gtid: None,
+            transactions: 1,
+            first_event: at(created),
+            last_event: at(last),
+        };
+        let seg = meta.segment();
+        for (key, body) in [
+            (seg.data_key(&n), b"zstd".to_vec()),
+            (seg.meta_key(&n), meta.to_toml().into_bytes()),
+        ] {
+            let path = store.join(key);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, body).unwrap();
+        }
+        meta
+    };
+    plant_segment("binlog.000002", -1, 10);
+    plant_segment("binlog.000003", 10, 20);
+    plant_segment("binlog.000005", 40, 50);
+    // Metadata moved under another segment's key: skipped, not trusted.
+    let forged = plant_segment("binlog.000004", 20, 40);
+    let (data, meta) = (forged.segment().data_key(&n), forged.segment().meta_key(&n));
+    let elsewhere = common::keys::SegmentId {
+        file: common::ids::BinlogFile::parse("binlog.000009").unwrap(),
+        ..forged.segment()
+    };
+    for (from, to) in [
+        (data, elsewhere.data_key(&n)),
+        (meta, elsewhere.meta_key(&n)),
+    ] {
+        std::fs::create_dir_all(store.join(&to).parent().unwrap()).unwrap();
+        std::fs::rename(store.join(from), store.join(to)).unwrap();
+    }
+    std::fs::remove_dir(store.join(forged.segment().data_key(&n)).parent().unwrap()).unwrap();
+
+    let config = dir.join("db1.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mysql]\nstop_command = [\"true\"]\nstart_command = [\"true\"]\n\
+             [volume]\nbackend = \"btrfs\"\nmountpoint = \"{r}/vol\"\ndatadir = \"{r}/vol/mysql\"\n\
+             [store]\nurl = \"file://{r}/store\"\n\
+             [backup]\nname = \"db1\"\nstate_dir = \"{r}/state\"\n",
+            r = dir.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(mysnap_tests::bin("restorer"))
+        .arg("--config")
+        .arg(&config)
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    assert_ok(&out, "restorer status --json");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("forged or misplaced"), "{stderr}");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let windows = &doc["names"][0]["recoverable"];
+    let rfc = |t: time::OffsetDateTime| common::binlog::rfc3339(t);
+    assert_eq!(
+        windows,
+        &serde_json::json!([{
+            "server_id": 1,
+            "from": rfc(backup),
+            "to": rfc(backup + time::Duration::minutes(20)),
+        }]),
+        "{doc}"
+    );
+    let out = std::process::Command::new(mysnap_tests::bin("restorer"))
+        .arg("--config")
+        .arg(&config)
+        .arg("status")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "server 1 recoverable any time from {} to {}",
+            rfc(backup),
+            rfc(backup + time::Duration::minutes(20))
+        )),
+        "{text}"
+    );
+}

@@ -99,6 +99,45 @@ async fn backups_in(
     Ok(out)
 }
 
+/// The archived binary log segments of `name` among `keys` (a listing of
+/// its prefix): each metadata object read (at most
+/// [`common::binlog::MAX_META_BYTES`]) and parsed as untrusted; one that
+/// does not parse is skipped with a warning (its segment counts as missing).
+pub(crate) async fn segments_in(
+    store: &dyn Store,
+    name: &BackupName,
+    keys: &[String],
+) -> anyhow::Result<Vec<common::binlog::SegmentMeta>> {
+    use common::keys::SegmentPart;
+    use futures::stream::{self, StreamExt};
+    let metas: Vec<&String> = keys
+        .iter()
+        .filter(|k| matches!(keys::segment_of(name, k), Some((_, SegmentPart::Meta))))
+        .collect();
+    let read: Vec<_> = stream::iter(metas)
+        .map(|key| async move { (key, store.get(key, common::binlog::MAX_META_BYTES).await) })
+        .buffered(LIST_READS_IN_FLIGHT)
+        .collect()
+        .await;
+    let mut out = Vec::new();
+    for (key, got) in read {
+        let text = match got {
+            Ok(b) => b,
+            Err(e) if common::cli::exit_code_of(&e) == common::ExitCode::Integrity => {
+                tracing::warn!("skipping {}: {e:#}", store.url(key));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let text = String::from_utf8_lossy(&text);
+        match common::binlog::SegmentMeta::parse_stored(&text, key, &store.url(key), name) {
+            Ok(m) => out.push(m),
+            Err(e) => tracing::warn!("skipping: {e}"),
+        }
+    }
+    Ok(out)
+}
+
 /// Reads and parses the manifest of backup `id`: at most
 /// `MAX_MANIFEST_BYTES`, every field in its grammar, stored under its own key,
 /// and not from the future.
