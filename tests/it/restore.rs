@@ -13,10 +13,10 @@ use sha2::{Digest, Sha256};
 use crate::backup::{assert_ok, error_line, set, Rig, StoreKind};
 
 /// A second server to restore onto, with a config sharing the source's store.
-struct Target {
-    db: MariaDb,
-    config: PathBuf,
-    datadir: PathBuf,
+pub(crate) struct Target {
+    pub(crate) db: MariaDb,
+    pub(crate) config: PathBuf,
+    pub(crate) datadir: PathBuf,
     _vol: Option<BtrfsVolume>,
     _tmp: tempfile::TempDir,
 }
@@ -59,7 +59,7 @@ impl Target {
     }
 
     /// A fresh server (server id 2) in `tmp/srv/mysql`.
-    fn second(src: &Rig) -> Target {
+    pub(crate) fn second(src: &Rig) -> Target {
         Target::new(
             src,
             MariaOpts {
@@ -75,7 +75,7 @@ impl Target {
         self._tmp.path().join("state/restore.journal")
     }
 
-    fn restorer(&self, src: &Rig, args: &[&str]) -> Output {
+    pub(crate) fn restorer(&self, src: &Rig, args: &[&str]) -> Output {
         let mut c = Command::new(mysnap_tests::bin("restorer"));
         c.env("MYSNAP_CONFIG", &self.config)
             .args(args)

@@ -168,9 +168,8 @@ fn walk<R: Read>(
         }
         let time = le32(&header[0..4]);
         out.events += 1;
-        if time != 0 {
-            out.last_time = time;
-        }
+        // The newest, should the clock have stepped back.
+        out.last_time = out.last_time.max(time);
         let mut body_left = len - HEADER_LEN;
         if header[4] == MARIADB_GTID_EVENT && body_left >= 12 {
             let mut b = [0u8; 12];

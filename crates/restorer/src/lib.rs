@@ -17,6 +17,7 @@ pub mod drill;
 mod forged;
 pub mod journal;
 pub mod prune;
+pub mod replay;
 pub mod replica;
 mod restore;
 pub mod status;
@@ -51,7 +52,7 @@ pub async fn list(cfg: &Config) -> anyhow::Result<Vec<Manifest>> {
     list_in(store.as_ref(), &backup_name(cfg)?).await
 }
 
-fn backup_name(cfg: &Config) -> anyhow::Result<BackupName> {
+pub(crate) fn backup_name(cfg: &Config) -> anyhow::Result<BackupName> {
     BackupName::parse(&cfg.backup.name).map_err(|e| config_err(format!("backup.name: {e}")))
 }
 
@@ -66,7 +67,7 @@ async fn list_in(store: &dyn Store, name: &BackupName) -> anyhow::Result<Vec<Man
 
 /// The complete backups of `name` among `keys` (a listing of its prefix),
 /// newest first, as [`list_in`].
-async fn backups_in(
+pub(crate) async fn backups_in(
     store: &dyn Store,
     name: &BackupName,
     keys: &[String],

@@ -72,6 +72,8 @@ pub struct RestoreOpts {
     pub start_timeout: Duration,
     /// Set by SIGINT/SIGTERM ([`Interrupt::on_signals`]).
     pub interrupt: Interrupt,
+    /// `--until`: roll the backup forward with archived binary logs.
+    pub until: Option<common::binlog::Target>,
 }
 
 /// What a restore did (printed as JSON on stdout).
@@ -86,6 +88,10 @@ pub struct Report {
     pub downtime_secs: f64,
     pub total_secs: f64,
     pub replication_lag_secs: Option<u64>,
+    /// With `--until`: bytes of binary log replayed and the seconds it took.
+    pub replayed_bytes: Option<u64>,
+    pub replay_secs: Option<f64>,
+    pub replayed_transactions: Option<u64>,
 }
 
 /// The test hook: `MYSNAP_TEST_PAUSE_AT=<point>` pauses a restore at that
@@ -174,6 +180,32 @@ pub async fn restore(
     }
     let (streamed, unpack_secs) = stage(cfg, &plan, int, progress).await?;
     stop_if_interrupted(int)?;
+    // Rolled forward in the staging directory, before the live server stops.
+    let replayed = match &plan.replay {
+        None => None,
+        Some(r) => Some(
+            crate::replay::replay(
+                cfg,
+                plan.store.clone(),
+                &plan.m,
+                r,
+                &plan.staging,
+                &plan.staging.join(&plan.m.data.datadir),
+                plan.owner,
+                opts.start_timeout,
+                int,
+            )
+            .await
+            .map_err(|e| {
+                if int.is_set() {
+                    interrupted()
+                } else {
+                    e.context("restore failed while replaying binary logs; the data directory is unchanged")
+                }
+            })?,
+        ),
+    };
+    stop_if_interrupted(int)?;
     if !opts.stop_first {
         live.enter(Phase::Stop, int)?;
         stop_if_interrupted(int)?;
@@ -214,6 +246,9 @@ pub async fn restore(
         downtime_secs: downtime,
         total_secs: started.elapsed().as_secs_f64(),
         replication_lag_secs: lag,
+        replayed_bytes: replayed.as_ref().map(|r| r.bytes),
+        replay_secs: replayed.as_ref().map(|r| r.apply_secs),
+        replayed_transactions: replayed.as_ref().map(|r| r.transactions),
     })
 }
 
@@ -305,7 +340,13 @@ fn run_actions(
                 .map_err(anyhow::Error::from)
                 .and_then(|()| common::state::rename_durably(from, to)),
             Action::StartServer => run_service("mysql.start_command", &cfg.mysql.start_command),
-            Action::RemoveStaging(dir) => remove_durably(dir, true),
+            Action::RemoveStaging(dir) => {
+                // A replay's throwaway server working in it is stopped first.
+                for pid in crate::drill::processes_in(dir) {
+                    crate::drill::stop_pid(pid, None);
+                }
+                remove_durably(dir, true)
+            }
             Action::RemoveJournal => remove_durably(path, false),
         };
         r.map_err(|e| (a.clone(), e))?;
@@ -340,6 +381,8 @@ struct Plan {
     info: ArchiveInfo,
     /// Where to replicate from, and from which coordinates.
     replica: Option<(ReplicaOf, StartAt)>,
+    /// `--until`: the binary log segments to roll forward with.
+    replay: Option<crate::replay::Replay>,
     datadir: PathBuf,
     staging: PathBuf,
     /// The time in the names of the set-aside paths (`<name>.old-<stamp>`).
@@ -409,7 +452,22 @@ async fn check(
     if !opts.replica.wants_recorded_source() {
         opts.replica.resolve(None)?;
     }
-    let chosen = crate::choose(cfg, &opts.id).await?;
+    let id = match (&opts.until, opts.id.as_str()) {
+        (Some(common::binlog::Target::Time(t)), "latest") => newest_before(cfg, *t).await?,
+        _ => opts.id.clone(),
+    };
+    if opts.until.is_some() && (opts.replica.replica_of.is_some() || opts.replica.from_source) {
+        return Err(config_err(
+            "--until with --replica-of/--replica-of-source is not supported yet: restore to the point, then set up replication by hand",
+        ));
+    }
+    let chosen = crate::choose(cfg, &id).await?;
+    let replay = match &opts.until {
+        None => None,
+        Some(target) => {
+            Some(crate::replay::plan(chosen.store.as_ref(), &chosen.manifest, target).await?)
+        }
+    };
     let replica = replica_plan(opts, &chosen.manifest)?;
     let datadir = cfg.volume.datadir.clone();
     let parent = datadir_parent(&datadir)?;
@@ -427,12 +485,31 @@ async fn check(
         m: chosen.manifest,
         info: chosen.info,
         replica,
+        replay,
         datadir,
         staging,
         stamp: common::manifest::backup_id(time::OffsetDateTime::now_utc()),
         owner,
         _lock: lock,
     })
+}
+
+/// The newest complete backup of `backup.name` taken at or before `t`.
+async fn newest_before(cfg: &Config, t: time::OffsetDateTime) -> anyhow::Result<String> {
+    let store = common::store::open(&cfg.store).await?;
+    let name = crate::backup_name(cfg)?;
+    let keys = store.list(&common::keys::backups_of(&name)).await?;
+    let backups = crate::backups_in(store.as_ref(), &name, &keys).await?;
+    backups
+        .iter()
+        .find(|m| m.backup_id.time() <= t)
+        .map(|m| m.backup_id.to_string())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no complete backup of {name} was taken before --until {}: nothing to roll forward from",
+                common::binlog::rfc3339(t)
+            )
+        })
 }
 
 /// Where and from which coordinates to replicate, if asked to; the source
@@ -579,6 +656,11 @@ impl Staging {
                 "removing {} left by an earlier restore that did not finish",
                 path.display()
             );
+            // A replay's throwaway server (restore killed mid-replay) first.
+            for pid in crate::drill::processes_in(path) {
+                tracing::warn!("stopping process {pid}, a replay server left by that restore");
+                crate::drill::stop_pid(pid, None);
+            }
             std::fs::remove_dir_all(path)
                 .with_context(|| format!("cannot remove {}", path.display()))?;
         }
