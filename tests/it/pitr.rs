@@ -420,6 +420,7 @@ fn a_restore_until_a_time_replays_to_exactly_that_point_and_a_gap_is_refused() {
         "CREATE DATABASE app",
         "CREATE TABLE app.t (id INT PRIMARY KEY, v VARCHAR(20))",
         "INSERT INTO app.t VALUES (1, 'one'), (2, 'two'), (3, 'three')",
+        "CREATE TABLE app.bulk (id INT PRIMARY KEY, v VARCHAR(100))",
     ];
     for s in before {
         rig.db.sql(s);
@@ -437,6 +438,11 @@ fn a_restore_until_a_time_replays_to_exactly_that_point_and_a_gap_is_refused() {
         ),
         (base + 2, "INSERT INTO app.t VALUES (5, 'five', 8)"),
         (base + 3, "UPDATE app.t SET c = 9 WHERE id = 1"),
+        // Replay's throughput: 200,000 rows as row events.
+        (
+            base + 3,
+            "SET SESSION binlog_format = ROW; USE app; INSERT INTO bulk SELECT seq, REPEAT('x', 100) FROM seq_1_to_200000",
+        ),
     ];
     for (at, s) in after {
         sql_at(&rig.db, at, s);
@@ -464,9 +470,12 @@ fn a_restore_until_a_time_replays_to_exactly_that_point_and_a_gap_is_refused() {
         report["replay_secs"].as_f64().unwrap(),
     );
     eprintln!(
-        "replay: {bytes} bytes of binary log in {secs:.2}s ({:.2} MiB/s; the throwaway server's start included: no)",
-        bytes as f64 / secs.max(1e-3) / (1 << 20) as f64
+        "replay: {:.1} MiB of binary log (200,000 rows as row events) in {secs:.2}s: {:.1} MiB/s, {:.0} rows/s",
+        bytes as f64 / (1 << 20) as f64,
+        bytes as f64 / secs.max(1e-3) / (1 << 20) as f64,
+        200_000.0 / secs.max(1e-3)
     );
+    assert!(bytes > 10 << 20, "{bytes} bytes replayed");
 
     // A gap: two binary logs purged before they were shipped.
     for i in 10..12 {
@@ -507,4 +516,171 @@ fn a_restore_until_a_time_replays_to_exactly_that_point_and_a_gap_is_refused() {
             .sql("SELECT GROUP_CONCAT(id ORDER BY id) FROM app.t"),
         "1,2,3,4,5"
     );
+}
+
+/// Processes whose working directory is under `dir`.
+fn processes_under(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let cwd = std::fs::read_link(e.path().join("cwd")).ok()?;
+            cwd.starts_with(dir)
+                .then(|| e.file_name().to_string_lossy().into_owned())
+        })
+        .collect()
+}
+
+/// A restore killed (kill -9) while its throwaway server runs on the staged
+/// data: the live server never stopped and its data is untouched; `restorer
+/// recover` stops the leftover server and removes the staging; the same
+/// restore then succeeds.
+#[test]
+fn a_restore_killed_mid_replay_leaves_the_live_server_untouched_and_reruns() {
+    if !gate("a_restore_killed_mid_replay_leaves_the_live_server_untouched_and_reruns") {
+        return;
+    }
+    let rig = Rig::new(StoreKind::File);
+    rig.db.sql(
+        "CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY); INSERT INTO app.t VALUES (1)",
+    );
+    rig.backup();
+    rig.db.sql("INSERT INTO app.t VALUES (2), (3)");
+    assert_ok(&ship_once(&rig), "archiver binlogs --once");
+    let target = crate::restore::Target::second(&rig);
+    let mut cmd = std::process::Command::new(mysnap_tests::bin("restorer"));
+    cmd.env("MYSNAP_CONFIG", &target.config)
+        .env("MYSNAP_TEST_PAUSE_AT", "replay")
+        .args(["restore", "--until", "latest"])
+        .stdout(Stdio::null());
+    let (mut child, _) = spawn_until_line(&mut cmd, "paused at replay", Duration::from_secs(120));
+    mysnap_tests::send_signal(&child, nix::sys::signal::Signal::SIGKILL);
+    child.wait().unwrap();
+    let parent = target.datadir.parent().unwrap().to_path_buf();
+    assert!(
+        !processes_under(&parent).is_empty(),
+        "the throwaway server outlives the kill (what recovery must stop)"
+    );
+    // The live server still serves its old data.
+    assert_eq!(target.db.sql("SELECT v FROM target.marker"), "old data");
+    assert_ok(&target.restorer(&rig, &["recover"]), "restorer recover");
+    target.assert_untouched("after a restore killed mid-replay and recovered");
+    let left: Vec<String> = processes_under(&parent)
+        .into_iter()
+        .filter(|p| {
+            // The live server itself works in its data directory.
+            std::fs::read_link(format!("/proc/{p}/cwd"))
+                .map(|c| !c.starts_with(&target.datadir))
+                .unwrap_or(false)
+        })
+        .collect();
+    assert!(left.is_empty(), "processes left in the staging: {left:?}");
+    let out = target.restorer(&rig, &["restore", "--until", "latest"]);
+    assert_ok(&out, "restorer restore --until latest, again");
+    assert_eq!(
+        target
+            .db
+            .sql("SELECT GROUP_CONCAT(id ORDER BY id) FROM app.t"),
+        "1,2,3"
+    );
+}
+
+/// After a failover the new primary (another server_id, with
+/// log_slave_updates: its binary logs hold the old primary's transactions)
+/// ships under its own server_id: nothing of the old primary's archive is
+/// replaced, though the file names are the same.
+#[test]
+fn a_new_primary_after_failover_never_overwrites_the_old_primarys_archive() {
+    if !gate("a_new_primary_after_failover_never_overwrites_the_old_primarys_archive") {
+        return;
+    }
+    let rig = Rig::with(
+        StoreKind::S3,
+        mysnap_tests::MariaOpts {
+            port: Some(mysnap_tests::free_port()),
+            ..Default::default()
+        },
+    );
+    rig.db.sql(
+        "CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY); INSERT INTO app.t VALUES (1), (2); \
+         CREATE USER repl@'127.0.0.1' IDENTIFIED BY 'r'; GRANT REPLICATION SLAVE ON *.* TO repl@'127.0.0.1'",
+    );
+    let old = shipped_keys(&ship_once(&rig));
+    let before: BTreeMap<String, Vec<u8>> = old.iter().map(|k| (k.clone(), rig.fetch(k))).collect();
+
+    // A replica with log_slave_updates and gtid_strict_mode, caught up.
+    let replica_dir = rig.tmp.path().join("replica");
+    let replica = mysnap_tests::MariaDb::start(
+        &replica_dir.join("mysql"),
+        mysnap_tests::MariaOpts {
+            server_id: 2,
+            port: Some(mysnap_tests::free_port()),
+            extra: vec!["--log-slave-updates".into(), "--gtid-strict-mode=ON".into()],
+            ..Default::default()
+        },
+    );
+    replica.sql(&format!(
+        "CHANGE MASTER TO master_host = '127.0.0.1', master_port = {}, \
+         master_user = 'repl', master_password = 'r', master_use_gtid = slave_pos; START SLAVE",
+        rig.db.port.unwrap()
+    ));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while replica
+        .try_sql("SELECT COUNT(*) FROM app.t")
+        .ok()
+        .as_deref()
+        != Some("2")
+    {
+        assert!(Instant::now() < deadline, "the replica did not catch up");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Failover: the replica is promoted and written to.
+    replica.sql("STOP SLAVE; RESET SLAVE ALL; INSERT INTO app.t VALUES (3)");
+    assert_eq!(
+        replica.sql("SELECT @@log_slave_updates, @@gtid_strict_mode"),
+        "1\t1"
+    );
+    let config = rig.tmp.path().join("replica.toml");
+    let text = std::fs::read_to_string(&rig.config).unwrap().replace(
+        &rig.db.socket.display().to_string(),
+        &replica.socket.display().to_string(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = rig
+        .cmd("archiver")
+        .env("MYSNAP_CONFIG", &config)
+        .args(["binlogs", "--once"])
+        .output()
+        .unwrap();
+    let new = shipped_keys(&out);
+    assert!(!new.is_empty());
+    assert!(
+        new.iter().all(|k| k.starts_with("db1/binlogs/2/")),
+        "{new:?}"
+    );
+    assert!(
+        old.iter().all(|k| k.starts_with("db1/binlogs/1/")),
+        "{old:?}"
+    );
+    // The same file names on both servers, apart in the store; nothing replaced.
+    let (metas, _) = segments(&rig);
+    let names = |sid: u64| -> Vec<String> {
+        metas
+            .values()
+            .filter(|m| m.server_id == sid)
+            .map(|m| m.file.to_string())
+            .collect()
+    };
+    assert!(names(2).iter().any(|f| names(1).contains(f)), "{metas:?}");
+    for (k, v) in &before {
+        assert_eq!(&rig.fetch(k), v, "{k} replaced");
+    }
+    // The new primary's archive holds the old primary's transactions too
+    // (log_slave_updates) and its own, in GTID order.
+    let transactions: u64 = metas
+        .values()
+        .filter(|m| m.server_id == 2)
+        .map(|m| m.transactions)
+        .sum();
+    assert!(transactions >= 3, "{metas:?}");
 }

@@ -87,7 +87,7 @@ impl Target {
     }
 
     /// The live data directory is the old one, untouched, and the server still serves it.
-    fn assert_untouched(&self, what: &str) {
+    pub(crate) fn assert_untouched(&self, what: &str) {
         assert_eq!(
             self.db.sql("SELECT v FROM target.marker"),
             "old data",
@@ -137,6 +137,7 @@ fn restore_under_load(lock_method: &str) {
             server_id: 1,
             port: Some(src_port),
             log_bin: true,
+            extra: Vec::new(),
         },
     );
     // Both host forms: MariaDB's anonymous ''@localhost would otherwise shadow repl@'%'.
@@ -188,6 +189,7 @@ fn restore_under_load(lock_method: &str) {
             server_id: 2,
             port: Some(free_port()),
             log_bin: true,
+            extra: Vec::new(),
         },
         None,
     );
@@ -264,6 +266,7 @@ fn a_backup_of_a_replica_seeds_a_sibling_replica_of_its_source_by_gtid() {
             server_id: 1,
             port: Some(src_port),
             log_bin: true,
+            extra: Vec::new(),
         },
     );
     src.db.sql(
@@ -278,6 +281,7 @@ fn a_backup_of_a_replica_seeds_a_sibling_replica_of_its_source_by_gtid() {
             server_id: 2,
             port: Some(free_port()),
             log_bin: true,
+            extra: Vec::new(),
         },
     );
     replica.db.sql(&format!(
@@ -320,6 +324,7 @@ fn a_backup_of_a_replica_seeds_a_sibling_replica_of_its_source_by_gtid() {
             server_id: 3,
             port: Some(free_port()),
             log_bin: true,
+            extra: Vec::new(),
         },
         None,
     );

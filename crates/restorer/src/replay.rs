@@ -34,6 +34,13 @@ use crate::drill::{Scratch, Server};
 /// The directory inside the staging directory the replay works in.
 pub const REPLAY_DIR: &str = ".mysnap-replay";
 
+/// Both ends of the replay take statements up to the server's largest.
+const MAX_PACKET: &str = "--max-allowed-packet=1073741824";
+
+/// The test hook's point: the throwaway server runs on the staged data,
+/// nothing replayed yet.
+pub const PAUSE_REPLAY: &str = "replay";
+
 /// What a restore replays.
 #[derive(Debug, Clone)]
 pub struct Replay {
@@ -135,9 +142,12 @@ pub async fn replay(
             .then(|| owner.map_or("root".to_string(), |(uid, _)| uid.to_string())),
         timeout,
     };
-    scratch.start(&server, datadir, &[])?;
+    // Row events of a large transaction come as one statement each.
+    scratch.start(&server, datadir, &[MAX_PACKET.to_string()])?;
     let conn = scratch.wait_ready(timeout, int).await?;
     let _ = conn.disconnect().await;
+    crate::restore::pause_at(PAUSE_REPLAY, Some(int));
+    crate::restore::stop_if_interrupted(int)?;
 
     let t = Instant::now();
     let mut argv: Vec<String> = vec![
@@ -162,6 +172,7 @@ pub async fn replay(
         format!("--socket={}", scratch.socket().display()),
         "--user=root".into(),
         "--binary-mode".into(),
+        MAX_PACKET.into(),
     ];
     let flag = int.clone();
     tokio::task::spawn_blocking(move || pipe(&argv, &client, &flag)).await??;
@@ -217,6 +228,27 @@ fn pipe(decoder: &[String], client: &[String], int: &Interrupt) -> anyhow::Resul
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run {}", client[0]))?;
+    // Both stderrs drained as they come (a full pipe would block the
+    // program writing to it); the last 4 KiB of each kept for the error.
+    let drain = |e: Option<std::process::ChildStderr>| {
+        std::thread::spawn(move || {
+            let mut tail: Vec<u8> = Vec::new();
+            if let Some(mut e) = e {
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = std::io::Read::read(&mut e, &mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    tail.extend_from_slice(&buf[..n]);
+                    if tail.len() > 8192 {
+                        tail.drain(..tail.len() - 4096);
+                    }
+                }
+            }
+            common::drill::text(String::from_utf8_lossy(&tail).trim()).to_string()
+        })
+    };
+    let (dec_err, cli_err) = (drain(dec.stderr.take()), drain(cli.stderr.take()));
     let (mut dec_done, mut cli_done) = (None, None);
     while dec_done.is_none() || cli_done.is_none() {
         if int.is_set() {
@@ -231,29 +263,28 @@ fn pipe(decoder: &[String], client: &[String], int: &Interrupt) -> anyhow::Resul
         }
         if cli_done.is_none() {
             cli_done = cli.try_wait()?;
+            // The client gone: the decoder would block on a pipe no one reads.
+            if cli_done.is_some() && dec_done.is_none() {
+                let _ = dec.kill();
+            }
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let stderr = |c: &mut std::process::Child| {
-        let mut s = String::new();
-        if let Some(mut e) = c.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut s);
-        }
-        common::drill::text(s.trim()).to_string()
-    };
+    let dec_text = dec_err.join().unwrap_or_default();
+    let cli_text = cli_err.join().unwrap_or_default();
     let (dec_status, cli_status) = (dec_done.expect("done"), cli_done.expect("done"));
     if !cli_status.success() {
         anyhow::bail!(
             "replaying the binary logs failed: {} exited with {cli_status}: {}; the live server and its data were not touched",
             client[0],
-            stderr(&mut cli)
+            cli_text
         );
     }
     if !dec_status.success() {
         anyhow::bail!(
             "replaying the binary logs failed: {} exited with {dec_status}: {}; the live server and its data were not touched",
             decoder[0],
-            stderr(&mut dec)
+            dec_text
         );
     }
     Ok(())
