@@ -416,6 +416,9 @@ pub fn chain(
     }
 }
 
+/// The first and last file name of a gap.
+type Missing = (String, String);
+
 /// The unbroken run of segments from the backup's file on, and the missing
 /// range after it when a later segment of the server exists (a gap).
 fn reach(
@@ -423,7 +426,7 @@ fn reach(
     server_id: u64,
     file: &BinlogFile,
     backup_time: time::OffsetDateTime,
-) -> Result<(Vec<SegmentMeta>, Option<(String, String)>), ChainError> {
+) -> Result<(Vec<SegmentMeta>, Option<Missing>), ChainError> {
     let mine: Vec<&SegmentMeta> = segments
         .iter()
         .filter(|s| s.server_id == server_id)
