@@ -684,3 +684,115 @@ fn a_new_primary_after_failover_never_overwrites_the_old_primarys_archive() {
         .sum();
     assert!(transactions >= 3, "{metas:?}");
 }
+
+/// Plants a complete segment of server 1 in the directory store `store`:
+/// `file` created `created` minutes after `t0`, its last event `last` minutes after.
+fn plant_segment_at(
+    store: &std::path::Path,
+    t0: time::OffsetDateTime,
+    file: &str,
+    created: i64,
+    last: i64,
+) -> SegmentMeta {
+    let n = name();
+    let at = |min: i64| common::ids::BackupId::from_time(t0 + time::Duration::minutes(min));
+    let meta = SegmentMeta {
+        format_version: common::binlog::FORMAT_VERSION,
+        name: n.clone(),
+        server_id: 1,
+        file: common::ids::BinlogFile::parse(file).unwrap(),
+        created: at(created),
+        size: 100,
+        stored_size: 50,
+        sha256: common::ids::Sha256Hex::parse(&"ab".repeat(32)).unwrap(),
+        compression: common::config::Compression::Zstd,
+        first_gtid: None,
+        last_gtid: None,
+        transactions: 1,
+        first_event: at(created),
+        last_event: at(last),
+    };
+    let seg = meta.segment();
+    for (key, body) in [
+        (seg.data_key(&n), b"zstd".to_vec()),
+        (seg.meta_key(&n), meta.to_toml().into_bytes()),
+    ] {
+        let path = store.join(key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, body).unwrap();
+    }
+    meta
+}
+
+/// A planted backup of `db1` `ago` before now whose manifest records binary log `file`.
+fn plant_backup_at(store: &std::path::Path, ago: Duration, file: &str) -> time::OffsetDateTime {
+    let id = mysnap_tests::id_ago(ago);
+    let manifest = mysnap_tests::synthetic_manifest("db1", &id).replace(
+        "[server]",
+        &format!("[binlog]\nfile = \"{file}\"\nposition = 400\n\n[server]"),
+    );
+    mysnap_tests::plant(store, "db1", &id, Some(&manifest));
+    common::ids::BackupId::parse(&id).unwrap().time()
+}
+
+/// `restorer prune --apply` deletes the segments no kept backup needs (those
+/// before the oldest kept backup's binary log), metadata first, and keeps
+/// every one from that file on.
+#[test]
+fn prune_deletes_only_the_segments_before_the_oldest_kept_backup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let store = dir.join("store");
+    // Two backups, 2 h and 1 h ago, in files 2 and 4; keep_last = 1.
+    let old = plant_backup_at(&store, Duration::from_secs(7200), "binlog.000002");
+    let kept = plant_backup_at(&store, Duration::from_secs(3600), "binlog.000004");
+    let t0 = old - time::Duration::minutes(30);
+    let rel = |t: time::OffsetDateTime| (t - t0).whole_minutes();
+    let segs: Vec<SegmentMeta> = [
+        ("binlog.000001", 0, 20),
+        ("binlog.000002", 20, 50),
+        ("binlog.000003", 50, rel(kept) - 10),
+        ("binlog.000004", rel(kept) - 10, rel(kept) + 10),
+        ("binlog.000005", rel(kept) + 10, rel(kept) + 20),
+    ]
+    .iter()
+    .map(|(f, c, l)| plant_segment_at(&store, t0, f, *c, *l))
+    .collect();
+    let config = dir.join("db1.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mysql]\nstop_command = [\"true\"]\nstart_command = [\"true\"]\n\
+             [volume]\nbackend = \"btrfs\"\nmountpoint = \"{r}/vol\"\ndatadir = \"{r}/vol/mysql\"\n\
+             [store]\nurl = \"file://{r}/store\"\n\
+             [backup]\nname = \"db1\"\nstate_dir = \"{r}/state\"\n\
+             [retention]\nkeep_last = 1\n",
+            r = dir.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(mysnap_tests::bin("restorer"))
+        .arg("--config")
+        .arg(&config)
+        .args(["prune", "--apply"])
+        .output()
+        .unwrap();
+    assert_ok(&out, "restorer prune --apply");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let n = name();
+    for (i, s) in segs.iter().enumerate() {
+        let seg = s.segment();
+        let gone = i < 3;
+        for key in [seg.meta_key(&n), seg.data_key(&n)] {
+            assert_eq!(!store.join(&key).exists(), gone, "{key}: {text}");
+        }
+        assert_eq!(
+            text.contains(&format!(
+                "removed {}  a binary log segment",
+                seg.meta_key(&n)
+            )),
+            gone,
+            "{text}"
+        );
+    }
+}

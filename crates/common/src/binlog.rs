@@ -488,6 +488,45 @@ pub fn window(
     Some((backup_time, end))
 }
 
+/// The segments no kept backup needs, for `restorer prune`: of a server
+/// with a kept backup, those created before the segment of the oldest kept
+/// backup's binary log file and whose last event is before that backup.
+/// Everything else is kept: segments of a server without a kept backup,
+/// and all of a server whose oldest kept backup's file is not archived.
+/// `kept`: server_id, binary log file and time of each kept backup.
+pub fn unneeded(
+    segments: &[SegmentMeta],
+    kept: &[(u64, BinlogFile, time::OffsetDateTime)],
+) -> Vec<SegmentMeta> {
+    let mut oldest: std::collections::BTreeMap<u64, (&BinlogFile, time::OffsetDateTime)> =
+        std::collections::BTreeMap::new();
+    for (sid, file, t) in kept {
+        let e = oldest.entry(*sid).or_insert((file, *t));
+        if *t < e.1 {
+            *e = (file, *t);
+        }
+    }
+    let mut out = Vec::new();
+    for (sid, (file, t)) in oldest {
+        let Some(first) = segments
+            .iter()
+            .filter(|s| s.server_id == sid && s.file == *file && s.created.time() <= t)
+            .max_by_key(|s| s.created.clone())
+        else {
+            continue;
+        };
+        out.extend(
+            segments
+                .iter()
+                .filter(|s| {
+                    s.server_id == sid && s.created < first.created && s.last_event.time() < t
+                })
+                .cloned(),
+        );
+    }
+    out
+}
+
 /// RFC 3339, UTC, whole seconds.
 pub fn rfc3339(t: time::OffsetDateTime) -> String {
     t.to_offset(time::UtcOffset::UTC)
@@ -755,5 +794,30 @@ pub mod tests {
             window(&segs, 1, &f, minute(5)),
             Some((minute(5), minute(20)))
         );
+    }
+
+    #[test]
+    fn prune_keeps_what_the_oldest_kept_backup_needs() {
+        let segs = vec![
+            seg("binlog.000001", 0, 10),
+            seg("binlog.000002", 10, 20),
+            seg("binlog.000003", 20, 30),
+            SegmentMeta {
+                server_id: 2,
+                ..seg("binlog.000001", 0, 10)
+            },
+        ];
+        // Backups at minute 15 (in file 2) and 25 (in file 3) kept.
+        let kept = vec![
+            (1, v("binlog.000003"), minute(25)),
+            (1, v("binlog.000002"), minute(15)),
+        ];
+        let gone = unneeded(&segs, &kept);
+        assert_eq!(files(&gone), ["binlog.000001"]);
+        assert_eq!(gone[0].server_id, 1);
+        // The oldest kept backup's file not archived: everything kept.
+        assert!(unneeded(&segs, &[(1, v("binlog.000009"), minute(15))]).is_empty());
+        // No kept backup: nothing is decided.
+        assert!(unneeded(&segs, &[]).is_empty());
     }
 }

@@ -39,6 +39,9 @@ pub struct PruneReport {
     /// False when the store cannot list incomplete uploads (then a
     /// lifecycle rule must remove them).
     pub uploads_listed: bool,
+    /// Metadata keys of binary log segments no kept backup needs
+    /// ([`common::binlog::unneeded`]); deleted with `apply`, metadata first.
+    pub binlog_segments: Vec<String>,
 }
 
 /// An incomplete multipart upload prune aborts.
@@ -229,6 +232,7 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
             locked: Vec::new(),
             uploads: Vec::new(),
             uploads_listed: false,
+            binlog_segments: Vec::new(),
         });
     };
     let store = store::open(&cfg.store).await?;
@@ -236,13 +240,19 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
     let name = crate::backup_name(cfg)?;
     let listed = store.list(&keys::backups_of(&name)).await?;
     let mut complete = Vec::new();
+    let mut binlog_of = std::collections::BTreeMap::new();
     let mut unreadable = Vec::new();
     for key in &listed {
         let Some(id) = keys::manifest_id(&name, key) else {
             continue;
         };
         match crate::read_manifest(store, &name, &id).await {
-            Ok(m) if m.archive.is_some() => complete.push(id),
+            Ok(m) if m.archive.is_some() => {
+                if let Some(b) = &m.binlog {
+                    binlog_of.insert(id.clone(), (m.server.server_id, b.file.clone()));
+                }
+                complete.push(id)
+            }
             Ok(_) => unreadable.push(Unreadable {
                 id,
                 why: "a manifest without an archive (never completed)".into(),
@@ -260,6 +270,21 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
     let mut garbage = garbage(&listed, &name, now);
     let lock_days = cfg.store.object_lock().map(|(_, days)| days);
     let mut locked = hold_locked(&mut decisions, &mut garbage, &name, lock_days, now);
+    // Binary log segments older than what the oldest kept backup needs.
+    let kept: Vec<_> = decisions
+        .iter()
+        .filter(|d| d.keep())
+        .filter_map(|d| {
+            let (sid, file) = binlog_of.get(&d.id)?;
+            Some((*sid, file.clone(), d.id.time()))
+        })
+        .collect();
+    let segments = crate::segments_in(store, &name, &listed).await?;
+    let unneeded = common::binlog::unneeded(&segments, &kept);
+    let binlog_segments: Vec<String> = unneeded
+        .iter()
+        .map(|s| s.segment().meta_key(&name))
+        .collect();
     let (uploads, uploads_listed) = match store.list_uploads(&keys::backups_of(&name)).await {
         Ok(Some(pending)) => (stale_uploads(&pending, &name, now), true),
         // Credentials made for prune before it listed uploads may lack the
@@ -295,6 +320,19 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
                 d.reasons.push(REFUSED.to_string());
             }
         }
+        for s in &unneeded {
+            let seg = s.segment();
+            // Metadata first: a segment half deleted is never counted.
+            for key in [seg.meta_key(&name), seg.data_key(&name)] {
+                if !delete_one(store, &key, locking).await? {
+                    locked.push(Locked {
+                        key,
+                        why: REFUSED.into(),
+                    });
+                    break;
+                }
+            }
+        }
         for key in &garbage {
             if delete_one(store, key, locking).await? {
                 tracing::info!("deleted {} ({})", store.url(key), garbage_kind(key));
@@ -315,6 +353,7 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
         locked,
         uploads,
         uploads_listed,
+        binlog_segments,
     })
 }
 
@@ -439,6 +478,11 @@ pub fn prune_lines(r: &PruneReport) -> String {
             out += &format!("{verb} {key}  {}\n", garbage_kind(key));
         }
     }
+    for key in &r.binlog_segments {
+        if !r.locked.iter().any(|l| l.key == *key) {
+            out += &format!("{verb} {key}  a binary log segment no kept backup needs\n");
+        }
+    }
     for l in &r.locked {
         out += &format!("keep {}  {}\n", l.key, l.why);
     }
@@ -520,6 +564,7 @@ mod tests {
             locked,
             uploads: Vec::new(),
             uploads_listed: true,
+            binlog_segments: Vec::new(),
         };
         assert_eq!(
             prune_lines(&report),
