@@ -444,9 +444,11 @@ fn a_restore_until_a_time_replays_to_exactly_that_point_and_a_gap_is_refused() {
             "SET SESSION binlog_format = ROW; USE app; INSERT INTO bulk SELECT seq, REPEAT('x', 100) FROM seq_1_to_200000",
         ),
     ];
+    let mut gtids = Vec::new();
     for (at, s) in after {
         sql_at(&rig.db, at, s);
         reference.sql(s);
+        gtids.push(rig.db.sql("SELECT @@gtid_binlog_pos"));
     }
     sql_at(&rig.db, t, "DELETE FROM app.t WHERE id = 2"); // the mistake, at T
     sql_at(&rig.db, t + 5, "INSERT INTO app.t VALUES (6, 'six', 0)");
@@ -476,6 +478,23 @@ fn a_restore_until_a_time_replays_to_exactly_that_point_and_a_gap_is_refused() {
         200_000.0 / secs.max(1e-3)
     );
     assert!(bytes > 10 << 20, "{bytes} bytes replayed");
+
+    // --until-gtid: through the insert of 5, exactly: neither the UPDATE
+    // nor the bulk insert after it.
+    let out = target.restorer(&rig, &["restore", "--until-gtid", &gtids[2]]);
+    assert_ok(&out, "restorer restore --until-gtid");
+    assert_eq!(
+        target
+            .db
+            .sql("SELECT GROUP_CONCAT(CONCAT(id, ':', c) ORDER BY id) FROM app.t"),
+        "1:7,2:7,3:7,4:7,5:8"
+    );
+    assert_eq!(target.db.sql("SELECT COUNT(*) FROM app.bulk"), "0");
+    // Back to T-1s for what follows.
+    assert_ok(
+        &target.restorer(&rig, &["restore", "--until", &until]),
+        "restorer restore --until, again",
+    );
 
     // A gap: two binary logs purged before they were shipped.
     for i in 10..12 {

@@ -351,6 +351,81 @@ pub enum Target {
     Latest,
     /// Up to this UTC time (events after it are not replayed).
     Time(time::OffsetDateTime),
+    /// Up to and including this transaction (MariaDB GTID); later ones of
+    /// its domain are not replayed.
+    Gtid(Gtid),
+}
+
+impl Gtid {
+    /// `domain-server_id-seq`, each a decimal number.
+    pub fn parse(s: &str) -> Result<Gtid, String> {
+        let bad = || format!("{s:?} is not a MariaDB GTID (domain-server_id-seq, e.g. 0-1-42)");
+        let mut p = s.split('-');
+        let (d, sid, seq) = (p.next(), p.next(), p.next());
+        if p.next().is_some() {
+            return Err(bad());
+        }
+        fn number<T: std::str::FromStr>(x: Option<&str>) -> Option<T> {
+            x.filter(|x| !x.is_empty() && x.len() <= 20 && x.bytes().all(|b| b.is_ascii_digit()))?
+                .parse()
+                .ok()
+        }
+        Ok(Gtid {
+            domain: number(d).ok_or_else(bad)?,
+            server_id: number(sid).ok_or_else(bad)?,
+            seq: number(seq).ok_or_else(bad)?,
+        })
+    }
+}
+
+/// The offset of the first GTID event of `domain` with a sequence number
+/// past `seq` in the first `size` bytes of a binary log: where a replay up
+/// to and including `seq` stops (`mariadb-binlog --stop-position`, which
+/// applies to the last file); `None` when the file has none.
+pub fn stop_after<R: Read>(
+    mut r: R,
+    size: u64,
+    domain: u32,
+    seq: u64,
+) -> Result<Option<u64>, ScanError> {
+    let mut head = [0u8; 4 + HEADER_LEN as usize];
+    if size < head.len() as u64 {
+        return Err(ScanError::Magic);
+    }
+    r.read_exact(&mut head)?;
+    header_of(&head)?;
+    let mut pos = 4u64;
+    let mut header = [0u8; HEADER_LEN as usize];
+    header.copy_from_slice(&head[4..]);
+    loop {
+        let len = u64::from(le32(&header[9..13]));
+        if len < HEADER_LEN || len > size - pos {
+            return Err(ScanError::BadLength {
+                pos,
+                len,
+                why: "outside the file".into(),
+            });
+        }
+        let mut body_left = len - HEADER_LEN;
+        if header[4] == MARIADB_GTID_EVENT && body_left >= 12 {
+            let mut b = [0u8; 12];
+            r.read_exact(&mut b)?;
+            body_left -= 12;
+            let s = u64::from_le_bytes(b[0..8].try_into().expect("8 bytes"));
+            if le32(&b[8..12]) == domain && s > seq {
+                return Ok(Some(pos));
+            }
+        }
+        let skipped = io::copy(&mut (&mut r).take(body_left), &mut io::sink())?;
+        if skipped != body_left {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+        }
+        pos += len;
+        if size - pos < HEADER_LEN {
+            return Ok(None);
+        }
+        r.read_exact(&mut header)?;
+    }
 }
 
 /// Why no chain of segments reaches a target.
@@ -391,10 +466,18 @@ pub fn chain(
     for s in reach {
         let last = s.last_event.time();
         out.push(s);
-        if let Target::Time(t) = target {
-            if last >= *t {
-                return Ok(out);
-            }
+        let reached = match target {
+            Target::Latest => false,
+            Target::Time(t) => last >= *t,
+            Target::Gtid(g) => out
+                .last()
+                .and_then(|s| s.last_gtid.as_ref())
+                .is_some_and(|l| {
+                    Gtid::parse(l).is_ok_and(|l| l.domain == g.domain && l.seq >= g.seq)
+                }),
+        };
+        if reached {
+            return Ok(out);
         }
     }
     let reaches = out
@@ -412,6 +495,11 @@ pub fn chain(
             server_id,
             reaches,
             target: rfc3339(*t),
+        }),
+        (None, Target::Gtid(g)) => Err(ChainError::Short {
+            server_id,
+            reaches,
+            target: g.to_string(),
         }),
     }
 }
@@ -819,5 +907,25 @@ pub mod tests {
         assert!(unneeded(&segs, &[(1, v("binlog.000009"), minute(15))]).is_empty());
         // No kept backup: nothing is decided.
         assert!(unneeded(&segs, &[]).is_empty());
+    }
+
+    #[test]
+    fn a_gtid_target_stops_right_before_the_next_transaction_of_its_domain() {
+        assert_eq!(Gtid::parse("0-7-42").unwrap().to_string(), "0-7-42");
+        for bad in ["", "0-7", "0-7-42-1", "0-x-1", "0--1", "0-7-1; DROP"] {
+            assert!(Gtid::parse(bad).is_err(), "{bad}");
+        }
+        let f = sample(1_795_000_000);
+        let size = f.len() as u64;
+        // Through 41: stop at the GTID event of 42, the fourth event.
+        let at = stop_after(&f[..], size, 0, 41).unwrap().unwrap();
+        assert_eq!(&f[at as usize + 4], &MARIADB_GTID_EVENT);
+        assert!(at > 4 && at < size);
+        assert_eq!(stop_after(&f[..], size, 0, 42).unwrap(), None);
+        assert_eq!(stop_after(&f[..], size, 1, 0).unwrap(), None);
+        assert_eq!(
+            stop_after(&f[..], size, 0, 0).unwrap().map(|p| p < at),
+            Some(true)
+        );
     }
 }

@@ -75,6 +75,9 @@ enum Cmd {
         /// taken before it
         #[arg(long, value_name = "TIME|latest")]
         until: Option<String>,
+        /// Roll the backup forward up to and including this MariaDB GTID (domain-server_id-seq)
+        #[arg(long, value_name = "GTID", conflicts_with = "until")]
+        until_gtid: Option<String>,
     },
     /// Apply the [retention] policy: print keep/remove per backup; delete only with --apply
     Prune {
@@ -160,8 +163,15 @@ fn main() -> std::process::ExitCode {
                 ignore_version,
                 start_timeout,
                 until,
+                until_gtid,
             } => {
-                let until = until.as_deref().map(parse_until).transpose()?;
+                let until = match until_gtid {
+                    Some(g) => Some(common::binlog::Target::Gtid(
+                        common::binlog::Gtid::parse(&g)
+                            .map_err(|e| common::error::config_err(format!("--until-gtid: {e}")))?,
+                    )),
+                    None => until.as_deref().map(parse_until).transpose()?,
+                };
                 let replica = ReplicaFlags {
                     replica_of,
                     from_source: replica_of_source,

@@ -75,6 +75,20 @@ pub async fn plan(store: &dyn Store, m: &Manifest, target: &Target) -> anyhow::R
             m.backup_id
         );
     }
+    if let Target::Gtid(g) = target {
+        let in_backup = m.gtid.as_ref().is_some_and(|set| {
+            set.split(',').any(|x| {
+                common::binlog::Gtid::parse(x.trim())
+                    .is_ok_and(|b| b.domain == g.domain && b.seq >= g.seq)
+            })
+        });
+        anyhow::ensure!(
+            !in_backup,
+            "--until-gtid {g} is in backup {} already (its GTID position is {}): choose an older backup",
+            m.backup_id,
+            m.gtid.as_deref().unwrap_or_default()
+        );
+    }
     let keys = store.list(&common::keys::binlogs_of(&m.name)).await?;
     let segments = crate::segments_in(store, &m.name, &keys).await?;
     let chain = common::binlog::chain(
@@ -164,6 +178,19 @@ pub async fn replay(
                 "[year]-[month]-[day] [hour]:[minute]:[second]"
             ))?
         ));
+    }
+    if let (Target::Gtid(g), Some(last)) = (&r.target, files.last()) {
+        // Exactly through the target: stop at the next transaction of its domain.
+        let (path, domain, seq) = (last.clone(), g.domain, g.seq);
+        let stop = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<u64>> {
+            let size = std::fs::metadata(&path)?.len();
+            let f = std::io::BufReader::new(std::fs::File::open(&path)?);
+            Ok(common::binlog::stop_after(f, size, domain, seq)?)
+        })
+        .await??;
+        if let Some(pos) = stop {
+            argv.push(format!("--stop-position={pos}"));
+        }
     }
     argv.extend(files.iter().map(|f| f.display().to_string()));
     let client: Vec<String> = vec![

@@ -453,7 +453,10 @@ async fn check(
         opts.replica.resolve(None)?;
     }
     let id = match (&opts.until, opts.id.as_str()) {
-        (Some(common::binlog::Target::Time(t)), "latest") => newest_before(cfg, *t).await?,
+        (Some(target @ common::binlog::Target::Time(_)), "latest")
+        | (Some(target @ common::binlog::Target::Gtid(_)), "latest") => {
+            newest_before(cfg, target).await?
+        }
         _ => opts.id.clone(),
     };
     if opts.until.is_some() && (opts.replica.replica_of.is_some() || opts.replica.from_source) {
@@ -494,20 +497,35 @@ async fn check(
     })
 }
 
-/// The newest complete backup of `backup.name` taken at or before `t`.
-async fn newest_before(cfg: &Config, t: time::OffsetDateTime) -> anyhow::Result<String> {
+/// The newest complete backup of `backup.name` before `target`: taken at
+/// or before its time, or whose GTID position is before its GTID.
+async fn newest_before(cfg: &Config, target: &common::binlog::Target) -> anyhow::Result<String> {
+    use common::binlog::{Gtid, Target};
     let store = common::store::open(&cfg.store).await?;
     let name = crate::backup_name(cfg)?;
     let keys = store.list(&common::keys::backups_of(&name)).await?;
     let backups = crate::backups_in(store.as_ref(), &name, &keys).await?;
+    let before = |m: &Manifest| match target {
+        Target::Time(t) => m.backup_id.time() <= *t,
+        Target::Gtid(g) => !m.gtid.as_ref().is_some_and(|set| {
+            set.split(',').any(|x| {
+                Gtid::parse(x.trim()).is_ok_and(|b| b.domain == g.domain && b.seq >= g.seq)
+            })
+        }),
+        Target::Latest => true,
+    };
     backups
         .iter()
-        .find(|m| m.backup_id.time() <= t)
+        .find(|m| before(m))
         .map(|m| m.backup_id.to_string())
         .ok_or_else(|| {
+            let what = match target {
+                Target::Time(t) => format!("--until {}", common::binlog::rfc3339(*t)),
+                Target::Gtid(g) => format!("--until-gtid {g}"),
+                Target::Latest => "--until latest".into(),
+            };
             anyhow::anyhow!(
-                "no complete backup of {name} was taken before --until {}: nothing to roll forward from",
-                common::binlog::rfc3339(t)
+                "no complete backup of {name} was taken before {what}: nothing to roll forward from"
             )
         })
 }
