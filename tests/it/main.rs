@@ -7,6 +7,7 @@ mod drill;
 mod faults;
 mod metrics;
 mod options;
+mod pitr;
 mod prune;
 mod restore;
 mod smoke;

@@ -16,7 +16,7 @@ use crate::backup::{assert_ok, error_line, set, Rig, StoreKind};
 pub(crate) struct Target {
     pub(crate) db: MariaDb,
     pub(crate) config: PathBuf,
-    datadir: PathBuf,
+    pub(crate) datadir: PathBuf,
     _vol: Option<BtrfsVolume>,
     _tmp: tempfile::TempDir,
 }
@@ -79,6 +79,7 @@ impl Target {
                 server_id,
                 port: Some(free_port()),
                 log_bin: true,
+                extra: Vec::new(),
             },
             None,
         )
@@ -159,6 +160,7 @@ fn replication_source(kind: StoreKind) -> (Rig, u16) {
             server_id: 1,
             port: Some(port),
             log_bin: true,
+            extra: Vec::new(),
         },
     );
     // Both host forms: MariaDB's anonymous ''@localhost would otherwise shadow repl@'%'.
@@ -287,6 +289,7 @@ fn a_backup_of_a_replica_seeds_a_sibling_replica_of_its_source_by_gtid() {
             server_id: 2,
             port: Some(free_port()),
             log_bin: true,
+            extra: Vec::new(),
         },
     );
     replica.db.sql(&format!(

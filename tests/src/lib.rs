@@ -157,6 +157,8 @@ pub struct MariaOpts {
     pub port: Option<u16>,
     /// `--log-bin=<datadir>/binlog`.
     pub log_bin: bool,
+    /// More server options (`--name=value`), after the others.
+    pub extra: Vec<String>,
 }
 
 impl Default for MariaOpts {
@@ -165,6 +167,7 @@ impl Default for MariaOpts {
             server_id: 1,
             port: None,
             log_bin: true,
+            extra: Vec::new(),
         }
     }
 }
@@ -228,6 +231,7 @@ impl MariaDb {
         }
         args.push("--innodb-buffer-pool-size=128M".into());
         args.push("--innodb-log-file-size=64M".into());
+        args.extend(opts.extra.iter().cloned());
         let mut cmd = Command::new("mariadbd");
         cmd.args(&args)
             .stdin(Stdio::null())

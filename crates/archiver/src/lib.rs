@@ -6,6 +6,8 @@
 //! archive is complete and the snapshot proved whole. The snapshot and the
 //! local state are removed in every outcome.
 
+pub mod binlogs;
+
 use std::path::Path;
 use std::time::Instant;
 

@@ -3,20 +3,35 @@
 use std::io::BufRead;
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use common::cli::{exit_with, runtime, GlobalArgs};
 use common::metrics::{self, Job, Started};
 
 /// Archives the snapshot a manifest names (tar, compress, SHA-256) straight
 /// into the store, stores the manifest last, and removes the snapshot.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(flatten)]
     global: GlobalArgs,
     /// The manifest snapshotter printed [default: one line on stdin]
     #[arg(long, value_name = "PATH")]
     manifest: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Ships the server's binary logs to the store, for point-in-time
+    /// recovery: every binlog.rotate_interval the open binary log is closed
+    /// (when it holds a transaction) and every closed one not yet stored is
+    /// shipped. Runs until SIGINT/SIGTERM; resumes from what is stored.
+    Binlogs {
+        /// One cycle (close, ship what is closed), then exit: for cron and tests
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -24,6 +39,17 @@ fn main() -> std::process::ExitCode {
     cli.global.init_logging();
     exit_with(runtime().block_on(async {
         let cfg = cli.global.load_config()?;
+        if let Some(Command::Binlogs { once }) = cli.command {
+            let cancel = common::signal::Interrupt::default();
+            cancel.on_signals("stopping after the segment being shipped")?;
+            let cycle = archiver::binlogs::run(&cfg, once, &cancel).await?;
+            if once {
+                for m in &cycle.shipped {
+                    println!("{}", m.segment().meta_key(&m.name));
+                }
+            }
+            return Ok(());
+        }
         let manifest = match cli.manifest {
             Some(p) => p,
             None => {

@@ -35,6 +35,31 @@ pub struct Config {
     pub encryption: EncryptionConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    #[serde(default)]
+    pub binlog: BinlogConfig,
+}
+
+/// `[binlog]`: how `archiver binlogs` ships binary logs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BinlogConfig {
+    /// How often the open binary log is closed (`FLUSH BINARY LOGS`, only
+    /// when it holds a transaction) and the closed ones shipped: the bound
+    /// on what a restore to the latest point loses, plus the upload's time.
+    #[serde(with = "humantime_serde", default = "default_rotate_interval")]
+    pub rotate_interval: Duration,
+}
+
+impl Default for BinlogConfig {
+    fn default() -> Self {
+        BinlogConfig {
+            rotate_interval: default_rotate_interval(),
+        }
+    }
+}
+
+fn default_rotate_interval() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// `[encryption]`: client-side encryption of archives (`common::crypt`).
@@ -968,6 +993,12 @@ impl Config {
                     p.display()
                 ));
             }
+        }
+        if self.binlog.rotate_interval < Duration::from_secs(1) {
+            return Err(format!(
+                "binlog.rotate_interval must be at least 1s, got {:?}",
+                self.binlog.rotate_interval
+            ));
         }
         if self.mysql.lock_timeout < Duration::from_millis(100) {
             return Err("mysql.lock_timeout must be at least 100ms".into());

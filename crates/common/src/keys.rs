@@ -7,10 +7,18 @@
 //! <backup.name>/<backup id>/manifest.toml.mac                        its HMAC, before the manifest ([auth])
 //! <backup.name>/<backup id>/manifest.toml                            written last: the backup exists
 //! <backup.name>/<backup id>/drill-<time>.toml                        a restore drill's result (`restorer drill`)
+//! <backup.name>/binlogs/<server_id>/<file>-<created>/binlog.zst       a binary log, zstd (`archiver binlogs`), written first
+//! <backup.name>/binlogs/<server_id>/<file>-<created>/meta.toml        its metadata, written last: the segment exists
 //! ```
+//!
+//! A binary log segment is keyed by the server's `server_id`, the file's
+//! name and its creation time (from its Format_description event, UTC
+//! seconds as a backup id): names repeat across servers, and a restored
+//! server continues the old numbering, but never with the same creation
+//! time, so no archive overwrites another's.
 
 use crate::config::Compression;
-use crate::ids::{BackupId, BackupName};
+use crate::ids::{BackupId, BackupName, BinlogFile};
 
 /// The manifest's file name, in the store and in the state directory.
 pub const MANIFEST_FILE: &str = "manifest.toml";
@@ -159,6 +167,94 @@ pub fn archive_of(name: &BackupName, key: &str) -> Option<(BackupId, Compression
     }
 }
 
+/// The component under `<backup.name>/` that holds binary logs; never a
+/// backup id, so listings of backups skip it.
+pub const BINLOGS_DIR: &str = "binlogs";
+/// The stored binary log's file name in its segment (always zstd).
+pub const BINLOG_DATA_FILE: &str = "binlog.zst";
+/// The segment's metadata file name.
+pub const BINLOG_META_FILE: &str = "meta.toml";
+
+/// The prefix of every archived binary log of `name`.
+pub fn binlogs_of(name: &BackupName) -> String {
+    format!("{name}/{BINLOGS_DIR}/")
+}
+
+/// The prefix of the archived binary logs of server `server_id`.
+pub fn binlogs_of_server(name: &BackupName, server_id: u64) -> String {
+    format!("{name}/{BINLOGS_DIR}/{server_id}/")
+}
+
+/// One segment: a binary log file of a server, created at `created`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SegmentId {
+    pub server_id: u64,
+    pub file: BinlogFile,
+    pub created: BackupId,
+}
+
+/// Which object of a segment a key names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegmentPart {
+    Data,
+    Meta,
+}
+
+impl SegmentId {
+    fn dir(&self, name: &BackupName) -> String {
+        format!(
+            "{}{}-{}/",
+            binlogs_of_server(name, self.server_id),
+            self.file,
+            self.created
+        )
+    }
+    /// The stored binary log (zstd), written first.
+    pub fn data_key(&self, name: &BackupName) -> String {
+        format!("{}{BINLOG_DATA_FILE}", self.dir(name))
+    }
+    /// The segment's metadata, written last.
+    pub fn meta_key(&self, name: &BackupName) -> String {
+        format!("{}{BINLOG_META_FILE}", self.dir(name))
+    }
+}
+
+/// The segment and part a listed key of `name` names; `None` for every
+/// other key (and for names that do not parse: a file that is not a
+/// binary log name, a time that is not one).
+pub fn segment_of(name: &BackupName, key: &str) -> Option<(SegmentId, SegmentPart)> {
+    let rest = key.strip_prefix(&binlogs_of(name))?;
+    let mut parts = rest.split('/');
+    let (sid, seg, file) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || sid.is_empty() || !sid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let server_id: u64 = sid.parse().ok()?;
+    if server_id.to_string() != sid {
+        return None;
+    }
+    let part = match file {
+        BINLOG_DATA_FILE => SegmentPart::Data,
+        BINLOG_META_FILE => SegmentPart::Meta,
+        _ => return None,
+    };
+    // The creation time is the last 16 bytes, after a '-'.
+    let cut = seg.len().checked_sub(17)?;
+    if !seg.is_char_boundary(cut) || seg.as_bytes()[cut] != b'-' {
+        return None;
+    }
+    let file = BinlogFile::parse(&seg[..cut]).ok()?;
+    let created = BackupId::parse(&seg[cut + 1..]).ok()?;
+    Some((
+        SegmentId {
+            server_id,
+            file,
+            created,
+        },
+        part,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,6 +362,61 @@ mod tests {
             "db1/20261126T093000Z/drill-20261128T220500Z.toml.age",
         ] {
             assert_eq!(parse(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn binlog_segments() {
+        let n: BackupName = v("db1");
+        let seg = SegmentId {
+            server_id: 7,
+            file: v("binlog.000042"),
+            created: v("20261128T101500Z"),
+        };
+        let data = seg.data_key(&n);
+        let meta = seg.meta_key(&n);
+        assert_eq!(
+            data,
+            "db1/binlogs/7/binlog.000042-20261128T101500Z/binlog.zst"
+        );
+        assert_eq!(
+            meta,
+            "db1/binlogs/7/binlog.000042-20261128T101500Z/meta.toml"
+        );
+        assert_eq!(
+            segment_of(&n, &data),
+            Some((seg.clone(), SegmentPart::Data))
+        );
+        assert_eq!(
+            segment_of(&n, &meta),
+            Some((seg.clone(), SegmentPart::Meta))
+        );
+        // A file name with dashes of its own.
+        let dashed = SegmentId {
+            file: v("my-bin-1.000001"),
+            ..seg.clone()
+        };
+        assert_eq!(
+            segment_of(&n, &dashed.meta_key(&n)),
+            Some((dashed, SegmentPart::Meta))
+        );
+        // Not a backup's manifest, nor a drill record.
+        assert_eq!(manifest_id(&n, &meta), None);
+        assert_eq!(drill_of(&n, &meta), None);
+        for other in [
+            "db1/binlogs/7/binlog.000042-20261128T101500Z/meta.toml.bak",
+            "db1/binlogs/7/binlog.000042-20261128T101500Z/x/meta.toml",
+            "db1/binlogs/07/binlog.000042-20261128T101500Z/meta.toml",
+            "db1/binlogs/x/binlog.000042-20261128T101500Z/meta.toml",
+            "db1/binlogs/7/binlog.000042-20261128T991500Z/meta.toml",
+            "db1/binlogs/7/binlog.000042_20261128T101500Z/meta.toml",
+            "db1/binlogs/7/-20261128T101500Z/meta.toml",
+            "db1/binlogs/7/..-20261128T101500Z/meta.toml",
+            "db1/binlogs/7/20261128T101500Z/meta.toml",
+            "db1-x/binlogs/7/binlog.000042-20261128T101500Z/meta.toml",
+            "db1/binlogs/99999999999999999999999/binlog.000042-20261128T101500Z/meta.toml",
+        ] {
+            assert_eq!(segment_of(&n, other), None, "{other}");
         }
     }
 }

@@ -3,6 +3,7 @@
 //! - [`config`]: the one TOML file of the contract.
 //! - [`manifest`]: the hand-off file between snapshotter, archiver and restorer.
 //! - [`drill`]: the record of a restore drill, stored beside the manifest.
+//! - [`binlog`]: binary logs: the walk over their events, and the metadata of an archived one.
 //! - [`retention`]: which backups a `[retention]` policy keeps (pure).
 //! - [`store`]: where archives live (S3 or a directory), behind one trait.
 //! - [`archive`]: the archive format: store keys, the write and the read path.
@@ -18,6 +19,7 @@
 //! - [`metrics`]: Prometheus textfile metrics of each job run.
 
 pub mod archive;
+pub mod binlog;
 pub mod cli;
 pub mod cmd;
 pub mod codec;

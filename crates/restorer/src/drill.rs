@@ -267,14 +267,14 @@ fn recorded(e: &anyhow::Error) -> bool {
 }
 
 /// How the throwaway server is started.
-struct Server {
-    binary: PathBuf,
-    flavor: Option<Flavor>,
+pub(crate) struct Server {
+    pub(crate) binary: PathBuf,
+    pub(crate) flavor: Option<Flavor>,
     /// Owner of the unpacked files.
-    owner: Option<(u32, u32)>,
+    pub(crate) owner: Option<(u32, u32)>,
     /// `--user`, when run as root.
-    run_as: Option<String>,
-    timeout: Duration,
+    pub(crate) run_as: Option<String>,
+    pub(crate) timeout: Duration,
 }
 
 /// The stage, start and check phases, each filling its part of `rec`.
@@ -528,7 +528,7 @@ fn refuse_live(cfg: &Config, run_dir: &Path) -> anyhow::Result<()> {
 }
 
 /// `drill.server_binary`, else `mariadbd` or `mysqld` from `PATH`, then `/usr/sbin`.
-fn server_binary(cfg: &Config) -> anyhow::Result<PathBuf> {
+pub(crate) fn server_binary(cfg: &Config) -> anyhow::Result<PathBuf> {
     if let Some(p) = &cfg.drill.server_binary {
         if !is_executable(p) {
             return Err(config_err(format!(
@@ -597,7 +597,7 @@ fn warn_unreachable(scratch: &Path, uid: u32, gid: u32) {
 
 /// The drill's directory and its server: on drop, the server is stopped
 /// (SIGTERM, SIGKILL after [`SHUTDOWN_TIMEOUT`]) and the directory removed.
-struct Scratch {
+pub(crate) struct Scratch {
     dir: PathBuf,
     server: Option<Child>,
 }
@@ -605,7 +605,7 @@ struct Scratch {
 impl Scratch {
     /// Removes what a drill killed with `kill -9` left at `dir`: its server
     /// (a process working inside `dir`) first.
-    fn remove_leftover(dir: &Path) -> anyhow::Result<()> {
+    pub(crate) fn remove_leftover(dir: &Path) -> anyhow::Result<()> {
         if dir.symlink_metadata().is_err() {
             return Ok(());
         }
@@ -621,7 +621,7 @@ impl Scratch {
     }
 
     /// Creates `dir` (0700, owned by `owner`) with `data/` and `tmp/`.
-    fn create(dir: &Path, owner: Option<(u32, u32)>) -> anyhow::Result<Scratch> {
+    pub(crate) fn create(dir: &Path, owner: Option<(u32, u32)>) -> anyhow::Result<Scratch> {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
             .mode(0o700)
@@ -647,11 +647,11 @@ impl Scratch {
     }
 
     /// Where the backup is unpacked (the volume root of the copy).
-    fn data(&self) -> PathBuf {
+    pub(crate) fn data(&self) -> PathBuf {
         self.dir.join("data")
     }
 
-    fn socket(&self) -> PathBuf {
+    pub(crate) fn socket(&self) -> PathBuf {
         self.dir.join("drill.sock")
     }
 
@@ -690,7 +690,12 @@ impl Scratch {
 
     /// Starts the throwaway server in a process group of its own (a
     /// terminal's Ctrl-C reaches only the restorer, which stops it).
-    fn start(&mut self, server: &Server, datadir: &Path, extra: &[String]) -> anyhow::Result<()> {
+    pub(crate) fn start(
+        &mut self,
+        server: &Server,
+        datadir: &Path,
+        extra: &[String],
+    ) -> anyhow::Result<()> {
         use std::os::unix::process::CommandExt;
         let argv = self.argv(server, datadir, extra);
         tracing::info!("starting {}", common::cmd::display_argv(&argv));
@@ -708,7 +713,7 @@ impl Scratch {
     }
 
     /// Waits until the server answers on its socket, up to `timeout`.
-    async fn wait_ready(
+    pub(crate) async fn wait_ready(
         &mut self,
         timeout: Duration,
         int: &Interrupt,
@@ -769,7 +774,7 @@ impl Scratch {
     }
 
     /// Stops the server if it runs: SIGTERM, then SIGKILL after [`SHUTDOWN_TIMEOUT`].
-    fn stop_server(&mut self) {
+    pub(crate) fn stop_server(&mut self) {
         if let Some(mut child) = self.server.take() {
             stop_pid(child.id(), Some(&mut child));
         }
@@ -789,7 +794,7 @@ impl Drop for Scratch {
 
 /// Stops process `pid` (our `child`, or a server a killed drill left):
 /// SIGTERM, wait, SIGKILL after [`SHUTDOWN_TIMEOUT`].
-fn stop_pid(pid: u32, mut child: Option<&mut Child>) {
+pub(crate) fn stop_pid(pid: u32, mut child: Option<&mut Child>) {
     use nix::sys::signal::{kill, Signal};
     let pid_t = nix::unistd::Pid::from_raw(pid as i32);
     let gone = |child: &mut Option<&mut Child>| match child {
@@ -821,7 +826,7 @@ fn stop_pid(pid: u32, mut child: Option<&mut Child>) {
 }
 
 /// Processes whose working directory is `dir` or inside it.
-fn processes_in(dir: &Path) -> Vec<u32> {
+pub(crate) fn processes_in(dir: &Path) -> Vec<u32> {
     let Ok(dir) = dir.canonicalize() else {
         return Vec::new();
     };

@@ -18,6 +18,7 @@ mod forged;
 pub mod journal;
 pub mod keygen;
 pub mod prune;
+pub mod replay;
 pub mod replica;
 mod restore;
 pub mod status;
@@ -55,7 +56,7 @@ pub async fn list(cfg: &Config) -> anyhow::Result<Vec<Manifest>> {
     list_in(store.as_ref(), &backup_name(cfg)?, auth.as_ref()).await
 }
 
-fn backup_name(cfg: &Config) -> anyhow::Result<BackupName> {
+pub(crate) fn backup_name(cfg: &Config) -> anyhow::Result<BackupName> {
     BackupName::parse(&cfg.backup.name).map_err(|e| config_err(format!("backup.name: {e}")))
 }
 
@@ -74,7 +75,7 @@ async fn list_in(
 
 /// The complete backups of `name` among `keys` (a listing of its prefix),
 /// newest first, as [`list_in`].
-async fn backups_in(
+pub(crate) async fn backups_in(
     store: &dyn Store,
     name: &BackupName,
     keys: &[String],
@@ -105,6 +106,45 @@ async fn backups_in(
         }
     }
     out.sort_by(|a, b| b.backup_id.cmp(&a.backup_id));
+    Ok(out)
+}
+
+/// The archived binary log segments of `name` among `keys` (a listing of
+/// its prefix): each metadata object read (at most
+/// [`common::binlog::MAX_META_BYTES`]) and parsed as untrusted; one that
+/// does not parse is skipped with a warning (its segment counts as missing).
+pub(crate) async fn segments_in(
+    store: &dyn Store,
+    name: &BackupName,
+    keys: &[String],
+) -> anyhow::Result<Vec<common::binlog::SegmentMeta>> {
+    use common::keys::SegmentPart;
+    use futures::stream::{self, StreamExt};
+    let metas: Vec<&String> = keys
+        .iter()
+        .filter(|k| matches!(keys::segment_of(name, k), Some((_, SegmentPart::Meta))))
+        .collect();
+    let read: Vec<_> = stream::iter(metas)
+        .map(|key| async move { (key, store.get(key, common::binlog::MAX_META_BYTES).await) })
+        .buffered(LIST_READS_IN_FLIGHT)
+        .collect()
+        .await;
+    let mut out = Vec::new();
+    for (key, got) in read {
+        let text = match got {
+            Ok(b) => b,
+            Err(e) if common::cli::exit_code_of(&e) == common::ExitCode::Integrity => {
+                tracing::warn!("skipping {}: {e:#}", store.url(key));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let text = String::from_utf8_lossy(&text);
+        match common::binlog::SegmentMeta::parse_stored(&text, key, &store.url(key), name) {
+            Ok(m) => out.push(m),
+            Err(e) => tracing::warn!("skipping: {e}"),
+        }
+    }
     Ok(out)
 }
 

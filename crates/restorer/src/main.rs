@@ -72,6 +72,14 @@ enum Cmd {
         /// Longest wait for the server to answer after start
         #[arg(long, default_value = "5min", value_parser = humantime::parse_duration)]
         start_timeout: Duration,
+        /// Roll the backup forward with archived binary logs up to this UTC time (RFC 3339,
+        /// included), or "latest" (everything archived); with the id "latest", the newest backup
+        /// taken before it
+        #[arg(long, value_name = "TIME|latest")]
+        until: Option<String>,
+        /// Roll the backup forward up to and including this MariaDB GTID (domain-server_id-seq)
+        #[arg(long, value_name = "GTID", conflicts_with = "until")]
+        until_gtid: Option<String>,
     },
     /// Apply the [retention] policy: print keep/remove per backup; delete only with --apply
     Prune {
@@ -142,7 +150,16 @@ fn main() -> std::process::ExitCode {
                 stop_first,
                 ignore_version,
                 start_timeout,
+                until,
+                until_gtid,
             } => {
+                let until = match until_gtid {
+                    Some(g) => Some(common::binlog::Target::Gtid(
+                        common::binlog::Gtid::parse(&g)
+                            .map_err(|e| common::error::config_err(format!("--until-gtid: {e}")))?,
+                    )),
+                    None => until.as_deref().map(parse_until).transpose()?,
+                };
                 let replica = ReplicaFlags {
                     replica_of,
                     from_source: replica_of_source,
@@ -156,6 +173,7 @@ fn main() -> std::process::ExitCode {
                     ignore_version,
                     start_timeout,
                     interrupt: restorer::Interrupt::default(),
+                    until,
                 };
                 restore(&cfg, &opts, quiet).await
             }
@@ -273,4 +291,19 @@ fn keygen(identity: Option<&Path>, auth_key: Option<&Path>) -> anyhow::Result<()
         tracing::info!("wrote a new auth key to {}", p.display());
     }
     Ok(())
+}
+
+/// `--until`: "latest" or an RFC 3339 time.
+fn parse_until(s: &str) -> anyhow::Result<common::binlog::Target> {
+    use common::binlog::Target;
+    if s == "latest" {
+        return Ok(Target::Latest);
+    }
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map(|t| Target::Time(t.to_offset(time::UtcOffset::UTC)))
+        .map_err(|e| {
+            common::error::config_err(format!(
+                "--until {s:?}: {e}: give an RFC 3339 time such as 2026-11-28T10:15:00Z, or latest"
+            ))
+        })
 }

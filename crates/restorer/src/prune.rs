@@ -39,6 +39,9 @@ pub struct PruneReport {
     /// False when the store cannot list incomplete uploads (then a
     /// lifecycle rule must remove them).
     pub uploads_listed: bool,
+    /// Metadata keys of binary log segments no kept backup needs
+    /// ([`common::binlog::unneeded`]); deleted with `apply`, metadata first.
+    pub binlog_segments: Vec<String>,
 }
 
 /// An incomplete multipart upload prune aborts.
@@ -215,6 +218,7 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
             locked: Vec::new(),
             uploads: Vec::new(),
             uploads_listed: false,
+            binlog_segments: Vec::new(),
         });
     };
     // With auth.key_file, a manifest that does not verify is unreadable:
@@ -225,12 +229,31 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
     let store = store.as_ref();
     let name = crate::backup_name(cfg)?;
     let listed = store.list(&keys::backups_of(&name)).await?;
-    let (complete, unreadable) = read_manifests(store, &name, &listed, auth.as_ref()).await?;
+    let Manifests {
+        complete,
+        binlog_of,
+        unreadable,
+    } = read_manifests(store, &name, &listed, auth.as_ref()).await?;
     let now = time::OffsetDateTime::now_utc();
     let mut decisions = retention::apply(policy, &complete);
     let mut garbage = garbage(&listed, &name, now);
     let lock_days = cfg.store.object_lock().map(|(_, days)| days);
     let locked = hold_locked(&mut decisions, &mut garbage, &name, lock_days, now);
+    // Binary log segments older than what the oldest kept backup needs.
+    let kept: Vec<_> = decisions
+        .iter()
+        .filter(|d| d.keep())
+        .filter_map(|d| {
+            let (sid, file) = binlog_of.get(&d.id)?;
+            Some((*sid, file.clone(), d.id.time()))
+        })
+        .collect();
+    let segments = crate::segments_in(store, &name, &listed).await?;
+    let unneeded = common::binlog::unneeded(&segments, &kept);
+    let binlog_segments = unneeded
+        .iter()
+        .map(|s| s.segment().meta_key(&name))
+        .collect();
     let (uploads, uploads_listed) = list_stale_uploads(store, &name, now).await?;
     let mut report = PruneReport {
         policy: true,
@@ -241,26 +264,43 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
         locked,
         uploads,
         uploads_listed,
+        binlog_segments,
     };
     if apply {
-        apply_report(store, &listed, &name, lock_days.is_some(), &mut report).await?;
+        let locking = lock_days.is_some();
+        apply_report(store, &listed, &name, locking, &unneeded, &mut report).await?;
     }
     Ok(report)
 }
 
-/// The ids of the complete backups among the manifests in `listed`, and
-/// the manifests that cannot be read (never deleted).
+/// What the manifests in `listed` say.
+struct Manifests {
+    /// The ids of the complete backups.
+    complete: Vec<BackupId>,
+    /// Each complete backup's server id and binary log file.
+    binlog_of: std::collections::BTreeMap<BackupId, (u64, common::ids::BinlogFile)>,
+    /// The manifests that cannot be read (never deleted).
+    unreadable: Vec<Unreadable>,
+}
+
+/// The manifests in `listed`, read (and authenticated with `auth`).
 async fn read_manifests(
     store: &dyn Store,
     name: &common::manifest::BackupName,
     listed: &[String],
     auth: Option<&common::crypt::AuthKey>,
-) -> anyhow::Result<(Vec<BackupId>, Vec<Unreadable>)> {
+) -> anyhow::Result<Manifests> {
     let mut complete = Vec::new();
+    let mut binlog_of = std::collections::BTreeMap::new();
     let mut unreadable = Vec::new();
     for id in listed.iter().filter_map(|k| keys::manifest_id(name, k)) {
         match crate::read_manifest(store, name, &id, auth).await {
-            Ok(m) if m.archive.is_some() => complete.push(id),
+            Ok(m) if m.archive.is_some() => {
+                if let Some(b) = &m.binlog {
+                    binlog_of.insert(id.clone(), (m.server.server_id, b.file.clone()));
+                }
+                complete.push(id)
+            }
             Ok(_) => unreadable.push(Unreadable {
                 id,
                 why: "a manifest without an archive (never completed)".into(),
@@ -273,7 +313,11 @@ async fn read_manifests(
             Err(e) => return Err(e),
         }
     }
-    Ok((complete, unreadable))
+    Ok(Manifests {
+        complete,
+        binlog_of,
+        unreadable,
+    })
 }
 
 /// The incomplete uploads to abort ([`stale_uploads`]), and whether the
@@ -313,6 +357,7 @@ async fn apply_report(
     listed: &[String],
     name: &common::manifest::BackupName,
     locking: bool,
+    unneeded: &[common::binlog::SegmentMeta],
     r: &mut PruneReport,
 ) -> anyhow::Result<()> {
     for u in &r.uploads {
@@ -330,6 +375,19 @@ async fn apply_report(
     for d in r.decisions.iter_mut().filter(|d| !d.keep()) {
         if !delete(store, listed, name, &d.id, locking, &mut r.locked).await? {
             d.reasons.push(REFUSED.to_string());
+        }
+    }
+    for s in unneeded {
+        let seg = s.segment();
+        // Metadata first: a segment half deleted is never counted.
+        for key in [seg.meta_key(name), seg.data_key(name)] {
+            if !delete_one(store, &key, locking).await? {
+                r.locked.push(Locked {
+                    key,
+                    why: REFUSED.into(),
+                });
+                break;
+            }
         }
     }
     for key in &r.garbage {
@@ -469,6 +527,11 @@ pub fn prune_lines(r: &PruneReport) -> String {
             out += &format!("{verb} {key}  {}\n", garbage_kind(key));
         }
     }
+    for key in &r.binlog_segments {
+        if !r.locked.iter().any(|l| l.key == *key) {
+            out += &format!("{verb} {key}  a binary log segment no kept backup needs\n");
+        }
+    }
     for l in &r.locked {
         out += &format!("keep {}  {}\n", l.key, l.why);
     }
@@ -550,6 +613,7 @@ mod tests {
             locked,
             uploads: Vec::new(),
             uploads_listed: true,
+            binlog_segments: Vec::new(),
         };
         assert_eq!(
             prune_lines(&report),

@@ -72,6 +72,8 @@ pub struct RestoreOpts {
     pub start_timeout: Duration,
     /// Set by SIGINT/SIGTERM ([`Interrupt::on_signals`]).
     pub interrupt: Interrupt,
+    /// `--until`: roll the backup forward with archived binary logs.
+    pub until: Option<common::binlog::Target>,
 }
 
 /// What a restore did (printed as JSON on stdout).
@@ -86,6 +88,10 @@ pub struct Report {
     pub downtime_secs: f64,
     pub total_secs: f64,
     pub replication_lag_secs: Option<u64>,
+    /// With `--until`: bytes of binary log replayed and the seconds it took.
+    pub replayed_bytes: Option<u64>,
+    pub replay_secs: Option<f64>,
+    pub replayed_transactions: Option<u64>,
 }
 
 /// The test hook: `MYSNAP_TEST_PAUSE_AT=<point>` pauses a restore at that
@@ -160,6 +166,32 @@ pub async fn restore(
     }
     let (streamed, unpack_secs) = stage(cfg, &plan, int, progress).await?;
     int.stop_if_set()?;
+    // Rolled forward in the staging directory, before the live server stops.
+    let replayed = match &plan.replay {
+        None => None,
+        Some(r) => Some(
+            crate::replay::replay(
+                cfg,
+                plan.store.clone(),
+                &plan.m,
+                r,
+                &plan.staging,
+                &plan.staging.join(&plan.m.data.datadir),
+                plan.owner,
+                opts.start_timeout,
+                int,
+            )
+            .await
+            .map_err(|e| {
+                if int.is_set() {
+                    common::signal::Interrupted.into()
+                } else {
+                    e.context("restore failed while replaying binary logs; the data directory is unchanged")
+                }
+            })?,
+        ),
+    };
+    int.stop_if_set()?;
     if !opts.stop_first {
         live.enter(Phase::Stop, int)?;
         int.stop_if_set()?;
@@ -200,6 +232,9 @@ pub async fn restore(
         downtime_secs: downtime,
         total_secs: started.elapsed().as_secs_f64(),
         replication_lag_secs: lag,
+        replayed_bytes: replayed.as_ref().map(|r| r.bytes),
+        replay_secs: replayed.as_ref().map(|r| r.apply_secs),
+        replayed_transactions: replayed.as_ref().map(|r| r.transactions),
     })
 }
 
@@ -291,7 +326,13 @@ fn run_actions(
                 .map_err(anyhow::Error::from)
                 .and_then(|()| common::state::rename_durably(from, to)),
             Action::StartServer => run_service("mysql.start_command", &cfg.mysql.start_command),
-            Action::RemoveStaging(dir) => remove_durably(dir, true),
+            Action::RemoveStaging(dir) => {
+                // A replay's throwaway server working in it is stopped first.
+                for pid in crate::drill::processes_in(dir) {
+                    crate::drill::stop_pid(pid, None);
+                }
+                remove_durably(dir, true)
+            }
             Action::RemoveJournal => remove_durably(path, false),
         };
         r.map_err(|e| (a.clone(), e))?;
@@ -326,6 +367,8 @@ struct Plan {
     info: ArchiveInfo,
     /// Where to replicate from, and from which coordinates.
     replica: Option<(ReplicaOf, StartAt)>,
+    /// `--until`: the binary log segments to roll forward with.
+    replay: Option<crate::replay::Replay>,
     datadir: PathBuf,
     staging: PathBuf,
     /// The time in the names of the set-aside paths (`<name>.old-<stamp>`).
@@ -395,7 +438,25 @@ async fn check(
     if !opts.replica.wants_recorded_source() {
         opts.replica.resolve(None)?;
     }
-    let chosen = crate::choose(cfg, &opts.id).await?;
+    let id = match (&opts.until, opts.id.as_str()) {
+        (Some(target @ common::binlog::Target::Time(_)), "latest")
+        | (Some(target @ common::binlog::Target::Gtid(_)), "latest") => {
+            newest_before(cfg, target).await?
+        }
+        _ => opts.id.clone(),
+    };
+    if opts.until.is_some() && (opts.replica.replica_of.is_some() || opts.replica.from_source) {
+        return Err(config_err(
+            "--until with --replica-of/--replica-of-source is not supported yet: restore to the point, then set up replication by hand",
+        ));
+    }
+    let chosen = crate::choose(cfg, &id).await?;
+    let replay = match &opts.until {
+        None => None,
+        Some(target) => {
+            Some(crate::replay::plan(chosen.store.as_ref(), &chosen.manifest, target).await?)
+        }
+    };
     let replica = replica_plan(opts, &chosen.manifest)?;
     let datadir = cfg.volume.datadir.clone();
     let parent = datadir_parent(&datadir)?;
@@ -413,12 +474,47 @@ async fn check(
         m: chosen.manifest,
         info: chosen.info,
         replica,
+        replay,
         datadir,
         staging,
         stamp: common::manifest::backup_id(time::OffsetDateTime::now_utc()),
         owner,
         _lock: lock,
     })
+}
+
+/// The newest complete backup of `backup.name` before `target`: taken at
+/// or before its time, or whose GTID position is before its GTID.
+async fn newest_before(cfg: &Config, target: &common::binlog::Target) -> anyhow::Result<String> {
+    use common::binlog::{Gtid, Target};
+    let store = common::store::open(&cfg.store).await?;
+    let name = crate::backup_name(cfg)?;
+    let auth = common::crypt::AuthKey::from_config(cfg)?;
+    let keys = store.list(&common::keys::backups_of(&name)).await?;
+    let backups = crate::backups_in(store.as_ref(), &name, &keys, auth.as_ref()).await?;
+    let before = |m: &Manifest| match target {
+        Target::Time(t) => m.backup_id.time() <= *t,
+        Target::Gtid(g) => !m.gtid.as_ref().is_some_and(|set| {
+            set.split(',').any(|x| {
+                Gtid::parse(x.trim()).is_ok_and(|b| b.domain == g.domain && b.seq >= g.seq)
+            })
+        }),
+        Target::Latest => true,
+    };
+    backups
+        .iter()
+        .find(|m| before(m))
+        .map(|m| m.backup_id.to_string())
+        .ok_or_else(|| {
+            let what = match target {
+                Target::Time(t) => format!("--until {}", common::binlog::rfc3339(*t)),
+                Target::Gtid(g) => format!("--until-gtid {g}"),
+                Target::Latest => "--until latest".into(),
+            };
+            anyhow::anyhow!(
+                "no complete backup of {name} was taken before {what}: nothing to roll forward from"
+            )
+        })
 }
 
 /// Where and from which coordinates to replicate, if asked to; the source
@@ -565,6 +661,11 @@ impl Staging {
                 "removing {} left by an earlier restore that did not finish",
                 path.display()
             );
+            // A replay's throwaway server (restore killed mid-replay) first.
+            for pid in crate::drill::processes_in(path) {
+                tracing::warn!("stopping process {pid}, a replay server left by that restore");
+                crate::drill::stop_pid(pid, None);
+            }
             std::fs::remove_dir_all(path)
                 .with_context(|| format!("cannot remove {}", path.display()))?;
         }

@@ -42,6 +42,18 @@ pub struct NameStatus {
     pub stale: bool,
     /// The newest restore drill of any complete backup, or `null`.
     pub last_drill: Option<LastDrill>,
+    /// The spans a restore can reach with `--until`: per server, from a
+    /// backup's time to the end of the unbroken binary log archive after it
+    /// (overlapping spans merged); empty without archived binary logs.
+    pub recoverable: Vec<Window>,
+}
+
+/// Any time from `from` to `to` (RFC 3339 UTC) can be restored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Window {
+    pub server_id: u64,
+    pub from: String,
+    pub to: String,
 }
 
 /// What the newest drill record says (`restorer drill`).
@@ -124,6 +136,7 @@ async fn status_in(
                     newest: None,
                     stale: false,
                     last_drill: None,
+                    recoverable: Vec::new(),
                 });
                 continue;
             }
@@ -136,6 +149,7 @@ async fn status_in(
             .await?
             .as_ref()
             .map(LastDrill::of);
+        st.recoverable = windows(&backups, &crate::segments_in(store, &name, &keys).await?);
         out.push(st);
     }
     Ok(Status {
@@ -182,7 +196,37 @@ fn name_status(
         newest,
         stale,
         last_drill: None,
+        recoverable: Vec::new(),
     }
+}
+
+/// The recoverable spans of `backups` with `segments`, merged per server.
+pub fn windows(backups: &[Manifest], segments: &[common::binlog::SegmentMeta]) -> Vec<Window> {
+    let mut spans: Vec<(u64, time::OffsetDateTime, time::OffsetDateTime)> = backups
+        .iter()
+        .filter_map(|m| {
+            let b = m.binlog.as_ref()?;
+            let sid = m.server.server_id;
+            let (from, to) = common::binlog::window(segments, sid, &b.file, m.backup_id.time())?;
+            Some((sid, from, to))
+        })
+        .collect();
+    spans.sort();
+    let mut merged: Vec<(u64, time::OffsetDateTime, time::OffsetDateTime)> = Vec::new();
+    for (sid, from, to) in spans {
+        match merged.last_mut() {
+            Some(last) if last.0 == sid && from <= last.2 => last.2 = last.2.max(to),
+            _ => merged.push((sid, from, to)),
+        }
+    }
+    merged
+        .into_iter()
+        .map(|(server_id, from, to)| Window {
+            server_id,
+            from: rfc3339(from),
+            to: rfc3339(to),
+        })
+        .collect()
 }
 
 /// Time since the backup started (its id); zero for one from the (near) future.
@@ -246,6 +290,12 @@ pub fn status_text(st: &Status) -> String {
                     d.problem.as_deref().unwrap_or("no reason recorded")
                 ),
             };
+        }
+        for w in &n.recoverable {
+            out += &format!(
+                ", server {} recoverable any time from {} to {}",
+                w.server_id, w.from, w.to
+            );
         }
         out.push('\n');
     }
