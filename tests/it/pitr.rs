@@ -537,6 +537,70 @@ fn a_restore_until_a_time_replays_to_exactly_that_point_and_a_gap_is_refused() {
     );
 }
 
+/// `--until` with `--replica-of`: the restored server replicates from
+/// where the replay stopped, so it applies the rest of the source's
+/// history (the mistaken delete at T included: a replica at a point, not a
+/// repair) exactly once: a transaction replayed and then fetched again
+/// would stop its SQL thread on a duplicate key, one skipped would leave
+/// the tables different.
+#[test]
+fn a_replica_restored_to_a_point_replicates_from_where_the_replay_stopped() {
+    if !gate("a_replica_restored_to_a_point_replicates_from_where_the_replay_stopped") {
+        return;
+    }
+    let (src, src_port) = crate::restore::replication_source(StoreKind::File);
+    src.db.sql(
+        "CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY, v VARCHAR(20)); \
+         INSERT INTO app.t VALUES (1, 'one')",
+    );
+    src.backup();
+    let base = time::OffsetDateTime::now_utc().unix_timestamp() + 60;
+    let t = base + 3;
+    sql_at(&src.db, base, "INSERT INTO app.t VALUES (2, 'two')");
+    sql_at(&src.db, base + 1, "INSERT INTO app.t VALUES (3, 'three')");
+    sql_at(&src.db, t, "DELETE FROM app.t WHERE id = 2");
+    sql_at(&src.db, t + 1, "INSERT INTO app.t VALUES (4, 'four')");
+    assert_ok(&ship_once(&src), "archiver binlogs --once");
+    // After the archive's end: only replication brings it.
+    src.db.sql("INSERT INTO app.t VALUES (5, 'five')");
+
+    let target = crate::restore::Target::replica(&src, 2);
+    let pw = target.replication_password_file();
+    let until = common::binlog::rfc3339(time::OffsetDateTime::from_unix_timestamp(t - 1).unwrap());
+    let out = target.restorer(
+        &src,
+        &[
+            "restore",
+            "--until",
+            &until,
+            "--replica-of",
+            &format!("127.0.0.1:{src_port}"),
+            "--replication-user",
+            "repl",
+            "--replication-password-file",
+            pw.to_str().unwrap(),
+        ],
+    );
+    assert_ok(&out, "restorer restore --until --replica-of");
+    let want = src.db.sql("SELECT @@gtid_binlog_pos");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while target.db.sql("SELECT @@gtid_slave_pos") != want {
+        let status = target.db.sql("SHOW SLAVE STATUS\\G");
+        assert!(
+            Instant::now() < deadline && !status.contains("Slave_SQL_Running: No"),
+            "the replica did not catch up: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(
+        target
+            .db
+            .sql("SELECT GROUP_CONCAT(id ORDER BY id) FROM app.t"),
+        "1,3,4,5"
+    );
+    assert_eq!(target.db.checksums("app"), src.db.checksums("app"));
+}
+
 /// Processes whose working directory is under `dir`.
 fn processes_under(dir: &std::path::Path) -> Vec<String> {
     std::fs::read_dir("/proc")

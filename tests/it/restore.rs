@@ -72,7 +72,7 @@ impl Target {
 
     /// A fresh server with server id `server_id`, a port and a binary
     /// log: a replica to be.
-    fn replica(src: &Rig, server_id: u32) -> Target {
+    pub(crate) fn replica(src: &Rig, server_id: u32) -> Target {
         Target::new(
             src,
             MariaOpts {
@@ -87,7 +87,7 @@ impl Target {
 
     /// The replication user's password in a 0600 file, for
     /// `--replication-password-file`.
-    fn replication_password_file(&self) -> PathBuf {
+    pub(crate) fn replication_password_file(&self) -> PathBuf {
         let pw = self._tmp.path().join("repl.pass");
         std::fs::write(&pw, format!("{REPL_SECRET}\n")).unwrap();
         std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
@@ -152,7 +152,7 @@ const REPL_SECRET: &str = "repl-secret";
 
 /// A source server (server id 1, a port, a binary log) with the
 /// replication user `repl`; returns it and its port.
-fn replication_source(kind: StoreKind) -> (Rig, u16) {
+pub(crate) fn replication_source(kind: StoreKind) -> (Rig, u16) {
     let port = free_port();
     let src = Rig::with(
         kind,

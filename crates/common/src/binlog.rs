@@ -383,11 +383,71 @@ impl Gtid {
 /// to and including `seq` stops (`mariadb-binlog --stop-position`, which
 /// applies to the last file); `None` when the file has none.
 pub fn stop_after<R: Read>(
-    mut r: R,
+    r: R,
     size: u64,
     domain: u32,
     seq: u64,
 ) -> Result<Option<u64>, ScanError> {
+    let target = Target::Gtid(Gtid {
+        domain,
+        server_id: 0,
+        seq,
+    });
+    Ok(stop_in(r, size, 0, &target)?.at)
+}
+
+/// Where a replay to a target stops in one binary log: at the start of
+/// the first transaction past it, so no transaction is cut in two.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stop {
+    /// The offset of that transaction's GTID event; `None`: every
+    /// transaction of the file is replayed.
+    pub at: Option<u64>,
+    /// The last transaction replayed from this file (from `from` on) of
+    /// each domain, in the order the domains first appear.
+    pub last: Vec<Gtid>,
+}
+
+impl Stop {
+    /// `set` (a GTID position, `d-s-n` per domain, comma-separated) moved
+    /// on to the last transaction of each domain in `last`.
+    pub fn advance(set: &str, last: &[Gtid]) -> String {
+        let mut out: Vec<String> = set
+            .split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(|x| match Gtid::parse(x) {
+                Ok(g) => match last.iter().find(|l| l.domain == g.domain) {
+                    Some(l) => l.to_string(),
+                    None => x.to_string(),
+                },
+                Err(_) => x.to_string(),
+            })
+            .collect();
+        for l in last {
+            let present = set
+                .split(',')
+                .any(|x| Gtid::parse(x.trim()).is_ok_and(|g| g.domain == l.domain));
+            if !present {
+                out.push(l.to_string());
+            }
+        }
+        out.join(",")
+    }
+}
+
+/// [`Stop`] of a replay to `target` in the first `size` bytes of a binary
+/// log, considering transactions from offset `from` on (the backup's
+/// position in its own file, else 4). A transaction is past a time target
+/// when its GTID event is stamped after the target's second, past a GTID
+/// target when it is a later one of the target's domain; nothing is past
+/// [`Target::Latest`].
+pub fn stop_in<R: Read>(
+    mut r: R,
+    size: u64,
+    from: u64,
+    target: &Target,
+) -> Result<Stop, ScanError> {
     let mut head = [0u8; 4 + HEADER_LEN as usize];
     if size < head.len() as u64 {
         return Err(ScanError::Magic);
@@ -397,6 +457,7 @@ pub fn stop_after<R: Read>(
     let mut pos = 4u64;
     let mut header = [0u8; HEADER_LEN as usize];
     header.copy_from_slice(&head[4..]);
+    let mut last: Vec<Gtid> = Vec::new();
     loop {
         let len = u64::from(le32(&header[9..13]));
         if len < HEADER_LEN || len > size - pos {
@@ -411,9 +472,27 @@ pub fn stop_after<R: Read>(
             let mut b = [0u8; 12];
             r.read_exact(&mut b)?;
             body_left -= 12;
-            let s = u64::from_le_bytes(b[0..8].try_into().expect("8 bytes"));
-            if le32(&b[8..12]) == domain && s > seq {
-                return Ok(Some(pos));
+            let gtid = Gtid {
+                domain: le32(&b[8..12]),
+                server_id: le32(&header[5..9]),
+                seq: u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")),
+            };
+            if pos >= from {
+                let past = match target {
+                    Target::Latest => false,
+                    Target::Time(t) => i64::from(le32(&header[0..4])) > t.unix_timestamp(),
+                    Target::Gtid(g) => gtid.domain == g.domain && gtid.seq > g.seq,
+                };
+                if past {
+                    return Ok(Stop {
+                        at: Some(pos),
+                        last,
+                    });
+                }
+                match last.iter_mut().find(|l| l.domain == gtid.domain) {
+                    Some(l) => *l = gtid,
+                    None => last.push(gtid),
+                }
             }
         }
         let skipped = io::copy(&mut (&mut r).take(body_left), &mut io::sink())?;
@@ -422,7 +501,7 @@ pub fn stop_after<R: Read>(
         }
         pos += len;
         if size - pos < HEADER_LEN {
-            return Ok(None);
+            return Ok(Stop { at: None, last });
         }
         r.read_exact(&mut header)?;
     }
@@ -927,5 +1006,60 @@ pub mod tests {
             stop_after(&f[..], size, 0, 0).unwrap().map(|p| p < at),
             Some(true)
         );
+    }
+
+    #[test]
+    fn a_time_target_stops_at_the_first_transaction_stamped_after_its_second() {
+        let t0: u32 = 1_795_000_000;
+        let f = sample(t0);
+        let size = f.len() as u64;
+        let at = |secs: u32| {
+            Target::Time(time::OffsetDateTime::from_unix_timestamp(secs.into()).unwrap())
+        };
+        let gtid = |seq| Gtid {
+            domain: 0,
+            server_id: 7,
+            seq,
+        };
+        // 41 at t0+5, 42 at t0+9.
+        let before_both = stop_in(&f[..], size, 4, &at(t0 + 4)).unwrap();
+        assert_eq!(before_both.last, []);
+        let first = before_both.at.unwrap();
+        assert_eq!(&f[first as usize + 4], &MARIADB_GTID_EVENT);
+        // The target's second is included: 41 at t0+5 is replayed.
+        let one = stop_in(&f[..], size, 4, &at(t0 + 5)).unwrap();
+        assert_eq!(one.last, [gtid(41)]);
+        assert_eq!(one.at, stop_after(&f[..], size, 0, 41).unwrap());
+        let all = stop_in(&f[..], size, 4, &at(t0 + 9)).unwrap();
+        assert_eq!(
+            all,
+            Stop {
+                at: None,
+                last: vec![gtid(42)]
+            }
+        );
+        assert_eq!(stop_in(&f[..], size, 4, &Target::Latest).unwrap(), all);
+        // Transactions before `from` (in the backup) are neither a stop nor replayed.
+        let after_41 = one.at.unwrap();
+        let from_42 = stop_in(&f[..], size, after_41, &at(t0 + 4)).unwrap();
+        assert_eq!(
+            from_42,
+            Stop {
+                at: Some(after_41),
+                last: vec![]
+            }
+        );
+        let latest_from_42 = stop_in(&f[..], size, after_41, &Target::Latest).unwrap();
+        assert_eq!(latest_from_42.last, [gtid(42)]);
+        // A position moved on per domain; a new domain appended.
+        let other = Gtid {
+            domain: 3,
+            server_id: 9,
+            seq: 5,
+        };
+        assert_eq!(Stop::advance("0-7-40,1-2-3", &[gtid(42)]), "0-7-42,1-2-3");
+        assert_eq!(Stop::advance("0-7-40", &[gtid(42), other]), "0-7-42,3-9-5");
+        assert_eq!(Stop::advance("", &[gtid(42)]), "0-7-42");
+        assert_eq!(Stop::advance("0-7-40", &[]), "0-7-40");
     }
 }

@@ -8,7 +8,8 @@
 //! on the staged data directory (the drill's: `--no-defaults`, its socket
 //! in a 0700 directory, no network, no binary log, no replication, so it
 //! writes no GTID of its own), `mariadb-binlog --start-position=<the
-//! backup's position> <files> [--stop-datetime]` is piped into `mariadb`
+//! backup's position> <files> [--stop-position]` (the start of the first
+//! transaction past the target, by [`common::binlog::stop_in`]) is piped into `mariadb`
 //! connected to it, and the server is shut down cleanly. Only then does the
 //! restore stop the live server and swap: a replay that fails or is killed
 //! leaves nothing but the staging directory, which every later restore
@@ -57,6 +58,19 @@ pub struct Replayed {
     pub transactions: u64,
     pub download_secs: f64,
     pub apply_secs: f64,
+    /// Where the replay stopped in the backed-up server's binary log.
+    pub stop: StopPoint,
+}
+
+/// Where a replay stopped: the next transaction of the backed-up server's
+/// binary log it did not apply (file and offset, the end of the last file
+/// when it applied all), and the last transaction of each GTID domain it
+/// applied. A replica set up after the replay starts here.
+#[derive(Debug, Clone, Default)]
+pub struct StopPoint {
+    pub file: String,
+    pub position: u64,
+    pub last: Vec<common::binlog::Gtid>,
 }
 
 /// Chooses the segments that roll backup `m` forward to `target`.
@@ -169,29 +183,24 @@ pub async fn replay(
         "--no-defaults".into(),
         format!("--start-position={}", b.position),
     ];
-    if let Target::Time(at) = &r.target {
-        // Events up to and including the target's second; TZ=UTC below.
-        let stop = *at + time::Duration::seconds(1);
-        argv.push(format!(
-            "--stop-datetime={}",
-            stop.format(time::macros::format_description!(
-                "[year]-[month]-[day] [hour]:[minute]:[second]"
-            ))?
-        ));
+    // Where to stop, by the segments' own events: before the first
+    // transaction past the target, never inside one.
+    let (paths, start, target) = (files.clone(), b.position, r.target.clone());
+    let (used, stop_at, last) =
+        tokio::task::spawn_blocking(move || stop_of(&paths, start, &target)).await??;
+    if let Some(pos) = stop_at {
+        argv.push(format!("--stop-position={pos}"));
     }
-    if let (Target::Gtid(g), Some(last)) = (&r.target, files.last()) {
-        // Exactly through the target: stop at the next transaction of its domain.
-        let (path, domain, seq) = (last.clone(), g.domain, g.seq);
-        let stop = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<u64>> {
-            let size = std::fs::metadata(&path)?.len();
-            let f = std::io::BufReader::new(std::fs::File::open(&path)?);
-            Ok(common::binlog::stop_after(f, size, domain, seq)?)
-        })
-        .await??;
-        if let Some(pos) = stop {
-            argv.push(format!("--stop-position={pos}"));
-        }
-    }
+    let last_segment = r
+        .segments
+        .get(used.wrapping_sub(1))
+        .context("no binary log segment to replay")?;
+    out.stop = StopPoint {
+        file: last_segment.file.to_string(),
+        position: stop_at.unwrap_or(last_segment.size),
+        last,
+    };
+    files.truncate(used);
     argv.extend(files.iter().map(|f| f.display().to_string()));
     let client: Vec<String> = vec![
         tool(&["mariadb", "mysql"])?,
@@ -216,6 +225,35 @@ pub async fn replay(
         bytesize::ByteSize((out.bytes as f64 / secs) as u64)
     );
     Ok(out)
+}
+
+/// How many of `files` (in order; the first read from the backup's
+/// position `start`) a replay to `target` reads, the offset in the last of
+/// them to stop at (`None`: its end), and the last transaction of each
+/// domain it applies.
+fn stop_of(
+    files: &[PathBuf],
+    start: u64,
+    target: &Target,
+) -> anyhow::Result<(usize, Option<u64>, Vec<common::binlog::Gtid>)> {
+    let mut last: Vec<common::binlog::Gtid> = Vec::new();
+    for (i, path) in files.iter().enumerate() {
+        let size = std::fs::metadata(path)?.len();
+        let f = std::io::BufReader::new(std::fs::File::open(path)?);
+        let from = if i == 0 { start } else { 4 };
+        let stop = common::binlog::stop_in(f, size, from, target)
+            .with_context(|| format!("cannot read binary log {}", path.display()))?;
+        for g in stop.last {
+            match last.iter_mut().find(|l| l.domain == g.domain) {
+                Some(l) => *l = g,
+                None => last.push(g),
+            }
+        }
+        if stop.at.is_some() {
+            return Ok((i + 1, stop.at, last));
+        }
+    }
+    Ok((files.len(), None, last))
 }
 
 /// The first of `names` found in `PATH` (or /usr/bin).

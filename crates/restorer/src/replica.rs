@@ -189,6 +189,21 @@ pub fn start_at(m: &Manifest, from_source: bool) -> anyhow::Result<StartAt> {
     at.checked(&m.backup_id)
 }
 
+/// The coordinates `at` (from the manifest) moved on to where a replay
+/// stopped: each GTID domain to its last replayed transaction, or the
+/// backed-up server's binary log file and offset of the first one not
+/// replayed. (A file position of the source's, `--replica-of-source`, is
+/// refused before the restore: the replay knows only this server's log.)
+pub fn after_replay(at: &StartAt, stop: &crate::replay::StopPoint) -> StartAt {
+    match at {
+        StartAt::Gtid(set) => StartAt::Gtid(common::binlog::Stop::advance(set, &stop.last)),
+        StartAt::File { .. } => StartAt::File {
+            file: stop.file.clone(),
+            position: stop.position,
+        },
+    }
+}
+
 /// One replication statement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Statement {
@@ -294,6 +309,32 @@ mod tests {
 
     fn shown(s: &[Statement]) -> Vec<&str> {
         s.iter().map(|s| s.shown.as_str()).collect()
+    }
+
+    #[test]
+    fn after_a_replay_the_coordinates_are_where_it_stopped() {
+        let stop = crate::replay::StopPoint {
+            file: "binlog.000009".into(),
+            position: 1234,
+            last: vec![common::binlog::Gtid::parse("0-1-57").unwrap()],
+        };
+        assert_eq!(
+            after_replay(&StartAt::Gtid("0-1-42,1-3-7".into()), &stop),
+            StartAt::Gtid("0-1-57,1-3-7".into())
+        );
+        assert_eq!(
+            after_replay(
+                &StartAt::File {
+                    file: "binlog.000002".into(),
+                    position: 4
+                },
+                &stop
+            ),
+            StartAt::File {
+                file: "binlog.000009".into(),
+                position: 1234
+            }
+        );
     }
 
     #[test]

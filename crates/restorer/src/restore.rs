@@ -214,6 +214,12 @@ pub async fn restore(
     let downtime = downtime?;
     let mut lag = None;
     if let Some((to, at)) = &plan.replica {
+        // After a replay, from where it stopped.
+        let at = match &replayed {
+            Some(r) => replica::after_replay(at, &r.stop),
+            None => at.clone(),
+        };
+        let at = &at;
         if int.is_set() {
             anyhow::bail!(
                 "interrupted after the restore: backup {} is in place and the server runs, but replication was not set up",
@@ -445,11 +451,6 @@ async fn check(
         }
         _ => opts.id.clone(),
     };
-    if opts.until.is_some() && (opts.replica.replica_of.is_some() || opts.replica.from_source) {
-        return Err(config_err(
-            "--until with --replica-of/--replica-of-source is not supported yet: restore to the point, then set up replication by hand",
-        ));
-    }
     let chosen = crate::choose(cfg, &id).await?;
     let replay = match &opts.until {
         None => None,
@@ -458,6 +459,14 @@ async fn check(
         }
     };
     let replica = replica_plan(opts, &chosen.manifest)?;
+    if let (Some(_), Some((_, StartAt::File { .. }))) = (&replay, &replica) {
+        if opts.replica.from_source {
+            return Err(config_err(format!(
+                "--until with --replica-of-source needs GTIDs: backup {} records its source's position by file and offset, and after a replay only this server's own binary log position is known; use --replica-of with this server's address, or restore without --until",
+                chosen.manifest.backup_id
+            )));
+        }
+    }
     let datadir = cfg.volume.datadir.clone();
     let parent = datadir_parent(&datadir)?;
     if !opts.ignore_version {
