@@ -45,7 +45,7 @@ fn segments(rig: &Rig) -> (BTreeMap<String, SegmentMeta>, Vec<String>) {
     (metas, orphans)
 }
 
-fn ship_once(rig: &Rig) -> Output {
+pub(crate) fn ship_once(rig: &Rig) -> Output {
     rig.run("archiver", &["binlogs", "--once"])
 }
 
@@ -310,6 +310,7 @@ fn status_shows_the_recoverable_window_up_to_a_gap() {
             transactions: 1,
             first_event: at(created),
             last_event: at(last),
+            encryption: None,
         };
         let seg = meta.segment();
         for (key, body) in [
@@ -794,6 +795,7 @@ fn plant_segment_at(
         transactions: 1,
         first_event: at(created),
         last_event: at(last),
+        encryption: None,
     };
     let seg = meta.segment();
     for (key, body) in [

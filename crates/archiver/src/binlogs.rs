@@ -67,13 +67,18 @@ pub async fn run(cfg: &Config, once: bool, cancel: &Interrupt) -> anyhow::Result
         &cfg.backup.state_dir.join("binlogs.lock"),
         "another `archiver binlogs` of this config is running",
     )?;
+    // Keys first: a bad key file fails before anything is shipped.
+    let keys = Keys {
+        recipients: common::crypt::Recipients::from_config(cfg)?,
+        auth: common::crypt::AuthKey::from_config(cfg)?,
+    };
     let store = store::open(&cfg.store).await?;
     let info = ConnectInfo::from_config(&cfg.mysql)?;
     let mut stored: Option<Stored> = None;
     let mut reported: BTreeSet<String> = BTreeSet::new();
     loop {
         let started = Instant::now();
-        let result = cycle(&name, store.as_ref(), &info, &mut stored, cancel).await;
+        let result = cycle(&name, store.as_ref(), &keys, &info, &mut stored, cancel).await;
         match result {
             Ok(c) => {
                 let new: Vec<&String> = c
@@ -117,6 +122,14 @@ pub async fn run(cfg: &Config, once: bool, cancel: &Interrupt) -> anyhow::Result
             tokio::time::sleep(Duration::from_millis(100).min(next - Instant::now())).await;
         }
     }
+}
+
+/// What segments are sealed with: `[encryption]` recipients (the data is
+/// encrypted to them, as archives are) and the `[auth]` key (the metadata,
+/// which holds the data's SHA-256, is MACed before it is stored).
+struct Keys {
+    recipients: Option<common::crypt::Recipients>,
+    auth: Option<common::crypt::AuthKey>,
 }
 
 /// The segments stored for one server: whether each has its metadata.
@@ -167,6 +180,7 @@ impl Stored {
 async fn cycle(
     name: &BackupName,
     store: &dyn Store,
+    keys: &Keys,
     info: &ConnectInfo,
     stored: &mut Option<Stored>,
     cancel: &Interrupt,
@@ -254,7 +268,7 @@ async fn cycle(
         if stored.complete(&seg) {
             continue;
         }
-        let meta = ship(store, name, &path, file, &seg).await?;
+        let meta = ship(store, name, keys, &path, file, &seg).await?;
         stored.segments.insert(seg, true);
         out.shipped.push(meta);
     }
@@ -329,6 +343,7 @@ pub const PAUSE_DATA_STORED: &str = "binlog-data-stored";
 async fn ship(
     store: &dyn Store,
     name: &BackupName,
+    keys: &Keys,
     path: &Path,
     file: &BinlogFile,
     seg: &SegmentId,
@@ -359,15 +374,19 @@ async fn ship(
                 .with_context(|| format!("cannot open {}", path.display()))?
                 .take(size);
             let mut hashing = common::codec::Hashing::new(writer);
-            let mut enc =
-                common::codec::Encoder::new(&mut hashing, Compression::Zstd, ZSTD_LEVEL, 1)?;
+            let sealed = common::crypt::Sealer::new(&mut hashing, keys.recipients.as_ref())
+                .context("starting encryption")?;
+            let mut enc = common::codec::Encoder::new(sealed, Compression::Zstd, ZSTD_LEVEL, 1)?;
             let copied = std::io::copy(&mut src, &mut enc)?;
             anyhow::ensure!(
                 copied == size,
                 "{} shrank while it was read",
                 path.display()
             );
-            enc.finish().context("finishing compression")?;
+            enc.finish()
+                .context("finishing compression")?
+                .finish()
+                .context("finishing encryption")?;
             let (writer, stored, sha) = hashing.finish();
             writer
                 .finish()
@@ -398,14 +417,26 @@ async fn ship(
         (Err(p), Ok(_)) => return Err(p),
     };
     pause_at(PAUSE_DATA_STORED);
-    let meta = SegmentMeta::of(
+    let mut meta = SegmentMeta::of(
         name,
         file,
         &walked,
         stored_size,
         Sha256Hex::parse(&sha).map_err(anyhow::Error::msg)?,
     );
+    meta.encryption = keys.recipients.as_ref().map(|r| r.encryption());
     let meta_key = seg.meta_key(name);
+    // The MAC before the metadata: metadata is never visible without it.
+    // (Replaced freely: without its metadata, a MAC stands for nothing.)
+    if let Some(auth) = &keys.auth {
+        let text = meta.to_toml();
+        store
+            .put(
+                &seg.mac_key(name),
+                auth.tag(&meta_key, text.as_bytes()).into(),
+            )
+            .await?;
+    }
     match store.put_new(&meta_key, meta.to_toml().into()).await {
         Ok(()) => {}
         Err(e)

@@ -246,6 +246,10 @@ pub struct SegmentMeta {
     /// The first and last event's time (UTC seconds).
     pub first_event: BackupId,
     pub last_event: BackupId,
+    /// Set when the stored bytes are encrypted (`[encryption]`): to whom,
+    /// as for a backup's archive. (Older mysnap refuses such metadata.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crate::manifest::Encryption>,
 }
 
 /// Metadata that cannot be used: skipped with a warning naming it.
@@ -282,6 +286,7 @@ impl SegmentMeta {
             transactions: scanned.transactions,
             first_event: utc_second(scanned.first_time),
             last_event: utc_second(scanned.last_time),
+            encryption: None,
         }
     }
 
@@ -880,6 +885,7 @@ pub mod tests {
             transactions: 0,
             first_event: at(c),
             last_event: at(last),
+            encryption: None,
         }
     }
 

@@ -217,6 +217,10 @@ impl SegmentId {
     pub fn meta_key(&self, name: &BackupName) -> String {
         format!("{}{BINLOG_META_FILE}", self.dir(name))
     }
+    /// The metadata's MAC (`[auth]`), written before the metadata.
+    pub fn mac_key(&self, name: &BackupName) -> String {
+        format!("{}{MAC_SUFFIX}", self.meta_key(name))
+    }
 }
 
 /// The segment and part a listed key of `name` names; `None` for every

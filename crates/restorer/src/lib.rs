@@ -113,10 +113,12 @@ pub(crate) async fn backups_in(
 /// its prefix): each metadata object read (at most
 /// [`common::binlog::MAX_META_BYTES`]) and parsed as untrusted; one that
 /// does not parse is skipped with a warning (its segment counts as missing).
+/// With `auth`, so is one whose MAC object is missing or does not verify.
 pub(crate) async fn segments_in(
     store: &dyn Store,
     name: &BackupName,
     keys: &[String],
+    auth: Option<&AuthKey>,
 ) -> anyhow::Result<Vec<common::binlog::SegmentMeta>> {
     use common::keys::SegmentPart;
     use futures::stream::{self, StreamExt};
@@ -125,12 +127,23 @@ pub(crate) async fn segments_in(
         .filter(|k| matches!(keys::segment_of(name, k), Some((_, SegmentPart::Meta))))
         .collect();
     let read: Vec<_> = stream::iter(metas)
-        .map(|key| async move { (key, store.get(key, common::binlog::MAX_META_BYTES).await) })
+        .map(|key| async move {
+            let meta = store.get(key, common::binlog::MAX_META_BYTES).await;
+            let mac = match auth {
+                Some(_) => Some(
+                    store
+                        .get(&format!("{key}.mac"), common::crypt::MAX_MAC_BYTES)
+                        .await,
+                ),
+                None => None,
+            };
+            (key, meta, mac)
+        })
         .buffered(LIST_READS_IN_FLIGHT)
         .collect()
         .await;
     let mut out = Vec::new();
-    for (key, got) in read {
+    for (key, got, mac) in read {
         let text = match got {
             Ok(b) => b,
             Err(e) if common::cli::exit_code_of(&e) == common::ExitCode::Integrity => {
@@ -139,6 +152,30 @@ pub(crate) async fn segments_in(
             }
             Err(e) => return Err(e),
         };
+        if let (Some(auth), Some(mac)) = (auth, mac) {
+            let verified = match mac {
+                Ok(stored) => auth.verify(key, &text, &stored),
+                Err(e)
+                    if common::cli::exit_code_of(&e) == common::ExitCode::Integrity
+                        || e.chain().any(|c| {
+                            matches!(
+                                c.downcast_ref(),
+                                Some(common::store::StoreError::NotFound { .. })
+                            )
+                        }) =>
+                {
+                    Err(format!("{e:#}"))
+                }
+                Err(e) => return Err(e),
+            };
+            if let Err(why) = verified {
+                tracing::warn!(
+                    "skipping {}: its MAC does not verify with auth.key_file ({why}): forged, or written with another key",
+                    store.url(key)
+                );
+                continue;
+            }
+        }
         let text = String::from_utf8_lossy(&text);
         match common::binlog::SegmentMeta::parse_stored(&text, key, &store.url(key), name) {
             Ok(m) => out.push(m),

@@ -248,7 +248,7 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
             Some((*sid, file.clone(), d.id.time()))
         })
         .collect();
-    let segments = crate::segments_in(store, &name, &listed).await?;
+    let segments = crate::segments_in(store, &name, &listed, auth.as_ref()).await?;
     let unneeded = common::binlog::unneeded(&segments, &kept);
     let binlog_segments = unneeded
         .iter()
@@ -380,7 +380,7 @@ async fn apply_report(
     for s in unneeded {
         let seg = s.segment();
         // Metadata first: a segment half deleted is never counted.
-        for key in [seg.meta_key(name), seg.data_key(name)] {
+        for key in [seg.meta_key(name), seg.mac_key(name), seg.data_key(name)] {
             if !delete_one(store, &key, locking).await? {
                 r.locked.push(Locked {
                     key,

@@ -47,6 +47,28 @@ pub const PAUSE_REPLAY: &str = "replay";
 pub struct Replay {
     pub target: Target,
     pub segments: Vec<SegmentMeta>,
+    /// The identities encrypted segments are opened with.
+    pub identities: Option<Arc<common::crypt::Identities>>,
+}
+
+impl Replay {
+    /// With `ids` for the encrypted segments: every segment's recipients
+    /// checked now, before anything changes (exit 4 naming both sides).
+    pub fn with_identities(
+        mut self,
+        ids: Option<common::crypt::Identities>,
+    ) -> anyhow::Result<Replay> {
+        for s in &self.segments {
+            common::crypt::check_keys(s.encryption.as_ref(), ids.as_ref()).map_err(|why| {
+                common::error::integrity_err(format!(
+                    "binary log segment {} of server {} cannot be opened: {why}",
+                    s.file, s.server_id
+                ))
+            })?;
+        }
+        self.identities = ids.map(Arc::new);
+        Ok(self)
+    }
 }
 
 /// What a replay did.
@@ -74,7 +96,12 @@ pub struct StopPoint {
 }
 
 /// Chooses the segments that roll backup `m` forward to `target`.
-pub async fn plan(store: &dyn Store, m: &Manifest, target: &Target) -> anyhow::Result<Replay> {
+pub async fn plan(
+    store: &dyn Store,
+    m: &Manifest,
+    target: &Target,
+    auth: Option<&common::crypt::AuthKey>,
+) -> anyhow::Result<Replay> {
     let b = m.binlog.as_ref().ok_or_else(|| {
         anyhow::anyhow!(
             "backup {} recorded no binary log position (its server ran without log_bin): it cannot be rolled forward; restore it without --until",
@@ -104,7 +131,7 @@ pub async fn plan(store: &dyn Store, m: &Manifest, target: &Target) -> anyhow::R
         );
     }
     let keys = store.list(&common::keys::binlogs_of(&m.name)).await?;
-    let segments = crate::segments_in(store, &m.name, &keys).await?;
+    let segments = crate::segments_in(store, &m.name, &keys, auth).await?;
     let chain = common::binlog::chain(
         &segments,
         m.server.server_id,
@@ -122,6 +149,7 @@ pub async fn plan(store: &dyn Store, m: &Manifest, target: &Target) -> anyhow::R
     Ok(Replay {
         target: target.clone(),
         segments: chain,
+        identities: None,
     })
 }
 
@@ -153,7 +181,7 @@ pub async fn replay(
     let mut files = Vec::new();
     for s in &r.segments {
         int.stop_if_set()?;
-        files.push(download(store.as_ref(), m, s, &logs).await?);
+        files.push(download(store.as_ref(), m, s, r.identities.clone(), &logs).await?);
         out.bytes += s.size;
         out.transactions += s.transactions;
     }
@@ -361,6 +389,7 @@ async fn download(
     store: &dyn Store,
     m: &Manifest,
     s: &SegmentMeta,
+    ids: Option<Arc<common::crypt::Identities>>,
     dir: &Path,
 ) -> anyhow::Result<PathBuf> {
     let key = s.segment().data_key(&m.name);
@@ -397,9 +426,11 @@ async fn download(
     f.sync_all()?;
     let out = dir.join(s.file.as_str());
     let (from, to) = (zst.clone(), out.clone());
-    let size = s.size;
+    let (size, encryption) = (s.size, s.encryption.clone());
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let src = std::fs::File::open(&from)?;
+        let src = common::crypt::open(src, encryption.as_ref(), ids.as_deref())
+            .map_err(anyhow::Error::msg)?;
         let mut dec = zstd::stream::read::Decoder::new(src)?;
         let mut dst = std::fs::File::create(&to)?;
         // At most the size recorded, plus one byte to notice more.

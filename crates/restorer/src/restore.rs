@@ -455,7 +455,15 @@ async fn check(
     let replay = match &opts.until {
         None => None,
         Some(target) => {
-            Some(crate::replay::plan(chosen.store.as_ref(), &chosen.manifest, target).await?)
+            let auth = common::crypt::AuthKey::from_config(cfg)?;
+            let ids = common::crypt::Identities::from_config(cfg)?;
+            let plan = crate::replay::plan(
+                chosen.store.as_ref(),
+                &chosen.manifest,
+                target,
+                auth.as_ref(),
+            );
+            Some(plan.await?.with_identities(ids)?)
         }
     };
     let replica = replica_plan(opts, &chosen.manifest)?;

@@ -149,7 +149,10 @@ async fn status_in(
             .await?
             .as_ref()
             .map(LastDrill::of);
-        st.recoverable = windows(&backups, &crate::segments_in(store, &name, &keys).await?);
+        st.recoverable = windows(
+            &backups,
+            &crate::segments_in(store, &name, &keys, auth).await?,
+        );
         out.push(st);
     }
     Ok(Status {
