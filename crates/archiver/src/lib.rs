@@ -437,15 +437,35 @@ fn produce(
         .read_rate_limit
         .map(|r| common::reader::RateLimit::new(r.as_u64()));
     let mut enc = common::codec::Hashing::new(writer);
-    // Two threads: tar and the codec here; encryption and the SHA-256 on
-    // the other, so their costs overlap instead of adding up.
+    // Threads: tar and the codec here; encryption on the next; the SHA-256
+    // (and the parts) on the last, or with the encryption when there is
+    // none: their costs overlap instead of adding up.
     let (front, back) = common::codec::Handoff::new(HANDOFF_DEPTH);
+    let (sealed_front, sealed_back) = common::codec::Handoff::new(HANDOFF_DEPTH);
+    let (to_hash, to_seal) = match recipients {
+        Some(_) => (Some(&mut enc), None),
+        None => (None, Some(&mut enc)),
+    };
     let stats = std::thread::scope(|scope| -> anyhow::Result<TarStats> {
-        let sealing = scope.spawn(|| -> anyhow::Result<()> {
-            let mut sealed =
-                common::crypt::Sealer::new(&mut enc, recipients).context("starting encryption")?;
-            back.drain(&mut sealed)?;
-            sealed.finish().context("finishing encryption")?;
+        let hashing = scope.spawn(move || -> anyhow::Result<()> {
+            if let Some(enc) = to_hash {
+                sealed_back.drain(enc)?;
+            }
+            Ok(())
+        });
+        let sealing = scope.spawn(move || -> anyhow::Result<()> {
+            match to_seal {
+                Some(enc) => {
+                    let mut plain = common::crypt::Sealer::new(enc, None)?;
+                    back.drain(&mut plain)?;
+                }
+                None => {
+                    let mut sealed = common::crypt::Sealer::new(sealed_front, recipients)
+                        .context("starting encryption")?;
+                    back.drain(&mut sealed)?;
+                    sealed.finish().context("finishing encryption")?.finish()?;
+                }
+            }
             Ok(())
         });
         let tarred = (|| -> anyhow::Result<TarStats> {
@@ -467,6 +487,10 @@ fn produce(
         let sealed = sealing
             .join()
             .map_err(|_| anyhow::anyhow!("the encryption thread panicked"))?;
+        // The last stage's error first: the others then stop on a closed hand-off.
+        hashing
+            .join()
+            .map_err(|_| anyhow::anyhow!("the hashing thread panicked"))??;
         match (tarred, sealed) {
             (Ok(stats), Ok(())) => Ok(stats),
             // The later stage stopped first: its error is the cause.
