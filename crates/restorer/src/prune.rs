@@ -57,7 +57,11 @@ pub struct StaleUpload {
 /// (checked as listed keys are: a real backup id, the archive name
 /// [`keys::archive`] gives), with an upload id of at most 1 KiB of visible
 /// ASCII, whose backup id and start (when the store says) are both more
-/// than [`GARBAGE_GRACE`] old. Every other upload is left alone.
+/// than [`GARBAGE_GRACE`] old; or of a binary log segment's data (an
+/// `archiver binlogs` killed mid-upload) whose start the store says is
+/// more than [`GARBAGE_GRACE`] old (a binary log may be shipped long after
+/// it was created, so its creation time does not tell). Every other upload
+/// is left alone.
 pub fn stale_uploads(
     pending: &[store::PendingUpload],
     name: &common::manifest::BackupName,
@@ -66,13 +70,20 @@ pub fn stale_uploads(
     pending
         .iter()
         .filter(|u| {
-            let Some((id, _)) = keys::archive_of(name, &u.key) else {
-                return false;
-            };
             let id_ok = (1..=1024).contains(&u.upload_id.len())
                 && u.upload_id.bytes().all(|b| b.is_ascii_graphic());
-            let old = id.time() + GARBAGE_GRACE < now
-                && u.initiated.is_none_or(|t| t + GARBAGE_GRACE < now);
+            let started_long_ago = |t: time::OffsetDateTime| t + GARBAGE_GRACE < now;
+            let old = match keys::archive_of(name, &u.key) {
+                Some((id, _)) => {
+                    started_long_ago(id.time()) && u.initiated.is_none_or(started_long_ago)
+                }
+                None => {
+                    matches!(
+                        keys::segment_of(name, &u.key),
+                        Some((_, keys::SegmentPart::Data))
+                    ) && u.initiated.is_some_and(started_long_ago)
+                }
+            };
             id_ok && old
         })
         .map(|u| StaleUpload {
@@ -646,6 +657,27 @@ mod tests {
             up("db10/20261120T030000Z/data.tar.zst", "u7", old), // another name
             up("db1/20261120T030000Z/data.tar.zst", "bad id", old), // not an upload id
             up("db1/20261120T030000Z/data.tar.zst", "", old),
+            // A binary log segment's data: only by when the upload started.
+            up(
+                "db1/binlogs/1/binlog.000042-20261128T020000Z/binlog.zst",
+                "u8",
+                old,
+            ), // aborted
+            up(
+                "db1/binlogs/1/binlog.000042-20261101T020000Z/binlog.zst",
+                "u9",
+                Some(now),
+            ), // an old file shipped just now
+            up(
+                "db1/binlogs/1/binlog.000042-20261101T020000Z/binlog.zst",
+                "u10",
+                None,
+            ), // the store does not say when
+            up(
+                "db1/binlogs/1/binlog.000042-20261101T020000Z/meta.toml",
+                "u11",
+                old,
+            ), // not segment data
         ];
         let got: Vec<_> = stale_uploads(&pending, &name, now)
             .into_iter()
@@ -663,6 +695,11 @@ mod tests {
                     "db1/20261120T030000Z/data.tar.xz".to_string(),
                     "u2".to_string(),
                     None
+                ),
+                (
+                    "db1/binlogs/1/binlog.000042-20261128T020000Z/binlog.zst".to_string(),
+                    "u8".to_string(),
+                    Some("2026-11-20T03:05:00Z".to_string())
                 ),
             ]
         );
