@@ -366,7 +366,43 @@ async fn ship(
         "{} changed while it was read",
         path.display()
     );
-    let data_key = seg.data_key(name);
+    let (stored_size, sha) = upload_data(store, &seg.data_key(name), keys, path, size).await?;
+    pause_at(PAUSE_DATA_STORED);
+    let mut meta = SegmentMeta::of(
+        name,
+        file,
+        &walked,
+        stored_size,
+        Sha256Hex::parse(&sha).map_err(anyhow::Error::msg)?,
+    );
+    meta.encryption = keys.recipients.as_ref().map(|r| r.encryption());
+    store_meta(store, name, keys, seg, &meta, path).await?;
+    let meta_key = seg.meta_key(name);
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(
+        "shipped {} ({} bytes, {} transactions{}) to {} in {secs:.2}s",
+        file,
+        size,
+        meta.transactions,
+        match (&meta.first_gtid, &meta.last_gtid) {
+            (Some(a), Some(b)) => format!(", {a} to {b}"),
+            _ => String::new(),
+        },
+        store.url(&meta_key)
+    );
+    Ok(meta)
+}
+
+/// The binary log at `path` (`size` bytes) → zstd → encryption (with
+/// `[encryption]`) → SHA-256 → the store's streamed upload of `data_key`:
+/// the bytes stored and their SHA-256.
+async fn upload_data(
+    store: &dyn Store,
+    data_key: &str,
+    keys: &Keys,
+    path: &Path,
+    size: u64,
+) -> anyhow::Result<(u64, String)> {
     let (writer, upload) = store.transfer().upload(size);
     let (produced, uploaded) = std::thread::scope(|scope| {
         let producer = scope.spawn(|| -> anyhow::Result<(u64, String)> {
@@ -394,37 +430,39 @@ async fn ship(
             Ok((stored, sha))
         });
         let uploaded = tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(store.put_stream(&data_key, upload))
+            tokio::runtime::Handle::current().block_on(store.put_stream(data_key, upload))
         });
         let produced = producer
             .join()
             .map_err(|_| anyhow::anyhow!("the compression thread panicked"));
         (produced, uploaded)
     });
-    let (stored_size, sha) = match (produced?, uploaded) {
-        (Ok(p), Ok(n)) if p.0 == n => p,
+    match (produced?, uploaded) {
+        (Ok(p), Ok(n)) if p.0 == n => Ok(p),
         (Ok(p), Ok(n)) => anyhow::bail!(
             "stored {n} bytes of {} but produced {}",
-            store.url(&data_key),
+            store.url(data_key),
             p.0
         ),
-        (_, Err(u)) => {
-            return Err(u.context(format!(
-                "upload of {} failed; it is shipped again on the next cycle",
-                store.url(&data_key)
-            )))
-        }
-        (Err(p), Ok(_)) => return Err(p),
-    };
-    pause_at(PAUSE_DATA_STORED);
-    let mut meta = SegmentMeta::of(
-        name,
-        file,
-        &walked,
-        stored_size,
-        Sha256Hex::parse(&sha).map_err(anyhow::Error::msg)?,
-    );
-    meta.encryption = keys.recipients.as_ref().map(|r| r.encryption());
+        (_, Err(u)) => Err(u.context(format!(
+            "upload of {} failed; it is shipped again on the next cycle",
+            store.url(data_key)
+        ))),
+        (Err(p), Ok(_)) => Err(p),
+    }
+}
+
+/// The metadata of `seg` stored after its data: its MAC first (with
+/// `[auth]`), then the metadata, create-only; metadata already there from
+/// an attempt whose answer was lost must describe the same data.
+async fn store_meta(
+    store: &dyn Store,
+    name: &BackupName,
+    keys: &Keys,
+    seg: &SegmentId,
+    meta: &SegmentMeta,
+    path: &Path,
+) -> anyhow::Result<()> {
     let meta_key = seg.meta_key(name);
     // The MAC before the metadata: metadata is never visible without it.
     // (Replaced freely: without its metadata, a MAC stands for nothing.)
@@ -459,19 +497,7 @@ async fn ship(
         }
         Err(e) => return Err(e),
     }
-    let secs = started.elapsed().as_secs_f64();
-    tracing::info!(
-        "shipped {} ({} bytes, {} transactions{}) to {} in {secs:.2}s",
-        file,
-        size,
-        meta.transactions,
-        match (&meta.first_gtid, &meta.last_gtid) {
-            (Some(a), Some(b)) => format!(", {a} to {b}"),
-            _ => String::new(),
-        },
-        store.url(&meta_key)
-    );
-    Ok(meta)
+    Ok(())
 }
 
 /// `MYSNAP_TEST_PAUSE_AT=<point>`: says `paused at <point>` on stderr and

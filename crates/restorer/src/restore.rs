@@ -167,30 +167,7 @@ pub async fn restore(
     let (streamed, unpack_secs) = stage(cfg, &plan, int, progress).await?;
     int.stop_if_set()?;
     // Rolled forward in the staging directory, before the live server stops.
-    let replayed = match &plan.replay {
-        None => None,
-        Some(r) => Some(
-            crate::replay::replay(
-                cfg,
-                plan.store.clone(),
-                &plan.m,
-                r,
-                &plan.staging,
-                &plan.staging.join(&plan.m.data.datadir),
-                plan.owner,
-                opts.start_timeout,
-                int,
-            )
-            .await
-            .map_err(|e| {
-                if int.is_set() {
-                    common::signal::Interrupted.into()
-                } else {
-                    e.context("restore failed while replaying binary logs; the data directory is unchanged")
-                }
-            })?,
-        ),
-    };
+    let replayed = roll_forward(cfg, opts, &plan).await?;
     int.stop_if_set()?;
     if !opts.stop_first {
         live.enter(Phase::Stop, int)?;
@@ -364,6 +341,40 @@ fn remove_durably(path: &Path, dir: bool) -> anyhow::Result<()> {
         Some(parent) => common::state::sync_dir(parent),
         None => Ok(()),
     }
+}
+
+/// `--until`: the staged data directory rolled forward with the archived
+/// binary logs (`crate::replay`), before the live server is touched.
+async fn roll_forward(
+    cfg: &Config,
+    opts: &RestoreOpts,
+    plan: &Plan,
+) -> anyhow::Result<Option<crate::replay::Replayed>> {
+    let int = &opts.interrupt;
+    Ok(match &plan.replay {
+        None => None,
+        Some(r) => Some(
+            crate::replay::replay(
+                cfg,
+                plan.store.clone(),
+                &plan.m,
+                r,
+                &plan.staging,
+                &plan.staging.join(&plan.m.data.datadir),
+                plan.owner,
+                opts.start_timeout,
+                int,
+            )
+            .await
+            .map_err(|e| {
+                if int.is_set() {
+                    common::signal::Interrupted.into()
+                } else {
+                    e.context("restore failed while replaying binary logs; the data directory is unchanged")
+                }
+            })?,
+        ),
+    })
 }
 
 /// What [`Phase::Check`] resolved: everything the later phases need.
