@@ -292,37 +292,9 @@ fn status_shows_the_recoverable_window_up_to_a_gap() {
         "[binlog]\nfile = \"binlog.000002\"\nposition = 400\n\n[server]",
     );
     mysnap_tests::plant(&store, "db1", &id, Some(&manifest));
-    let at = |min: i64| common::ids::BackupId::from_time(backup + time::Duration::minutes(min));
     let n = name();
-    let plant_segment = |file: &str, created: i64, last: i64| {
-        let meta = SegmentMeta {
-            format_version: common::binlog::FORMAT_VERSION,
-            name: n.clone(),
-            server_id: 1,
-            file: common::ids::BinlogFile::parse(file).unwrap(),
-            created: at(created),
-            size: 100,
-            stored_size: 50,
-            sha256: common::ids::Sha256Hex::parse(&"ab".repeat(32)).unwrap(),
-            compression: common::config::Compression::Zstd,
-            first_gtid: None,
-            last_gtid: None,
-            transactions: 1,
-            first_event: at(created),
-            last_event: at(last),
-            encryption: None,
-        };
-        let seg = meta.segment();
-        for (key, body) in [
-            (seg.data_key(&n), b"zstd".to_vec()),
-            (seg.meta_key(&n), meta.to_toml().into_bytes()),
-        ] {
-            let path = store.join(key);
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(path, body).unwrap();
-        }
-        meta
-    };
+    let plant_segment =
+        |file: &str, created: i64, last: i64| plant_segment_at(&store, backup, file, created, last);
     plant_segment("binlog.000002", -1, 10);
     plant_segment("binlog.000003", 10, 20);
     plant_segment("binlog.000005", 40, 50);
