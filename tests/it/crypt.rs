@@ -395,6 +395,33 @@ fn binlog_segments_are_encrypted_and_authenticated_and_a_forged_one_is_not_repla
     );
     assert_eq!(rows(&target), "1,2");
 
+    // A byte of each segment's data changed in the store, the metadata
+    // intact: refused (exit 4) before the live server is touched.
+    let data: Vec<(std::path::PathBuf, Vec<u8>)> = metas
+        .iter()
+        .map(|m| {
+            let p = src
+                .tmp
+                .path()
+                .join("store")
+                .join(m.replace("/meta.toml", "/binlog.zst"));
+            let good = std::fs::read(&p).unwrap();
+            (p, good)
+        })
+        .collect();
+    for (p, good) in &data {
+        let mut bad = good.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x01;
+        std::fs::write(p, &bad).unwrap();
+    }
+    let line = error_line(&target.restorer(&src, &["restore", "--until", "latest"]), 4);
+    assert!(line.contains("does not match the SHA-256"), "{line}");
+    assert_eq!(rows(&target), "1,2");
+    for (p, good) in &data {
+        std::fs::write(p, good).unwrap();
+    }
+
     // Metadata changed in the store: its MAC no longer verifies.
     for meta in &metas {
         let path = src.tmp.path().join("store").join(meta);
