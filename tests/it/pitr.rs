@@ -574,19 +574,6 @@ fn a_replica_restored_to_a_point_replicates_from_where_the_replay_stopped() {
     assert_eq!(target.db.checksums("app"), src.db.checksums("app"));
 }
 
-/// Processes whose working directory is under `dir`.
-fn processes_under(dir: &std::path::Path) -> Vec<String> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| {
-            let e = e.ok()?;
-            let cwd = std::fs::read_link(e.path().join("cwd")).ok()?;
-            cwd.starts_with(dir)
-                .then(|| e.file_name().to_string_lossy().into_owned())
-        })
-        .collect()
-}
-
 /// A restore killed (kill -9) while its throwaway server runs on the staged
 /// data: the live server never stopped and its data is untouched; `restorer
 /// recover` stops the leftover server and removes the staging; the same
@@ -614,14 +601,14 @@ fn a_restore_killed_mid_replay_leaves_the_live_server_untouched_and_reruns() {
     child.wait().unwrap();
     let parent = target.datadir.parent().unwrap().to_path_buf();
     assert!(
-        !processes_under(&parent).is_empty(),
+        !mysnap_tests::processes_in(&parent).is_empty(),
         "the throwaway server outlives the kill (what recovery must stop)"
     );
     // The live server still serves its old data.
     assert_eq!(target.db.sql("SELECT v FROM target.marker"), "old data");
     assert_ok(&target.restorer(&rig, &["recover"]), "restorer recover");
     target.assert_untouched("after a restore killed mid-replay and recovered");
-    let left: Vec<String> = processes_under(&parent)
+    let left: Vec<i32> = mysnap_tests::processes_in(&parent)
         .into_iter()
         .filter(|p| {
             // The live server itself works in its data directory.
