@@ -383,24 +383,6 @@ impl Gtid {
     }
 }
 
-/// The offset of the first GTID event of `domain` with a sequence number
-/// past `seq` in the first `size` bytes of a binary log: where a replay up
-/// to and including `seq` stops (`mariadb-binlog --stop-position`, which
-/// applies to the last file); `None` when the file has none.
-pub fn stop_after<R: Read>(
-    r: R,
-    size: u64,
-    domain: u32,
-    seq: u64,
-) -> Result<Option<u64>, ScanError> {
-    let target = Target::Gtid(Gtid {
-        domain,
-        server_id: 0,
-        seq,
-    });
-    Ok(stop_in(r, size, 0, &target)?.at)
-}
-
 /// Where a replay to a target stops in one binary log: at the start of
 /// the first transaction past it, so no transaction is cut in two.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -992,6 +974,16 @@ pub mod tests {
         assert!(unneeded(&segs, &[(1, v("binlog.000009"), minute(15))]).is_empty());
         // No kept backup: nothing is decided.
         assert!(unneeded(&segs, &[]).is_empty());
+    }
+
+    /// Where a replay through `seq` of `domain` stops in a whole file.
+    fn stop_after(f: &[u8], size: u64, domain: u32, seq: u64) -> Result<Option<u64>, ScanError> {
+        let target = Target::Gtid(Gtid {
+            domain,
+            server_id: 0,
+            seq,
+        });
+        Ok(stop_in(f, size, 0, &target)?.at)
     }
 
     #[test]
