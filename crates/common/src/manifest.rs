@@ -197,6 +197,17 @@ struct VersionOnly {
 }
 
 impl Manifest {
+    /// When the snapshot was taken (`created_at`): after the binary log was
+    /// rotated under the lock, so no later than any write the backup lacks.
+    /// The backup id is stamped before the lock and may be seconds earlier.
+    pub fn snapshot_time(&self) -> time::OffsetDateTime {
+        time::OffsetDateTime::parse(
+            &self.created_at,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap_or_else(|_| self.backup_id.time())
+    }
+
     /// Parses a manifest read from `origin` (a store URL or a local path):
     /// every field in its grammar, the fields consistent with each other,
     /// and a format this program knows. Anything else is a [`ManifestError`].

@@ -255,8 +255,8 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
         .iter()
         .filter(|d| d.keep())
         .filter_map(|d| {
-            let (sid, file) = binlog_of.get(&d.id)?;
-            Some((*sid, file.clone(), d.id.time()))
+            let (sid, file, at) = binlog_of.get(&d.id)?;
+            Some((*sid, file.clone(), *at))
         })
         .collect();
     let segments = crate::segments_in(store, &name, &listed, auth.as_ref()).await?;
@@ -289,7 +289,8 @@ struct Manifests {
     /// The ids of the complete backups.
     complete: Vec<BackupId>,
     /// Each complete backup's server id and binary log file.
-    binlog_of: std::collections::BTreeMap<BackupId, (u64, common::ids::BinlogFile)>,
+    binlog_of:
+        std::collections::BTreeMap<BackupId, (u64, common::ids::BinlogFile, time::OffsetDateTime)>,
     /// The manifests that cannot be read (never deleted).
     unreadable: Vec<Unreadable>,
 }
@@ -308,7 +309,10 @@ async fn read_manifests(
         match crate::read_manifest(store, name, &id, auth).await {
             Ok(m) if m.archive.is_some() => {
                 if let Some(b) = &m.binlog {
-                    binlog_of.insert(id.clone(), (m.server.server_id, b.file.clone()));
+                    binlog_of.insert(
+                        id.clone(),
+                        (m.server.server_id, b.file.clone(), m.snapshot_time()),
+                    );
                 }
                 complete.push(id)
             }

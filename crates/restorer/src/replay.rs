@@ -110,7 +110,7 @@ pub async fn plan(
     })?;
     if let Target::Time(t) = target {
         anyhow::ensure!(
-            *t >= m.backup_id.time(),
+            *t >= m.snapshot_time(),
             "--until {} is before backup {}: choose an older backup",
             common::binlog::rfc3339(*t),
             m.backup_id
@@ -136,7 +136,7 @@ pub async fn plan(
         &segments,
         m.server.server_id,
         &b.file,
-        m.backup_id.time(),
+        m.snapshot_time(),
         target,
     )?;
     tracing::info!(

@@ -521,7 +521,7 @@ async fn newest_before(cfg: &Config, target: &common::binlog::Target) -> anyhow:
     let keys = store.list(&common::keys::backups_of(&name)).await?;
     let backups = crate::backups_in(store.as_ref(), &name, &keys, auth.as_ref()).await?;
     let before = |m: &Manifest| match target {
-        Target::Time(t) => m.backup_id.time() <= *t,
+        Target::Time(t) => m.snapshot_time() <= *t,
         Target::Gtid(g) => !m.gtid.as_ref().is_some_and(|set| {
             set.split(',').any(|x| {
                 Gtid::parse(x.trim()).is_ok_and(|b| b.domain == g.domain && b.seq >= g.seq)

@@ -210,7 +210,7 @@ pub fn windows(backups: &[Manifest], segments: &[common::binlog::SegmentMeta]) -
         .filter_map(|m| {
             let b = m.binlog.as_ref()?;
             let sid = m.server.server_id;
-            let (from, to) = common::binlog::window(segments, sid, &b.file, m.backup_id.time())?;
+            let (from, to) = common::binlog::window(segments, sid, &b.file, m.snapshot_time())?;
             Some((sid, from, to))
         })
         .collect();
@@ -362,6 +362,39 @@ mod tests {
         assert_eq!(
             names_in(&keys),
             BTreeSet::from(["Bad Name".to_string(), "db1".to_string()])
+        );
+    }
+
+    /// The id is stamped before the lock; the binary log rotated under the
+    /// lock may be created seconds later, and is still the backup's own.
+    #[test]
+    fn a_window_starts_at_the_snapshot_not_at_the_id() {
+        let mut rig = Rig::new();
+        let mut m = rig.backup(&["mysql"], &[crate::forged::dir("mysql")]);
+        m.backup_id = common::manifest::BackupId::parse("20261126T090000Z").unwrap();
+        m.created_at = common::ids::Text::parse("2026-11-26T09:00:02Z").unwrap();
+        let at = |s: &str| common::manifest::BackupId::parse(s).unwrap();
+        let seg = common::binlog::SegmentMeta {
+            format_version: common::binlog::FORMAT_VERSION,
+            name: name("db1"),
+            server_id: 1,
+            file: common::ids::BinlogFile::parse("binlog.000001").unwrap(),
+            created: at("20261126T090002Z"),
+            size: 1,
+            stored_size: 1,
+            sha256: common::ids::Sha256Hex::parse(&"ab".repeat(32)).unwrap(),
+            compression: common::config::Compression::Zstd,
+            first_gtid: None,
+            last_gtid: None,
+            transactions: 1,
+            first_event: at("20261126T090002Z"),
+            last_event: at("20261126T091000Z"),
+            encryption: None,
+        };
+        let w = windows(&[m], &[seg]);
+        assert_eq!(
+            (w.len(), w[0].from.as_str(), w[0].to.as_str()),
+            (1, "2026-11-26T09:00:02Z", "2026-11-26T09:10:00Z")
         );
     }
 
