@@ -120,7 +120,7 @@ impl RateLimit {
 pub struct ProgressReader<'a, R> {
     inner: R,
     progress: &'a dyn Progress,
-    cancelled: &'a dyn Fn() -> bool,
+    cancelled: &'a (dyn Fn() -> bool + Sync),
     limit: Option<&'a RateLimit>,
 }
 
@@ -141,7 +141,7 @@ impl<'a, R: Read> ProgressReader<'a, R> {
     }
 
     /// Reads fail with "interrupted by a signal" once `cancelled()` is true.
-    pub fn cancelled_by(mut self, cancelled: &'a dyn Fn() -> bool) -> Self {
+    pub fn cancelled_by(mut self, cancelled: &'a (dyn Fn() -> bool + Sync)) -> Self {
         self.cancelled = cancelled;
         self
     }

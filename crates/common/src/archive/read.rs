@@ -51,7 +51,7 @@ const QUEUED: usize = 8;
 /// decrypt an encrypted archive.
 #[allow(clippy::too_many_arguments)]
 pub fn stream(
-    stored: impl Read,
+    stored: impl Read + Send,
     url: &str,
     info: &ArchiveInfo,
     roots: &[RelPath],
@@ -79,14 +79,44 @@ pub fn stream(
             })
         });
         let mut hashing = Hashing::new(ProgressReader::new(stored, progress));
-        let decoded =
-            decode(&mut hashing, url, info, &tx, store_failed, identities).and_then(|()| {
+        let decoded = if info.encryption.is_none() {
+            decode(&mut hashing, url, info, &tx, store_failed).and_then(|()| {
                 drop(tx);
                 // Whatever follows the end of the compressed stream is hashed too.
                 io::copy(&mut hashing, &mut io::sink())
                     .map_err(|e| read_error(url, e, store_failed))?;
-                Ok(hashing.finish())
+                let (_, size, sha) = hashing.finish();
+                Ok((size, sha))
+            })
+        } else {
+            // Decryption costs about what decompression does: it runs on
+            // a thread of its own, ahead of the decoder.
+            let (plain_tx, plain_rx) = mpsc::sync_channel(QUEUED);
+            let opening = scope
+                .spawn(move || decrypt(hashing, url, info, &plain_tx, store_failed, identities));
+            let mut plain = ChunkReader::new(plain_rx);
+            let decoded = decode(&mut plain, url, info, &tx, store_failed).and_then(|()| {
+                drop(tx);
+                // What follows the compressed stream is decrypted and dropped.
+                io::copy(&mut plain, &mut io::sink())
+                    .map(|_| ())
+                    .map_err(|e| read_error(url, e, store_failed))
             });
+            drop(plain);
+            let opened = opening.join().unwrap_or_else(|_| {
+                Err(ArchiveError::Corrupt {
+                    url: url.to_string(),
+                    why: "the decrypting thread panicked".into(),
+                })
+            });
+            match (opened, decoded) {
+                // The decryption's own error (a key, the store, a changed
+                // chunk) says more than the decoder's view of it.
+                (Err(o), _) if !matches!(o, ArchiveError::Stopped) => Err(o),
+                (_, Err(d)) => Err(d),
+                (o, Ok(())) => o,
+            }
+        };
         let unpacked = unpacking.join().unwrap_or_else(|_| {
             Err(ArchiveError::Corrupt {
                 url: url.to_string(),
@@ -95,7 +125,7 @@ pub fn stream(
         });
         (decoded, unpacked)
     });
-    let ((_, size, sha), streamed) = match (decoded, unpacked) {
+    let ((size, sha), streamed) = match (decoded, unpacked) {
         // The decoder stopped because unpacking did: unpacking's error says why.
         (Err(ArchiveError::Stopped), Err(u)) => return Err(u),
         // Both failed: an entry refused on its own says more than a stream
@@ -147,33 +177,67 @@ fn read_error(url: &str, e: io::Error, store_failed: &AtomicBool) -> ArchiveErro
     }
 }
 
-/// Decompresses `stored` into chunks for the unpacking thread, no more than
-/// `info.tar_size` bytes; an error is sent on too, so unpacking stops.
-fn decode<R: Read>(
-    stored: &mut R,
+/// Reads `stored` whole (hashing it), decrypted, into chunks for the
+/// decoder; an error is sent on too, so the decoder stops. The stored size
+/// and SHA-256 once the whole object is read.
+fn decrypt<R: Read>(
+    mut stored: Hashing<R>,
     url: &str,
     info: &ArchiveInfo,
     tx: &mpsc::SyncSender<io::Result<Bytes>>,
     store_failed: &AtomicBool,
     identities: Option<&Identities>,
+) -> Result<(u64, String), ArchiveError> {
+    let fail = |e: ArchiveError| {
+        let _ = tx.send(Err(io::Error::other(e.to_string())));
+        e
+    };
+    let mut plain =
+        crypt::open(&mut stored, info.encryption.as_ref(), identities).map_err(|why| {
+            fail(if store_failed.load(Ordering::SeqCst) {
+                ArchiveError::Store {
+                    url: url.to_string(),
+                    why,
+                }
+            } else {
+                ArchiveError::Key {
+                    url: url.to_string(),
+                    why,
+                }
+            })
+        })?;
+    loop {
+        let mut chunk = Vec::with_capacity(CHUNK as usize);
+        if let Err(e) = (&mut plain).take(CHUNK).read_to_end(&mut chunk) {
+            return Err(fail(read_error(url, e, store_failed)));
+        }
+        if chunk.is_empty() {
+            break;
+        }
+        tx.send(Ok(Bytes::from(chunk)))
+            .map_err(|_| ArchiveError::Stopped)?;
+    }
+    drop(plain);
+    // Whatever follows the end of the age stream is hashed too.
+    io::copy(&mut stored, &mut io::sink()).map_err(|e| fail(read_error(url, e, store_failed)))?;
+    let (_, size, sha) = stored.finish();
+    Ok((size, sha))
+}
+
+/// Decompresses `plain` (the stored bytes, decrypted) into chunks for the
+/// unpacking thread, no more than `info.tar_size` bytes; an error is sent
+/// on too, so unpacking stops.
+fn decode<R: Read>(
+    plain: &mut R,
+    url: &str,
+    info: &ArchiveInfo,
+    tx: &mpsc::SyncSender<io::Result<Bytes>>,
+    store_failed: &AtomicBool,
 ) -> Result<(), ArchiveError> {
     let fail = |e: ArchiveError| {
         let _ = tx.send(Err(io::Error::other(e.to_string())));
         e
     };
-    let plain = crypt::open(stored, info.encryption.as_ref(), identities).map_err(|why| {
-        fail(if store_failed.load(Ordering::SeqCst) {
-            ArchiveError::Store {
-                url: url.to_string(),
-                why,
-            }
-        } else {
-            ArchiveError::Key {
-                url: url.to_string(),
-                why,
-            }
-        })
-    })?;
     let mut decoded =
         decoder(plain, info.compression).map_err(|e| fail(read_error(url, e, store_failed)))?;
     let mut total = 0u64;

@@ -89,7 +89,7 @@ pub fn write_tar<W: Write>(
     layout: &DataLayout,
     out: W,
     progress: &dyn Progress,
-    cancelled: &dyn Fn() -> bool,
+    cancelled: &(dyn Fn() -> bool + Sync),
     read_limit: Option<&RateLimit>,
 ) -> anyhow::Result<(W, TarStats)> {
     let mut tar = Builder::new(Counting::new(out));
@@ -221,7 +221,10 @@ mod tests {
     }
 
     /// The tar stream of the directory `d` below `root`.
-    fn tar_of_d(root: &Path, cancelled: &dyn Fn() -> bool) -> anyhow::Result<(Vec<u8>, TarStats)> {
+    fn tar_of_d(
+        root: &Path,
+        cancelled: &(dyn Fn() -> bool + Sync),
+    ) -> anyhow::Result<(Vec<u8>, TarStats)> {
         let layout = DataLayout {
             volume_root: "/".into(),
             datadir: v("d"),
