@@ -35,7 +35,7 @@ fn segments(rig: &Rig) -> (BTreeMap<String, SegmentMeta>, Vec<String>) {
                 metas.insert(key.to_string(), meta);
             }
             Some((_, SegmentPart::Data)) => data.push(key.to_string()),
-            None => {}
+            Some((_, SegmentPart::Mac)) | None => {}
         }
     }
     let orphans = data
@@ -802,6 +802,19 @@ fn prune_deletes_only_the_segments_before_the_oldest_kept_backup() {
     .iter()
     .map(|(f, c, l)| plant_segment_at(&store, t0, f, *c, *l))
     .collect();
+    // What a killed prune or archiver leaves: data and MAC without
+    // metadata, one before what the kept backup needs, one after it (maybe
+    // being shipped right now).
+    let n = name();
+    let orphans: Vec<_> = [("binlog.000001", -5), ("binlog.000006", rel(kept) + 20)]
+        .iter()
+        .map(|(f, c)| {
+            let seg = plant_segment_at(&store, t0, f, *c, *c).segment();
+            std::fs::remove_file(store.join(seg.meta_key(&n))).unwrap();
+            std::fs::write(store.join(seg.mac_key(&n)), "mac").unwrap();
+            seg
+        })
+        .collect();
     let config = dir.join("db1.toml");
     std::fs::write(
         &config,
@@ -823,7 +836,16 @@ fn prune_deletes_only_the_segments_before_the_oldest_kept_backup() {
         .unwrap();
     assert_ok(&out, "restorer prune --apply");
     let text = String::from_utf8_lossy(&out.stdout);
-    let n = name();
+    for (seg, gone) in orphans.iter().zip([true, false]) {
+        for key in [seg.mac_key(&n), seg.data_key(&n)] {
+            assert_eq!(!store.join(&key).exists(), gone, "{key}: {text}");
+            assert_eq!(
+                text.contains(&format!("removed {key}  a binary log segment's")),
+                gone,
+                "{text}"
+            );
+        }
+    }
     for (i, s) in segs.iter().enumerate() {
         let seg = s.segment();
         let gone = i < 3;

@@ -652,6 +652,46 @@ pub fn unneeded(
     segments: &[SegmentMeta],
     kept: &[(u64, BinlogFile, time::OffsetDateTime)],
 ) -> Vec<SegmentMeta> {
+    let firsts = first_needed(segments, kept);
+    segments
+        .iter()
+        .filter(|s| {
+            firsts
+                .get(&s.server_id)
+                .is_some_and(|(first, t)| s.created < first.created && s.last_event.time() < *t)
+        })
+        .cloned()
+        .collect()
+}
+
+/// Of `orphans` (segments whose data or MAC is stored without metadata: a
+/// prune or an `archiver binlogs` killed between two writes), those no kept
+/// backup can need: of a server with a kept backup, created before the
+/// segment of the oldest kept backup's binary log file. A later orphan may
+/// be a segment being shipped right now: kept.
+pub fn unneeded_orphans(
+    orphans: &[SegmentId],
+    segments: &[SegmentMeta],
+    kept: &[(u64, BinlogFile, time::OffsetDateTime)],
+) -> Vec<SegmentId> {
+    let firsts = first_needed(segments, kept);
+    orphans
+        .iter()
+        .filter(|o| {
+            firsts
+                .get(&o.server_id)
+                .is_some_and(|(first, _)| o.created < first.created)
+        })
+        .cloned()
+        .collect()
+}
+
+/// Per server with a kept backup whose binary log file is archived: that
+/// file's segment for the oldest kept backup, and the backup's time.
+fn first_needed<'a>(
+    segments: &'a [SegmentMeta],
+    kept: &[(u64, BinlogFile, time::OffsetDateTime)],
+) -> std::collections::BTreeMap<u64, (&'a SegmentMeta, time::OffsetDateTime)> {
     let mut oldest: std::collections::BTreeMap<u64, (&BinlogFile, time::OffsetDateTime)> =
         std::collections::BTreeMap::new();
     for (sid, file, t) in kept {
@@ -660,25 +700,16 @@ pub fn unneeded(
             *e = (file, *t);
         }
     }
-    let mut out = Vec::new();
-    for (sid, (file, t)) in oldest {
-        let Some(first) = segments
-            .iter()
-            .filter(|s| s.server_id == sid && s.file == *file && s.created.time() <= t)
-            .max_by_key(|s| s.created.clone())
-        else {
-            continue;
-        };
-        out.extend(
-            segments
+    oldest
+        .into_iter()
+        .filter_map(|(sid, (file, t))| {
+            let first = segments
                 .iter()
-                .filter(|s| {
-                    s.server_id == sid && s.created < first.created && s.last_event.time() < t
-                })
-                .cloned(),
-        );
-    }
-    out
+                .filter(|s| s.server_id == sid && s.file == *file && s.created.time() <= t)
+                .max_by_key(|s| s.created.clone())?;
+            Some((sid, (first, t)))
+        })
+        .collect()
 }
 
 /// RFC 3339, UTC, whole seconds.
@@ -974,6 +1005,14 @@ pub mod tests {
         assert!(unneeded(&segs, &[(1, v("binlog.000009"), minute(15))]).is_empty());
         // No kept backup: nothing is decided.
         assert!(unneeded(&segs, &[]).is_empty());
+        // Orphans: only those created before the first needed segment.
+        let orphan = |file: &str, c: i64| seg(file, c, c).segment();
+        let orphans = [orphan("binlog.000001", 1), orphan("binlog.000009", 90)];
+        assert_eq!(
+            unneeded_orphans(&orphans, &segs, &kept),
+            vec![orphans[0].clone()]
+        );
+        assert!(unneeded_orphans(&orphans, &segs, &[]).is_empty());
     }
 
     /// Where a replay through `seq` of `domain` stops in a whole file.

@@ -198,6 +198,8 @@ pub struct SegmentId {
 pub enum SegmentPart {
     Data,
     Meta,
+    /// The metadata's MAC (`[auth]`).
+    Mac,
 }
 
 impl SegmentId {
@@ -240,6 +242,7 @@ pub fn segment_of(name: &BackupName, key: &str) -> Option<(SegmentId, SegmentPar
     let part = match file {
         BINLOG_DATA_FILE => SegmentPart::Data,
         BINLOG_META_FILE => SegmentPart::Meta,
+        f if f.strip_prefix(BINLOG_META_FILE) == Some(MAC_SUFFIX) => SegmentPart::Mac,
         _ => return None,
     };
     // The creation time is the last 16 bytes, after a '-'.
@@ -394,6 +397,10 @@ mod tests {
         assert_eq!(
             segment_of(&n, &meta),
             Some((seg.clone(), SegmentPart::Meta))
+        );
+        assert_eq!(
+            segment_of(&n, &seg.mac_key(&n)),
+            Some((seg.clone(), SegmentPart::Mac))
         );
         // A file name with dashes of its own.
         let dashed = SegmentId {

@@ -193,6 +193,34 @@ pub fn garbage(
         .collect()
 }
 
+/// The keys in `listed` of segment data and MACs without metadata (what a
+/// prune or an `archiver binlogs` killed between two writes leaves) that no
+/// kept backup can need ([`common::binlog::unneeded_orphans`]).
+fn orphan_keys(
+    listed: &[String],
+    name: &common::manifest::BackupName,
+    segments: &[common::binlog::SegmentMeta],
+    kept: &[(u64, common::ids::BinlogFile, time::OffsetDateTime)],
+) -> Vec<String> {
+    use keys::SegmentPart;
+    let mut parts: std::collections::BTreeMap<keys::SegmentId, bool> = Default::default();
+    for key in listed {
+        if let Some((seg, part)) = keys::segment_of(name, key) {
+            *parts.entry(seg).or_default() |= part == SegmentPart::Meta;
+        }
+    }
+    let orphans: Vec<keys::SegmentId> = parts
+        .into_iter()
+        .filter(|(_, meta)| !meta)
+        .map(|(seg, _)| seg)
+        .collect();
+    common::binlog::unneeded_orphans(&orphans, segments, kept)
+        .iter()
+        .flat_map(|seg| [seg.mac_key(name), seg.data_key(name)])
+        .filter(|key| listed.contains(key))
+        .collect()
+}
+
 /// Recorded only for `--apply` (a dry run changes nothing).
 impl common::metrics::Measured for PruneReport {
     fn samples(&self) -> Vec<common::metrics::Sample> {
@@ -261,6 +289,7 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
         .collect();
     let segments = crate::segments_in(store, &name, &listed, auth.as_ref()).await?;
     let unneeded = common::binlog::unneeded(&segments, &kept);
+    garbage.extend(orphan_keys(&listed, &name, &segments, &kept));
     let binlog_segments = unneeded
         .iter()
         .map(|s| s.segment().meta_key(&name))
@@ -512,6 +541,12 @@ async fn delete(
 fn garbage_kind(key: &str) -> &'static str {
     match keys::parse(key).map(|k| k.object) {
         Some(keys::Object::Drill(_)) => "a drill record without a manifest",
+        None if key.ends_with(keys::BINLOG_DATA_FILE) => {
+            "a binary log segment's data without its metadata, older than any kept backup needs"
+        }
+        None if key.ends_with(".mac") => {
+            "a binary log segment's MAC without its metadata, older than any kept backup needs"
+        }
         _ => "an archive without a manifest",
     }
 }
