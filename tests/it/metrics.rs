@@ -15,7 +15,7 @@ use crate::backup::{assert_ok, error_line, set, Rig, StoreKind};
 
 /// The samples of a metrics file, by metric name; every sample must carry
 /// exactly the labels of (`db1`, `kind`) and a HELP and TYPE gauge line.
-fn read_metrics(path: &Path, kind: &str) -> BTreeMap<String, f64> {
+pub fn read_metrics(path: &Path, kind: &str) -> BTreeMap<String, f64> {
     let text = std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     let labels = format!("{{name=\"db1\",kind=\"{kind}\"}}");

@@ -87,6 +87,12 @@ fn binlogs_are_shipped_whole_once_resumed_and_a_purged_one_is_a_gap() {
         return;
     }
     let rig = Rig::new(StoreKind::S3);
+    let textfile = rig.tmp.path().join("textfile");
+    std::fs::create_dir(&textfile).unwrap();
+    let dir = textfile.to_str().unwrap().to_string();
+    rig.write_config(|t| set(t, "metrics", "textfile_dir", dir.as_str()));
+    let metrics =
+        || crate::metrics::read_metrics(&textfile.join("mysnap_db1_binlogs.prom"), "binlogs");
     rig.db.sql(
         "CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY, v VARCHAR(20)); \
          INSERT INTO app.t VALUES (1, 'one'), (2, 'two')",
@@ -114,10 +120,27 @@ fn binlogs_are_shipped_whole_once_resumed_and_a_purged_one_is_a_gap() {
     );
     let transactions: u64 = metas.values().map(|m| m.transactions).sum();
     assert_eq!(transactions, seq_of(&pos), "every transaction shipped once");
+    // The cycle's metrics: what it shipped, up to which event.
+    let m = metrics();
+    let newest_event = newest.last_event.time().unix_timestamp() as f64;
+    assert_eq!(m["mysnap_last_exit_code"], 0.0, "{m:?}");
+    assert_eq!(m["mysnap_binlogs_shipped"], first.len() as f64, "{m:?}");
+    assert_eq!(
+        m["mysnap_binlogs_newest_event_timestamp_seconds"],
+        newest_event
+    );
+    assert!(!m.contains_key("mysnap_binlogs_last_gap_timestamp_seconds"));
 
     // Nothing written since: nothing closed, nothing shipped.
     assert_eq!(shipped_keys(&ship_once(&rig)), Vec::<String>::new());
     assert_eq!(rig.db.sql("SHOW BINARY LOGS"), logs);
+    // A new run carries the newest event on from the file.
+    let m = metrics();
+    assert_eq!(m["mysnap_binlogs_shipped"], 0.0, "{m:?}");
+    assert_eq!(
+        m["mysnap_binlogs_newest_event_timestamp_seconds"],
+        newest_event
+    );
 
     // A segment whose metadata is missing (a run killed between data and
     // metadata) is shipped again, and only it.
@@ -167,6 +190,20 @@ fn binlogs_are_shipped_whole_once_resumed_and_a_purged_one_is_a_gap() {
     assert!(
         after.values().any(|m| m.file == *current.as_str()),
         "{after:?}"
+    );
+    // The metrics say so: the cycle failed, when the gap was found, and
+    // what it shipped all the same.
+    let m = metrics();
+    assert_eq!(m["mysnap_last_exit_code"], 1.0, "{m:?}");
+    assert!(
+        m["mysnap_binlogs_last_gap_timestamp_seconds"]
+            >= m["mysnap_last_success_timestamp_seconds"],
+        "{m:?}"
+    );
+    assert!(m["mysnap_binlogs_shipped"] >= 1.0, "{m:?}");
+    assert!(
+        m["mysnap_binlogs_newest_event_timestamp_seconds"] >= newest_event,
+        "{m:?}"
     );
 }
 

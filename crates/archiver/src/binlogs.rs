@@ -76,9 +76,12 @@ pub async fn run(cfg: &Config, once: bool, cancel: &Interrupt) -> anyhow::Result
     let info = ConnectInfo::from_config(&cfg.mysql)?;
     let mut stored: Option<Stored> = None;
     let mut reported: BTreeSet<String> = BTreeSet::new();
+    let mut watch = Watch::resume(cfg);
     loop {
         let started = Instant::now();
+        let measured = common::metrics::Started::now();
         let result = cycle(&name, store.as_ref(), &keys, &info, &mut stored, cancel).await;
+        watch.record(cfg, measured, &result);
         match result {
             Ok(c) => {
                 let new: Vec<&String> = c
@@ -121,6 +124,72 @@ pub async fn run(cfg: &Config, once: bool, cancel: &Interrupt) -> anyhow::Result
             }
             tokio::time::sleep(Duration::from_millis(100).min(next - Instant::now())).await;
         }
+    }
+}
+
+/// What the `binlogs` metrics file carries from cycle to cycle (and, read
+/// back when the archiver starts, from the run before): the newest event
+/// shipped and when a gap was last found.
+#[derive(Debug, Default)]
+struct Watch {
+    newest_event: Option<f64>,
+    last_gap: Option<f64>,
+}
+
+impl Watch {
+    fn resume(cfg: &Config) -> Watch {
+        use common::metrics::{Job, Metric, Sample};
+        let mut w = Watch::default();
+        let Some(dir) = &cfg.metrics.textfile_dir else {
+            return w;
+        };
+        for Sample(m, v) in common::metrics::previous(dir, &cfg.backup.name, Job::Binlogs) {
+            match m {
+                Metric::BinlogsNewestEvent => w.newest_event = Some(v),
+                Metric::BinlogsLastGap => w.last_gap = Some(v),
+                _ => {}
+            }
+        }
+        w
+    }
+
+    /// Writes the cycle's metrics: a cycle that found a gap counts as
+    /// failed (exit 1), as `--once` does.
+    fn record(
+        &mut self,
+        cfg: &Config,
+        started: common::metrics::Started,
+        r: &anyhow::Result<Cycle>,
+    ) {
+        use common::error::ExitCode;
+        use common::metrics::{Job, Metric, Sample};
+        let c = match r {
+            Ok(c) => c,
+            Err(e) => {
+                let code = common::cli::exit_code_of(e);
+                return common::metrics::record_samples(cfg, Job::Binlogs, started, code, &[]);
+            }
+        };
+        for m in &c.shipped {
+            let t = m.last_event.time().unix_timestamp() as f64;
+            self.newest_event = Some(self.newest_event.map_or(t, |n| n.max(t)));
+        }
+        if !c.missing.is_empty() {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+            self.last_gap = Some(now.unwrap_or_default().as_secs() as f64);
+        }
+        let mut samples = vec![Sample(Metric::BinlogsShipped, c.shipped.len() as f64)];
+        samples.extend(
+            self.newest_event
+                .map(|t| Sample(Metric::BinlogsNewestEvent, t)),
+        );
+        samples.extend(self.last_gap.map(|t| Sample(Metric::BinlogsLastGap, t)));
+        let code = if c.missing.is_empty() {
+            ExitCode::Success
+        } else {
+            ExitCode::Failure
+        };
+        common::metrics::record_samples(cfg, Job::Binlogs, started, code, &samples);
     }
 }
 

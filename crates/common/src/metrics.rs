@@ -39,6 +39,8 @@ pub enum Job {
     Verify,
     /// `restorer drill`.
     Drill,
+    /// Each cycle of `archiver binlogs`.
+    Binlogs,
 }
 
 impl Job {
@@ -48,6 +50,7 @@ impl Job {
             Job::Prune => "prune",
             Job::Verify => "verify",
             Job::Drill => "drill",
+            Job::Binlogs => "binlogs",
         }
     }
 }
@@ -72,11 +75,14 @@ pub enum Metric {
     PruneUnreadable,
     VerifyBytes,
     VerifyUnpackedBytes,
+    BinlogsShipped,
+    BinlogsNewestEvent,
+    BinlogsLastGap,
 }
 
 impl Metric {
     /// In the order they are written.
-    pub const ALL: [Metric; 16] = [
+    pub const ALL: [Metric; 19] = [
         Metric::LastRunTimestamp,
         Metric::LastSuccessTimestamp,
         Metric::LastExitCode,
@@ -93,6 +99,9 @@ impl Metric {
         Metric::PruneUnreadable,
         Metric::VerifyBytes,
         Metric::VerifyUnpackedBytes,
+        Metric::BinlogsShipped,
+        Metric::BinlogsNewestEvent,
+        Metric::BinlogsLastGap,
     ];
 
     pub fn name(self) -> &'static str {
@@ -121,6 +130,9 @@ impl Metric {
             PruneUnreadable => ("mysnap_prune_unreadable", "Manifests the last successful prune could not read (never deleted).", Some(Job::Prune)),
             VerifyBytes => ("mysnap_verify_bytes", "Bytes of stored archive the last successful verify read and checked.", Some(Job::Verify)),
             VerifyUnpackedBytes => ("mysnap_verify_unpacked_bytes", "Bytes of file data the last successful verify checked.", Some(Job::Verify)),
+            BinlogsShipped => ("mysnap_binlogs_shipped", "Binary log segments the last cycle of archiver binlogs shipped.", Some(Job::Binlogs)),
+            BinlogsNewestEvent => ("mysnap_binlogs_newest_event_timestamp_seconds", "Time of the last event of the newest binary log segment archiver binlogs shipped (Unix time).", Some(Job::Binlogs)),
+            BinlogsLastGap => ("mysnap_binlogs_last_gap_timestamp_seconds", "When archiver binlogs last found binary logs purged before they were shipped (Unix time).", Some(Job::Binlogs)),
         }
     }
 
@@ -173,19 +185,32 @@ pub async fn track<T: Measured>(
 /// now with `result`, when `metrics.textfile_dir` is set. Never fails: a
 /// file that cannot be written is one warning naming it and the fix.
 pub fn record<T: Measured>(cfg: &Config, job: Job, started: Started, result: &anyhow::Result<T>) {
-    let Some(dir) = &cfg.metrics.textfile_dir else {
-        return;
-    };
     let (code, samples) = match result {
         Ok(t) => (ExitCode::Success, t.samples()),
         Err(e) => (crate::cli::exit_code_of(e), Vec::new()),
+    };
+    record_samples(cfg, job, started, code, &samples);
+}
+
+/// [`record`] with the exit code and samples given: a failed run's
+/// samples replace those kept from the earlier file (`archiver binlogs`
+/// records when it found a gap in a cycle that fails for it).
+pub fn record_samples(
+    cfg: &Config,
+    job: Job,
+    started: Started,
+    code: ExitCode,
+    samples: &[Sample],
+) {
+    let Some(dir) = &cfg.metrics.textfile_dir else {
+        return;
     };
     let run = Run {
         ended: unix_now(),
         duration: millis(started.0.elapsed().as_secs_f64()),
         exit_code: code as u8,
     };
-    if let Err(e) = write(dir, &cfg.backup.name, job, &run, &samples) {
+    if let Err(e) = write(dir, &cfg.backup.name, job, &run, samples) {
         let outcome = match code {
             ExitCode::Success => "succeeded".to_string(),
             c => format!("failed with exit {}", c as u8),
@@ -247,11 +272,11 @@ pub fn write(
         let previous = read_previous(&path)
             .map(|text| parse(&text, name, job))
             .unwrap_or_default();
-        values.extend(
-            previous
-                .into_iter()
-                .filter(|s| !s.0.is_run_metric() || s.0 == Metric::LastSuccessTimestamp),
-        );
+        values.extend_from_slice(samples);
+        values.extend(previous.into_iter().filter(|s| {
+            (!s.0.is_run_metric() || s.0 == Metric::LastSuccessTimestamp)
+                && !samples.iter().any(|n| n.0 == s.0)
+        }));
     }
     // A run killed mid-write left its temporary file: it does not pile up.
     for stale in crate::state::remove_stale_temps(&path) {
@@ -260,6 +285,15 @@ pub fn write(
     crate::state::write_atomic_with_mode(&path, render(name, job, &values).as_bytes(), FILE_MODE)
         .map_err(|e| anyhow::anyhow!("metrics not written: {e:#}"))?;
     Ok(path)
+}
+
+/// The samples of (`name`, `job`) in `dir`'s file as it is now (none when
+/// there is none or it cannot be read): what a restarted long-running job
+/// carries on from.
+pub fn previous(dir: &Path, name: &str, job: Job) -> Vec<Sample> {
+    read_previous(&file_path(dir, name, job))
+        .map(|text| parse(&text, name, job))
+        .unwrap_or_default()
 }
 
 /// The earlier file, if it is a regular file (never following a link),
@@ -556,6 +590,7 @@ garbage \u{0} line without labels
             (Job::Prune, "prune"),
             (Job::Verify, "verify"),
             (Job::Drill, "drill"),
+            (Job::Binlogs, "binlogs"),
         ] {
             assert_eq!(job.as_str(), kind);
             assert!(Metric::LastExitCode.is_for(job));
