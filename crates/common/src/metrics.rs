@@ -484,6 +484,13 @@ garbage \u{0} line without labels
         ] {
             assert!(second.contains(&s), "{s:?} in {second:?}");
         }
+        // A failed run's own samples replace the kept ones.
+        let gap = [Sample(Metric::BackupBytes, 7.0)];
+        write(dir.path(), "db1", Job::Backup, &run(250.0, 1), &gap).unwrap();
+        let third = previous(dir.path(), "db1", Job::Backup);
+        assert!(third.contains(&gap[0]), "{third:?}");
+        assert!(!third.contains(&Sample(Metric::BackupBytes, 1000.0)));
+        assert!(third.contains(&Sample(Metric::LastSuccessTimestamp, 100.0)));
         // Another job's file is its own.
         write(dir.path(), "db1", Job::Prune, &run(300.0, 1), &[]).unwrap();
         let prune = std::fs::read_to_string(dir.path().join("mysnap_db1_prune.prom")).unwrap();
