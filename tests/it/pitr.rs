@@ -806,6 +806,62 @@ fn plant_segment_at(
     meta
 }
 
+/// Binary log segments whose metadata declares more than the file system
+/// holds (forged, without `[auth]`, or just large) are refused by the room
+/// check before anything is downloaded or changed.
+#[test]
+fn a_replay_that_would_not_fit_is_refused_before_anything_changes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let store = dir.join("store");
+    let backup = plant_backup_at(&store, Duration::from_secs(3600), "binlog.000002");
+    let seg = plant_segment_at(&store, backup, "binlog.000002", -1, 10).segment();
+    let key = store.join(seg.meta_key(&name()));
+    let text = std::fs::read_to_string(&key).unwrap();
+    assert!(text.contains("\nsize = 100\n"), "{text}");
+    std::fs::write(
+        &key,
+        text.replace("\nsize = 100\n", "\nsize = 4611686018427387904\n"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.join("vol/mysql")).unwrap();
+    std::fs::write(dir.join("vol/mysql/ibdata1"), "live").unwrap();
+    let config = dir.join("db1.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mysql]\nstop_command = [\"true\"]\nstart_command = [\"true\"]\n\
+             [volume]\nbackend = \"btrfs\"\nmountpoint = \"{r}/vol\"\ndatadir = \"{r}/vol/mysql\"\n\
+             [store]\nurl = \"file://{r}/store\"\n\
+             [backup]\nname = \"db1\"\nstate_dir = \"{r}/state\"\n",
+            r = dir.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(mysnap_tests::bin("restorer"))
+        .arg("--config")
+        .arg(&config)
+        .args(["restore", "--until", "latest", "--ignore-version"])
+        .output()
+        .unwrap();
+    let line = error_line(&out, 1);
+    assert!(
+        line.contains("not enough room")
+            && line.contains("binary logs to replay")
+            && line.contains("nothing was changed"),
+        "{line}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("vol/mysql/ibdata1")).unwrap(),
+        "live"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.join("vol"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["mysql"], "nothing staged");
+}
+
 /// A planted backup of `db1` `ago` before now whose manifest records binary log `file`.
 fn plant_backup_at(store: &std::path::Path, ago: Duration, file: &str) -> time::OffsetDateTime {
     let id = mysnap_tests::id_ago(ago);

@@ -494,7 +494,14 @@ async fn check(
     let staging = journal::staging_dir(&datadir, &chosen.manifest.backup_id);
     // What a restore that did not finish left is not counted against the room.
     Staging::remove_leftover(&staging)?;
-    check_space(&parent, &chosen.info)?;
+    // The binary logs a replay downloads are decompressed into the staging
+    // directory too (each bounded by the size its metadata declares).
+    let binlogs = replay.as_ref().map_or(0, |r| {
+        r.segments
+            .iter()
+            .fold(0u64, |n, s| n.saturating_add(s.size))
+    });
+    check_space(&parent, &chosen.info, binlogs)?;
     check_not_mount_point(&datadir, &parent)?;
     let owner = cfg.volume.owner_ids()?;
     Ok(Plan {
@@ -620,14 +627,24 @@ pub(crate) fn check_version(m: &Manifest, installed: Option<&ServerVersion>) -> 
     Ok(())
 }
 
-pub(crate) fn check_space(dir: &Path, info: &ArchiveInfo) -> anyhow::Result<()> {
+/// Refuses a restore whose unpacked backup (and `binlogs` bytes of binary
+/// logs to replay) would not fit in `dir`'s file system, with a margin.
+pub(crate) fn check_space(dir: &Path, info: &ArchiveInfo, binlogs: u64) -> anyhow::Result<()> {
     let st = nix::sys::statvfs::statvfs(dir)
         .with_context(|| format!("cannot stat the filesystem of {}", dir.display()))?;
     let avail = st.blocks_available() as u64 * st.fragment_size() as u64;
-    let need = info.unpacked_size + info.unpacked_size / 20 + (64 << 20);
+    let need = (info.unpacked_size + info.unpacked_size / 20 + (64 << 20)).saturating_add(binlogs);
     if avail < need {
+        let logs = if binlogs > 0 {
+            format!(
+                " and its binary logs to replay to {}",
+                bytesize::ByteSize(binlogs)
+            )
+        } else {
+            String::new()
+        };
         anyhow::bail!(
-            "not enough room in {}: the backup unpacks to {} and needs about {}, but only {} are free; nothing was changed",
+            "not enough room in {}: the backup unpacks to {}{logs} and needs about {}, but only {} are free; nothing was changed",
             dir.display(),
             bytesize::ByteSize(info.unpacked_size),
             bytesize::ByteSize(need),
