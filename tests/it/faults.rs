@@ -362,3 +362,55 @@ async fn stream_logged(
     let _ = writer.join();
     result
 }
+
+/// A store without conditional writes (it answers `If-None-Match: *`
+/// 501 NotImplemented, as S3 itself did before 2024 and some compatible
+/// stores still do): create-only writes, whole and multipart, fall back to
+/// a check that the key is absent, so backups still store and an existing
+/// key is still refused; the store is asked conditionally only once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_without_conditional_writes_still_refuses_to_overwrite() {
+    let f = Flaky::new().await;
+    let not_implemented = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>NotImplemented</Code><Message>A header you provided implies functionality that is not implemented</Message><Header>If-None-Match</Header><RequestId>fault-proxy</RequestId></Error>";
+    f.proxy.answer_with(
+        On::ConditionalWrite,
+        hyper::StatusCode::NOT_IMPLEMENTED,
+        not_implemented,
+    );
+    f.store
+        .put_new("new/m", Bytes::from_static(b"first"))
+        .await
+        .unwrap();
+    let e = f
+        .store
+        .put_new("new/m", Bytes::from_static(b"second"))
+        .await
+        .expect_err("put_new of an existing key must fail");
+    assert!(crate::store::is_exists(&e), "{e:#}");
+    let body = data(13 * MIB, 3);
+    stream_new(&*f.store, "new/data.bin", body.clone())
+        .await
+        .unwrap();
+    let e = stream_new(&*f.store, "new/data.bin", data(13 * MIB, 4))
+        .await
+        .expect_err("a multipart create-only write of an existing key must fail");
+    assert!(crate::store::is_exists(&e), "{e:#}");
+    let direct = f.direct().await;
+    assert_eq!(direct.get("new/m", 64).await.unwrap(), &b"first"[..]);
+    let got = direct.get("new/data.bin", 14 * MIB as u64).await.unwrap();
+    assert_eq!(sha(&got), sha(&body));
+    assert!(
+        uploads_on_server(&f.server.root).is_empty(),
+        "no upload left"
+    );
+    let conditional = f
+        .proxy
+        .seen()
+        .iter()
+        .filter(|r| r.header("if-none-match").is_some())
+        .count();
+    assert_eq!(
+        conditional, 1,
+        "asked conditionally once, then checked first"
+    );
+}

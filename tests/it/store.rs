@@ -76,7 +76,7 @@ pub async fn stream_new(store: &dyn Store, key: &str, body: Vec<u8>) -> anyhow::
     result
 }
 
-fn is_exists(e: &anyhow::Error) -> bool {
+pub fn is_exists(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         matches!(
             c.downcast_ref(),

@@ -67,6 +67,10 @@ pub enum On {
     GetObject,
     /// `PUT` of a whole object.
     PutObject,
+    /// A create-only write: `PUT` of a whole object or `POST ?uploadId`
+    /// carrying `If-None-Match` (a store without conditional writes
+    /// answers it 501 NotImplemented).
+    ConditionalWrite,
     /// `POST ?uploads`
     CreateMultipartUpload,
     /// `POST ?uploadId`
@@ -156,6 +160,7 @@ struct RequestKind {
     method: Method,
     path: String,
     query: String,
+    conditional: bool,
 }
 
 impl RequestKind {
@@ -164,6 +169,7 @@ impl RequestKind {
             method: req.method().clone(),
             path: req.uri().path().to_string(),
             query: req.uri().query().unwrap_or("").to_string(),
+            conditional: req.headers().contains_key("if-none-match"),
         }
     }
 
@@ -189,6 +195,10 @@ impl RequestKind {
             On::UploadPart => m == Method::PUT && self.has("partNumber") && self.has("uploadId"),
             On::GetObject => m == Method::GET && self.is_object() && !self.has("uploadId"),
             On::PutObject => m == Method::PUT && self.is_object() && !self.has("uploadId"),
+            On::ConditionalWrite => {
+                self.conditional
+                    && (self.matches(&On::PutObject) || self.matches(&On::CompleteMultipartUpload))
+            }
             On::CreateMultipartUpload => m == Method::POST && self.has("uploads"),
             On::CompleteMultipartUpload => m == Method::POST && self.has("uploadId"),
             On::AbortMultipartUpload => m == Method::DELETE && self.has("uploadId"),

@@ -36,6 +36,8 @@ pub struct S3Store {
     read_timeout: Duration,
     /// What every object written carries (storage class, encryption, lock).
     put_options: PutOptions,
+    /// Set once the store answered a conditional write NotImplemented.
+    no_conditional: std::sync::atomic::AtomicBool,
 }
 
 /// The headers every PutObject and CreateMultipartUpload carries, from
@@ -278,6 +280,7 @@ impl S3Store {
             max_attempts: cfg.max_attempts,
             read_timeout: cfg.read_timeout,
             put_options: PutOptions::from_config(cfg),
+            no_conditional: Default::default(),
         })
     }
 
@@ -340,18 +343,70 @@ impl S3Store {
 
     /// One PutObject; `if_absent`: only when `key` does not exist.
     async fn put_object(&self, key: &str, body: Bytes, if_absent: bool) -> anyhow::Result<()> {
-        let req = self
+        loop {
+            let conditional = if_absent && self.conditional_writes();
+            if if_absent && !conditional {
+                self.refuse_existing("PutObject", &self.key(key), &self.url(key))
+                    .await?;
+            }
+            let req = self
+                .client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(self.key(key))
+                .set_if_none_match(conditional.then(|| "*".to_string()))
+                .body(ByteStream::from(body.clone()));
+            match with_put_options!(req, &self.put_options).send().await {
+                Ok(_) => return Ok(()),
+                Err(e) if conditional && not_implemented(&e) => {
+                    self.no_conditional_writes(&s3_error("PutObject", &self.url(key), e));
+                }
+                Err(e) => return Err(s3_error("PutObject", &self.url(key), e).into()),
+            }
+        }
+    }
+
+    /// Without conditional writes: `Exists` when object `full` (at `url`)
+    /// is there already.
+    async fn refuse_existing(&self, op: &str, full: &str, url: &str) -> anyhow::Result<()> {
+        let head = self
             .client
-            .put_object()
+            .head_object()
             .bucket(&self.bucket)
-            .key(self.key(key))
-            .set_if_none_match(if_absent.then(|| "*".to_string()))
-            .body(ByteStream::from(body));
-        with_put_options!(req, &self.put_options)
+            .key(full)
             .send()
-            .await
-            .map_err(|e| s3_error("PutObject", &self.url(key), e))?;
-        Ok(())
+            .await;
+        match head {
+            Ok(_) => Err(StoreError::Exists {
+                op: op.to_string(),
+                url: url.to_string(),
+                hint: "",
+            }
+            .into()),
+            Err(SdkError::ServiceError(e)) if e.err().is_not_found() => Ok(()),
+            Err(e) => Err(s3_error("HeadObject", url, e).into()),
+        }
+    }
+
+    /// Whether create-only writes still carry `If-None-Match: *`: until the
+    /// store answered one NotImplemented.
+    fn conditional_writes(&self) -> bool {
+        !self
+            .no_conditional
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The store does not implement conditional writes: from now on a
+    /// create-only write checks that the key is absent (HEAD), then writes.
+    /// Another writer between the two is not detected: one warning says so.
+    fn no_conditional_writes(&self, e: &dyn std::fmt::Display) {
+        use std::sync::atomic::Ordering;
+        if !self.no_conditional.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "s3://{} does not implement conditional writes (If-None-Match: *): {e}; create-only writes now check that the key is absent first, which cannot tell two writers of the same key apart: give each host its own backup.name",
+                self.bucket
+            );
+        }
     }
 
     async fn abort(&self, full: &str, upload_id: &str) -> Result<(), StoreError> {
@@ -507,20 +562,34 @@ impl S3Store {
         }
         done.sort_by_key(|p| p.part_number());
         let etag = multipart_etag(&done);
-        let completed = self
-            .client
-            .complete_multipart_upload()
-            .bucket(&self.bucket)
-            .key(full)
-            .upload_id(upload_id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(done))
-                    .build(),
-            )
-            .set_if_none_match(upload.create_only.then(|| "*".to_string()))
-            .send()
-            .await;
+        let completed = loop {
+            let conditional = upload.create_only && self.conditional_writes();
+            if upload.create_only && !conditional {
+                // The caller aborts the upload on this error.
+                self.refuse_existing("CompleteMultipartUpload", full, url)
+                    .await?;
+            }
+            let sent = self
+                .client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(full)
+                .upload_id(upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(done.clone()))
+                        .build(),
+                )
+                .set_if_none_match(conditional.then(|| "*".to_string()))
+                .send()
+                .await;
+            match sent {
+                Err(e) if conditional && not_implemented(&e) => {
+                    self.no_conditional_writes(&s3_error("CompleteMultipartUpload", url, e));
+                }
+                other => break other,
+            }
+        };
         if let Err(e) = completed {
             // A CompleteMultipartUpload whose answer was lost is retried by
             // the SDK, and the retry refused (the upload is gone, or the
@@ -553,6 +622,13 @@ impl S3Store {
             .ok()?;
         Some(out.e_tag()?.trim_matches('"').to_string())
     }
+}
+
+/// Whether the store answered that it does not implement the call or a
+/// header of it (S3's `NotImplemented`, HTTP 501).
+fn not_implemented<E: ProvideErrorMetadata>(e: &SdkError<E, HttpResponse>) -> bool {
+    e.code() == Some("NotImplemented")
+        || e.raw_response().is_some_and(|r| r.status().as_u16() == 501)
 }
 
 /// The ETag S3 gives the object of a completed multipart upload: the MD5 of
@@ -732,12 +808,7 @@ impl Store for S3Store {
                 .await
             {
                 Ok(p) => p,
-                Err(e)
-                    if e.code() == Some("NotImplemented")
-                        || e.raw_response().is_some_and(|r| r.status().as_u16() == 501) =>
-                {
-                    return Ok(None)
-                }
+                Err(e) if not_implemented(&e) => return Ok(None),
                 Err(e) => return Err(s3_error("ListMultipartUploads", &self.url(prefix), e).into()),
             };
             // An upload outside the prefix asked for (a broken or hostile
