@@ -185,24 +185,8 @@ state_dir = "{state}"
 
     /// The rig's store, independent of the config file (which tests break on purpose).
     pub fn store_cfg(&self) -> common::config::StoreConfig {
-        common::config::StoreConfig {
-            url: common::config::StoreUrl::parse(&self.store_url).expect("the rig's store URL"),
-            region: Some("us-east-1".into()),
-            endpoint: self.s3.as_ref().map(|s| s.endpoint.clone()),
-            force_path_style: true,
-            part_size: bytesize::ByteSize::mib(5),
-            concurrency: 4,
-            memory_limit: bytesize::ByteSize::mib(256),
-            max_attempts: 3,
-            connect_timeout: std::time::Duration::from_secs(10),
-            read_timeout: std::time::Duration::from_secs(120),
-            storage_class: None,
-            sse: None,
-            sse_kms_key_id: None,
-            object_lock_days: None,
-            object_lock_mode: None,
-            upload_rate_limit: None,
-        }
+        let endpoint = self.s3.as_ref().map(|s| s.endpoint.as_str());
+        mysnap_tests::store_config(&self.store_url, endpoint)
     }
 
     pub fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {

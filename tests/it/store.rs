@@ -355,6 +355,23 @@ async fn s3_store_conformance() {
 
     conformance(&*store, &*sibling, &*missing).await;
 
+    // Again with the SDK's checksums on every request (`store.checksums =
+    // "when_supported"`, the default against AWS itself).
+    let with_checksums = |url: &str| common::config::StoreConfig {
+        checksums: common::config::Checksums::WhenSupported,
+        ..store_config(url, ep)
+    };
+    let store = open(&with_checksums("s3://mysnap-test/pfx3"))
+        .await
+        .unwrap();
+    let sibling = open(&with_checksums("s3://mysnap-test/pfx4"))
+        .await
+        .unwrap();
+    let missing = open(&with_checksums("s3://no-such-bucket/pfx"))
+        .await
+        .unwrap();
+    conformance(&*store, &*sibling, &*missing).await;
+
     // Aborted multipart uploads leave no parts behind on the server.
     let leftovers = uploads_on_server(&server.root);
     assert!(

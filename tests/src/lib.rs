@@ -896,6 +896,7 @@ pub fn store_config(url: &str, endpoint: Option<&str>) -> common::config::StoreC
         object_lock_days: None,
         object_lock_mode: None,
         upload_rate_limit: None,
+        checksums: Default::default(),
     }
 }
 

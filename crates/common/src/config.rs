@@ -512,9 +512,40 @@ pub struct StoreConfig {
     pub object_lock_mode: Option<ObjectLockMode>,
     /// Most bytes per second handed to the store by an upload.
     pub upload_rate_limit: Option<ByteSize>,
+    /// S3 only: when the SDK adds its own checksums to requests (and
+    /// checks them on responses).
+    #[serde(default)]
+    pub checksums: Checksums,
+}
+
+/// `store.checksums`: the AWS SDK's request checksums (a CRC32 on every
+/// write, sent as a header or an `aws-chunked` trailer) and response
+/// validation. Many S3-compatible stores refuse one or the other; mysnap's
+/// own SHA-256 covers every byte end to end either way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Checksums {
+    /// `when_supported` against AWS (no `store.endpoint`) or with Object
+    /// Lock (a retention needs a checksum); `when_required` otherwise.
+    #[default]
+    Auto,
+    /// On every request that can carry one (the SDK's default).
+    WhenSupported,
+    /// Only where the operation requires one.
+    WhenRequired,
 }
 
 impl StoreConfig {
+    /// Whether the SDK adds checksums to every request that can carry one
+    /// (`store.checksums`, with `auto` resolved).
+    pub fn sdk_checksums(&self) -> bool {
+        match self.checksums {
+            Checksums::WhenSupported => true,
+            Checksums::WhenRequired => false,
+            Checksums::Auto => self.endpoint.is_none() || self.object_lock_days.is_some(),
+        }
+    }
+
     /// The Object Lock retention every object gets, when configured.
     pub fn object_lock(&self) -> Option<(ObjectLockMode, u32)> {
         self.object_lock_days
@@ -1092,6 +1123,7 @@ impl Config {
                 ("sse_kms_key_id", s.sse_kms_key_id.is_some()),
                 ("object_lock_days", s.object_lock_days.is_some()),
                 ("object_lock_mode", s.object_lock_mode.is_some()),
+                ("checksums", s.checksums != Checksums::Auto),
             ] {
                 if set {
                     return Err(format!(
@@ -1402,6 +1434,36 @@ name = "db1"
         );
         let err = parse(&text).unwrap_err();
         assert!(err.contains("store.memory_limit"), "{err}");
+    }
+
+    #[test]
+    fn sdk_checksums_are_off_only_for_other_s3_stores_without_object_lock() {
+        let s3 = |extra: &str| {
+            let text = MINIMAL.replace(
+                "url = \"file:///var/backups/mysnap\"",
+                &format!("url = \"s3://bucket/p\"\n{extra}"),
+            );
+            parse(&text).map(|c| c.store.sdk_checksums())
+        };
+        assert_eq!(s3(""), Ok(true), "AWS itself");
+        assert_eq!(s3("endpoint = \"http://minio:9000\""), Ok(false));
+        assert_eq!(
+            s3("endpoint = \"http://minio:9000\"\nobject_lock_days = 7"),
+            Ok(true)
+        );
+        assert_eq!(
+            s3("endpoint = \"http://minio:9000\"\nchecksums = \"when_supported\""),
+            Ok(true)
+        );
+        assert_eq!(s3("checksums = \"when_required\""), Ok(false));
+        let err = s3("checksums = \"always\"").unwrap_err();
+        assert!(err.contains("checksums"), "{err}");
+        let err = parse(&MINIMAL.replace("[store]", "[store]\nchecksums = \"when_required\""))
+            .unwrap_err();
+        assert!(
+            err.contains("store.checksums applies only to an s3://"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -272,6 +272,12 @@ impl S3Store {
         if let Some(endpoint) = &cfg.endpoint {
             b = b.endpoint_url(endpoint);
         }
+        if !cfg.sdk_checksums() {
+            use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
+            b = b
+                .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+                .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        }
         Ok(S3Store {
             client: Client::from_conf(b.build()),
             bucket,
