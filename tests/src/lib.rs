@@ -883,7 +883,7 @@ pub fn store_config(url: &str, endpoint: Option<&str>) -> common::config::StoreC
         url: common::config::StoreUrl::parse(url).unwrap(),
         region: endpoint.map(|_| "us-east-1".to_string()),
         endpoint: endpoint.map(str::to_string),
-        force_path_style: endpoint.is_some(),
+        force_path_style: None,
         part_size: bytesize::ByteSize::mib(5),
         concurrency: 4,
         memory_limit: bytesize::ByteSize::mib(256),

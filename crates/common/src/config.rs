@@ -481,8 +481,10 @@ pub struct StoreConfig {
     pub url: StoreUrl,
     pub region: Option<String>,
     pub endpoint: Option<String>,
-    #[serde(default)]
-    pub force_path_style: bool,
+    /// Path-style requests (`endpoint/bucket/key`); unset: with an
+    /// `endpoint` (S3-compatible stores, whose DNS rarely has a name per
+    /// bucket), else virtual-hosted (AWS).
+    pub force_path_style: Option<bool>,
     #[serde(default = "default_part_size")]
     pub part_size: ByteSize,
     #[serde(default = "default_concurrency")]
@@ -536,6 +538,11 @@ pub enum Checksums {
 }
 
 impl StoreConfig {
+    /// `store.force_path_style`, with its default resolved.
+    pub fn path_style(&self) -> bool {
+        self.force_path_style.unwrap_or(self.endpoint.is_some())
+    }
+
     /// Whether the SDK adds checksums to every request that can carry one
     /// (`store.checksums`, with `auto` resolved).
     pub fn sdk_checksums(&self) -> bool {
@@ -1446,6 +1453,18 @@ name = "db1"
             parse(&text).map(|c| c.store.sdk_checksums())
         };
         assert_eq!(s3(""), Ok(true), "AWS itself");
+        let path_style = |extra: &str| {
+            let text = MINIMAL.replace(
+                "url = \"file:///var/backups/mysnap\"",
+                &format!("url = \"s3://bucket/p\"\n{extra}"),
+            );
+            parse(&text).unwrap().store.path_style()
+        };
+        assert!(!path_style(""), "AWS: virtual-hosted");
+        assert!(path_style("endpoint = \"http://minio:9000\""));
+        assert!(!path_style(
+            "endpoint = \"http://minio:9000\"\nforce_path_style = false"
+        ));
         assert_eq!(s3("endpoint = \"http://minio:9000\""), Ok(false));
         assert_eq!(
             s3("endpoint = \"http://minio:9000\"\nobject_lock_days = 7"),

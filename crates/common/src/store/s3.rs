@@ -253,7 +253,7 @@ impl S3Store {
         }
         let sdk = loader.load().await;
         let mut b = aws_sdk_s3::config::Builder::from(&sdk)
-            .force_path_style(cfg.force_path_style)
+            .force_path_style(cfg.path_style())
             .retry_config(
                 RetryConfig::standard()
                     .with_max_attempts(cfg.max_attempts)
