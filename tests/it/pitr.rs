@@ -352,18 +352,7 @@ fn status_shows_the_recoverable_window_up_to_a_gap() {
     }
     std::fs::remove_dir(store.join(forged.segment().data_key(&n)).parent().unwrap()).unwrap();
 
-    let config = dir.join("db1.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[mysql]\nstop_command = [\"true\"]\nstart_command = [\"true\"]\n\
-             [volume]\nbackend = \"btrfs\"\nmountpoint = \"{r}/vol\"\ndatadir = \"{r}/vol/mysql\"\n\
-             [store]\nurl = \"file://{r}/store\"\n\
-             [backup]\nname = \"db1\"\nstate_dir = \"{r}/state\"\n",
-            r = dir.display()
-        ),
-    )
-    .unwrap();
+    let config = planted_config(dir, "");
     let out = std::process::Command::new(mysnap_tests::bin("restorer"))
         .arg("--config")
         .arg(&config)
@@ -826,18 +815,7 @@ fn a_replay_that_would_not_fit_is_refused_before_anything_changes() {
     .unwrap();
     std::fs::create_dir_all(dir.join("vol/mysql")).unwrap();
     std::fs::write(dir.join("vol/mysql/ibdata1"), "live").unwrap();
-    let config = dir.join("db1.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[mysql]\nstop_command = [\"true\"]\nstart_command = [\"true\"]\n\
-             [volume]\nbackend = \"btrfs\"\nmountpoint = \"{r}/vol\"\ndatadir = \"{r}/vol/mysql\"\n\
-             [store]\nurl = \"file://{r}/store\"\n\
-             [backup]\nname = \"db1\"\nstate_dir = \"{r}/state\"\n",
-            r = dir.display()
-        ),
-    )
-    .unwrap();
+    let config = planted_config(dir, "");
     let out = std::process::Command::new(mysnap_tests::bin("restorer"))
         .arg("--config")
         .arg(&config)
@@ -860,6 +838,25 @@ fn a_replay_that_would_not_fit_is_refused_before_anything_changes() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(left, ["mysql"], "nothing staged");
+}
+
+/// The config of a test on a planted directory store in `dir` (`dir/store`,
+/// a data directory `dir/vol/mysql`, no server: stop and start do nothing),
+/// with `extra` appended.
+fn planted_config(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
+    let config = dir.join("db1.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mysql]\nstop_command = [\"true\"]\nstart_command = [\"true\"]\n\
+             [volume]\nbackend = \"btrfs\"\nmountpoint = \"{r}/vol\"\ndatadir = \"{r}/vol/mysql\"\n\
+             [store]\nurl = \"file://{r}/store\"\n\
+             [backup]\nname = \"db1\"\nstate_dir = \"{r}/state\"\n{extra}",
+            r = dir.display()
+        ),
+    )
+    .unwrap();
+    config
 }
 
 /// A planted backup of `db1` `ago` before now whose manifest records binary log `file`.
@@ -909,19 +906,7 @@ fn prune_deletes_only_the_segments_before_the_oldest_kept_backup() {
             seg
         })
         .collect();
-    let config = dir.join("db1.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[mysql]\nstop_command = [\"true\"]\nstart_command = [\"true\"]\n\
-             [volume]\nbackend = \"btrfs\"\nmountpoint = \"{r}/vol\"\ndatadir = \"{r}/vol/mysql\"\n\
-             [store]\nurl = \"file://{r}/store\"\n\
-             [backup]\nname = \"db1\"\nstate_dir = \"{r}/state\"\n\
-             [retention]\nkeep_last = 1\n",
-            r = dir.display()
-        ),
-    )
-    .unwrap();
+    let config = planted_config(dir, "[retention]\nkeep_last = 1\n");
     let out = std::process::Command::new(mysnap_tests::bin("restorer"))
         .arg("--config")
         .arg(&config)
