@@ -18,6 +18,9 @@
 //! names capped at 4 KiB and the decoders' memory capped.
 
 pub use crate::keys;
+pub mod frames;
+pub mod index;
+pub mod parallel;
 pub mod policy;
 pub mod read;
 pub mod tree;
