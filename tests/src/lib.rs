@@ -985,8 +985,8 @@ pub fn plant_backup(store: &Path, name: &str, id: &str) {
 }
 
 /// Stores `archive` (zstd) as backup `id` of db1 in the directory store
-/// `store_root`, with `real`'s manifest adjusted to it (key, size, SHA-256):
-/// a crafted or damaged copy of a real backup.
+/// `store_root`, with `real`'s manifest adjusted to it (key, size, SHA-256,
+/// format 1, no index): a crafted or damaged copy of a real backup.
 pub fn plant_archive(
     store_root: &Path,
     real: &common::manifest::Manifest,
@@ -1001,6 +1001,9 @@ pub fn plant_archive(
     info.size = archive.len() as u64;
     info.sha256 =
         common::manifest::Sha256Hex::parse(&hex::encode(Sha256::digest(archive))).unwrap();
+    // A single-stream archive: format 1 (an indexed backup's index would not fit it).
+    info.index = None;
+    m.format_version = common::manifest::FORMAT_VERSION;
     m.archive = Some(info);
     let dir = store_root.join("db1").join(id);
     std::fs::create_dir_all(&dir).unwrap();
