@@ -238,7 +238,13 @@ impl Index {
             let padded = e.size.div_ceil(512).checked_mul(512);
             // Sizes are bounded by the manifest before any offset is added.
             if e.size > info.unpacked_size {
-                return Err(at(format!("a size of {} bytes", e.size)));
+                return Err(ArchiveError::TooLarge {
+                    url: url.to_string(),
+                    what: format!(
+                        "its index gives {shown} a size of {} bytes, more than the {} bytes of file contents its manifest declares",
+                        e.size, info.unpacked_size
+                    ),
+                });
             }
             let entry_end = padded.and_then(|p| e.data.checked_add(p));
             let ok = e.header >= end
