@@ -430,9 +430,16 @@ async fn stream_indexed(
     }
     let index = Index::parse(&stored, &index_url, info, &m.data.paths)?;
     drop(stored);
-    // All cores decompress; more requests than cores keep a remote store busy.
+    // All cores decompress; more requests than cores keep a remote store
+    // busy; store.memory_limit bounds the frames held.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = cores.max(store.transfer().download().1);
+    let largest = index
+        .frames
+        .iter()
+        .map(|f| f.tar_len + f.stored_len)
+        .max()
+        .unwrap_or(1);
+    let workers = store.transfer().frame_workers(largest, cores);
     let handle = tokio::runtime::Handle::current();
     let fetch = |r: std::ops::Range<u64>| {
         handle
