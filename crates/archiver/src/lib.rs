@@ -255,10 +255,12 @@ async fn settle(
 }
 
 /// Whether this config writes an indexed archive (manifest format 3):
-/// unencrypted zstd. Encrypted, xz and uncompressed archives stay one
-/// stream (format 1 or 2).
+/// unencrypted zstd, unless `archive.indexed = false`. Encrypted, xz and
+/// uncompressed archives stay one stream (format 1 or 2).
 fn indexed(cfg: &Config, encrypted: bool) -> bool {
-    cfg.archive.compression == common::config::Compression::Zstd && !encrypted
+    cfg.archive.indexed
+        && cfg.archive.compression == common::config::Compression::Zstd
+        && !encrypted
 }
 
 /// The index phase: the frame index of the archive stored create-only

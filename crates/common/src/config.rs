@@ -694,6 +694,14 @@ pub struct ArchiveConfig {
     pub threads: u32,
     /// Most bytes per second read from the snapshot.
     pub read_rate_limit: Option<ByteSize>,
+    /// Unencrypted zstd archives are indexed frames (manifest format 3);
+    /// `false` writes one stream (format 1) as mysnap did before.
+    #[serde(default = "yes")]
+    pub indexed: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for ArchiveConfig {
@@ -703,6 +711,7 @@ impl Default for ArchiveConfig {
             level: None,
             threads: 0,
             read_rate_limit: None,
+            indexed: true,
         }
     }
 }
