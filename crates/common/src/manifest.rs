@@ -486,6 +486,34 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn an_indexed_archive_needs_format_3_unencrypted_zstd_and_its_own_index_key() {
+        let mut m = sample_stored();
+        m.archive.as_mut().unwrap().index = Some(IndexInfo {
+            key: "db1/20261126T093000Z/index.json.zst".into(),
+            size: 10,
+            sha256: v(&"ef".repeat(32)),
+        });
+        let err = Manifest::parse(&m.to_toml(), "t").unwrap_err();
+        assert!(err.why.contains("format version 1"), "{err}");
+        m.format_version = INDEXED_FORMAT_VERSION;
+        assert_eq!(Manifest::parse(&m.to_toml(), "t").unwrap(), m);
+        let mut other = m.clone();
+        other.archive.as_mut().unwrap().index.as_mut().unwrap().key =
+            "db1/20261126T093001Z/index.json.zst".into();
+        let err = Manifest::parse(&other.to_toml(), "t").unwrap_err();
+        assert!(err.why.contains("archive.index.key"), "{err}");
+        let mut xz = m.clone();
+        let a = xz.archive.as_mut().unwrap();
+        a.compression = Compression::Xz;
+        a.key = "db1/20261126T093000Z/data.tar.xz".into();
+        let err = Manifest::parse(&xz.to_toml(), "t").unwrap_err();
+        assert!(err.why.contains("not unencrypted zstd"), "{err}");
+        m.archive.as_mut().unwrap().index = None;
+        let err = Manifest::parse(&m.to_toml(), "t").unwrap_err();
+        assert!(err.why.contains("no archive.index"), "{err}");
+    }
+
+    #[test]
     fn round_trips_through_toml() {
         let m = sample_stored();
         assert_eq!(Manifest::parse(&m.to_toml(), "test").unwrap(), m);
