@@ -437,6 +437,7 @@ fn backup_under_load(lock_method: &str) {
     assert_eq!(
         Manifest {
             archive: None,
+            format_version: m.format_version,
             ..stored.clone()
         },
         m
@@ -450,10 +451,52 @@ fn backup_under_load(lock_method: &str) {
         got, expected,
         "the archive holds exactly the snapshot's files"
     );
+    // Indexed (format 3): the index stored beside it, bound by the manifest.
+    assert_eq!(
+        stored.format_version,
+        common::manifest::INDEXED_FORMAT_VERSION
+    );
+    let ix = info.index.clone().expect("an indexed archive");
+    assert_eq!(ix.key, format!("db1/{id}/index.json.zst"));
+    let ix_bytes = rig.fetch(&ix.key);
+    assert_eq!(
+        (ix_bytes.len() as u64, sha(&ix_bytes)),
+        (ix.size, ix.sha256.to_string())
+    );
+    let index = common::archive::index::Index::parse(&ix_bytes, "index", &info, &stored.data.paths)
+        .unwrap();
+    assert!(index.frames.len() >= 2, "{} frames", index.frames.len());
+    // The escape hatch: `zstd -dc data.tar.zst | tar -x` restores it by hand.
+    let by_hand = tempfile::tempdir().unwrap();
+    let file = by_hand.path().join("data.tar.zst");
+    std::fs::write(&file, &data).unwrap();
+    let out_dir = by_hand.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let mut zstd = Command::new("zstd")
+        .arg("-dc")
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let tar_out = Command::new("tar")
+        .arg("-x")
+        .arg("-C")
+        .arg(&out_dir)
+        .stdin(zstd.stdout.take().unwrap())
+        .output()
+        .unwrap();
+    assert!(zstd.wait().unwrap().success(), "zstd -dc");
+    assert_ok(&tar_out, "tar -x");
+    assert_eq!(
+        listing(&out_dir, &m.data.paths, &m.data.exclude),
+        expected,
+        "zstd -dc | tar -x restores the snapshot's files"
+    );
     assert_eq!(
         rig.store_keys(),
         [
             format!("db1/{id}/data.tar.zst"),
+            format!("db1/{id}/index.json.zst"),
             format!("db1/{id}/manifest.toml")
         ]
     );

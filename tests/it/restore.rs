@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use common::manifest::Manifest;
 use mysnap_tests::{
-    free_port, gate, plant_archive, send_signal, sysbench_prepare, sysbench_run, BtrfsVolume,
-    MariaDb, MariaOpts,
+    free_port, gate, plant_archive, plant_indexed, send_signal, sysbench_prepare, sysbench_run,
+    BtrfsVolume, MariaDb, MariaOpts,
 };
 
 use crate::backup::{assert_ok, error_line, set, Rig, StoreKind};
@@ -478,6 +478,74 @@ fn tampered_and_unsafe_archives_are_refused_with_exit_4_and_the_target_keeps_ser
         &target.restorer(&src, &["verify", &id]),
         "verify of the real backup",
     );
+}
+
+#[test]
+fn a_flipped_byte_in_an_indexed_archive_names_its_file_and_a_format_1_backup_still_restores() {
+    if !gate(
+        "a_flipped_byte_in_an_indexed_archive_names_its_file_and_a_format_1_backup_still_restores",
+    ) {
+        return;
+    }
+    let (src, id, store_root, real) = backed_up_source(7);
+    assert_eq!(
+        real.format_version,
+        common::manifest::INDEXED_FORMAT_VERSION
+    );
+    let info = real.archive.clone().unwrap();
+    let archive = std::fs::read(store_root.join(format!("db1/{id}/data.tar.zst"))).unwrap();
+    let index_bytes = std::fs::read(store_root.join(format!("db1/{id}/index.json.zst"))).unwrap();
+    let index =
+        common::archive::index::Index::parse(&index_bytes, "index", &info, &real.data.paths)
+            .unwrap();
+    // The frame holding the middle of the table's file, flipped there.
+    let victim = index
+        .entries
+        .iter()
+        .find(|e| e.path.ends_with("d/t.ibd"))
+        .expect("d/t.ibd in the index");
+    let frame = victim.chunks.last().unwrap().frame;
+    let f = &index.frames[frame as usize];
+    let in_frame: Vec<&str> = index
+        .entries
+        .iter()
+        .filter(|e| e.chunks.iter().any(|c| c.frame == frame))
+        .map(|e| e.path.as_str())
+        .collect();
+    let mut flipped = archive.clone();
+    flipped[(f.stored_offset + f.stored_len / 2) as usize] ^= 0x40;
+    let rotten = "20261101T000010Z";
+    plant_indexed(&store_root, &real, &id, rotten, &flipped);
+    // The same archive as a single-stream format 1 backup (`zstd -dc` reads
+    // the frames as one stream): what an older mysnap stored.
+    let old = "20261101T000011Z";
+    plant_archive(&store_root, &real, old, &archive);
+    let target = Target::second(&src);
+    for cmd in ["verify", "restore"] {
+        let out = target.restorer(&src, &[cmd, rotten]);
+        let line = error_line(&out, 4);
+        assert!(
+            line.contains("corrupted") && in_frame.iter().any(|p| line.contains(p)),
+            "{cmd}: {line} (frame {frame} holds {in_frame:?})"
+        );
+        target.assert_untouched(cmd);
+    }
+    let m = Manifest::parse(
+        &std::fs::read_to_string(store_root.join(format!("db1/{old}/manifest.toml"))).unwrap(),
+        "planted",
+    )
+    .unwrap();
+    assert_eq!(m.format_version, common::manifest::FORMAT_VERSION);
+    assert!(m.archive.unwrap().index.is_none());
+    assert_ok(
+        &target.restorer(&src, &["verify", old]),
+        "verify of format 1",
+    );
+    assert_ok(
+        &target.restorer(&src, &["restore", old]),
+        "restore of format 1",
+    );
+    assert_eq!(target.db.sql("SELECT id FROM d.t"), "7");
 }
 
 #[test]

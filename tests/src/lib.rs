@@ -986,8 +986,8 @@ pub fn plant_backup(store: &Path, name: &str, id: &str) {
 }
 
 /// Stores `archive` (zstd) as backup `id` of db1 in the directory store
-/// `store_root`, with `real`'s manifest adjusted to it (key, size, SHA-256):
-/// a crafted or damaged copy of a real backup.
+/// `store_root`, with `real`'s manifest adjusted to it (key, size, SHA-256,
+/// format 1, no index): a crafted or damaged copy of a real backup.
 pub fn plant_archive(
     store_root: &Path,
     real: &common::manifest::Manifest,
@@ -1002,10 +1002,45 @@ pub fn plant_archive(
     info.size = archive.len() as u64;
     info.sha256 =
         common::manifest::Sha256Hex::parse(&hex::encode(Sha256::digest(archive))).unwrap();
+    // A single-stream archive: format 1 (an indexed backup's index would not fit it).
+    info.index = None;
+    m.format_version = common::manifest::FORMAT_VERSION;
     m.archive = Some(info);
     let dir = store_root.join("db1").join(id);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("data.tar.zst"), archive).unwrap();
+    std::fs::write(dir.join("manifest.toml"), m.to_toml()).unwrap();
+}
+
+/// Stores `archive`, an indexed archive of the same frames as `real`'s,
+/// as backup `id` of db1 in the directory store `store_root`, with `real`'s
+/// index copied from `real_id` and its manifest moved to `id` (keys, and the
+/// archive's size and whole SHA-256): a damaged copy of a real indexed backup.
+pub fn plant_indexed(
+    store_root: &Path,
+    real: &common::manifest::Manifest,
+    real_id: &str,
+    id: &str,
+    archive: &[u8],
+) {
+    let mut m = real.clone();
+    m.backup_id = common::manifest::BackupId::parse(id).unwrap();
+    let mut info = m.archive.clone().unwrap();
+    info.key = format!("db1/{id}/data.tar.zst");
+    info.size = archive.len() as u64;
+    info.sha256 = common::manifest::Sha256Hex::parse(&common::codec::sha256_hex(archive)).unwrap();
+    let mut ix = info.index.clone().expect("an indexed backup");
+    ix.key = format!("db1/{id}/index.json.zst");
+    info.index = Some(ix);
+    m.archive = Some(info);
+    let dir = store_root.join("db1").join(id);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("data.tar.zst"), archive).unwrap();
+    std::fs::copy(
+        store_root.join(format!("db1/{real_id}/index.json.zst")),
+        dir.join("index.json.zst"),
+    )
+    .unwrap();
     std::fs::write(dir.join("manifest.toml"), m.to_toml()).unwrap();
 }
 

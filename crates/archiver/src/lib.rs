@@ -153,10 +153,14 @@ async fn archive(
         key: &key,
         recipients: recipients.as_ref(),
     };
-    let (stats, size) = stream(cfg, manifest, &sink, uploads, progress, cancel)
+    let (stats, size, index) = stream(cfg, manifest, &sink, uploads, progress, cancel)
         .await
         .map_err(|e| exists_is_taken(e, cfg, manifest, &store.url(&key)))?;
     let cow_used = settle(manifest, backend, store, &key, cancel).await?;
+    let index = match index {
+        Some(index) => Some(store_index(cfg, manifest, store, &index).await?),
+        None => None,
+    };
     let mut complete = manifest.clone();
     complete.archive = Some(ArchiveInfo {
         key,
@@ -169,9 +173,13 @@ async fn archive(
         files: stats.files,
         archive_secs: started.elapsed().as_secs_f64(),
         encryption: recipients.as_ref().map(|r| r.encryption()),
+        index: index.clone(),
     });
     if recipients.is_some() {
         complete.format_version = common::manifest::ENCRYPTED_FORMAT_VERSION;
+    }
+    if index.is_some() {
+        complete.format_version = common::manifest::INDEXED_FORMAT_VERSION;
     }
     store_manifest(cfg, &complete, store, auth.as_ref()).await?;
     Ok(archived(&complete, &stats, size, cow_used, started))
@@ -214,7 +222,8 @@ async fn precheck(
     // Another host writing under the same backup.name may have taken this
     // id: refuse now rather than after the upload. (The archive and the
     // manifest are also written only if absent, for a race.)
-    for k in [&key, &mac_key, &manifest.key()] {
+    let index_key = format::keys::index(&manifest.name, &manifest.backup_id);
+    for k in [&key, &index_key, &mac_key, &manifest.key()] {
         if store.size(k).await?.is_some() {
             return Err(taken(cfg, manifest, &store.url(k)));
         }
@@ -243,6 +252,47 @@ async fn settle(
             Err(e.context("the snapshot became invalid during the backup; the archive was deleted"))
         }
     }
+}
+
+/// Whether this config writes an indexed archive (manifest format 3):
+/// unencrypted zstd, unless `archive.indexed = false`. Encrypted, xz and
+/// uncompressed archives stay one stream (format 1 or 2).
+fn indexed(cfg: &Config, encrypted: bool) -> bool {
+    cfg.archive.indexed
+        && cfg.archive.compression == common::config::Compression::Zstd
+        && !encrypted
+}
+
+/// The index phase: the frame index of the archive stored create-only
+/// after the archive, before the manifest (which binds it by size and
+/// SHA-256). Without a manifest it is garbage, like the archive.
+async fn store_index(
+    cfg: &Config,
+    manifest: &Manifest,
+    store: &dyn store::Store,
+    index: &format::index::Index,
+) -> anyhow::Result<common::manifest::IndexInfo> {
+    let key = format::keys::index(&manifest.name, &manifest.backup_id);
+    let bytes = index
+        .to_stored()
+        .context("compressing the archive's index")?;
+    anyhow::ensure!(
+        bytes.len() as u64 <= format::index::MAX_INDEX_STORED,
+        "the archive's index is {} bytes, more than the {} a restore reads: too many files for an indexed archive; set archive.compression = \"xz\" for this server",
+        bytes.len(),
+        format::index::MAX_INDEX_STORED
+    );
+    let sha = common::codec::sha256_hex(&bytes);
+    let size = bytes.len() as u64;
+    store
+        .put_new(&key, bytes.into())
+        .await
+        .map_err(|e| exists_is_taken(e, cfg, manifest, &store.url(&key)))?;
+    Ok(common::manifest::IndexInfo {
+        key,
+        size,
+        sha256: common::manifest::Sha256Hex::parse(&sha).map_err(anyhow::Error::msg)?,
+    })
 }
 
 /// The manifest phase: its MAC first (`[auth]`: a manifest is never
@@ -358,7 +408,7 @@ async fn stream(
     uploads: store::UploadLog,
     progress: &dyn Progress,
     cancel: &Interrupt,
-) -> anyhow::Result<(TarStats, u64)> {
+) -> anyhow::Result<(TarStats, u64, Option<format::index::Index>)> {
     let (store, key) = (sink.store, sink.key);
     let snap = &manifest.snapshot.path;
     let estimate = format::write::estimate(snap, &manifest.data)?;
@@ -400,8 +450,8 @@ async fn stream(
             store.url(key)
         )
     };
-    let (stats, size) = match (produced?, uploaded) {
-        (Ok(stats), Ok(size)) => (stats, size),
+    let ((stats, index), size) = match (produced?, uploaded) {
+        (Ok(produced), Ok(size)) => (produced, size),
         // The upload stopped first: its error is the cause.
         (Err(p), Err(u)) if is_broken_pipe(&p) => return Err(u.context(incomplete())),
         (Err(p), _) => return Err(p.context("the backup is incomplete and not listed")),
@@ -412,7 +462,7 @@ async fn stream(
         "stored {size} bytes but produced {}",
         stats.stored_size
     );
-    Ok((stats, size))
+    Ok((stats, size, index))
 }
 
 /// Buffers of [`common::codec::HANDOFF_CHUNK`] between the producer's two
@@ -420,7 +470,8 @@ async fn stream(
 const HANDOFF_DEPTH: usize = 4;
 
 /// The producing thread of [`stream`]: tar → codec → encryption (when
-/// `recipients`) → SHA-256 → `writer`, the upload's parts;
+/// `recipients`) → SHA-256 → `writer`, the upload's parts; with unencrypted
+/// zstd, the codec is the frame writer, and the index is returned too;
 /// `archive.read_rate_limit` on the snapshot's reads.
 fn produce(
     cfg: &Config,
@@ -429,7 +480,7 @@ fn produce(
     recipients: Option<&common::crypt::Recipients>,
     progress: &dyn Progress,
     cancel: &Interrupt,
-) -> anyhow::Result<TarStats> {
+) -> anyhow::Result<(TarStats, Option<format::index::Index>)> {
     let (compression, level) = (cfg.archive.compression, cfg.level());
     let threads = common::codec::threads(cfg.archive.threads);
     let read_limit = cfg
@@ -446,68 +497,89 @@ fn produce(
         Some(_) => (Some(&mut enc), None),
         None => (None, Some(&mut enc)),
     };
-    let stats = std::thread::scope(|scope| -> anyhow::Result<TarStats> {
-        let hashing = scope.spawn(move || -> anyhow::Result<()> {
-            if let Some(enc) = to_hash {
-                sealed_back.drain(enc)?;
-            }
-            Ok(())
-        });
-        let sealing = scope.spawn(move || -> anyhow::Result<()> {
-            match to_seal {
-                Some(enc) => {
-                    let mut plain = common::crypt::Sealer::new(enc, None)?;
-                    back.drain(&mut plain)?;
+    let (stats, index) = std::thread::scope(
+        |scope| -> anyhow::Result<(TarStats, Option<format::index::Index>)> {
+            let hashing = scope.spawn(move || -> anyhow::Result<()> {
+                if let Some(enc) = to_hash {
+                    sealed_back.drain(enc)?;
                 }
-                None => {
-                    let mut sealed = common::crypt::Sealer::new(sealed_front, recipients)
-                        .context("starting encryption")?;
-                    back.drain(&mut sealed)?;
-                    sealed.finish().context("finishing encryption")?.finish()?;
+                Ok(())
+            });
+            let sealing = scope.spawn(move || -> anyhow::Result<()> {
+                match to_seal {
+                    Some(enc) => {
+                        let mut plain = common::crypt::Sealer::new(enc, None)?;
+                        back.drain(&mut plain)?;
+                    }
+                    None => {
+                        let mut sealed = common::crypt::Sealer::new(sealed_front, recipients)
+                            .context("starting encryption")?;
+                        back.drain(&mut sealed)?;
+                        sealed.finish().context("finishing encryption")?.finish()?;
+                    }
                 }
+                Ok(())
+            });
+            let tarred = (|| -> anyhow::Result<(TarStats, Option<format::index::Index>)> {
+                if indexed(cfg, recipients.is_some()) {
+                    // Independent frames, compressed `threads` at a time, and their index.
+                    let frames =
+                        format::frames::FrameWriter::new(front, level as i32, threads as usize);
+                    let (frames, stats) = format::write_tar(
+                        &manifest.snapshot.path,
+                        &manifest.data,
+                        frames,
+                        progress,
+                        &|| cancel.is_set(),
+                        read_limit.as_ref(),
+                    )?;
+                    let (front, index) = frames.finish().context("finishing compression")?;
+                    front.finish()?;
+                    return Ok((stats, Some(index)));
+                }
+                let enc_writer = common::codec::Encoder::new(front, compression, level, threads)?;
+                let (enc_writer, stats) = format::write_tar(
+                    &manifest.snapshot.path,
+                    &manifest.data,
+                    enc_writer,
+                    progress,
+                    &|| cancel.is_set(),
+                    read_limit.as_ref(),
+                )?;
+                enc_writer
+                    .finish()
+                    .context("finishing compression")?
+                    .finish()?;
+                Ok((stats, None))
+            })();
+            let sealed = sealing
+                .join()
+                .map_err(|_| anyhow::anyhow!("the encryption thread panicked"))?;
+            // The last stage's error first: the others then stop on a closed hand-off.
+            hashing
+                .join()
+                .map_err(|_| anyhow::anyhow!("the hashing thread panicked"))??;
+            match (tarred, sealed) {
+                (Ok(produced), Ok(())) => Ok(produced),
+                // The later stage stopped first: its error is the cause.
+                (Err(t), Err(s)) if is_broken_pipe(&t) => Err(s),
+                (Err(t), _) => Err(t),
+                (Ok(_), Err(s)) => Err(s),
             }
-            Ok(())
-        });
-        let tarred = (|| -> anyhow::Result<TarStats> {
-            let enc_writer = common::codec::Encoder::new(front, compression, level, threads)?;
-            let (enc_writer, stats) = format::write_tar(
-                &manifest.snapshot.path,
-                &manifest.data,
-                enc_writer,
-                progress,
-                &|| cancel.is_set(),
-                read_limit.as_ref(),
-            )?;
-            enc_writer
-                .finish()
-                .context("finishing compression")?
-                .finish()?;
-            Ok(stats)
-        })();
-        let sealed = sealing
-            .join()
-            .map_err(|_| anyhow::anyhow!("the encryption thread panicked"))?;
-        // The last stage's error first: the others then stop on a closed hand-off.
-        hashing
-            .join()
-            .map_err(|_| anyhow::anyhow!("the hashing thread panicked"))??;
-        match (tarred, sealed) {
-            (Ok(stats), Ok(())) => Ok(stats),
-            // The later stage stopped first: its error is the cause.
-            (Err(t), Err(s)) if is_broken_pipe(&t) => Err(s),
-            (Err(t), _) => Err(t),
-            (Ok(_), Err(s)) => Err(s),
-        }
-    })?;
+        },
+    )?;
     let (writer, size, sha) = enc.finish();
     writer
         .finish()
         .context("handing the last part to the upload")?;
-    Ok(TarStats {
-        stored_size: size,
-        sha256: sha,
-        ..stats
-    })
+    Ok((
+        TarStats {
+            stored_size: size,
+            sha256: sha,
+            ..stats
+        },
+        index,
+    ))
 }
 
 fn bytesize(n: u64) -> String {

@@ -103,6 +103,11 @@ pub fn decoder<'a, R: Read + 'a>(
     })
 }
 
+/// The lowercase hex SHA-256 of `bytes` (a frame, an index, a chunk).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
 /// Counts and hashes what passes through, in either direction.
 pub struct Hashing<T> {
     inner: T,

@@ -732,6 +732,14 @@ pub struct ArchiveConfig {
     pub threads: u32,
     /// Most bytes per second read from the snapshot.
     pub read_rate_limit: Option<ByteSize>,
+    /// Unencrypted zstd archives are indexed frames (manifest format 3);
+    /// `false` writes one stream (format 1) as mysnap did before.
+    #[serde(default = "yes")]
+    pub indexed: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for ArchiveConfig {
@@ -741,6 +749,7 @@ impl Default for ArchiveConfig {
             level: None,
             threads: 0,
             read_rate_limit: None,
+            indexed: true,
         }
     }
 }

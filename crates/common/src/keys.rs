@@ -4,6 +4,7 @@
 //! ```text
 //! <backup.name>/<backup id>/data.tar.zst | data.tar.xz | data.tar   the archive, written first
 //!                                  (+ `.age` when encrypted: data.tar.zst.age, ...)
+//! <backup.name>/<backup id>/index.json.zst                          format 3: the frame index, after the archive
 //! <backup.name>/<backup id>/manifest.toml.mac                        its HMAC, before the manifest ([auth])
 //! <backup.name>/<backup id>/manifest.toml                            written last: the backup exists
 //! <backup.name>/<backup id>/drill-<time>.toml                        a restore drill's result (`restorer drill`)
@@ -58,6 +59,14 @@ pub fn archives(name: &BackupName, id: &BackupId) -> Vec<String> {
         .collect()
 }
 
+/// The frame index's file name (format 3: an archive of independent zstd frames).
+pub const INDEX_FILE: &str = "index.json.zst";
+
+/// The frame index of backup `id`: stored after the archive, before the manifest.
+pub fn index(name: &BackupName, id: &BackupId) -> String {
+    format!("{name}/{id}/{INDEX_FILE}")
+}
+
 /// The manifest's MAC (`[auth]`): stored before the manifest.
 pub fn manifest_mac(name: &BackupName, id: &BackupId) -> String {
     format!("{}{MAC_SUFFIX}", manifest(name, id))
@@ -86,6 +95,8 @@ pub enum Object {
         compression: Compression,
         encrypted: bool,
     },
+    /// The frame index of an indexed archive (`index.json.zst`).
+    Index,
     /// A drill record, with the drill's start.
     Drill(BackupId),
 }
@@ -114,6 +125,7 @@ pub fn parse(key: &str) -> Option<Key> {
     let object = match (file, compression) {
         (MANIFEST_FILE, _) => Object::Manifest,
         (f, _) if f == mac => Object::ManifestMac,
+        (INDEX_FILE, _) => Object::Index,
         (_, Some(compression)) => Object::Archive {
             compression,
             encrypted,
@@ -163,6 +175,15 @@ pub fn manifest_id(name: &BackupName, key: &str) -> Option<BackupId> {
 pub fn archive_of(name: &BackupName, key: &str) -> Option<(BackupId, Compression)> {
     match parse_of(name, key)? {
         (id, Object::Archive { compression, .. }) => Some((id, compression)),
+        _ => None,
+    }
+}
+
+/// The backup id of an index key of `name` (`<name>/<id>/index.json.zst`);
+/// `None` for every other key.
+pub fn index_of(name: &BackupName, key: &str) -> Option<BackupId> {
+    match parse_of(name, key)? {
+        (id, Object::Index) => Some(id),
         _ => None,
     }
 }
@@ -294,6 +315,24 @@ mod tests {
             "db1/20261126T093000Z/manifest.toml.bak",
         ] {
             assert_eq!(manifest_id(&n, other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn index_key() {
+        let (n, id): (BackupName, BackupId) = (v("db1"), v("20261126T093000Z"));
+        let key = index(&n, &id);
+        assert_eq!(key, "db1/20261126T093000Z/index.json.zst");
+        assert_eq!(index_of(&n, &key), Some(id.clone()));
+        assert_eq!(parse(&key).map(|k| k.object), Some(Object::Index));
+        assert_eq!(manifest_id(&n, &key), None);
+        assert_eq!(archive_of(&n, &key), None);
+        for other in [
+            "db1/20261126T093000Z/index.json",
+            "db1-x/20261126T093000Z/index.json.zst",
+            "db1/20261126T093000Z/index.json.zst.age",
+        ] {
+            assert_eq!(index_of(&n, other), None, "{other}");
         }
     }
 

@@ -28,8 +28,12 @@ pub const FORMAT_VERSION: u32 = 1;
 /// a mysnap without encryption refuses it ("upgrade mysnap") instead of
 /// misreading it.
 pub const ENCRYPTED_FORMAT_VERSION: u32 = 2;
+/// The format of a backup whose archive is indexed (unencrypted zstd cut
+/// into independent frames, `archive.index`): restored in parallel, by
+/// ranges. A mysnap that predates it refuses it ("upgrade mysnap").
+pub const INDEXED_FORMAT_VERSION: u32 = 3;
 /// The newest format this mysnap reads (and every older one).
-pub const MAX_FORMAT_VERSION: u32 = ENCRYPTED_FORMAT_VERSION;
+pub const MAX_FORMAT_VERSION: u32 = INDEXED_FORMAT_VERSION;
 /// The most recipients a manifest may name.
 pub const MAX_RECIPIENTS: usize = 64;
 pub use crate::keys::MANIFEST_FILE;
@@ -172,6 +176,21 @@ pub struct ArchiveInfo {
     /// codec): what finds the key, never a key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<Encryption>,
+    /// Present when the archive is indexed (format 3): its frame index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<IndexInfo>,
+}
+
+/// The frame index of an indexed archive, stored beside it before the
+/// manifest; the manifest (and its MAC) bind it by size and SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexInfo {
+    /// Always `<name>/<id>/index.json.zst`.
+    pub key: String,
+    /// Bytes stored (at most `archive::index::MAX_INDEX_STORED`).
+    pub size: u64,
+    pub sha256: Sha256Hex,
 }
 
 /// How an archive is encrypted.
@@ -322,6 +341,33 @@ impl Manifest {
                     a.key
                 ));
             }
+            match (&a.index, self.format_version) {
+                (None, INDEXED_FORMAT_VERSION) => {
+                    return Err(format!(
+                        "has format version {INDEXED_FORMAT_VERSION} but no archive.index"
+                    ))
+                }
+                (None, _) => {}
+                (Some(_), v) if v != INDEXED_FORMAT_VERSION => {
+                    return Err(format!(
+                        "has archive.index but format version {v}: indexed backups are format {INDEXED_FORMAT_VERSION}"
+                    ))
+                }
+                (Some(i), _) => {
+                    if a.compression != Compression::Zstd || a.encryption.is_some() {
+                        return Err(
+                            "has archive.index on an archive that is not unencrypted zstd".into(),
+                        );
+                    }
+                    let want = crate::keys::index(&self.name, &self.backup_id);
+                    if i.key != want {
+                        return Err(format!(
+                            "archive.index.key {:?} is not {want:?}, the key of this backup's index",
+                            i.key
+                        ));
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -407,6 +453,7 @@ pub(crate) mod tests {
             files: 2,
             archive_secs: 1.0,
             encryption: None,
+            index: None,
         });
         m
     }
@@ -436,6 +483,34 @@ pub(crate) mod tests {
             .clear();
         let err = Manifest::parse(&m.to_toml(), "t").unwrap_err();
         assert!(err.why.contains("recipients"), "{err}");
+    }
+
+    #[test]
+    fn an_indexed_archive_needs_format_3_unencrypted_zstd_and_its_own_index_key() {
+        let mut m = sample_stored();
+        m.archive.as_mut().unwrap().index = Some(IndexInfo {
+            key: "db1/20261126T093000Z/index.json.zst".into(),
+            size: 10,
+            sha256: v(&"ef".repeat(32)),
+        });
+        let err = Manifest::parse(&m.to_toml(), "t").unwrap_err();
+        assert!(err.why.contains("format version 1"), "{err}");
+        m.format_version = INDEXED_FORMAT_VERSION;
+        assert_eq!(Manifest::parse(&m.to_toml(), "t").unwrap(), m);
+        let mut other = m.clone();
+        other.archive.as_mut().unwrap().index.as_mut().unwrap().key =
+            "db1/20261126T093001Z/index.json.zst".into();
+        let err = Manifest::parse(&other.to_toml(), "t").unwrap_err();
+        assert!(err.why.contains("archive.index.key"), "{err}");
+        let mut xz = m.clone();
+        let a = xz.archive.as_mut().unwrap();
+        a.compression = Compression::Xz;
+        a.key = "db1/20261126T093000Z/data.tar.xz".into();
+        let err = Manifest::parse(&xz.to_toml(), "t").unwrap_err();
+        assert!(err.why.contains("not unencrypted zstd"), "{err}");
+        m.archive.as_mut().unwrap().index = None;
+        let err = Manifest::parse(&m.to_toml(), "t").unwrap_err();
+        assert!(err.why.contains("no archive.index"), "{err}");
     }
 
     #[test]

@@ -229,6 +229,7 @@ impl Rig {
                 files,
                 archive_secs: 0.0,
                 encryption: None,
+                index: None,
             }),
         }
     }

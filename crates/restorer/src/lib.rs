@@ -364,6 +364,11 @@ async fn stream_archive(
         Some(_) => {}
     }
     progress.set_total(info.size);
+    if let Some(ix) = &info.index {
+        let r = stream_indexed(store, m, info, ix, target, progress, cancel).await;
+        progress.finish();
+        return r;
+    }
     let failed = Arc::new(AtomicBool::new(false));
     let download = Download::start(store, info.key.clone(), info.size, failed.clone());
     let cancelled = || cancel.load(std::sync::atomic::Ordering::SeqCst);
@@ -384,6 +389,72 @@ async fn stream_archive(
         )
     });
     progress.finish();
+    Ok(r?)
+}
+
+/// [`stream_archive`] of an indexed archive (format 3): its index read and
+/// checked against the manifest (size, SHA-256, then every path and
+/// offset), then its frames fetched by range and unpacked on all cores.
+async fn stream_indexed(
+    store: Arc<dyn Store>,
+    m: &Manifest,
+    info: &ArchiveInfo,
+    ix: &common::manifest::IndexInfo,
+    target: Target<'_>,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> anyhow::Result<Streamed> {
+    use common::archive::index::{Index, MAX_INDEX_STORED};
+    let (url, index_url) = (store.url(&info.key), store.url(&ix.key));
+    match store.size(&ix.key).await? {
+        None => return Err(ArchiveError::Missing { url: index_url }.into()),
+        Some(n) if n != ix.size || n > MAX_INDEX_STORED => {
+            return Err(ArchiveError::SizeMismatch {
+                url: index_url,
+                got: n,
+                want: ix.size,
+            }
+            .into())
+        }
+        Some(_) => {}
+    }
+    let stored = store.get(&ix.key, MAX_INDEX_STORED).await?;
+    let sha = common::codec::sha256_hex(&stored);
+    if sha != ix.sha256.as_str() {
+        return Err(ArchiveError::ChecksumMismatch {
+            url: index_url,
+            got: sha,
+            want: ix.sha256.to_string(),
+        }
+        .into());
+    }
+    let index = Index::parse(&stored, &index_url, info, &m.data.paths)?;
+    drop(stored);
+    // All cores decompress; more requests than cores keep a remote store
+    // busy; store.memory_limit bounds the frames held.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let largest = index
+        .frames
+        .iter()
+        .map(|f| f.tar_len + f.stored_len)
+        .max()
+        .unwrap_or(1);
+    let workers = store.transfer().frame_workers(largest, cores);
+    let handle = tokio::runtime::Handle::current();
+    let fetch = |r: std::ops::Range<u64>| {
+        handle
+            .block_on(store.get_range(&info.key, r))
+            .map_err(|e| ArchiveError::Store {
+                url: url.clone(),
+                why: format!("{e:#}"),
+            })
+    };
+    let cancelled = || cancel.load(std::sync::atomic::Ordering::SeqCst);
+    let r = tokio::task::block_in_place(|| {
+        common::archive::parallel::unpack(
+            &index, &url, target, &fetch, workers, progress, &cancelled,
+        )
+    });
     Ok(r?)
 }
 
@@ -666,6 +737,7 @@ mod tests {
                 files: 0,
                 archive_secs: 0.0,
                 encryption: None,
+                index: None,
             }),
         }
     }

@@ -162,7 +162,7 @@ pub fn hold_locked(
 /// before its manifest, so a day-old one will never get one.
 pub const GARBAGE_GRACE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
-/// The archive and drill record keys in `listed` of backups with no
+/// The archive, index, MAC and drill record keys in `listed` of backups with no
 /// manifest in `listed` and an id older than `now - GARBAGE_GRACE`.
 pub fn garbage(
     listed: &[String],
@@ -181,6 +181,7 @@ pub fn garbage(
                     id,
                     object:
                         keys::Object::Archive { .. }
+                        | keys::Object::Index
                         | keys::Object::ManifestMac
                         | keys::Object::Drill(_),
                     ..
@@ -507,7 +508,7 @@ async fn delete(
     crate::restore::pause_at(MANIFEST_DELETED, None);
     let objects = keys::archives(name, id)
         .into_iter()
-        .chain([keys::manifest_mac(name, id)]);
+        .chain([keys::index(name, id), keys::manifest_mac(name, id)]);
     for key in objects {
         if !listed.contains(&key) {
             continue;
@@ -537,10 +538,11 @@ async fn delete(
     Ok(true)
 }
 
-/// What a garbage key (an archive or a drill record, from [`garbage`]) is, for people.
+/// What a garbage key (an archive, an index or a drill record, from [`garbage`]) is, for people.
 fn garbage_kind(key: &str) -> &'static str {
     match keys::parse(key).map(|k| k.object) {
         Some(keys::Object::Drill(_)) => "a drill record without a manifest",
+        Some(keys::Object::Index) => "an index without a manifest",
         None if key.ends_with(keys::BINLOG_DATA_FILE) => {
             "a binary log segment's data without its metadata, older than any kept backup needs"
         }
@@ -759,6 +761,10 @@ mod tests {
                 "db1/20261120T030000Z/drill-20261121T030000Z.toml",
                 "a drill record without a manifest",
             ),
+            (
+                "db1/20261120T030000Z/index.json.zst",
+                "an index without a manifest",
+            ),
         ] {
             assert_eq!(garbage_kind(key), kind, "{key}");
         }
@@ -769,6 +775,8 @@ mod tests {
         let name = common::manifest::BackupName::parse("db1").unwrap();
         let listed: Vec<String> = [
             "db1/20261120T030000Z/data.tar.zst", // old, no manifest: garbage
+            "db1/20261120T030000Z/index.json.zst", // its index: garbage
+            "db1/20261121T030000Z/index.json.zst", // has a manifest
             "db1/20261119T030000Z/data.tar.age", // encrypted, old, no manifest: garbage
             "db1/20261119T030000Z/manifest.toml.mac", // its MAC: garbage
             "db1/20261121T030000Z/data.tar.xz",  // has a manifest
@@ -788,6 +796,7 @@ mod tests {
             garbage(&listed, &name, now),
             [
                 "db1/20261120T030000Z/data.tar.zst",
+                "db1/20261120T030000Z/index.json.zst",
                 "db1/20261119T030000Z/data.tar.age",
                 "db1/20261119T030000Z/manifest.toml.mac",
                 "db1/20261120T030000Z/drill-20261121T030000Z.toml"

@@ -64,6 +64,11 @@ pub struct Args {
     /// and encrypted + authenticated, then stop
     #[arg(long)]
     crypt_only: bool,
+    /// Measure only the archive formats: full backup and restore through a
+    /// file:// store as one stream (format 1) and indexed (format 3), and
+    /// the `zstd -dc | tar -x` + sync limit, then stop
+    #[arg(long)]
+    formats_only: bool,
     /// Directory of the release binaries
     #[arg(long)]
     bin_dir: PathBuf,
@@ -79,6 +84,11 @@ fn main() {
     header(&b, data_bytes, &mut report);
     if b.args.crypt_only {
         crypt_only(&b, data_bytes, &mut report);
+        report.finish(&b.args.out);
+        return;
+    }
+    if b.args.formats_only {
+        formats_only(&b, data_bytes, &mut report);
         report.finish(&b.args.out);
         return;
     }
@@ -322,11 +332,7 @@ fn restore(b: &Bench, peers: &Peers, report: &mut Report) -> RestoreFigures {
     let r = b.mysnap_restore(target, &id, S3_URL);
     // The same backup from a file:// store: the pipeline without the S3
     // server, which shares this machine's cores.
-    let copied = b.tmp.path().join(format!("store/bench/{id}"));
-    std::fs::create_dir_all(&copied).unwrap();
-    for f in ["data.tar.zst", "manifest.toml"] {
-        std::fs::copy(archive.with_file_name(f), copied.join(f)).unwrap();
-    }
+    b.copy_to_file_store(&archive);
     let rf = b.mysnap_restore(target, &id, &b.file_url());
     // The same data encrypted and authenticated, from S3.
     eprintln!("bench: restore, encrypted");
@@ -478,6 +484,86 @@ fn crypt_only(b: &Bench, data_bytes: u64, report: &mut Report) {
     writeln!(
         report.md,
         "\n`÷ mysnap` of an encrypted row: its time ÷ the same row unencrypted (1.00: no cost)."
+    )
+    .unwrap();
+    b.clear_stores();
+}
+
+/// `--formats-only`: mysnap's full backup to a file:// store and its
+/// restore from it, one stream (format 1) and indexed (format 3), beside
+/// the `zstd -dc | tar -x` + sync limit of the format 1 archive.
+fn formats_only(b: &Bench, data_bytes: u64, report: &mut Report) {
+    let url = b.file_url();
+    eprintln!("bench: backup, format 1 and 3");
+    let one = b.mysnap_backup(&url, "zstd-stream");
+    let three = b.mysnap_backup(&url, "zstd");
+    let rows = vec![
+        Row {
+            size: Some(one.size),
+            rss_mib: Some(one.rss_mib),
+            ..Row::new("mysnap zstd → file, one stream (format 1)", Ok(one.secs))
+        },
+        Row {
+            size: Some(three.size),
+            rss_mib: Some(three.rss_mib),
+            mysnap: Some(one.secs),
+            ..Row::new(
+                "mysnap zstd → file, indexed frames (format 3)",
+                Ok(three.secs),
+            )
+        },
+    ];
+    writeln!(
+        report.md,
+        "\n## Archive formats: full backup (running server → file://)\n"
+    )
+    .unwrap();
+    report.table(&rows, data_bytes);
+    eprintln!("bench: restore, format 1 and 3");
+    let target = b.target_server("target");
+    let (id, archive, unpacked) = b.stored_backup_as("zstd-stream", "");
+    let limit_untar = limits::untar(b, &archive);
+    b.copy_to_file_store(&archive);
+    let r1 = b.mysnap_restore(&target, &id, &url);
+    let (id, archive, _) = b.stored_backup_as("zstd", "");
+    b.copy_to_file_store(&archive);
+    let r3 = b.mysnap_restore(&target, &id, &url);
+    let rows = vec![
+        Row {
+            limit: Some(limit_untar),
+            ..Row::new(
+                "limit: `zstd -dc archive \\| tar -x` + sync",
+                Ok(limit_untar),
+            )
+        },
+        Row {
+            limit: Some(limit_untar),
+            rss_mib: Some(r1.rss_mib),
+            ..Row::new(
+                "mysnap restore: file, one stream (format 1) → server answering",
+                Ok(r1.secs),
+            )
+        },
+        Row {
+            limit: Some(limit_untar),
+            rss_mib: Some(r3.rss_mib),
+            mysnap: Some(r1.secs),
+            ..Row::new(
+                "mysnap restore: file, indexed frames (format 3) → server answering",
+                Ok(r3.secs),
+            )
+        },
+    ];
+    writeln!(
+        report.md,
+        "\n## Archive formats: restore (file:// → server answering)\n"
+    )
+    .unwrap();
+    report.table(&rows, unpacked);
+    writeln!(
+        report.md,
+        "\n`÷ mysnap` of a format 3 row: its time ÷ the same row in format 1. Unpack only (no stop, swap, start): format 1 {:.2} s, format 3 {:.2} s.",
+        r1.unpack, r3.unpack
     )
     .unwrap();
     b.clear_stores();

@@ -12,12 +12,21 @@
 //! stream as an age v1 file (`crypt`): `age -d -i KEY data.tar.zst.age |
 //! zstd -dc | tar -x`.
 //!
+//! Indexed (manifest format 3, unencrypted zstd only): the same tar stream,
+//! cut into independent zstd frames at entry starts or inside file data
+//! ([`frames`]), with an [`index`] stored beside it; `zstd -dc | tar -x`
+//! still restores it by hand, and [`parallel`] restores it frame by frame on
+//! all cores, each file's pieces checked against their own SHA-256.
+//!
 //! An archive read from the store is untrusted: nothing in it chooses a path
 //! outside the target, and nothing makes the reader hold or write more than
 //! the manifest declares (`tar_size`, `files`, `unpacked_size`), with long
 //! names capped at 4 KiB and the decoders' memory capped.
 
 pub use crate::keys;
+pub mod frames;
+pub mod index;
+pub mod parallel;
 pub mod policy;
 pub mod read;
 pub mod tree;

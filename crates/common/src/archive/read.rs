@@ -430,16 +430,16 @@ impl Streamed {
 }
 
 /// Writes admitted entries below the root, never through a link.
-struct Unpacker {
-    root: SafeDir,
-    owner: Owner,
+pub(super) struct Unpacker {
+    pub(super) root: SafeDir,
+    pub(super) owner: Owner,
     /// The directory of the previous entry (entries come grouped by directory).
     parent: Option<(String, SafeDir)>,
 }
 
 impl Unpacker {
     /// The unpacker of `target`; none when the archive is only read.
-    fn for_target(target: &Target<'_>) -> Result<Option<Unpacker>, ArchiveError> {
+    pub(super) fn for_target(target: &Target<'_>) -> Result<Option<Unpacker>, ArchiveError> {
         let Target::Dir { root, owner } = target else {
             return Ok(None);
         };
@@ -455,7 +455,7 @@ impl Unpacker {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn put(
+    pub(super) fn put(
         &mut self,
         path: &str,
         kind: Kind,

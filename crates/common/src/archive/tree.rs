@@ -131,6 +131,19 @@ impl SafeDir {
         Ok(File::from(fd))
     }
 
+    /// Opens the existing file `name` for writing (never through a link, never
+    /// creating it): a file [`SafeDir::create_file`] made, written in pieces.
+    pub fn open_file(&self, name: &Path) -> io::Result<File> {
+        let fd = openat(
+            &self.fd,
+            name,
+            OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(err)?;
+        Ok(File::from(fd))
+    }
+
     /// Gives a file made by [`SafeDir::create_file`] its owner, mode
     /// (permission bits only: never set-id) and mtime.
     pub fn finish_file(f: &File, mode: u32, owner: Owner, mtime: Option<u64>) -> io::Result<()> {

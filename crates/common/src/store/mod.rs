@@ -234,6 +234,15 @@ impl Transfer {
         let range = self.part_size.min(DOWNLOAD_RANGE);
         (range, in_flight(self.memory_limit, range, self.concurrency))
     }
+
+    /// Workers of an indexed read, each holding one frame at a time
+    /// (`frame_bytes`: its stored and decompressed bytes together): one per
+    /// core, or `concurrency` when more, as many as `memory_limit` holds
+    /// (at least one).
+    pub fn frame_workers(&self, frame_bytes: u64, cores: usize) -> usize {
+        let fit = (self.memory_limit / frame_bytes.max(1)) as usize;
+        self.concurrency.max(cores).min(fit).max(1)
+    }
 }
 
 /// The part size for an upload expected to be about `expected` bytes: the
@@ -410,6 +419,21 @@ mod tests {
         assert_eq!(in_flight(256 * mib, 64 * mib, 8), 2);
         assert_eq!(in_flight(256 * mib, 600 * mib, 8), 1);
         assert_eq!(in_flight(256 * mib, 5 * mib, 4), 4);
+    }
+
+    #[test]
+    fn frame_workers_are_every_core_within_the_memory_limit() {
+        let mib = 1 << 20;
+        let t = |memory_limit, concurrency| Transfer {
+            part_size: 16 * mib,
+            concurrency,
+            memory_limit,
+            upload_rate: None,
+        };
+        assert_eq!(t(512 * mib, 2).frame_workers(24 * mib, 4), 4);
+        assert_eq!(t(512 * mib, 8).frame_workers(24 * mib, 2), 8);
+        assert_eq!(t(64 * mib, 8).frame_workers(24 * mib, 8), 2);
+        assert_eq!(t(16 * mib, 8).frame_workers(24 * mib, 8), 1);
     }
 
     #[test]

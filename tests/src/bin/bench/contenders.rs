@@ -82,8 +82,14 @@ impl Bench {
 
     /// [`Bench::stored_backup`] with `tail` appended to the config.
     pub fn stored_backup_with(&self, tail: &str) -> (String, PathBuf, u64) {
+        self.stored_backup_as("zstd", tail)
+    }
+
+    /// [`Bench::stored_backup_with`] in `compression` (`zstd-stream`: one
+    /// stream, format 1).
+    pub fn stored_backup_as(&self, compression: &str, tail: &str) -> (String, PathBuf, u64) {
         self.clear_stores();
-        let config = self.source_config(S3_URL, "zstd", "");
+        let config = self.source_config(S3_URL, compression, "");
         append(&config, tail);
         let m = self.snapshot(&config).expect("snapshotter");
         let out = self

@@ -124,7 +124,8 @@ impl Bench {
         }
         write!(
             text,
-            "[archive]\ncompression = \"{compression}\"\n[backup]\nname = \"bench\"\nstate_dir = \"{}\"\n",
+            "[archive]\n{}[backup]\nname = \"bench\"\nstate_dir = \"{}\"\n",
+            archive_lines(compression),
             self.tmp.path().join("state").display()
         )
         .unwrap();
@@ -189,6 +190,23 @@ impl Bench {
         std::fs::remove_dir_all(manifest.parent().unwrap()).unwrap();
     }
 
+    /// Copies the stored backup of `archive` (every object beside it: the
+    /// archive, its index when indexed, the manifest) from the S3 server's
+    /// directory into the file:// store of [`Bench::file_url`].
+    pub fn copy_to_file_store(&self, archive: &Path) {
+        let dir = archive.parent().unwrap();
+        let copied = self
+            .tmp
+            .path()
+            .join("store/bench")
+            .join(dir.file_name().unwrap());
+        std::fs::create_dir_all(&copied).unwrap();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), copied.join(e.file_name())).unwrap();
+        }
+    }
+
     pub fn clear_stores(&self) {
         for d in [
             self.tmp.path().join("store/bench"),
@@ -235,4 +253,13 @@ pub fn host() -> String {
         "{} cores, {cpu}{mem}",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     )
+}
+
+/// The `[archive]` lines of a bench config for `compression`: a codec, or
+/// `zstd-stream`, zstd as one stream (manifest format 1, `indexed = false`).
+fn archive_lines(compression: &str) -> String {
+    match compression.strip_suffix("-stream") {
+        Some(codec) => format!("compression = \"{codec}\"\nindexed = false\n"),
+        None => format!("compression = \"{compression}\"\n"),
+    }
 }

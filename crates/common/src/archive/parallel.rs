@@ -1,0 +1,624 @@
+//! The read path of an indexed archive (manifest format 3): the index,
+//! parsed and checked first ([`Index::parse`]: every path through the
+//! [`super::policy::Policy`], every offset), then directories, links and
+//! empty files made in the index's order through [`SafeDir`], then `workers`
+//! threads each take the next frame: a ranged read of its stored bytes,
+//! their SHA-256, decompression bounded by the frame's tar length, each
+//! header in the frame compared with its index entry, each chunk checked
+//! against its own SHA-256 (a corrupt file is named) and written at its
+//! offset in its file. Modes, owners and mtimes of files are set last.
+
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use bytes::Bytes;
+
+use super::index::{EntryKind, Index};
+use super::read::{Streamed, Target, Unpacker};
+use super::tree::SafeDir;
+use super::ArchiveError;
+use crate::progress::Progress;
+
+/// Reads stored bytes of the archive by range (the store's ranged GET).
+pub type Fetch<'a> = &'a (dyn Fn(Range<u64>) -> Result<Bytes, ArchiveError> + Sync);
+
+/// Unpacks (or, with [`Target::Discard`], checks) the indexed archive at
+/// `url` described by `index` (already checked: [`Index::parse`]); `fetch`
+/// reads its stored bytes, `cancelled` stops every worker at its next frame.
+#[allow(clippy::too_many_arguments)]
+pub fn unpack(
+    index: &Index,
+    url: &str,
+    target: Target<'_>,
+    fetch: Fetch<'_>,
+    workers: usize,
+    progress: &dyn Progress,
+    cancelled: &(dyn Fn() -> bool + Sync),
+) -> Result<Streamed, ArchiveError> {
+    let mut unpacker = Unpacker::for_target(&target)?;
+    // What each frame holds: (entry, chunk) pairs and the entries whose header it holds.
+    let mut chunks: Vec<Vec<(usize, usize)>> = vec![Vec::new(); index.frames.len()];
+    let mut headers: Vec<Vec<usize>> = vec![Vec::new(); index.frames.len()];
+    let mut s = Streamed::default();
+    for (i, e) in index.entries.iter().enumerate() {
+        let frame = index
+            .frame_at(e.header)
+            .expect("checked: inside the tar stream");
+        headers[frame].push(i);
+        for (j, c) in e.chunks.iter().enumerate() {
+            chunks[c.frame as usize].push((i, j));
+        }
+        s.entries += 1;
+        if e.kind == EntryKind::File {
+            s.files += 1;
+            s.file_bytes += e.size;
+        }
+        if let Some(u) = unpacker.as_mut() {
+            // Files are made empty now and filled by the workers; their mode last.
+            let mode = if e.kind == EntryKind::File {
+                0o600
+            } else {
+                e.mode
+            };
+            u.put(
+                &e.path,
+                e.kind.into(),
+                e.link.as_deref(),
+                &mut std::io::empty(),
+                0,
+                mode,
+                None,
+                url,
+            )?;
+        }
+    }
+    let root = unpacker.as_ref().map(|u| &u.root);
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let failure: Mutex<Option<ArchiveError>> = Mutex::new(None);
+    let workers = workers.clamp(1, index.frames.len());
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                let mut parent: Option<(String, SafeDir)> = None;
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= index.frames.len() || stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let r = if cancelled() {
+                        Err(ArchiveError::Store {
+                            url: url.to_string(),
+                            why: "interrupted by a signal".into(),
+                        })
+                    } else {
+                        frame(
+                            index,
+                            i,
+                            &chunks[i],
+                            &headers[i],
+                            url,
+                            fetch,
+                            root,
+                            &mut parent,
+                        )
+                    };
+                    match r {
+                        Ok(()) => progress.advance(index.frames[i].stored_len),
+                        Err(e) => {
+                            stop.store(true, Ordering::SeqCst);
+                            let mut f = failure.lock().unwrap_or_else(|p| p.into_inner());
+                            f.get_or_insert(e);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    if let Some(u) = unpacker.as_ref() {
+        for e in index.entries.iter().filter(|e| e.kind == EntryKind::File) {
+            let (dir, name) = split(&e.path);
+            let shown = u.root.shown(Path::new(&e.path));
+            let write_err = |source| ArchiveError::Write {
+                path: shown.clone(),
+                source,
+            };
+            let d = u
+                .root
+                .subdir(Path::new(dir), false, None)
+                .map_err(write_err)?;
+            let f = d.open_file(Path::new(name)).map_err(write_err)?;
+            SafeDir::finish_file(&f, e.mode, u.owner, Some(e.mtime)).map_err(write_err)?;
+        }
+    }
+    Ok(s)
+}
+
+fn split(path: &str) -> (&str, &str) {
+    path.rsplit_once('/').unwrap_or(("", path))
+}
+
+/// Fetches, checks, decompresses and writes frame `i`.
+#[allow(clippy::too_many_arguments)]
+fn frame(
+    index: &Index,
+    i: usize,
+    chunks: &[(usize, usize)],
+    headers: &[usize],
+    url: &str,
+    fetch: Fetch<'_>,
+    root: Option<&SafeDir>,
+    parent: &mut Option<(String, SafeDir)>,
+) -> Result<(), ArchiveError> {
+    let f = &index.frames[i];
+    let holds = || {
+        let first = chunks
+            .first()
+            .map(|(e, _)| index.entries[*e].path.as_str())
+            .or_else(|| headers.first().map(|e| index.entries[*e].path.as_str()))
+            .unwrap_or("no file");
+        let more = chunks.len().saturating_sub(1);
+        if more > 0 {
+            format!("{first} and {more} more")
+        } else {
+            first.to_string()
+        }
+    };
+    let corrupt = |why: String| ArchiveError::Corrupt {
+        url: url.to_string(),
+        why,
+    };
+    let stored = fetch(f.stored_offset..f.stored_offset + f.stored_len)?;
+    if stored.len() as u64 != f.stored_len {
+        return Err(ArchiveError::Truncated {
+            url: url.to_string(),
+            why: format!(
+                "frame {i} (holding {}) is {} bytes, its index says {}",
+                holds(),
+                stored.len(),
+                f.stored_len
+            ),
+        });
+    }
+    let sha = crate::codec::sha256_hex(&stored);
+    if sha != f.sha256.as_str() {
+        return Err(corrupt(format!(
+            "frame {i} (stored bytes {}..{}, holding {}) has SHA-256 {sha}, its index says {}: corrupted",
+            f.stored_offset,
+            f.stored_offset + f.stored_len,
+            holds(),
+            f.sha256
+        )));
+    }
+    let mut d = zstd::bulk::Decompressor::new().map_err(|e| corrupt(e.to_string()))?;
+    d.window_log_max(crate::codec::ZSTD_WINDOW_LOG_MAX)
+        .map_err(|e| corrupt(e.to_string()))?;
+    let mut tar = Vec::with_capacity(f.tar_len as usize);
+    d.decompress_to_buffer(&stored[..], &mut tar).map_err(|e| {
+        corrupt(format!(
+            "frame {i} (holding {}) does not decompress to its {} tar bytes: {e}",
+            holds(),
+            f.tar_len
+        ))
+    })?;
+    drop(stored);
+    if tar.len() as u64 != f.tar_len {
+        return Err(corrupt(format!(
+            "frame {i} (holding {}) decompresses to {} bytes, its index says {}",
+            holds(),
+            tar.len(),
+            f.tar_len
+        )));
+    }
+    for &e in headers {
+        let e = &index.entries[e];
+        let at = (e.data - 512 - f.tar_offset) as usize;
+        let h = tar::Header::from_byte_slice(&tar[at..at + 512]);
+        let kind = match h.entry_type() {
+            tar::EntryType::Directory => Some(EntryKind::Dir),
+            tar::EntryType::Symlink => Some(EntryKind::Symlink),
+            tar::EntryType::Regular | tar::EntryType::Continuous => Some(EntryKind::File),
+            _ => None,
+        };
+        let size = h.entry_size().ok();
+        let short_name = e.data - e.header == 512;
+        let path = h.path_bytes();
+        let name_agrees =
+            !short_name || path.strip_suffix(b"/").unwrap_or(&path) == e.path.as_bytes();
+        let size_agrees = e.kind != EntryKind::File || size == Some(e.size);
+        if kind != Some(e.kind) || !size_agrees || !name_agrees {
+            return Err(ArchiveError::Unsafe {
+                url: url.to_string(),
+                path: e.path.chars().take(200).collect(),
+                why: "its tar header does not agree with the index (name, type or size): forged"
+                    .into(),
+            });
+        }
+    }
+    for &(e, c) in chunks {
+        let entry = &index.entries[e];
+        let c = &entry.chunks[c];
+        let start = (entry.data + c.offset - f.tar_offset) as usize;
+        let data = &tar[start..start + c.len as usize];
+        let sha = crate::codec::sha256_hex(data);
+        if sha != c.sha256.as_str() {
+            return Err(corrupt(format!(
+                "{} (bytes {}..{}) has SHA-256 {sha}, the index says {}: corrupted",
+                entry.path,
+                c.offset,
+                c.offset + c.len,
+                c.sha256
+            )));
+        }
+        let Some(root) = root else { continue };
+        let (dir, name) = split(&entry.path);
+        let shown = root.shown(Path::new(&entry.path));
+        let write_err = |source| ArchiveError::Write {
+            path: shown.clone(),
+            source,
+        };
+        if parent.as_ref().is_none_or(|(p, _)| p != dir) {
+            let d = root
+                .subdir(Path::new(dir), false, None)
+                .map_err(write_err)?;
+            *parent = Some((dir.to_string(), d));
+        }
+        let d = &parent.as_ref().expect("set above").1;
+        let file = d.open_file(Path::new(name)).map_err(write_err)?;
+        file.write_all_at(data, c.offset).map_err(write_err)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::frames::FrameWriter;
+    use super::super::index::{Chunk, Frame};
+    use super::super::write::write_tar;
+    use super::*;
+    use crate::config::Compression;
+    use crate::ids::tests::v;
+    use crate::manifest::{ArchiveInfo, DataLayout, RelPath, Sha256Hex};
+    use std::os::unix::fs::symlink;
+
+    /// A tree under `d`: a file spanning several frames, small files sharing
+    /// frames, a long name, an empty file, a link.
+    fn tree(root: &Path) {
+        let d = root.join("d/sub");
+        std::fs::create_dir_all(&d).unwrap();
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(root.join("d/big"), &big).unwrap();
+        for i in 0..40 {
+            std::fs::write(d.join(format!("f{i}")), format!("file {i}").repeat(i * 100)).unwrap();
+        }
+        std::fs::write(d.join("x".repeat(150)), b"long name").unwrap();
+        std::fs::write(d.join("empty"), b"").unwrap();
+        symlink("sub/f1", root.join("d/link")).unwrap();
+    }
+
+    struct Archive {
+        stored: Vec<u8>,
+        plain_tar: Vec<u8>,
+        index: Index,
+        info: ArchiveInfo,
+        roots: Vec<RelPath>,
+    }
+
+    fn archive(root: &Path, target: u64) -> Archive {
+        let layout = DataLayout {
+            volume_root: "/".into(),
+            datadir: v("d"),
+            paths: vec![v("d")],
+            exclude: vec![],
+        };
+        let silent = crate::progress::Silent;
+        let (plain_tar, _) =
+            write_tar(root, &layout, Vec::new(), &silent, &|| false, None).unwrap();
+        let w = FrameWriter::with_target(Vec::new(), 3, 3, target);
+        let (w, stats) = write_tar(root, &layout, w, &silent, &|| false, None).unwrap();
+        let (stored, index) = w.finish().unwrap();
+        let info = ArchiveInfo {
+            key: "db1/20261126T093000Z/data.tar.zst".into(),
+            size: stored.len() as u64,
+            compression: Compression::Zstd,
+            level: 3,
+            sha256: Sha256Hex::parse(&crate::codec::sha256_hex(&stored)).unwrap(),
+            tar_size: stats.tar_size,
+            unpacked_size: stats.content_bytes,
+            files: stats.files,
+            archive_secs: 0.0,
+            encryption: None,
+            index: None,
+        };
+        Archive {
+            stored,
+            plain_tar,
+            index,
+            info,
+            roots: layout.paths,
+        }
+    }
+
+    fn run(a: &Archive, target: Target<'_>) -> Result<Streamed, ArchiveError> {
+        let fetch = |r: Range<u64>| -> Result<Bytes, ArchiveError> {
+            Ok(Bytes::copy_from_slice(
+                &a.stored[r.start as usize..r.end as usize],
+            ))
+        };
+        unpack(
+            &a.index,
+            "file:///s/data.tar.zst",
+            target,
+            &fetch,
+            4,
+            &crate::progress::Silent,
+            &|| false,
+        )
+    }
+
+    #[test]
+    fn frames_are_one_zstd_stream_of_the_same_tar_and_unpack_in_parallel() {
+        let src = tempfile::tempdir().unwrap();
+        tree(src.path());
+        let a = archive(src.path(), 64 << 10);
+        // The escape hatch: `zstd -dc` of the concatenated frames is the tar stream.
+        assert_eq!(
+            zstd::stream::decode_all(&a.stored[..]).unwrap(),
+            a.plain_tar
+        );
+        assert!(a.index.frames.len() > 3, "{} frames", a.index.frames.len());
+        let big = a.index.entries.iter().find(|e| e.path == "d/big").unwrap();
+        assert!(big.chunks.len() >= 4, "{:?}", big.chunks);
+        // Stored and parsed back, checked against the manifest's totals.
+        let stored = a.index.to_stored().unwrap();
+        let parsed = Index::parse(&stored, "u", &a.info, &a.roots).unwrap();
+        assert_eq!(parsed, a.index);
+        let out = tempfile::tempdir().unwrap();
+        let s = run(
+            &a,
+            Target::Dir {
+                root: out.path(),
+                owner: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.files, a.info.files);
+        assert_eq!(s.file_bytes, a.info.unpacked_size);
+        for f in [
+            "d/big",
+            "d/sub/f7",
+            "d/sub/f39",
+            "d/sub/empty",
+            &format!("d/sub/{}", "x".repeat(150)),
+        ] {
+            assert_eq!(
+                std::fs::read(out.path().join(f)).unwrap(),
+                std::fs::read(src.path().join(f)).unwrap(),
+                "{f}"
+            );
+        }
+        assert_eq!(
+            std::fs::read_link(out.path().join("d/link")).unwrap(),
+            Path::new("sub/f1")
+        );
+        // Tar keeps whole seconds.
+        let mtime = |p: &Path| {
+            let t = std::fs::metadata(p).unwrap().modified().unwrap();
+            t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+        };
+        assert_eq!(
+            mtime(&out.path().join("d/big")),
+            mtime(&src.path().join("d/big"))
+        );
+        run(&a, Target::Discard).unwrap();
+    }
+
+    #[test]
+    fn a_flipped_byte_names_the_file_of_its_frame_and_a_bad_chunk_names_its_file() {
+        let src = tempfile::tempdir().unwrap();
+        tree(src.path());
+        let mut a = archive(src.path(), 64 << 10);
+        let big = a.index.entries.iter().find(|e| e.path == "d/big").unwrap();
+        let frame = &a.index.frames[big.chunks[2].frame as usize];
+        let at = (frame.stored_offset + frame.stored_len / 2) as usize;
+        a.stored[at] ^= 1;
+        let err = run(&a, Target::Discard).unwrap_err().to_string();
+        assert!(err.contains("d/big") && err.contains("corrupted"), "{err}");
+        a.stored[at] ^= 1;
+        let e = a
+            .index
+            .entries
+            .iter_mut()
+            .find(|e| e.path == "d/sub/f3")
+            .unwrap();
+        e.chunks[0].sha256 = Sha256Hex::parse(&"0".repeat(64)).unwrap();
+        let err = run(&a, Target::Discard).unwrap_err();
+        assert_eq!(err.exit_code(), crate::error::ExitCode::Integrity);
+        assert!(err.to_string().contains("d/sub/f3 (bytes 0.."), "{err}");
+    }
+
+    /// Each forgery of a good index, and what its refusal says.
+    #[test]
+    fn forged_indexes_are_refused_before_anything_is_read() {
+        let src = tempfile::tempdir().unwrap();
+        tree(src.path());
+        let a = archive(src.path(), 64 << 10);
+        type Forge = fn(&mut Index);
+        let forgeries: &[(&str, Forge, &str)] = &[
+            (
+                "path out",
+                |i| i.entries[3].path = "d/../../etc/passwd".into(),
+                "unsafe",
+            ),
+            (
+                "absolute",
+                |i| i.entries[3].path = "/etc/passwd".into(),
+                "unsafe",
+            ),
+            (
+                "outside roots",
+                |i| i.entries[0].path = "e".into(),
+                "unsafe",
+            ),
+            (
+                "link out",
+                |i| {
+                    let l = i.entries.iter_mut().find(|e| e.link.is_some()).unwrap();
+                    l.link = Some("../../etc".into());
+                },
+                "unsafe",
+            ),
+            (
+                "replaces",
+                |i| {
+                    let p = i.entries[2].path.clone();
+                    i.entries[3].path = p;
+                },
+                "unsafe",
+            ),
+            ("gap", |i| i.frames[1].tar_offset += 1, "does not follow"),
+            (
+                "stored gap",
+                |i| i.frames[1].stored_offset += 1,
+                "does not follow",
+            ),
+            (
+                "huge frame",
+                |i| i.frames[0].tar_len = 1 << 40,
+                "frame 0 holds",
+            ),
+            (
+                "chunk outside",
+                |i| {
+                    let f = i.entries.iter_mut().find(|e| e.path == "d/big").unwrap();
+                    f.chunks[0].frame += 1;
+                },
+                "inside its frame",
+            ),
+            (
+                "chunk overflow",
+                |i| {
+                    let f = i.entries.iter_mut().find(|e| e.path == "d/big").unwrap();
+                    f.chunks[0].len = u64::MAX;
+                },
+                "inside its frame",
+            ),
+            (
+                "size",
+                |i| {
+                    let f = i.entries.iter_mut().find(|e| e.path == "d/big").unwrap();
+                    f.size = u64::MAX - 3;
+                },
+                "a size of",
+            ),
+            (
+                "more files",
+                |i| {
+                    let mut e = i
+                        .entries
+                        .iter()
+                        .find(|e| e.path == "d/sub/empty")
+                        .unwrap()
+                        .clone();
+                    e.path = "d/sub/extra".into();
+                    e.header = i.entries.last().unwrap().data + 512;
+                    e.data = e.header + 512;
+                    i.entries.push(e);
+                },
+                "more than",
+            ),
+            (
+                "overlap",
+                |i| i.entries[2].header = i.entries[1].header,
+                "do not fit",
+            ),
+            (
+                "content on dir",
+                |i| {
+                    i.entries[0].chunks.push(Chunk {
+                        frame: 0,
+                        offset: 0,
+                        len: 1,
+                        sha256: Sha256Hex::parse(&"0".repeat(64)).unwrap(),
+                    });
+                },
+                "not a file",
+            ),
+            ("no frames", |i| i.frames.clear(), "0 frames"),
+            ("version", |i| i.version = 9, "upgrade mysnap"),
+            (
+                "extra frame",
+                |i| {
+                    let last = i.frames.last().unwrap().clone();
+                    i.frames.push(Frame {
+                        tar_offset: last.tar_offset + last.tar_len,
+                        stored_offset: last.stored_offset + last.stored_len,
+                        ..last
+                    });
+                },
+                "the manifest says",
+            ),
+            (
+                "missing entry",
+                |i| {
+                    i.entries.retain(|e| e.path != "d/sub/f5");
+                },
+                "the manifest says",
+            ),
+        ];
+        for (what, forge, says) in forgeries {
+            let mut i = a.index.clone();
+            forge(&mut i);
+            let err = Index::parse(&i.to_stored().unwrap(), "u", &a.info, &a.roots)
+                .expect_err(what)
+                .to_string();
+            assert!(err.to_lowercase().contains(says), "{what}: {err}");
+        }
+        // Not an index at all; too large; an unknown field.
+        let err = Index::parse(b"garbage", "u", &a.info, &a.roots).unwrap_err();
+        assert!(err.to_string().contains("its index"), "{err}");
+        let big = vec![0u8; (super::super::index::MAX_INDEX_STORED + 1) as usize];
+        assert!(matches!(
+            Index::parse(&big, "u", &a.info, &a.roots),
+            Err(ArchiveError::TooLarge { .. })
+        ));
+        let json = br#"{"version":1,"frames":[],"entries":[],"extra":1}"#;
+        let err = Index::parse(
+            &zstd::bulk::compress(json, 1).unwrap(),
+            "u",
+            &a.info,
+            &a.roots,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn a_header_that_disagrees_with_the_index_is_refused() {
+        let src = tempfile::tempdir().unwrap();
+        tree(src.path());
+        let mut a = archive(src.path(), 64 << 10);
+        // Two small files of the same size swap names in the index: paths,
+        // chunks and totals all fit, the tar headers do not.
+        let i = a
+            .index
+            .entries
+            .iter()
+            .position(|e| e.path == "d/sub/f10")
+            .unwrap();
+        a.index.entries[i].path = "d/sub/g10".into();
+        a.index.check("u", &a.info, &a.roots).unwrap();
+        let err = run(&a, Target::Discard).unwrap_err().to_string();
+        assert!(
+            err.contains("d/sub/g10") && err.contains("does not agree"),
+            "{err}"
+        );
+    }
+}
