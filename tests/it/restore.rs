@@ -674,7 +674,7 @@ fn stop_first_puts_the_old_data_back_when_refused_and_a_server_that_is_down_is_n
     assert_eq!(target.db.sql("SELECT id FROM d.t"), "7");
 
     // A server that is down already (crashed, or a new instance): restore
-    // does not run mysql.stop_command (mariadb-admin shutdown would fail on
+    // does not run mysql.stop_command (its `SHUTDOWN` would fail on
     // it), restores, and starts the server.
     target.db.sql("INSERT INTO d.t VALUES (8)");
     target.db.stop();

@@ -272,13 +272,18 @@ impl MariaDb {
 
     /// `mysql.stop_command` and `mysql.start_command` for mysnap's restorer:
     /// shut this server down, and start it again the same way, detached.
+    /// The stop is the `SHUTDOWN` statement, which returns as soon as the
+    /// shutdown begins (like `systemctl stop --no-block`): the restorer
+    /// waits until the server has exited. (`mariadb-admin shutdown` waits
+    /// too, but looks only once a second.)
     pub fn service_commands(&self) -> (Vec<String>, Vec<String>) {
         let stop = [
-            "mariadb-admin",
+            "mariadb",
             "-S",
             &self.socket.to_string_lossy(),
             "-uroot",
-            "shutdown",
+            "-e",
+            "SHUTDOWN",
         ]
         .map(String::from)
         .to_vec();

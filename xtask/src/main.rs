@@ -63,12 +63,13 @@ const VM_PACKAGES: Packages = &[
 ];
 
 /// What `cargo xtask bench` runs besides the server: the limits' zstd, the
-/// peers, curl, the chart's font.
+/// peers, curl and the AWS CLI (the S3 limits), the chart's font.
 const BENCH_PACKAGES: Packages = &[
     ("zstd", "zstd"),
     ("mariadb-backup", "mariabackup"),
     ("mydumper", "mydumper"),
     ("curl", "curl"),
+    ("awscli", "aws"),
     (
         "fonts-dejavu-core",
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",

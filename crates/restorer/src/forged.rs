@@ -422,6 +422,60 @@ fn a_plain_backup_round_trips() {
     });
 }
 
+/// Zero blocks (InnoDB's preallocated extents, a redo log's unused part)
+/// are allocated, not written: the staged file has the same length and
+/// bytes, and its zero range reads as a hole (no data written), which a
+/// file written whole would not have.
+#[test]
+fn zero_blocks_are_staged_unwritten_with_the_same_bytes() {
+    use common::archive::tree::ZERO_BLOCK;
+    use nix::unistd::{lseek, Whence};
+    use sha2::Digest;
+    rt().block_on(async {
+        let mut rig = Rig::new();
+        // Data, 4 zero blocks from an unaligned offset, data, a zero tail
+        // that ends off a block boundary.
+        let mut sparse = vec![7u8; 1000];
+        sparse.resize(1000 + 4 * ZERO_BLOCK, 0);
+        sparse.extend_from_slice(&[9u8; 3000]);
+        sparse.resize(sparse.len() + 2 * ZERO_BLOCK + 5, 0);
+        let dense: Vec<u8> = (0..3 * ZERO_BLOCK).map(|i| (i % 251) as u8 | 1).collect();
+        let m = rig.backup(
+            &["mysql"],
+            &[
+                dir("mysql"),
+                file("mysql/ib_logfile0", &sparse),
+                file("mysql/t.ibd", &dense),
+            ],
+        );
+        rig.try_stage(&m.backup_id, &std::sync::atomic::AtomicBool::new(false))
+            .await
+            .unwrap();
+        let st = rig.root().join("stage/s/mysql");
+        let hole = |name: &str| {
+            let f = std::fs::File::open(st.join(name)).unwrap();
+            lseek(&f, 0, Whence::SeekHole).unwrap() as u64
+        };
+        // Before reading: zeros read into the page cache count as data.
+        // The first whole zero block starts at the first aligned offset.
+        assert_eq!(
+            hole("ib_logfile0"),
+            ZERO_BLOCK as u64,
+            "zero blocks written"
+        );
+        assert_eq!(hole("t.ibd"), dense.len() as u64, "data left out");
+        for (name, want) in [("ib_logfile0", &sparse), ("t.ibd", &dense)] {
+            let got = std::fs::read(st.join(name)).unwrap();
+            assert_eq!(got.len(), want.len(), "{name}: length");
+            assert_eq!(
+                sha2::Sha256::digest(&got),
+                sha2::Sha256::digest(want),
+                "{name}: SHA-256"
+            );
+        }
+    });
+}
+
 /// One forged archive per class: refused with exit 4 and the typed error,
 /// by verify and by restore's staging, with nothing changed outside.
 #[test]

@@ -491,6 +491,7 @@ pub async fn stage(
         in_place,
     } = to;
     let ids = Identities::from_config(cfg)?;
+    let t = std::time::Instant::now();
     let s = stream_archive(
         store.clone(),
         m,
@@ -504,6 +505,10 @@ pub async fn stage(
         ids.as_ref(),
     )
     .await?;
+    tracing::debug!(
+        "archive streamed and unpacked in {:.3}s",
+        t.elapsed().as_secs_f64()
+    );
     // Every archived directory must be there, as a plain directory.
     let staged =
         SafeDir::open(staging).with_context(|| format!("cannot open {}", staging.display()))?;
@@ -534,7 +539,12 @@ pub async fn stage(
         rewrite_binlog_indexes(dir, &moves)?;
     }
     // One flush of the whole filesystem instead of an fsync per file.
+    let t = std::time::Instant::now();
     staged.syncfs().context("syncfs")?;
+    tracing::debug!(
+        "staged copy flushed (syncfs) in {:.3}s",
+        t.elapsed().as_secs_f64()
+    );
     Ok(s)
 }
 

@@ -685,6 +685,31 @@ fn server_running(cfg: &Config, datadir: &Path) -> Option<String> {
         .then(|| format!("a server listens on {}", info.target()))
 }
 
+/// Waits until the server is down ([`server_running`] says none), up to
+/// `patience`, looking every 20 ms: a stop command may return before the
+/// server has exited (`SHUTDOWN`, `systemctl stop --no-block`), and one
+/// that waits may look only once a second (`mariadb-admin shutdown`), so
+/// the restore neither swaps under a server still writing nor waits
+/// longer than the server takes.
+fn wait_down(cfg: &Config, datadir: &Path, patience: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let Some(evidence) = server_running(cfg, datadir) else {
+            tracing::debug!(
+                "the server is down {:.3}s after mysql.stop_command returned",
+                start.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        };
+        if start.elapsed() >= patience {
+            anyhow::bail!(
+                "mysql.stop_command returned, but {patience:?} later the server is still up ({evidence}): find out why it does not exit, then restore again"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A process whose working directory is `dir` (after resolving links).
 fn process_in(dir: &Path) -> Option<u32> {
     let dir = dir.canonicalize().ok()?;
@@ -803,17 +828,19 @@ impl<'a> SwapGuard<'a> {
     }
 
     /// Runs `mysql.stop_command` when the server runs ([`server_running`]);
-    /// returns when it is down. A server that is down already (the usual
-    /// case after a crash, or on a new instance) is left as it is, and a
-    /// rollback does not start it.
+    /// returns when it is down: the command has returned and no process
+    /// works in the data directory or listens ([`wait_down`]). A server
+    /// that is down already (the usual case after a crash, or on a new
+    /// instance) is left as it is, and a rollback does not start it.
     fn stop_server(&mut self) -> anyhow::Result<Instant> {
-        let datadir = &self.journal.datadir;
-        match server_running(self.cfg, datadir) {
+        let datadir = self.journal.datadir.clone();
+        match server_running(self.cfg, &datadir) {
             Some(evidence) => {
                 tracing::info!("stopping the server ({evidence})");
                 self.journal.stopped_server = true;
                 self.save()?;
                 run_service("mysql.stop_command", &self.cfg.mysql.stop_command)?;
+                wait_down(self.cfg, &datadir, cmd::SERVICE_TIMEOUT)?;
                 self.stop_ran = true;
             }
             None => tracing::info!(
@@ -1192,6 +1219,59 @@ mod tests {
         assert_eq!(found, Some(child.id()));
         assert_eq!(through_link, Some(child.id()));
         assert_eq!(none, None);
+    }
+
+    /// A config whose server is `socket` (nothing listens there) and data
+    /// directory `datadir`.
+    fn config_of(socket: &Path, datadir: &Path) -> Config {
+        let text = format!(
+            "[mysql]\nsocket = {socket:?}\nstop_command = [\"true\"]\nstart_command = [\"true\"]\n\
+             [volume]\nbackend = \"btrfs\"\nmountpoint = {root:?}\ndatadir = {datadir:?}\n\
+             [store]\nurl = \"file:///nonexistent\"\n\
+             [backup]\nname = \"db1\"\nstate_dir = \"/nonexistent\"\n",
+            root = datadir.parent().unwrap(),
+        );
+        Config::parse(&text, Path::new("test.toml")).unwrap()
+    }
+
+    #[test]
+    fn the_stop_waits_until_no_process_works_in_the_datadir() {
+        let dir = tempfile::tempdir().unwrap();
+        let datadir = dir.path().join("mysql");
+        std::fs::create_dir(&datadir).unwrap();
+        let cfg = config_of(&dir.path().join("my.sock"), &datadir);
+        // A server that exits 0.5 s after its stop command returned.
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.5")
+            .current_dir(&datadir)
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        let waited = wait_down(&cfg, &datadir, Duration::from_secs(20));
+        let took = t.elapsed();
+        child.wait().unwrap();
+        waited.unwrap();
+        assert!(
+            took >= Duration::from_millis(400),
+            "returned after {took:?}"
+        );
+        assert!(took < Duration::from_secs(5), "returned after {took:?}");
+        // One that does not exit: refused after the patience, naming it.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .current_dir(&datadir)
+            .spawn()
+            .unwrap();
+        let err = wait_down(&cfg, &datadir, Duration::from_millis(200));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let err = format!("{:#}", err.unwrap_err());
+        assert!(
+            err.contains(&format!("process {} works in", child.id())),
+            "{err}"
+        );
+        // Nothing there: at once.
+        wait_down(&cfg, &datadir, Duration::ZERO).unwrap();
     }
 
     #[test]

@@ -69,6 +69,10 @@ pub struct Args {
     /// the `zstd -dc | tar -x` + sync limit, then stop
     #[arg(long)]
     formats_only: bool,
+    /// Measure only the restore table's limits, mysnap and mariabackup's
+    /// `mbstream` path, then stop
+    #[arg(long)]
+    restore_only: bool,
     /// Directory of the release binaries
     #[arg(long)]
     bin_dir: PathBuf,
@@ -93,6 +97,21 @@ fn main() {
         return;
     }
 
+    if b.args.restore_only {
+        let peers = Peers::new(&b);
+        std::fs::create_dir_all(&peers.dir).unwrap();
+        eprintln!("bench: mariabackup's stream, for its restore");
+        peers
+            .xbstream_backup()
+            .expect("mariabackup --backup --stream");
+        let restore = restore(&b, &peers, &mut report, false);
+        report
+            .json
+            .insert("restore".into(), json_rows(&restore.rows));
+        report.finish(&b.args.out);
+        return;
+    }
+
     // The lock, per method, idle and under a sysbench read/write load, with
     // a single-row writer running throughout.
     eprintln!("bench: lock");
@@ -113,7 +132,7 @@ fn main() {
     throttle::measure(&b, data_bytes, &writer, &mut report);
 
     // Restore: archive → server answering, from what the backups left.
-    let restore = restore(&b, &peers, &mut report);
+    let restore = restore(&b, &peers, &mut report, true);
     let target = &restore.target;
 
     // Scaling: the core figures at 1× and at --scale×.
@@ -195,6 +214,10 @@ fn backup(b: &Bench, peers: &Peers, data_bytes: u64, report: &mut Report) -> Bac
     let snap = Manifest::load(&m).unwrap().snapshot.path;
     let limit_zstd = limits::tar_zstd(b, &snap);
     let limit_read = limits::tar_read(b, &snap);
+    // The same pipelines into the S3 server: what an S3 row is compared with.
+    eprintln!("bench: backup limits through the S3 server");
+    let limit_zstd_put = limits::tar_put(b, &snap, true);
+    let limit_put = limits::tar_put(b, &snap, false);
     b.discard(&m);
     let mut rows = vec![
         Row {
@@ -211,19 +234,37 @@ fn backup(b: &Bench, peers: &Peers, data_bytes: u64, report: &mut Report) -> Bac
                 Ok(limit_read),
             )
         },
+        Row {
+            limit: limit_zstd_put.as_ref().ok().copied(),
+            ..Row::new(
+                "limit: `tar -cf - mysql \\| zstd -T0 -3 \\| aws s3 cp -` (to the S3 server)",
+                limit_zstd_put.clone(),
+            )
+        },
+        Row {
+            limit: limit_put.as_ref().ok().copied(),
+            ..Row::new(
+                "limit: `tar -cf - mysql \\| aws s3 cp -` (to the S3 server)",
+                limit_put.clone(),
+            )
+        },
     ];
+    // An S3 row against the pipeline through the same S3 server (like with
+    // like); where that limit failed, against the local one.
+    let zstd_s3 = limit_zstd_put.unwrap_or(limit_zstd);
+    let none_s3 = limit_put.unwrap_or(limit_read);
     let file_url = b.file_url();
     let mut mysnap_zstd_file = f64::NAN;
     let mut mysnap_zstd_s3 = None;
     for (label, url, compression, limit) in [
-        ("mysnap zstd → S3", S3_URL, "zstd", limit_zstd),
+        ("mysnap zstd → S3", S3_URL, "zstd", zstd_s3),
         (
             "mysnap zstd → file://",
             file_url.as_str(),
             "zstd",
             limit_zstd,
         ),
-        ("mysnap none → S3", S3_URL, "none", limit_read),
+        ("mysnap none → S3", S3_URL, "none", none_s3),
         (
             "mysnap none → file://",
             file_url.as_str(),
@@ -256,7 +297,7 @@ fn backup(b: &Bench, peers: &Peers, data_bytes: u64, report: &mut Report) -> Bac
     // Encrypted (age) and authenticated (HMAC): `÷ mysnap` is this row's
     // time ÷ the unencrypted S3 row's (1.00: no cost; target: at most 1.05).
     let (backup_tail, _) = contenders::crypt_configs(&b.tmp.path().join("keys"));
-    for (compression, limit) in [("zstd", limit_zstd), ("none", limit_read)] {
+    for (compression, limit) in [("zstd", zstd_s3), ("none", none_s3)] {
         let label = format!("mysnap {compression} → S3, encrypted + authenticated");
         eprintln!("bench: {label}");
         let plain = rows
@@ -276,7 +317,7 @@ fn backup(b: &Bench, peers: &Peers, data_bytes: u64, report: &mut Report) -> Bac
     let put = b.tmp.path().join("put.zst");
     let put_limit = limits::put(b, &put);
     rows.insert(
-        2,
+        4,
         Row {
             size: std::fs::metadata(&put).ok().map(|m| m.len()),
             ..Row::new(
@@ -296,6 +337,7 @@ fn backup(b: &Bench, peers: &Peers, data_bytes: u64, report: &mut Report) -> Bac
         report.md,
         "\nmysnap's times include the lock and snapshot; `÷ mysnap` compares with mysnap zstd → file://, \
          which writes a compressed archive like the streamed mariabackup does; \
+         `× limit` of an S3 row is its time ÷ the same pipeline into the same S3 server (`\\| aws s3 cp -`); \
          for the encrypted rows it is their time ÷ the same row's unencrypted (1.00: encryption costs nothing)."
     )
     .unwrap();
@@ -316,8 +358,9 @@ struct RestoreFigures {
 }
 
 /// Restore (archive → server answering): the limits, mysnap from S3 and
-/// from file:// onto a second server, then the peers from their backups.
-fn restore(b: &Bench, peers: &Peers, report: &mut Report) -> RestoreFigures {
+/// from file:// onto a second server, then the peers from their backups
+/// (`all` false: mariabackup's `mbstream` path only).
+fn restore(b: &Bench, peers: &Peers, report: &mut Report, all: bool) -> RestoreFigures {
     let runs = b.args.runs;
     eprintln!("bench: restore");
     let (id, archive, unpacked) = b.stored_backup();
@@ -327,6 +370,10 @@ fn restore(b: &Bench, peers: &Peers, report: &mut Report) -> RestoreFigures {
         archive.file_name().unwrap().to_string_lossy()
     );
     let get_limit = limits::get(b, &key);
+    let limit_get_untar = limits::get_untar(b, &key);
+    // An S3 row against the pipeline from the same S3 server (like with
+    // like); where that limit failed, against the local one.
+    let s3_limit = *limit_get_untar.as_ref().unwrap_or(&limit_untar);
     let server = b.target_server("target");
     let target = &server;
     let r = b.mysnap_restore(target, &id, S3_URL);
@@ -352,7 +399,14 @@ fn restore(b: &Bench, peers: &Peers, report: &mut Report) -> RestoreFigures {
             get_limit,
         ),
         Row {
-            limit: Some(limit_untar),
+            limit: limit_get_untar.as_ref().ok().copied(),
+            ..Row::new(
+                "limit: `curl GET \\| zstd -dc \\| tar -x` + sync (from the S3 server)",
+                limit_get_untar.clone(),
+            )
+        },
+        Row {
+            limit: Some(s3_limit),
             rss_mib: Some(r.rss_mib),
             ..Row::new("mysnap restore: S3 → server answering", Ok(r.secs))
         },
@@ -362,7 +416,7 @@ fn restore(b: &Bench, peers: &Peers, report: &mut Report) -> RestoreFigures {
             ..Row::new("mysnap restore: file:// → server answering", Ok(rf.secs))
         },
         Row {
-            limit: Some(limit_untar),
+            limit: Some(s3_limit),
             rss_mib: Some(re.rss_mib),
             mysnap: Some(r.secs),
             ..Row::new(
@@ -380,27 +434,29 @@ fn restore(b: &Bench, peers: &Peers, report: &mut Report) -> RestoreFigures {
             peers.mbstream_restore(runs),
         )
     });
-    rows.push(Row {
-        mysnap,
-        ..Row::new(
-            "mariabackup: --prepare, --copy-back, server answering",
-            peers.copy_back_restore(runs),
-        )
-    });
-    rows.push(Row {
-        mysnap,
-        ..Row::new(
-            "mysqldump reload into a running server",
-            peers.dump_reload(runs, target),
-        )
-    });
-    rows.push(Row {
-        mysnap,
-        ..Row::new(
-            "myloader -t 2 into a running server",
-            peers.myloader_reload(runs, target),
-        )
-    });
+    if all {
+        rows.push(Row {
+            mysnap,
+            ..Row::new(
+                "mariabackup: --prepare, --copy-back, server answering",
+                peers.copy_back_restore(runs),
+            )
+        });
+        rows.push(Row {
+            mysnap,
+            ..Row::new(
+                "mysqldump reload into a running server",
+                peers.dump_reload(runs, target),
+            )
+        });
+        rows.push(Row {
+            mysnap,
+            ..Row::new(
+                "myloader -t 2 into a running server",
+                peers.myloader_reload(runs, target),
+            )
+        });
+    }
     contenders::reset(target);
     writeln!(
         report.md,
@@ -413,7 +469,8 @@ fn restore(b: &Bench, peers: &Peers, report: &mut Report) -> RestoreFigures {
         report.md,
         "\nmysnap's restore includes the download, checks, stopping the old server, the swap and the restart: \
          streaming and syncing took {:.2} s of it, and the server was down {:.2} s (medians). \
-         mariabackup's rows include starting a server on the result.",
+         mariabackup's rows include starting a server on the result. \
+         `× limit` of an S3 row is its time ÷ the same pipeline from the same S3 server (`curl GET \\|`).",
         r.unpack, r.down
     )
     .unwrap();

@@ -7,6 +7,7 @@
 //! This thread hashes and decompresses; a second one checks and unpacks the
 //! entries, so the two overlap.
 
+use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +17,7 @@ use bytes::Bytes;
 use tar::EntryType;
 
 use super::policy::{Kind, Policy, MAX_PATH};
-use super::tree::{Owner, SafeDir};
+use super::tree::{Owner, SafeDir, ZeroSkipping};
 use super::ArchiveError;
 use crate::codec::{decoder, Hashing};
 use crate::crypt::{self, Identities};
@@ -506,8 +507,8 @@ impl Unpacker {
                 Ok(0)
             }
             Kind::File => {
-                let mut f = parent.create_file(name).map_err(classify)?;
-                let copied = copy(&mut data.take(len), &mut f, url, &shown)?;
+                let f = parent.create_file(name).map_err(classify)?;
+                let copied = copy(&mut data.take(len), &f, url, &shown)?;
                 SafeDir::finish_file(&f, mode, self.owner, mtime).map_err(write_err)?;
                 Ok(copied)
             }
@@ -515,26 +516,31 @@ impl Unpacker {
     }
 }
 
-/// Copies, telling read failures (the archive) from write failures (the target).
-fn copy(
-    r: &mut impl Read,
-    w: &mut impl io::Write,
-    url: &str,
-    path: &Path,
-) -> Result<u64, ArchiveError> {
+/// Copies into the new file `f`, its zero blocks allocated but not written
+/// ([`ZeroSkipping`]), telling read failures (the archive) from write
+/// failures (the target).
+fn copy(r: &mut impl Read, f: &File, url: &str, path: &Path) -> Result<u64, ArchiveError> {
+    let write_err = |e| ArchiveError::Write {
+        path: PathBuf::from(path),
+        source: e,
+    };
     let mut buf = vec![0u8; 256 << 10];
-    let mut n = 0u64;
+    let mut w = ZeroSkipping::new(f);
+    // Whole buffers, so the zero blocks' alignment in the file is kept.
+    let mut filled = 0;
     loop {
-        let got = match r.read(&mut buf) {
-            Ok(0) => return Ok(n),
-            Ok(got) => got,
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => {
+                w.write_all(&buf[..filled]).map_err(write_err)?;
+                return w.finish().map_err(write_err);
+            }
+            Ok(got) => filled += got,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(corrupt(url, e)),
         };
-        w.write_all(&buf[..got]).map_err(|e| ArchiveError::Write {
-            path: PathBuf::from(path),
-            source: e,
-        })?;
-        n += got as u64;
+        if filled == buf.len() {
+            w.write_all(&buf).map_err(write_err)?;
+            filled = 0;
+        }
     }
 }

@@ -264,6 +264,131 @@ impl SafeDir {
     }
 }
 
+/// Zero ranges of at least this many bytes, aligned to it in the file, are
+/// allocated but not written by [`ZeroSkipping`].
+pub const ZERO_BLOCK: usize = 64 << 10;
+
+/// Writes a new file from its start, in order, without writing its
+/// all-zero blocks: each aligned [`ZERO_BLOCK`] of zeros is allocated with
+/// `fallocate` (an unwritten extent: no data written, none to flush, the
+/// space reserved, so a server writing there later cannot run out of room
+/// where a fully written file would not), or left as a hole where the file
+/// system cannot allocate that way. Both read back as zeros; [`finish`]
+/// makes the length exact. InnoDB's preallocated extents and its redo
+/// log's unused part are such blocks.
+///
+/// [`finish`]: ZeroSkipping::finish
+pub struct ZeroSkipping<'a> {
+    f: &'a File,
+    /// Bytes of the file given so far (written or skipped).
+    pos: u64,
+    /// Whether `fallocate` works on this file's file system.
+    allocate: bool,
+    /// Consecutive zero blocks not allocated yet (start, length): one
+    /// `fallocate` for all of them keeps them in one extent.
+    run: Option<(u64, u64)>,
+}
+
+impl<'a> ZeroSkipping<'a> {
+    /// A writer of the empty file `f` (just created).
+    pub fn new(f: &'a File) -> Self {
+        Self::at(f, 0)
+    }
+
+    /// A writer of `f` from offset `pos` (a piece of a file written in
+    /// pieces, in any order: the parallel restore); end it with
+    /// [`ZeroSkipping::end_piece`], and give the file its length once all
+    /// pieces are in.
+    pub fn at(f: &'a File, pos: u64) -> Self {
+        ZeroSkipping {
+            f,
+            pos,
+            allocate: true,
+            run: None,
+        }
+    }
+
+    /// Allocates what is pending of this piece, without touching the
+    /// file's length beyond it.
+    pub fn end_piece(mut self) -> io::Result<()> {
+        self.allocate_run()
+    }
+
+    /// Appends `buf`: written, but for the aligned zero blocks it covers whole.
+    pub fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let block = ZERO_BLOCK as u64;
+        // The range of `buf` waiting to be written, as offsets into `buf`.
+        let (mut pending, mut i) = (0usize, 0usize);
+        while i < buf.len() {
+            let at = self.pos + i as u64;
+            let end = ((at / block + 1) * block - self.pos) as usize;
+            let whole = at.is_multiple_of(block) && end <= buf.len();
+            let end = end.min(buf.len());
+            if whole && is_zero(&buf[i..end]) {
+                self.f
+                    .write_all_at(&buf[pending..i], self.pos + pending as u64)?;
+                match self.run {
+                    Some((start, len)) if start + len == at => {
+                        self.run = Some((start, len + block))
+                    }
+                    _ => {
+                        self.allocate_run()?;
+                        self.run = Some((at, block));
+                    }
+                }
+                pending = end;
+            }
+            i = end;
+        }
+        self.f
+            .write_all_at(&buf[pending..], self.pos + pending as u64)?;
+        self.pos += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Allocates the run of zero blocks (a hole where that cannot be done).
+    fn allocate_run(&mut self) -> io::Result<()> {
+        let Some((at, len)) = self.run.take() else {
+            return Ok(());
+        };
+        if !self.allocate {
+            return Ok(());
+        }
+        let r = nix::fcntl::fallocate(
+            self.f,
+            nix::fcntl::FallocateFlags::empty(),
+            at as i64,
+            len as i64,
+        );
+        match r {
+            Ok(()) => Ok(()),
+            Err(Errno::EOPNOTSUPP) => {
+                self.allocate = false;
+                Ok(())
+            }
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    /// Gives the file its exact length (the zeros at its end included);
+    /// returns the bytes given.
+    pub fn finish(mut self) -> io::Result<u64> {
+        self.allocate_run()?;
+        if self.f.metadata()?.len() != self.pos {
+            self.f.set_len(self.pos)?;
+        }
+        Ok(self.pos)
+    }
+}
+
+/// Whether every byte of `b` is zero.
+fn is_zero(b: &[u8]) -> bool {
+    let mut words = b.chunks_exact(16);
+    words.all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0)
+        && words.remainder().iter().all(|&x| x == 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -219,15 +219,7 @@ impl Peers {
             ),
             (
                 "mariabackup --backup --stream=xbstream \\| zstd -T0 -3 > file",
-                Box::new(|| {
-                    fresh_dir(&peers.join("xbtmp"));
-                    shell_time(&format!(
-                        "mariabackup --backup --stream=xbstream --socket={sock} --user=root --target-dir={} 2>/dev/null \
-                         | zstd -T0 -3 -q > {}",
-                        peers.join("xbtmp").display(),
-                        xb_stream.display()
-                    ))
-                }),
+                Box::new(|| self.xbstream_backup()),
                 xb_stream.as_path(),
             ),
             (
@@ -271,6 +263,20 @@ impl Peers {
             });
         }
         rows
+    }
+
+    /// `mariabackup --backup --stream=xbstream | zstd -T0 -3 > file`: the
+    /// backup [`Peers::mbstream_restore`] restores.
+    pub fn xbstream_backup(&self) -> Result<f64, String> {
+        let tmp = self.dir.join("xbtmp");
+        fresh_dir(&tmp);
+        shell_time(&format!(
+            "mariabackup --backup --stream=xbstream --socket={} --user=root --target-dir={} 2>/dev/null \
+             | zstd -T0 -3 -q > {}",
+            self.sock,
+            tmp.display(),
+            self.xb_stream.display()
+        ))
     }
 
     /// mariabackup's fastest path: mbstream straight into the new data
