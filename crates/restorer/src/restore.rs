@@ -711,12 +711,24 @@ fn wait_down(cfg: &Config, datadir: &Path, patience: Duration) -> anyhow::Result
 }
 
 /// A process whose working directory is `dir` (after resolving links).
+/// Only a server counts (its command name begins `mysqld` or `mariadbd`): an
+/// operator's shell or a `tail -f` sitting in the data directory does not
+/// hold up a restore.
 fn process_in(dir: &Path) -> Option<u32> {
     let dir = dir.canonicalize().ok()?;
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        (std::fs::read_link(e.path().join("cwd")).ok()? == dir).then_some(pid)
+        if std::fs::read_link(e.path().join("cwd")).ok()? != dir {
+            return None;
+        }
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        is_server_name(comm.trim_end()).then_some(pid)
     })
+}
+
+/// Whether a process's command name (`/proc/<pid>/comm`) is a server's.
+fn is_server_name(comm: &str) -> bool {
+    comm.starts_with("mysqld") || comm.starts_with("mariadbd")
 }
 
 /// The staging directory: created empty (0700), removed when dropped. The
@@ -1199,15 +1211,39 @@ mod tests {
         common::state::lock_file(&path, "busy").expect("free again");
     }
 
-    #[test]
-    fn a_process_working_in_the_datadir_is_found_and_none_in_an_unused_one() {
-        let used = tempfile::tempdir().unwrap();
-        let unused = tempfile::tempdir().unwrap();
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .current_dir(used.path())
+    /// `sleep secs` under the name of a server (`mariadbd`), working in `dir`.
+    fn fake_server(dir: &Path, secs: &str) -> (std::process::Child, tempfile::TempDir) {
+        let bin = tempfile::tempdir().unwrap();
+        let exe = bin.path().join("mariadbd");
+        let sleep = ["/usr/bin/sleep", "/bin/sleep"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("sleep");
+        std::fs::copy(sleep, &exe).unwrap();
+        let child = std::process::Command::new(&exe)
+            .arg(secs)
+            .current_dir(dir)
             .spawn()
             .unwrap();
+        (child, bin)
+    }
+
+    #[test]
+    fn a_server_working_in_the_datadir_is_found_and_nothing_else() {
+        let used = tempfile::tempdir().unwrap();
+        let unused = tempfile::tempdir().unwrap();
+        // An operator's shell (here `sleep`) in the data directory is not a server.
+        let mut shell = std::process::Command::new("sleep")
+            .arg("30")
+            .current_dir(unused.path())
+            .spawn()
+            .unwrap();
+        let (mut child, _bin) = fake_server(used.path(), "30");
+        // The new process's name is set once it has exec'd.
+        let t = Instant::now();
+        while process_in(used.path()).is_none() && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         // Through a link, as a data directory often is.
         let link = unused.path().join("link");
         std::os::unix::fs::symlink(used.path(), &link).unwrap();
@@ -1216,6 +1252,8 @@ mod tests {
         let none = process_in(unused.path());
         child.kill().unwrap();
         child.wait().unwrap();
+        shell.kill().unwrap();
+        shell.wait().unwrap();
         assert_eq!(found, Some(child.id()));
         assert_eq!(through_link, Some(child.id()));
         assert_eq!(none, None);
@@ -1241,11 +1279,10 @@ mod tests {
         std::fs::create_dir(&datadir).unwrap();
         let cfg = config_of(&dir.path().join("my.sock"), &datadir);
         // A server that exits 0.5 s after its stop command returned.
-        let mut child = std::process::Command::new("sleep")
-            .arg("0.5")
-            .current_dir(&datadir)
-            .spawn()
-            .unwrap();
+        let (mut child, _bin) = fake_server(&datadir, "0.5");
+        while process_in(&datadir).is_none() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let t = Instant::now();
         let waited = wait_down(&cfg, &datadir, Duration::from_secs(20));
         let took = t.elapsed();
@@ -1257,11 +1294,10 @@ mod tests {
         );
         assert!(took < Duration::from_secs(5), "returned after {took:?}");
         // One that does not exit: refused after the patience, naming it.
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .current_dir(&datadir)
-            .spawn()
-            .unwrap();
+        let (mut child, _bin2) = fake_server(&datadir, "30");
+        while process_in(&datadir).is_none() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let err = wait_down(&cfg, &datadir, Duration::from_millis(200));
         child.kill().unwrap();
         child.wait().unwrap();
