@@ -11,11 +11,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use common::archive::frames::FrameWriter;
+use common::archive::index::Index;
 use common::archive::ArchiveError;
 use common::config::{Compression, Config};
 use common::manifest::{
-    ArchiveInfo, BackupId, Binlog, DataLayout, Flavor, LockTimes, Manifest, Server, SnapshotInfo,
-    FORMAT_VERSION,
+    ArchiveInfo, BackupId, Binlog, DataLayout, Flavor, IndexInfo, LockTimes, Manifest, Server,
+    SnapshotInfo, FORMAT_VERSION, INDEXED_FORMAT_VERSION,
 };
 use common::progress::Silent;
 use common::store::{FileStore, Store};
@@ -253,6 +255,37 @@ impl Rig {
         m
     }
 
+    /// An indexed backup (format 3) of `entries` under `paths`, in frames
+    /// of `target` tar bytes; `forge` edits its index before it is stored
+    /// (the manifest then binds the forged index: size and SHA-256).
+    pub fn indexed(
+        &mut self,
+        paths: &[&str],
+        entries: &[Raw],
+        target: u64,
+        forge: impl FnOnce(&mut Index),
+    ) -> Manifest {
+        let tar = tar_of(entries);
+        let mut w = FrameWriter::with_target(Vec::new(), 1, 2, target);
+        w.write_all(&tar).unwrap();
+        let (stored, mut index) = w.finish().unwrap();
+        let mut m = self.manifest(paths, &tar, &stored, Compression::Zstd);
+        forge(&mut index);
+        let bytes = index.to_stored().unwrap();
+        let key = common::archive::keys::index(&m.name, &m.backup_id);
+        let path = self.root().join("store").join(&key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &bytes).unwrap();
+        m.format_version = INDEXED_FORMAT_VERSION;
+        m.archive.as_mut().unwrap().index = Some(IndexInfo {
+            key,
+            size: bytes.len() as u64,
+            sha256: v(&sha(&bytes)),
+        });
+        self.plant(&m, &stored, |t| t);
+        m
+    }
+
     /// verify and stage of backup `id` (stage into a fresh staging directory).
     pub async fn try_both(&self, id: &str) -> (anyhow::Result<()>, anyhow::Result<()>) {
         let verified = crate::verify(&self.cfg, id, &Silent).await.map(|_| ());
@@ -473,6 +506,83 @@ fn zero_blocks_are_staged_unwritten_with_the_same_bytes() {
                 "{name}: SHA-256"
             );
         }
+    });
+}
+
+/// An indexed backup through the real wiring (the index read by size and
+/// SHA-256, parsed, frames fetched by range from the file store): it
+/// round-trips; a forged index the manifest binds is refused before
+/// anything is written; an index that is missing, or is not the one the
+/// manifest binds, is exit 4; a signal stops it at once.
+#[test]
+fn indexed_backups_round_trip_and_forged_indexes_touch_nothing() {
+    rt().block_on(async {
+        let mut rig = Rig::new();
+        let big: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let entries = [
+            dir("mysql"),
+            dir("mysql/db"),
+            file("mysql/db/t.ibd", &big),
+            file("mysql/binlog.index", b"/src/mysql/binlog.000001\n"),
+            file(&format!("mysql/{}", "l".repeat(120)), b"long"),
+            link("mysql/db/l", "t.ibd"),
+        ];
+        let m = rig.indexed(&["mysql"], &entries, 1024, |_| {});
+        let before = rig.outside();
+        let (v, s) = rig.try_both(&m.backup_id).await;
+        v.unwrap();
+        s.unwrap();
+        let st = rig.root().join("stage/s");
+        assert_eq!(std::fs::read(st.join("mysql/db/t.ibd")).unwrap(), big);
+        assert_eq!(
+            std::fs::read_link(st.join("mysql/db/l")).unwrap(),
+            Path::new("t.ibd")
+        );
+        assert_eq!(rig.outside(), before);
+
+        let cancel = std::sync::atomic::AtomicBool::new(true);
+        let err = rig.try_stage(&m.backup_id, &cancel).await.unwrap_err();
+        assert!(format!("{err:#}").contains("interrupted by a signal"), "{err:#}");
+        assert_eq!(std::fs::read_dir(&st).unwrap().count(), 0);
+
+        type Forge = fn(&mut Index);
+        let forgeries: &[(&str, Forge, &str)] = &[
+            ("escape", |i| i.entries[2].path = "mysql/../../outside/canary".into(), "'..'"),
+            ("absolute", |i| i.entries[2].path = "/tmp/mysnap-forged".into(), "absolute"),
+            ("link out", |i| {
+                let l = i.entries.iter_mut().find(|e| e.link.is_some()).unwrap();
+                l.link = Some("../../../outside".into());
+            }, "leaves"),
+            ("chunk elsewhere", |i| i.entries[2].chunks[0].frame = 0, "inside its frame"),
+        ];
+        for (what, forge, says) in forgeries {
+            let m = rig.indexed(&["mysql"], &entries, 1024, forge);
+            let (v, s) = rig.try_both(&m.backup_id).await;
+            for r in [&v, &s] {
+                assert_eq!(code(r), ExitCode::Integrity, "{what}: {r:?}");
+                let msg = format!("{:#}", r.as_ref().unwrap_err());
+                assert!(msg.contains(says), "{what}: {msg}");
+            }
+            assert_eq!(std::fs::read_dir(&st).unwrap().count(), 0, "{what}");
+            assert_eq!(rig.outside(), before, "{what}");
+        }
+        assert!(!Path::new("/tmp/mysnap-forged").exists());
+
+        // The index changed after the manifest was written; then gone.
+        let m = rig.indexed(&["mysql"], &entries, 1024, |_| {});
+        let ix = rig.root().join("store").join(&m.archive.as_ref().unwrap().index.as_ref().unwrap().key);
+        let mut bytes = std::fs::read(&ix).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&ix, &bytes).unwrap();
+        let (v, s) = rig.try_both(&m.backup_id).await;
+        for r in [&v, &s] {
+            assert!(matches!(archive_error(r), Some(ArchiveError::ChecksumMismatch { url, .. }) if url.ends_with("index.json.zst")), "{r:?}");
+        }
+        std::fs::remove_file(&ix).unwrap();
+        let (v, _) = rig.try_both(&m.backup_id).await;
+        assert!(matches!(archive_error(&v), Some(ArchiveError::Missing { .. })), "{v:?}");
+        assert_eq!(code(&v), ExitCode::Integrity);
     });
 }
 

@@ -37,12 +37,22 @@ pub fn unpack(
     progress: &dyn Progress,
     cancelled: &(dyn Fn() -> bool + Sync),
 ) -> Result<Streamed, ArchiveError> {
+    let interrupted = || ArchiveError::Store {
+        url: url.to_string(),
+        why: "interrupted by a signal".into(),
+    };
+    if cancelled() {
+        return Err(interrupted());
+    }
     let mut unpacker = Unpacker::for_target(&target)?;
     // What each frame holds: (entry, chunk) pairs and the entries whose header it holds.
     let mut chunks: Vec<Vec<(usize, usize)>> = vec![Vec::new(); index.frames.len()];
     let mut headers: Vec<Vec<usize>> = vec![Vec::new(); index.frames.len()];
     let mut s = Streamed::default();
     for (i, e) in index.entries.iter().enumerate() {
+        if i % 1024 == 1023 && cancelled() {
+            return Err(interrupted());
+        }
         let frame = index
             .frame_at(e.header)
             .expect("checked: inside the tar stream");
@@ -89,10 +99,7 @@ pub fn unpack(
                         return;
                     }
                     let r = if cancelled() {
-                        Err(ArchiveError::Store {
-                            url: url.to_string(),
-                            why: "interrupted by a signal".into(),
-                        })
+                        Err(interrupted())
                     } else {
                         frame(
                             index,
