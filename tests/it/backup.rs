@@ -362,7 +362,13 @@ fn a_backup_stage_backup_under_load_records_the_locked_coordinates_and_archives_
 /// those of the snapshot, and the archive holds exactly the snapshot.
 fn backup_under_load(lock_method: &str) {
     let rig = Rig::new(StoreKind::S3);
-    rig.write_config(|t| set(t, "mysql", "lock_method", lock_method));
+    // One stream (format 1, the default) with BACKUP STAGE, indexed frames
+    // (format 3) with FTWRL: both formats of a real backup under load.
+    let indexed = lock_method == "ftwrl";
+    rig.write_config(|t| {
+        set(t, "mysql", "lock_method", lock_method);
+        set(t, "archive", "indexed", indexed);
+    });
     sysbench_prepare(&rig.db.socket, 4, 10_000);
     let mut load = sysbench_run(&rig.db.socket, 4, 10_000, 120);
     std::thread::sleep(Duration::from_secs(3));
@@ -451,6 +457,18 @@ fn backup_under_load(lock_method: &str) {
         got, expected,
         "the archive holds exactly the snapshot's files"
     );
+    if !indexed {
+        assert_eq!(stored.format_version, common::manifest::FORMAT_VERSION);
+        assert!(info.index.is_none());
+        assert_eq!(
+            rig.store_keys(),
+            [
+                format!("db1/{id}/data.tar.zst"),
+                format!("db1/{id}/manifest.toml")
+            ]
+        );
+        return;
+    }
     // Indexed (format 3): the index stored beside it, bound by the manifest.
     assert_eq!(
         stored.format_version,

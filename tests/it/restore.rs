@@ -388,7 +388,13 @@ fn crafted_many(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
 /// A source with table `d.t` holding `row`, backed up to a file store: the
 /// rig, the backup id, the store's root and the stored manifest.
 fn backed_up_source(row: u32) -> (Rig, String, PathBuf, Manifest) {
+    backed_up_source_as(row, false)
+}
+
+/// [`backed_up_source`], its archive `indexed` (format 3) or one stream.
+fn backed_up_source_as(row: u32, indexed: bool) -> (Rig, String, PathBuf, Manifest) {
     let src = Rig::new(StoreKind::File);
+    src.write_config(|t| crate::backup::set(t, "archive", "indexed", indexed));
     src.db.sql(&format!(
         "CREATE DATABASE d; CREATE TABLE d.t (id INT PRIMARY KEY); INSERT INTO d.t VALUES ({row})"
     ));
@@ -487,7 +493,7 @@ fn a_flipped_byte_in_an_indexed_archive_names_its_file_and_a_format_1_backup_sti
     ) {
         return;
     }
-    let (src, id, store_root, real) = backed_up_source(7);
+    let (src, id, store_root, real) = backed_up_source_as(7, true);
     assert_eq!(
         real.format_version,
         common::manifest::INDEXED_FORMAT_VERSION

@@ -732,14 +732,10 @@ pub struct ArchiveConfig {
     pub threads: u32,
     /// Most bytes per second read from the snapshot.
     pub read_rate_limit: Option<ByteSize>,
-    /// Unencrypted zstd archives are indexed frames (manifest format 3);
-    /// `false` writes one stream (format 1) as mysnap did before.
-    #[serde(default = "yes")]
+    /// Unencrypted zstd archives as indexed frames (manifest format 3);
+    /// off by default until it is as fast as one stream (format 1).
+    #[serde(default)]
     pub indexed: bool,
-}
-
-fn yes() -> bool {
-    true
 }
 
 impl Default for ArchiveConfig {
@@ -749,7 +745,7 @@ impl Default for ArchiveConfig {
             level: None,
             threads: 0,
             read_rate_limit: None,
-            indexed: true,
+            indexed: false,
         }
     }
 }

@@ -552,8 +552,8 @@ fn crypt_only(b: &Bench, data_bytes: u64, report: &mut Report) {
 fn formats_only(b: &Bench, data_bytes: u64, report: &mut Report) {
     let url = b.file_url();
     eprintln!("bench: backup, format 1 and 3");
-    let one = b.mysnap_backup(&url, "zstd-stream");
-    let three = b.mysnap_backup(&url, "zstd");
+    let one = b.mysnap_backup(&url, "zstd");
+    let three = b.mysnap_backup(&url, "zstd-indexed");
     let rows = vec![
         Row {
             size: Some(one.size),
@@ -578,11 +578,11 @@ fn formats_only(b: &Bench, data_bytes: u64, report: &mut Report) {
     report.table(&rows, data_bytes);
     eprintln!("bench: restore, format 1 and 3");
     let target = b.target_server("target");
-    let (id, archive, unpacked) = b.stored_backup_as("zstd-stream", "");
+    let (id, archive, unpacked) = b.stored_backup_as("zstd", "");
     let limit_untar = limits::untar(b, &archive);
     b.copy_to_file_store(&archive);
     let r1 = b.mysnap_restore(&target, &id, &url);
-    let (id, archive, _) = b.stored_backup_as("zstd", "");
+    let (id, archive, _) = b.stored_backup_as("zstd-indexed", "");
     b.copy_to_file_store(&archive);
     let r3 = b.mysnap_restore(&target, &id, &url);
     let rows = vec![

@@ -85,8 +85,8 @@ impl Bench {
         self.stored_backup_as("zstd", tail)
     }
 
-    /// [`Bench::stored_backup_with`] in `compression` (`zstd-stream`: one
-    /// stream, format 1).
+    /// [`Bench::stored_backup_with`] in `compression` (`zstd-indexed`:
+    /// indexed frames, format 3).
     pub fn stored_backup_as(&self, compression: &str, tail: &str) -> (String, PathBuf, u64) {
         self.clear_stores();
         let config = self.source_config(S3_URL, compression, "");

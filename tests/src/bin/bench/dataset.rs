@@ -256,10 +256,10 @@ pub fn host() -> String {
 }
 
 /// The `[archive]` lines of a bench config for `compression`: a codec, or
-/// `zstd-stream`, zstd as one stream (manifest format 1, `indexed = false`).
+/// `zstd-indexed`, zstd in indexed frames (manifest format 3, `indexed = true`).
 fn archive_lines(compression: &str) -> String {
-    match compression.strip_suffix("-stream") {
-        Some(codec) => format!("compression = \"{codec}\"\nindexed = false\n"),
+    match compression.strip_suffix("-indexed") {
+        Some(codec) => format!("compression = \"{codec}\"\nindexed = true\n"),
         None => format!("compression = \"{compression}\"\n"),
     }
 }
