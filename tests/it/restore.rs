@@ -685,8 +685,31 @@ fn stop_first_puts_the_old_data_back_when_refused_and_a_server_that_is_down_is_n
     target.db.sql("INSERT INTO d.t VALUES (8)");
     target.db.stop();
     assert!(target.db.try_sql("SELECT 1").is_err(), "the server is down");
+    // The `.old-` names of this and the next seconds are taken (restores in
+    // quick succession): the restore sets aside under a free one.
+    let name = old.file_name().unwrap().to_str().unwrap();
+    let prefix = &name[..name.find(".old-").unwrap() + 5];
+    let now = time::OffsetDateTime::now_utc();
+    let taken: Vec<PathBuf> = (0..8)
+        .map(|s| {
+            let t = common::manifest::backup_id(now + time::Duration::seconds(s));
+            let dir = old.with_file_name(format!("{prefix}{t}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("earlier"), "kept").unwrap();
+            dir
+        })
+        .collect();
     let out = target.restorer(&src, &["restore", &id]);
     assert_ok(&out, "restorer restore onto a server that is down");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let aside = PathBuf::from(report["old_datadir"].as_str().unwrap());
+    assert!(!taken.contains(&aside), "{aside:?} was taken");
+    for dir in &taken {
+        assert_eq!(
+            std::fs::read_to_string(dir.join("earlier")).unwrap(),
+            "kept"
+        );
+    }
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("the server is not running"), "{log}");
     assert_eq!(target.db.sql("SELECT id FROM d.t"), "7");

@@ -504,7 +504,7 @@ async fn check(
     check_space(&parent, &chosen.info, binlogs)?;
     check_not_mount_point(&datadir, &parent)?;
     let owner = cfg.volume.owner_ids()?;
-    Ok(Plan {
+    let mut plan = Plan {
         store: chosen.store,
         m: chosen.manifest,
         info: chosen.info,
@@ -515,7 +515,18 @@ async fn check(
         stamp: common::manifest::backup_id(time::OffsetDateTime::now_utc()),
         owner,
         _lock: lock,
-    })
+    };
+    // A restore in the same second as the one before (whose `.old-` names
+    // are taken) sets aside under the next free second.
+    let taken = |plan: &Plan| {
+        plan.moves(cfg)
+            .iter()
+            .any(|(_, live)| plan.aside(live).symlink_metadata().is_ok())
+    };
+    while taken(&plan) {
+        plan.stamp = BackupId::from_time(plan.stamp.time() + time::Duration::seconds(1));
+    }
+    Ok(plan)
 }
 
 /// The newest complete backup of `backup.name` before `target`: taken at
