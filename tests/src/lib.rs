@@ -990,6 +990,31 @@ pub fn plant_backup(store: &Path, name: &str, id: &str) {
     plant(store, name, id, Some(&synthetic_manifest(name, id)));
 }
 
+/// `real`'s manifest moved to backup `id` of db1 with `archive` as its
+/// archive (key, size, SHA-256), stored with it in the directory store
+/// `store_root`; `edit` adjusts the archive's entry first.
+fn plant_moved(
+    store_root: &Path,
+    real: &common::manifest::Manifest,
+    id: &str,
+    archive: &[u8],
+    edit: impl FnOnce(&mut common::manifest::Manifest, &mut common::manifest::ArchiveInfo),
+) -> PathBuf {
+    let mut m = real.clone();
+    m.backup_id = common::manifest::BackupId::parse(id).unwrap();
+    let mut info = m.archive.clone().unwrap();
+    info.key = format!("db1/{id}/data.tar.zst");
+    info.size = archive.len() as u64;
+    info.sha256 = common::manifest::Sha256Hex::parse(&common::codec::sha256_hex(archive)).unwrap();
+    edit(&mut m, &mut info);
+    m.archive = Some(info);
+    let dir = store_root.join("db1").join(id);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("data.tar.zst"), archive).unwrap();
+    std::fs::write(dir.join("manifest.toml"), m.to_toml()).unwrap();
+    dir
+}
+
 /// Stores `archive` (zstd) as backup `id` of db1 in the directory store
 /// `store_root`, with `real`'s manifest adjusted to it (key, size, SHA-256,
 /// format 1, no index): a crafted or damaged copy of a real backup.
@@ -999,22 +1024,11 @@ pub fn plant_archive(
     id: &str,
     archive: &[u8],
 ) {
-    use sha2::{Digest, Sha256};
-    let mut m = real.clone();
-    m.backup_id = common::manifest::BackupId::parse(id).unwrap();
-    let mut info = m.archive.clone().unwrap();
-    info.key = format!("db1/{id}/data.tar.zst");
-    info.size = archive.len() as u64;
-    info.sha256 =
-        common::manifest::Sha256Hex::parse(&hex::encode(Sha256::digest(archive))).unwrap();
-    // A single-stream archive: format 1 (an indexed backup's index would not fit it).
-    info.index = None;
-    m.format_version = common::manifest::FORMAT_VERSION;
-    m.archive = Some(info);
-    let dir = store_root.join("db1").join(id);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("data.tar.zst"), archive).unwrap();
-    std::fs::write(dir.join("manifest.toml"), m.to_toml()).unwrap();
+    plant_moved(store_root, real, id, archive, |m, info| {
+        // A single-stream archive: format 1 (an indexed backup's index would not fit it).
+        info.index = None;
+        m.format_version = common::manifest::FORMAT_VERSION;
+    });
 }
 
 /// Stores `archive`, an indexed archive of the same frames as `real`'s,
@@ -1028,25 +1042,15 @@ pub fn plant_indexed(
     id: &str,
     archive: &[u8],
 ) {
-    let mut m = real.clone();
-    m.backup_id = common::manifest::BackupId::parse(id).unwrap();
-    let mut info = m.archive.clone().unwrap();
-    info.key = format!("db1/{id}/data.tar.zst");
-    info.size = archive.len() as u64;
-    info.sha256 = common::manifest::Sha256Hex::parse(&common::codec::sha256_hex(archive)).unwrap();
-    let mut ix = info.index.clone().expect("an indexed backup");
-    ix.key = format!("db1/{id}/index.json.zst");
-    info.index = Some(ix);
-    m.archive = Some(info);
-    let dir = store_root.join("db1").join(id);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("data.tar.zst"), archive).unwrap();
+    let dir = plant_moved(store_root, real, id, archive, |_, info| {
+        let ix = info.index.as_mut().expect("an indexed backup");
+        ix.key = format!("db1/{id}/index.json.zst");
+    });
     std::fs::copy(
         store_root.join(format!("db1/{real_id}/index.json.zst")),
         dir.join("index.json.zst"),
     )
     .unwrap();
-    std::fs::write(dir.join("manifest.toml"), m.to_toml()).unwrap();
 }
 
 /// Every file below `root` (relative paths; links are listed, not followed).
