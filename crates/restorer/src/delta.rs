@@ -123,7 +123,11 @@ pub fn compare(
         let Some(dir) = last.as_ref().and_then(|(_, _, d)| d.as_ref()) else {
             continue;
         };
-        if same(dir, Path::new(name), e.size, e.mtime, &e.chunks, mode) {
+        let same = same(dir, Path::new(name), e.size, e.mtime, &e.chunks, mode);
+        if !same {
+            tracing::debug!("{}: not the backup's ({} bytes): fetched", e.path, e.size);
+        }
+        if same {
             reuse.paths.push(e.path.clone());
             reuse.set.insert(e.path.clone());
             reuse.files += 1;
