@@ -3,6 +3,7 @@
 
 mod backup;
 mod crypt;
+mod delta;
 mod drill;
 mod faults;
 mod metrics;

@@ -95,7 +95,7 @@ impl Target {
     }
 
     /// Where a restore keeps its journal.
-    fn journal(&self) -> PathBuf {
+    pub(crate) fn journal(&self) -> PathBuf {
         self._tmp.path().join("state/restore.journal")
     }
 
@@ -736,7 +736,7 @@ fn pause_points(stop_first: bool) -> [(&'static str, bool); 6] {
 
 impl Target {
     /// Starts `restorer ARGS` pausing at `point`; returns once it says so.
-    fn paused(&self, src: &Rig, args: &[&str], point: &str) -> std::process::Child {
+    pub(crate) fn paused(&self, src: &Rig, args: &[&str], point: &str) -> std::process::Child {
         self.paused_with(src, args, point, &[]).0
     }
 

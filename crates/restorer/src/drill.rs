@@ -325,6 +325,7 @@ async fn stage(
             owner: p.server.owner,
             cancel: int.flag(),
             in_place: Some(&data),
+            reuse: None,
         },
         progress,
     )
@@ -506,7 +507,7 @@ fn scratch_dir(cfg: &Config, flag: Option<&Path>) -> anyhow::Result<PathBuf> {
 }
 
 /// `volume.datadir` with its links resolved (as written when it does not exist).
-fn live_datadir(cfg: &Config) -> PathBuf {
+pub(crate) fn live_datadir(cfg: &Config) -> PathBuf {
     cfg.volume
         .datadir
         .canonicalize()

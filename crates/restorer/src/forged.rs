@@ -320,6 +320,7 @@ impl Rig {
                     owner: None,
                     cancel,
                     in_place: None,
+                    reuse: None,
                 },
                 &Silent,
             )

@@ -93,6 +93,11 @@ pub struct Journal {
     /// Renames in the order they run: live → `<live>.old-<stamp>` (set aside)
     /// and `<staging>/<path>` → live (moved in).
     pub moves: Vec<Move>,
+    /// A delta restore (`--delta`): the restored paths share files (hard
+    /// links) with the set-aside ones, which are no copy of the old data
+    /// once the server writes: from the commit on they are removed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delta: bool,
 }
 
 /// One rename.
@@ -132,6 +137,7 @@ impl Journal {
             stopped_server: false,
             phase,
             moves: Vec::new(),
+            delta: false,
         }
     }
 
@@ -258,6 +264,9 @@ pub enum Action {
     RemoveStaging(PathBuf),
     /// Run `mysql.start_command`.
     StartServer,
+    /// Remove a set-aside path and what is in it (a delta restore's, after
+    /// its commit: it shares files with the restored data).
+    RemoveAside(PathBuf),
     /// Remove the journal: nothing is left to finish or undo.
     RemoveJournal,
 }
@@ -269,6 +278,11 @@ impl std::fmt::Display for Action {
                 write!(f, "moving {} back to {}", from.display(), to.display())
             }
             Action::RemoveStaging(dir) => write!(f, "removing {}", dir.display()),
+            Action::RemoveAside(dir) => write!(
+                f,
+                "removing {} (it shares files with the restored data)",
+                dir.display()
+            ),
             Action::StartServer => write!(f, "starting the server"),
             Action::RemoveJournal => write!(f, "removing the journal"),
         }
@@ -320,6 +334,11 @@ pub fn decide(
     if start {
         actions.push(Action::StartServer);
     }
+    if j.committed() && j.delta {
+        for m in j.moves.iter().filter(|m| !m.from.starts_with(&j.staging)) {
+            actions.push(Action::RemoveAside(m.to.clone()));
+        }
+    }
     actions.push(Action::RemoveStaging(j.staging.clone()));
     actions.push(Action::RemoveJournal);
     Ok(actions)
@@ -338,7 +357,13 @@ pub fn describe(j: &Journal, actions: &[Action]) -> String {
         j.datadir.display(),
         j.phase.name()
     );
-    let kept = if j.committed() {
+    let asides = actions
+        .iter()
+        .filter(|a| matches!(a, Action::RemoveAside(_)))
+        .count();
+    let kept = if j.committed() && asides > 0 {
+        format!("after its commit: kept the restored data, removed the {asides} set-aside path(s) sharing its files (a delta restore)")
+    } else if j.committed() {
         "after its commit: kept the restored data".to_string()
     } else {
         format!("before its commit: moved {moved_back} path(s) back, kept the previous data")
@@ -419,7 +444,9 @@ url = "file:///srv/backups"
                     assert!(fs.remove(from), "{from:?} exists");
                     assert!(fs.insert(to.clone()), "{to:?} is free");
                 }
-                Action::RemoveStaging(p) => fs.retain(|f| !f.starts_with(p)),
+                Action::RemoveStaging(p) | Action::RemoveAside(p) => {
+                    fs.retain(|f| !f.starts_with(p))
+                }
                 Action::StartServer | Action::RemoveJournal => {}
             }
         }
@@ -621,5 +648,38 @@ url = "file:///srv/backups"
         assert!(fs.contains(Path::new("/srv/mysql")));
         assert!(line.contains("moved 1 path(s) back"), "{line}");
         assert!(line.contains("phase stage"), "{line}");
+    }
+
+    #[test]
+    fn a_committed_delta_restore_removes_the_set_aside_paths_and_an_uncommitted_one_moves_them_back(
+    ) {
+        let mut j = swapping();
+        j.delta = true;
+        let n = j.moves.len();
+        // Before the commit: as any restore, everything goes back.
+        let mut fs = after(&j, n);
+        let actions = decide(&j, &|p| fs.contains(p), false).unwrap();
+        assert!(!actions.iter().any(|a| matches!(a, Action::RemoveAside(_))));
+        apply(&mut fs, &actions);
+        assert!(!fs.contains(Path::new("/srv/mysql.old-20261128T120000Z")));
+        assert!(fs.contains(Path::new("/srv/mysql")));
+        // From the commit on: the set-aside paths go, the restored ones stay.
+        j.phase = Phase::Start;
+        let text = serde_json::to_string(&j).unwrap();
+        assert_eq!(Journal::parse(&text).unwrap(), j);
+        let mut fs = after(&j, n);
+        let actions = decide(&j, &|p| fs.contains(p), true).unwrap();
+        let line = describe(&j, &actions);
+        apply(&mut fs, &actions);
+        for live in ["/srv/mysql", "/srv/binlogs"] {
+            assert!(fs.contains(Path::new(live)), "{live}");
+            let aside = aside_of(Path::new(live), &id("20261128T120000Z"));
+            assert!(!fs.contains(&aside), "{aside:?}");
+        }
+        assert!(line.contains("removed the 2 set-aside path(s)"), "{line}");
+        // Not a delta restore: they stay.
+        j.delta = false;
+        let actions = decide(&j, &|p| after(&j, n).contains(p), true).unwrap();
+        assert!(!actions.iter().any(|a| matches!(a, Action::RemoveAside(_))));
     }
 }

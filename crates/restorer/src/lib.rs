@@ -12,11 +12,13 @@
 //! store only in `restorer prune` (`prune.rs`), only by deleting, and in
 //! `restorer drill` (`drill.rs`), only a new drill record beside a manifest.
 
+pub mod delta;
 pub mod drill;
 #[cfg(test)]
 mod forged;
 pub mod journal;
 pub mod keygen;
+pub mod only;
 pub mod prune;
 pub mod replay;
 pub mod replica;
@@ -40,6 +42,7 @@ use common::manifest::{
 use common::progress::Progress;
 use common::store::{self, Download, Store};
 
+pub use delta::DeltaMode;
 pub use replica::{ReplicaFlags, ReplicaOf};
 pub use restore::{recover, restore, Interrupt, Phase, Report, RestoreOpts, PAUSE_ENV, SWAP_ASIDE};
 
@@ -404,32 +407,8 @@ async fn stream_indexed(
     progress: &dyn Progress,
     cancel: &AtomicBool,
 ) -> anyhow::Result<Streamed> {
-    use common::archive::index::{Index, MAX_INDEX_STORED};
-    let (url, index_url) = (store.url(&info.key), store.url(&ix.key));
-    match store.size(&ix.key).await? {
-        None => return Err(ArchiveError::Missing { url: index_url }.into()),
-        Some(n) if n != ix.size || n > MAX_INDEX_STORED => {
-            return Err(ArchiveError::SizeMismatch {
-                url: index_url,
-                got: n,
-                want: ix.size,
-            }
-            .into())
-        }
-        Some(_) => {}
-    }
-    let stored = store.get(&ix.key, MAX_INDEX_STORED).await?;
-    let sha = common::codec::sha256_hex(&stored);
-    if sha != ix.sha256.as_str() {
-        return Err(ArchiveError::ChecksumMismatch {
-            url: index_url,
-            got: sha,
-            want: ix.sha256.to_string(),
-        }
-        .into());
-    }
-    let index = Index::parse(&stored, &index_url, info, &m.data.paths)?;
-    drop(stored);
+    let url = store.url(&info.key);
+    let index = read_index(store.as_ref(), m, info, ix).await?;
     // All cores decompress; more requests than cores keep a remote store
     // busy; store.memory_limit bounds the frames held.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -458,6 +437,41 @@ async fn stream_indexed(
     Ok(r?)
 }
 
+/// The index of the indexed archive `info` of `m`: read, checked by size and
+/// SHA-256 against the manifest, parsed (every path and offset checked).
+pub(crate) async fn read_index(
+    store: &dyn Store,
+    m: &Manifest,
+    info: &ArchiveInfo,
+    ix: &common::manifest::IndexInfo,
+) -> anyhow::Result<common::archive::index::Index> {
+    use common::archive::index::{Index, MAX_INDEX_STORED};
+    let index_url = store.url(&ix.key);
+    match store.size(&ix.key).await? {
+        None => return Err(ArchiveError::Missing { url: index_url }.into()),
+        Some(n) if n != ix.size || n > MAX_INDEX_STORED => {
+            return Err(ArchiveError::SizeMismatch {
+                url: index_url,
+                got: n,
+                want: ix.size,
+            }
+            .into())
+        }
+        Some(_) => {}
+    }
+    let stored = store.get(&ix.key, MAX_INDEX_STORED).await?;
+    let sha = common::codec::sha256_hex(&stored);
+    if sha != ix.sha256.as_str() {
+        return Err(ArchiveError::ChecksumMismatch {
+            url: index_url,
+            got: sha,
+            want: ix.sha256.to_string(),
+        }
+        .into());
+    }
+    Ok(Index::parse(&stored, &index_url, info, &m.data.paths)?)
+}
+
 /// Where [`stage`] unpacks: an empty directory, the owner of what it
 /// writes, the flag that stops it (SIGINT/SIGTERM), and where the copy
 /// will be used.
@@ -469,6 +483,9 @@ pub struct StageDir<'a> {
     /// `volume.mountpoint` (restore); `Some(root)`: it is used where it is
     /// unpacked, `root` standing for the volume root (a drill's scratch).
     pub in_place: Option<&'a Path>,
+    /// `--delta`: the files taken from the local copy (hard-linked into
+    /// `dir` after the unpack wrote everything else).
+    pub reuse: Option<&'a delta::Reuse>,
 }
 
 /// Unpacks backup `m` into the empty directory `to.dir` (`staging`) and prepares the
@@ -489,22 +506,41 @@ pub async fn stage(
         owner,
         cancel,
         in_place,
+        reuse,
     } = to;
     let ids = Identities::from_config(cfg)?;
     let t = std::time::Instant::now();
+    let not_reused = |path: &str, _| !reuse.is_some_and(|r| r.contains(path));
+    let target = match reuse {
+        None => Target::Dir {
+            root: staging,
+            owner,
+        },
+        Some(_) => Target::Subset {
+            root: staging,
+            owner,
+            select: &not_reused,
+        },
+    };
     let s = stream_archive(
         store.clone(),
         m,
         info,
-        Target::Dir {
-            root: staging,
-            owner,
-        },
+        target,
         progress,
         cancel,
         ids.as_ref(),
     )
     .await?;
+    if let Some(r) = reuse {
+        delta::link(r, staging)?;
+        tracing::info!(
+            "{} file(s), {}, taken from the local copy; {} fetched",
+            r.files,
+            bytesize::ByteSize(r.bytes),
+            bytesize::ByteSize(s.fetched_bytes)
+        );
+    }
     tracing::debug!(
         "archive streamed and unpacked in {:.3}s",
         t.elapsed().as_secs_f64()

@@ -80,6 +80,21 @@ enum Cmd {
         /// Roll the backup forward up to and including this MariaDB GTID (domain-server_id-seq)
         #[arg(long, value_name = "GTID", conflicts_with = "until")]
         until_gtid: Option<String>,
+        /// Re-seed a stale copy of the same server in volume.datadir: stop the server, keep the
+        /// files whose size and mtime (or with =checksum, SHA-256 of every piece) match the
+        /// indexed backup, fetch only the others; the old data directory is removed once the
+        /// server answers
+        #[arg(long, value_name = "HOW", num_args = 0..=1, require_equals = true,
+              default_missing_value = "mtime", conflicts_with_all = ["until", "until_gtid"])]
+        delta: Option<restorer::DeltaMode>,
+        /// Extract only these databases and tables (db1,db2.t1, names as stored on disk) into
+        /// --into; the server and volume.datadir are not touched
+        #[arg(long, value_name = "DB[.TABLE],...", requires = "into",
+              conflicts_with_all = ["replica_of", "replica_of_source", "stop_first", "until", "until_gtid", "delta"])]
+        only: Option<restorer::only::Only>,
+        /// With --only: the directory to extract into (new or empty, outside volume.datadir)
+        #[arg(long, value_name = "DIR", requires = "only")]
+        into: Option<PathBuf>,
     },
     /// Apply the [retention] policy: print keep/remove per backup; delete only with --apply
     Prune {
@@ -152,7 +167,13 @@ fn main() -> std::process::ExitCode {
                 start_timeout,
                 until,
                 until_gtid,
+                delta,
+                only,
+                into,
             } => {
+                if let (Some(only), Some(into)) = (&only, &into) {
+                    return extract(&cfg, &id, only, into, quiet).await;
+                }
                 let until = match until_gtid {
                     Some(g) => Some(common::binlog::Target::Gtid(
                         common::binlog::Gtid::parse(&g)
@@ -174,6 +195,7 @@ fn main() -> std::process::ExitCode {
                     start_timeout,
                     interrupt: restorer::Interrupt::default(),
                     until,
+                    delta,
                 };
                 restore(&cfg, &opts, quiet).await
             }
@@ -241,6 +263,22 @@ async fn restore(cfg: &Config, opts: &RestoreOpts, quiet: bool) -> anyhow::Resul
     let progress = common::progress::for_stderr("restoring", quiet);
     let report = restorer::restore(cfg, opts, progress.as_ref()).await?;
     println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// `restorer restore --only`: the report as one JSON line.
+async fn extract(
+    cfg: &Config,
+    id: &str,
+    only: &restorer::only::Only,
+    into: &std::path::Path,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    let int = restorer::Interrupt::default();
+    int.on_signals("stopping the partial restore")?;
+    let progress = common::progress::for_stderr("extracting", quiet);
+    let r = restorer::only::extract(cfg, id, only, into, int.flag(), progress.as_ref()).await?;
+    println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }
 

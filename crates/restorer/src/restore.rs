@@ -16,6 +16,13 @@
 //! 6. [`Phase::Start`]: the server started, and answering.
 //! 7. [`Phase::Replicate`]: with `--replica-of`, replication set up and running.
 //!
+//! With `--delta` ([`crate::delta`]) the server stops first (as with
+//! `--stop-first`), the set-aside data directory is compared with the
+//! backup's index, the unchanged files are hard-linked into the staging
+//! directory and only the others fetched; once the server answers the
+//! set-aside paths, which share those files, are removed (journaled:
+//! recovery from the commit on removes them too).
+//!
 //! Before each irreversible step (creating the staging directory, stopping
 //! the server, the renames, the commit, the start) the journal
 //! ([`crate::journal`]) records it, so a restore killed at any instant is
@@ -47,6 +54,7 @@ use common::progress::Progress;
 use common::store::Store;
 use serde::Serialize;
 
+use crate::delta::{self, DeltaMode, LiveRoot, Reuse};
 pub use crate::journal::Phase;
 use crate::journal::{self, Action, Journal, Move};
 use crate::replica::{self, ReplicaFlags, ReplicaOf, StartAt};
@@ -74,6 +82,17 @@ pub struct RestoreOpts {
     pub interrupt: Interrupt,
     /// `--until`: roll the backup forward with archived binary logs.
     pub until: Option<common::binlog::Target>,
+    /// `--delta`: take the files the local copy has unchanged from it
+    /// ([`crate::delta`]); stops the server first.
+    pub delta: Option<DeltaMode>,
+}
+
+impl RestoreOpts {
+    /// Whether the server stops before the staging: `--stop-first`, or
+    /// `--delta` (the local files must not change under the comparison).
+    fn stops_first(&self) -> bool {
+        self.stop_first || self.delta.is_some()
+    }
 }
 
 /// What a restore did (printed as JSON on stdout).
@@ -92,6 +111,11 @@ pub struct Report {
     pub replayed_bytes: Option<u64>,
     pub replay_secs: Option<f64>,
     pub replayed_transactions: Option<u64>,
+    /// Stored bytes read from the store.
+    pub fetched_bytes: u64,
+    /// With `--delta`: files and bytes taken from the local copy.
+    pub reused_files: Option<u64>,
+    pub reused_bytes: Option<u64>,
 }
 
 /// The test hook: `MYSNAP_TEST_PAUSE_AT=<point>` pauses a restore at that
@@ -153,23 +177,28 @@ pub async fn restore(
     // The journal first: a restore killed now leaves its staging directory
     // for the next restore or `restorer recover` to remove.
     let mut live = SwapGuard::new(cfg, &plan);
-    let first = Phase::order(opts.stop_first)[1];
+    live.journal.delta = opts.delta.is_some();
+    let first = Phase::order(opts.stops_first())[1];
     live.journal.phase = first;
     live.save()?;
     live.staging = Some(Staging::create(&plan.staging)?);
     first.enter(int);
     int.stop_if_set()?;
     let mut down_since = None;
-    if opts.stop_first {
+    if opts.stops_first() {
         down_since = Some(stop_first(&plan, &mut live)?);
         live.enter(Phase::Stage, int)?;
     }
-    let (streamed, unpack_secs) = stage(cfg, &plan, int, progress).await?;
+    let reuse = match opts.delta {
+        None => None,
+        Some(mode) => Some(compare(cfg, &plan, live.old_datadir(), mode, int).await?),
+    };
+    let (streamed, unpack_secs) = stage(cfg, &plan, reuse.as_ref(), int, progress).await?;
     int.stop_if_set()?;
     // Rolled forward in the staging directory, before the live server stops.
     let replayed = roll_forward(cfg, opts, &plan).await?;
     int.stop_if_set()?;
-    if !opts.stop_first {
+    if !opts.stops_first() {
         live.enter(Phase::Stop, int)?;
         int.stop_if_set()?;
         down_since = Some(stop(&mut live)?);
@@ -181,10 +210,15 @@ pub async fn restore(
     // A signal during the swap waits until here: the guard undoes it.
     int.stop_if_set()?;
     live.enter(Phase::Commit, int)?;
-    let old_datadir = live.old_datadir();
+    let mut old_datadir = live.old_datadir();
     drop(live.staging.take());
     live.enter(Phase::Start, int)?;
     let downtime = start(cfg, opts, &plan, old_datadir.as_deref(), down_since).await;
+    if downtime.is_ok() && opts.delta.is_some() {
+        // It shares files with the restored data, which the server writes.
+        live.remove_asides();
+        old_datadir = None;
+    }
     // The restore is over, whether the server answers or not (the error
     // says how to roll back by hand).
     live.finish();
@@ -218,7 +252,50 @@ pub async fn restore(
         replayed_bytes: replayed.as_ref().map(|r| r.bytes),
         replay_secs: replayed.as_ref().map(|r| r.apply_secs),
         replayed_transactions: replayed.as_ref().map(|r| r.transactions),
+        fetched_bytes: streamed.fetched_bytes,
+        reused_files: reuse.as_ref().map(|r| r.files),
+        reused_bytes: reuse.as_ref().map(|r| r.bytes),
     })
+}
+
+/// `--delta`: the index read and compared with the local copy: the data
+/// directory set aside (`old_datadir`, the server stopped) and the other
+/// `data.paths` where they are.
+async fn compare(
+    cfg: &Config,
+    plan: &Plan,
+    old_datadir: Option<PathBuf>,
+    mode: DeltaMode,
+    int: &Interrupt,
+) -> anyhow::Result<Reuse> {
+    let ix = plan.info.index.as_ref().expect("checked: indexed");
+    let index = crate::read_index(plan.store.as_ref(), &plan.m, &plan.info, ix).await?;
+    let d = &plan.m.data;
+    let roots = d
+        .paths
+        .iter()
+        .filter_map(|p| {
+            let dir = match *p == d.datadir {
+                true => old_datadir.clone()?,
+                false => cfg.volume.mountpoint.join(p),
+            };
+            Some(LiveRoot {
+                rel: p.as_path().to_path_buf(),
+                dir,
+            })
+        })
+        .collect();
+    let t = Instant::now();
+    let reuse =
+        tokio::task::block_in_place(|| delta::compare(&index, roots, mode, &|| int.is_set()))?;
+    tracing::info!(
+        "compared the local copy with backup {} ({mode:?}) in {:.1}s: {} file(s), {}, are the backup's",
+        plan.m.backup_id,
+        t.elapsed().as_secs_f64(),
+        reuse.files,
+        bytesize::ByteSize(reuse.bytes)
+    );
+    Ok(reuse)
 }
 
 /// `restorer recover`: finishes or undoes a restore that was killed, under
@@ -316,6 +393,7 @@ fn run_actions(
                 }
                 remove_durably(dir, true)
             }
+            Action::RemoveAside(dir) => remove_durably(dir, true),
             Action::RemoveJournal => remove_durably(path, false),
         };
         r.map_err(|e| (a.clone(), e))?;
@@ -452,6 +530,11 @@ async fn check(
     lock: nix::fcntl::Flock<std::fs::File>,
 ) -> anyhow::Result<Plan> {
     // Flags that need no manifest are refused before the store is asked.
+    if opts.delta.is_some() && opts.until.is_some() {
+        return Err(config_err(
+            "--delta cannot be combined with --until: the replay would write into files a delta restore shares with the set-aside data directory; restore with --until and without --delta",
+        ));
+    }
     if !opts.replica.wants_recorded_source() {
         opts.replica.resolve(None)?;
     }
@@ -463,6 +546,12 @@ async fn check(
         _ => opts.id.clone(),
     };
     let chosen = crate::choose(cfg, &id).await?;
+    if opts.delta.is_some() && chosen.info.index.is_none() {
+        return Err(config_err(format!(
+            "--delta needs an indexed backup (archive.indexed = true when it was taken), and backup {} is not indexed: restore it without --delta",
+            chosen.manifest.backup_id
+        )));
+    }
     let replay = match &opts.until {
         None => None,
         Some(target) => {
@@ -891,6 +980,23 @@ impl<'a> SwapGuard<'a> {
         old.map(|m| m.to.clone())
     }
 
+    /// A delta restore whose server answers: the set-aside paths, which
+    /// share files with the restored ones, are removed (as recovery would,
+    /// [`journal::decide`]).
+    fn remove_asides(&mut self) {
+        let staging = &self.journal.staging;
+        for m in self
+            .journal
+            .moves
+            .iter()
+            .filter(|m| !m.from.starts_with(staging))
+        {
+            if let Err(e) = remove_durably(&m.to, true) {
+                tracing::error!("{e:#}; remove it by hand");
+            }
+        }
+    }
+
     /// The restore is over: the journal goes (the staging directory's
     /// removal flushed first).
     fn finish(&mut self) {
@@ -972,6 +1078,7 @@ fn stop_first(plan: &Plan, live: &mut SwapGuard) -> anyhow::Result<Instant> {
 async fn stage(
     cfg: &Config,
     plan: &Plan,
+    reuse: Option<&Reuse>,
     int: &Interrupt,
     progress: &dyn Progress,
 ) -> anyhow::Result<(Streamed, f64)> {
@@ -993,6 +1100,7 @@ async fn stage(
             owner: plan.owner,
             cancel: int.flag(),
             in_place: None,
+            reuse,
         },
         progress,
     )
@@ -1069,7 +1177,7 @@ async fn start(
     old: Option<&Path>,
     down_since: Option<Instant>,
 ) -> anyhow::Result<f64> {
-    let rollback = || by_hand(old, &plan.datadir);
+    let rollback = || by_hand(old, &plan.datadir, opts.delta.is_some());
     run_service("mysql.start_command", &cfg.mysql.start_command)
         .map_err(|e| e.context(rollback()))?;
     wait_ready(cfg, opts.start_timeout)
@@ -1084,10 +1192,16 @@ async fn start(
 }
 
 /// How to roll back by hand once the swap is committed.
-fn by_hand(old: Option<&Path>, datadir: &Path) -> String {
+fn by_hand(old: Option<&Path>, datadir: &Path, delta: bool) -> String {
     let Some(old) = old else {
         return "there was no previous data directory".to_string();
     };
+    if delta {
+        return format!(
+            "the previous data directory {} shares its unchanged files with the restored one (a delta restore), so it is no copy of the old data: find out why the server does not start (its error log), then remove it",
+            old.display()
+        );
+    }
     format!(
         "the previous data directory is intact at {old}: to roll back, stop the server, `mv {new} {new}.failed && mv {old} {new}`, and start it",
         old = old.display(),

@@ -36,7 +36,7 @@ use std::path::PathBuf;
 
 use crate::error::ExitCode;
 
-pub use read::{stream, Streamed, Target};
+pub use read::{stream, Select, Streamed, Target};
 pub use write::{write_tar, TarStats};
 
 /// Why reading (or writing) an archive failed. The exit code follows from

@@ -27,6 +27,8 @@ pub type Fetch<'a> = &'a (dyn Fn(Range<u64>) -> Result<Bytes, ArchiveError> + Sy
 /// Unpacks (or, with [`Target::Discard`], checks) the indexed archive at
 /// `url` described by `index` (already checked: [`Index::parse`]); `fetch`
 /// reads its stored bytes, `cancelled` stops every worker at its next frame.
+/// With [`Target::Subset`] only the chosen entries are made, and only the
+/// frames holding a piece of a chosen file are fetched.
 #[allow(clippy::too_many_arguments)]
 pub fn unpack(
     index: &Index,
@@ -53,17 +55,20 @@ pub fn unpack(
         if i % 1024 == 1023 && cancelled() {
             return Err(interrupted());
         }
+        s.entries += 1;
+        if e.kind == EntryKind::File {
+            s.files += 1;
+            s.file_bytes += e.size;
+        }
+        if !target.selects(&e.path, e.kind.into()) {
+            continue;
+        }
         let frame = index
             .frame_at(e.header)
             .expect("checked: inside the tar stream");
         headers[frame].push(i);
         for (j, c) in e.chunks.iter().enumerate() {
             chunks[c.frame as usize].push((i, j));
-        }
-        s.entries += 1;
-        if e.kind == EntryKind::File {
-            s.files += 1;
-            s.file_bytes += e.size;
         }
         if let Some(u) = unpacker.as_mut() {
             // Files are made empty now and filled by the workers; their mode last.
@@ -85,19 +90,25 @@ pub fn unpack(
         }
     }
     let root = unpacker.as_ref().map(|u| &u.root);
+    // A subset reads only the frames holding a piece of a chosen file.
+    let todo: Vec<usize> = (0..index.frames.len())
+        .filter(|&i| !target.is_subset() || !chunks[i].is_empty())
+        .collect();
+    s.fetched_bytes = todo.iter().map(|&i| index.frames[i].stored_len).sum();
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let failure: Mutex<Option<ArchiveError>> = Mutex::new(None);
-    let workers = workers.clamp(1, index.frames.len());
+    let workers = workers.clamp(1, todo.len().max(1));
     std::thread::scope(|scope| {
         for _ in 0..workers {
             scope.spawn(|| {
                 let mut parent: Option<(String, SafeDir)> = None;
                 loop {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= index.frames.len() || stop.load(Ordering::SeqCst) {
+                    let n = next.fetch_add(1, Ordering::SeqCst);
+                    if n >= todo.len() || stop.load(Ordering::SeqCst) {
                         return;
                     }
+                    let i = todo[n];
                     let r = if cancelled() {
                         Err(interrupted())
                     } else {
@@ -129,7 +140,11 @@ pub fn unpack(
         return Err(e);
     }
     if let Some(u) = unpacker.as_ref() {
-        for e in index.entries.iter().filter(|e| e.kind == EntryKind::File) {
+        let chosen = |e: &&super::index::Entry| {
+            e.kind == EntryKind::File && target.selects(&e.path, e.kind.into())
+        };
+        for e in index.entries.iter().filter(chosen) {
+            s.written_files += 1;
             let (dir, name) = split(&e.path);
             let shown = u.root.shown(Path::new(&e.path));
             let write_err = |source| ArchiveError::Write {
@@ -475,6 +490,65 @@ mod tests {
             .expect("a whole zero block in a piece");
         assert_eq!(hole, first, "the first whole zero block is not written");
         assert_eq!(std::fs::read(&path).unwrap(), z);
+    }
+
+    #[test]
+    fn a_subset_writes_only_the_chosen_entries_and_fetches_only_their_frames() {
+        let src = tempfile::tempdir().unwrap();
+        tree(src.path());
+        let a = archive(src.path(), 64 << 10);
+        let big = a.index.entries.iter().find(|e| e.path == "d/big").unwrap();
+        let frames: std::collections::BTreeSet<u64> =
+            big.chunks.iter().map(|c| u64::from(c.frame)).collect();
+        let read = Mutex::new(Vec::new());
+        let fetch = |r: Range<u64>| -> Result<Bytes, ArchiveError> {
+            read.lock().unwrap().push(r.start);
+            Ok(Bytes::copy_from_slice(
+                &a.stored[r.start as usize..r.end as usize],
+            ))
+        };
+        let out = tempfile::tempdir().unwrap();
+        let select = |p: &str, k: super::super::policy::Kind| {
+            p == "d/big" || k == super::super::policy::Kind::Dir
+        };
+        let s = unpack(
+            &a.index,
+            "u",
+            Target::Subset {
+                root: out.path(),
+                owner: None,
+                select: &select,
+            },
+            &fetch,
+            2,
+            &crate::progress::Silent,
+            &|| false,
+        )
+        .unwrap();
+        assert_eq!(s.written_files, 1);
+        assert_eq!(s.files, a.info.files, "every entry is still counted");
+        let mut read = read.into_inner().unwrap();
+        read.sort();
+        let want: Vec<u64> = frames
+            .iter()
+            .map(|&f| a.index.frames[f as usize].stored_offset)
+            .collect();
+        assert_eq!(read, want, "only the frames of d/big");
+        assert!(read.len() < a.index.frames.len());
+        assert_eq!(
+            s.fetched_bytes,
+            frames
+                .iter()
+                .map(|&f| a.index.frames[f as usize].stored_len)
+                .sum::<u64>()
+        );
+        assert_eq!(
+            std::fs::read(out.path().join("d/big")).unwrap(),
+            std::fs::read(src.path().join("d/big")).unwrap()
+        );
+        assert!(out.path().join("d/sub").is_dir());
+        assert!(!out.path().join("d/sub/f1").exists());
+        assert!(!out.path().join("d/link").exists());
     }
 
     #[test]

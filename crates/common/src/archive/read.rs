@@ -31,6 +31,34 @@ pub enum Target<'a> {
     Discard,
     /// Unpack below `root` (an empty directory), owned by `owner` (uid, gid) when given.
     Dir { root: &'a Path, owner: Owner },
+    /// As [`Target::Dir`], but only the entries `select` chooses (by path
+    /// and kind); the others are checked like every entry, not written, and
+    /// an indexed archive's frames that hold no chosen file are not read.
+    Subset {
+        root: &'a Path,
+        owner: Owner,
+        select: Select<'a>,
+    },
+}
+
+/// Which entries a [`Target::Subset`] writes: path (relative to the volume
+/// root, as in the archive) and kind.
+pub type Select<'a> = &'a (dyn Fn(&str, Kind) -> bool + Sync);
+
+impl Target<'_> {
+    /// Whether the entry `path` of `kind` is to be written (or read, with
+    /// [`Target::Discard`]).
+    pub fn selects(&self, path: &str, kind: Kind) -> bool {
+        match self {
+            Target::Subset { select, .. } => select(path, kind),
+            Target::Discard | Target::Dir { .. } => true,
+        }
+    }
+
+    /// Whether only some entries are written.
+    pub fn is_subset(&self) -> bool {
+        matches!(self, Target::Subset { .. })
+    }
 }
 
 /// What the stream held.
@@ -39,6 +67,10 @@ pub struct Streamed {
     pub entries: u64,
     pub files: u64,
     pub file_bytes: u64,
+    /// Files written (all of them, unless a [`Target::Subset`]).
+    pub written_files: u64,
+    /// Stored bytes read from the store.
+    pub fetched_bytes: u64,
 }
 
 /// Decompressed bytes travel from the decoding thread to the unpacking
@@ -157,7 +189,10 @@ pub fn stream(
             want: info.sha256.to_string(),
         });
     }
-    Ok(streamed)
+    Ok(Streamed {
+        fetched_bytes: size,
+        ..streamed
+    })
 }
 
 fn corrupt(url: &str, e: impl std::fmt::Display) -> ArchiveError {
@@ -359,10 +394,13 @@ fn entries(
                 url: url.to_string(),
                 what: format!("{what} (at {path})"),
             })?;
-        let copied = match unpacker.as_mut() {
+        let copied = match unpacker.as_mut().filter(|_| target.selects(&path, kind)) {
             None => io::copy(&mut (&mut e).take(len), &mut io::sink())
                 .map_err(|err| corrupt(url, err))?,
             Some(u) => {
+                if kind == Kind::File {
+                    s.written_files += 1;
+                }
                 let mode = e.header().mode().unwrap_or(0o600);
                 let mtime = e.header().mtime().ok();
                 u.put(
@@ -441,8 +479,9 @@ pub(super) struct Unpacker {
 impl Unpacker {
     /// The unpacker of `target`; none when the archive is only read.
     pub(super) fn for_target(target: &Target<'_>) -> Result<Option<Unpacker>, ArchiveError> {
-        let Target::Dir { root, owner } = target else {
-            return Ok(None);
+        let (root, owner) = match target {
+            Target::Discard => return Ok(None),
+            Target::Dir { root, owner } | Target::Subset { root, owner, .. } => (root, owner),
         };
         let root = SafeDir::open(root).map_err(|e| ArchiveError::Write {
             path: root.to_path_buf(),

@@ -262,6 +262,36 @@ impl SafeDir {
     pub fn syncfs(&self) -> io::Result<()> {
         nix::unistd::syncfs(&self.fd).map_err(err)
     }
+
+    /// What `name` is (a link is a link), with its size and mtime.
+    pub fn stat(&self, name: &Path) -> io::Result<nix::sys::stat::FileStat> {
+        nix::sys::stat::fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(err)
+    }
+
+    /// Opens the regular file `name` for reading (never through a link).
+    pub fn open_read(&self, name: &Path) -> io::Result<File> {
+        let fd = openat(
+            &self.fd,
+            name,
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+            Mode::empty(),
+        )
+        .map_err(err)?;
+        let st = fstat(&fd).map_err(err)?;
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a regular file", self.shown(name).display()),
+            ));
+        }
+        Ok(File::from(fd))
+    }
+
+    /// Makes `to_name` in directory `to` a hard link of the file `name` here
+    /// (a link is linked as itself, never followed; `to_name` must not exist).
+    pub fn hard_link(&self, name: &Path, to: &SafeDir, to_name: &Path) -> io::Result<()> {
+        nix::unistd::linkat(&self.fd, name, &to.fd, to_name, AtFlags::empty()).map_err(err)
+    }
 }
 
 /// Zero ranges of at least this many bytes, aligned to it in the file, are
