@@ -5,6 +5,7 @@ mod backup;
 mod crypt;
 mod drill;
 mod faults;
+mod incremental;
 mod metrics;
 mod options;
 mod pitr;
