@@ -6,6 +6,7 @@ mod crypt;
 mod delta;
 mod drill;
 mod faults;
+mod incremental;
 mod metrics;
 mod options;
 mod pitr;

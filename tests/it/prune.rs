@@ -483,3 +483,62 @@ fn a_prune_killed_between_a_manifest_and_its_archive_is_finished_by_the_next_one
     );
     assert_eq!(listed(&rig), [newer]);
 }
+
+/// A synthetic incremental backup `id` on `bases` (format 4; nothing here
+/// reads its archive or index).
+fn incremental_manifest(id: &str, bases: &[&str]) -> String {
+    let mut m = common::manifest::Manifest::parse(
+        &mysnap_tests::synthetic_manifest("db1", id),
+        "synthetic",
+    )
+    .unwrap();
+    m.format_version = common::manifest::INCREMENTAL_FORMAT_VERSION;
+    let a = m.archive.as_mut().unwrap();
+    a.index = Some(common::manifest::IndexInfo {
+        key: format!("db1/{id}/index.json.zst"),
+        size: 10,
+        sha256: common::manifest::Sha256Hex::parse(&"cd".repeat(32)).unwrap(),
+    });
+    a.bases = bases
+        .iter()
+        .map(|b| common::manifest::BackupId::parse(b).unwrap())
+        .collect();
+    a.chain = bases.len() as u32;
+    m.to_toml()
+}
+
+/// Retention never deletes a backup a kept incremental one reads from: the
+/// newest (kept by `keep_last = 1`) is incremental on two older ones, which
+/// stay (`base of …`), while an older chain goes; `--apply` deletes only it.
+#[test]
+fn prune_keeps_the_bases_of_a_kept_incremental_backup() {
+    let rig = Rig::new("[retention]\nkeep_last = 1\n");
+    let (old_full, old_incr) = ("20200101T030000Z", "20200102T030000Z");
+    let (full, incr1, incr2) = ("20200103T030000Z", "20200104T030000Z", "20200105T030000Z");
+    rig.plant_backup(old_full);
+    rig.plant(old_incr, Some(&incremental_manifest(old_incr, &[old_full])));
+    rig.plant_backup(full);
+    rig.plant(incr1, Some(&incremental_manifest(incr1, &[full])));
+    rig.plant(incr2, Some(&incremental_manifest(incr2, &[full, incr1])));
+    let dry = rig.ok(&["prune"]);
+    for (id, reason) in [
+        (full, format!("base of {incr2}")),
+        (incr1, format!("base of {incr2}")),
+    ] {
+        let line = dry
+            .lines()
+            .find(|l| l.contains(id))
+            .unwrap_or_else(|| panic!("{id} in {dry}"));
+        assert!(line.starts_with("keep") && line.contains(&reason), "{dry}");
+    }
+    for id in [old_full, old_incr] {
+        assert!(dry.contains(&format!("remove {id}")), "{dry}");
+    }
+    rig.ok(&["prune", "--apply"]);
+    assert_eq!(listed(&rig), [incr2, incr1, full]);
+    let table = rig.ok(&["list"]);
+    assert!(
+        table.contains(&format!("incremental 2 on {incr1}")),
+        "{table}"
+    );
+}

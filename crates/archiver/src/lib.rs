@@ -62,11 +62,14 @@ impl common::metrics::Measured for Archived {
 }
 
 /// Archives the snapshot of `manifest_path`; returns what was stored.
+/// With `backup.full_every` > 1 the backup is incremental unless `full`
+/// or the chain since the last full one is long enough ([`choose_base`]).
 pub async fn run(
     cfg: &Config,
     manifest_path: &Path,
     progress: &dyn Progress,
     cancel: &Interrupt,
+    full: bool,
 ) -> anyhow::Result<Archived> {
     let state = StateLock::acquire_waiting(&cfg.backup.state_dir, STATE_LOCK_PATIENCE)
         .with_context(|| {
@@ -94,7 +97,7 @@ pub async fn run(
     // Held while archiving: a later snapshotter never counts this backup stale.
     let _claim = state.claim(&manifest.backup_id)?;
     let backend = snapshot::backend(&cfg.volume, &cfg.backup.state_dir);
-    let result = archive(cfg, &manifest, backend.as_ref(), progress, cancel).await;
+    let result = archive(cfg, &manifest, backend.as_ref(), progress, cancel, full).await;
     // A read error from an overflowed (LVM) snapshot is reported as what it is.
     let result = result.map_err(|e| {
         if backend.kind() != common::config::Backend::Lvm || cancel.is_set() {
@@ -141,6 +144,7 @@ async fn archive(
     backend: &dyn SnapshotBackend,
     progress: &dyn Progress,
     cancel: &Interrupt,
+    full: bool,
 ) -> anyhow::Result<Archived> {
     let started = Instant::now();
     // Keys first: a bad key file fails before anything is written.
@@ -148,15 +152,28 @@ async fn archive(
     let auth = common::crypt::AuthKey::from_config(cfg)?;
     let (store, uploads, key) = precheck(cfg, manifest, backend, recipients.is_some()).await?;
     let store = store.as_ref();
+    let base = match full || !indexed(cfg, recipients.is_some()) {
+        true => None,
+        false => choose_base(cfg, manifest, store, auth.as_ref()).await,
+    };
     let sink = Sink {
         store,
         key: &key,
         recipients: recipients.as_ref(),
+        base: base.as_ref(),
     };
     let (stats, size, index) = stream(cfg, manifest, &sink, uploads, progress, cancel)
         .await
         .map_err(|e| exists_is_taken(e, cfg, manifest, &store.url(&key)))?;
     let cow_used = settle(manifest, backend, store, &key, cancel).await?;
+    let bases = index
+        .as_ref()
+        .map(|i| i.sources.clone())
+        .unwrap_or_default();
+    let chain = match (&base, bases.is_empty()) {
+        (Some(b), false) => b.chain + 1,
+        _ => 0,
+    };
     let index = match index {
         Some(index) => Some(store_index(cfg, manifest, store, &index).await?),
         None => None,
@@ -174,12 +191,17 @@ async fn archive(
         archive_secs: started.elapsed().as_secs_f64(),
         encryption: recipients.as_ref().map(|r| r.encryption()),
         index: index.clone(),
+        bases,
+        chain,
     });
     if recipients.is_some() {
         complete.format_version = common::manifest::ENCRYPTED_FORMAT_VERSION;
     }
     if index.is_some() {
         complete.format_version = common::manifest::INDEXED_FORMAT_VERSION;
+    }
+    if chain > 0 {
+        complete.format_version = common::manifest::INCREMENTAL_FORMAT_VERSION;
     }
     store_manifest(cfg, &complete, store, auth.as_ref()).await?;
     Ok(archived(&complete, &stats, size, cow_used, started))
@@ -261,6 +283,88 @@ fn indexed(cfg: &Config, encrypted: bool) -> bool {
     cfg.archive.indexed
         && cfg.archive.compression == common::config::Compression::Zstd
         && !encrypted
+}
+
+/// The base of an incremental backup of `manifest`, when
+/// `backup.full_every` > 1: the newest complete backup of the same
+/// `backup.name` older than it, if it is indexed, of the same server and
+/// data paths, and its chain is shorter than `full_every` - 1. A base
+/// whose manifest or index cannot be read or checked (`[auth]` included)
+/// makes this backup a full one, with a warning: never a failed backup.
+async fn choose_base(
+    cfg: &Config,
+    manifest: &Manifest,
+    store: &dyn store::Store,
+    auth: Option<&common::crypt::AuthKey>,
+) -> Option<format::incremental::Base> {
+    if cfg.backup.full_every <= 1 {
+        return None;
+    }
+    match find_base(cfg, manifest, store, auth).await {
+        Ok(Some(base)) => {
+            tracing::info!(
+                "incremental backup on {} (chain {} of up to {})",
+                base.id,
+                base.chain + 1,
+                cfg.backup.full_every - 1
+            );
+            Some(base)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!("taking a full backup: the last backup cannot be a base: {e:#}");
+            None
+        }
+    }
+}
+
+async fn find_base(
+    cfg: &Config,
+    manifest: &Manifest,
+    store: &dyn store::Store,
+    auth: Option<&common::crypt::AuthKey>,
+) -> anyhow::Result<Option<format::incremental::Base>> {
+    let name = &manifest.name;
+    let listed = store.list(&format::keys::backups_of(name)).await?;
+    let mut ids: Vec<_> = listed
+        .iter()
+        .filter_map(|k| format::keys::manifest_id(name, k))
+        .filter(|id| *id < manifest.backup_id)
+        .collect();
+    ids.sort();
+    let Some(id) = ids.pop() else {
+        return Ok(None);
+    };
+    let m = common::catalog::read_manifest(store, name, &id, auth).await?;
+    let Some(info) = m.archive.as_ref() else {
+        anyhow::bail!("backup {id} never completed");
+    };
+    let Some(ix) = info.index.as_ref() else {
+        tracing::info!("taking a full backup: the last backup {id} is not indexed");
+        return Ok(None);
+    };
+    if info.chain + 1 >= cfg.backup.full_every {
+        tracing::info!(
+            "taking a full backup: {} incremental backups since the last full one (backup.full_every = {})",
+            info.chain,
+            cfg.backup.full_every
+        );
+        return Ok(None);
+    }
+    anyhow::ensure!(
+        m.server.server_id == manifest.server.server_id
+            && m.server.hostname == manifest.server.hostname
+            && m.data.paths == manifest.data.paths
+            && m.data.datadir == manifest.data.datadir,
+        "backup {id} is of another server or other data paths"
+    );
+    let index = common::catalog::read_index(store, &m, info, ix).await?;
+    Ok(Some(format::incremental::Base {
+        id,
+        snapshot_time: m.snapshot_time(),
+        chain: info.chain,
+        index,
+    }))
 }
 
 /// The index phase: the frame index of the archive stored create-only
@@ -395,6 +499,8 @@ struct Sink<'a> {
     store: &'a dyn store::Store,
     key: &'a str,
     recipients: Option<&'a common::crypt::Recipients>,
+    /// The base of an incremental backup.
+    base: Option<&'a format::incremental::Base>,
 }
 
 /// tar → codec → encryption → SHA-256 → the store's streamed upload of `key` (recorded
@@ -433,8 +539,7 @@ async fn stream(
         );
     }
     let (produced, uploaded) = std::thread::scope(|scope| {
-        let producer =
-            scope.spawn(|| produce(cfg, manifest, writer, sink.recipients, progress, cancel));
+        let producer = scope.spawn(|| produce(cfg, manifest, writer, sink, progress, cancel));
         let uploaded = tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(store.put_stream(key, upload))
         });
@@ -477,10 +582,11 @@ fn produce(
     cfg: &Config,
     manifest: &Manifest,
     writer: store::PartWriter,
-    recipients: Option<&common::crypt::Recipients>,
+    sink: &Sink<'_>,
     progress: &dyn Progress,
     cancel: &Interrupt,
 ) -> anyhow::Result<(TarStats, Option<format::index::Index>)> {
+    let recipients = sink.recipients;
     let (compression, level) = (cfg.archive.compression, cfg.level());
     let threads = common::codec::threads(cfg.archive.threads);
     let read_limit = cfg
@@ -525,16 +631,26 @@ fn produce(
                     // Independent frames, compressed `threads` at a time, and their index.
                     let frames =
                         format::frames::FrameWriter::new(front, level as i32, threads as usize);
-                    let (frames, stats) = format::write_tar(
+                    // Each file's mtime and inode recorded; with a base, unchanged files left out.
+                    let mut planner = format::incremental::Planner::new(sink.base);
+                    let (frames, mut stats) = format::write_tar_with(
                         &manifest.snapshot.path,
                         &manifest.data,
                         frames,
                         progress,
                         &|| cancel.is_set(),
                         read_limit.as_ref(),
+                        &mut |name, md| planner.keep(name, md),
                     )?;
-                    let (front, index) = frames.finish().context("finishing compression")?;
+                    let (front, own) = frames.finish().context("finishing compression")?;
                     front.finish()?;
+                    let written = format::incremental::Totals {
+                        files: stats.files,
+                        bytes: stats.content_bytes,
+                    };
+                    let (index, whole) = planner.finish(own, written)?;
+                    stats.files = whole.files;
+                    stats.content_bytes = whole.bytes;
                     return Ok((stats, Some(index)));
                 }
                 let enc_writer = common::codec::Encoder::new(front, compression, level, threads)?;

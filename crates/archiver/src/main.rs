@@ -17,6 +17,9 @@ struct Cli {
     /// The manifest snapshotter printed [default: one line on stdin]
     #[arg(long, value_name = "PATH")]
     manifest: Option<PathBuf>,
+    /// A full backup, also when backup.full_every would make it incremental
+    #[arg(long)]
+    full: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -72,7 +75,7 @@ fn main() -> std::process::ExitCode {
             let cancel = common::signal::Interrupt::default();
             cancel.on_signals("aborting the upload and removing the snapshot")?;
             let progress = common::progress::for_stderr("archiving", cli.global.quiet());
-            let archived = archiver::run(&cfg, &manifest, progress.as_ref(), &cancel).await?;
+            let archived = archiver::run(&cfg, &manifest, progress.as_ref(), &cancel, cli.full).await?;
             println!("{}", archived.backup_id);
             Ok(archived)
         }

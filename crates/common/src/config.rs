@@ -762,6 +762,14 @@ pub struct BackupConfig {
     /// nor starts another; after it, an unclaimed backup is stale.
     #[serde(with = "humantime_serde", default = "default_handoff_grace")]
     pub handoff_grace: Duration,
+    /// Every how many backups one is full: 1 (default) every one; N > 1,
+    /// up to N-1 incremental backups (indexed archives only) after each full one.
+    #[serde(default = "default_full_every")]
+    pub full_every: u32,
+}
+
+fn default_full_every() -> u32 {
+    1
 }
 
 /// `store.url`, parsed when the config is read.
@@ -1056,6 +1064,23 @@ impl Config {
             return Err(format!(
                 "backup.handoff_grace must be at least 10s (the archiver's time to start), got {:?}",
                 self.backup.handoff_grace
+            ));
+        }
+        let most = crate::manifest::MAX_BASES as u32 + 1;
+        if self.backup.full_every == 0 || self.backup.full_every > most {
+            return Err(format!(
+                "backup.full_every must be between 1 (every backup full) and {most}, got {}",
+                self.backup.full_every
+            ));
+        }
+        if self.backup.full_every > 1
+            && (!self.archive.indexed
+                || self.archive.compression != Compression::Zstd
+                || self.encryption.recipients_file.is_some())
+        {
+            return Err(format!(
+                "backup.full_every = {} makes incremental backups, which need indexed archives: set archive.indexed = true with archive.compression = \"zstd\" and no encryption.recipients_file, or backup.full_every = 1",
+                self.backup.full_every
             ));
         }
         if self.mysql.password_file.is_some() && self.mysql.defaults_file.is_some() {

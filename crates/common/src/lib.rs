@@ -20,6 +20,7 @@
 
 pub mod archive;
 pub mod binlog;
+pub mod catalog;
 pub mod cli;
 pub mod cmd;
 pub mod codec;

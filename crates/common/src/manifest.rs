@@ -32,8 +32,15 @@ pub const ENCRYPTED_FORMAT_VERSION: u32 = 2;
 /// into independent frames, `archive.index`): restored in parallel, by
 /// ranges. A mysnap that predates it refuses it ("upgrade mysnap").
 pub const INDEXED_FORMAT_VERSION: u32 = 3;
+/// The format of an incremental backup: indexed (format 3), with frames
+/// in the archives of its `archive.bases`. A mysnap that predates it
+/// refuses it ("upgrade mysnap") instead of restoring only what changed.
+pub const INCREMENTAL_FORMAT_VERSION: u32 = 4;
 /// The newest format this mysnap reads (and every older one).
-pub const MAX_FORMAT_VERSION: u32 = INDEXED_FORMAT_VERSION;
+pub const MAX_FORMAT_VERSION: u32 = INCREMENTAL_FORMAT_VERSION;
+/// The most bases an incremental backup may name (`backup.full_every`
+/// is at most this plus one).
+pub const MAX_BASES: usize = 99;
 /// The most recipients a manifest may name.
 pub const MAX_RECIPIENTS: usize = 64;
 pub use crate::keys::MANIFEST_FILE;
@@ -179,6 +186,28 @@ pub struct ArchiveInfo {
     /// Present when the archive is indexed (format 3): its frame index.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index: Option<IndexInfo>,
+    /// An incremental backup (format 4): the backups of the same name
+    /// whose archives hold the frames it does not (oldest first). A
+    /// restore reads their archives too; prune keeps them while this one
+    /// is kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bases: Vec<BackupId>,
+    /// Incremental backups since the last full one, this one included
+    /// (0: a full backup); `backup.full_every` bounds it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub chain: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl ArchiveInfo {
+    /// Whether the backup is indexed (format 3 or 4): restorable by ranges,
+    /// and a possible base of an incremental one.
+    pub fn is_indexed(&self) -> bool {
+        self.index.is_some()
+    }
 }
 
 /// The frame index of an indexed archive, stored beside it before the
@@ -341,14 +370,35 @@ impl Manifest {
                     a.key
                 ));
             }
+            let incremental = self.format_version == INCREMENTAL_FORMAT_VERSION;
+            if incremental == a.bases.is_empty() || incremental != (a.chain > 0) {
+                return Err(format!(
+                    "has {} archive.bases and archive.chain {} in format version {}: incremental backups are format {INCREMENTAL_FORMAT_VERSION}, with both",
+                    a.bases.len(),
+                    a.chain,
+                    self.format_version
+                ));
+            }
+            let ordered = a.bases.windows(2).all(|w| w[0] < w[1]);
+            if a.bases.len() > MAX_BASES
+                || !ordered
+                || a.bases.last().is_some_and(|b| *b >= self.backup_id)
+                || a.chain as usize > MAX_BASES
+            {
+                return Err(format!(
+                    "archive.bases {:?} (chain {}) are not up to {MAX_BASES} distinct backups older than this one, oldest first",
+                    a.bases, a.chain
+                ));
+            }
             match (&a.index, self.format_version) {
-                (None, INDEXED_FORMAT_VERSION) => {
+                (None, INDEXED_FORMAT_VERSION | INCREMENTAL_FORMAT_VERSION) => {
                     return Err(format!(
-                        "has format version {INDEXED_FORMAT_VERSION} but no archive.index"
+                        "has format version {} but no archive.index",
+                        self.format_version
                     ))
                 }
                 (None, _) => {}
-                (Some(_), v) if v != INDEXED_FORMAT_VERSION => {
+                (Some(_), v) if v != INDEXED_FORMAT_VERSION && v != INCREMENTAL_FORMAT_VERSION => {
                     return Err(format!(
                         "has archive.index but format version {v}: indexed backups are format {INDEXED_FORMAT_VERSION}"
                     ))
@@ -454,6 +504,8 @@ pub(crate) mod tests {
             archive_secs: 1.0,
             encryption: None,
             index: None,
+            bases: vec![],
+            chain: 0,
         });
         m
     }

@@ -124,6 +124,38 @@ impl Decision {
     }
 }
 
+/// Keeps every backup a kept backup is incremental on (its
+/// `archive.bases`, and theirs), with the reason `base of <id>`: retention
+/// never deletes a backup a kept one still reads from.
+pub fn keep_bases(
+    decisions: &mut [Decision],
+    bases_of: &std::collections::BTreeMap<BackupId, Vec<BackupId>>,
+) {
+    loop {
+        let wanted: Vec<(BackupId, BackupId)> = decisions
+            .iter()
+            .filter(|d| d.keep())
+            .flat_map(|d| {
+                let bases = bases_of.get(&d.id).map_or(&[][..], |b| &b[..]);
+                bases.iter().map(|b| (b.clone(), d.id.clone()))
+            })
+            .collect();
+        let mut changed = false;
+        for (base, of) in wanted {
+            let reason = format!("base of {of}");
+            if let Some(d) = decisions.iter_mut().find(|d| d.id == base) {
+                if !d.reasons.contains(&reason) {
+                    changed |= !d.keep();
+                    d.reasons.push(reason);
+                }
+            }
+        }
+        if !changed {
+            return;
+        }
+    }
+}
+
 /// Applies `policy` to the complete backups `ids` (any order, duplicates
 /// ignored): one decision per backup, newest first.
 pub fn apply(policy: &RetentionConfig, ids: &[BackupId]) -> Vec<Decision> {
@@ -199,6 +231,42 @@ mod tests {
             time::Duration::days(1),
             365,
         )
+    }
+
+    #[test]
+    fn a_kept_incremental_keeps_its_bases_and_theirs() {
+        let all = ids(
+            time::macros::datetime!(2026-11-01 03:00 UTC),
+            time::Duration::days(1),
+            6,
+        );
+        let policy = RetentionConfig {
+            keep_last: 1,
+            ..RetentionConfig::default()
+        };
+        // 0 full, 1 on 0, 2 on 0 and 1; 3 full, 4 on 3, 5 on 3 and 4 (the newest).
+        let bases: std::collections::BTreeMap<BackupId, Vec<BackupId>> =
+            [(1, vec![0]), (2, vec![0, 1]), (4, vec![3]), (5, vec![3, 4])]
+                .into_iter()
+                .map(|(i, b)| {
+                    (
+                        all[i].clone(),
+                        b.into_iter().map(|j| all[j].clone()).collect(),
+                    )
+                })
+                .collect();
+        let mut d = apply(&policy, &all);
+        assert_eq!(d.iter().filter(|d| d.keep()).count(), 1);
+        keep_bases(&mut d, &bases);
+        let kept: Vec<(String, Vec<String>)> = d
+            .iter()
+            .filter(|d| d.keep())
+            .map(|d| (d.id.to_string(), d.reasons.clone()))
+            .collect();
+        assert_eq!(kept.len(), 3, "{kept:?}");
+        assert_eq!(kept[1].1, [format!("base of {}", all[5])]);
+        assert!(kept[2].1.contains(&format!("base of {}", all[5])));
+        assert!(d.iter().filter(|d| !d.keep()).all(|d| d.id < all[3]));
     }
 
     #[test]

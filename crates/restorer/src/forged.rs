@@ -232,6 +232,8 @@ impl Rig {
                 archive_secs: 0.0,
                 encryption: None,
                 index: None,
+                bases: vec![],
+                chain: 0,
             }),
         }
     }

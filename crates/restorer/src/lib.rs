@@ -28,7 +28,6 @@ pub mod status;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use common::archive::tree::{FileKind, SafeDir};
@@ -36,19 +35,13 @@ use common::archive::{keys, ArchiveError, Streamed, Target};
 use common::config::Config;
 use common::crypt::{AuthKey, Identities};
 use common::error::config_err;
-use common::manifest::{
-    ArchiveInfo, BackupId, BackupName, Manifest, ManifestError, MAX_MANIFEST_BYTES,
-};
+use common::manifest::{ArchiveInfo, BackupId, BackupName, Manifest};
 use common::progress::Progress;
 use common::store::{self, Download, Store};
 
 pub use delta::DeltaMode;
 pub use replica::{ReplicaFlags, ReplicaOf};
 pub use restore::{recover, restore, Interrupt, Phase, Report, RestoreOpts, PAUSE_ENV, SWAP_ASIDE};
-
-/// How far in the future a backup id may lie (clock skew between hosts);
-/// a later one is refused, so a forged id cannot stay `latest` forever.
-const MAX_CLOCK_SKEW: Duration = Duration::from_secs(24 * 3600);
 
 /// The complete backups of `backup.name`, newest first. A manifest that
 /// does not parse, or does not verify with `auth.key_file`, is skipped
@@ -188,66 +181,14 @@ pub(crate) async fn segments_in(
     Ok(out)
 }
 
-/// Reads and parses the manifest of backup `id`: at most
-/// `MAX_MANIFEST_BYTES`, authenticated by its MAC object when `auth` is
-/// given (before it is parsed), every field in its grammar, stored under
-/// its own key, and not from the future.
+/// Reads and parses the manifest of backup `id`: [`common::catalog::read_manifest`].
 async fn read_manifest(
     store: &dyn Store,
     name: &BackupName,
     id: &BackupId,
     auth: Option<&AuthKey>,
 ) -> anyhow::Result<Manifest> {
-    let key = keys::manifest(name, id);
-    let url = store.url(&key);
-    let bad = |why: String| -> anyhow::Error {
-        ManifestError {
-            origin: url.clone(),
-            why,
-        }
-        .into()
-    };
-    match store.size(&key).await? {
-        None => anyhow::bail!(
-            "backup {id} of {name:?} does not exist or is incomplete (no {url}): see restorer list"
-        ),
-        Some(n) if n > MAX_MANIFEST_BYTES => {
-            return Err(bad(format!(
-                "is {n} bytes, larger than any manifest ({MAX_MANIFEST_BYTES})"
-            )))
-        }
-        Some(_) => {}
-    }
-    let bytes = store.get(&key, MAX_MANIFEST_BYTES).await?;
-    if let Some(auth) = auth {
-        let mac_key = keys::manifest_mac(name, id);
-        let mac = match store.size(&mac_key).await? {
-            None => {
-                return Err(bad(format!(
-                    "has no MAC ({} is missing) and auth.key_file {} is set: an unauthenticated backup (forged, or taken before [auth] was configured) is refused",
-                    store.url(&mac_key),
-                    auth.path().display()
-                )))
-            }
-            Some(n) if n > common::crypt::MAX_MAC_BYTES => {
-                return Err(bad(format!(
-                    "has a MAC object of {n} bytes, larger than any MAC: forged"
-                )))
-            }
-            Some(_) => store.get(&mac_key, common::crypt::MAX_MAC_BYTES).await?,
-        };
-        auth.verify(&key, &bytes, &mac).map_err(bad)?;
-    }
-    let text = std::str::from_utf8(&bytes).map_err(|_| bad("is not UTF-8 text".into()))?;
-    let m = Manifest::parse_stored(text, &key, &url)?;
-    let skew = time::Duration::try_from(MAX_CLOCK_SKEW).expect("a day fits");
-    if m.backup_id.time() > time::OffsetDateTime::now_utc() + skew {
-        return Err(bad(format!(
-            "names a time more than a day in the future ({}): a wrong clock or a forgery",
-            m.backup_id
-        )));
-    }
-    Ok(m)
+    common::catalog::read_manifest(store, name, id, auth).await
 }
 
 /// The manifest of backup `id` (or the newest complete one for `latest`).
@@ -330,8 +271,14 @@ pub fn list_table(backups: &[Manifest]) -> String {
             .binlog
             .as_ref()
             .map_or("-".to_string(), |b| format!("{}:{}", b.file, b.position));
+        // An incremental backup names the newest backup it reads from.
+        let incremental = m
+            .archive
+            .as_ref()
+            .and_then(|a| Some(format!("  incremental {} on {}", a.chain, a.bases.last()?)))
+            .unwrap_or_default();
         out += &format!(
-            "{:<17} {:<20} {:>10} {:<5} {:<28} {}\n",
+            "{:<17} {:<20} {:>10} {:<5} {:<28} {}{incremental}\n",
             m.backup_id.as_str(),
             m.created_at.get(..19).unwrap_or(&m.created_at),
             size,
@@ -344,6 +291,7 @@ pub fn list_table(backups: &[Manifest]) -> String {
 }
 
 /// Streams the archive of `m` into `target`: the one code path of verify and restore.
+#[allow(clippy::too_many_arguments)]
 async fn stream_archive(
     store: Arc<dyn Store>,
     m: &Manifest,
@@ -352,6 +300,7 @@ async fn stream_archive(
     progress: &dyn Progress,
     cancel: &AtomicBool,
     identities: Option<&Identities>,
+    auth: Option<&AuthKey>,
 ) -> anyhow::Result<Streamed> {
     let url = store.url(&info.key);
     match store.size(&info.key).await? {
@@ -368,7 +317,7 @@ async fn stream_archive(
     }
     progress.set_total(info.size);
     if let Some(ix) = &info.index {
-        let r = stream_indexed(store, m, info, ix, target, progress, cancel).await;
+        let r = stream_indexed(store, m, info, ix, target, progress, cancel, auth).await;
         progress.finish();
         return r;
     }
@@ -398,6 +347,7 @@ async fn stream_archive(
 /// [`stream_archive`] of an indexed archive (format 3): its index read and
 /// checked against the manifest (size, SHA-256, then every path and
 /// offset), then its frames fetched by range and unpacked on all cores.
+#[allow(clippy::too_many_arguments)]
 async fn stream_indexed(
     store: Arc<dyn Store>,
     m: &Manifest,
@@ -406,9 +356,12 @@ async fn stream_indexed(
     target: Target<'_>,
     progress: &dyn Progress,
     cancel: &AtomicBool,
+    auth: Option<&AuthKey>,
 ) -> anyhow::Result<Streamed> {
     let url = store.url(&info.key);
-    let index = read_index(store.as_ref(), m, info, ix).await?;
+    let index = common::catalog::read_index(store.as_ref(), m, info, ix).await?;
+    // An incremental backup's bases: their archives' keys from their ids.
+    let bases = bases_of(store.as_ref(), m, &index, auth).await?;
     // All cores decompress; more requests than cores keep a remote store
     // busy; store.memory_limit bounds the frames held.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -420,11 +373,15 @@ async fn stream_indexed(
         .unwrap_or(1);
     let workers = store.transfer().frame_workers(largest, cores);
     let handle = tokio::runtime::Handle::current();
-    let fetch = |r: std::ops::Range<u64>| {
+    let fetch = |source: Option<u32>, r: std::ops::Range<u64>| {
+        let key = match source {
+            None => &info.key,
+            Some(k) => &bases[k as usize],
+        };
         handle
-            .block_on(store.get_range(&info.key, r))
+            .block_on(store.get_range(key, r))
             .map_err(|e| ArchiveError::Store {
-                url: url.clone(),
+                url: store.url(key),
                 why: format!("{e:#}"),
             })
     };
@@ -437,39 +394,71 @@ async fn stream_indexed(
     Ok(r?)
 }
 
-/// The index of the indexed archive `info` of `m`: read, checked by size and
-/// SHA-256 against the manifest, parsed (every path and offset checked).
-pub(crate) async fn read_index(
+/// The archive keys of the sources of `index` (an incremental backup
+/// `m`'s bases, [`common::archive::index::Index::sources`]), in order:
+/// each base's manifest read like any (MAC checked with `[auth]`), of the
+/// same name, indexed, older than `m`; its archive's key derived from its
+/// id, its size the manifest's, and every frame of it that `index` names
+/// inside it. Anything else refuses the backup before anything is written.
+async fn bases_of(
     store: &dyn Store,
     m: &Manifest,
-    info: &ArchiveInfo,
-    ix: &common::manifest::IndexInfo,
-) -> anyhow::Result<common::archive::index::Index> {
-    use common::archive::index::{Index, MAX_INDEX_STORED};
-    let index_url = store.url(&ix.key);
-    match store.size(&ix.key).await? {
-        None => return Err(ArchiveError::Missing { url: index_url }.into()),
-        Some(n) if n != ix.size || n > MAX_INDEX_STORED => {
-            return Err(ArchiveError::SizeMismatch {
-                url: index_url,
-                got: n,
-                want: ix.size,
+    index: &common::archive::index::Index,
+    auth: Option<&AuthKey>,
+) -> anyhow::Result<Vec<String>> {
+    if index.sources.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut keys_out = Vec::new();
+    for (k, id) in index.sources.iter().enumerate() {
+        let broken = |why: String| ArchiveError::Corrupt {
+            url: store.url(&keys::manifest(&m.name, &m.backup_id)),
+            why: format!("its base {id}: {why}; restore a full backup (restorer list) instead"),
+        };
+        let base = read_manifest(store, &m.name, id, auth)
+            .await
+            .map_err(|e| broken(format!("{e:#}")))?;
+        let info = base
+            .archive
+            .as_ref()
+            .filter(|a| a.is_indexed() && base.backup_id < m.backup_id)
+            .ok_or_else(|| broken("not an indexed backup older than this one".into()))?;
+        let key = keys::archive_key(&m.name, id, common::config::Compression::Zstd, false);
+        if info.key != key {
+            return Err(broken(format!("its archive is {}, not {key}", info.key)).into());
+        }
+        match store.size(&key).await? {
+            None => {
+                return Err(ArchiveError::Missing {
+                    url: store.url(&key),
+                }
+                .into())
             }
-            .into())
+            Some(n) if n != info.size => {
+                return Err(ArchiveError::SizeMismatch {
+                    url: store.url(&key),
+                    got: n,
+                    want: info.size,
+                }
+                .into())
+            }
+            Some(_) => {}
         }
-        Some(_) => {}
-    }
-    let stored = store.get(&ix.key, MAX_INDEX_STORED).await?;
-    let sha = common::codec::sha256_hex(&stored);
-    if sha != ix.sha256.as_str() {
-        return Err(ArchiveError::ChecksumMismatch {
-            url: index_url,
-            got: sha,
-            want: ix.sha256.to_string(),
+        let past = index
+            .frames
+            .iter()
+            .filter(|f| f.source == Some(k as u32))
+            .any(|f| f.stored_offset + f.stored_len > info.size);
+        if past {
+            return Err(broken(format!(
+                "this backup's index names bytes past the end of its archive ({} bytes): forged",
+                info.size
+            ))
+            .into());
         }
-        .into());
+        keys_out.push(key);
     }
-    Ok(Index::parse(&stored, &index_url, info, &m.data.paths)?)
+    Ok(keys_out)
 }
 
 /// Where [`stage`] unpacks: an empty directory, the owner of what it
@@ -530,6 +519,7 @@ pub async fn stage(
         progress,
         cancel,
         ids.as_ref(),
+        AuthKey::from_config(cfg)?.as_ref(),
     )
     .await?;
     if let Some(r) = reuse {
@@ -617,6 +607,7 @@ pub async fn verify(cfg: &Config, id: &str, progress: &dyn Progress) -> anyhow::
         progress,
         &never,
         ids.as_ref(),
+        AuthKey::from_config(cfg)?.as_ref(),
     )
     .await?;
     tracing::info!(
@@ -784,6 +775,8 @@ mod tests {
                 archive_secs: 0.0,
                 encryption: None,
                 index: None,
+                bases: vec![],
+                chain: 0,
             }),
         }
     }

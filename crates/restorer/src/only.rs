@@ -187,7 +187,7 @@ pub async fn extract(
     };
     // An indexed backup says what it holds before anything is fetched.
     if let Some(ix) = &info.index {
-        let index = crate::read_index(chosen.store.as_ref(), m, info, ix).await?;
+        let index = common::catalog::read_index(chosen.store.as_ref(), m, info, ix).await?;
         for e in &index.entries {
             if let Some(i) = only.item_of(datadir, &e.path, e.kind.into()) {
                 found[i].store(true, Ordering::SeqCst);
@@ -217,6 +217,7 @@ pub async fn extract(
         progress,
         cancel,
         ids.as_ref(),
+        common::crypt::AuthKey::from_config(cfg)?.as_ref(),
     )
     .await
     .map_err(|e| {

@@ -271,11 +271,14 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
     let listed = store.list(&keys::backups_of(&name)).await?;
     let Manifests {
         complete,
+        bases_of,
         binlog_of,
         unreadable,
     } = read_manifests(store, &name, &listed, auth.as_ref()).await?;
     let now = time::OffsetDateTime::now_utc();
     let mut decisions = retention::apply(policy, &complete);
+    // A kept incremental backup keeps the backups its frames are in.
+    retention::keep_bases(&mut decisions, &bases_of);
     let mut garbage = garbage(&listed, &name, now);
     let lock_days = cfg.store.object_lock().map(|(_, days)| days);
     let locked = hold_locked(&mut decisions, &mut garbage, &name, lock_days, now);
@@ -318,6 +321,8 @@ pub async fn prune(cfg: &Config, apply: bool) -> anyhow::Result<PruneReport> {
 struct Manifests {
     /// The ids of the complete backups.
     complete: Vec<BackupId>,
+    /// Each complete backup's bases (an incremental backup's `archive.bases`).
+    bases_of: std::collections::BTreeMap<BackupId, Vec<BackupId>>,
     /// Each complete backup's server id and binary log file.
     binlog_of:
         std::collections::BTreeMap<BackupId, (u64, common::ids::BinlogFile, time::OffsetDateTime)>,
@@ -333,6 +338,7 @@ async fn read_manifests(
     auth: Option<&common::crypt::AuthKey>,
 ) -> anyhow::Result<Manifests> {
     let mut complete = Vec::new();
+    let mut bases_of = std::collections::BTreeMap::new();
     let mut binlog_of = std::collections::BTreeMap::new();
     let mut unreadable = Vec::new();
     for id in listed.iter().filter_map(|k| keys::manifest_id(name, k)) {
@@ -344,6 +350,8 @@ async fn read_manifests(
                         (m.server.server_id, b.file.clone(), m.snapshot_time()),
                     );
                 }
+                let bases = m.archive.as_ref().map(|a| a.bases.clone());
+                bases_of.insert(id.clone(), bases.unwrap_or_default());
                 complete.push(id)
             }
             Ok(_) => unreadable.push(Unreadable {
@@ -360,6 +368,7 @@ async fn read_manifests(
     }
     Ok(Manifests {
         complete,
+        bases_of,
         binlog_of,
         unreadable,
     })

@@ -269,7 +269,7 @@ async fn compare(
     int: &Interrupt,
 ) -> anyhow::Result<Reuse> {
     let ix = plan.info.index.as_ref().expect("checked: indexed");
-    let index = crate::read_index(plan.store.as_ref(), &plan.m, &plan.info, ix).await?;
+    let index = common::catalog::read_index(plan.store.as_ref(), &plan.m, &plan.info, ix).await?;
     let d = &plan.m.data;
     let roots = d
         .paths

@@ -71,6 +71,11 @@ pub struct Args {
     /// the `zstd -dc | tar -x` + sync limit, then stop
     #[arg(long)]
     formats_only: bool,
+    /// Measure only incremental backups: a full backup (indexed), one of
+    /// 20 tables (5%) changed, then an incremental backup, into a file://
+    /// store; time and bytes of the incremental ÷ the full one; then stop
+    #[arg(long)]
+    incremental_only: bool,
     /// Measure only the restore table's limits, mysnap and mariabackup's
     /// `mbstream` path, then stop
     #[arg(long)]
@@ -99,6 +104,11 @@ fn main() {
     }
     if b.args.delta_only {
         delta::measure(&b, &mut report);
+        report.finish(&b.args.out);
+        return;
+    }
+    if b.args.incremental_only {
+        incremental_only(&b, &mut report);
         report.finish(&b.args.out);
         return;
     }
@@ -637,6 +647,109 @@ fn formats_only(b: &Bench, data_bytes: u64, report: &mut Report) {
         r1.unpack, r3.unpack
     )
     .unwrap();
+    b.clear_stores();
+}
+
+/// `--incremental-only`: 20 tables (the 8 copied to 20, so one is 5%), a
+/// full indexed backup, one table changed (pages on disk and older than the
+/// racy window of the next snapshot), an incremental backup
+/// (`backup.full_every = 2`); each timed from cold caches, runs × both,
+/// medians; stored bytes of each backup's own archive.
+fn incremental_only(b: &Bench, report: &mut Report) {
+    use measure::{drop_caches, measured};
+    eprintln!("bench: 20 tables for the incremental row");
+    for i in 9..=20 {
+        let from = (i - 1) % 8 + 1;
+        b.db.sql(&format!(
+            "SET sql_log_bin = 0; CREATE TABLE IF NOT EXISTS sbtest.sbtest{i} LIKE sbtest.sbtest{from}; \
+             INSERT IGNORE INTO sbtest.sbtest{i} SELECT * FROM sbtest.sbtest{from}"
+        ));
+    }
+    let data_bytes = b.data_bytes();
+    let config = b.source_config(&b.file_url(), "zstd-indexed", "");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&config)
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"full_every = 2\n").unwrap();
+    let settle = || {
+        b.db.sql("FLUSH TABLES");
+        std::thread::sleep(std::time::Duration::from_secs(4));
+    };
+    let backup = || {
+        drop_caches();
+        let t = std::time::Instant::now();
+        let m = b.snapshot(&config).expect("snapshotter");
+        measured(
+            b.cmd("archiver", &config)
+                .args(["--manifest", m.to_str().unwrap()])
+                .stdout(std::process::Stdio::null()),
+        );
+        t.elapsed().as_secs_f64()
+    };
+    let newest = || {
+        let root = b.tmp.path().join("store/bench");
+        let mut ids: Vec<_> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.join("manifest.toml").exists())
+            .collect();
+        ids.sort();
+        let m = Manifest::parse(
+            &std::fs::read_to_string(ids.last().unwrap().join("manifest.toml")).unwrap(),
+            "bench",
+        )
+        .unwrap();
+        m.archive.unwrap()
+    };
+    let (mut full, mut incr, mut sizes) = (Vec::new(), Vec::new(), (0, 0));
+    for run in 0..b.args.runs {
+        b.clear_stores();
+        settle();
+        full.push(backup());
+        let f = newest();
+        b.db.sql(&format!(
+            "UPDATE sbtest.sbtest{} SET k = k + 1",
+            run % 20 + 1
+        ));
+        settle();
+        incr.push(backup());
+        let i = newest();
+        assert_eq!(i.chain, 1, "the second backup is incremental");
+        sizes = (f.size, i.size);
+    }
+    let (full, incr) = (median(full), median(incr));
+    let rows = vec![
+        Row {
+            size: Some(sizes.0),
+            ..Row::new("mysnap full backup, indexed → file", Ok(full))
+        },
+        Row {
+            size: Some(sizes.1),
+            mysnap: Some(full),
+            ..Row::new(
+                "mysnap incremental backup after 5% change (1 of 20 tables) → file",
+                Ok(incr),
+            )
+        },
+    ];
+    writeln!(
+        report.md,
+        "\n## Incremental backup after 5% change (running server → file://)\n"
+    )
+    .unwrap();
+    report.table(&rows, data_bytes);
+    writeln!(
+        report.md,
+        "\nIncremental ÷ full: time {:.2}, bytes {:.2} (target ≤ 0.15 each).",
+        incr / full,
+        sizes.1 as f64 / sizes.0 as f64
+    )
+    .unwrap();
+    report.json.insert(
+        "incremental".into(),
+        serde_json::json!({"full_secs": full, "incremental_secs": incr, "full_bytes": sizes.0, "incremental_bytes": sizes.1}),
+    );
     b.clear_stores();
 }
 

@@ -90,6 +90,7 @@ impl<W: Write> FrameWriter<W> {
             in_flight: VecDeque::new(),
             index: Index {
                 version: INDEX_VERSION,
+                sources: Vec::new(),
                 frames: Vec::new(),
                 entries: Vec::new(),
             },
@@ -134,6 +135,7 @@ impl<W: Write> FrameWriter<W> {
             stored_offset: 0,
             stored_len: 0,
             sha256: Sha256Hex::parse(&"0".repeat(64)).expect("a SHA-256"),
+            source: None,
         });
         while self.in_flight.len() >= self.workers {
             self.emit_one()?;
@@ -243,6 +245,9 @@ impl<W: Write> FrameWriter<W> {
             header: first,
             data: self.tar,
             chunks: Vec::new(),
+            mtime_ns: None,
+            ino: None,
+            source: None,
         });
         self.state = if size > 0 {
             self.chunk = Some((Sha256::new(), 0));

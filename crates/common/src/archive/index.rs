@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::policy::{Kind, Policy};
 use super::ArchiveError;
-use crate::ids::{RelPath, Sha256Hex};
+use crate::ids::{BackupId, RelPath, Sha256Hex};
 use crate::manifest::ArchiveInfo;
 
 /// The index format this mysnap writes and reads.
@@ -73,6 +73,11 @@ pub struct Frame {
     pub stored_len: u64,
     /// SHA-256 of the frame's stored bytes.
     pub sha256: Sha256Hex,
+    /// Whose archive holds it: `None`, this backup's; `Some(k)`, the
+    /// archive of [`Index::sources`]`[k]` (an incremental backup's frame
+    /// of a base), whose offsets these are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<u32>,
 }
 
 /// A piece of a file's data that lies in one frame.
@@ -107,12 +112,31 @@ pub struct Entry {
     pub data: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chunks: Vec<Chunk>,
+    /// The nanoseconds of the file's mtime (tar keeps whole seconds):
+    /// with [`Entry::ino`], what an incremental backup compares.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime_ns: Option<u32>,
+    /// The file's inode number in the snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ino: Option<u64>,
+    /// Whose tar stream holds the entry (as [`Frame::source`]); its
+    /// header, data and chunks are in that stream's frames.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Index {
     pub version: u32,
+    /// The backups whose archives hold the frames of an incremental
+    /// backup that are not its own (the manifest's `archive.bases`, oldest
+    /// first); empty for a full backup. Flattened: a frame is always in the
+    /// archive that holds its bytes, never a reference to a reference.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<BackupId>,
+    /// This archive's frames first, contiguous from offset 0, then those
+    /// of each source in order, each source's by offset.
     pub frames: Vec<Frame>,
     pub entries: Vec<Entry>,
 }
@@ -160,12 +184,20 @@ impl Index {
         Ok(index)
     }
 
-    /// The frame holding tar offset `at`.
-    pub fn frame_at(&self, at: u64) -> Option<usize> {
-        let i = self
-            .frames
-            .partition_point(|f| f.tar_offset + f.tar_len <= at);
-        (i < self.frames.len() && self.frames[i].tar_offset <= at).then_some(i)
+    /// The frame holding tar offset `at` of the tar stream of `source`
+    /// (`None`: this archive's). Frames are ordered by source, then offset
+    /// (checked by [`Index::check`]).
+    pub fn frame_at(&self, source: Option<u32>, at: u64) -> Option<usize> {
+        let from = self.frames.partition_point(|f| f.source < source);
+        let to = self.frames.partition_point(|f| f.source <= source);
+        let these = &self.frames[from..to];
+        let i = these.partition_point(|f| f.tar_offset.saturating_add(f.tar_len) <= at);
+        (i < these.len() && these[i].tar_offset <= at).then_some(from + i)
+    }
+
+    /// The frames of this archive (not a base's).
+    pub fn own_frames(&self) -> usize {
+        self.frames.partition_point(|f| f.source.is_none())
     }
 
     /// How the index fits together and with the manifest: see the module.
@@ -188,14 +220,13 @@ impl Index {
         if self.frames.is_empty() || self.frames.len() > u32::MAX as usize {
             return Err(bad(format!("{} frames", self.frames.len())));
         }
-        let (mut tar, mut stored) = (0u64, 0u64);
-        for (i, f) in self.frames.iter().enumerate() {
-            if f.tar_offset != tar || f.stored_offset != stored {
-                return Err(bad(format!(
-                    "frame {i} does not follow the one before it (tar offset {}, stored offset {}; expected {tar}, {stored})",
-                    f.tar_offset, f.stored_offset
-                )));
-            }
+        if self.sources != info.bases {
+            return Err(bad(format!(
+                "its sources {:?} are not the manifest's archive.bases {:?}",
+                self.sources, info.bases
+            )));
+        }
+        let limits = |i: usize, f: &Frame| {
             if f.tar_len == 0
                 || f.tar_len > MAX_FRAME_TAR
                 || f.stored_len == 0
@@ -206,6 +237,18 @@ impl Index {
                     f.tar_len, f.stored_len
                 )));
             }
+            Ok(())
+        };
+        let own = self.own_frames();
+        let (mut tar, mut stored) = (0u64, 0u64);
+        for (i, f) in self.frames[..own].iter().enumerate() {
+            if f.tar_offset != tar || f.stored_offset != stored {
+                return Err(bad(format!(
+                    "frame {i} does not follow the one before it (tar offset {}, stored offset {}; expected {tar}, {stored})",
+                    f.tar_offset, f.stored_offset
+                )));
+            }
+            limits(i, f)?;
             tar += f.tar_len;
             stored += f.stored_len;
         }
@@ -215,14 +258,58 @@ impl Index {
                 info.tar_size, info.size
             )));
         }
+        // A base's frames: ordered by source, then offset, none overlapping
+        // another (in the tar stream or the stored bytes), none past u64.
+        let mut prev: Option<(u32, u64, u64)> = None;
+        for (i, f) in self.frames.iter().enumerate().skip(own) {
+            limits(i, f)?;
+            let Some(s) = f.source else {
+                return Err(bad(format!(
+                    "frame {i} of this archive follows a base's frame"
+                )));
+            };
+            let (tar_end, stored_end) = (
+                f.tar_offset.checked_add(f.tar_len),
+                f.stored_offset.checked_add(f.stored_len),
+            );
+            let ordered = match prev {
+                Some((p, t, st)) if p == s => f.tar_offset >= t && f.stored_offset >= st,
+                Some((p, _, _)) => s > p,
+                None => true,
+            };
+            if s as usize >= self.sources.len()
+                || !ordered
+                || tar_end.is_none()
+                || stored_end.is_none()
+            {
+                return Err(bad(format!(
+                    "frame {i} of source {s} is not after the one before it in a source of the {} it names",
+                    self.sources.len()
+                )));
+            }
+            prev = Some((s, tar_end.unwrap_or(0), stored_end.unwrap_or(0)));
+        }
         let mut policy = Policy::new(roots);
         let (mut files, mut bytes) = (0u64, 0u64);
-        // The end of the previous entry (its data padded to 512 bytes).
-        let mut end = 0u64;
+        // The end of the previous entry of each source (its data padded to 512 bytes).
+        let mut ends = vec![0u64; self.sources.len() + 1];
         for e in &self.entries {
             let shown: String = e.path.chars().take(200).collect();
             let at = |why: String| bad(format!("{shown}: {why}"));
             let kind = Kind::from(e.kind);
+            let slot = match e.source {
+                None => 0,
+                Some(s) if (s as usize) < self.sources.len() && kind == Kind::File => {
+                    s as usize + 1
+                }
+                Some(s) => {
+                    return Err(at(format!(
+                        "in source {s}, which is not a base's file among the {} sources",
+                        self.sources.len()
+                    )))
+                }
+            };
+            let end = ends[slot];
             if e.link.is_some() != (kind == Kind::Symlink) {
                 return Err(at(
                     "a link target on an entry that is not a link, or none on a link".into(),
@@ -247,11 +334,12 @@ impl Index {
                 });
             }
             let entry_end = padded.and_then(|p| e.data.checked_add(p));
+            // A base's entry is bounded by its frames (below).
             let ok = e.header >= end
                 && e.header % 512 == 0
                 && e.data >= e.header.saturating_add(512)
                 && e.data - e.header <= 512 * 12
-                && entry_end.is_some_and(|x| x <= info.tar_size);
+                && entry_end.is_some_and(|x| e.source.is_some() || x <= info.tar_size);
             if !ok {
                 return Err(at(format!(
                     "header at {} and data at {} do not fit after the previous entry (ending at {end}) in {} tar bytes",
@@ -259,10 +347,13 @@ impl Index {
                 )));
             }
             // Every header block of an entry is in one frame, with its data's start.
-            if self.frame_at(e.header) != self.frame_at(e.data - 1) {
-                return Err(at("its header blocks span two frames".into()));
+            let frame = self.frame_at(e.source, e.header);
+            if frame.is_none() || frame != self.frame_at(e.source, e.data - 1) {
+                return Err(at(
+                    "its header blocks are not in one frame of its source".into()
+                ));
             }
-            end = entry_end.unwrap_or(u64::MAX);
+            ends[slot] = entry_end.unwrap_or(u64::MAX);
             if kind != Kind::File {
                 if e.size != 0 || !e.chunks.is_empty() {
                     return Err(at("content on an entry that is not a file".into()));
@@ -287,6 +378,7 @@ impl Index {
                 let start = e.data + off;
                 let inside = frame.is_some_and(|f| {
                     c.len > 0
+                        && f.source == e.source
                         && start >= f.tar_offset
                         && start
                             .checked_add(c.len)

@@ -25,6 +25,7 @@
 
 pub use crate::keys;
 pub mod frames;
+pub mod incremental;
 pub mod index;
 pub mod parallel;
 pub mod policy;
@@ -37,7 +38,7 @@ use std::path::PathBuf;
 use crate::error::ExitCode;
 
 pub use read::{stream, Select, Streamed, Target};
-pub use write::{write_tar, TarStats};
+pub use write::{write_tar, write_tar_with, TarStats};
 
 /// Why reading (or writing) an archive failed. The exit code follows from
 /// the variant: the archive is bad (4), or the store or the target is (1).

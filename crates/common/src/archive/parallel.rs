@@ -21,8 +21,10 @@ use super::tree::{SafeDir, ZeroSkipping};
 use super::ArchiveError;
 use crate::progress::Progress;
 
-/// Reads stored bytes of the archive by range (the store's ranged GET).
-pub type Fetch<'a> = &'a (dyn Fn(Range<u64>) -> Result<Bytes, ArchiveError> + Sync);
+/// Reads stored bytes by range (the store's ranged GET) of the archive
+/// of a frame's source: `None`, this backup's; `Some(k)`, the archive of
+/// [`Index::sources`]`[k]` (an incremental backup's base).
+pub type Fetch<'a> = &'a (dyn Fn(Option<u32>, Range<u64>) -> Result<Bytes, ArchiveError> + Sync);
 
 /// Unpacks (or, with [`Target::Discard`], checks) the indexed archive at
 /// `url` described by `index` (already checked: [`Index::parse`]); `fetch`
@@ -64,8 +66,8 @@ pub fn unpack(
             continue;
         }
         let frame = index
-            .frame_at(e.header)
-            .expect("checked: inside the tar stream");
+            .frame_at(e.source, e.header)
+            .expect("checked: inside its source's tar stream");
         headers[frame].push(i);
         for (j, c) in e.chunks.iter().enumerate() {
             chunks[c.frame as usize].push((i, j));
@@ -200,7 +202,7 @@ fn frame(
         url: url.to_string(),
         why,
     };
-    let stored = fetch(f.stored_offset..f.stored_offset + f.stored_len)?;
+    let stored = fetch(f.source, f.stored_offset..f.stored_offset + f.stored_len)?;
     if stored.len() as u64 != f.stored_len {
         return Err(ArchiveError::Truncated {
             url: url.to_string(),
@@ -365,6 +367,8 @@ mod tests {
             archive_secs: 0.0,
             encryption: None,
             index: None,
+            bases: vec![],
+            chain: 0,
         };
         Archive {
             stored,
@@ -376,7 +380,7 @@ mod tests {
     }
 
     fn run(a: &Archive, target: Target<'_>) -> Result<Streamed, ArchiveError> {
-        let fetch = |r: Range<u64>| -> Result<Bytes, ArchiveError> {
+        let fetch = |_: Option<u32>, r: Range<u64>| -> Result<Bytes, ArchiveError> {
             Ok(Bytes::copy_from_slice(
                 &a.stored[r.start as usize..r.end as usize],
             ))
@@ -501,7 +505,7 @@ mod tests {
         let frames: std::collections::BTreeSet<u64> =
             big.chunks.iter().map(|c| u64::from(c.frame)).collect();
         let read = Mutex::new(Vec::new());
-        let fetch = |r: Range<u64>| -> Result<Bytes, ArchiveError> {
+        let fetch = |_: Option<u32>, r: Range<u64>| -> Result<Bytes, ArchiveError> {
             read.lock().unwrap().push(r.start);
             Ok(Bytes::copy_from_slice(
                 &a.stored[r.start as usize..r.end as usize],

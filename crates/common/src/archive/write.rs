@@ -92,6 +92,33 @@ pub fn write_tar<W: Write>(
     cancelled: &(dyn Fn() -> bool + Sync),
     read_limit: Option<&RateLimit>,
 ) -> anyhow::Result<(W, TarStats)> {
+    write_tar_with(
+        snap,
+        layout,
+        out,
+        progress,
+        cancelled,
+        read_limit,
+        &mut |_, _| true,
+    )
+}
+
+/// Asked about each directory and regular file, in the order of the walk
+/// (the tar stream's, links last), with its path and metadata before it is
+/// written: `false` leaves a file out of the stream (an incremental
+/// backup's unchanged file); directories are always written.
+pub type Keep<'a> = &'a mut dyn FnMut(&str, &std::fs::Metadata) -> bool;
+
+/// [`write_tar`], asking `keep` about each entry first.
+pub fn write_tar_with<W: Write>(
+    snap: &Path,
+    layout: &DataLayout,
+    out: W,
+    progress: &dyn Progress,
+    cancelled: &(dyn Fn() -> bool + Sync),
+    read_limit: Option<&RateLimit>,
+    keep: Keep<'_>,
+) -> anyhow::Result<(W, TarStats)> {
     let mut tar = Builder::new(Counting::new(out));
     tar.mode(HeaderMode::Complete);
     tar.follow_symlinks(false);
@@ -115,11 +142,15 @@ pub fn write_tar<W: Write>(
             policy
                 .admit(&name, Kind::Dir, None)
                 .map_err(|why| refused(path, why))?;
+            keep(&name, &md);
             tar.append_data(&mut header, &name, io::empty())
         } else if ft.is_file() {
             policy
                 .admit(&name, Kind::File, None)
                 .map_err(|why| refused(path, why))?;
+            if !keep(&name, &md) {
+                continue;
+            }
             let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
             let reader = ProgressReader::new(BufReader::with_capacity(1 << 20, f), progress)
                 .cancelled_by(cancelled)

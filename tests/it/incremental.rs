@@ -1,0 +1,263 @@
+//! Incremental backups end to end: a real server on real btrfs, backed up
+//! full then incrementally (`backup.full_every`), restored onto a second
+//! server from the frames of several archives.
+
+use common::archive::index::Index;
+use common::manifest::{Manifest, INCREMENTAL_FORMAT_VERSION, INDEXED_FORMAT_VERSION};
+use mysnap_tests::gate;
+
+use crate::backup::{assert_ok, error_line, set, Rig, StoreKind};
+use crate::restore::Target;
+
+const TABLES: u32 = 20;
+
+fn manifest(src: &Rig, id: &str) -> Manifest {
+    let text = String::from_utf8(src.fetch(&format!("db1/{id}/manifest.toml"))).unwrap();
+    Manifest::parse(&text, id).unwrap()
+}
+
+fn index(src: &Rig, m: &Manifest) -> Index {
+    let info = m.archive.as_ref().unwrap();
+    let stored = src.fetch(&info.index.as_ref().unwrap().key);
+    Index::parse(&stored, "index", info, &m.data.paths).unwrap()
+}
+
+/// Changes table `t` and waits until its pages are on disk and older than
+/// the racy window of the next snapshot.
+fn change(src: &Rig, t: u32) {
+    src.db.sql(&format!(
+        "UPDATE d.t{t} SET v = REPEAT(MD5(RAND()), 32) WHERE id % 3 = 0"
+    ));
+    settle(src);
+}
+
+fn settle(src: &Rig) {
+    src.db.sql("FLUSH TABLES");
+    std::thread::sleep(std::time::Duration::from_secs(4));
+}
+
+/// The entry of table `t`'s file: whether it is a reference to a base.
+fn referenced(ix: &Index, t: u32) -> bool {
+    let e = ix
+        .entries
+        .iter()
+        .find(|e| e.path.ends_with(&format!("/d/t{t}.ibd")))
+        .unwrap_or_else(|| panic!("d/t{t}.ibd in the index"));
+    e.source.is_some()
+}
+
+#[test]
+fn incremental_backups_store_only_changed_tables_restore_whole_and_full_every_bounds_the_chain() {
+    if !gate("incremental_backups_store_only_changed_tables_restore_whole_and_full_every_bounds_the_chain") {
+        return;
+    }
+    let src = Rig::new(StoreKind::S3);
+    src.write_config(|t| {
+        set(t, "archive", "indexed", true);
+        set(t, "backup", "full_every", 3);
+    });
+    src.db.sql("SET GLOBAL innodb_max_dirty_pages_pct = 0");
+    src.db.sql("CREATE DATABASE d");
+    for t in 0..TABLES {
+        src.db.sql(&format!(
+            "CREATE TABLE d.t{t} (id INT PRIMARY KEY, v TEXT) ENGINE=InnoDB; \
+             INSERT INTO d.t{t} SELECT seq, REPEAT(MD5(RAND()), 32) FROM seq_1_to_1500"
+        ));
+    }
+    settle(&src);
+    let full = src.backup();
+    let m0 = manifest(&src, &full);
+    assert_eq!(m0.format_version, INDEXED_FORMAT_VERSION);
+    let full_size = m0.archive.as_ref().unwrap().size;
+
+    // 1 table of 20 changed: only it (and the server's own logs) stored again.
+    change(&src, 3);
+    let incr1 = src.backup();
+    let m1 = manifest(&src, &incr1);
+    let a1 = m1.archive.clone().unwrap();
+    assert_eq!(m1.format_version, INCREMENTAL_FORMAT_VERSION);
+    assert_eq!(
+        (a1.bases.clone(), a1.chain),
+        (vec![m0.backup_id.clone()], 1)
+    );
+    let ix1 = index(&src, &m1);
+    assert!(!referenced(&ix1, 3), "the changed table is stored again");
+    for t in (0..TABLES).filter(|t| *t != 3) {
+        assert!(referenced(&ix1, t), "d/t{t}.ibd unchanged, referenced");
+    }
+    // What changes anyway (redo and undo logs, ibdata1) is stored again:
+    // the ratio depends on the data's size against theirs (see the bench).
+    assert!(
+        a1.size < full_size,
+        "incremental {} bytes, full {full_size}",
+        a1.size
+    );
+    let own: u64 = ix1
+        .entries
+        .iter()
+        .filter(|e| e.source.is_none())
+        .map(|e| e.size)
+        .sum();
+    assert!(
+        own + 19 * 1_000_000 < a1.unpacked_size,
+        "the 19 unchanged tables are not in the incremental's own archive ({own} of {} bytes)",
+        a1.unpacked_size
+    );
+    // The whole tree's totals, not only what this archive holds.
+    assert_eq!(a1.files, m0.archive.as_ref().unwrap().files);
+
+    // A second incremental: a chain of two, its bytes in up to three archives.
+    change(&src, 5);
+    let incr2 = src.backup();
+    let m2 = manifest(&src, &incr2);
+    let a2 = m2.archive.clone().unwrap();
+    assert_eq!(a2.chain, 2);
+    assert!(a2.bases.contains(&m0.backup_id), "{:?}", a2.bases);
+    let ix2 = index(&src, &m2);
+    assert!(!referenced(&ix2, 5) && referenced(&ix2, 0));
+    let want = src.db.checksums("d");
+
+    // full_every = 3: after two incrementals, a full one.
+    let third = src.backup();
+    let m3 = manifest(&src, &third);
+    assert_eq!(m3.format_version, INDEXED_FORMAT_VERSION);
+    assert!(m3.archive.as_ref().unwrap().bases.is_empty());
+    // --full forces one whatever the chain.
+    let snap = src.snapshot();
+    let out = src.run(
+        "archiver",
+        &["--full", "--manifest", snap.to_str().unwrap()],
+    );
+    assert_ok(&out, "archiver --full");
+
+    // The incremental of the incremental restores the whole server.
+    let target = Target::second(&src);
+    assert_ok(&target.restorer(&src, &["verify", &incr2]), "verify incr2");
+    assert_ok(
+        &target.restorer(&src, &["restore", &incr2]),
+        "restore incr2",
+    );
+    assert_eq!(target.db.checksums("d"), want);
+}
+
+#[test]
+fn a_forged_incremental_index_or_a_missing_base_is_refused_before_anything_changes() {
+    if !gate("a_forged_incremental_index_or_a_missing_base_is_refused_before_anything_changes") {
+        return;
+    }
+    let src = Rig::new(StoreKind::File);
+    src.write_config(|t| {
+        set(t, "archive", "indexed", true);
+        set(t, "backup", "full_every", 2);
+    });
+    src.db.sql("SET GLOBAL innodb_max_dirty_pages_pct = 0");
+    src.db.sql("CREATE DATABASE d");
+    for t in 0..4 {
+        src.db.sql(&format!(
+            "CREATE TABLE d.t{t} (id INT PRIMARY KEY, v TEXT); \
+             INSERT INTO d.t{t} SELECT seq, REPEAT(MD5(RAND()), 32) FROM seq_1_to_300"
+        ));
+    }
+    settle(&src);
+    let full = src.backup();
+    change(&src, 1);
+    let incr = src.backup();
+    let m = manifest(&src, &incr);
+    assert_eq!(m.format_version, INCREMENTAL_FORMAT_VERSION);
+    let good = index(&src, &m);
+    let store_root = src.tmp.path().join("store");
+    let target = Target::second(&src);
+
+    // Each forgery planted as a backup of its own (index bound by its manifest).
+    type Forge = fn(&mut Index);
+    let forgeries: &[(&str, Forge, &str)] = &[
+        (
+            "referenced frame's SHA-256",
+            |i| {
+                let f = i.frames.iter_mut().find(|f| f.source.is_some()).unwrap();
+                f.sha256 = common::manifest::Sha256Hex::parse(&"ab".repeat(32)).unwrap();
+            },
+            "corrupted",
+        ),
+        (
+            "referenced frame past the base's end",
+            |i| {
+                let f = i
+                    .frames
+                    .iter_mut()
+                    .rev()
+                    .find(|f| f.source.is_some())
+                    .unwrap();
+                f.stored_offset += 1 << 30;
+            },
+            "past the end",
+        ),
+    ];
+    for (n, (what, forge, says)) in forgeries.iter().enumerate() {
+        let id = soon(n as i64);
+        let mut ix = good.clone();
+        forge(&mut ix);
+        plant_incremental(&store_root, &m, &incr, &id, &ix, None);
+        for cmd in ["verify", "restore"] {
+            let line = error_line(&target.restorer(&src, &[cmd, &id]), 4);
+            assert!(line.contains(says), "{what}: {cmd}: {line}");
+            target.assert_untouched(what);
+        }
+    }
+    // A source id changed in the index and the manifest alike: a backup
+    // that is not there is refused too.
+    let id = soon(10);
+    let mut ix = good.clone();
+    let other = common::manifest::BackupId::parse("20260101T000000Z").unwrap();
+    ix.sources = vec![other.clone()];
+    plant_incremental(&store_root, &m, &incr, &id, &ix, Some(vec![other]));
+    for cmd in ["verify", "restore"] {
+        let out = target.restorer(&src, &[cmd, &id]);
+        assert!(!out.status.success(), "{cmd} of a backup on a missing base");
+        target.assert_untouched("missing base");
+    }
+    assert!(full < incr);
+    assert_ok(
+        &target.restorer(&src, &["restore", &incr]),
+        "the real one restores",
+    );
+}
+
+/// Backup `id`: the archive of `real_id` with `index` and a manifest bound to it.
+fn plant_incremental(
+    store_root: &std::path::Path,
+    real: &Manifest,
+    real_id: &str,
+    id: &str,
+    index: &Index,
+    bases: Option<Vec<common::manifest::BackupId>>,
+) {
+    let dir = store_root.join(format!("db1/{id}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        store_root.join(format!("db1/{real_id}/data.tar.zst")),
+        dir.join("data.tar.zst"),
+    )
+    .unwrap();
+    let stored = index.to_stored().unwrap();
+    std::fs::write(dir.join("index.json.zst"), &stored).unwrap();
+    let mut m = real.clone();
+    m.backup_id = common::manifest::BackupId::parse(id).unwrap();
+    let a = m.archive.as_mut().unwrap();
+    a.key = format!("db1/{id}/data.tar.zst");
+    if let Some(b) = bases {
+        a.bases = b;
+    }
+    let ix = a.index.as_mut().unwrap();
+    ix.key = format!("db1/{id}/index.json.zst");
+    ix.size = stored.len() as u64;
+    ix.sha256 = common::manifest::Sha256Hex::parse(&common::codec::sha256_hex(&stored)).unwrap();
+    std::fs::write(dir.join("manifest.toml"), m.to_toml()).unwrap();
+}
+
+/// A backup id `n` seconds after an hour from now: newer than any backup
+/// of the test, not from the future by a day.
+fn soon(n: i64) -> String {
+    let t = time::OffsetDateTime::now_utc() + time::Duration::seconds(3600 + n);
+    common::manifest::BackupId::from_time(t).to_string()
+}
