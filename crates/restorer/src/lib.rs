@@ -371,7 +371,7 @@ async fn stream_indexed(
         .map(|f| f.tar_len + f.stored_len)
         .max()
         .unwrap_or(1);
-    let workers = store.transfer().frame_workers(largest, cores);
+    let workers = frame_workers(store.transfer().frame_workers(largest, cores), &url, cores);
     let handle = tokio::runtime::Handle::current();
     let fetch = |source: Option<u32>, r: std::ops::Range<u64>| {
         let key = match source {
@@ -459,6 +459,19 @@ async fn bases_of(
         keys_out.push(key);
     }
     Ok(keys_out)
+}
+
+/// Workers of an indexed read from the store at `url`: `planned` (every
+/// core, or `store.concurrency` when more, within `store.memory_limit`);
+/// from a file:// store, whose reads wait on no network, two per core (one
+/// reading while the other decompresses; more would only hold more frames
+/// in memory).
+fn frame_workers(planned: usize, url: &str, cores: usize) -> usize {
+    if url.starts_with("file://") {
+        planned.min(2 * cores.max(1))
+    } else {
+        planned
+    }
 }
 
 /// Where [`stage`] unpacks: an empty directory, the owner of what it
@@ -718,6 +731,13 @@ pub fn rewrite_binlog_indexes(dir: &SafeDir, moves: &[(PathBuf, PathBuf)]) -> an
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_store_is_read_by_two_frame_workers_per_core_and_s3_by_more() {
+        assert_eq!(frame_workers(8, "file:///srv/b/db1/x/data.tar.zst", 2), 4);
+        assert_eq!(frame_workers(1, "file:///srv/b/db1/x/data.tar.zst", 2), 1);
+        assert_eq!(frame_workers(8, "s3://bucket/db1/x/data.tar.zst", 2), 8);
+    }
 
     fn v<T: TryFrom<String, Error = String>>(s: &str) -> T {
         T::try_from(s.to_string()).unwrap()

@@ -6,12 +6,17 @@
 //! flight), writes them in order to the next stage, and builds the
 //! [`Index`] as it goes. It reads the tar headers it is given (its own
 //! writer's, trusted), so `write_tar` needs no change.
+//!
+//! The thread that runs `write_tar` only reads, copies and parses: the
+//! SHA-256 of each chunk, like the compression and the frame's SHA-256, is
+//! computed by the frame's compression thread ([`compress`]), and the
+//! frame buffers and compressors go back to the writer to be reused
+//! ([`Spare`]): no allocation per frame once `workers + 1` exist.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
+use std::ops::Range;
 use std::thread::JoinHandle;
-
-use sha2::{Digest, Sha256};
 
 use super::index::{Chunk, Entry, EntryKind, Frame, Index, FRAME_TARGET, INDEX_VERSION};
 use crate::ids::Sha256Hex;
@@ -42,7 +47,25 @@ enum State {
     Trailer,
 }
 
-type Compressed = io::Result<(Vec<u8>, Sha256Hex)>;
+/// What a compression thread needs besides the frame's tar bytes, and gives
+/// back to the writer for a later frame: the frame's buffer, the buffer of
+/// its stored bytes and its compressor.
+struct Spare {
+    tar: Vec<u8>,
+    stored: Vec<u8>,
+    zstd: zstd::bulk::Compressor<'static>,
+}
+
+/// A compressed frame: its stored bytes (in `spare.stored`), their SHA-256,
+/// the SHA-256 of each of its chunks, in order.
+struct Compressed {
+    spare: Spare,
+    sha256: Sha256Hex,
+    chunks: Vec<Sha256Hex>,
+}
+
+/// A frame being compressed and the (entry, chunk) numbers of its chunks.
+type InFlight = (JoinHandle<io::Result<Compressed>>, Vec<(usize, usize)>);
 
 /// Cuts, compresses and indexes a tar stream; see the module.
 pub struct FrameWriter<W: Write> {
@@ -58,14 +81,21 @@ pub struct FrameWriter<W: Write> {
     stored: u64,
     /// Frames written out.
     emitted: usize,
-    in_flight: VecDeque<JoinHandle<Compressed>>,
+    in_flight: VecDeque<InFlight>,
+    /// Buffers and compressors back from frames written out.
+    spares: Vec<Spare>,
+    /// The frame's chunks so far: where each lies in `buf`, and its
+    /// (entry, chunk) numbers.
+    ranges: Vec<Range<usize>>,
+    pieces: Vec<(usize, usize)>,
     index: Index,
     state: State,
     block: Vec<u8>,
     long_name: Option<Vec<u8>>,
     long_link: Option<Vec<u8>>,
-    /// The content of the file being read, of its chunk in this frame.
-    chunk: Option<(Sha256, u64)>,
+    /// Where the content of the file being read starts in `buf`: its
+    /// chunk in this frame.
+    chunk: Option<usize>,
 }
 
 impl<W: Write> FrameWriter<W> {
@@ -88,6 +118,9 @@ impl<W: Write> FrameWriter<W> {
             stored: 0,
             emitted: 0,
             in_flight: VecDeque::new(),
+            spares: Vec::new(),
+            ranges: Vec::new(),
+            pieces: Vec::new(),
             index: Index {
                 version: INDEX_VERSION,
                 sources: Vec::new(),
@@ -124,60 +157,80 @@ impl<W: Write> FrameWriter<W> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let tar = std::mem::replace(
-            &mut self.buf,
-            Vec::with_capacity(self.target as usize + (64 << 10)),
-        );
-        let tar_len = tar.len() as u64;
+        let tar_len = self.buf.len() as u64;
         self.index.frames.push(Frame {
             tar_offset: self.tar - tar_len,
             tar_len,
             stored_offset: 0,
             stored_len: 0,
-            sha256: Sha256Hex::parse(&"0".repeat(64)).expect("a SHA-256"),
+            sha256: unknown_sha256(),
             source: None,
         });
         while self.in_flight.len() >= self.workers {
             self.emit_one()?;
         }
-        let level = self.level;
+        let mut spare = match self.spares.pop() {
+            Some(s) => s,
+            None => Spare {
+                tar: Vec::new(),
+                stored: Vec::new(),
+                zstd: compressor(self.level)?,
+            },
+        };
+        // The next frame fills the spare's buffer (its capacity kept).
+        std::mem::swap(&mut spare.tar, &mut self.buf);
+        self.buf.clear();
+        self.buf.reserve(self.target as usize + (64 << 10));
+        let ranges = std::mem::take(&mut self.ranges);
+        let pieces = std::mem::take(&mut self.pieces);
         self.in_flight
-            .push_back(std::thread::spawn(move || compress(&tar, level)));
+            .push_back((std::thread::spawn(move || compress(spare, ranges)), pieces));
         Ok(())
     }
 
     /// Waits for the oldest frame and writes it out.
     fn emit_one(&mut self) -> io::Result<()> {
-        let Some(h) = self.in_flight.pop_front() else {
+        let Some((h, pieces)) = self.in_flight.pop_front() else {
             return Ok(());
         };
-        let (bytes, sha) = h
+        let done = h
             .join()
             .map_err(|_| io::Error::other("a compression thread panicked"))??;
+        for ((e, c), sha) in pieces.into_iter().zip(done.chunks) {
+            self.index.entries[e].chunks[c].sha256 = sha;
+        }
         let f = &mut self.index.frames[self.emitted];
         self.emitted += 1;
         f.stored_offset = self.stored;
-        f.stored_len = bytes.len() as u64;
-        f.sha256 = sha;
+        f.stored_len = done.spare.stored.len() as u64;
+        f.sha256 = done.sha256;
         self.stored += f.stored_len;
-        self.out.write_all(&bytes)
+        self.out.write_all(&done.spare.stored)?;
+        self.spares.push(done.spare);
+        Ok(())
     }
 
+    /// Ends the open file's chunk in this frame; its SHA-256 is filled in
+    /// when the frame is written out.
     fn close_chunk(&mut self) {
-        let Some((hasher, len)) = self.chunk.take() else {
+        let Some(start) = self.chunk.take() else {
             return;
         };
+        let len = (self.buf.len() - start) as u64;
         if len == 0 {
             return;
         }
         let frame = self.index.frames.len() as u32;
-        let e = self.index.entries.last_mut().expect("a file is open");
+        let entry = self.index.entries.len() - 1;
+        let e = &mut self.index.entries[entry];
         let offset = e.chunks.last().map_or(0, |c| c.offset + c.len);
+        self.ranges.push(start..self.buf.len());
+        self.pieces.push((entry, e.chunks.len()));
         e.chunks.push(Chunk {
             frame,
             offset,
             len,
-            sha256: Sha256Hex::parse(&hex::encode(hasher.finalize())).expect("a SHA-256"),
+            sha256: unknown_sha256(),
         });
     }
 
@@ -250,7 +303,7 @@ impl<W: Write> FrameWriter<W> {
             source: None,
         });
         self.state = if size > 0 {
-            self.chunk = Some((Sha256::new(), 0));
+            self.chunk = Some(self.buf.len());
             State::Data {
                 left: size,
                 padding,
@@ -262,13 +315,37 @@ impl<W: Write> FrameWriter<W> {
     }
 }
 
-/// One frame, compressed alone (with a checksum), and its SHA-256.
-fn compress(tar: &[u8], level: i32) -> Compressed {
+/// A placeholder until the frame's compression thread has hashed the chunk.
+fn unknown_sha256() -> Sha256Hex {
+    Sha256Hex::parse(&"0".repeat(64)).expect("a SHA-256")
+}
+
+/// A compressor of frames: zstd at `level`, each frame with its checksum.
+fn compressor(level: i32) -> io::Result<zstd::bulk::Compressor<'static>> {
     let mut c = zstd::bulk::Compressor::new(level)?;
     c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
-    let bytes = c.compress(tar)?;
-    let sha = crate::codec::sha256_hex(&bytes);
-    Ok((bytes, Sha256Hex::parse(&sha).expect("a SHA-256")))
+    Ok(c)
+}
+
+/// One frame (`spare.tar`), compressed alone into `spare.stored`; its
+/// SHA-256 and the SHA-256 of each of its chunks (`chunks`: where they lie
+/// in the frame).
+fn compress(mut spare: Spare, chunks: Vec<Range<usize>>) -> io::Result<Compressed> {
+    let hex = |bytes: &[u8]| Sha256Hex::parse(&crate::codec::sha256_hex(bytes)).expect("a SHA-256");
+    let chunks = chunks.into_iter().map(|r| hex(&spare.tar[r])).collect();
+    spare.stored.clear();
+    spare
+        .stored
+        .reserve(zstd::zstd_safe::compress_bound(spare.tar.len()));
+    spare
+        .zstd
+        .compress_to_buffer(&spare.tar, &mut spare.stored)?;
+    let sha256 = hex(&spare.stored);
+    Ok(Compressed {
+        spare,
+        sha256,
+        chunks,
+    })
 }
 
 impl<W: Write> Write for FrameWriter<W> {
@@ -338,14 +415,10 @@ impl<W: Write> Write for FrameWriter<W> {
                 State::Data { left, padding } => {
                     if self.buf.len() as u64 >= self.target {
                         self.cut()?;
-                        self.chunk = Some((Sha256::new(), 0));
+                        self.chunk = Some(0);
                     }
                     let room = self.target.saturating_sub(self.buf.len() as u64).max(1);
                     let n = (rest.len() as u64).min(left).min(room) as usize;
-                    if let Some((h, len)) = self.chunk.as_mut() {
-                        h.update(&rest[..n]);
-                        *len += n as u64;
-                    }
                     self.take(&rest[..n]);
                     rest = &rest[n..];
                     let left = left - n as u64;

@@ -105,6 +105,7 @@ pub fn unpack(
         for _ in 0..workers {
             scope.spawn(|| {
                 let mut parent: Option<(String, SafeDir)> = None;
+                let mut scratch: Option<Scratch> = None;
                 loop {
                     let n = next.fetch_add(1, Ordering::SeqCst);
                     if n >= todo.len() || stop.load(Ordering::SeqCst) {
@@ -123,6 +124,7 @@ pub fn unpack(
                             fetch,
                             root,
                             &mut parent,
+                            &mut scratch,
                         )
                     };
                     match r {
@@ -168,6 +170,26 @@ pub fn unpack(
     Ok(s)
 }
 
+/// What a worker keeps from one frame to the next: its decompressor and
+/// the buffer of a frame's tar bytes (grown to the largest frame it has
+/// held, at most [`super::index::MAX_FRAME_TAR`]), so that a frame costs
+/// no allocation.
+struct Scratch {
+    zstd: zstd::bulk::Decompressor<'static>,
+    tar: Vec<u8>,
+}
+
+impl Scratch {
+    fn new() -> std::io::Result<Scratch> {
+        let mut zstd = zstd::bulk::Decompressor::new()?;
+        zstd.window_log_max(crate::codec::ZSTD_WINDOW_LOG_MAX)?;
+        Ok(Scratch {
+            zstd,
+            tar: Vec::new(),
+        })
+    }
+}
+
 fn split(path: &str) -> (&str, &str) {
     path.rsplit_once('/').unwrap_or(("", path))
 }
@@ -183,6 +205,7 @@ fn frame(
     fetch: Fetch<'_>,
     root: Option<&SafeDir>,
     parent: &mut Option<(String, SafeDir)>,
+    scratch: &mut Option<Scratch>,
 ) -> Result<(), ArchiveError> {
     let f = &index.frames[i];
     let holds = || {
@@ -224,11 +247,16 @@ fn frame(
             f.sha256
         )));
     }
-    let mut d = zstd::bulk::Decompressor::new().map_err(|e| corrupt(e.to_string()))?;
-    d.window_log_max(crate::codec::ZSTD_WINDOW_LOG_MAX)
-        .map_err(|e| corrupt(e.to_string()))?;
-    let mut tar = Vec::with_capacity(f.tar_len as usize);
-    d.decompress_to_buffer(&stored[..], &mut tar).map_err(|e| {
+    let s = match scratch {
+        Some(s) => s,
+        None => scratch.insert(Scratch::new().map_err(|e| corrupt(e.to_string()))?),
+    };
+    // Bounded by the frame's tar length (checked: at most MAX_FRAME_TAR),
+    // or the largest frame before it, and checked exactly below.
+    let tar = &mut s.tar;
+    tar.clear();
+    tar.reserve_exact(f.tar_len as usize);
+    s.zstd.decompress_to_buffer(&stored[..], tar).map_err(|e| {
         corrupt(format!(
             "frame {i} (holding {}) does not decompress to its {} tar bytes: {e}",
             holds(),
