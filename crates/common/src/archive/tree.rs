@@ -205,22 +205,9 @@ impl SafeDir {
 
     /// Reads the regular file `name`, at most `max` bytes (more is an error).
     pub fn read_file(&self, name: &Path, max: u64) -> io::Result<Vec<u8>> {
-        let fd = openat(
-            &self.fd,
-            name,
-            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
-            Mode::empty(),
-        )
-        .map_err(err)?;
-        let st = fstat(&fd).map_err(err)?;
-        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{} is not a regular file", self.shown(name).display()),
-            ));
-        }
+        let f = self.open_read(name)?;
         let mut buf = Vec::new();
-        File::from(fd).take(max + 1).read_to_end(&mut buf)?;
+        f.take(max + 1).read_to_end(&mut buf)?;
         if buf.len() as u64 > max {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
