@@ -11,7 +11,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 pub mod faults;
@@ -701,6 +701,21 @@ pub async fn serve(
         b.set_auth(SimpleAuth::from_single(access_key, secret_key));
         b.build()
     };
+    // s3s-fs checks `If-None-Match: *` and then writes, which lets two
+    // writers racing for one key both succeed; S3 (and MinIO, Ceph RGW)
+    // decide atomically. One lock around every conditional write makes
+    // this server do the same.
+    let conditional = Arc::new(tokio::sync::Mutex::new(()));
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let (service, conditional) = (service.clone(), conditional.clone());
+        async move {
+            let _held = match req.headers().contains_key("if-none-match") {
+                true => Some(conditional.lock_owned().await),
+                false => None,
+            };
+            hyper::service::Service::call(&service, req).await
+        }
+    });
     let http = ConnBuilder::new(TokioExecutor::new());
     loop {
         let (socket, _) = match listener.accept().await {

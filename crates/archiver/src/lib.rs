@@ -432,7 +432,7 @@ async fn store_manifest(
         )),
         (Ok(()), Err(e)) => Err(e),
         (Ok(()), Ok(_)) => anyhow::bail!(
-            "{} changed right after this run wrote it: another host wrote backup {} under the same backup.name {:?} at the same time, and the store ignores If-None-Match; give every host its own backup.name and check both backups with `restorer verify`",
+            "{} changed right after this run wrote it: another host wrote backup {} under the same backup.name {:?} at the same time, and the store did not refuse the second write (it ignores If-None-Match or does not apply it atomically); give every host its own backup.name and check both backups with `restorer verify`",
             store.url(&manifest_key),
             complete.backup_id,
             cfg.backup.name
