@@ -628,11 +628,13 @@ fn produce(
             });
             let tarred = (|| -> anyhow::Result<(TarStats, Option<format::index::Index>)> {
                 if indexed(cfg, recipients.is_some()) {
+                    // Each file's mtime and inode recorded; with a base, unchanged
+                    // files left out and a changed file's unchanged chunks referred to.
+                    let mut planner = format::incremental::Planner::new(sink.base);
                     // Independent frames, compressed `threads` at a time, and their index.
                     let frames =
-                        format::frames::FrameWriter::new(front, level as i32, threads as usize);
-                    // Each file's mtime and inode recorded; with a base, unchanged files left out.
-                    let mut planner = format::incremental::Planner::new(sink.base);
+                        format::frames::FrameWriter::new(front, level as i32, threads as usize)
+                            .reusing(planner.base_chunks());
                     let (frames, mut stats) = format::write_tar_with(
                         &manifest.snapshot.path,
                         &manifest.data,
@@ -642,13 +644,14 @@ fn produce(
                         read_limit.as_ref(),
                         &mut |name, md| planner.keep(name, md),
                     )?;
+                    let reused = frames.reused_chunks();
                     let (front, own) = frames.finish().context("finishing compression")?;
                     front.finish()?;
                     let written = format::incremental::Totals {
                         files: stats.files,
                         bytes: stats.content_bytes,
                     };
-                    let (index, whole) = planner.finish(own, written)?;
+                    let (index, whole) = planner.finish(own, &reused, written)?;
                     stats.files = whole.files;
                     stats.content_bytes = whole.bytes;
                     return Ok((stats, Some(index)));

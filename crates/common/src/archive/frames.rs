@@ -12,8 +12,18 @@
 //! computed by the frame's compression thread ([`compress`]), and the
 //! frame buffers and compressors go back to the writer to be reused
 //! ([`Spare`]): no allocation per frame once `workers + 1` exist.
+//!
+//! A file's chunks start at multiples of the frame target in the file
+//! (a frame is cut there), so the same file's chunks line up between two
+//! backups. An incremental backup gives the writer its base's chunks
+//! ([`FrameWriter::reusing`]): a chunk of at least [`MIN_REUSED_CHUNK`]
+//! bytes whose SHA-256 equals the base's chunk at the same offset and of
+//! the same length is written as zeros (the tar stream stays whole and
+//! compresses them to almost nothing) and listed by
+//! [`FrameWriter::reused_chunks`], for the index to point at the base's
+//! bytes instead ([`super::incremental::Planner::finish`]).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::ops::Range;
 use std::thread::JoinHandle;
@@ -64,6 +74,14 @@ struct Compressed {
     chunks: Vec<Sha256Hex>,
 }
 
+/// The chunks of a base's files by path: (offset, length, SHA-256).
+pub type BaseChunks = HashMap<String, Vec<(u64, u64, Sha256Hex)>>;
+
+/// The smallest chunk an incremental backup refers to in its base instead
+/// of storing it (a smaller one would make a restore fetch a base frame
+/// for a few bytes); a frame target below it is the smallest.
+pub const MIN_REUSED_CHUNK: u64 = 1 << 20;
+
 /// A frame being compressed and the (entry, chunk) numbers of its chunks.
 type InFlight = (JoinHandle<io::Result<Compressed>>, Vec<(usize, usize)>);
 
@@ -96,6 +114,14 @@ pub struct FrameWriter<W: Write> {
     /// Where the content of the file being read starts in `buf`: its
     /// chunk in this frame.
     chunk: Option<usize>,
+    /// Bytes of the current file's data taken so far.
+    file_off: u64,
+    /// The base's chunks ([`FrameWriter::reusing`]) and those of the
+    /// current file's path.
+    base: BaseChunks,
+    base_file: Option<Vec<(u64, u64, Sha256Hex)>>,
+    /// (entry, chunk) numbers of the chunks written as zeros.
+    reused: Vec<(usize, usize)>,
 }
 
 impl<W: Write> FrameWriter<W> {
@@ -105,9 +131,10 @@ impl<W: Write> FrameWriter<W> {
     }
 
     /// As [`FrameWriter::new`], cutting frames after `target` tar bytes
-    /// (at most [`super::index::MAX_FRAME_TAR`] minus a few headers).
+    /// (a multiple of 512, at most [`FRAME_TARGET`]: a frame holds less
+    /// than twice that).
     pub fn with_target(out: W, level: i32, workers: usize, target: u64) -> Self {
-        let target = target.clamp(512, FRAME_TARGET * 2);
+        let target = (target.clamp(512, FRAME_TARGET) / 512) * 512;
         FrameWriter {
             out,
             level,
@@ -132,7 +159,29 @@ impl<W: Write> FrameWriter<W> {
             long_name: None,
             long_link: None,
             chunk: None,
+            file_off: 0,
+            base: HashMap::new(),
+            base_file: None,
+            reused: Vec::new(),
         }
+    }
+
+    /// Compares each chunk with `base`'s chunk of the same path, offset
+    /// and length (see the module).
+    pub fn reusing(mut self, base: BaseChunks) -> Self {
+        self.base = base;
+        self
+    }
+
+    /// The smallest chunk compared with the base's.
+    fn min_reused(&self) -> u64 {
+        MIN_REUSED_CHUNK.min(self.target)
+    }
+
+    /// The (entry, chunk) numbers of the chunks written as zeros because
+    /// the base holds the same bytes; complete once the tar stream is.
+    pub fn reused_chunks(&self) -> Vec<(usize, usize)> {
+        self.reused.clone()
     }
 
     /// Compresses the last frame, writes everything out; returns the next
@@ -220,17 +269,34 @@ impl<W: Write> FrameWriter<W> {
         if len == 0 {
             return;
         }
+        let min = self.min_reused();
         let frame = self.index.frames.len() as u32;
         let entry = self.index.entries.len() - 1;
         let e = &mut self.index.entries[entry];
         let offset = e.chunks.last().map_or(0, |c| c.offset + c.len);
-        self.ranges.push(start..self.buf.len());
-        self.pieces.push((entry, e.chunks.len()));
+        let in_base = self.base_file.as_ref().and_then(|b| {
+            b.iter()
+                .find(|(o, l, _)| *o == offset && *l == len && len >= min)
+        });
+        let mut sha256 = unknown_sha256();
+        if let Some((_, _, base_sha)) = in_base {
+            // Hashed here, not on the compression thread: the bytes go
+            // out as zeros when the base holds them.
+            sha256 = hex_sha256(&self.buf[start..]);
+            if sha256 == *base_sha {
+                self.buf[start..].fill(0);
+                self.reused.push((entry, e.chunks.len()));
+            }
+        } else {
+            self.ranges.push(start..self.buf.len());
+            self.pieces.push((entry, e.chunks.len()));
+        }
         e.chunks.push(Chunk {
             frame,
             offset,
             len,
-            sha256: unknown_sha256(),
+            sha256,
+            at: None,
         });
     }
 
@@ -288,6 +354,12 @@ impl<W: Write> FrameWriter<W> {
             _ => None,
         };
         let size = if kind == EntryKind::File { size } else { 0 };
+        self.file_off = 0;
+        let min = self.min_reused();
+        self.base_file = match kind {
+            EntryKind::File if size >= min => self.base.get(&path).cloned(),
+            _ => None,
+        };
         self.index.entries.push(Entry {
             path,
             kind,
@@ -320,6 +392,10 @@ fn unknown_sha256() -> Sha256Hex {
     Sha256Hex::parse(&"0".repeat(64)).expect("a SHA-256")
 }
 
+fn hex_sha256(bytes: &[u8]) -> Sha256Hex {
+    Sha256Hex::parse(&crate::codec::sha256_hex(bytes)).expect("a SHA-256")
+}
+
 /// A compressor of frames: zstd at `level`, each frame with its checksum.
 fn compressor(level: i32) -> io::Result<zstd::bulk::Compressor<'static>> {
     let mut c = zstd::bulk::Compressor::new(level)?;
@@ -331,7 +407,7 @@ fn compressor(level: i32) -> io::Result<zstd::bulk::Compressor<'static>> {
 /// SHA-256 and the SHA-256 of each of its chunks (`chunks`: where they lie
 /// in the frame).
 fn compress(mut spare: Spare, chunks: Vec<Range<usize>>) -> io::Result<Compressed> {
-    let hex = |bytes: &[u8]| Sha256Hex::parse(&crate::codec::sha256_hex(bytes)).expect("a SHA-256");
+    let hex = hex_sha256;
     let chunks = chunks.into_iter().map(|r| hex(&spare.tar[r])).collect();
     spare.stored.clear();
     spare
@@ -413,13 +489,18 @@ impl<W: Write> Write for FrameWriter<W> {
                     };
                 }
                 State::Data { left, padding } => {
-                    if self.buf.len() as u64 >= self.target {
-                        self.cut()?;
-                        self.chunk = Some(0);
+                    // Chunks start at multiples of the target in the file.
+                    if self.file_off > 0 && self.file_off.is_multiple_of(self.target) {
+                        let started = self.chunk.map_or(0, |c| self.buf.len() - c);
+                        if started > 0 {
+                            self.cut()?;
+                            self.chunk = Some(0);
+                        }
                     }
-                    let room = self.target.saturating_sub(self.buf.len() as u64).max(1);
+                    let room = self.target - self.file_off % self.target;
                     let n = (rest.len() as u64).min(left).min(room) as usize;
                     self.take(&rest[..n]);
+                    self.file_off += n as u64;
                     rest = &rest[n..];
                     let left = left - n as u64;
                     self.state = if left > 0 {

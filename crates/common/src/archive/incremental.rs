@@ -16,6 +16,13 @@
 //! archive that really holds their bytes: a chain reads at most
 //! `backup.full_every` archives), and the manifest's totals describe the
 //! whole restored tree.
+//!
+//! A changed file's chunks that the base holds byte for byte (same path,
+//! offset, length and SHA-256; the frame writer compares them,
+//! [`super::frames::FrameWriter::reusing`]) are written as zeros and
+//! pointed at the base's bytes ([`super::index::Chunk::at`]): a redo log
+//! or a large tablespace that changed in a few places is stored only
+//! where it changed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::unix::fs::MetadataExt;
@@ -130,19 +137,70 @@ impl<'a> Planner<'a> {
         same.then_some(i)
     }
 
+    /// The chunks of the base's files, for the frame writer to compare
+    /// a changed file's chunks with
+    /// ([`super::frames::FrameWriter::reusing`]).
+    pub fn base_chunks(&self) -> super::frames::BaseChunks {
+        let Some(base) = self.base else {
+            return Default::default();
+        };
+        self.files
+            .iter()
+            .map(|(path, &i)| {
+                let e = &base.index.entries[i];
+                let chunks = e.chunks.iter().map(|c| (c.offset, c.len, c.sha256.clone()));
+                (path.to_string(), chunks.collect())
+            })
+            .collect()
+    }
+
     /// The index of the archive: `own`, the frame writer's index of what
-    /// was written, merged with the references in the walk's order; and
-    /// the whole tree's totals (`written`: files and bytes in the stream).
-    pub fn finish(self, own: Index, written: Totals) -> std::io::Result<(Index, Totals)> {
+    /// was written (`reused`: its (entry, chunk) numbers written as zeros,
+    /// [`super::frames::FrameWriter::reused_chunks`]), merged with the
+    /// references in the walk's order; and the whole tree's totals
+    /// (`written`: files and bytes in the stream).
+    pub fn finish(
+        mut self,
+        mut own: Index,
+        reused: &[(usize, usize)],
+        written: Totals,
+    ) -> std::io::Result<(Index, Totals)> {
         let bad = |why: String| std::io::Error::other(format!("merging the index: {why}"));
+        // Each reused chunk: the base's chunk it refers to (entry, chunk).
+        let mut pieces = Vec::with_capacity(reused.len());
+        if let Some(base) = self.base {
+            for &(e, c) in reused {
+                let entry = own
+                    .entries
+                    .get(e)
+                    .ok_or_else(|| bad(format!("no entry {e}")))?;
+                let chunk = &entry.chunks[c];
+                let i = *self
+                    .files
+                    .get(entry.path.as_str())
+                    .ok_or_else(|| bad(format!("{} is not in the base", entry.path)))?;
+                let j = base.index.entries[i]
+                    .chunks
+                    .iter()
+                    .position(|b| {
+                        b.offset == chunk.offset && b.len == chunk.len && b.sha256 == chunk.sha256
+                    })
+                    .ok_or_else(|| bad(format!("{}: no such chunk in the base", entry.path)))?;
+                self.reused_bytes += chunk.len;
+                pieces.push((e, c, i, j));
+            }
+        }
         let mut out = Index {
             version: own.version,
             sources: Vec::new(),
-            frames: own.frames,
+            frames: std::mem::take(&mut own.frames),
             entries: Vec::with_capacity(self.walked.len()),
         };
-        let mut own_entries = own.entries.into_iter();
-        let Some(base) = self.base.filter(|_| self.reused_files > 0) else {
+        let Some(base) = self
+            .base
+            .filter(|_| self.reused_files > 0 || !pieces.is_empty())
+        else {
+            let mut own_entries = own.entries.into_iter();
             // A full backup: every entry its own, with its mtime and inode.
             for w in self.walked {
                 let mut e = own_entries
@@ -163,6 +221,11 @@ impl<'a> Planner<'a> {
             Some(k) => base.index.sources[k as usize].clone(),
         };
         let mut frames: BTreeSet<(BackupId, u64, usize)> = BTreeSet::new();
+        for &(_, _, i, j) in &pieces {
+            let fr = &base.index.frames[base.index.entries[i].chunks[j].frame as usize];
+            let f = base.index.entries[i].chunks[j].frame as usize;
+            frames.insert((source_of(fr.source), fr.tar_offset, f));
+        }
         for w in &self.walked {
             if let Walked::Reused(i) = w {
                 let e = &base.index.entries[*i];
@@ -194,6 +257,15 @@ impl<'a> Planner<'a> {
             fr.source = Some(source_no[s]);
             out.frames.push(fr);
         }
+        for &(e, c, i, j) in &pieces {
+            let b = &base.index.entries[i];
+            let bc = &b.chunks[j];
+            let at = bc.tar_at(b);
+            let chunk = &mut own.entries[e].chunks[c];
+            chunk.frame = frame_no[&(bc.frame as usize)];
+            chunk.at = Some(at);
+        }
+        let mut own_entries = own.entries.into_iter();
         let mut totals = written;
         for w in self.walked {
             match w {
@@ -250,8 +322,8 @@ mod tests {
 
     /// The archive of `root` (incremental on `base`): stored bytes, index, manifest info.
     fn backup(root: &Path, id: &str, base: Option<&Base>) -> (Vec<u8>, Index, ArchiveInfo) {
-        let w = FrameWriter::with_target(Vec::new(), 3, 2, 64 << 10);
         let mut p = Planner::new(base);
+        let w = FrameWriter::with_target(Vec::new(), 3, 2, 64 << 10).reusing(p.base_chunks());
         let (w, stats) = write_tar_with(
             root,
             &layout(),
@@ -262,12 +334,13 @@ mod tests {
             &mut |n, md| p.keep(n, md),
         )
         .unwrap();
+        let reused = w.reused_chunks();
         let (stored, own) = w.finish().unwrap();
         let written = Totals {
             files: stats.files,
             bytes: stats.content_bytes,
         };
-        let (index, whole) = p.finish(own, written).unwrap();
+        let (index, whole) = p.finish(own, &reused, written).unwrap();
         let info = ArchiveInfo {
             key: format!("db1/{id}/data.tar.zst"),
             size: stored.len() as u64,
@@ -367,6 +440,128 @@ mod tests {
         };
         let (_, index, _) = backup(src.path(), "20261128T093000Z", Some(&racy));
         assert!(index.sources.is_empty() && index.entries.iter().all(|e| e.source.is_none()));
+    }
+
+    /// A big file (17 chunks of the tests' 64 KiB target) changed in one
+    /// place: only that chunk is stored again, the others refer to the
+    /// base's bytes, and a restore from both archives is byte-identical.
+    #[test]
+    fn a_changed_big_file_stores_only_its_changed_chunks() {
+        let src = tempfile::tempdir().unwrap();
+        tree(src.path());
+        let big = src.path().join("d/db1/big.ibd");
+        let body: Vec<u8> = (0..(17 * 65536 + 1000) as u64)
+            .map(|j| (j.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        std::fs::write(&big, &body).unwrap();
+        let (full, full_index, _) = backup(src.path(), "20261126T093000Z", None);
+        let e = full_index
+            .entries
+            .iter()
+            .find(|e| e.path == "d/db1/big.ibd")
+            .unwrap();
+        assert!(
+            e.chunks.iter().all(|c| c.offset % 65536 == 0),
+            "chunks start at multiples of the target: {:?}",
+            e.chunks
+        );
+        let base = Base {
+            id: v("20261126T093000Z"),
+            snapshot_time: time::OffsetDateTime::now_utc() + time::Duration::seconds(10),
+            chain: 0,
+            index: full_index.clone(),
+        };
+        let mut changed = body.clone();
+        changed[5 * 65536 + 77] ^= 0x5a;
+        std::fs::write(&big, &changed).unwrap();
+        let (incr, index, _) = backup(src.path(), "20261127T093000Z", Some(&base));
+        let e = index
+            .entries
+            .iter()
+            .find(|e| e.path == "d/db1/big.ibd")
+            .unwrap();
+        assert_eq!(e.source, None, "the file itself is stored again");
+        let elsewhere: Vec<u64> = e
+            .chunks
+            .iter()
+            .filter(|c| c.at.is_some())
+            .map(|c| c.offset / 65536)
+            .collect();
+        assert_eq!(
+            elsewhere,
+            (0..17).filter(|k| *k != 5).collect::<Vec<u64>>(),
+            "every full chunk but the changed one is the base's"
+        );
+        assert!(
+            incr.len() * 4 < full.len(),
+            "{} vs {}",
+            incr.len(),
+            full.len()
+        );
+        let fetch = |s: Option<u32>, r: std::ops::Range<u64>| {
+            let from = if s.is_some() { &full } else { &incr };
+            Ok(Bytes::copy_from_slice(
+                &from[r.start as usize..r.end as usize],
+            ))
+        };
+        let out = tempfile::tempdir().unwrap();
+        let target = Target::Dir {
+            root: out.path(),
+            owner: None,
+        };
+        unpack(
+            &index,
+            "u",
+            target,
+            &fetch,
+            3,
+            &crate::progress::Silent,
+            &|| false,
+        )
+        .unwrap();
+        assert!(std::fs::read(out.path().join("d/db1/big.ibd")).unwrap() == changed);
+        // A piece pointed at this archive's own frame, or past its base
+        // frame's end, is refused.
+        let i = index
+            .entries
+            .iter()
+            .position(|e| e.path == "d/db1/big.ibd")
+            .unwrap();
+        let c = e.chunks.iter().position(|c| c.at.is_some()).unwrap();
+        let info = ArchiveInfo {
+            key: "db1/20261127T093000Z/data.tar.zst".into(),
+            size: incr.len() as u64,
+            compression: Compression::Zstd,
+            level: 3,
+            sha256: Sha256Hex::parse(&crate::codec::sha256_hex(&incr)).unwrap(),
+            tar_size: index.frames[..index.own_frames()]
+                .iter()
+                .map(|f| f.tar_len)
+                .sum(),
+            unpacked_size: full_index.entries.iter().map(|e| e.size).sum::<u64>(),
+            files: full_index
+                .entries
+                .iter()
+                .filter(|e| e.kind == EntryKind::File)
+                .count() as u64,
+            archive_secs: 0.0,
+            encryption: None,
+            index: None,
+            bases: index.sources.clone(),
+            chain: 0,
+        };
+        index.check("u", &info, &layout().paths).unwrap();
+        let mut own = index.clone();
+        own.entries[i].chunks[c].frame = 0;
+        let mut past = index.clone();
+        past.entries[i].chunks[c].at = Some(u64::MAX - 10);
+        for forged in [own, past] {
+            let err = forged
+                .check("u", &info, &layout().paths)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("inside its frame"), "{err}");
+        }
     }
 
     #[test]

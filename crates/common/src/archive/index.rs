@@ -91,6 +91,19 @@ pub struct Chunk {
     pub len: u64,
     /// SHA-256 of the piece's content.
     pub sha256: Sha256Hex,
+    /// Where the piece is in the tar stream of its frame's source, when
+    /// that is not its entry's (an incremental backup's changed file whose
+    /// piece the base holds unchanged); `None`: at the entry's data plus
+    /// [`Chunk::offset`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<u64>,
+}
+
+impl Chunk {
+    /// The tar offset of the piece in its frame's stream.
+    pub fn tar_at(&self, entry: &Entry) -> u64 {
+        self.at.unwrap_or(entry.data + self.offset)
+    }
 }
 
 /// One tar entry (a GNU long name's extra header belongs to its entry).
@@ -374,11 +387,15 @@ impl Index {
             let mut off = 0u64;
             for c in &e.chunks {
                 let frame = self.frames.get(c.frame as usize);
-                // `e.data + off` fits: the entry ends inside the tar stream.
-                let start = e.data + off;
+                // `e.data + off` fits: the entry ends inside the tar stream;
+                // a piece elsewhere is in another source's frame.
+                let start = c.at.unwrap_or(e.data + off);
                 let inside = frame.is_some_and(|f| {
                     c.len > 0
-                        && f.source == e.source
+                        && match c.at {
+                            None => f.source == e.source,
+                            Some(_) => f.source.is_some() && f.source != e.source,
+                        }
                         && start >= f.tar_offset
                         && start
                             .checked_add(c.len)

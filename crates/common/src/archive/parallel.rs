@@ -300,7 +300,7 @@ fn frame(
     for &(e, c) in chunks {
         let entry = &index.entries[e];
         let c = &entry.chunks[c];
-        let start = (entry.data + c.offset - f.tar_offset) as usize;
+        let start = (c.tar_at(entry) - f.tar_offset) as usize;
         let data = &tar[start..start + c.len as usize];
         let sha = crate::codec::sha256_hex(data);
         if sha != c.sha256.as_str() {
@@ -710,6 +710,7 @@ mod tests {
                         offset: 0,
                         len: 1,
                         sha256: Sha256Hex::parse(&"0".repeat(64)).unwrap(),
+                        at: None,
                     });
                 },
                 "not a file",
