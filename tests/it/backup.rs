@@ -1514,22 +1514,23 @@ fn a_second_snapshotter_leaves_a_handed_off_backup_to_its_late_archiver() {
     rig.archive(&third);
 }
 
-/// Fills the filesystem of `dir` with one file until ENOSPC.
-fn fill_until_full(file: &Path) {
-    let mut f = std::fs::File::create(file).unwrap();
-    let chunk = vec![0x5au8; 1 << 20];
-    use std::io::Write;
-    loop {
-        match f.write_all(&chunk) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
+/// Fills the filesystem of `file` with that one file until ENOSPC, by
+/// `fallocate` in halving steps: milliseconds, not the seconds a write of
+/// every byte takes, so the server's own writes barely meet a full
+/// file system (on btrfs the free space `statvfs` reports is only right
+/// once it is truly full).
+fn fill_until_full(file: &Path) -> std::fs::File {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    let f = std::fs::File::create(file).unwrap();
+    let (mut len, mut step) = (0i64, 1i64 << 30);
+    while step >= 4096 {
+        match fallocate(&f, FallocateFlags::empty(), len, step) {
+            Ok(()) => len += step,
+            Err(nix::errno::Errno::ENOSPC) => step /= 2,
             Err(e) => panic!("filling {}: {e}", file.display()),
         }
     }
-    // Small writes take what is left in partly used blocks.
-    let small = vec![0x5au8; 4096];
-    while f.write_all(&small).is_ok() {}
-    let _ = f.sync_all();
+    f
 }
 
 #[test]
@@ -1543,11 +1544,10 @@ fn a_backup_on_a_full_btrfs_volume_fails_cleanly_before_the_lock() {
          INSERT INTO d.w VALUES ()",
     );
     let fill = rig.vol.mnt.join("fill");
-    fill_until_full(&fill);
+    let f = fill_until_full(&fill);
     // Give 16 MiB back at once: still under the snapshotter's 64 MiB floor,
     // but the server itself (InnoDB, Aria, the binary log) is not left
     // without a block, which can make MariaDB give up and exit.
-    let f = std::fs::OpenOptions::new().write(true).open(&fill).unwrap();
     let len = f.metadata().unwrap().len();
     f.set_len(len.saturating_sub(16 << 20)).unwrap();
     f.sync_all().unwrap();

@@ -13,6 +13,12 @@
 //! the old data is written: every file the unpack writes is new, and a
 //! reused one is only linked.
 //!
+//! A file that is not reused whole may still be in part: the unpack asks
+//! [`Reuse`] (a [`Pieces`]) for each of its chunks of at least
+//! [`MIN_REUSED_CHUNK`](common::archive::frames::MIN_REUSED_CHUNK) bytes and writes the local bytes when their SHA-256
+//! is the index's (a redo log or a big tablespace that changed in a few
+//! places is fetched only there); it reads the local copy, never writes it.
+//!
 //! The set-aside data directory shares those files' inodes with the
 //! restored one, so once the server writes it is no copy of the old state:
 //! the restore removes it once the server answers (journaled: recovery
@@ -20,10 +26,13 @@
 
 use std::collections::HashSet;
 use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use anyhow::Context;
 use common::archive::index::{Chunk, EntryKind, Index};
+use common::archive::read::Pieces;
 use common::archive::tree::SafeDir;
 use sha2::Digest;
 
@@ -69,12 +78,40 @@ pub struct Reuse {
     /// Files and bytes reused.
     pub files: u64,
     pub bytes: u64,
+    /// The local file last read for its pieces (`None`: there is none).
+    open: Mutex<Option<(String, Option<std::fs::File>)>>,
 }
 
 impl Reuse {
     /// Whether the archive entry `path` is taken from the local copy.
     pub fn contains(&self, path: &str) -> bool {
         self.set.contains(path)
+    }
+}
+
+impl Pieces for Reuse {
+    fn read(&self, path: &str, chunk: &Chunk, buf: &mut Vec<u8>) -> bool {
+        buf.clear();
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open.as_ref().is_none_or(|(p, _)| p != path) {
+            let file = live_of(&self.roots, path).and_then(|(root, rest, name)| {
+                SafeDir::open(&root.dir)
+                    .and_then(|r| r.subdir(&rest, false, None))
+                    .and_then(|d| d.open_read(Path::new(name)))
+                    .ok()
+            });
+            *open = Some((path.to_string(), file));
+        }
+        let Some((_, Some(f))) = open.as_ref() else {
+            return false;
+        };
+        // At most a frame's tar bytes (checked by the index).
+        buf.resize(chunk.len as usize, 0);
+        if f.read_exact_at(buf, chunk.offset).is_err() {
+            buf.clear();
+            return false;
+        }
+        true
     }
 }
 

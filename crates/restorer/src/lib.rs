@@ -518,10 +518,11 @@ pub async fn stage(
             root: staging,
             owner,
         },
-        Some(_) => Target::Subset {
+        Some(r) => Target::Subset {
             root: staging,
             owner,
             select: &not_reused,
+            local: Some(r),
         },
     };
     let s = stream_archive(

@@ -208,6 +208,7 @@ pub async fn extract(
         root: &into,
         owner: cfg.volume.owner_ids()?,
         select: &select,
+        local: None,
     };
     let s = crate::stream_archive(
         chosen.store.clone(),

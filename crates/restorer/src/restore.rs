@@ -254,7 +254,7 @@ pub async fn restore(
         replayed_transactions: replayed.as_ref().map(|r| r.transactions),
         fetched_bytes: streamed.fetched_bytes,
         reused_files: reuse.as_ref().map(|r| r.files),
-        reused_bytes: reuse.as_ref().map(|r| r.bytes),
+        reused_bytes: reuse.as_ref().map(|r| r.bytes + streamed.local_bytes),
     })
 }
 

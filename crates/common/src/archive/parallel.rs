@@ -15,6 +15,7 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 
+use super::frames::MIN_REUSED_CHUNK;
 use super::index::{EntryKind, Index};
 use super::read::{Streamed, Target, Unpacker};
 use super::tree::{SafeDir, ZeroSkipping};
@@ -49,6 +50,8 @@ pub fn unpack(
         return Err(interrupted());
     }
     let mut unpacker = Unpacker::for_target(&target)?;
+    // A piece read from the local copy (at most one chunk: a frame's tar bytes).
+    let mut local_buf = Vec::new();
     // What each frame holds: (entry, chunk) pairs and the entries whose header it holds.
     let mut chunks: Vec<Vec<(usize, usize)>> = vec![Vec::new(); index.frames.len()];
     let mut headers: Vec<Vec<usize>> = vec![Vec::new(); index.frames.len()];
@@ -69,9 +72,6 @@ pub fn unpack(
             .frame_at(e.source, e.header)
             .expect("checked: inside its source's tar stream");
         headers[frame].push(i);
-        for (j, c) in e.chunks.iter().enumerate() {
-            chunks[c.frame as usize].push((i, j));
-        }
         if let Some(u) = unpacker.as_mut() {
             // Files are made empty now and filled by the workers; their mode last.
             let mode = if e.kind == EntryKind::File {
@@ -90,7 +90,21 @@ pub fn unpack(
                 url,
             )?;
         }
+        let local = match (target.local(), unpacker.as_ref()) {
+            (Some(l), Some(u)) if e.size >= MIN_REUSED_CHUNK => Some((l, &u.root)),
+            _ => None,
+        };
+        for (j, c) in e.chunks.iter().enumerate() {
+            if let Some((l, root)) = local {
+                if c.len >= MIN_REUSED_CHUNK && from_local(l, root, e, c, &mut local_buf)? {
+                    s.local_bytes += c.len;
+                    continue;
+                }
+            }
+            chunks[c.frame as usize].push((i, j));
+        }
     }
+    drop(local_buf);
     let root = unpacker.as_ref().map(|u| &u.root);
     // A subset reads only the frames holding a piece of a chosen file.
     let todo: Vec<usize> = (0..index.frames.len())
@@ -168,6 +182,37 @@ pub fn unpack(
         }
     }
     Ok(s)
+}
+
+/// Piece `c` of file `e` written below `root` from the local copy `l`
+/// when it is there with the index's SHA-256; `false`: to be fetched.
+fn from_local(
+    l: &dyn super::read::Pieces,
+    root: &SafeDir,
+    e: &super::index::Entry,
+    c: &super::index::Chunk,
+    buf: &mut Vec<u8>,
+) -> Result<bool, ArchiveError> {
+    if !l.read(&e.path, c, buf)
+        || buf.len() as u64 != c.len
+        || crate::codec::sha256_hex(buf) != c.sha256.as_str()
+    {
+        return Ok(false);
+    }
+    let (dir, name) = split(&e.path);
+    let write_err = |source| ArchiveError::Write {
+        path: root.shown(Path::new(&e.path)),
+        source,
+    };
+    let file = root
+        .subdir(Path::new(dir), false, None)
+        .and_then(|d| d.open_file(Path::new(name)))
+        .map_err(write_err)?;
+    let mut w = ZeroSkipping::at(&file, c.offset);
+    w.write_all(buf)
+        .and_then(|()| w.end_piece())
+        .map_err(write_err)?;
+    Ok(true)
 }
 
 /// What a worker keeps from one frame to the next: its decompressor and
@@ -550,6 +595,7 @@ mod tests {
                 root: out.path(),
                 owner: None,
                 select: &select,
+                local: None,
             },
             &fetch,
             2,

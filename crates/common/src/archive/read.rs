@@ -38,7 +38,19 @@ pub enum Target<'a> {
         root: &'a Path,
         owner: Owner,
         select: Select<'a>,
+        /// Where an indexed archive's pieces of a chosen file may be read
+        /// instead of fetched (a delta restore's local copy).
+        local: Option<&'a dyn Pieces>,
     },
+}
+
+/// A local copy of files a [`Target::Subset`] writes: a piece found there
+/// with the index's SHA-256 is written from it, not fetched.
+pub trait Pieces: Sync {
+    /// Reads the `chunk.len` bytes at `chunk.offset` of the local copy of
+    /// the archive's file `path` into `buf` (cleared first); `false` when
+    /// there is no such copy or it is shorter. The caller checks them.
+    fn read(&self, path: &str, chunk: &super::index::Chunk, buf: &mut Vec<u8>) -> bool;
 }
 
 /// Which entries a [`Target::Subset`] writes: path (relative to the volume
@@ -52,6 +64,14 @@ impl Target<'_> {
         match self {
             Target::Subset { select, .. } => select(path, kind),
             Target::Discard | Target::Dir { .. } => true,
+        }
+    }
+
+    /// The local copy of a [`Target::Subset`], if any.
+    pub fn local(&self) -> Option<&dyn Pieces> {
+        match self {
+            Target::Subset { local, .. } => *local,
+            _ => None,
         }
     }
 
@@ -71,6 +91,8 @@ pub struct Streamed {
     pub written_files: u64,
     /// Stored bytes read from the store.
     pub fetched_bytes: u64,
+    /// Bytes of files' pieces written from [`Target::Subset`]'s local copy.
+    pub local_bytes: u64,
 }
 
 /// Decompressed bytes travel from the decoding thread to the unpacking
