@@ -569,6 +569,74 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), z);
     }
 
+    /// A local copy (a delta restore's) of a big file changed in one
+    /// piece and one byte too short: the pieces it holds with the index's
+    /// SHA-256 are written from it, only the others fetched, and the file
+    /// is the archive's.
+    #[test]
+    fn a_subset_takes_the_pieces_a_local_copy_holds_and_fetches_the_rest() {
+        struct Local(Vec<u8>);
+        impl super::super::read::Pieces for Local {
+            fn read(&self, path: &str, c: &super::super::index::Chunk, buf: &mut Vec<u8>) -> bool {
+                buf.clear();
+                let (from, to) = (c.offset as usize, (c.offset + c.len) as usize);
+                if path != "d/huge" || to > self.0.len() {
+                    return false;
+                }
+                buf.extend_from_slice(&self.0[from..to]);
+                true
+            }
+        }
+        let src = tempfile::tempdir().unwrap();
+        std::fs::create_dir(src.path().join("d")).unwrap();
+        let body: Vec<u8> = (0..(6 << 20) as u64)
+            .map(|i| (i * 13 % 241) as u8)
+            .collect();
+        std::fs::write(src.path().join("d/huge"), &body).unwrap();
+        let a = archive(src.path(), 1 << 20);
+        let e = a.index.entries.iter().find(|e| e.path == "d/huge").unwrap();
+        assert_eq!(e.chunks.len(), 6, "{:?}", e.chunks);
+        let mut local = body.clone();
+        local[(2 << 20) + 5] ^= 1;
+        local.pop();
+        let fetched = Mutex::new(Vec::new());
+        let fetch = |_: Option<u32>, r: Range<u64>| -> Result<Bytes, ArchiveError> {
+            fetched.lock().unwrap().push(r.start);
+            Ok(Bytes::copy_from_slice(
+                &a.stored[r.start as usize..r.end as usize],
+            ))
+        };
+        let out = tempfile::tempdir().unwrap();
+        let local = Local(local);
+        let s = unpack(
+            &a.index,
+            "u",
+            Target::Subset {
+                root: out.path(),
+                owner: None,
+                select: &|_, _| true,
+                local: Some(&local),
+            },
+            &fetch,
+            2,
+            &crate::progress::Silent,
+            &|| false,
+        )
+        .unwrap();
+        assert_eq!(s.local_bytes, 4 << 20, "pieces 0, 1, 3 and 4 from the copy");
+        let mut got = fetched.into_inner().unwrap();
+        got.sort();
+        let want: Vec<u64> = [2usize, 5]
+            .iter()
+            .map(|&k| a.index.frames[e.chunks[k].frame as usize].stored_offset)
+            .collect();
+        assert_eq!(
+            got, want,
+            "only the changed piece's and the short one's frames"
+        );
+        assert!(std::fs::read(out.path().join("d/huge")).unwrap() == body);
+    }
+
     #[test]
     fn a_subset_writes_only_the_chosen_entries_and_fetches_only_their_frames() {
         let src = tempfile::tempdir().unwrap();
