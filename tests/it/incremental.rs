@@ -134,6 +134,12 @@ fn incremental_backups_store_only_changed_tables_restore_whole_and_full_every_bo
     let ix2 = index(&src, &m2);
     assert!(!referenced(&ix2, 5) && referenced(&ix2, 0));
     let want = src.db.checksums("d");
+    let out = src.run("restorer", &["status", "--json"]);
+    assert_ok(&out, "status");
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let newest = &st["names"][0]["newest"];
+    assert_eq!(newest["chain"], 2, "{st}");
+    assert_eq!(newest["base"], a2.bases.last().unwrap().as_str(), "{st}");
 
     // full_every = 3: after two incrementals, a full one.
     let third = src.backup();

@@ -98,6 +98,11 @@ pub struct Newest {
     pub lock_hold_secs: f64,
     /// Seconds the archiver took (start to upload complete).
     pub archive_secs: f64,
+    /// Its place in an incremental chain: 0, a full backup; n, the n-th
+    /// incremental one since the last full one.
+    pub chain: u32,
+    /// An incremental backup's newest base (`null` for a full one).
+    pub base: Option<String>,
 }
 
 /// Checks `backup.name` (or, with `all`, every name in the store) against
@@ -185,6 +190,12 @@ fn name_status(
         size: m.archive.as_ref().map_or(0, |a| a.size),
         lock_hold_secs: m.lock.hold_secs,
         archive_secs: m.archive.as_ref().map_or(0.0, |a| a.archive_secs),
+        chain: m.archive.as_ref().map_or(0, |a| a.chain),
+        base: m
+            .archive
+            .as_ref()
+            .and_then(|a| a.bases.last())
+            .map(|b| b.to_string()),
     });
     let stale = match (max_age, &newest) {
         (None, _) => false,
@@ -268,9 +279,13 @@ pub fn status_text(st: &Status) -> String {
             (Some(p), _) => format!("{:?}: skipped, {p}", n.name),
             (None, None) => format!("{}:{mark} no complete backup", n.name),
             (None, Some(b)) => format!(
-                "{}:{mark} newest {}, {} old, {}, lock held {}, archived in {}, {} complete backup{}",
+                "{}:{mark} newest {}{}, {} old, {}, lock held {}, archived in {}, {} complete backup{}",
                 n.name,
                 b.id,
+                match &b.base {
+                    Some(base) => format!(" (incremental {} on {base})", b.chain),
+                    None => String::new(),
+                },
                 fmt_age(b.age_secs),
                 bytesize::ByteSize(b.size),
                 fmt_secs(b.lock_hold_secs),

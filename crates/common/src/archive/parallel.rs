@@ -111,6 +111,8 @@ pub fn unpack(
         .filter(|&i| !target.is_subset() || !chunks[i].is_empty())
         .collect();
     s.fetched_bytes = todo.iter().map(|&i| index.frames[i].stored_len).sum();
+    // What is fetched: a base's frames too, a subset's only.
+    progress.set_total(s.fetched_bytes);
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let failure: Mutex<Option<ArchiveError>> = Mutex::new(None);
