@@ -143,8 +143,9 @@ fn a_delta_restore_of_a_stale_copy_fetches_only_what_changed_and_matches_the_sou
     assert_eq!(src.db.checksums("d"), target.db.checksums("d"));
     let (fetched_full, fetched_delta) = (num(&full, "fetched_bytes"), num(&delta, "fetched_bytes"));
     eprintln!(
-        "full restore fetched {fetched_full} bytes, the delta restore {fetched_delta} ({} files reused)",
-        num(&delta, "reused_files")
+        "full restore fetched {fetched_full} bytes, the delta restore {fetched_delta} ({} files reused, {} bytes with pieces)",
+        num(&delta, "reused_files"),
+        num(&delta, "reused_bytes")
     );
     assert!(
         num(&delta, "reused_files") >= u64::from(MANY_TABLES) - 1,
