@@ -285,3 +285,99 @@ fn soon(n: i64) -> String {
     let t = time::OffsetDateTime::now_utc() + time::Duration::seconds(3600 + n);
     common::manifest::BackupId::from_time(t).to_string()
 }
+
+/// `kill -9` of the archiver of an incremental backup at several moments
+/// (reading the base, compressing, uploading): nothing is ever listed that
+/// is not whole, the next run takes an incremental backup on the same base,
+/// and it restores the server.
+#[test]
+fn an_incremental_backup_killed_at_any_moment_is_never_listed_and_the_next_one_restores() {
+    if !gate("an_incremental_backup_killed_at_any_moment_is_never_listed_and_the_next_one_restores")
+    {
+        return;
+    }
+    let src = Rig::new(StoreKind::S3);
+    src.write_config(|t| {
+        set(t, "archive", "indexed", true);
+        set(t, "backup", "full_every", 10);
+    });
+    src.db.sql("SET GLOBAL innodb_max_dirty_pages_pct = 0");
+    src.db.sql("CREATE DATABASE d");
+    for t in 0..TABLES {
+        src.db.sql(&format!(
+            "CREATE TABLE d.t{t} (id INT PRIMARY KEY, v TEXT) ENGINE=InnoDB; \
+             INSERT INTO d.t{t} SELECT seq, REPEAT(MD5(RAND()), 32) FROM d.seq_1_to_1500"
+        ));
+    }
+    settle(&src);
+    let full = src.backup();
+    let listed = |src: &Rig| -> Vec<String> {
+        src.store_keys()
+            .into_iter()
+            .filter(|k| k.ends_with("/manifest.toml"))
+            .collect()
+    };
+    let mut killed = 0;
+    for (n, delay_ms) in [150u64, 500, 1200, 2500].into_iter().enumerate() {
+        change(&src, n as u32);
+        // Slow compression keeps the archiver busy long enough (each
+        // write_config starts from the rig's defaults).
+        src.write_config(|t| {
+            set(t, "archive", "indexed", true);
+            set(t, "backup", "full_every", 10);
+            set(t, "archive", "level", 19);
+            set(t, "archive", "threads", 1);
+            set(t, "store", "concurrency", 1);
+        });
+        let snap = src.snapshot();
+        let id = Manifest::load(&snap).unwrap().backup_id.to_string();
+        let mut archiver = src
+            .cmd("archiver")
+            .args(["--manifest", snap.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let finished = archiver.try_wait().unwrap().is_some();
+        let _ = archiver.kill();
+        let _ = archiver.wait();
+        let key = format!("db1/{id}/manifest.toml");
+        if finished || listed(&src).contains(&key) {
+            // Done before the kill: then it is whole.
+            assert_ok(&src.run("restorer", &["verify", &id]), "verify");
+        } else {
+            killed += 1;
+            assert!(
+                !listed(&src).contains(&key),
+                "killed after {delay_ms} ms: {:?}",
+                src.store_keys()
+            );
+        }
+    }
+    assert!(
+        killed >= 2,
+        "only {killed} archivers were killed before they finished"
+    );
+    src.write_config(|t| {
+        set(t, "archive", "indexed", true);
+        set(t, "backup", "full_every", 10);
+    });
+    change(&src, 7);
+    let last = src.backup();
+    let m = manifest(&src, &last);
+    let a = m.archive.clone().unwrap();
+    assert!(
+        a.chain >= 1 && a.bases.iter().any(|b| b.as_str() == full),
+        "{a:?}"
+    );
+    assert!(src.snapshots().is_empty(), "{:?}", src.snapshots());
+    assert!(src.pending().is_empty(), "{:?}", src.pending());
+    let want = src.db.checksums("d");
+    let target = Target::second(&src);
+    assert_ok(
+        &target.restorer(&src, &["restore", &last]),
+        "restore of the last incremental",
+    );
+    assert_eq!(target.db.checksums("d"), want);
+}
