@@ -153,7 +153,7 @@ async fn prepare(cfg: &Config, opts: &DrillOpts) -> anyhow::Result<Prepared> {
         check_version(&chosen.manifest, installed.as_ref())?;
     }
     Scratch::remove_leftover(&run_dir)?;
-    check_space(&scratch, &chosen.info, 0)?;
+    check_space(&scratch, &chosen.info, 0, 0)?;
     // The server drops root for the data's owner; run as another user, it
     // keeps its own.
     let root = nix::unistd::geteuid().is_root();

@@ -590,7 +590,13 @@ async fn check(
             .iter()
             .fold(0u64, |n, s| n.saturating_add(s.size))
     });
-    check_space(&parent, &chosen.info, binlogs)?;
+    // --delta links the files the data directory has unchanged: they need
+    // no room (estimated now by size and mtime, the server still running).
+    let reusable = match opts.delta {
+        Some(_) => reusable_bytes(cfg, &chosen).await?,
+        None => 0,
+    };
+    check_space(&parent, &chosen.info, binlogs, reusable)?;
     check_not_mount_point(&datadir, &parent)?;
     let owner = cfg.volume.owner_ids()?;
     let mut plan = Plan {
@@ -727,13 +733,46 @@ pub(crate) fn check_version(m: &Manifest, installed: Option<&ServerVersion>) -> 
     Ok(())
 }
 
-/// Refuses a restore whose unpacked backup (and `binlogs` bytes of binary
+/// The bytes of the backup's files that the live data (`volume.datadir`
+/// and the other `data.paths` under `volume.mountpoint`) has with the same
+/// size and mtime: what a `--delta` restore would link rather than write.
+async fn reusable_bytes(cfg: &Config, chosen: &crate::Chosen) -> anyhow::Result<u64> {
+    let Some(ix) = chosen.info.index.as_ref() else {
+        return Ok(0);
+    };
+    let m = &chosen.manifest;
+    let index = common::catalog::read_index(chosen.store.as_ref(), m, &chosen.info, ix).await?;
+    let roots = m
+        .data
+        .paths
+        .iter()
+        .map(|p| LiveRoot {
+            rel: p.as_path().to_path_buf(),
+            dir: match *p == m.data.datadir {
+                true => cfg.volume.datadir.clone(),
+                false => cfg.volume.mountpoint.join(p),
+            },
+        })
+        .collect();
+    let reuse =
+        tokio::task::block_in_place(|| delta::compare(&index, roots, DeltaMode::Mtime, &|| false))?;
+    Ok(reuse.bytes)
+}
+
+/// Refuses a restore whose unpacked backup (less `reused` bytes a
+/// `--delta` links from the data directory, plus `binlogs` bytes of binary
 /// logs to replay) would not fit in `dir`'s file system, with a margin.
-pub(crate) fn check_space(dir: &Path, info: &ArchiveInfo, binlogs: u64) -> anyhow::Result<()> {
+pub(crate) fn check_space(
+    dir: &Path,
+    info: &ArchiveInfo,
+    binlogs: u64,
+    reused: u64,
+) -> anyhow::Result<()> {
     let st = nix::sys::statvfs::statvfs(dir)
         .with_context(|| format!("cannot stat the filesystem of {}", dir.display()))?;
     let avail = st.blocks_available() as u64 * st.fragment_size() as u64;
-    let need = (info.unpacked_size + info.unpacked_size / 20 + (64 << 20)).saturating_add(binlogs);
+    let written = info.unpacked_size.saturating_sub(reused);
+    let need = (written + info.unpacked_size / 20 + (64 << 20)).saturating_add(binlogs);
     if avail < need {
         let logs = if binlogs > 0 {
             format!(
@@ -743,8 +782,15 @@ pub(crate) fn check_space(dir: &Path, info: &ArchiveInfo, binlogs: u64) -> anyho
         } else {
             String::new()
         };
+        let linked = match reused {
+            0 => String::new(),
+            n => format!(
+                " ({} of it linked from the data directory by --delta)",
+                bytesize::ByteSize(n)
+            ),
+        };
         anyhow::bail!(
-            "not enough room in {}: the backup unpacks to {}{logs} and needs about {}, but only {} are free; nothing was changed",
+            "not enough room in {}: the backup unpacks to {}{linked}{logs} and needs about {}, but only {} are free; nothing was changed",
             dir.display(),
             bytesize::ByteSize(info.unpacked_size),
             bytesize::ByteSize(need),
@@ -1322,6 +1368,43 @@ async fn wait_replicating(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backup as large as the free space does not fit; with `--delta`
+    /// linking all but 100 MiB of it, it does, and the refusal names what
+    /// --delta links.
+    #[test]
+    fn the_room_check_counts_what_delta_links_as_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = nix::sys::statvfs::statvfs(dir.path()).unwrap();
+        let avail = st.blocks_available() as u64 * st.fragment_size() as u64;
+        let info = ArchiveInfo {
+            key: "db1/20261126T093000Z/data.tar.zst".into(),
+            size: 1,
+            compression: common::config::Compression::Zstd,
+            level: 3,
+            sha256: common::manifest::Sha256Hex::parse(&"ab".repeat(32)).unwrap(),
+            tar_size: 0,
+            unpacked_size: avail,
+            files: 1,
+            archive_secs: 0.0,
+            encryption: None,
+            index: None,
+            bases: vec![],
+            chain: 0,
+        };
+        let err = check_space(dir.path(), &info, 0, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not enough room"), "{err}");
+        check_space(dir.path(), &info, 0, avail - (100 << 20)).unwrap();
+        let err = check_space(dir.path(), &info, 0, 1 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("linked from the data directory by --delta"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn one_restore_at_a_time_per_datadir() {
