@@ -28,7 +28,6 @@ use std::collections::HashSet;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use anyhow::Context;
 use common::archive::index::{Chunk, EntryKind, Index};
@@ -78,8 +77,6 @@ pub struct Reuse {
     /// Files and bytes reused.
     pub files: u64,
     pub bytes: u64,
-    /// The local file last read for its pieces (`None`: there is none).
-    open: Mutex<Option<(String, Option<std::fs::File>)>>,
 }
 
 impl Reuse {
@@ -90,19 +87,17 @@ impl Reuse {
 }
 
 impl Pieces for Reuse {
+    /// Called by the unpack's workers at once: each opens the file itself
+    /// (a few system calls next to reading up to 16 MiB).
     fn read(&self, path: &str, chunk: &Chunk, buf: &mut Vec<u8>) -> bool {
         buf.clear();
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if open.as_ref().is_none_or(|(p, _)| p != path) {
-            let file = live_of(&self.roots, path).and_then(|(root, rest, name)| {
-                SafeDir::open(&root.dir)
-                    .and_then(|r| r.subdir(&rest, false, None))
-                    .and_then(|d| d.open_read(Path::new(name)))
-                    .ok()
-            });
-            *open = Some((path.to_string(), file));
-        }
-        let Some((_, Some(f))) = open.as_ref() else {
+        let file = live_of(&self.roots, path).and_then(|(root, rest, name)| {
+            SafeDir::open(&root.dir)
+                .and_then(|r| r.subdir(&rest, false, None))
+                .and_then(|d| d.open_read(Path::new(name)))
+                .ok()
+        });
+        let Some(f) = file else {
             return false;
         };
         // At most a frame's tar bytes (checked by the index).

@@ -10,7 +10,7 @@
 
 use std::ops::Range;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use bytes::Bytes;
@@ -50,8 +50,6 @@ pub fn unpack(
         return Err(interrupted());
     }
     let mut unpacker = Unpacker::for_target(&target)?;
-    // A piece read from the local copy (at most one chunk: a frame's tar bytes).
-    let mut local_buf = Vec::new();
     // What each frame holds: (entry, chunk) pairs and the entries whose header it holds.
     let mut chunks: Vec<Vec<(usize, usize)>> = vec![Vec::new(); index.frames.len()];
     let mut headers: Vec<Vec<usize>> = vec![Vec::new(); index.frames.len()];
@@ -90,29 +88,20 @@ pub fn unpack(
                 url,
             )?;
         }
-        let local = match (target.local(), unpacker.as_ref()) {
-            (Some(l), Some(u)) if e.size >= MIN_REUSED_CHUNK => Some((l, &u.root)),
-            _ => None,
-        };
         for (j, c) in e.chunks.iter().enumerate() {
-            if let Some((l, root)) = local {
-                if c.len >= MIN_REUSED_CHUNK && from_local(l, root, e, c, &mut local_buf)? {
-                    s.local_bytes += c.len;
-                    continue;
-                }
-            }
             chunks[c.frame as usize].push((i, j));
         }
     }
-    drop(local_buf);
     let root = unpacker.as_ref().map(|u| &u.root);
+    // A subset's local copy: a frame's pieces found there are not fetched.
+    let local = target.local().filter(|_| root.is_some());
+    let (fetched, from_copy) = (AtomicU64::new(0), AtomicU64::new(0));
     // A subset reads only the frames holding a piece of a chosen file.
     let todo: Vec<usize> = (0..index.frames.len())
         .filter(|&i| !target.is_subset() || !chunks[i].is_empty())
         .collect();
-    s.fetched_bytes = todo.iter().map(|&i| index.frames[i].stored_len).sum();
-    // What is fetched: a base's frames too, a subset's only.
-    progress.set_total(s.fetched_bytes);
+    // What may be fetched: a base's frames too, a subset's only.
+    progress.set_total(todo.iter().map(|&i| index.frames[i].stored_len).sum());
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let failure: Mutex<Option<ArchiveError>> = Mutex::new(None);
@@ -139,12 +128,19 @@ pub fn unpack(
                             url,
                             fetch,
                             root,
+                            local,
                             &mut parent,
                             &mut scratch,
                         )
                     };
                     match r {
-                        Ok(()) => progress.advance(index.frames[i].stored_len),
+                        Ok(done) => {
+                            if done.fetched {
+                                fetched.fetch_add(index.frames[i].stored_len, Ordering::Relaxed);
+                            }
+                            from_copy.fetch_add(done.local_bytes, Ordering::Relaxed);
+                            progress.advance(index.frames[i].stored_len)
+                        }
                         Err(e) => {
                             stop.store(true, Ordering::SeqCst);
                             let mut f = failure.lock().unwrap_or_else(|p| p.into_inner());
@@ -159,6 +155,8 @@ pub fn unpack(
     if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
+    s.fetched_bytes = fetched.into_inner();
+    s.local_bytes = from_copy.into_inner();
     if let Some(u) = unpacker.as_ref() {
         let chosen = |e: &&super::index::Entry| {
             e.kind == EntryKind::File && target.selects(&e.path, e.kind.into())
@@ -224,6 +222,8 @@ fn from_local(
 struct Scratch {
     zstd: zstd::bulk::Decompressor<'static>,
     tar: Vec<u8>,
+    /// A piece read from a local copy.
+    local: Vec<u8>,
 }
 
 impl Scratch {
@@ -233,6 +233,7 @@ impl Scratch {
         Ok(Scratch {
             zstd,
             tar: Vec::new(),
+            local: Vec::new(),
         })
     }
 }
@@ -241,7 +242,17 @@ fn split(path: &str) -> (&str, &str) {
     path.rsplit_once('/').unwrap_or(("", path))
 }
 
-/// Fetches, checks, decompresses and writes frame `i`.
+/// What became of a frame: whether it was fetched, and the bytes of its
+/// pieces written from the local copy instead.
+struct Done {
+    fetched: bool,
+    local_bytes: u64,
+}
+
+/// Fetches, checks, decompresses and writes frame `i`; with `local` (a
+/// subset's local copy), first writes the pieces of at least
+/// [`MIN_REUSED_CHUNK`] found there, and fetches the frame only if a piece
+/// is still missing.
 #[allow(clippy::too_many_arguments)]
 fn frame(
     index: &Index,
@@ -251,10 +262,42 @@ fn frame(
     url: &str,
     fetch: Fetch<'_>,
     root: Option<&SafeDir>,
+    local: Option<&dyn super::read::Pieces>,
     parent: &mut Option<(String, SafeDir)>,
     scratch: &mut Option<Scratch>,
-) -> Result<(), ArchiveError> {
+) -> Result<Done, ArchiveError> {
     let f = &index.frames[i];
+    let corrupt = |why: String| ArchiveError::Corrupt {
+        url: url.to_string(),
+        why,
+    };
+    let s = match scratch {
+        Some(s) => s,
+        None => scratch.insert(Scratch::new().map_err(|e| corrupt(e.to_string()))?),
+    };
+    // Pieces taken from the local copy (by their place in `chunks`).
+    let mut done = Done {
+        fetched: false,
+        local_bytes: 0,
+    };
+    let mut copied = vec![false; chunks.len()];
+    if let (Some(l), Some(root)) = (local, root) {
+        for (k, &(e, c)) in chunks.iter().enumerate() {
+            let entry = &index.entries[e];
+            let c = &entry.chunks[c];
+            if entry.size >= MIN_REUSED_CHUNK
+                && c.len >= MIN_REUSED_CHUNK
+                && from_local(l, root, entry, c, &mut s.local)?
+            {
+                copied[k] = true;
+                done.local_bytes += c.len;
+            }
+        }
+        if copied.iter().all(|c| *c) {
+            return Ok(done);
+        }
+    }
+    done.fetched = true;
     let holds = || {
         let first = chunks
             .first()
@@ -267,10 +310,6 @@ fn frame(
         } else {
             first.to_string()
         }
-    };
-    let corrupt = |why: String| ArchiveError::Corrupt {
-        url: url.to_string(),
-        why,
     };
     let stored = fetch(f.source, f.stored_offset..f.stored_offset + f.stored_len)?;
     if stored.len() as u64 != f.stored_len {
@@ -294,10 +333,6 @@ fn frame(
             f.sha256
         )));
     }
-    let s = match scratch {
-        Some(s) => s,
-        None => scratch.insert(Scratch::new().map_err(|e| corrupt(e.to_string()))?),
-    };
     // Bounded by the frame's tar length (checked: at most MAX_FRAME_TAR),
     // or the largest frame before it, and checked exactly below.
     let tar = &mut s.tar;
@@ -344,7 +379,7 @@ fn frame(
             });
         }
     }
-    for &(e, c) in chunks {
+    for (&(e, c), _) in chunks.iter().zip(&copied).filter(|(_, copied)| !**copied) {
         let entry = &index.entries[e];
         let c = &entry.chunks[c];
         let start = (c.tar_at(entry) - f.tar_offset) as usize;
@@ -380,7 +415,7 @@ fn frame(
             .and_then(|()| w.end_piece())
             .map_err(write_err)?;
     }
-    Ok(())
+    Ok(done)
 }
 
 #[cfg(test)]
