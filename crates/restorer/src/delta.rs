@@ -13,8 +13,9 @@
 //! the old data is written: every file the unpack writes is new, and a
 //! reused one is only linked.
 //!
-//! A file that is not reused whole may still be in part: the unpack asks
-//! [`Reuse`] (a [`Pieces`]) for each of its chunks of at least
+//! With [`DeltaMode::Checksum`] a file that is not reused whole may still
+//! be in part: the unpack asks [`Reuse`] (a [`Pieces`]) for each of its
+//! chunks of at least
 //! [`MIN_REUSED_CHUNK`](common::archive::frames::MIN_REUSED_CHUNK) bytes and writes the local bytes when their SHA-256
 //! is the index's (a redo log or a big tablespace that changed in a few
 //! places is fetched only there); it reads the local copy, never writes it.
@@ -77,6 +78,11 @@ pub struct Reuse {
     /// Files and bytes reused.
     pub files: u64,
     pub bytes: u64,
+    /// Whether the other files' pieces are looked for in the local copy
+    /// too ([`DeltaMode::Checksum`]: reading a changed file locally costs
+    /// more than it saves when the store is as near as the disk and most
+    /// pieces changed; when the store is far, it saves downloads).
+    pub pieces: bool,
 }
 
 impl Reuse {
@@ -167,6 +173,7 @@ pub fn compare(
         }
     }
     reuse.roots = roots;
+    reuse.pieces = mode == DeltaMode::Checksum;
     Ok(reuse)
 }
 

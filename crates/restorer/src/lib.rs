@@ -522,7 +522,10 @@ pub async fn stage(
             root: staging,
             owner,
             select: &not_reused,
-            local: Some(r),
+            local: match r.pieces {
+                true => Some(r),
+                false => None,
+            },
         },
     };
     let s = stream_archive(
