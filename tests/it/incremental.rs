@@ -47,6 +47,26 @@ fn settle(src: &Rig) {
     std::thread::sleep(std::time::Duration::from_secs(4));
 }
 
+/// A rig with `archive.indexed` and `backup.full_every = full_every`, and
+/// `tables` InnoDB tables `d.t0…` of `rows` rows each, their pages on disk.
+fn indexed_rig(kind: StoreKind, full_every: u32, tables: u32, rows: u32) -> Rig {
+    let src = Rig::new(kind);
+    src.write_config(|t| {
+        set(t, "archive", "indexed", true);
+        set(t, "backup", "full_every", full_every);
+    });
+    src.db.sql("SET GLOBAL innodb_max_dirty_pages_pct = 0");
+    src.db.sql("CREATE DATABASE d");
+    for t in 0..tables {
+        src.db.sql(&format!(
+            "CREATE TABLE d.t{t} (id INT PRIMARY KEY, v TEXT) ENGINE=InnoDB; \
+             INSERT INTO d.t{t} SELECT seq, REPEAT(MD5(RAND()), 32) FROM d.seq_1_to_{rows}"
+        ));
+    }
+    settle(&src);
+    src
+}
+
 /// The entry of table `t`'s file: whether it is a reference to a base.
 fn referenced(ix: &Index, t: u32) -> bool {
     let e = ix
@@ -62,20 +82,7 @@ fn incremental_backups_store_only_changed_tables_restore_whole_and_full_every_bo
     if !gate("incremental_backups_store_only_changed_tables_restore_whole_and_full_every_bounds_the_chain") {
         return;
     }
-    let src = Rig::new(StoreKind::S3);
-    src.write_config(|t| {
-        set(t, "archive", "indexed", true);
-        set(t, "backup", "full_every", 3);
-    });
-    src.db.sql("SET GLOBAL innodb_max_dirty_pages_pct = 0");
-    src.db.sql("CREATE DATABASE d");
-    for t in 0..TABLES {
-        src.db.sql(&format!(
-            "CREATE TABLE d.t{t} (id INT PRIMARY KEY, v TEXT) ENGINE=InnoDB; \
-             INSERT INTO d.t{t} SELECT seq, REPEAT(MD5(RAND()), 32) FROM d.seq_1_to_1500"
-        ));
-    }
-    settle(&src);
+    let src = indexed_rig(StoreKind::S3, 3, TABLES, 1500);
     let full = src.backup();
     let m0 = manifest(&src, &full);
     assert_eq!(m0.format_version, INDEXED_FORMAT_VERSION);
@@ -169,20 +176,7 @@ fn a_forged_incremental_index_or_a_missing_base_is_refused_before_anything_chang
     if !gate("a_forged_incremental_index_or_a_missing_base_is_refused_before_anything_changes") {
         return;
     }
-    let src = Rig::new(StoreKind::File);
-    src.write_config(|t| {
-        set(t, "archive", "indexed", true);
-        set(t, "backup", "full_every", 2);
-    });
-    src.db.sql("SET GLOBAL innodb_max_dirty_pages_pct = 0");
-    src.db.sql("CREATE DATABASE d");
-    for t in 0..4 {
-        src.db.sql(&format!(
-            "CREATE TABLE d.t{t} (id INT PRIMARY KEY, v TEXT); \
-             INSERT INTO d.t{t} SELECT seq, REPEAT(MD5(RAND()), 32) FROM d.seq_1_to_300"
-        ));
-    }
-    settle(&src);
+    let src = indexed_rig(StoreKind::File, 2, 4, 300);
     let full = src.backup();
     change(&src, 1);
     let incr = src.backup();
@@ -296,20 +290,7 @@ fn an_incremental_backup_killed_at_any_moment_is_never_listed_and_the_next_one_r
     {
         return;
     }
-    let src = Rig::new(StoreKind::S3);
-    src.write_config(|t| {
-        set(t, "archive", "indexed", true);
-        set(t, "backup", "full_every", 10);
-    });
-    src.db.sql("SET GLOBAL innodb_max_dirty_pages_pct = 0");
-    src.db.sql("CREATE DATABASE d");
-    for t in 0..TABLES {
-        src.db.sql(&format!(
-            "CREATE TABLE d.t{t} (id INT PRIMARY KEY, v TEXT) ENGINE=InnoDB; \
-             INSERT INTO d.t{t} SELECT seq, REPEAT(MD5(RAND()), 32) FROM d.seq_1_to_1500"
-        ));
-    }
-    settle(&src);
+    let src = indexed_rig(StoreKind::S3, 10, TABLES, 1500);
     let full = src.backup();
     let listed = |src: &Rig| -> Vec<String> {
         src.store_keys()
