@@ -360,6 +360,33 @@ mod tests {
         (stored, index, info)
     }
 
+    /// `index` restored into a new directory: its own frames from `incr`,
+    /// its base's from `full`.
+    fn restore(index: &Index, full: &[u8], incr: &[u8]) -> tempfile::TempDir {
+        let fetch = |s: Option<u32>, r: std::ops::Range<u64>| {
+            let from = if s.is_some() { full } else { incr };
+            Ok(Bytes::copy_from_slice(
+                &from[r.start as usize..r.end as usize],
+            ))
+        };
+        let out = tempfile::tempdir().unwrap();
+        let target = Target::Dir {
+            root: out.path(),
+            owner: None,
+        };
+        unpack(
+            index,
+            "u",
+            target,
+            &fetch,
+            3,
+            &crate::progress::Silent,
+            &|| false,
+        )
+        .unwrap();
+        out
+    }
+
     fn tree(root: &Path) {
         std::fs::create_dir_all(root.join("d/db1")).unwrap();
         for i in 0..20 {
@@ -400,27 +427,7 @@ mod tests {
             full.len()
         );
         assert_eq!(info.files, 21);
-        let fetch = |s: Option<u32>, r: std::ops::Range<u64>| {
-            let from = if s.is_some() { &full } else { &incr };
-            Ok(Bytes::copy_from_slice(
-                &from[r.start as usize..r.end as usize],
-            ))
-        };
-        let out = tempfile::tempdir().unwrap();
-        let target = Target::Dir {
-            root: out.path(),
-            owner: None,
-        };
-        unpack(
-            &index,
-            "u",
-            target,
-            &fetch,
-            3,
-            &crate::progress::Silent,
-            &|| false,
-        )
-        .unwrap();
+        let out = restore(&index, &full, &incr);
         for e in walkdir::WalkDir::new(src.path().join("d")) {
             let e = e.unwrap();
             let rel = e.path().strip_prefix(src.path()).unwrap();
@@ -474,7 +481,7 @@ mod tests {
         let mut changed = body.clone();
         changed[5 * 65536 + 77] ^= 0x5a;
         std::fs::write(&big, &changed).unwrap();
-        let (incr, index, _) = backup(src.path(), "20261127T093000Z", Some(&base));
+        let (incr, index, info) = backup(src.path(), "20261127T093000Z", Some(&base));
         let e = index
             .entries
             .iter()
@@ -498,27 +505,7 @@ mod tests {
             incr.len(),
             full.len()
         );
-        let fetch = |s: Option<u32>, r: std::ops::Range<u64>| {
-            let from = if s.is_some() { &full } else { &incr };
-            Ok(Bytes::copy_from_slice(
-                &from[r.start as usize..r.end as usize],
-            ))
-        };
-        let out = tempfile::tempdir().unwrap();
-        let target = Target::Dir {
-            root: out.path(),
-            owner: None,
-        };
-        unpack(
-            &index,
-            "u",
-            target,
-            &fetch,
-            3,
-            &crate::progress::Silent,
-            &|| false,
-        )
-        .unwrap();
+        let out = restore(&index, &full, &incr);
         assert!(std::fs::read(out.path().join("d/db1/big.ibd")).unwrap() == changed);
         // A piece pointed at this archive's own frame, or past its base
         // frame's end, is refused.
@@ -528,29 +515,6 @@ mod tests {
             .position(|e| e.path == "d/db1/big.ibd")
             .unwrap();
         let c = e.chunks.iter().position(|c| c.at.is_some()).unwrap();
-        let info = ArchiveInfo {
-            key: "db1/20261127T093000Z/data.tar.zst".into(),
-            size: incr.len() as u64,
-            compression: Compression::Zstd,
-            level: 3,
-            sha256: Sha256Hex::parse(&crate::codec::sha256_hex(&incr)).unwrap(),
-            tar_size: index.frames[..index.own_frames()]
-                .iter()
-                .map(|f| f.tar_len)
-                .sum(),
-            unpacked_size: full_index.entries.iter().map(|e| e.size).sum::<u64>(),
-            files: full_index
-                .entries
-                .iter()
-                .filter(|e| e.kind == EntryKind::File)
-                .count() as u64,
-            archive_secs: 0.0,
-            encryption: None,
-            index: None,
-            bases: index.sources.clone(),
-            chain: 0,
-        };
-        index.check("u", &info, &layout().paths).unwrap();
         let mut own = index.clone();
         own.entries[i].chunks[c].frame = 0;
         let mut past = index.clone();

@@ -606,6 +606,19 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), z);
     }
 
+    /// A fetch of `stored` that records where each read starts in `log`.
+    fn recording<'a>(
+        stored: &'a [u8],
+        log: &'a Mutex<Vec<u64>>,
+    ) -> impl Fn(Option<u32>, Range<u64>) -> Result<Bytes, ArchiveError> + Sync + 'a {
+        move |_, r| {
+            log.lock().unwrap().push(r.start);
+            Ok(Bytes::copy_from_slice(
+                &stored[r.start as usize..r.end as usize],
+            ))
+        }
+    }
+
     /// A local copy (a delta restore's) of a big file changed in one
     /// piece and one byte too short: the pieces it holds with the index's
     /// SHA-256 are written from it, only the others fetched, and the file
@@ -637,12 +650,7 @@ mod tests {
         local[(2 << 20) + 5] ^= 1;
         local.pop();
         let fetched = Mutex::new(Vec::new());
-        let fetch = |_: Option<u32>, r: Range<u64>| -> Result<Bytes, ArchiveError> {
-            fetched.lock().unwrap().push(r.start);
-            Ok(Bytes::copy_from_slice(
-                &a.stored[r.start as usize..r.end as usize],
-            ))
-        };
+        let fetch = recording(&a.stored, &fetched);
         let out = tempfile::tempdir().unwrap();
         let local = Local(local);
         let s = unpack(
@@ -661,7 +669,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.local_bytes, 4 << 20, "pieces 0, 1, 3 and 4 from the copy");
-        let mut got = fetched.into_inner().unwrap();
+        let mut got = fetched.lock().unwrap().clone();
         got.sort();
         let want: Vec<u64> = [2usize, 5]
             .iter()
@@ -683,12 +691,7 @@ mod tests {
         let frames: std::collections::BTreeSet<u64> =
             big.chunks.iter().map(|c| u64::from(c.frame)).collect();
         let read = Mutex::new(Vec::new());
-        let fetch = |_: Option<u32>, r: Range<u64>| -> Result<Bytes, ArchiveError> {
-            read.lock().unwrap().push(r.start);
-            Ok(Bytes::copy_from_slice(
-                &a.stored[r.start as usize..r.end as usize],
-            ))
-        };
+        let fetch = recording(&a.stored, &read);
         let out = tempfile::tempdir().unwrap();
         let select = |p: &str, k: super::super::policy::Kind| {
             p == "d/big" || k == super::super::policy::Kind::Dir
@@ -710,7 +713,7 @@ mod tests {
         .unwrap();
         assert_eq!(s.written_files, 1);
         assert_eq!(s.files, a.info.files, "every entry is still counted");
-        let mut read = read.into_inner().unwrap();
+        let mut read = read.lock().unwrap().clone();
         read.sort();
         let want: Vec<u64> = frames
             .iter()
