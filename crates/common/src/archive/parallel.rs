@@ -285,10 +285,7 @@ fn frame(
         for (k, &(e, c)) in chunks.iter().enumerate() {
             let entry = &index.entries[e];
             let c = &entry.chunks[c];
-            if entry.size >= MIN_REUSED_CHUNK
-                && c.len >= MIN_REUSED_CHUNK
-                && from_local(l, root, entry, c, &mut s.local)?
-            {
+            if c.len >= MIN_REUSED_CHUNK && from_local(l, root, entry, c, &mut s.local)? {
                 copied[k] = true;
                 done.local_bytes += c.len;
             }
