@@ -187,6 +187,8 @@ fn a_forged_incremental_index_or_a_missing_base_is_refused_before_anything_chang
     let target = Target::second(&src);
 
     // Each forgery planted as a backup of its own (index bound by its manifest).
+    // A frame's own SHA-256 is checked by verify; a restore checks each
+    // piece it writes (every byte it writes is in one).
     type Forge = fn(&mut Index);
     let forgeries: &[(&str, Forge, &str)] = &[
         (
@@ -194,6 +196,20 @@ fn a_forged_incremental_index_or_a_missing_base_is_refused_before_anything_chang
             |i| {
                 let f = i.frames.iter_mut().find(|f| f.source.is_some()).unwrap();
                 f.sha256 = common::manifest::Sha256Hex::parse(&"ab".repeat(32)).unwrap();
+            },
+            "corrupted",
+        ),
+        (
+            "SHA-256 of a piece in a referenced frame",
+            |i| {
+                let own = i.own_frames() as u32;
+                let c = i
+                    .entries
+                    .iter_mut()
+                    .flat_map(|e| e.chunks.iter_mut())
+                    .find(|c| c.frame >= own)
+                    .unwrap();
+                c.sha256 = common::manifest::Sha256Hex::parse(&"ab".repeat(32)).unwrap();
             },
             "corrupted",
         ),
@@ -216,7 +232,11 @@ fn a_forged_incremental_index_or_a_missing_base_is_refused_before_anything_chang
         let mut ix = good.clone();
         forge(&mut ix);
         plant_incremental(&store_root, &m, &incr, &id, &ix, None);
-        for cmd in ["verify", "restore"] {
+        let cmds: &[&str] = match n {
+            0 => &["verify"],
+            _ => &["verify", "restore"],
+        };
+        for &cmd in cmds {
             let line = error_line(&target.restorer(&src, &[cmd, &id]), 4);
             assert!(line.contains(says), "{what}: {cmd}: {line}");
             target.assert_untouched(what);

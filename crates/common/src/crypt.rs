@@ -17,7 +17,7 @@
 //! Key files are read once, refused when group or others may read them
 //! (secrets) or write them (recipients), and never logged.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -350,6 +350,210 @@ impl<R: Read> Read for Decrypting<R> {
     }
 }
 
+/// Plaintext bytes in one chunk of age's payload (STREAM, ChaCha20-Poly1305).
+const AGE_CHUNK: u64 = 64 << 10;
+/// A chunk as stored: its plaintext and its 16-byte tag.
+const AGE_SEALED_CHUNK: u64 = AGE_CHUNK + 16;
+/// The payload nonce between an age header and its chunks.
+const AGE_NONCE: u64 = 16;
+/// The first bytes of an encrypted object read to find its header: more
+/// than the header of an archive to [`MAX_RECIPIENTS`] recipients.
+pub const AGE_HEAD: u64 = 64 << 10;
+
+/// The bytes an age file holds after its header for `plain` bytes of
+/// plaintext: the payload nonce, then the chunks, each with its tag (an
+/// empty file has one empty chunk).
+pub fn sealed_payload_len(plain: u64) -> u64 {
+    AGE_NONCE + plain + 16 * plain.div_ceil(AGE_CHUNK).max(1)
+}
+
+/// Ranges of the plaintext of an encrypted object read from ranges of its
+/// stored bytes (an indexed archive's frames, fetched and decrypted in
+/// parallel): age's payload is a sequence of 64 KiB chunks, each
+/// authenticated with its number and whether it is the last, so any run
+/// of whole chunks decrypts alone, and a chunk moved, changed or cut is
+/// an error, never different data.
+pub struct Ranged<'a> {
+    /// The first [`AGE_HEAD`] stored bytes (or all): the header.
+    head: bytes::Bytes,
+    /// The header's length, the payload nonce included.
+    header: u64,
+    /// The object's stored size.
+    total: u64,
+    ids: &'a Identities,
+}
+
+impl<'a> Ranged<'a> {
+    /// The object of `total` stored bytes beginning with `head` (its first
+    /// [`AGE_HEAD`] bytes, or all of them), encrypted as `encryption`
+    /// says; `Err` is why it cannot be read with `ids`.
+    pub fn new(
+        head: bytes::Bytes,
+        total: u64,
+        encryption: &Encryption,
+        ids: &'a Identities,
+    ) -> Result<Ranged<'a>, String> {
+        ids.check(encryption)?;
+        let mut r = Ranged {
+            head,
+            header: 0,
+            total,
+            ids,
+        };
+        let mut at = io::Cursor::new(r.head.clone());
+        age::Decryptor::new(&mut at).map_err(|e| match e {
+            age::DecryptError::Io(_) => format!(
+                "its age header is not within its first {} bytes: forged or damaged",
+                r.head.len()
+            ),
+            e => format!("its age header is invalid: {e}"),
+        })?;
+        // The header and the payload nonce after it.
+        r.header = at.position();
+        let payload = total.saturating_sub(r.header);
+        let last = payload % AGE_SEALED_CHUNK;
+        if payload < 16 || (last > 0 && last < 16) || (last == 16 && payload > 16) {
+            return Err(format!(
+                "its {total} stored bytes are not an age file's length after its {}-byte header: cut short or forged",
+                r.header
+            ));
+        }
+        r.decrypting()?;
+        Ok(r)
+    }
+
+    /// Plaintext bytes the object holds.
+    pub fn plain_len(&self) -> u64 {
+        let payload = self.total - self.header;
+        payload - 16 * payload.div_ceil(AGE_SEALED_CHUNK)
+    }
+
+    /// The first plaintext byte read for `plain`: one before it at a
+    /// chunk's start, so that the reader never asks for the object's end.
+    fn from(plain: &std::ops::Range<u64>) -> u64 {
+        match plain.start {
+            s if s > 0 && s.is_multiple_of(AGE_CHUNK) => s - 1,
+            s => s,
+        }
+    }
+
+    /// The stored bytes to fetch to read `plain` (a non-empty range of
+    /// the plaintext): its chunks, whole.
+    pub fn stored_range(&self, plain: &std::ops::Range<u64>) -> std::ops::Range<u64> {
+        let first = Self::from(plain) / AGE_CHUNK;
+        let last = plain.end.max(plain.start + 1).div_ceil(AGE_CHUNK);
+        let at = self.header;
+        (at + first * AGE_SEALED_CHUNK).min(self.total)
+            ..(at + last * AGE_SEALED_CHUNK).min(self.total)
+    }
+
+    /// The plaintext `plain`, from `stored`: the bytes of
+    /// [`Ranged::stored_range`] of it. An error when a chunk does not
+    /// decrypt (changed, moved or cut).
+    pub fn read(&self, plain: std::ops::Range<u64>, stored: &[u8]) -> io::Result<Vec<u8>> {
+        let range = self.stored_range(&plain);
+        if stored.len() as u64 != range.end - range.start || plain.end > self.plain_len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "plaintext bytes {}..{} of {} are not in the {} stored bytes read",
+                    plain.start,
+                    plain.end,
+                    self.plain_len(),
+                    stored.len()
+                ),
+            ));
+        }
+        let window = Window {
+            head: &self.head,
+            body: stored,
+            body_at: range.start,
+            total: self.total,
+            pos: 0,
+        };
+        let mut r = self.decrypting_from(window).map_err(io::Error::other)?;
+        let from = Self::from(&plain);
+        r.seek(io::SeekFrom::Start(from))?;
+        let mut out = vec![0; (plain.end - from) as usize];
+        Decrypting(&mut r).read_exact(&mut out)?;
+        out.drain(..(plain.start - from) as usize);
+        Ok(out)
+    }
+
+    /// Whether one of the identities opens the header.
+    fn decrypting(&self) -> Result<(), String> {
+        let window = Window {
+            head: &self.head,
+            body: &[],
+            body_at: self.total,
+            total: self.total,
+            pos: 0,
+        };
+        self.decrypting_from(window).map(|_| ())
+    }
+
+    fn decrypting_from<'w>(
+        &self,
+        window: Window<'w>,
+    ) -> Result<age::stream::StreamReader<Window<'w>>, String> {
+        let d = age::Decryptor::new(window).map_err(|e| format!("its age header: {e}"))?;
+        d.decrypt(self.ids.keys.iter().map(|i| i as &dyn age::Identity))
+            .map_err(|e| match e {
+                age::DecryptError::NoMatchingKeys => format!(
+                    "none of the identities in {} decrypts it (its header names other recipients than its manifest: forged or damaged)",
+                    self.ids.source
+                ),
+                e => format!("it cannot be decrypted with {}: {e}", self.ids.source),
+            })
+    }
+}
+
+/// An encrypted object as age's reader sees it when only its head and
+/// one range were read: reading elsewhere is an error.
+struct Window<'a> {
+    head: &'a [u8],
+    body: &'a [u8],
+    body_at: u64,
+    total: u64,
+    pos: u64,
+}
+
+impl Read for Window<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let (from, at) =
+            if self.pos >= self.body_at && self.pos < self.body_at + self.body.len() as u64 {
+                (self.body, self.pos - self.body_at)
+            } else if self.pos < self.head.len() as u64 {
+                (self.head, self.pos)
+            } else if self.pos >= self.total {
+                return Ok(0);
+            } else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("stored byte {} was not read", self.pos),
+                ));
+            };
+        // (Where the head and the body overlap, they hold the same bytes.)
+        let rest = &from[at as usize..];
+        let n = rest.len().min(buf.len());
+        buf[..n].copy_from_slice(&rest[..n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl io::Seek for Window<'_> {
+    fn seek(&mut self, to: io::SeekFrom) -> io::Result<u64> {
+        let pos = match to {
+            io::SeekFrom::Start(p) => Some(p),
+            io::SeekFrom::End(d) => self.total.checked_add_signed(d),
+            io::SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos = pos.ok_or_else(|| io::Error::other("a seek before the start"))?;
+        Ok(self.pos)
+    }
+}
+
 /// A new identity and its recipient (`restorer keygen`): the secret key
 /// text to store in a 0600 file, the public `age1…` string and its fingerprint.
 pub fn generate_identity() -> (Zeroizing<String>, String, String) {
@@ -580,6 +784,76 @@ mod tests {
         (0..400_000u32)
             .flat_map(|i| (i % 253).to_le_bytes())
             .collect()
+    }
+
+    /// Every range of an encrypted object read from only its head and the
+    /// stored bytes `stored_range` names, at chunk edges too; a changed,
+    /// cut or foreign object is refused, never read differently.
+    #[test]
+    fn ranges_of_an_encrypted_object_decrypt_alone() {
+        let k = keys(2);
+        let enc = k.recipients.encryption();
+        const C: u64 = AGE_CHUNK;
+        for len in [1, C - 1, C, 2 * C, 3 * C + 1000] {
+            let plain: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let stored = seal(&plain, &k.recipients);
+            let head =
+                bytes::Bytes::copy_from_slice(&stored[..stored.len().min(AGE_HEAD as usize)]);
+            let total = stored.len() as u64;
+            let r = Ranged::new(head.clone(), total, &enc, &k.ids[1]).unwrap();
+            assert_eq!(r.plain_len(), len, "length of {len}");
+            assert_eq!(r.header + sealed_payload_len(len) - AGE_NONCE, total);
+            let edges = [0, 1, C - 1, C, C + 1, 2 * C, len - 1, len];
+            for &a in &edges {
+                for &b in &edges {
+                    if a >= b || b > len {
+                        continue;
+                    }
+                    let s = r.stored_range(&(a..b));
+                    let got = r
+                        .read(a..b, &stored[s.start as usize..s.end as usize])
+                        .unwrap_or_else(|e| panic!("{a}..{b} of {len}: {e}"));
+                    assert_eq!(got, &plain[a as usize..b as usize], "{a}..{b} of {len}");
+                }
+            }
+            // A changed byte in the range read: an error.
+            let s = r.stored_range(&(0..len));
+            let mut bad = stored[s.start as usize..s.end as usize].to_vec();
+            let mid = bad.len() / 2;
+            bad[mid] ^= 1;
+            let err = r.read(0..len, &bad).unwrap_err();
+            assert!(err.to_string().contains("decryption failed"), "{err}");
+            // Cut short: refused by its length, or its last chunk fails.
+            if len > C {
+                let cut = total - 20;
+                let r = Ranged::new(head.clone(), cut, &enc, &k.ids[0]).unwrap();
+                let s = r.stored_range(&(0..r.plain_len()));
+                assert!(r
+                    .read(0..r.plain_len(), &stored[s.start as usize..s.end as usize])
+                    .is_err());
+            }
+        }
+        // Another recipient's key, or a header cut off: refused up front.
+        let stored = seal(b"rows", &k.recipients);
+        let other = keys(1);
+        let err = Ranged::new(
+            bytes::Bytes::copy_from_slice(&stored),
+            stored.len() as u64,
+            &enc,
+            &other.ids[0],
+        )
+        .err()
+        .unwrap();
+        assert!(err.contains("holds none of them"), "{err}");
+        let err = Ranged::new(
+            bytes::Bytes::copy_from_slice(&stored[..40]),
+            stored.len() as u64,
+            &enc,
+            &k.ids[0],
+        )
+        .err()
+        .unwrap();
+        assert!(err.contains("not within its first 40 bytes"), "{err}");
     }
 
     #[test]

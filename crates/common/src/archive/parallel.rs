@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use bytes::Bytes;
+use sha2::Digest;
 
 use super::frames::MIN_REUSED_CHUNK;
 use super::index::{EntryKind, Index};
@@ -215,6 +216,10 @@ fn from_local(
     Ok(true)
 }
 
+/// Bytes of a piece hashed and written at a time: a slice a core's cache
+/// holds, read twice (hash, then write) without going back to memory.
+const CACHED_SLICE: usize = 256 << 10;
+
 /// What a worker keeps from one frame to the next: its decompressor and
 /// the buffer of a frame's tar bytes (grown to the largest frame it has
 /// held, at most [`super::index::MAX_FRAME_TAR`]), so that a frame costs
@@ -320,24 +325,42 @@ fn frame(
             ),
         });
     }
-    let sha = crate::codec::sha256_hex(&stored);
-    if sha != f.sha256.as_str() {
-        return Err(corrupt(format!(
-            "frame {i} (stored bytes {}..{}, holding {}) has SHA-256 {sha}, its index says {}: corrupted",
-            f.stored_offset,
-            f.stored_offset + f.stored_len,
-            holds(),
-            f.sha256
-        )));
+    // A restore's output is the index's (checked) entries and pieces each
+    // checked against its own SHA-256 below: the frame's hash is checked
+    // first when nothing is written (verify), which answers for every
+    // stored byte, and by a restore only to say why a frame does not
+    // decompress.
+    let hash_differs = |stored: &[u8]| {
+        let sha = crate::codec::sha256_hex(stored);
+        (sha != f.sha256.as_str()).then(|| {
+            corrupt(format!(
+                "frame {i} (stored bytes {}..{}, holding {}) has SHA-256 {sha}, its index says {}: corrupted",
+                f.stored_offset,
+                f.stored_offset + f.stored_len,
+                holds(),
+                f.sha256
+            ))
+        })
+    };
+    if root.is_none() {
+        if let Some(e) = hash_differs(&stored) {
+            return Err(e);
+        }
     }
     // Bounded by the frame's tar length (checked: at most MAX_FRAME_TAR),
     // or the largest frame before it, and checked exactly below.
     let tar = &mut s.tar;
     tar.clear();
     tar.reserve_exact(f.tar_len as usize);
-    s.zstd.decompress_to_buffer(&stored[..], tar).map_err(|e| {
+    let decompressed = s.zstd.decompress_to_buffer(&stored[..], tar);
+    if decompressed.is_err() || tar.len() as u64 != f.tar_len {
+        if let Some(e) = hash_differs(&stored) {
+            return Err(e);
+        }
+    }
+    decompressed.map_err(|e| {
         corrupt(format!(
-            "frame {i} (holding {}) does not decompress to its {} tar bytes: {e}",
+            "frame {i} (holding {}) does not decompress to its {} tar bytes: {e}: corrupted",
             holds(),
             f.tar_len
         ))
@@ -345,7 +368,7 @@ fn frame(
     drop(stored);
     if tar.len() as u64 != f.tar_len {
         return Err(corrupt(format!(
-            "frame {i} (holding {}) decompresses to {} bytes, its index says {}",
+            "frame {i} (holding {}) decompresses to {} bytes, its index says {}: corrupted",
             holds(),
             tar.len(),
             f.tar_len
@@ -381,7 +404,36 @@ fn frame(
         let c = &entry.chunks[c];
         let start = (c.tar_at(entry) - f.tar_offset) as usize;
         let data = &tar[start..start + c.len as usize];
-        let sha = crate::codec::sha256_hex(data);
+        let mut file = None;
+        let shown = root.map(|r| r.shown(Path::new(&entry.path)));
+        let write_err = |source| ArchiveError::Write {
+            path: shown.clone().unwrap_or_default(),
+            source,
+        };
+        if let Some(root) = root {
+            let (dir, name) = split(&entry.path);
+            if parent.as_ref().is_none_or(|(p, _)| p != dir) {
+                let d = root
+                    .subdir(Path::new(dir), false, None)
+                    .map_err(write_err)?;
+                *parent = Some((dir.to_string(), d));
+            }
+            let d = &parent.as_ref().expect("set above").1;
+            file = Some(d.open_file(Path::new(name)).map_err(write_err)?);
+        }
+        // Hashed and written a slice at a time, each while it is in the
+        // core's cache. Zero blocks allocated, not written, as in a
+        // one-stream restore. A piece whose hash then differs fails the
+        // restore, whose files are not in place yet.
+        let mut sha = sha2::Sha256::new();
+        let mut w = file.as_ref().map(|f| ZeroSkipping::at(f, c.offset));
+        for slice in data.chunks(CACHED_SLICE) {
+            sha.update(slice);
+            if let Some(w) = w.as_mut() {
+                w.write_all(slice).map_err(write_err)?;
+            }
+        }
+        let sha = hex::encode(sha.finalize());
         if sha != c.sha256.as_str() {
             return Err(corrupt(format!(
                 "{} (bytes {}..{}) has SHA-256 {sha}, the index says {}: corrupted",
@@ -391,26 +443,9 @@ fn frame(
                 c.sha256
             )));
         }
-        let Some(root) = root else { continue };
-        let (dir, name) = split(&entry.path);
-        let shown = root.shown(Path::new(&entry.path));
-        let write_err = |source| ArchiveError::Write {
-            path: shown.clone(),
-            source,
-        };
-        if parent.as_ref().is_none_or(|(p, _)| p != dir) {
-            let d = root
-                .subdir(Path::new(dir), false, None)
-                .map_err(write_err)?;
-            *parent = Some((dir.to_string(), d));
+        if let Some(w) = w {
+            w.end_piece().map_err(write_err)?;
         }
-        let d = &parent.as_ref().expect("set above").1;
-        let file = d.open_file(Path::new(name)).map_err(write_err)?;
-        // Zero blocks allocated, not written, as in a one-stream restore.
-        let mut w = ZeroSkipping::at(&file, c.offset);
-        w.write_all(data)
-            .and_then(|()| w.end_piece())
-            .map_err(write_err)?;
     }
     Ok(done)
 }
