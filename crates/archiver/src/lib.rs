@@ -11,6 +11,8 @@ pub mod binlogs;
 use std::path::Path;
 use std::time::Instant;
 
+use std::io::Write;
+
 use anyhow::Context;
 use common::config::Config;
 use common::manifest::{ArchiveInfo, Manifest};
@@ -152,7 +154,9 @@ async fn archive(
     let auth = common::crypt::AuthKey::from_config(cfg)?;
     let (store, uploads, key) = precheck(cfg, manifest, backend, recipients.is_some()).await?;
     let store = store.as_ref();
-    let base = match full || !indexed(cfg, recipients.is_some()) {
+    // Incremental backups are of unencrypted archives: a backup host holds
+    // no identity to read an encrypted base's index with.
+    let base = match full || !indexed(cfg) || recipients.is_some() {
         true => None,
         false => choose_base(cfg, manifest, store, auth.as_ref()).await,
     };
@@ -175,7 +179,7 @@ async fn archive(
         _ => 0,
     };
     let index = match index {
-        Some(index) => Some(store_index(cfg, manifest, store, &index).await?),
+        Some(index) => Some(store_index(cfg, manifest, store, &index, recipients.as_ref()).await?),
         None => None,
     };
     let mut complete = manifest.clone();
@@ -202,6 +206,9 @@ async fn archive(
     }
     if chain > 0 {
         complete.format_version = common::manifest::INCREMENTAL_FORMAT_VERSION;
+    }
+    if index.is_some() && recipients.is_some() {
+        complete.format_version = common::manifest::ENCRYPTED_INDEXED_FORMAT_VERSION;
     }
     store_manifest(cfg, &complete, store, auth.as_ref()).await?;
     Ok(archived(&complete, &stats, size, cow_used, started))
@@ -244,7 +251,7 @@ async fn precheck(
     // Another host writing under the same backup.name may have taken this
     // id: refuse now rather than after the upload. (The archive and the
     // manifest are also written only if absent, for a race.)
-    let index_key = format::keys::index(&manifest.name, &manifest.backup_id);
+    let index_key = format::keys::index(&manifest.name, &manifest.backup_id, encrypted);
     for k in [&key, &index_key, &mac_key, &manifest.key()] {
         if store.size(k).await?.is_some() {
             return Err(taken(cfg, manifest, &store.url(k)));
@@ -276,13 +283,11 @@ async fn settle(
     }
 }
 
-/// Whether this config writes an indexed archive (manifest format 3):
-/// unencrypted zstd, unless `archive.indexed = false`. Encrypted, xz and
+/// Whether this config writes an indexed archive (manifest format 3, 4
+/// or, encrypted, 5): zstd, unless `archive.indexed = false`. xz and
 /// uncompressed archives stay one stream (format 1 or 2).
-fn indexed(cfg: &Config, encrypted: bool) -> bool {
-    cfg.archive.indexed
-        && cfg.archive.compression == common::config::Compression::Zstd
-        && !encrypted
+fn indexed(cfg: &Config) -> bool {
+    cfg.archive.indexed && cfg.archive.compression == common::config::Compression::Zstd
 }
 
 /// The base of an incremental backup of `manifest`, when
@@ -343,6 +348,10 @@ async fn find_base(
         tracing::info!("taking a full backup: the last backup {id} is not indexed");
         return Ok(None);
     };
+    if info.encryption.is_some() {
+        tracing::info!("taking a full backup: the last backup {id} is encrypted");
+        return Ok(None);
+    }
     if info.chain + 1 >= cfg.backup.full_every {
         tracing::info!(
             "taking a full backup: {} incremental backups since the last full one (backup.full_every = {})",
@@ -358,7 +367,7 @@ async fn find_base(
             && m.data.datadir == manifest.data.datadir,
         "backup {id} is of another server or other data paths"
     );
-    let index = common::catalog::read_index(store, &m, info, ix).await?;
+    let index = common::catalog::read_index(store, &m, info, ix, None).await?;
     Ok(Some(format::incremental::Base {
         id,
         snapshot_time: m.snapshot_time(),
@@ -375,11 +384,16 @@ async fn store_index(
     manifest: &Manifest,
     store: &dyn store::Store,
     index: &format::index::Index,
+    recipients: Option<&common::crypt::Recipients>,
 ) -> anyhow::Result<common::manifest::IndexInfo> {
-    let key = format::keys::index(&manifest.name, &manifest.backup_id);
+    let key = format::keys::index(&manifest.name, &manifest.backup_id, recipients.is_some());
     let bytes = index
         .to_stored()
         .context("compressing the archive's index")?;
+    // Encrypted like its archive: an index names every file and its size.
+    let mut sealed = common::crypt::Sealer::new(Vec::new(), recipients)?;
+    sealed.write_all(&bytes)?;
+    let bytes = sealed.finish().context("encrypting the archive's index")?;
     anyhow::ensure!(
         bytes.len() as u64 <= format::index::MAX_INDEX_STORED,
         "the archive's index is {} bytes, more than the {} a restore reads: too many files for an indexed archive; set archive.compression = \"xz\" for this server",
@@ -627,7 +641,7 @@ fn produce(
                 Ok(())
             });
             let tarred = (|| -> anyhow::Result<(TarStats, Option<format::index::Index>)> {
-                if indexed(cfg, recipients.is_some()) {
+                if indexed(cfg) {
                     // Each file's mtime and inode recorded; with a base, unchanged
                     // files left out and a changed file's unchanged chunks referred to.
                     let mut planner = format::incremental::Planner::new(sink.base);

@@ -4,6 +4,7 @@
 //! whole). The one reader of both for the restorer (list, verify, restore,
 //! prune) and the archiver (an incremental backup's base).
 
+use std::io::Read;
 use std::time::Duration;
 
 use crate::archive::index::{Index, MAX_INDEX_STORED};
@@ -82,13 +83,15 @@ pub async fn read_manifest(
 }
 
 /// Reads the index `ix` of backup `m`'s archive `info`: its size and
-/// SHA-256 the manifest's, then parsed and checked whole against the
-/// manifest ([`Index::parse`]).
+/// SHA-256 the manifest's, decrypted with `identities` when the archive
+/// is encrypted, then parsed and checked whole against the manifest
+/// ([`Index::parse`]).
 pub async fn read_index(
     store: &dyn Store,
     m: &Manifest,
     info: &ArchiveInfo,
     ix: &IndexInfo,
+    identities: Option<&crate::crypt::Identities>,
 ) -> anyhow::Result<Index> {
     let index_url = store.url(&ix.key);
     match store.size(&ix.key).await? {
@@ -113,5 +116,24 @@ pub async fn read_index(
         }
         .into());
     }
+    let stored = match &info.encryption {
+        None => stored.to_vec(),
+        Some(enc) => {
+            let bad = |why: String| ArchiveError::Corrupt {
+                url: index_url.clone(),
+                why: format!("its index: {why}"),
+            };
+            let mut plain = Vec::new();
+            crate::crypt::open(&stored[..], Some(enc), identities)
+                .map_err(|why| ArchiveError::Key {
+                    url: index_url.clone(),
+                    why,
+                })?
+                .take(MAX_INDEX_STORED + 1)
+                .read_to_end(&mut plain)
+                .map_err(|e| bad(e.to_string()))?;
+            plain
+        }
+    };
     Ok(Index::parse(&stored, &index_url, info, &m.data.paths)?)
 }

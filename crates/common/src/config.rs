@@ -732,8 +732,9 @@ pub struct ArchiveConfig {
     pub threads: u32,
     /// Most bytes per second read from the snapshot.
     pub read_rate_limit: Option<ByteSize>,
-    /// Unencrypted zstd archives as indexed frames (manifest format 3);
-    /// off by default until it is as fast as one stream (format 1).
+    /// zstd archives as indexed frames (manifest format 3, or 5 when
+    /// encrypted); off by default until it is as fast as one stream
+    /// (format 1).
     #[serde(default)]
     pub indexed: bool,
 }
@@ -1079,7 +1080,7 @@ impl Config {
                 || self.encryption.recipients_file.is_some())
         {
             return Err(format!(
-                "backup.full_every = {} makes incremental backups, which need indexed archives: set archive.indexed = true with archive.compression = \"zstd\" and no encryption.recipients_file, or backup.full_every = 1",
+                "backup.full_every = {} makes incremental backups, which need indexed, unencrypted archives (a backup host holds no identity to read an encrypted base's index): set archive.indexed = true with archive.compression = \"zstd\" and no encryption.recipients_file, or backup.full_every = 1",
                 self.backup.full_every
             ));
         }

@@ -62,9 +62,16 @@ pub fn archives(name: &BackupName, id: &BackupId) -> Vec<String> {
 /// The frame index's file name (format 3: an archive of independent zstd frames).
 pub const INDEX_FILE: &str = "index.json.zst";
 
-/// The frame index of backup `id`: stored after the archive, before the manifest.
-pub fn index(name: &BackupName, id: &BackupId) -> String {
-    format!("{name}/{id}/{INDEX_FILE}")
+/// The frame index of backup `id` (`index.json.zst`, `.age` when its
+/// archive is `encrypted`): stored after the archive, before the manifest.
+pub fn index(name: &BackupName, id: &BackupId, encrypted: bool) -> String {
+    let suffix = if encrypted { ENCRYPTED_SUFFIX } else { "" };
+    format!("{name}/{id}/{INDEX_FILE}{suffix}")
+}
+
+/// Every key an index of backup `id` may have.
+pub fn indexes(name: &BackupName, id: &BackupId) -> [String; 2] {
+    [false, true].map(|e| index(name, id, e))
 }
 
 /// The manifest's MAC (`[auth]`): stored before the manifest.
@@ -95,7 +102,8 @@ pub enum Object {
         compression: Compression,
         encrypted: bool,
     },
-    /// The frame index of an indexed archive (`index.json.zst`).
+    /// The frame index of an indexed archive (`index.json.zst`, `.age`
+    /// when encrypted).
     Index,
     /// A drill record, with the drill's start.
     Drill(BackupId),
@@ -125,7 +133,7 @@ pub fn parse(key: &str) -> Option<Key> {
     let object = match (file, compression) {
         (MANIFEST_FILE, _) => Object::Manifest,
         (f, _) if f == mac => Object::ManifestMac,
-        (INDEX_FILE, _) => Object::Index,
+        _ if plain == INDEX_FILE => Object::Index,
         (_, Some(compression)) => Object::Archive {
             compression,
             encrypted,
@@ -321,16 +329,21 @@ mod tests {
     #[test]
     fn index_key() {
         let (n, id): (BackupName, BackupId) = (v("db1"), v("20261126T093000Z"));
-        let key = index(&n, &id);
+        let key = index(&n, &id, false);
         assert_eq!(key, "db1/20261126T093000Z/index.json.zst");
-        assert_eq!(index_of(&n, &key), Some(id.clone()));
-        assert_eq!(parse(&key).map(|k| k.object), Some(Object::Index));
-        assert_eq!(manifest_id(&n, &key), None);
-        assert_eq!(archive_of(&n, &key), None);
+        let sealed = index(&n, &id, true);
+        assert_eq!(sealed, "db1/20261126T093000Z/index.json.zst.age");
+        assert_eq!(indexes(&n, &id), [key.clone(), sealed.clone()]);
+        for key in [&key, &sealed] {
+            assert_eq!(index_of(&n, key), Some(id.clone()));
+            assert_eq!(parse(key).map(|k| k.object), Some(Object::Index));
+            assert_eq!(manifest_id(&n, key), None);
+            assert_eq!(archive_of(&n, key), None);
+        }
         for other in [
             "db1/20261126T093000Z/index.json",
             "db1-x/20261126T093000Z/index.json.zst",
-            "db1/20261126T093000Z/index.json.zst.age",
+            "db1/20261126T093000Z/index.json.age",
         ] {
             assert_eq!(index_of(&n, other), None, "{other}");
         }

@@ -36,8 +36,13 @@ pub const INDEXED_FORMAT_VERSION: u32 = 3;
 /// in the archives of its `archive.bases`. A mysnap that predates it
 /// refuses it ("upgrade mysnap") instead of restoring only what changed.
 pub const INCREMENTAL_FORMAT_VERSION: u32 = 4;
+/// The format of a backup whose archive is indexed and encrypted: zstd
+/// frames in one age file, its index an age file too; restored in
+/// parallel, by ranges of whole age chunks. A mysnap that predates it
+/// refuses it ("upgrade mysnap").
+pub const ENCRYPTED_INDEXED_FORMAT_VERSION: u32 = 5;
 /// The newest format this mysnap reads (and every older one).
-pub const MAX_FORMAT_VERSION: u32 = INCREMENTAL_FORMAT_VERSION;
+pub const MAX_FORMAT_VERSION: u32 = ENCRYPTED_INDEXED_FORMAT_VERSION;
 /// The most bases an incremental backup may name (`backup.full_every`
 /// is at most this plus one).
 pub const MAX_BASES: usize = 99;
@@ -390,26 +395,33 @@ impl Manifest {
                     a.bases, a.chain
                 ));
             }
+            const INDEXED: [u32; 3] = [
+                INDEXED_FORMAT_VERSION,
+                INCREMENTAL_FORMAT_VERSION,
+                ENCRYPTED_INDEXED_FORMAT_VERSION,
+            ];
             match (&a.index, self.format_version) {
-                (None, INDEXED_FORMAT_VERSION | INCREMENTAL_FORMAT_VERSION) => {
-                    return Err(format!(
-                        "has format version {} but no archive.index",
-                        self.format_version
-                    ))
+                (None, v) if INDEXED.contains(&v) => {
+                    return Err(format!("has format version {v} but no archive.index"))
                 }
                 (None, _) => {}
-                (Some(_), v) if v != INDEXED_FORMAT_VERSION && v != INCREMENTAL_FORMAT_VERSION => {
+                (Some(_), v) if !INDEXED.contains(&v) => {
                     return Err(format!(
-                        "has archive.index but format version {v}: indexed backups are format {INDEXED_FORMAT_VERSION}"
+                        "has archive.index but format version {v}: indexed backups are format {INDEXED_FORMAT_VERSION}, {INCREMENTAL_FORMAT_VERSION} or {ENCRYPTED_INDEXED_FORMAT_VERSION}"
                     ))
                 }
-                (Some(i), _) => {
-                    if a.compression != Compression::Zstd || a.encryption.is_some() {
-                        return Err(
-                            "has archive.index on an archive that is not unencrypted zstd".into(),
-                        );
+                (Some(i), v) => {
+                    if a.compression != Compression::Zstd {
+                        return Err("has archive.index on an archive that is not zstd".into());
                     }
-                    let want = crate::keys::index(&self.name, &self.backup_id);
+                    let encrypted = a.encryption.is_some();
+                    if encrypted != (v == ENCRYPTED_INDEXED_FORMAT_VERSION) {
+                        return Err(format!(
+                            "has archive.index{} in format version {v}: encrypted indexed backups are format {ENCRYPTED_INDEXED_FORMAT_VERSION}, unencrypted ones {INDEXED_FORMAT_VERSION} or {INCREMENTAL_FORMAT_VERSION}",
+                            if encrypted { " and archive.encryption" } else { "" }
+                        ));
+                    }
+                    let want = crate::keys::index(&self.name, &self.backup_id, encrypted);
                     if i.key != want {
                         return Err(format!(
                             "archive.index.key {:?} is not {want:?}, the key of this backup's index",
@@ -538,7 +550,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn an_indexed_archive_needs_format_3_unencrypted_zstd_and_its_own_index_key() {
+    fn an_indexed_archive_needs_format_3_or_5_when_encrypted_zstd_and_its_own_index_key() {
         let mut m = sample_stored();
         m.archive.as_mut().unwrap().index = Some(IndexInfo {
             key: "db1/20261126T093000Z/index.json.zst".into(),
@@ -559,7 +571,27 @@ pub(crate) mod tests {
         a.compression = Compression::Xz;
         a.key = "db1/20261126T093000Z/data.tar.xz".into();
         let err = Manifest::parse(&xz.to_toml(), "t").unwrap_err();
-        assert!(err.why.contains("not unencrypted zstd"), "{err}");
+        assert!(err.why.contains("not zstd"), "{err}");
+        // Encrypted and indexed: format 5, its index key `.age` too.
+        let mut sealed = m.clone();
+        let a = sealed.archive.as_mut().unwrap();
+        a.key = "db1/20261126T093000Z/data.tar.zst.age".into();
+        a.encryption = Some(Encryption {
+            scheme: EncryptionScheme::AgeX25519,
+            recipients: vec![v(&"cd".repeat(32))],
+        });
+        let err = Manifest::parse(&sealed.to_toml(), "t").unwrap_err();
+        assert!(err.why.contains("format 5"), "{err}");
+        sealed.format_version = ENCRYPTED_INDEXED_FORMAT_VERSION;
+        let err = Manifest::parse(&sealed.to_toml(), "t").unwrap_err();
+        assert!(err.why.contains("index.json.zst.age"), "{err}");
+        let ix = sealed.archive.as_mut().unwrap().index.as_mut().unwrap();
+        ix.key = "db1/20261126T093000Z/index.json.zst.age".into();
+        assert_eq!(Manifest::parse(&sealed.to_toml(), "t").unwrap(), sealed);
+        let mut plain_5 = m.clone();
+        plain_5.format_version = ENCRYPTED_INDEXED_FORMAT_VERSION;
+        let err = Manifest::parse(&plain_5.to_toml(), "t").unwrap_err();
+        assert!(err.why.contains("format 5"), "{err}");
         m.archive.as_mut().unwrap().index = None;
         let err = Manifest::parse(&m.to_toml(), "t").unwrap_err();
         assert!(err.why.contains("no archive.index"), "{err}");

@@ -274,7 +274,7 @@ impl Rig {
         let mut m = self.manifest(paths, &tar, &stored, Compression::Zstd);
         forge(&mut index);
         let bytes = index.to_stored().unwrap();
-        let key = common::archive::keys::index(&m.name, &m.backup_id);
+        let key = common::archive::keys::index(&m.name, &m.backup_id, false);
         let path = self.root().join("store").join(&key);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, &bytes).unwrap();

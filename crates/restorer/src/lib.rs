@@ -317,7 +317,10 @@ async fn stream_archive(
     }
     progress.set_total(info.size);
     if let Some(ix) = &info.index {
-        let r = stream_indexed(store, m, info, ix, target, progress, cancel, auth).await;
+        let r = stream_indexed(
+            store, m, info, ix, target, progress, cancel, identities, auth,
+        )
+        .await;
         progress.finish();
         return r;
     }
@@ -356,10 +359,45 @@ async fn stream_indexed(
     target: Target<'_>,
     progress: &dyn Progress,
     cancel: &AtomicBool,
+    identities: Option<&Identities>,
     auth: Option<&AuthKey>,
 ) -> anyhow::Result<Streamed> {
     let url = store.url(&info.key);
-    let index = common::catalog::read_index(store.as_ref(), m, info, ix).await?;
+    let key_err = |why: String| ArchiveError::Key {
+        url: url.clone(),
+        why,
+    };
+    if let Some(enc) = &info.encryption {
+        // A missing or wrong identity refused before anything is read.
+        common::crypt::check_keys(Some(enc), identities).map_err(key_err)?;
+    }
+    let index = common::catalog::read_index(store.as_ref(), m, info, ix, identities).await?;
+    // Encrypted (format 5): frames are decrypted from the age chunks
+    // that hold them, its header read once.
+    let sealed = match (&info.encryption, identities) {
+        (Some(enc), Some(ids)) => {
+            let head = store
+                .get_range(&info.key, 0..info.size.min(common::crypt::AGE_HEAD))
+                .await?;
+            let r = common::crypt::Ranged::new(head, info.size, enc, ids).map_err(key_err)?;
+            let own = index.own_frames();
+            let frames_end = index.frames[..own]
+                .last()
+                .map_or(0, |f| f.stored_offset + f.stored_len);
+            if r.plain_len() != frames_end {
+                return Err(ArchiveError::Corrupt {
+                    url: url.clone(),
+                    why: format!(
+                        "it decrypts to {} bytes, its index's frames hold {frames_end}: cut short or forged",
+                        r.plain_len()
+                    ),
+                }
+                .into());
+            }
+            Some(r)
+        }
+        _ => None,
+    };
     // An incremental backup's bases: their archives' keys from their ids.
     let bases = bases_of(store.as_ref(), m, &index, auth).await?;
     // All cores decompress; more requests than cores keep a remote store
@@ -378,12 +416,25 @@ async fn stream_indexed(
             None => &info.key,
             Some(k) => &bases[k as usize],
         };
-        handle
-            .block_on(store.get_range(key, r))
-            .map_err(|e| ArchiveError::Store {
-                url: store.url(key),
-                why: format!("{e:#}"),
-            })
+        let get = |r| {
+            handle
+                .block_on(store.get_range(key, r))
+                .map_err(|e| ArchiveError::Store {
+                    url: store.url(key),
+                    why: format!("{e:#}"),
+                })
+        };
+        match (&sealed, source) {
+            (Some(sealed), None) => {
+                let stored = get(sealed.stored_range(&r))?;
+                let plain = sealed.read(r, &stored).map_err(|e| ArchiveError::Corrupt {
+                    url: store.url(key),
+                    why: e.to_string(),
+                })?;
+                Ok(plain.into())
+            }
+            _ => get(r),
+        }
     };
     let cancelled = || cancel.load(std::sync::atomic::Ordering::SeqCst);
     let r = tokio::task::block_in_place(|| {

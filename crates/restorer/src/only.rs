@@ -187,7 +187,9 @@ pub async fn extract(
     };
     // An indexed backup says what it holds before anything is fetched.
     if let Some(ix) = &info.index {
-        let index = common::catalog::read_index(chosen.store.as_ref(), m, info, ix).await?;
+        let ids = Identities::from_config(cfg)?;
+        let index =
+            common::catalog::read_index(chosen.store.as_ref(), m, info, ix, ids.as_ref()).await?;
         for e in &index.entries {
             if let Some(i) = only.item_of(datadir, &e.path, e.kind.into()) {
                 found[i].store(true, Ordering::SeqCst);

@@ -517,7 +517,8 @@ async fn delete(
     crate::restore::pause_at(MANIFEST_DELETED, None);
     let objects = keys::archives(name, id)
         .into_iter()
-        .chain([keys::index(name, id), keys::manifest_mac(name, id)]);
+        .chain(keys::indexes(name, id))
+        .chain([keys::manifest_mac(name, id)]);
     for key in objects {
         if !listed.contains(&key) {
             continue;

@@ -269,7 +269,10 @@ async fn compare(
     int: &Interrupt,
 ) -> anyhow::Result<Reuse> {
     let ix = plan.info.index.as_ref().expect("checked: indexed");
-    let index = common::catalog::read_index(plan.store.as_ref(), &plan.m, &plan.info, ix).await?;
+    let ids = common::crypt::Identities::from_config(cfg)?;
+    let index =
+        common::catalog::read_index(plan.store.as_ref(), &plan.m, &plan.info, ix, ids.as_ref())
+            .await?;
     let d = &plan.m.data;
     let roots = d
         .paths
@@ -741,7 +744,10 @@ async fn reusable_bytes(cfg: &Config, chosen: &crate::Chosen) -> anyhow::Result<
         return Ok(0);
     };
     let m = &chosen.manifest;
-    let index = common::catalog::read_index(chosen.store.as_ref(), m, &chosen.info, ix).await?;
+    let ids = common::crypt::Identities::from_config(cfg)?;
+    let index =
+        common::catalog::read_index(chosen.store.as_ref(), m, &chosen.info, ix, ids.as_ref())
+            .await?;
     let roots = m
         .data
         .paths

@@ -12,6 +12,12 @@
 //! of each. The reader fetches frames by range, decompresses them on all
 //! cores and checks every chunk against its own hash.
 //!
+//! Encrypted (format 5), the frames are one age file (`age -d | zstd -dc |
+//! tar -x` still restores it by hand) and so is the index; a frame's
+//! offsets and SHA-256 are those of its zstd bytes, the plaintext the
+//! reader decrypts from the age chunks that hold it
+//! ([`crate::crypt::Ranged`]).
+//!
 //! An index read from the store is untrusted like the archive: [`Index::parse`]
 //! reads at most [`MAX_INDEX_STORED`] stored and [`MAX_INDEX_JSON`]
 //! decompressed bytes, runs every path through the [`Policy`] restore
@@ -265,7 +271,16 @@ impl Index {
             tar += f.tar_len;
             stored += f.stored_len;
         }
-        if tar != info.tar_size || stored != info.size {
+        let stored_agrees = match &info.encryption {
+            None => stored == info.size,
+            // One age file: a header, then the frames' bytes in chunks (its
+            // exact length is checked once its header is read).
+            Some(_) => {
+                let payload = crate::crypt::sealed_payload_len(stored);
+                info.size > payload && info.size - payload <= crate::crypt::AGE_HEAD
+            }
+        };
+        if tar != info.tar_size || !stored_agrees {
             return Err(bad(format!(
                 "its frames hold {tar} tar bytes in {stored} stored bytes, the manifest says {} in {}",
                 info.tar_size, info.size
