@@ -340,13 +340,17 @@ struct Decrypting<R>(R);
 
 impl<R: Read> Read for Decrypting<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read(buf).map_err(|e| match e.kind() {
-            io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof => io::Error::new(
-                e.kind(),
-                format!("decryption failed ({e}): the ciphertext was changed or cut short"),
-            ),
-            _ => e,
-        })
+        self.0.read(buf).map_err(decryption_failed)
+    }
+}
+
+fn decryption_failed(e: io::Error) -> io::Error {
+    match e.kind() {
+        io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof => io::Error::new(
+            e.kind(),
+            format!("decryption failed ({e}): the ciphertext was changed or cut short"),
+        ),
+        _ => e,
     }
 }
 
@@ -473,7 +477,9 @@ impl<'a> Ranged<'a> {
         };
         let mut r = self.decrypting_from(window).map_err(io::Error::other)?;
         let from = Self::from(&plain);
-        r.seek(io::SeekFrom::Start(from))?;
+        // (Seeking decrypts the chunk it lands in.)
+        r.seek(io::SeekFrom::Start(from))
+            .map_err(decryption_failed)?;
         let mut out = vec![0; (plain.end - from) as usize];
         Decrypting(&mut r).read_exact(&mut out)?;
         out.drain(..(plain.start - from) as usize);

@@ -403,10 +403,13 @@ async fn stream_indexed(
     // All cores decompress; more requests than cores keep a remote store
     // busy; store.memory_limit bounds the frames held.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // A worker holds a frame's tar bytes and stored bytes (encrypted: its
+    // ciphertext too, until it is decrypted).
+    let copies = if sealed.is_some() { 2 } else { 1 };
     let largest = index
         .frames
         .iter()
-        .map(|f| f.tar_len + f.stored_len)
+        .map(|f| f.tar_len + copies * f.stored_len)
         .max()
         .unwrap_or(1);
     let workers = frame_workers(store.transfer().frame_workers(largest, cores), &url, cores);

@@ -281,10 +281,16 @@ impl Index {
             }
         };
         if tar != info.tar_size || !stored_agrees {
-            return Err(bad(format!(
-                "its frames hold {tar} tar bytes in {stored} stored bytes, the manifest says {} in {}",
-                info.tar_size, info.size
-            )));
+            return Err(bad(match info.encryption {
+                None => format!(
+                    "its frames hold {tar} tar bytes in {stored} stored bytes, the manifest says {} in {}",
+                    info.tar_size, info.size
+                ),
+                Some(_) => format!(
+                    "its frames hold {tar} tar bytes in {stored} bytes of zstd, the manifest says {} tar bytes in an age file of {} bytes, which cannot hold them: cut short or forged",
+                    info.tar_size, info.size
+                ),
+            }));
         }
         // A base's frames: ordered by source, then offset, none overlapping
         // another (in the tar stream or the stored bytes), none past u64.
