@@ -15,7 +15,7 @@ use crate::restore::Target;
 const MARKER: &str = "mysnap-plaintext-marker-0123456789";
 
 /// Key files made by `restorer keygen` in `dir`: (identity file, public key).
-fn identity(dir: &Path, name: &str) -> (PathBuf, String) {
+pub(crate) fn identity(dir: &Path, name: &str) -> (PathBuf, String) {
     let path = dir.join(name);
     let out = Command::new(mysnap_tests::bin("restorer"))
         .args(["keygen", "--identity", path.to_str().unwrap()])
@@ -47,7 +47,7 @@ fn auth_key(dir: &Path, name: &str) -> PathBuf {
     path
 }
 
-fn write_recipients(path: &Path, publics: &[&str]) {
+pub(crate) fn write_recipients(path: &Path, publics: &[&str]) {
     let _ = std::fs::remove_file(path);
     std::fs::write(path, publics.join("\n") + "\n").unwrap();
 }
@@ -60,7 +60,12 @@ fn edit_config(path: &Path, tweak: impl FnOnce(&mut toml::Table)) {
 }
 
 /// The restorer on the target, with `MYSNAP_IDENTITY_FILE` when given.
-fn restorer(src: &Rig, target: &Target, identity: Option<&Path>, args: &[&str]) -> Output {
+pub(crate) fn restorer(
+    src: &Rig,
+    target: &Target,
+    identity: Option<&Path>,
+    args: &[&str],
+) -> Output {
     let mut c = Command::new(mysnap_tests::bin("restorer"));
     c.env("MYSNAP_CONFIG", &target.config)
         .env_remove(common::crypt::IDENTITY_ENV)

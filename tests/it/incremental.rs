@@ -382,3 +382,90 @@ fn an_incremental_backup_killed_at_any_moment_is_never_listed_and_the_next_one_r
     );
     assert_eq!(target.db.checksums("d"), want);
 }
+
+/// Encrypted incremental backups (format 5 with bases): the backup host
+/// keeps the index of its last backup (it holds no identity to read the
+/// stored one), the incremental stores only what changed and restores
+/// whole from both encrypted archives; without that kept index (another
+/// host, lost state) the next backup is a full one, never a failed one.
+#[test]
+fn encrypted_incremental_backups_restore_whole_and_a_lost_kept_index_means_a_full_one() {
+    if !gate("encrypted_incremental_backups_restore_whole_and_a_lost_kept_index_means_a_full_one") {
+        return;
+    }
+    let src = indexed_rig(StoreKind::File, 3, 4, 1500);
+    let keys = src.tmp.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    let (identity, public) = crate::crypt::identity(&keys, "identity");
+    let recipients = keys.join("recipients");
+    crate::crypt::write_recipients(&recipients, &[&public]);
+    src.write_config(|t| {
+        set(t, "archive", "indexed", true);
+        set(t, "backup", "full_every", 3);
+        set(
+            t,
+            "encryption",
+            "recipients_file",
+            recipients.to_str().unwrap(),
+        );
+    });
+    let full = src.backup();
+    let m0 = manifest(&src, &full);
+    assert_eq!(
+        m0.format_version,
+        common::manifest::ENCRYPTED_INDEXED_FORMAT_VERSION
+    );
+    change(&src, 2);
+    let incr = src.backup();
+    let m1 = manifest(&src, &incr);
+    let a1 = m1.archive.clone().unwrap();
+    assert_eq!(
+        m1.format_version,
+        common::manifest::ENCRYPTED_INDEXED_FORMAT_VERSION
+    );
+    assert_eq!(
+        (a1.bases.clone(), a1.chain),
+        (vec![m0.backup_id.clone()], 1)
+    );
+    assert!(a1.key.ends_with("data.tar.zst.age"), "{}", a1.key);
+    assert!(
+        a1.size < m0.archive.as_ref().unwrap().size,
+        "the incremental stores less than the full one"
+    );
+    let want = src.db.checksums("d");
+
+    let target = Target::second(&src);
+    let line = error_line(
+        &crate::crypt::restorer(&src, &target, None, &["restore", &incr]),
+        4,
+    );
+    assert!(line.contains("no identity is configured"), "{line}");
+    target.assert_untouched("restore without an identity");
+    for cmd in ["verify", "restore"] {
+        assert_ok(
+            &crate::crypt::restorer(&src, &target, Some(&identity), &[cmd, &incr]),
+            cmd,
+        );
+    }
+    assert_eq!(target.db.checksums("d"), want);
+
+    // The kept index gone: the next backup is full, with a warning.
+    let kept: Vec<_> = std::fs::read_dir(&src.state)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("index-")
+        })
+        .collect();
+    assert_eq!(kept.len(), 2, "the kept index and its binding: {kept:?}");
+    for p in kept {
+        std::fs::remove_file(p).unwrap();
+    }
+    change(&src, 1);
+    let next = src.backup();
+    let a2 = manifest(&src, &next).archive.unwrap();
+    assert!(a2.bases.is_empty() && a2.chain == 0, "{:?}", a2.bases);
+}

@@ -11,7 +11,7 @@ pub mod binlogs;
 use std::path::Path;
 use std::time::Instant;
 
-use std::io::Write;
+use std::io::{Read, Write};
 
 use anyhow::Context;
 use common::config::Config;
@@ -154,11 +154,9 @@ async fn archive(
     let auth = common::crypt::AuthKey::from_config(cfg)?;
     let (store, uploads, key) = precheck(cfg, manifest, backend, recipients.is_some()).await?;
     let store = store.as_ref();
-    // Incremental backups are of unencrypted archives: a backup host holds
-    // no identity to read an encrypted base's index with.
-    let base = match full || !indexed(cfg) || recipients.is_some() {
+    let base = match full || !indexed(cfg) {
         true => None,
-        false => choose_base(cfg, manifest, store, auth.as_ref()).await,
+        false => choose_base(cfg, manifest, store, auth.as_ref(), recipients.is_some()).await,
     };
     let sink = Sink {
         store,
@@ -179,7 +177,17 @@ async fn archive(
         _ => 0,
     };
     let index = match index {
-        Some(index) => Some(store_index(cfg, manifest, store, &index, recipients.as_ref()).await?),
+        Some(index) => {
+            let info = store_index(cfg, manifest, store, &index, recipients.as_ref()).await?;
+            if recipients.is_some() && cfg.backup.full_every > 1 {
+                // The next incremental backup's base index: this host
+                // cannot decrypt the stored one.
+                if let Err(e) = cache_index(cfg, manifest, &index, &info) {
+                    tracing::warn!("the next backup will be a full one: {e:#}");
+                }
+            }
+            Some(info)
+        }
         None => None,
     };
     let mut complete = manifest.clone();
@@ -208,6 +216,7 @@ async fn archive(
         complete.format_version = common::manifest::INCREMENTAL_FORMAT_VERSION;
     }
     if index.is_some() && recipients.is_some() {
+        // Encrypted, full or incremental.
         complete.format_version = common::manifest::ENCRYPTED_INDEXED_FORMAT_VERSION;
     }
     store_manifest(cfg, &complete, store, auth.as_ref()).await?;
@@ -301,11 +310,12 @@ async fn choose_base(
     manifest: &Manifest,
     store: &dyn store::Store,
     auth: Option<&common::crypt::AuthKey>,
+    encrypted: bool,
 ) -> Option<format::incremental::Base> {
     if cfg.backup.full_every <= 1 {
         return None;
     }
-    match find_base(cfg, manifest, store, auth).await {
+    match find_base(cfg, manifest, store, auth, encrypted).await {
         Ok(Some(base)) => {
             tracing::info!(
                 "incremental backup on {} (chain {} of up to {})",
@@ -328,6 +338,7 @@ async fn find_base(
     manifest: &Manifest,
     store: &dyn store::Store,
     auth: Option<&common::crypt::AuthKey>,
+    encrypted: bool,
 ) -> anyhow::Result<Option<format::incremental::Base>> {
     let name = &manifest.name;
     let listed = store.list(&format::keys::backups_of(name)).await?;
@@ -348,8 +359,12 @@ async fn find_base(
         tracing::info!("taking a full backup: the last backup {id} is not indexed");
         return Ok(None);
     };
-    if info.encryption.is_some() {
-        tracing::info!("taking a full backup: the last backup {id} is encrypted");
+    if info.encryption.is_some() != encrypted {
+        tracing::info!(
+            "taking a full backup: the last backup {id} is {}encrypted, this one is {}",
+            if encrypted { "not " } else { "" },
+            if encrypted { "encrypted" } else { "not" }
+        );
         return Ok(None);
     }
     if info.chain + 1 >= cfg.backup.full_every {
@@ -367,13 +382,105 @@ async fn find_base(
             && m.data.datadir == manifest.data.datadir,
         "backup {id} is of another server or other data paths"
     );
-    let index = common::catalog::read_index(store, &m, info, ix, None).await?;
+    let index = match encrypted {
+        false => common::catalog::read_index(store, &m, info, ix, None).await?,
+        true => cached_index(cfg, &m, info, ix)?,
+    };
     Ok(Some(format::incremental::Base {
         id,
         snapshot_time: m.snapshot_time(),
         chain: info.chain,
         index,
     }))
+}
+
+/// Where the archiver keeps the index of its last encrypted backup of
+/// `backup.name` (zstd JSON, as stored before encryption) and what binds
+/// it to that backup's manifest (its id, the SHA-256 of the stored
+/// encrypted index, the SHA-256 of these bytes).
+fn index_cache(cfg: &Config) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = &cfg.backup.state_dir;
+    let name = &cfg.backup.name;
+    (
+        dir.join(format!("index-{name}.json.zst")),
+        dir.join(format!("index-{name}.toml")),
+    )
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CachedIndex {
+    backup_id: common::manifest::BackupId,
+    stored_sha256: common::manifest::Sha256Hex,
+    plain_sha256: common::manifest::Sha256Hex,
+}
+
+/// Keeps `index` of encrypted backup `manifest` (stored as `info`) for the
+/// next incremental backup: the bytes, then what binds them, each
+/// written atomically (a crash between them leaves a binding that does not
+/// match, and a full backup next).
+fn cache_index(
+    cfg: &Config,
+    manifest: &Manifest,
+    index: &format::index::Index,
+    info: &common::manifest::IndexInfo,
+) -> anyhow::Result<()> {
+    let (bytes_path, binding) = index_cache(cfg);
+    let bytes = index.to_stored()?;
+    common::state::write_atomic(&bytes_path, &bytes)?;
+    let cached = CachedIndex {
+        backup_id: manifest.backup_id.clone(),
+        stored_sha256: info.sha256.clone(),
+        plain_sha256: common::manifest::Sha256Hex::parse(&common::codec::sha256_hex(&bytes))
+            .map_err(anyhow::Error::msg)?,
+    };
+    common::state::write_atomic(&binding, toml::to_string(&cached)?.as_bytes())
+}
+
+/// The index of encrypted base `m` kept by [`cache_index`], if it is that
+/// backup's (its id, and the stored index the manifest binds), checked
+/// against the manifest like one read from the store.
+fn cached_index(
+    cfg: &Config,
+    m: &Manifest,
+    info: &ArchiveInfo,
+    ix: &common::manifest::IndexInfo,
+) -> anyhow::Result<format::index::Index> {
+    let (bytes_path, binding) = index_cache(cfg);
+    let text = std::fs::read_to_string(&binding).with_context(|| {
+        format!(
+            "this host keeps no index of its last encrypted backup ({}; it cannot decrypt the stored one)",
+            binding.display()
+        )
+    })?;
+    let cached: CachedIndex = toml::from_str(&text)
+        .with_context(|| format!("{} is not an index binding", binding.display()))?;
+    anyhow::ensure!(
+        cached.backup_id == m.backup_id && cached.stored_sha256 == ix.sha256,
+        "{} holds the index of backup {}, not of {} (taken by another host, or this host's state was lost)",
+        binding.display(),
+        cached.backup_id,
+        m.backup_id
+    );
+    let mut bytes = Vec::new();
+    std::fs::File::open(&bytes_path)
+        .and_then(|f| {
+            f.take(format::index::MAX_INDEX_STORED + 1)
+                .read_to_end(&mut bytes)
+        })
+        .with_context(|| format!("cannot read {}", bytes_path.display()))?;
+    anyhow::ensure!(
+        common::codec::sha256_hex(&bytes) == cached.plain_sha256.as_str(),
+        "{} is not the index {} binds",
+        bytes_path.display(),
+        binding.display()
+    );
+    let url = bytes_path.display().to_string();
+    Ok(format::index::Index::parse(
+        &bytes,
+        &url,
+        info,
+        &m.data.paths,
+    )?)
 }
 
 /// The index phase: the frame index of the archive stored create-only

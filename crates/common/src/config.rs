@@ -1075,12 +1075,10 @@ impl Config {
             ));
         }
         if self.backup.full_every > 1
-            && (!self.archive.indexed
-                || self.archive.compression != Compression::Zstd
-                || self.encryption.recipients_file.is_some())
+            && (!self.archive.indexed || self.archive.compression != Compression::Zstd)
         {
             return Err(format!(
-                "backup.full_every = {} makes incremental backups, which need indexed, unencrypted archives (a backup host holds no identity to read an encrypted base's index): set archive.indexed = true with archive.compression = \"zstd\" and no encryption.recipients_file, or backup.full_every = 1",
+                "backup.full_every = {} makes incremental backups, which need indexed archives: set archive.indexed = true with archive.compression = \"zstd\", or backup.full_every = 1",
                 self.backup.full_every
             ));
         }

@@ -375,10 +375,15 @@ impl Manifest {
                     a.key
                 ));
             }
-            let incremental = self.format_version == INCREMENTAL_FORMAT_VERSION;
+            // Format 5 (encrypted, indexed) is full or incremental.
+            let incremental = match self.format_version {
+                INCREMENTAL_FORMAT_VERSION => true,
+                ENCRYPTED_INDEXED_FORMAT_VERSION => !a.bases.is_empty() || a.chain > 0,
+                _ => false,
+            };
             if incremental == a.bases.is_empty() || incremental != (a.chain > 0) {
                 return Err(format!(
-                    "has {} archive.bases and archive.chain {} in format version {}: incremental backups are format {INCREMENTAL_FORMAT_VERSION}, with both",
+                    "has {} archive.bases and archive.chain {} in format version {}: incremental backups are format {INCREMENTAL_FORMAT_VERSION} ({ENCRYPTED_INDEXED_FORMAT_VERSION} when encrypted), with both",
                     a.bases.len(),
                     a.chain,
                     self.format_version

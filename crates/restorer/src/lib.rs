@@ -398,8 +398,28 @@ async fn stream_indexed(
         }
         _ => None,
     };
-    // An incremental backup's bases: their archives' keys from their ids.
+    // An incremental backup's bases: their archives' keys from their ids
+    // (and, encrypted, each one's age header read once).
     let bases = bases_of(store.as_ref(), m, &index, auth).await?;
+    let mut sealed_bases = Vec::new();
+    if let (Some(_), Some(ids)) = (&info.encryption, identities) {
+        for (key, base) in &bases {
+            let enc = base
+                .encryption
+                .as_ref()
+                .expect("checked: encrypted like this one");
+            let head = store
+                .get_range(key, 0..base.size.min(common::crypt::AGE_HEAD))
+                .await?;
+            let r = common::crypt::Ranged::new(head, base.size, enc, ids).map_err(|why| {
+                ArchiveError::Key {
+                    url: store.url(key),
+                    why,
+                }
+            })?;
+            sealed_bases.push(r);
+        }
+    }
     // All cores decompress; more requests than cores keep a remote store
     // busy; store.memory_limit bounds the frames held.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -415,9 +435,9 @@ async fn stream_indexed(
     let workers = frame_workers(store.transfer().frame_workers(largest, cores), &url, cores);
     let handle = tokio::runtime::Handle::current();
     let fetch = |source: Option<u32>, r: std::ops::Range<u64>| {
-        let key = match source {
-            None => &info.key,
-            Some(k) => &bases[k as usize],
+        let (key, sealed) = match source {
+            None => (&info.key, sealed.as_ref()),
+            Some(k) => (&bases[k as usize].0, sealed_bases.get(k as usize)),
         };
         let get = |r| {
             handle
@@ -427,8 +447,8 @@ async fn stream_indexed(
                     why: format!("{e:#}"),
                 })
         };
-        match (&sealed, source) {
-            (Some(sealed), None) => {
+        match sealed {
+            Some(sealed) => {
                 let stored = get(sealed.stored_range(&r))?;
                 let plain = sealed.read(r, &stored).map_err(|e| ArchiveError::Corrupt {
                     url: store.url(key),
@@ -436,7 +456,7 @@ async fn stream_indexed(
                 })?;
                 Ok(plain.into())
             }
-            _ => get(r),
+            None => get(r),
         }
     };
     let cancelled = || cancel.load(std::sync::atomic::Ordering::SeqCst);
@@ -459,7 +479,7 @@ async fn bases_of(
     m: &Manifest,
     index: &common::archive::index::Index,
     auth: Option<&AuthKey>,
-) -> anyhow::Result<Vec<String>> {
+) -> anyhow::Result<Vec<(String, ArchiveInfo)>> {
     if index.sources.is_empty() {
         return Ok(Vec::new());
     }
@@ -477,7 +497,13 @@ async fn bases_of(
             .as_ref()
             .filter(|a| a.is_indexed() && base.backup_id < m.backup_id)
             .ok_or_else(|| broken("not an indexed backup older than this one".into()))?;
-        let key = keys::archive_key(&m.name, id, common::config::Compression::Zstd, false);
+        let encrypted = m.archive.as_ref().is_some_and(|a| a.encryption.is_some());
+        if info.encryption.is_some() != encrypted {
+            return Err(
+                broken("encrypted where this backup is not, or the other way".into()).into(),
+            );
+        }
+        let key = keys::archive_key(&m.name, id, common::config::Compression::Zstd, encrypted);
         if info.key != key {
             return Err(broken(format!("its archive is {}, not {key}", info.key)).into());
         }
@@ -510,7 +536,7 @@ async fn bases_of(
             ))
             .into());
         }
-        keys_out.push(key);
+        keys_out.push((key, info.clone()));
     }
     Ok(keys_out)
 }
