@@ -176,18 +176,9 @@ async fn archive(
         (Some(b), false) => b.chain + 1,
         _ => 0,
     };
-    let index = match index {
-        Some(index) => {
-            let info = store_index(cfg, manifest, store, &index, recipients.as_ref()).await?;
-            if recipients.is_some() && cfg.backup.full_every > 1 {
-                // The next incremental backup's base index: this host
-                // cannot decrypt the stored one.
-                if let Err(e) = cache_index(cfg, manifest, &index, &info) {
-                    tracing::warn!("the next backup will be a full one: {e:#}");
-                }
-            }
-            Some(info)
-        }
+    let plain_index = index;
+    let index = match &plain_index {
+        Some(index) => Some(store_index(cfg, manifest, store, index, recipients.as_ref()).await?),
         None => None,
     };
     let mut complete = manifest.clone();
@@ -220,6 +211,15 @@ async fn archive(
         complete.format_version = common::manifest::ENCRYPTED_INDEXED_FORMAT_VERSION;
     }
     store_manifest(cfg, &complete, store, auth.as_ref()).await?;
+    if let (Some(plain), Some(info), Some(_)) = (&plain_index, &index, &recipients) {
+        // The next incremental backup's base index, kept once this backup
+        // is complete: this host cannot decrypt the stored one.
+        if cfg.backup.full_every > 1 {
+            if let Err(e) = cache_index(cfg, manifest, plain, info) {
+                tracing::warn!("the next backup will be a full one: {e:#}");
+            }
+        }
+    }
     Ok(archived(&complete, &stats, size, cow_used, started))
 }
 
