@@ -374,12 +374,9 @@ async fn stream_indexed(
     let index = common::catalog::read_index(store.as_ref(), m, info, ix, identities).await?;
     // Encrypted (format 5): frames are decrypted from the age chunks
     // that hold them, its header read once.
-    let sealed = match (&info.encryption, identities) {
-        (Some(enc), Some(ids)) => {
-            let head = store
-                .get_range(&info.key, 0..info.size.min(common::crypt::AGE_HEAD))
-                .await?;
-            let r = common::crypt::Ranged::new(head, info.size, enc, ids).map_err(key_err)?;
+    let sealed = match identities.filter(|_| info.encryption.is_some()) {
+        Some(ids) => {
+            let r = sealed_archive(store.as_ref(), &info.key, info, ids).await?;
             let own = index.own_frames();
             let frames_end = index.frames[..own]
                 .last()
@@ -402,22 +399,9 @@ async fn stream_indexed(
     // (and, encrypted, each one's age header read once).
     let bases = bases_of(store.as_ref(), m, &index, auth).await?;
     let mut sealed_bases = Vec::new();
-    if let (Some(_), Some(ids)) = (&info.encryption, identities) {
+    if let Some(ids) = identities.filter(|_| sealed.is_some()) {
         for (key, base) in &bases {
-            let enc = base
-                .encryption
-                .as_ref()
-                .expect("checked: encrypted like this one");
-            let head = store
-                .get_range(key, 0..base.size.min(common::crypt::AGE_HEAD))
-                .await?;
-            let r = common::crypt::Ranged::new(head, base.size, enc, ids).map_err(|why| {
-                ArchiveError::Key {
-                    url: store.url(key),
-                    why,
-                }
-            })?;
-            sealed_bases.push(r);
+            sealed_bases.push(sealed_archive(store.as_ref(), key, base, ids).await?);
         }
     }
     // All cores decompress; more requests than cores keep a remote store
@@ -468,12 +452,37 @@ async fn stream_indexed(
     Ok(r?)
 }
 
-/// The archive keys of the sources of `index` (an incremental backup
-/// `m`'s bases, [`common::archive::index::Index::sources`]), in order:
-/// each base's manifest read like any (MAC checked with `[auth]`), of the
-/// same name, indexed, older than `m`; its archive's key derived from its
-/// id, its size the manifest's, and every frame of it that `index` names
-/// inside it. Anything else refuses the backup before anything is written.
+/// The encrypted archive `info` at `key`, for ranged reads: its age header
+/// read (its first bytes) and opened with `ids`.
+async fn sealed_archive<'a>(
+    store: &dyn Store,
+    key: &str,
+    info: &ArchiveInfo,
+    ids: &'a Identities,
+) -> anyhow::Result<common::crypt::Ranged<'a>> {
+    let enc = info
+        .encryption
+        .as_ref()
+        .expect("called for an encrypted archive");
+    let head = store
+        .get_range(key, 0..info.size.min(common::crypt::AGE_HEAD))
+        .await?;
+    let r =
+        common::crypt::Ranged::new(head, info.size, enc, ids).map_err(|why| ArchiveError::Key {
+            url: store.url(key),
+            why,
+        })?;
+    Ok(r)
+}
+
+/// The archive keys and manifest archive entries of the sources of
+/// `index` (an incremental backup `m`'s bases,
+/// [`common::archive::index::Index::sources`]), in order: each base's
+/// manifest read like any (MAC checked with `[auth]`), of the same name,
+/// indexed, encrypted exactly when `m` is, older than `m`; its archive's
+/// key derived from its id, its size the manifest's, and every frame of it
+/// that `index` names inside it. Anything else refuses the backup before
+/// anything is written.
 async fn bases_of(
     store: &dyn Store,
     m: &Manifest,
