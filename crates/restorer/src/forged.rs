@@ -257,37 +257,6 @@ impl Rig {
         m
     }
 
-    /// An indexed backup (format 3) of `entries` under `paths`, in frames
-    /// of `target` tar bytes; `forge` edits its index before it is stored
-    /// (the manifest then binds the forged index: size and SHA-256).
-    pub fn indexed(
-        &mut self,
-        paths: &[&str],
-        entries: &[Raw],
-        target: u64,
-        forge: impl FnOnce(&mut Index),
-    ) -> Manifest {
-        let tar = tar_of(entries);
-        let mut w = FrameWriter::with_target(Vec::new(), 1, 2, target);
-        w.write_all(&tar).unwrap();
-        let (stored, mut index) = w.finish().unwrap();
-        let mut m = self.manifest(paths, &tar, &stored, Compression::Zstd);
-        forge(&mut index);
-        let bytes = index.to_stored().unwrap();
-        let key = common::archive::keys::index(&m.name, &m.backup_id, false);
-        let path = self.root().join("store").join(&key);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, &bytes).unwrap();
-        m.format_version = INDEXED_FORMAT_VERSION;
-        m.archive.as_mut().unwrap().index = Some(IndexInfo {
-            key,
-            size: bytes.len() as u64,
-            sha256: v(&sha(&bytes)),
-        });
-        self.plant(&m, &stored, |t| t);
-        m
-    }
-
     /// Keys for encrypted backups: an identity this rig's restores use
     /// (`encryption.identity_file`) and its recipient.
     pub fn keys(&mut self) -> common::crypt::Recipients {
@@ -304,6 +273,19 @@ impl Rig {
         common::crypt::Recipients::load(&to).unwrap()
     }
 
+    /// An indexed backup (format 3) of `entries` under `paths`, in frames
+    /// of `target` tar bytes; `forge` edits its index before it is stored
+    /// (the manifest then binds the forged index: size and SHA-256).
+    pub fn indexed(
+        &mut self,
+        paths: &[&str],
+        entries: &[Raw],
+        target: u64,
+        forge: impl FnOnce(&mut Index),
+    ) -> Manifest {
+        self.framed(paths, entries, target, forge, None, |_| {})
+    }
+
     /// An encrypted indexed backup (format 5) of `entries` under `paths`,
     /// in frames of `target` tar bytes; `forge` edits the stored (encrypted)
     /// archive, whose size and SHA-256 the manifest then records.
@@ -315,27 +297,46 @@ impl Rig {
         target: u64,
         forge: impl FnOnce(&mut Vec<u8>),
     ) -> Manifest {
+        self.framed(paths, entries, target, |_| {}, Some(to), forge)
+    }
+
+    /// [`Rig::indexed`], encrypted to `to` when given ([`Rig::sealed`]).
+    fn framed(
+        &mut self,
+        paths: &[&str],
+        entries: &[Raw],
+        target: u64,
+        forge_index: impl FnOnce(&mut Index),
+        to: Option<&common::crypt::Recipients>,
+        forge_stored: impl FnOnce(&mut Vec<u8>),
+    ) -> Manifest {
         let seal = |plain: &[u8]| {
-            let mut w = common::crypt::Sealer::new(Vec::new(), Some(to)).unwrap();
+            let mut w = common::crypt::Sealer::new(Vec::new(), to).unwrap();
             w.write_all(plain).unwrap();
             w.finish().unwrap()
         };
         let tar = tar_of(entries);
         let mut w = FrameWriter::with_target(Vec::new(), 1, 2, target);
         w.write_all(&tar).unwrap();
-        let (frames, index) = w.finish().unwrap();
+        let (frames, mut index) = w.finish().unwrap();
         let mut stored = seal(&frames);
-        forge(&mut stored);
+        forge_stored(&mut stored);
         let mut m = self.manifest(paths, &tar, &stored, Compression::Zstd);
+        forge_index(&mut index);
         let bytes = seal(&index.to_stored().unwrap());
-        let key = common::archive::keys::index(&m.name, &m.backup_id, true);
+        let encrypted = to.is_some();
+        let key = common::archive::keys::index(&m.name, &m.backup_id, encrypted);
         let path = self.root().join("store").join(&key);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, &bytes).unwrap();
-        m.format_version = common::manifest::ENCRYPTED_INDEXED_FORMAT_VERSION;
+        m.format_version = match encrypted {
+            false => INDEXED_FORMAT_VERSION,
+            true => common::manifest::ENCRYPTED_INDEXED_FORMAT_VERSION,
+        };
         let a = m.archive.as_mut().unwrap();
-        a.key = common::archive::keys::archive_key(&m.name, &m.backup_id, Compression::Zstd, true);
-        a.encryption = Some(to.encryption());
+        a.key =
+            common::archive::keys::archive_key(&m.name, &m.backup_id, Compression::Zstd, encrypted);
+        a.encryption = to.map(|t| t.encryption());
         a.index = Some(IndexInfo {
             key,
             size: bytes.len() as u64,
