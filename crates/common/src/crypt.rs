@@ -454,7 +454,7 @@ impl<'a> Ranged<'a> {
     /// The plaintext `plain`, from `stored`: the bytes of
     /// [`Ranged::stored_range`] of it. An error when a chunk does not
     /// decrypt (changed, moved or cut).
-    pub fn read(&self, plain: std::ops::Range<u64>, stored: &[u8]) -> io::Result<Vec<u8>> {
+    pub fn read(&self, plain: std::ops::Range<u64>, stored: &[u8]) -> io::Result<bytes::Bytes> {
         let range = self.stored_range(&plain);
         if stored.len() as u64 != range.end - range.start || plain.end > self.plain_len() {
             return Err(io::Error::new(
@@ -482,8 +482,7 @@ impl<'a> Ranged<'a> {
             .map_err(decryption_failed)?;
         let mut out = vec![0; (plain.end - from) as usize];
         Decrypting(&mut r).read_exact(&mut out)?;
-        out.drain(..(plain.start - from) as usize);
-        Ok(out)
+        Ok(bytes::Bytes::from(out).slice((plain.start - from) as usize..))
     }
 
     /// Whether one of the identities opens the header.

@@ -438,7 +438,7 @@ async fn stream_indexed(
                     url: store.url(key),
                     why: e.to_string(),
                 })?;
-                Ok(plain.into())
+                Ok(plain)
             }
             None => get(r),
         }
