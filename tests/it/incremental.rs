@@ -449,7 +449,18 @@ fn encrypted_incremental_backups_restore_whole_and_a_lost_kept_index_means_a_ful
     }
     assert_eq!(target.db.checksums("d"), want);
 
-    // The kept index gone: the next backup is full, with a warning.
+    // A kept index whose binding names another backup (another host's, or
+    // one a kill -9 left between the two files): not used, a full backup.
+    let binding = src.state.join("index-db1.toml");
+    let text = std::fs::read_to_string(&binding).unwrap();
+    assert!(text.contains(&incr), "{text}");
+    std::fs::write(&binding, text.replace(&incr, &full)).unwrap();
+    change(&src, 0);
+    let after_stale = src.backup();
+    let a = manifest(&src, &after_stale).archive.unwrap();
+    assert!(a.bases.is_empty() && a.chain == 0, "{:?}", a.bases);
+
+    // The kept index gone: the next backup is full too.
     let kept: Vec<_> = std::fs::read_dir(&src.state)
         .unwrap()
         .map(|e| e.unwrap().path())

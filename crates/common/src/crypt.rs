@@ -840,24 +840,15 @@ mod tests {
         }
         // Another recipient's key, or a header cut off: refused up front.
         let stored = seal(b"rows", &k.recipients);
-        let other = keys(1);
-        let err = Ranged::new(
-            bytes::Bytes::copy_from_slice(&stored),
-            stored.len() as u64,
-            &enc,
-            &other.ids[0],
-        )
-        .err()
-        .unwrap();
+        let refused = |head: &[u8], ids: &Identities| {
+            let head = bytes::Bytes::copy_from_slice(head);
+            Ranged::new(head, stored.len() as u64, &enc, ids)
+                .err()
+                .unwrap()
+        };
+        let err = refused(&stored, &keys(1).ids[0]);
         assert!(err.contains("holds none of them"), "{err}");
-        let err = Ranged::new(
-            bytes::Bytes::copy_from_slice(&stored[..40]),
-            stored.len() as u64,
-            &enc,
-            &k.ids[0],
-        )
-        .err()
-        .unwrap();
+        let err = refused(&stored[..40], &k.ids[0]);
         assert!(err.contains("not within its first 40 bytes"), "{err}");
     }
 
