@@ -187,20 +187,20 @@ fn a_forged_incremental_index_or_a_missing_base_is_refused_before_anything_chang
     let target = Target::second(&src);
 
     // Each forgery planted as a backup of its own (index bound by its manifest).
-    // A frame's own SHA-256 is checked by verify; a restore checks each
+    // A frame's own digest is checked by verify; a restore checks each
     // piece it writes (every byte it writes is in one).
     type Forge = fn(&mut Index);
     let forgeries: &[(&str, Forge, &str)] = &[
         (
-            "referenced frame's SHA-256",
+            "referenced frame's digest",
             |i| {
                 let f = i.frames.iter_mut().find(|f| f.source.is_some()).unwrap();
-                f.sha256 = common::manifest::Sha256Hex::parse(&"ab".repeat(32)).unwrap();
+                f.digest = common::manifest::Sha256Hex::parse(&"ab".repeat(32)).unwrap();
             },
             "corrupted",
         ),
         (
-            "SHA-256 of a piece in a referenced frame",
+            "digest of a piece in a referenced frame",
             |i| {
                 let own = i.own_frames() as u32;
                 let c = i
@@ -209,7 +209,7 @@ fn a_forged_incremental_index_or_a_missing_base_is_refused_before_anything_chang
                     .flat_map(|e| e.chunks.iter_mut())
                     .find(|c| c.frame >= own)
                     .unwrap();
-                c.sha256 = common::manifest::Sha256Hex::parse(&"ab".repeat(32)).unwrap();
+                c.digest = common::manifest::Sha256Hex::parse(&"ab".repeat(32)).unwrap();
             },
             "corrupted",
         ),

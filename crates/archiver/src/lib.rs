@@ -386,6 +386,18 @@ async fn find_base(
         false => common::catalog::read_index(store, &m, info, ix, None).await?,
         true => cached_index(cfg, &m, info, ix)?,
     };
+    if index.version != format::index::INDEX_VERSION {
+        // Its digests are of another hash than this backup's.
+        tracing::info!(
+            "taking a full backup: the last backup {id} has an index of version {} ({} digests), this mysnap writes version {} ({})",
+            index.version,
+            index.hash().name(),
+            format::index::INDEX_VERSION,
+            format::index::PieceHash::of_version(format::index::INDEX_VERSION)
+                .map_or("?", |h| h.name())
+        );
+        return Ok(None);
+    }
     Ok(Some(format::incremental::Base {
         id,
         snapshot_time: m.snapshot_time(),

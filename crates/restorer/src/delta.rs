@@ -5,7 +5,7 @@
 //! server left (stopped, so nothing changes under the comparison): a
 //! regular file at the same path with the same size and mtime (seconds; a
 //! restore sets them from the index), or with [`DeltaMode::Checksum`] the
-//! same size and the same SHA-256 for every chunk the index lists, is
+//! same size and the same digest for every chunk the index lists, is
 //! reused. The unpack then writes every other entry ([`Reuse::contains`]
 //! selects what it skips; only frames holding a piece of a written file are
 //! fetched) and [`link`] hard-links the reused files into the staging
@@ -16,7 +16,7 @@
 //! With [`DeltaMode::Checksum`] a file that is not reused whole may still
 //! be in part: the unpack asks [`Reuse`] (a [`Pieces`]) for each of its
 //! chunks of at least
-//! [`MIN_REUSED_CHUNK`](common::archive::frames::MIN_REUSED_CHUNK) bytes and writes the local bytes when their SHA-256
+//! [`MIN_REUSED_CHUNK`](common::archive::frames::MIN_REUSED_CHUNK) bytes and writes the local bytes when their digest
 //! is the index's (a redo log or a big tablespace that changed in a few
 //! places is fetched only there); it reads the local copy, never writes it.
 //!
@@ -31,17 +31,16 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use common::archive::index::{Chunk, EntryKind, Index};
+use common::archive::index::{Chunk, EntryKind, Index, PieceHash};
 use common::archive::read::Pieces;
 use common::archive::tree::SafeDir;
-use sha2::Digest;
 
 /// How `--delta` tells a local file is the backup's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeltaMode {
     /// Same size and mtime (`--delta`, `--delta=mtime`).
     Mtime,
-    /// Same size and the same SHA-256 of every chunk (`--delta=checksum`):
+    /// Same size and the same digest of every chunk (`--delta=checksum`):
     /// reads every candidate file whole; catches a file changed with its
     /// size and mtime kept.
     Checksum,
@@ -161,7 +160,7 @@ pub fn compare(
         let Some(dir) = last.as_ref().and_then(|(_, _, d)| d.as_ref()) else {
             continue;
         };
-        let same = same(dir, Path::new(name), e.size, e.mtime, &e.chunks, mode);
+        let same = same(dir, Path::new(name), e, index.hash(), mode);
         if !same {
             tracing::debug!("{}: not the backup's ({} bytes): fetched", e.path, e.size);
         }
@@ -178,16 +177,16 @@ pub fn compare(
 }
 
 /// Whether the file `name` in `dir` is the index's: a regular file (never
-/// through a link) of `size` bytes with `mtime`, or with `chunks`' hashes.
-/// Anything unreadable is not.
+/// through a link) of the entry's size with its mtime, or with its chunks'
+/// digests (of `hash`). Anything unreadable is not.
 fn same(
     dir: &SafeDir,
     name: &Path,
-    size: u64,
-    mtime: u64,
-    chunks: &[Chunk],
+    e: &common::archive::index::Entry,
+    hash: PieceHash,
     mode: DeltaMode,
 ) -> bool {
+    let (size, mtime) = (e.size, e.mtime);
     use nix::sys::stat::SFlag;
     let Ok(st) = dir.stat(name) else {
         return false;
@@ -203,7 +202,7 @@ fn same(
             let Ok(f) = dir.open_read(name) else {
                 return false;
             };
-            chunks_match(f, chunks).unwrap_or_else(|e| {
+            chunks_match(f, &e.chunks, hash).unwrap_or_else(|e| {
                 tracing::debug!("{}: {e}", dir.shown(name).display());
                 false
             })
@@ -211,12 +210,12 @@ fn same(
     }
 }
 
-/// Whether `f` read from its start has the SHA-256 of each of `chunks`
-/// (contiguous from offset 0, as the index checked).
-fn chunks_match(mut f: std::fs::File, chunks: &[Chunk]) -> std::io::Result<bool> {
+/// Whether `f` read from its start has the digest (of `hash`) of each of
+/// `chunks` (contiguous from offset 0, as the index checked).
+fn chunks_match(mut f: std::fs::File, chunks: &[Chunk], hash: PieceHash) -> std::io::Result<bool> {
     let mut buf = vec![0u8; 1 << 20];
     for c in chunks {
-        let mut h = sha2::Sha256::new();
+        let mut h = hash.hasher();
         let mut left = c.len;
         while left > 0 {
             let want = left.min(buf.len() as u64) as usize;
@@ -224,7 +223,7 @@ fn chunks_match(mut f: std::fs::File, chunks: &[Chunk]) -> std::io::Result<bool>
             h.update(&buf[..want]);
             left -= want as u64;
         }
-        if hex::encode(h.finalize()) != c.sha256.as_str() {
+        if h.finish() != c.digest {
             return Ok(false);
         }
     }

@@ -8,7 +8,7 @@
 //! writer's, trusted), so `write_tar` needs no change.
 //!
 //! The thread that runs `write_tar` only reads, copies and parses: the
-//! SHA-256 of each chunk, like the compression and the frame's SHA-256, is
+//! digest of each chunk, like the compression and the frame's digest, is
 //! computed by the frame's compression thread ([`compress`]), and the
 //! frame buffers and compressors go back to the writer to be reused
 //! ([`Spare`]): no allocation per frame once `workers + 1` exist.
@@ -17,7 +17,7 @@
 //! (a frame is cut there), so the same file's chunks line up between two
 //! backups. An incremental backup gives the writer its base's chunks
 //! ([`FrameWriter::reusing`]): a chunk of at least [`MIN_REUSED_CHUNK`]
-//! bytes whose SHA-256 equals the base's chunk at the same offset and of
+//! bytes whose digest equals the base's chunk at the same offset and of
 //! the same length is written as zeros (the tar stream stays whole and
 //! compresses them to almost nothing) and listed by
 //! [`FrameWriter::reused_chunks`], for the index to point at the base's
@@ -28,8 +28,9 @@ use std::io::{self, Write};
 use std::ops::Range;
 use std::thread::JoinHandle;
 
-use super::index::{Chunk, Entry, EntryKind, Frame, Index, FRAME_TARGET, INDEX_VERSION};
-use crate::ids::Sha256Hex;
+use super::index::{
+    Chunk, Digest, Entry, EntryKind, Frame, Index, PieceHash, FRAME_TARGET, INDEX_VERSION,
+};
 
 /// Where the tar parser is.
 enum State {
@@ -66,16 +67,16 @@ struct Spare {
     zstd: zstd::bulk::Compressor<'static>,
 }
 
-/// A compressed frame: its stored bytes (in `spare.stored`), their SHA-256,
-/// the SHA-256 of each of its chunks, in order.
+/// A compressed frame: its stored bytes (in `spare.stored`), their digest,
+/// the digest of each of its chunks, in order.
 struct Compressed {
     spare: Spare,
-    sha256: Sha256Hex,
-    chunks: Vec<Sha256Hex>,
+    digest: Digest,
+    chunks: Vec<Digest>,
 }
 
-/// The chunks of a base's files by path: (offset, length, SHA-256).
-pub type BaseChunks = HashMap<String, Vec<(u64, u64, Sha256Hex)>>;
+/// The chunks of a base's files by path: (offset, length, digest).
+pub type BaseChunks = HashMap<String, Vec<(u64, u64, Digest)>>;
 
 /// The smallest chunk an incremental backup refers to in its base instead
 /// of storing it (a smaller one would make a restore fetch a base frame
@@ -119,7 +120,7 @@ pub struct FrameWriter<W: Write> {
     /// The base's chunks ([`FrameWriter::reusing`]) and those of the
     /// current file's path.
     base: BaseChunks,
-    base_file: Option<Vec<(u64, u64, Sha256Hex)>>,
+    base_file: Option<Vec<(u64, u64, Digest)>>,
     /// (entry, chunk) numbers of the chunks written as zeros.
     reused: Vec<(usize, usize)>,
 }
@@ -166,8 +167,21 @@ impl<W: Write> FrameWriter<W> {
         }
     }
 
+    /// Writes an index of an older `version` (its digests of that
+    /// version's hash), for tests that an archive of an older mysnap is
+    /// still read.
+    pub fn index_version(mut self, version: u32) -> Self {
+        assert!(
+            PieceHash::of_version(version).is_some(),
+            "an index version mysnap reads"
+        );
+        self.index.version = version;
+        self
+    }
+
     /// Compares each chunk with `base`'s chunk of the same path, offset
-    /// and length (see the module).
+    /// and length (see the module); `base` holds digests of this writer's
+    /// index version.
     pub fn reusing(mut self, base: BaseChunks) -> Self {
         self.base = base;
         self
@@ -212,7 +226,7 @@ impl<W: Write> FrameWriter<W> {
             tar_len,
             stored_offset: 0,
             stored_len: 0,
-            sha256: unknown_sha256(),
+            digest: unknown_digest(),
             source: None,
         });
         while self.in_flight.len() >= self.workers {
@@ -232,8 +246,11 @@ impl<W: Write> FrameWriter<W> {
         self.buf.reserve(self.target as usize + (64 << 10));
         let ranges = std::mem::take(&mut self.ranges);
         let pieces = std::mem::take(&mut self.pieces);
-        self.in_flight
-            .push_back((std::thread::spawn(move || compress(spare, ranges)), pieces));
+        let hash = self.index.hash();
+        self.in_flight.push_back((
+            std::thread::spawn(move || compress(spare, ranges, hash)),
+            pieces,
+        ));
         Ok(())
     }
 
@@ -245,21 +262,21 @@ impl<W: Write> FrameWriter<W> {
         let done = h
             .join()
             .map_err(|_| io::Error::other("a compression thread panicked"))??;
-        for ((e, c), sha) in pieces.into_iter().zip(done.chunks) {
-            self.index.entries[e].chunks[c].sha256 = sha;
+        for ((e, c), digest) in pieces.into_iter().zip(done.chunks) {
+            self.index.entries[e].chunks[c].digest = digest;
         }
         let f = &mut self.index.frames[self.emitted];
         self.emitted += 1;
         f.stored_offset = self.stored;
         f.stored_len = done.spare.stored.len() as u64;
-        f.sha256 = done.sha256;
+        f.digest = done.digest;
         self.stored += f.stored_len;
         self.out.write_all(&done.spare.stored)?;
         self.spares.push(done.spare);
         Ok(())
     }
 
-    /// Ends the open file's chunk in this frame; its SHA-256 is filled in
+    /// Ends the open file's chunk in this frame; its digest is filled in
     /// when the frame is written out.
     fn close_chunk(&mut self) {
         let Some(start) = self.chunk.take() else {
@@ -271,6 +288,7 @@ impl<W: Write> FrameWriter<W> {
         }
         let min = self.min_reused();
         let frame = self.index.frames.len() as u32;
+        let hash = self.index.hash();
         let entry = self.index.entries.len() - 1;
         let e = &mut self.index.entries[entry];
         let offset = e.chunks.last().map_or(0, |c| c.offset + c.len);
@@ -278,12 +296,12 @@ impl<W: Write> FrameWriter<W> {
             b.iter()
                 .find(|(o, l, _)| *o == offset && *l == len && len >= min)
         });
-        let mut sha256 = unknown_sha256();
-        if let Some((_, _, base_sha)) = in_base {
+        let mut digest = unknown_digest();
+        if let Some((_, _, base_digest)) = in_base {
             // Hashed here, not on the compression thread: the bytes go
             // out as zeros when the base holds them.
-            sha256 = hex_sha256(&self.buf[start..]);
-            if sha256 == *base_sha {
+            digest = hash.digest(&self.buf[start..]);
+            if digest == *base_digest {
                 self.buf[start..].fill(0);
                 self.reused.push((entry, e.chunks.len()));
             }
@@ -295,7 +313,7 @@ impl<W: Write> FrameWriter<W> {
             frame,
             offset,
             len,
-            sha256,
+            digest,
             at: None,
         });
     }
@@ -388,12 +406,8 @@ impl<W: Write> FrameWriter<W> {
 }
 
 /// A placeholder until the frame's compression thread has hashed the chunk.
-fn unknown_sha256() -> Sha256Hex {
-    Sha256Hex::parse(&"0".repeat(64)).expect("a SHA-256")
-}
-
-fn hex_sha256(bytes: &[u8]) -> Sha256Hex {
-    Sha256Hex::parse(&crate::codec::sha256_hex(bytes)).expect("a SHA-256")
+fn unknown_digest() -> Digest {
+    Digest::parse(&"0".repeat(64)).expect("64 hex digits")
 }
 
 /// A compressor of frames: zstd at `level`, each frame with its checksum.
@@ -404,11 +418,17 @@ fn compressor(level: i32) -> io::Result<zstd::bulk::Compressor<'static>> {
 }
 
 /// One frame (`spare.tar`), compressed alone into `spare.stored`; its
-/// SHA-256 and the SHA-256 of each of its chunks (`chunks`: where they lie
-/// in the frame).
-fn compress(mut spare: Spare, chunks: Vec<Range<usize>>) -> io::Result<Compressed> {
-    let hex = hex_sha256;
-    let chunks = chunks.into_iter().map(|r| hex(&spare.tar[r])).collect();
+/// digest and the digest of each of its chunks (`chunks`: where they lie
+/// in the frame), with `hash`.
+fn compress(
+    mut spare: Spare,
+    chunks: Vec<Range<usize>>,
+    hash: PieceHash,
+) -> io::Result<Compressed> {
+    let chunks = chunks
+        .into_iter()
+        .map(|r| hash.digest(&spare.tar[r]))
+        .collect();
     spare.stored.clear();
     spare
         .stored
@@ -416,10 +436,10 @@ fn compress(mut spare: Spare, chunks: Vec<Range<usize>>) -> io::Result<Compresse
     spare
         .zstd
         .compress_to_buffer(&spare.tar, &mut spare.stored)?;
-    let sha256 = hex(&spare.stored);
+    let digest = hash.digest(&spare.stored);
     Ok(Compressed {
         spare,
-        sha256,
+        digest,
         chunks,
     })
 }

@@ -18,7 +18,7 @@
 //! whole restored tree.
 //!
 //! A changed file's chunks that the base holds byte for byte (same path,
-//! offset, length and SHA-256; the frame writer compares them,
+//! offset, length and digest; the frame writer compares them,
 //! [`super::frames::FrameWriter::reusing`]) are written as zeros and
 //! pointed at the base's bytes ([`super::index::Chunk::at`]): a redo log
 //! or a large tablespace that changed in a few places is stored only
@@ -148,7 +148,7 @@ impl<'a> Planner<'a> {
             .iter()
             .map(|(path, &i)| {
                 let e = &base.index.entries[i];
-                let chunks = e.chunks.iter().map(|c| (c.offset, c.len, c.sha256.clone()));
+                let chunks = e.chunks.iter().map(|c| (c.offset, c.len, c.digest.clone()));
                 (path.to_string(), chunks.collect())
             })
             .collect()
@@ -169,6 +169,13 @@ impl<'a> Planner<'a> {
         // Each reused chunk: the base's chunk it refers to (entry, chunk).
         let mut pieces = Vec::with_capacity(reused.len());
         if let Some(base) = self.base {
+            // One index holds digests of one hash.
+            if base.index.version != own.version {
+                return Err(bad(format!(
+                    "the base's index is of version {}, this one of {}",
+                    base.index.version, own.version
+                )));
+            }
             for &(e, c) in reused {
                 let entry = own
                     .entries
@@ -183,7 +190,7 @@ impl<'a> Planner<'a> {
                     .chunks
                     .iter()
                     .position(|b| {
-                        b.offset == chunk.offset && b.len == chunk.len && b.sha256 == chunk.sha256
+                        b.offset == chunk.offset && b.len == chunk.len && b.digest == chunk.digest
                     })
                     .ok_or_else(|| bad(format!("{}: no such chunk in the base", entry.path)))?;
                 self.reused_bytes += chunk.len;

@@ -16,7 +16,7 @@
 //! cut into independent zstd frames at entry starts or inside file data
 //! ([`frames`]), with an [`index`] stored beside it; `zstd -dc | tar -x`
 //! still restores it by hand, and [`parallel`] restores it frame by frame on
-//! all cores, each file's pieces checked against their own SHA-256.
+//! all cores, each file's pieces checked against their own digest.
 //!
 //! An archive read from the store is untrusted: nothing in it chooses a path
 //! outside the target, and nothing makes the reader hold or write more than

@@ -3,9 +3,9 @@
 //! [`super::policy::Policy`], every offset), then directories, links and
 //! empty files made in the index's order through [`SafeDir`], then `workers`
 //! threads each take the next frame: a ranged read of its stored bytes,
-//! their SHA-256, decompression bounded by the frame's tar length, each
+//! their digest, decompression bounded by the frame's tar length, each
 //! header in the frame compared with its index entry, each chunk checked
-//! against its own SHA-256 (a corrupt file is named) and written at its
+//! against its own digest (a corrupt file is named) and written at its
 //! offset in its file. Modes, owners and mtimes of files are set last.
 
 use std::ops::Range;
@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use bytes::Bytes;
-use sha2::Digest;
 
 use super::frames::MIN_REUSED_CHUNK;
 use super::index::{EntryKind, Index};
@@ -186,18 +185,17 @@ pub fn unpack(
 }
 
 /// Piece `c` of file `e` written below `root` from the local copy `l`
-/// when it is there with the index's SHA-256; `false`: to be fetched.
+/// when it is there with the index's digest (of `hash`); `false`: to be
+/// fetched.
 fn from_local(
+    hash: super::index::PieceHash,
     l: &dyn super::read::Pieces,
     root: &SafeDir,
     e: &super::index::Entry,
     c: &super::index::Chunk,
     buf: &mut Vec<u8>,
 ) -> Result<bool, ArchiveError> {
-    if !l.read(&e.path, c, buf)
-        || buf.len() as u64 != c.len
-        || crate::codec::sha256_hex(buf) != c.sha256.as_str()
-    {
+    if !l.read(&e.path, c, buf) || buf.len() as u64 != c.len || hash.digest(buf) != c.digest {
         return Ok(false);
     }
     let (dir, name) = split(&e.path);
@@ -290,7 +288,9 @@ fn frame(
         for (k, &(e, c)) in chunks.iter().enumerate() {
             let entry = &index.entries[e];
             let c = &entry.chunks[c];
-            if c.len >= MIN_REUSED_CHUNK && from_local(l, root, entry, c, &mut s.local)? {
+            if c.len >= MIN_REUSED_CHUNK
+                && from_local(index.hash(), l, root, entry, c, &mut s.local)?
+            {
                 copied[k] = true;
                 done.local_bytes += c.len;
             }
@@ -326,19 +326,21 @@ fn frame(
         });
     }
     // A restore's output is the index's (checked) entries and pieces each
-    // checked against its own SHA-256 below: the frame's hash is checked
+    // checked against its own digest below: the frame's digest is checked
     // first when nothing is written (verify), which answers for every
     // stored byte, and by a restore only to say why a frame does not
     // decompress.
+    let hash = index.hash();
     let hash_differs = |stored: &[u8]| {
-        let sha = crate::codec::sha256_hex(stored);
-        (sha != f.sha256.as_str()).then(|| {
+        let got = hash.digest(stored);
+        (got != f.digest).then(|| {
             corrupt(format!(
-                "frame {i} (stored bytes {}..{}, holding {}) has SHA-256 {sha}, its index says {}: corrupted",
+                "frame {i} (stored bytes {}..{}, holding {}) has {} {got}, its index says {}: corrupted",
                 f.stored_offset,
                 f.stored_offset + f.stored_len,
                 holds(),
-                f.sha256
+                hash.name(),
+                f.digest
             ))
         })
     };
@@ -425,22 +427,23 @@ fn frame(
         // core's cache. Zero blocks allocated, not written, as in a
         // one-stream restore. A piece whose hash then differs fails the
         // restore, whose files are not in place yet.
-        let mut sha = sha2::Sha256::new();
+        let mut h = hash.hasher();
         let mut w = file.as_ref().map(|f| ZeroSkipping::at(f, c.offset));
         for slice in data.chunks(CACHED_SLICE) {
-            sha.update(slice);
+            h.update(slice);
             if let Some(w) = w.as_mut() {
                 w.write_all(slice).map_err(write_err)?;
             }
         }
-        let sha = hex::encode(sha.finalize());
-        if sha != c.sha256.as_str() {
+        let got = h.finish();
+        if got != c.digest {
             return Err(corrupt(format!(
-                "{} (bytes {}..{}) has SHA-256 {sha}, the index says {}: corrupted",
+                "{} (bytes {}..{}) has {} {got}, the index says {}: corrupted",
                 entry.path,
                 c.offset,
                 c.offset + c.len,
-                c.sha256
+                hash.name(),
+                c.digest
             )));
         }
         if let Some(w) = w {
@@ -485,6 +488,11 @@ mod tests {
     }
 
     fn archive(root: &Path, target: u64) -> Archive {
+        archive_of(root, target, super::super::index::INDEX_VERSION)
+    }
+
+    /// As [`archive`], with an index of `version`.
+    fn archive_of(root: &Path, target: u64, version: u32) -> Archive {
         let layout = DataLayout {
             volume_root: "/".into(),
             datadir: v("d"),
@@ -494,7 +502,7 @@ mod tests {
         let silent = crate::progress::Silent;
         let (plain_tar, _) =
             write_tar(root, &layout, Vec::new(), &silent, &|| false, None).unwrap();
-        let w = FrameWriter::with_target(Vec::new(), 3, 3, target);
+        let w = FrameWriter::with_target(Vec::new(), 3, 3, target).index_version(version);
         let (w, stats) = write_tar(root, &layout, w, &silent, &|| false, None).unwrap();
         let (stored, index) = w.finish().unwrap();
         let info = ArchiveInfo {
@@ -595,6 +603,74 @@ mod tests {
         run(&a, Target::Discard).unwrap();
     }
 
+    /// Version 2 digests are BLAKE3; an archive of an older mysnap (index
+    /// version 1: SHA-256 digests under the key `sha256`) is still read
+    /// and checked; a version this mysnap does not know is refused.
+    #[test]
+    fn digests_are_blake3_and_a_version_1_index_of_sha256_is_still_read() {
+        use super::super::index::PieceHash;
+        let src = tempfile::tempdir().unwrap();
+        tree(src.path());
+        let big = std::fs::read(src.path().join("d/big")).unwrap();
+        let first = |a: &Archive| {
+            let e = a.index.entries.iter().find(|e| e.path == "d/big").unwrap();
+            let c = e.chunks[0].clone();
+            (c.digest.to_string(), &big[..c.len as usize])
+        };
+        let now = archive(src.path(), 64 << 10);
+        assert_eq!(now.index.version, 2);
+        let (digest, bytes) = first(&now);
+        assert_eq!(digest, blake3::hash(bytes).to_hex().as_str());
+
+        let mut a = archive_of(src.path(), 64 << 10, 1);
+        assert_eq!(a.index.hash(), PieceHash::Sha256);
+        let (digest, bytes) = first(&a);
+        assert_eq!(digest, crate::codec::sha256_hex(bytes));
+        // As an older mysnap stored it: `sha256` where version 2 says `digest`.
+        let json = serde_json::to_string(&a.index)
+            .unwrap()
+            .replace("\"digest\":", "\"sha256\":");
+        assert!(!json.contains("digest"));
+        let stored = zstd::bulk::compress(json.as_bytes(), 3).unwrap();
+        a.index = Index::parse(&stored, "u", &a.info, &a.roots).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let dir = |p| Target::Dir {
+            root: p,
+            owner: None,
+        };
+        run(&a, dir(out.path())).unwrap();
+        assert_eq!(std::fs::read(out.path().join("d/big")).unwrap(), big);
+        run(&a, Target::Discard).unwrap();
+        // The same digests taken for BLAKE3 do not match.
+        let mut as_v2 = a.index.clone();
+        as_v2.version = 2;
+        let v2 = Archive {
+            index: as_v2,
+            stored: a.stored.clone(),
+            plain_tar: vec![],
+            info: a.info.clone(),
+            roots: a.roots.clone(),
+        };
+        let out2 = tempfile::tempdir().unwrap();
+        let err = run(&v2, dir(out2.path())).unwrap_err();
+        assert!(err.to_string().contains("has BLAKE3"), "{err}");
+        // A changed digest is named with its hash.
+        let e = a
+            .index
+            .entries
+            .iter_mut()
+            .find(|e| e.path == "d/big")
+            .unwrap();
+        e.chunks[1].digest = Sha256Hex::parse(&"ab".repeat(32)).unwrap();
+        let out3 = tempfile::tempdir().unwrap();
+        let err = run(&a, dir(out3.path())).unwrap_err();
+        assert!(err.to_string().contains("has SHA-256"), "{err}");
+        // A version this mysnap does not know.
+        a.index.version = 3;
+        let err = a.index.check("u", &a.info, &a.roots).unwrap_err();
+        assert!(err.to_string().contains("upgrade mysnap"), "{err}");
+    }
+
     /// A file whose zero blocks span frames: each piece's aligned zero
     /// blocks are allocated, not written; the file has its bytes and length,
     /// also when it ends in zeros.
@@ -653,7 +729,7 @@ mod tests {
 
     /// A local copy (a delta restore's) of a big file changed in one
     /// piece and one byte too short: the pieces it holds with the index's
-    /// SHA-256 are written from it, only the others fetched, and the file
+    /// digest are written from it, only the others fetched, and the file
     /// is the archive's.
     #[test]
     fn a_subset_takes_the_pieces_a_local_copy_holds_and_fetches_the_rest() {
@@ -787,7 +863,7 @@ mod tests {
             .iter_mut()
             .find(|e| e.path == "d/sub/f3")
             .unwrap();
-        e.chunks[0].sha256 = Sha256Hex::parse(&"0".repeat(64)).unwrap();
+        e.chunks[0].digest = Sha256Hex::parse(&"0".repeat(64)).unwrap();
         let err = run(&a, Target::Discard).unwrap_err();
         assert_eq!(err.exit_code(), crate::error::ExitCode::Integrity);
         assert!(err.to_string().contains("d/sub/f3 (bytes 0.."), "{err}");
@@ -895,7 +971,7 @@ mod tests {
                         frame: 0,
                         offset: 0,
                         len: 1,
-                        sha256: Sha256Hex::parse(&"0".repeat(64)).unwrap(),
+                        digest: Sha256Hex::parse(&"0".repeat(64)).unwrap(),
                         at: None,
                     });
                 },

@@ -45,7 +45,7 @@ pub enum Target<'a> {
 }
 
 /// A local copy of files a [`Target::Subset`] writes: a piece found there
-/// with the index's SHA-256 is written from it, not fetched.
+/// with the index's digest is written from it, not fetched.
 pub trait Pieces: Sync {
     /// Reads the `chunk.len` bytes at `chunk.offset` of the local copy of
     /// the archive's file `path` into `buf` (cleared first); `false` when
