@@ -480,3 +480,89 @@ fn encrypted_incremental_backups_restore_whole_and_a_lost_kept_index_means_a_ful
     let a2 = manifest(&src, &next).archive.unwrap();
     assert!(a2.bases.is_empty() && a2.chain == 0, "{:?}", a2.bases);
 }
+
+/// A full backup whose index an older mysnap wrote (version 1: SHA-256
+/// digests, under the key `sha256`) still verifies and restores; it is no
+/// base for an incremental backup (its digests are of another hash): the
+/// next backup is a full one and says why, and the one after it is
+/// incremental again.
+#[test]
+fn an_index_of_an_older_mysnap_restores_and_the_next_backup_is_full() {
+    if !gate("an_index_of_an_older_mysnap_restores_and_the_next_backup_is_full") {
+        return;
+    }
+    let src = indexed_rig(StoreKind::File, 3, 4, 300);
+    let full = src.backup();
+    let m = manifest(&src, &full);
+    let mut ix = index(&src, &m);
+    assert_eq!(ix.version, 2);
+    // Rewritten as version 1, every digest a SHA-256 of the same bytes.
+    let store_root = src.tmp.path().join("store");
+    let stored = std::fs::read(store_root.join(format!("db1/{full}/data.tar.zst"))).unwrap();
+    let tar = zstd::stream::decode_all(&stored[..]).unwrap();
+    let sha = |b: &[u8]| common::manifest::Sha256Hex::parse(&common::codec::sha256_hex(b)).unwrap();
+    ix.version = 1;
+    for f in &mut ix.frames {
+        f.digest =
+            sha(&stored[f.stored_offset as usize..(f.stored_offset + f.stored_len) as usize]);
+    }
+    for e in &mut ix.entries {
+        let data = e.data;
+        for c in &mut e.chunks {
+            let at = c.at.unwrap_or(data + c.offset) as usize;
+            c.digest = sha(&tar[at..at + c.len as usize]);
+        }
+    }
+    let json = serde_json::to_string(&ix)
+        .unwrap()
+        .replace("\"digest\":", "\"sha256\":");
+    let old = zstd::bulk::compress(json.as_bytes(), 9).unwrap();
+    std::fs::write(store_root.join(format!("db1/{full}/index.json.zst")), &old).unwrap();
+    let mut m1 = m.clone();
+    let info = m1.archive.as_mut().unwrap().index.as_mut().unwrap();
+    info.size = old.len() as u64;
+    info.sha256 = sha(&old);
+    std::fs::write(
+        store_root.join(format!("db1/{full}/manifest.toml")),
+        m1.to_toml(),
+    )
+    .unwrap();
+
+    let want = src.db.checksums("d");
+    let target = Target::second(&src);
+    assert_ok(
+        &target.restorer(&src, &["verify", &full]),
+        "verify of a version 1 index",
+    );
+    assert_ok(
+        &target.restorer(&src, &["restore", &full]),
+        "restore of a version 1 index",
+    );
+    assert_eq!(target.db.checksums("d"), want);
+
+    change(&src, 1);
+    let snap = src.snapshot();
+    let out = src.run("archiver", &["--manifest", snap.to_str().unwrap()]);
+    assert_ok(&out, "archiver on a version 1 base");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("taking a full backup") && said.contains("version 1 (SHA-256 digests)"),
+        "{said}"
+    );
+    let ids: Vec<String> = src
+        .store_keys()
+        .into_iter()
+        .filter_map(|k| {
+            k.strip_suffix("/manifest.toml")
+                .map(|k| k.trim_start_matches("db1/").to_string())
+        })
+        .collect();
+    let second = ids.iter().max().unwrap().clone();
+    assert_ne!(second, full);
+    let m2 = manifest(&src, &second);
+    assert_eq!(m2.format_version, INDEXED_FORMAT_VERSION, "a full backup");
+    change(&src, 2);
+    let third = src.backup();
+    let a3 = manifest(&src, &third).archive.unwrap();
+    assert_eq!((a3.bases, a3.chain), (vec![m2.backup_id.clone()], 1));
+}
