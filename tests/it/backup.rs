@@ -362,7 +362,7 @@ fn a_backup_stage_backup_under_load_records_the_locked_coordinates_and_archives_
 /// those of the snapshot, and the archive holds exactly the snapshot.
 fn backup_under_load(lock_method: &str) {
     let rig = Rig::new(StoreKind::S3);
-    // One stream (format 1, the default) with BACKUP STAGE, indexed frames
+    // One stream (format 1, `archive.indexed = false`) with BACKUP STAGE, indexed frames
     // (format 3) with FTWRL: both formats of a real backup under load.
     let indexed = lock_method == "ftwrl";
     rig.write_config(|t| {

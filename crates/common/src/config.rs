@@ -733,9 +733,8 @@ pub struct ArchiveConfig {
     /// Most bytes per second read from the snapshot.
     pub read_rate_limit: Option<ByteSize>,
     /// zstd archives as indexed frames (manifest format 3, or 5 when
-    /// encrypted); off by default until it is as fast as one stream
-    /// (format 1).
-    #[serde(default)]
+    /// encrypted; the default); `false`: one stream (format 1, or 2).
+    #[serde(default = "default_indexed")]
     pub indexed: bool,
 }
 
@@ -746,9 +745,13 @@ impl Default for ArchiveConfig {
             level: None,
             threads: 0,
             read_rate_limit: None,
-            indexed: false,
+            indexed: default_indexed(),
         }
     }
+}
+
+fn default_indexed() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]
