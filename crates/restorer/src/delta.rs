@@ -24,6 +24,12 @@
 //! restored one, so once the server writes it is no copy of the old state:
 //! the restore removes it once the server answers (journaled: recovery
 //! removes it from the commit on).
+//!
+//! With `--until` ([`Reuse::copy`]) the reused files are copied instead
+//! (`copy_file_range`, which btrfs and XFS answer with a reflink: no bytes
+//! written), because the replay writes into the staged copy before the
+//! swap, and a failed replay must leave the set-aside data directory as it
+//! was: it is then kept like a full restore's.
 
 use std::collections::HashSet;
 use std::io::Read;
@@ -33,7 +39,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use common::archive::index::{Chunk, EntryKind, Index, PieceHash};
 use common::archive::read::Pieces;
-use common::archive::tree::SafeDir;
+use common::archive::tree::{Owner, SafeDir};
 
 /// How `--delta` tells a local file is the backup's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +79,8 @@ pub struct Reuse {
     roots: Vec<LiveRoot>,
     /// Archive paths of the reused files, in index order.
     paths: Vec<String>,
+    /// The index's mode and mtime of each of `paths` (for a copy).
+    attrs: Vec<(u32, u64)>,
     set: HashSet<String>,
     /// Files and bytes reused.
     pub files: u64,
@@ -82,6 +90,9 @@ pub struct Reuse {
     /// more than it saves when the store is as near as the disk and most
     /// pieces changed; when the store is far, it saves downloads).
     pub pieces: bool,
+    /// Whether [`link`] copies the reused files instead of hard-linking
+    /// them: the staged copy is written before the swap (a replay).
+    pub copy: bool,
 }
 
 impl Reuse {
@@ -166,6 +177,7 @@ pub fn compare(
         }
         if same {
             reuse.paths.push(e.path.clone());
+            reuse.attrs.push((e.mode, e.mtime));
             reuse.set.insert(e.path.clone());
             reuse.files += 1;
             reuse.bytes += e.size;
@@ -231,12 +243,13 @@ fn chunks_match(mut f: std::fs::File, chunks: &[Chunk], hash: PieceHash) -> std:
 }
 
 /// Hard-links every reused file into `staging` (whose directories the
-/// unpack made), at its archive path.
-pub fn link(reuse: &Reuse, staging: &Path) -> anyhow::Result<()> {
+/// unpack made), at its archive path; with [`Reuse::copy`], copies it
+/// there with the index's mode and mtime and `owner`.
+pub fn link(reuse: &Reuse, staging: &Path, owner: Owner) -> anyhow::Result<()> {
     let staged =
         SafeDir::open(staging).with_context(|| format!("cannot open {}", staging.display()))?;
     let mut last: Option<(String, SafeDir, SafeDir)> = None;
-    for path in &reuse.paths {
+    for (path, &(mode, mtime)) in reuse.paths.iter().zip(&reuse.attrs) {
         let (root, rest, name) = live_of(&reuse.roots, path).expect("compared");
         let (dir, _) = path.rsplit_once('/').unwrap_or(("", path));
         if last.as_ref().is_none_or(|(d, _, _)| d != dir) {
@@ -251,6 +264,10 @@ pub fn link(reuse: &Reuse, staging: &Path) -> anyhow::Result<()> {
             last = Some((dir.to_string(), from, to));
         }
         let (_, from, to) = last.as_ref().expect("set above");
+        if reuse.copy {
+            copy(from, to, Path::new(name), (mode, mtime), owner)?;
+            continue;
+        }
         from.hard_link(Path::new(name), to, Path::new(name))
             .with_context(|| {
                 format!(
@@ -261,6 +278,36 @@ pub fn link(reuse: &Reuse, staging: &Path) -> anyhow::Result<()> {
             })?;
     }
     Ok(())
+}
+
+/// Copies the regular file `name` of `from` into `to` (never through a
+/// link on either side; the copy must not exist) with the index's mode
+/// and mtime and `owner`. `std::io::copy` between two files is
+/// `copy_file_range`: a reflink where the file system shares extents.
+fn copy(
+    from: &SafeDir,
+    to: &SafeDir,
+    name: &Path,
+    (mode, mtime): (u32, u64),
+    owner: Owner,
+) -> anyhow::Result<()> {
+    let failed = || {
+        format!(
+            "cannot copy {} to {} (a delta restore with --until copies unchanged files into the staging directory); restore without --delta",
+            from.shown(name).display(),
+            to.shown(name).display()
+        )
+    };
+    let mut src = from.open_read(name).with_context(failed)?;
+    let want = src.metadata().with_context(failed)?.len();
+    let dst = to.create_file(name).with_context(failed)?;
+    let copied = std::io::copy(&mut src, &mut &dst).with_context(failed)?;
+    anyhow::ensure!(
+        copied == want,
+        "{}: copied {copied} bytes of {want}; restore without --delta",
+        failed()
+    );
+    SafeDir::finish_file(&dst, mode, owner, Some(mtime)).with_context(failed)
 }
 
 #[cfg(test)]

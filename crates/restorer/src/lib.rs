@@ -629,7 +629,7 @@ pub async fn stage(
     )
     .await?;
     if let Some(r) = reuse {
-        delta::link(r, staging)?;
+        delta::link(r, staging, owner)?;
         tracing::info!(
             "{} file(s), {}, taken from the local copy; {} fetched",
             r.files,

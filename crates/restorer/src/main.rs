@@ -81,11 +81,11 @@ enum Cmd {
         #[arg(long, value_name = "GTID", conflicts_with = "until")]
         until_gtid: Option<String>,
         /// Re-seed a stale copy of the same server in volume.datadir: stop the server, keep the
-        /// files whose size and mtime (or with =checksum, SHA-256 of every piece) match the
+        /// files whose size and mtime (or with =checksum, the digest of every piece) match the
         /// indexed backup, fetch only the others; the old data directory is removed once the
-        /// server answers
+        /// server answers (with --until the kept files are copied and it stays)
         #[arg(long, value_name = "HOW", num_args = 0..=1, require_equals = true,
-              default_missing_value = "mtime", conflicts_with_all = ["until", "until_gtid"])]
+              default_missing_value = "mtime")]
         delta: Option<restorer::DeltaMode>,
         /// Extract only these databases and tables (db1,db2.t1, names as stored on disk) into
         /// --into; the server and volume.datadir are not touched

@@ -93,6 +93,13 @@ impl RestoreOpts {
     fn stops_first(&self) -> bool {
         self.stop_first || self.delta.is_some()
     }
+
+    /// Whether the restored data shares files with the set-aside data
+    /// directory: `--delta` links the unchanged files, unless `--until`
+    /// (the replay writes the staged copy before the swap: they are copied).
+    fn shares_files(&self) -> bool {
+        self.delta.is_some() && self.until.is_none()
+    }
 }
 
 /// What a restore did (printed as JSON on stdout).
@@ -177,7 +184,7 @@ pub async fn restore(
     // The journal first: a restore killed now leaves its staging directory
     // for the next restore or `restorer recover` to remove.
     let mut live = SwapGuard::new(cfg, &plan);
-    live.journal.delta = opts.delta.is_some();
+    live.journal.delta = opts.shares_files();
     let first = Phase::order(opts.stops_first())[1];
     live.journal.phase = first;
     live.save()?;
@@ -191,7 +198,11 @@ pub async fn restore(
     }
     let reuse = match opts.delta {
         None => None,
-        Some(mode) => Some(compare(cfg, &plan, live.old_datadir(), mode, int).await?),
+        Some(mode) => {
+            let mut reuse = compare(cfg, &plan, live.old_datadir(), mode, int).await?;
+            reuse.copy = !opts.shares_files();
+            Some(reuse)
+        }
     };
     let (streamed, unpack_secs) = stage(cfg, &plan, reuse.as_ref(), int, progress).await?;
     int.stop_if_set()?;
@@ -214,7 +225,7 @@ pub async fn restore(
     drop(live.staging.take());
     live.enter(Phase::Start, int)?;
     let downtime = start(cfg, opts, &plan, old_datadir.as_deref(), down_since).await;
-    if downtime.is_ok() && opts.delta.is_some() {
+    if downtime.is_ok() && opts.shares_files() {
         // It shares files with the restored data, which the server writes.
         live.remove_asides();
         old_datadir = None;
@@ -533,11 +544,6 @@ async fn check(
     lock: nix::fcntl::Flock<std::fs::File>,
 ) -> anyhow::Result<Plan> {
     // Flags that need no manifest are refused before the store is asked.
-    if opts.delta.is_some() && opts.until.is_some() {
-        return Err(config_err(
-            "--delta cannot be combined with --until: the replay would write into files a delta restore shares with the set-aside data directory; restore with --until and without --delta",
-        ));
-    }
     if !opts.replica.wants_recorded_source() {
         opts.replica.resolve(None)?;
     }
@@ -595,9 +601,11 @@ async fn check(
     });
     // --delta links the files the data directory has unchanged: they need
     // no room (estimated now by size and mtime, the server still running).
-    let reusable = match opts.delta {
-        Some(_) => reusable_bytes(cfg, &chosen).await?,
-        None => 0,
+    // With --until they are copied: a reflink would need none, a copy all
+    // of it, and which one the file system does is not known beforehand.
+    let reusable = match opts.shares_files() {
+        true => reusable_bytes(cfg, &chosen).await?,
+        false => 0,
     };
     check_space(&parent, &chosen.info, binlogs, reusable)?;
     check_not_mount_point(&datadir, &parent)?;
@@ -1229,7 +1237,7 @@ async fn start(
     old: Option<&Path>,
     down_since: Option<Instant>,
 ) -> anyhow::Result<f64> {
-    let rollback = || by_hand(old, &plan.datadir, opts.delta.is_some());
+    let rollback = || by_hand(old, &plan.datadir, opts.shares_files());
     run_service("mysql.start_command", &cfg.mysql.start_command)
         .map_err(|e| e.context(rollback()))?;
     wait_ready(cfg, opts.start_timeout)
