@@ -410,6 +410,12 @@ fn restore(b: &Bench, peers: &Peers, report: &mut Report, all: bool) -> RestoreF
     let (backup_tail, restore_tail) = contenders::crypt_configs(&b.tmp.path().join("keys"));
     let (eid, _, _) = b.stored_backup_with(&backup_tail);
     let re = b.mysnap_restore_with(target, &eid, S3_URL, &restore_tail);
+    // Indexed frames (format 3, the default), from S3 and from file://.
+    eprintln!("bench: restore, indexed");
+    let (iid, iarchive, _) = b.stored_backup_as("zstd-indexed", "");
+    let ri = b.mysnap_restore(target, &iid, S3_URL);
+    b.copy_to_file_store(&iarchive);
+    let rfi = b.mysnap_restore(target, &iid, &b.file_url());
     let mut rows = vec![
         Row {
             limit: Some(limit_untar),
@@ -438,6 +444,24 @@ fn restore(b: &Bench, peers: &Peers, report: &mut Report, all: bool) -> RestoreF
             limit: Some(limit_untar),
             rss_mib: Some(rf.rss_mib),
             ..Row::new("mysnap restore: file:// → server answering", Ok(rf.secs))
+        },
+        Row {
+            limit: Some(s3_limit),
+            rss_mib: Some(ri.rss_mib),
+            mysnap: Some(r.secs),
+            ..Row::new(
+                "mysnap restore: S3, indexed (format 3) → server answering (÷ mysnap: this ÷ one stream from S3)",
+                Ok(ri.secs),
+            )
+        },
+        Row {
+            limit: Some(limit_untar),
+            rss_mib: Some(rfi.rss_mib),
+            mysnap: Some(rf.secs),
+            ..Row::new(
+                "mysnap restore: file://, indexed (format 3) → server answering (÷ mysnap: this ÷ one stream from file://)",
+                Ok(rfi.secs),
+            )
         },
         Row {
             limit: Some(s3_limit),

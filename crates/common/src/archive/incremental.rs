@@ -533,6 +533,39 @@ mod tests {
                 .to_string();
             assert!(err.contains("inside its frame"), "{err}");
         }
+        // Two pieces pointed at the same bytes of a base frame: the check
+        // cannot tell, the unpack refuses before writing either twice.
+        let mut twice = index.clone();
+        let at: Vec<usize> = e
+            .chunks
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.at.is_some())
+            .map(|(k, _)| k)
+            .take(2)
+            .collect();
+        let first = twice.entries[i].chunks[at[0]].clone();
+        let second = &mut twice.entries[i].chunks[at[1]];
+        (second.frame, second.at) = (first.frame, first.at);
+        twice.check("u", &info, &layout().paths).unwrap();
+        let fetch = |s: Option<u32>, r: std::ops::Range<u64>| {
+            let from = if s.is_some() { &full } else { &incr };
+            Ok(Bytes::copy_from_slice(
+                &from[r.start as usize..r.end as usize],
+            ))
+        };
+        let err = unpack(
+            &twice,
+            "u",
+            Target::Discard,
+            &fetch,
+            3,
+            &crate::progress::Silent,
+            &|| false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("overlap: forged"), "{err}");
     }
 
     #[test]

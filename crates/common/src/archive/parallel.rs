@@ -218,27 +218,133 @@ fn from_local(
 /// holds, read twice (hash, then write) without going back to memory.
 const CACHED_SLICE: usize = 256 << 10;
 
-/// What a worker keeps from one frame to the next: its decompressor and
-/// the buffer of a frame's tar bytes (grown to the largest frame it has
-/// held, at most [`super::index::MAX_FRAME_TAR`]), so that a frame costs
-/// no allocation.
+/// What a worker keeps from one frame to the next: its decompression
+/// context and a slice of decompressed bytes, so that a frame costs no
+/// allocation and no buffer of its whole tar bytes: a frame is
+/// decompressed a slice at a time, each hashed and written while it is in
+/// the core's cache.
 struct Scratch {
-    zstd: zstd::bulk::Decompressor<'static>,
-    tar: Vec<u8>,
+    dctx: zstd::zstd_safe::DCtx<'static>,
+    slice: Vec<u8>,
     /// A piece read from a local copy.
     local: Vec<u8>,
 }
 
 impl Scratch {
     fn new() -> std::io::Result<Scratch> {
-        let mut zstd = zstd::bulk::Decompressor::new()?;
-        zstd.window_log_max(crate::codec::ZSTD_WINDOW_LOG_MAX)?;
+        let mut dctx = zstd::zstd_safe::DCtx::try_create()
+            .ok_or_else(|| std::io::Error::other("cannot create a zstd decompression context"))?;
+        dctx.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(
+            crate::codec::ZSTD_WINDOW_LOG_MAX,
+        ))
+        .map_err(|c| std::io::Error::other(zstd::zstd_safe::get_error_name(c)))?;
         Ok(Scratch {
-            zstd,
-            tar: Vec::new(),
+            dctx,
+            slice: vec![0; CACHED_SLICE],
             local: Vec::new(),
         })
     }
+}
+
+/// A frame's tar bytes as they decompress, in order: [`Tar::skip_to`] an
+/// offset in the frame, [`Tar::take`] the next bytes. Never more than the
+/// frame's tar length; a decompression error is kept apart from a write
+/// error (`Err` of the outer and the inner result).
+struct Tar<'a> {
+    zstd: zstd::stream::read::Decoder<'a, &'a [u8]>,
+    slice: &'a mut [u8],
+    /// The slice's bytes not taken yet: `slice[from..to]`.
+    from: usize,
+    to: usize,
+    /// The frame offset of `slice[to]`.
+    at: u64,
+    len: u64,
+}
+
+impl<'a> Tar<'a> {
+    fn new(stored: &'a [u8], s: &'a mut Scratch, len: u64) -> std::io::Result<Tar<'a>> {
+        s.dctx
+            .reset(zstd::zstd_safe::ResetDirective::SessionOnly)
+            .map_err(|c| std::io::Error::other(zstd::zstd_safe::get_error_name(c)))?;
+        Ok(Tar {
+            zstd: zstd::stream::read::Decoder::with_context(stored, &mut s.dctx).single_frame(),
+            slice: &mut s.slice,
+            from: 0,
+            to: 0,
+            at: 0,
+            len,
+        })
+    }
+
+    /// The frame offset of the next byte [`Tar::take`] gives.
+    fn pos(&self) -> u64 {
+        self.at - (self.to - self.from) as u64
+    }
+
+    /// Decompresses the next slice; `false` at the frame's end.
+    fn fill(&mut self) -> std::io::Result<bool> {
+        use std::io::Read;
+        // At most one byte past the frame's tar length: that is an error.
+        let room = (self.len + 1 - self.at).min(self.slice.len() as u64) as usize;
+        let n = self.zstd.read(&mut self.slice[..room])?;
+        self.from = 0;
+        self.to = n;
+        self.at += n as u64;
+        Ok(n > 0)
+    }
+
+    /// Up to `max` of the next bytes (none at the frame's end).
+    fn take(&mut self, max: usize) -> std::io::Result<&[u8]> {
+        if self.from == self.to && !self.fill()? {
+            return Ok(&[]);
+        }
+        let n = max.min(self.to - self.from);
+        let from = self.from;
+        self.from += n;
+        Ok(&self.slice[from..from + n])
+    }
+
+    /// Drops the bytes before frame offset `to` (at or after [`Tar::pos`]).
+    fn skip_to(&mut self, to: u64) -> std::io::Result<()> {
+        while self.pos() < to {
+            let want = (to - self.pos()).min(usize::MAX as u64) as usize;
+            if self.take(want)?.is_empty() {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A header block to compare with its entry, or piece `(entry, chunk)` to
+/// hash and write.
+enum Event {
+    Header(usize),
+    Piece(usize, usize),
+}
+
+/// The last header block of entry `e`, compared with the index.
+fn check_header(e: &super::index::Entry, block: &[u8; 512], url: &str) -> Result<(), ArchiveError> {
+    let h = tar::Header::from_byte_slice(block);
+    let kind = match h.entry_type() {
+        tar::EntryType::Directory => Some(EntryKind::Dir),
+        tar::EntryType::Symlink => Some(EntryKind::Symlink),
+        tar::EntryType::Regular | tar::EntryType::Continuous => Some(EntryKind::File),
+        _ => None,
+    };
+    let size = h.entry_size().ok();
+    let short_name = e.data - e.header == 512;
+    let path = h.path_bytes();
+    let name_agrees = !short_name || path.strip_suffix(b"/").unwrap_or(&path) == e.path.as_bytes();
+    let size_agrees = e.kind != EntryKind::File || size == Some(e.size);
+    if kind != Some(e.kind) || !size_agrees || !name_agrees {
+        return Err(ArchiveError::Unsafe {
+            url: url.to_string(),
+            path: e.path.chars().take(200).collect(),
+            why: "its tar header does not agree with the index (name, type or size): forged".into(),
+        });
+    }
+    Ok(())
 }
 
 fn split(path: &str) -> (&str, &str) {
@@ -349,106 +455,131 @@ fn frame(
             return Err(e);
         }
     }
-    // Bounded by the frame's tar length (checked: at most MAX_FRAME_TAR),
-    // or the largest frame before it, and checked exactly below.
-    let tar = &mut s.tar;
-    tar.clear();
-    tar.reserve_exact(f.tar_len as usize);
-    let decompressed = s.zstd.decompress_to_buffer(&stored[..], tar);
-    if decompressed.is_err() || tar.len() as u64 != f.tar_len {
-        if let Some(e) = hash_differs(&stored) {
-            return Err(e);
-        }
+    // What is checked or written, in the frame's tar order: the last
+    // header block of each entry starting here, and each piece to write.
+    // Pieces and headers of a real index never overlap; a forged one's
+    // may, and is refused.
+    let mut events: Vec<(u64, u64, Event)> = headers
+        .iter()
+        .map(|&e| {
+            let at = index.entries[e].data - 512 - f.tar_offset;
+            (at, at + 512, Event::Header(e))
+        })
+        .chain(
+            chunks
+                .iter()
+                .zip(&copied)
+                .filter(|(_, copied)| !**copied)
+                .map(|(&(e, c), _)| {
+                    let entry = &index.entries[e];
+                    let at = entry.chunks[c].tar_at(entry) - f.tar_offset;
+                    (at, at + entry.chunks[c].len, Event::Piece(e, c))
+                }),
+        )
+        .collect();
+    events.sort_by_key(|(at, _, _)| *at);
+    if events.windows(2).any(|w| w[1].0 < w[0].1) {
+        return Err(corrupt(format!(
+            "frame {i} (holding {}): pieces or headers in its index overlap: forged",
+            holds()
+        )));
     }
-    decompressed.map_err(|e| {
+    let not_zstd = |e: std::io::Error| {
+        hash_differs(&stored).unwrap_or_else(|| {
+            corrupt(format!(
+                "frame {i} (holding {}) does not decompress to its {} tar bytes: {e}: corrupted",
+                holds(),
+                f.tar_len
+            ))
+        })
+    };
+    let cut = |got: u64| {
         corrupt(format!(
-            "frame {i} (holding {}) does not decompress to its {} tar bytes: {e}: corrupted",
+            "frame {i} (holding {}) decompresses to {got} bytes, its index says {}: corrupted",
             holds(),
             f.tar_len
         ))
-    })?;
-    drop(stored);
-    if tar.len() as u64 != f.tar_len {
-        return Err(corrupt(format!(
-            "frame {i} (holding {}) decompresses to {} bytes, its index says {}: corrupted",
-            holds(),
-            tar.len(),
-            f.tar_len
-        )));
-    }
-    for &e in headers {
-        let e = &index.entries[e];
-        let at = (e.data - 512 - f.tar_offset) as usize;
-        let h = tar::Header::from_byte_slice(&tar[at..at + 512]);
-        let kind = match h.entry_type() {
-            tar::EntryType::Directory => Some(EntryKind::Dir),
-            tar::EntryType::Symlink => Some(EntryKind::Symlink),
-            tar::EntryType::Regular | tar::EntryType::Continuous => Some(EntryKind::File),
-            _ => None,
-        };
-        let size = h.entry_size().ok();
-        let short_name = e.data - e.header == 512;
-        let path = h.path_bytes();
-        let name_agrees =
-            !short_name || path.strip_suffix(b"/").unwrap_or(&path) == e.path.as_bytes();
-        let size_agrees = e.kind != EntryKind::File || size == Some(e.size);
-        if kind != Some(e.kind) || !size_agrees || !name_agrees {
-            return Err(ArchiveError::Unsafe {
-                url: url.to_string(),
-                path: e.path.chars().take(200).collect(),
-                why: "its tar header does not agree with the index (name, type or size): forged"
-                    .into(),
-            });
+    };
+    let mut tar = Tar::new(&stored, s, f.tar_len).map_err(|e| corrupt(e.to_string()))?;
+    for (at, end, event) in events {
+        tar.skip_to(at).map_err(not_zstd)?;
+        if tar.pos() < at {
+            return Err(hash_differs(&stored).unwrap_or_else(|| cut(tar.pos())));
         }
-    }
-    for (&(e, c), _) in chunks.iter().zip(&copied).filter(|(_, copied)| !**copied) {
-        let entry = &index.entries[e];
-        let c = &entry.chunks[c];
-        let start = (c.tar_at(entry) - f.tar_offset) as usize;
-        let data = &tar[start..start + c.len as usize];
-        let mut file = None;
-        let shown = root.map(|r| r.shown(Path::new(&entry.path)));
-        let write_err = |source| ArchiveError::Write {
-            path: shown.clone().unwrap_or_default(),
-            source,
-        };
-        if let Some(root) = root {
-            let (dir, name) = split(&entry.path);
-            if parent.as_ref().is_none_or(|(p, _)| p != dir) {
-                let d = root
-                    .subdir(Path::new(dir), false, None)
-                    .map_err(write_err)?;
-                *parent = Some((dir.to_string(), d));
+        match event {
+            Event::Header(e) => {
+                let mut block = [0u8; 512];
+                let mut got = 0;
+                while got < 512 {
+                    let b = tar.take(512 - got).map_err(not_zstd)?;
+                    if b.is_empty() {
+                        return Err(hash_differs(&stored).unwrap_or_else(|| cut(tar.pos())));
+                    }
+                    block[got..got + b.len()].copy_from_slice(b);
+                    got += b.len();
+                }
+                check_header(&index.entries[e], &block, url)?;
             }
-            let d = &parent.as_ref().expect("set above").1;
-            file = Some(d.open_file(Path::new(name)).map_err(write_err)?);
-        }
-        // Hashed and written a slice at a time, each while it is in the
-        // core's cache. Zero blocks allocated, not written, as in a
-        // one-stream restore. A piece whose hash then differs fails the
-        // restore, whose files are not in place yet.
-        let mut h = hash.hasher();
-        let mut w = file.as_ref().map(|f| ZeroSkipping::at(f, c.offset));
-        for slice in data.chunks(CACHED_SLICE) {
-            h.update(slice);
-            if let Some(w) = w.as_mut() {
-                w.write_all(slice).map_err(write_err)?;
+            Event::Piece(e, c) => {
+                let entry = &index.entries[e];
+                let c = &entry.chunks[c];
+                let mut file = None;
+                let shown = root.map(|r| r.shown(Path::new(&entry.path)));
+                let write_err = |source| ArchiveError::Write {
+                    path: shown.clone().unwrap_or_default(),
+                    source,
+                };
+                if let Some(root) = root {
+                    let (dir, name) = split(&entry.path);
+                    if parent.as_ref().is_none_or(|(p, _)| p != dir) {
+                        let d = root
+                            .subdir(Path::new(dir), false, None)
+                            .map_err(write_err)?;
+                        *parent = Some((dir.to_string(), d));
+                    }
+                    let d = &parent.as_ref().expect("set above").1;
+                    file = Some(d.open_file(Path::new(name)).map_err(write_err)?);
+                }
+                // Hashed and written a slice at a time as it decompresses,
+                // while it is in the core's cache. Zero blocks allocated,
+                // not written, as in a one-stream restore. A piece whose
+                // hash then differs fails the restore, whose files are not
+                // in place yet.
+                let mut h = hash.hasher();
+                let mut w = file.as_ref().map(|f| ZeroSkipping::at(f, c.offset));
+                while tar.pos() < end {
+                    let b = tar
+                        .take((end - tar.pos()).min(CACHED_SLICE as u64) as usize)
+                        .map_err(not_zstd)?;
+                    if b.is_empty() {
+                        return Err(hash_differs(&stored).unwrap_or_else(|| cut(tar.pos())));
+                    }
+                    h.update(b);
+                    if let Some(w) = w.as_mut() {
+                        w.write_all(b).map_err(write_err)?;
+                    }
+                }
+                let got = h.finish();
+                if got != c.digest {
+                    return Err(corrupt(format!(
+                        "{} (bytes {}..{}) has {} {got}, the index says {}: corrupted",
+                        entry.path,
+                        c.offset,
+                        c.offset + c.len,
+                        hash.name(),
+                        c.digest
+                    )));
+                }
+                if let Some(w) = w {
+                    w.end_piece().map_err(write_err)?;
+                }
             }
         }
-        let got = h.finish();
-        if got != c.digest {
-            return Err(corrupt(format!(
-                "{} (bytes {}..{}) has {} {got}, the index says {}: corrupted",
-                entry.path,
-                c.offset,
-                c.offset + c.len,
-                hash.name(),
-                c.digest
-            )));
-        }
-        if let Some(w) = w {
-            w.end_piece().map_err(write_err)?;
-        }
+    }
+    // The rest, to its end: exactly the index's tar length, one frame.
+    tar.skip_to(f.tar_len + 1).map_err(not_zstd)?;
+    if tar.pos() != f.tar_len {
+        return Err(hash_differs(&stored).unwrap_or_else(|| cut(tar.pos())));
     }
     Ok(done)
 }
