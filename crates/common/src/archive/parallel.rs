@@ -3,10 +3,11 @@
 //! [`super::policy::Policy`], every offset), then directories, links and
 //! empty files made in the index's order through [`SafeDir`], then `workers`
 //! threads each take the next frame: a ranged read of its stored bytes,
-//! their digest, decompression bounded by the frame's tar length, each
-//! header in the frame compared with its index entry, each chunk checked
-//! against its own digest (a corrupt file is named) and written at its
-//! offset in its file. Modes, owners and mtimes of files are set last.
+//! their digest when verifying, decompression a slice at a time bounded by
+//! the frame's tar length, each header in the frame compared with its
+//! index entry as it passes, each chunk checked against its own digest (a
+//! corrupt file is named) and written at its offset in its file as it
+//! decompresses. Modes, owners and mtimes of files are set last.
 
 use std::ops::Range;
 use std::path::Path;
@@ -234,8 +235,11 @@ impl Scratch {
     fn new() -> std::io::Result<Scratch> {
         let mut dctx = zstd::zstd_safe::DCtx::try_create()
             .ok_or_else(|| std::io::Error::other("cannot create a zstd decompression context"))?;
+        // A frame's window: at most its content (which its header gives),
+        // and for a forged header without one, at most the largest frame
+        // (what the buffer of a whole frame's tar bytes held before).
         dctx.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(
-            crate::codec::ZSTD_WINDOW_LOG_MAX,
+            super::index::MAX_FRAME_TAR.trailing_zeros(),
         ))
         .map_err(|c| std::io::Error::other(zstd::zstd_safe::get_error_name(c)))?;
         Ok(Scratch {
