@@ -118,20 +118,27 @@ fn byte_at(path: &Path, at: u64) -> u8 {
     b[0]
 }
 
+/// A source of `tables` tables backed up and restored onto a second
+/// server (the full restore's report), then one table changed and backed
+/// up again (the newer backup's id): the second server is a stale copy.
+fn stale_copy(tables: u32) -> (Rig, Target, serde_json::Value, String) {
+    let src = source(tables);
+    let b1 = src.backup();
+    let target = Target::second(&src);
+    let full = full_restore(&target, &src, &b1);
+    src.db
+        .sql("UPDATE d.t3 SET v = RANDOM_BYTES(1000) WHERE id % 2 = 0");
+    flushed(&src.db);
+    let b2 = src.backup();
+    (src, target, full, b2)
+}
+
 #[test]
 fn a_delta_restore_of_a_stale_copy_fetches_only_what_changed_and_matches_the_source() {
     if !gate("a_delta_restore_of_a_stale_copy_fetches_only_what_changed_and_matches_the_source") {
         return;
     }
-    let src = source(MANY_TABLES);
-    let b1 = src.backup();
-    let target = Target::second(&src);
-    let full = full_restore(&target, &src, &b1);
-    // The stale copy: the source changes one table of thirty, and is backed up.
-    src.db
-        .sql("UPDATE d.t3 SET v = RANDOM_BYTES(1000) WHERE id % 2 = 0");
-    flushed(&src.db);
-    let b2 = src.backup();
+    let (src, target, full, b2) = stale_copy(MANY_TABLES);
     assert_ne!(src.db.checksums("d"), target.db.checksums("d"));
     let out = target.restorer(&src, &["restore", &b2, "--delta", "-v"]);
     for l in String::from_utf8_lossy(&out.stderr).lines() {
@@ -212,14 +219,7 @@ fn a_delta_restore_until_a_point_copies_the_unchanged_files_and_replays() {
     if !gate("a_delta_restore_until_a_point_copies_the_unchanged_files_and_replays") {
         return;
     }
-    let src = source(TABLES);
-    let b1 = src.backup();
-    let target = Target::second(&src);
-    let full = full_restore(&target, &src, &b1);
-    src.db
-        .sql("UPDATE d.t3 SET v = RANDOM_BYTES(1000) WHERE id % 2 = 0");
-    flushed(&src.db);
-    let b2 = src.backup();
+    let (src, target, full, b2) = stale_copy(TABLES);
     // After the backup, in the binary log only: what the replay applies.
     src.db
         .sql("INSERT INTO d.t1 VALUES (100000, 'after the backup')");
