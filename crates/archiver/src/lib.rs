@@ -394,7 +394,8 @@ async fn find_base(
             index.hash().name(),
             format::index::INDEX_VERSION,
             format::index::PieceHash::of_version(format::index::INDEX_VERSION)
-                .map_or("?", |h| h.name())
+                .expect("this mysnap reads what it writes")
+                .name()
         );
         return Ok(None);
     }

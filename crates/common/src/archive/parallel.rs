@@ -497,18 +497,21 @@ fn frame(
             ))
         })
     };
+    // The frame ended at `got` bytes: its digest explains it if it differs.
     let cut = |got: u64| {
-        corrupt(format!(
-            "frame {i} (holding {}) decompresses to {got} bytes, its index says {}: corrupted",
-            holds(),
-            f.tar_len
-        ))
+        hash_differs(&stored).unwrap_or_else(|| {
+            corrupt(format!(
+                "frame {i} (holding {}) decompresses to {got} bytes, its index says {}: corrupted",
+                holds(),
+                f.tar_len
+            ))
+        })
     };
     let mut tar = Tar::new(&stored, s, f.tar_len).map_err(|e| corrupt(e.to_string()))?;
     for (at, end, event) in events {
         tar.skip_to(at).map_err(not_zstd)?;
         if tar.pos() < at {
-            return Err(hash_differs(&stored).unwrap_or_else(|| cut(tar.pos())));
+            return Err(cut(tar.pos()));
         }
         match event {
             Event::Header(e) => {
@@ -517,7 +520,7 @@ fn frame(
                 while got < 512 {
                     let b = tar.take(512 - got).map_err(not_zstd)?;
                     if b.is_empty() {
-                        return Err(hash_differs(&stored).unwrap_or_else(|| cut(tar.pos())));
+                        return Err(cut(tar.pos()));
                     }
                     block[got..got + b.len()].copy_from_slice(b);
                     got += b.len();
@@ -556,7 +559,7 @@ fn frame(
                         .take((end - tar.pos()).min(CACHED_SLICE as u64) as usize)
                         .map_err(not_zstd)?;
                     if b.is_empty() {
-                        return Err(hash_differs(&stored).unwrap_or_else(|| cut(tar.pos())));
+                        return Err(cut(tar.pos()));
                     }
                     h.update(b);
                     if let Some(w) = w.as_mut() {
@@ -583,7 +586,7 @@ fn frame(
     // The rest, to its end: exactly the index's tar length, one frame.
     tar.skip_to(f.tar_len + 1).map_err(not_zstd)?;
     if tar.pos() != f.tar_len {
-        return Err(hash_differs(&stored).unwrap_or_else(|| cut(tar.pos())));
+        return Err(cut(tar.pos()));
     }
     Ok(done)
 }
@@ -777,18 +780,11 @@ mod tests {
         assert_eq!(std::fs::read(out.path().join("d/big")).unwrap(), big);
         run(&a, Target::Discard).unwrap();
         // The same digests taken for BLAKE3 do not match.
-        let mut as_v2 = a.index.clone();
-        as_v2.version = 2;
-        let v2 = Archive {
-            index: as_v2,
-            stored: a.stored.clone(),
-            plain_tar: vec![],
-            info: a.info.clone(),
-            roots: a.roots.clone(),
-        };
+        a.index.version = 2;
         let out2 = tempfile::tempdir().unwrap();
-        let err = run(&v2, dir(out2.path())).unwrap_err();
+        let err = run(&a, dir(out2.path())).unwrap_err();
         assert!(err.to_string().contains("has BLAKE3"), "{err}");
+        a.index.version = 1;
         // A changed digest is named with its hash.
         let e = a
             .index
@@ -1159,6 +1155,43 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    /// A frame whose header asks for a window larger than any frame (and
+    /// declares no content size, which would bound it) is refused before
+    /// its window is allocated, though its bytes are the right tar stream.
+    #[test]
+    fn a_frame_asking_for_a_window_larger_than_a_frame_is_refused() {
+        use zstd::zstd_safe::CParameter;
+        let src = tempfile::tempdir().unwrap();
+        tree(src.path());
+        let mut a = archive(src.path(), 64 << 20);
+        assert_eq!(a.index.frames.len(), 1, "one frame");
+        let mut e = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        e.set_parameter(CParameter::WindowLog(27)).unwrap();
+        e.include_contentsize(false).unwrap();
+        std::io::Write::write_all(&mut e, &a.plain_tar).unwrap();
+        a.stored = e.finish().unwrap();
+        // Its digest and length in the index are its own (the index is
+        // forged too, or unauthenticated).
+        a.index.frames[0].stored_len = a.stored.len() as u64;
+        a.index.frames[0].digest = a.index.hash().digest(&a.stored);
+        a.info.size = a.stored.len() as u64;
+        a.index.check("u", &a.info, &a.roots).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        for target in [
+            Target::Discard,
+            Target::Dir {
+                root: out.path(),
+                owner: None,
+            },
+        ] {
+            let err = run(&a, target).unwrap_err().to_string();
+            assert!(
+                err.contains("does not decompress") && err.contains("corrupted"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
