@@ -264,6 +264,27 @@ fn a_delta_restore_killed_at_any_phase_is_finished_or_undone_by_recover() {
     if !gate("a_delta_restore_killed_at_any_phase_is_finished_or_undone_by_recover") {
         return;
     }
+    killed_at_each_phase(false);
+}
+
+/// `--delta --until`: the server stopped first, the unchanged files copied,
+/// a throwaway server replaying in the staging directory; killed at each
+/// phase (the replay too), recovery puts the stale copy back or keeps the
+/// replayed data, and stops the throwaway server.
+#[test]
+fn a_delta_restore_until_a_point_killed_at_any_phase_is_finished_or_undone_by_recover() {
+    if !gate("a_delta_restore_until_a_point_killed_at_any_phase_is_finished_or_undone_by_recover") {
+        return;
+    }
+    killed_at_each_phase(true);
+}
+
+/// A delta restore (with `--until latest` when `until`) of a stale copy,
+/// killed (SIGKILL) at each of its phases, then `restorer recover`: before
+/// the commit the stale copy is back and answering, from it the new data
+/// stays; nothing is left beside the data directory but, for a restore that
+/// copies (`--until`), the kept old data directory.
+fn killed_at_each_phase(until: bool) {
     let src = source(TABLES);
     let b1 = src.backup();
     let target = Target::second(&src);
@@ -273,18 +294,23 @@ fn a_delta_restore_killed_at_any_phase_is_finished_or_undone_by_recover() {
         .sql("UPDATE d.t3 SET v = RANDOM_BYTES(1000) WHERE id < 100");
     flushed(&src.db);
     let b2 = src.backup();
+    let mut args = vec!["restore", b2.as_str(), "--delta"];
+    let mut points = vec!["stop", "stage", "swap", "swap-aside", "commit", "start"];
+    if until {
+        // In the binary log only: what the replay applies.
+        src.db
+            .sql("INSERT INTO d.t1 VALUES (100000, 'after the backup')");
+        assert_ok(&crate::pitr::ship_once(&src), "archiver binlogs --once");
+        args.extend(["--until", "latest"]);
+        points.insert(2, "replay");
+    }
     let new = src.db.checksums("d");
     assert_ne!(old, new);
-    for (point, stays) in [
-        ("stop", false),
-        ("stage", false),
-        ("swap", false),
-        ("swap-aside", false),
-        ("commit", true),
-        ("start", true),
-    ] {
+    let parent = target.datadir.parent().unwrap().to_path_buf();
+    for point in points {
+        let stays = matches!(point, "commit" | "start");
         let what = format!("killed at {point}");
-        let mut child = target.paused(&src, &["restore", &b2, "--delta"], point);
+        let mut child = target.paused(&src, &args, point);
         send_signal(&child, nix::sys::signal::Signal::SIGKILL);
         child.wait().unwrap();
         let out = target.restorer(&src, &["recover"]);
@@ -295,12 +321,26 @@ fn a_delta_restore_killed_at_any_phase_is_finished_or_undone_by_recover() {
         wait_up(&target.db, &what);
         let want = if stays { &new } else { &old };
         assert_eq!(&target.db.checksums("d"), want, "{what}: {line}");
-        assert!(
-            beside(&target).is_empty(),
-            "{what}: left {:?}",
-            beside(&target)
-        );
+        let mut left = beside(&target);
+        if until && stays {
+            // Copied, not shared: the old data directory is kept.
+            assert_eq!(left.len(), 1, "{what}: left {left:?}");
+            assert!(left[0].starts_with("mysql.old-"), "{what}: left {left:?}");
+            std::fs::remove_dir_all(parent.join(left.remove(0))).unwrap();
+        }
+        assert!(left.is_empty(), "{what}: left {left:?}");
         assert!(!target.journal().exists(), "{what}: journal left");
+        // No throwaway server outlives recovery; the live one works in
+        // the data directory.
+        let strays: Vec<i32> = mysnap_tests::processes_in(&parent)
+            .into_iter()
+            .filter(|p| {
+                std::fs::read_link(format!("/proc/{p}/cwd"))
+                    .map(|c| !c.starts_with(&target.datadir))
+                    .unwrap_or(false)
+            })
+            .collect();
+        assert!(strays.is_empty(), "{what}: processes left: {strays:?}");
         if stays {
             // Back to the old backup, by a delta restore too.
             let back = report(

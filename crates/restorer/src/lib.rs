@@ -582,8 +582,9 @@ pub struct StageDir<'a> {
 /// Unpacks backup `m` into the empty directory `to.dir` (`staging`) and prepares the
 /// copy for this server (clone hygiene, binary log index pointed at
 /// `volume.datadir` and `volume.mountpoint`, or at the copy itself with
-/// `to.in_place`, one syncfs): everything restore
-/// does before it touches the server. Nothing outside `staging` is written.
+/// `to.in_place`): everything restore does before it touches the server but
+/// the flush ([`flush_staged`]), which it runs while the server stops.
+/// Nothing outside `staging` is written.
 pub async fn stage(
     cfg: &Config,
     store: Arc<dyn Store>,
@@ -670,14 +671,21 @@ pub async fn stage(
     for dir in &roots {
         rewrite_binlog_indexes(dir, &moves)?;
     }
-    // One flush of the whole filesystem instead of an fsync per file.
+    Ok(s)
+}
+
+/// Makes the staged copy at `dir` durable before the swap puts it live: one
+/// flush of its whole filesystem (`syncfs`) instead of an fsync per file.
+pub fn flush_staged(dir: &Path) -> anyhow::Result<()> {
     let t = std::time::Instant::now();
-    staged.syncfs().context("syncfs")?;
+    SafeDir::open(dir)
+        .and_then(|d| d.syncfs())
+        .with_context(|| format!("cannot flush the staged copy {} (syncfs)", dir.display()))?;
     tracing::debug!(
         "staged copy flushed (syncfs) in {:.3}s",
         t.elapsed().as_secs_f64()
     );
-    Ok(s)
+    Ok(())
 }
 
 /// A backup `verify` read whole.

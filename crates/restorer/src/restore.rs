@@ -8,7 +8,8 @@
 //!    directory beside the data directory ([`crate::stage`]), while the server
 //!    runs. With `--stop-first` the server is stopped and the data directory
 //!    set aside before this phase instead of after it.
-//! 3. [`Phase::Stop`]: the server stopped.
+//! 3. [`Phase::Stop`]: the server stopped while the staged copy is flushed
+//!    (one `syncfs`; with `--stop-first`, flushed after staging).
 //! 4. [`Phase::Swap`]: every live path set aside as `<name>.old-<time>`, the
 //!    staged one moved in.
 //! 5. [`Phase::Commit`]: from here the restored data stays; the staging
@@ -209,10 +210,13 @@ pub async fn restore(
     // Rolled forward in the staging directory, before the live server stops.
     let replayed = roll_forward(cfg, opts, &plan).await?;
     int.stop_if_set()?;
-    if !opts.stops_first() {
+    if opts.stops_first() {
+        crate::flush_staged(&plan.staging)
+            .map_err(|e| e.context("restore failed; the data directory is unchanged"))?;
+    } else {
         live.enter(Phase::Stop, int)?;
         int.stop_if_set()?;
-        down_since = Some(stop(&mut live)?);
+        down_since = Some(stop(&plan.staging, &mut live)?);
         // A signal during the stop waits until here: the guard starts the
         // server again.
         int.stop_if_set()?;
@@ -1176,10 +1180,32 @@ async fn stage(
 }
 
 /// [`Phase::Stop`]: the server stopped right before the swap, the only
-/// moment it is down (unless `--stop-first`).
-fn stop(live: &mut SwapGuard) -> anyhow::Result<Instant> {
-    live.stop_server()
-        .map_err(|e| e.context("nothing was changed; the server was not stopped"))
+/// moment it is down (unless `--stop-first`), while the copy in `staging`
+/// is flushed ([`crate::flush_staged`]): every byte of it is written and
+/// checked by now, so only an I/O error can fail the flush, and then the
+/// server is started again on the unchanged data directory.
+fn stop(staging: &Path, live: &mut SwapGuard) -> anyhow::Result<Instant> {
+    let (flushed, stopped) = std::thread::scope(|s| {
+        let flush = s.spawn(|| crate::flush_staged(staging));
+        let stopped = live.stop_server();
+        let flushed = flush
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the flush of the staged copy panicked")));
+        (flushed, stopped)
+    });
+    let down = stopped.map_err(|e| e.context("nothing was changed; the server was not stopped"))?;
+    if let Err(e) = flushed {
+        let state = match live.rollback() {
+            Undone::Started => "the data directory is unchanged and the server was started again",
+            Undone::NotStopped => "the data directory is unchanged (the server was not running)",
+            Undone::StartFailed(_) => {
+                "the data directory is unchanged, but the server did not start again: start it by hand"
+            }
+            Undone::NotMovedBack => "the server is stopped: start it by hand",
+        };
+        return Err(e.context(format!("restore failed before the swap; {state}")));
+    }
+    Ok(down)
 }
 
 /// [`Phase::Swap`]: each live path set aside as `<name>.old-<stamp>` and the
@@ -1269,6 +1295,8 @@ fn by_hand(old: Option<&Path>, datadir: &Path, delta: bool) -> String {
     )
 }
 
+/// Connects every 10 ms until the server answers: a refused connection to
+/// a socket costs microseconds, and each poll's wait is downtime.
 async fn wait_ready(cfg: &Config, timeout: Duration) -> anyhow::Result<()> {
     let info = ConnectInfo::from_config(&cfg.mysql)?;
     let start = Instant::now();
@@ -1283,7 +1311,7 @@ async fn wait_ready(cfg: &Config, timeout: Duration) -> anyhow::Result<()> {
                     "the server did not answer within {timeout:?} after start"
                 )))
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     }
 }
@@ -1615,6 +1643,52 @@ mod tests {
             .collect();
         names.sort();
         (names, live)
+    }
+
+    /// The flush runs while the server stops; when it fails the server is
+    /// started again and the error says so.
+    #[test]
+    fn a_failed_flush_during_the_stop_starts_the_server_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        std::fs::create_dir(&cfg.volume.datadir).unwrap();
+        let id = BackupId::parse("20261101T000000Z").unwrap();
+        let mut live = SwapGuard {
+            cfg,
+            path: journal_path(cfg),
+            journal: Journal::new(id.clone(), cfg.volume.datadir.clone(), Phase::Stop),
+            saved: false,
+            stop_ran: false,
+            staging: None,
+        };
+        live.save().unwrap();
+        // A server that exits 0.2 s after its stop command (`true`) returns.
+        let (mut child, _bin) = fake_server(&cfg.volume.datadir, "0.2");
+        while process_in(&cfg.volume.datadir).is_none() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let staging = dir.path().join("no-such-staging");
+        let err = format!("{:#}", stop(&staging, &mut live).unwrap_err());
+        child.wait().unwrap();
+        assert!(err.contains("cannot flush the staged copy"), "{err}");
+        assert!(err.contains("the server was started again"), "{err}");
+        assert!(dir.path().join("started").exists(), "started again");
+        assert!(!live.path.exists(), "journal removed");
+        // With a staged copy: flushed, stopped, nothing started.
+        std::fs::remove_file(dir.path().join("started")).unwrap();
+        let mut live = SwapGuard {
+            cfg,
+            path: journal_path(cfg),
+            journal: Journal::new(id, cfg.volume.datadir.clone(), Phase::Stop),
+            saved: false,
+            stop_ran: false,
+            staging: None,
+        };
+        live.save().unwrap();
+        stop(dir.path(), &mut live).unwrap();
+        live.finish();
+        drop(live);
+        assert!(!dir.path().join("started").exists());
     }
 
     #[test]
