@@ -189,9 +189,11 @@ fn a_delta_restore_of_a_stale_copy_fetches_only_what_changed_and_matches_the_sou
         good,
         "--delta=checksum fetched it again"
     );
+    // (Reused-file counts of the two modes differ by more than t5: --delta
+    // fetches the files a server writes when it stops in its first pass.)
     assert!(
-        num(&checked, "reused_files") < num(&again, "reused_files"),
-        "{checked} vs {again}"
+        num(&checked, "reused_files") >= u64::from(MANY_TABLES) - 1,
+        "the other tables are still reused: {checked} (before: {again})"
     );
     assert_eq!(src.db.checksums("d"), target.db.checksums("d"));
     assert!(beside(&target).is_empty(), "left: {:?}", beside(&target));
@@ -295,14 +297,24 @@ fn killed_at_each_phase(until: bool) {
     flushed(&src.db);
     let b2 = src.backup();
     let mut args = vec!["restore", b2.as_str(), "--delta"];
-    let mut points = vec!["stop", "stage", "swap", "swap-aside", "commit", "start"];
+    // first-pass: the server stopped while what differs was unpacked, the
+    // data directory not yet set aside.
+    let mut points = vec![
+        "stop",
+        "first-pass",
+        "stage",
+        "swap",
+        "swap-aside",
+        "commit",
+        "start",
+    ];
     if until {
         // In the binary log only: what the replay applies.
         src.db
             .sql("INSERT INTO d.t1 VALUES (100000, 'after the backup')");
         assert_ok(&crate::pitr::ship_once(&src), "archiver binlogs --once");
         args.extend(["--until", "latest"]);
-        points.insert(2, "replay");
+        points.insert(3, "replay");
     }
     let new = src.db.checksums("d");
     assert_ne!(old, new);

@@ -25,6 +25,16 @@
 //! the restore removes it once the server answers (journaled: recovery
 //! removes it from the commit on).
 //!
+//! With `--delta` (size and mtime) the comparison and the unpack are made
+//! twice: first while the server stops (it compares the running server's
+//! files, as a hint: [`compare`] only reads their metadata), unpacking what
+//! differs; then, once it is down and its data directory set aside, again,
+//! unpacking what the server changed since (the first pass had found it
+//! the backup's) and linking the files both found the backup's
+//! ([`Reuse::after`]). The stop and the bulk of the download overlap, and
+//! the server is down for the second pass only. `--delta=checksum` reads
+//! every file whole: it compares once, the server down.
+//!
 //! With `--until` ([`Reuse::copy`]) the reused files are copied instead
 //! (`copy_file_range`, which btrfs and XFS answer with a reflink: no bytes
 //! written), because the replay writes into the staged copy before the
@@ -81,7 +91,12 @@ pub struct Reuse {
     paths: Vec<String>,
     /// The index's mode and mtime of each of `paths` (for a copy).
     attrs: Vec<(u32, u64)>,
+    /// The index's size of each of `paths`.
+    sizes: Vec<u64>,
     set: HashSet<String>,
+    /// After a first pass ([`Reuse::after`]): the files it reused, the only
+    /// ones not staged already.
+    left: Option<HashSet<String>>,
     /// Files and bytes reused.
     pub files: u64,
     pub bytes: u64,
@@ -99,6 +114,58 @@ impl Reuse {
     /// Whether the archive entry `path` is taken from the local copy.
     pub fn contains(&self, path: &str) -> bool {
         self.set.contains(path)
+    }
+
+    /// Whether the unpack writes the archive entry `path`: not taken from
+    /// the local copy, nor staged by a first pass already.
+    pub fn writes(&self, path: &str) -> bool {
+        !self.set.contains(path) && self.left.as_ref().is_none_or(|l| l.contains(path))
+    }
+
+    /// This comparison, made once the server stopped, narrowed by `first`,
+    /// made while it ran, whose unpack staged every entry it did not
+    /// reuse: reused are the files both found the backup's; written now
+    /// are the files only `first` did (the server changed them since).
+    pub fn after(mut self, first: &Reuse) -> Reuse {
+        let mut kept = Reuse {
+            roots: std::mem::take(&mut self.roots),
+            pieces: self.pieces,
+            copy: self.copy,
+            ..Reuse::default()
+        };
+        for ((path, attrs), size) in self.paths.into_iter().zip(self.attrs).zip(self.sizes) {
+            if first.set.contains(&path) {
+                kept.push(path, attrs, size);
+            }
+        }
+        let changed: Vec<&String> = first
+            .paths
+            .iter()
+            .filter(|p| !kept.set.contains(*p))
+            .collect();
+        if !changed.is_empty() {
+            tracing::info!(
+                "{} file(s) changed while the server stopped, fetched now: {}",
+                changed.len(),
+                changed
+                    .iter()
+                    .take(5)
+                    .map(|p| p.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        kept.left = Some(first.set.clone());
+        kept
+    }
+
+    fn push(&mut self, path: String, attrs: (u32, u64), size: u64) {
+        self.set.insert(path.clone());
+        self.paths.push(path);
+        self.attrs.push(attrs);
+        self.sizes.push(size);
+        self.files += 1;
+        self.bytes += size;
     }
 }
 
@@ -136,12 +203,28 @@ fn live_of<'a>(roots: &'a [LiveRoot], path: &'a str) -> Option<(&'a LiveRoot, Pa
     })
 }
 
+/// Files a MariaDB or MySQL server writes when it stops, by name, at the
+/// top of its data directory (or of another of the backup's `data.paths`,
+/// where the redo log or undo tablespaces may live): the buffer pool dump,
+/// Aria's log and control file, the system, undo and temporary
+/// tablespaces, the redo log.
+fn written_at_stop(name: &str) -> bool {
+    matches!(name, "ib_buffer_pool" | "aria_log_control" | "mysql.ibd")
+        || ["aria_log.", "ibdata", "ib_logfile", "undo", "ibtmp", "#ib_"]
+            .iter()
+            .any(|p| name.starts_with(p))
+}
+
 /// Compares the index's files with the live copies under `roots`; returns
-/// what can be reused. Stops when `cancelled` says so.
+/// what can be reused. With `running` (the first pass, made while the
+/// server runs) the files it writes when it stops ([`written_at_stop`])
+/// are not reused: the second pass would find them changed and fetch each
+/// one's whole frame again. Stops when `cancelled` says so.
 pub fn compare(
     index: &Index,
     roots: Vec<LiveRoot>,
     mode: DeltaMode,
+    running: bool,
     cancelled: &dyn Fn() -> bool,
 ) -> anyhow::Result<Reuse> {
     let mut reuse = Reuse::default();
@@ -159,6 +242,9 @@ pub fn compare(
         let Some((root, rest, name)) = live_of(&roots, &e.path) else {
             continue;
         };
+        if running && rest.as_os_str().is_empty() && written_at_stop(name) {
+            continue;
+        }
         let i = roots.iter().position(|r| r.rel == root.rel).expect("found");
         let Some(base) = &opened[i] else { continue };
         if last
@@ -176,11 +262,7 @@ pub fn compare(
             tracing::debug!("{}: not the backup's ({} bytes): fetched", e.path, e.size);
         }
         if same {
-            reuse.paths.push(e.path.clone());
-            reuse.attrs.push((e.mode, e.mtime));
-            reuse.set.insert(e.path.clone());
-            reuse.files += 1;
-            reuse.bytes += e.size;
+            reuse.push(e.path.clone(), (e.mode, e.mtime), e.size);
         }
     }
     reuse.roots = roots;
@@ -313,6 +395,51 @@ fn copy(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A second comparison after a first: reused only what both reused;
+    /// written now only what the first reused and the second did not.
+    #[test]
+    fn a_second_pass_links_what_both_reused_and_writes_what_changed_since_the_first() {
+        let of = |paths: &[(&str, u64)]| {
+            let mut r = Reuse::default();
+            for (p, size) in paths {
+                r.push(p.to_string(), (0o640, 1), *size);
+            }
+            r
+        };
+        // While running: t1, t2, t3 unchanged; t4 differed (staged already).
+        let first = of(&[("d/t1.ibd", 10), ("d/t2.ibd", 20), ("d/t3.ibd", 30)]);
+        // Stopped: t2 changed since; t4 now matches (it was staged anyway).
+        let second = of(&[("d/t1.ibd", 10), ("d/t3.ibd", 30), ("d/t4.ibd", 40)]).after(&first);
+        assert_eq!(second.paths, ["d/t1.ibd", "d/t3.ibd"]);
+        assert_eq!((second.files, second.bytes), (2, 40));
+        assert!(second.writes("d/t2.ibd"), "changed since the first pass");
+        for staged_or_linked in ["d/t1.ibd", "d/t3.ibd", "d/t4.ibd", "d", "d/t5.ibd"] {
+            assert!(!second.writes(staged_or_linked), "{staged_or_linked}");
+        }
+        // Without a first pass every entry not reused is written.
+        assert!(first.writes("d/t4.ibd") && first.writes("d") && !first.writes("d/t1.ibd"));
+    }
+
+    #[test]
+    fn the_files_a_server_writes_when_it_stops_are_known_by_name() {
+        for name in [
+            "ib_buffer_pool",
+            "aria_log_control",
+            "aria_log.00000001",
+            "ibdata1",
+            "ib_logfile0",
+            "undo001",
+            "ibtmp1",
+            "mysql.ibd",
+            "#ib_16384_0.dblwr",
+        ] {
+            assert!(written_at_stop(name), "{name}");
+        }
+        for name in ["t1.ibd", "binlog.000001", "db.opt", "multi-master.info"] {
+            assert!(!written_at_stop(name), "{name}");
+        }
+    }
 
     #[test]
     fn modes_parse_and_anything_else_is_refused() {

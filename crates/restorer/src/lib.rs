@@ -579,7 +579,51 @@ pub struct StageDir<'a> {
     pub reuse: Option<&'a delta::Reuse>,
 }
 
-/// Unpacks backup `m` into the empty directory `to.dir` (`staging`) and prepares the
+/// The entries of backup `m` that `to.reuse` does not take from the local
+/// copy ([`delta::Reuse::writes`]; all of them without), unpacked into
+/// `to.dir`: the first pass of a two-pass `--delta` ([`delta`]), and the
+/// first step of [`stage`].
+pub async fn unpack_into(
+    cfg: &Config,
+    store: Arc<dyn Store>,
+    m: &Manifest,
+    info: &ArchiveInfo,
+    to: &StageDir<'_>,
+    progress: &dyn Progress,
+) -> anyhow::Result<Streamed> {
+    let (staging, owner, reuse) = (to.dir, to.owner, to.reuse);
+    let ids = Identities::from_config(cfg)?;
+    let written = |path: &str, _| reuse.is_none_or(|r| r.writes(path));
+    let target = match reuse {
+        None => Target::Dir {
+            root: staging,
+            owner,
+        },
+        Some(r) => Target::Subset {
+            root: staging,
+            owner,
+            select: &written,
+            local: match r.pieces {
+                true => Some(r),
+                false => None,
+            },
+        },
+    };
+    stream_archive(
+        store,
+        m,
+        info,
+        target,
+        progress,
+        to.cancel,
+        ids.as_ref(),
+        AuthKey::from_config(cfg)?.as_ref(),
+    )
+    .await
+}
+
+/// Unpacks backup `m` into `to.dir` (`staging`: empty, or holding what a
+/// first pass of `--delta` wrote) and prepares the
 /// copy for this server (clone hygiene, binary log index pointed at
 /// `volume.datadir` and `volume.mountpoint`, or at the copy itself with
 /// `to.in_place`): everything restore does before it touches the server but
@@ -593,42 +637,15 @@ pub async fn stage(
     to: StageDir<'_>,
     progress: &dyn Progress,
 ) -> anyhow::Result<Streamed> {
+    let t = std::time::Instant::now();
+    let s = unpack_into(cfg, store.clone(), m, info, &to, progress).await?;
     let StageDir {
         dir: staging,
         owner,
-        cancel,
         in_place,
         reuse,
+        ..
     } = to;
-    let ids = Identities::from_config(cfg)?;
-    let t = std::time::Instant::now();
-    let not_reused = |path: &str, _| !reuse.is_some_and(|r| r.contains(path));
-    let target = match reuse {
-        None => Target::Dir {
-            root: staging,
-            owner,
-        },
-        Some(r) => Target::Subset {
-            root: staging,
-            owner,
-            select: &not_reused,
-            local: match r.pieces {
-                true => Some(r),
-                false => None,
-            },
-        },
-    };
-    let s = stream_archive(
-        store.clone(),
-        m,
-        info,
-        target,
-        progress,
-        cancel,
-        ids.as_ref(),
-        AuthKey::from_config(cfg)?.as_ref(),
-    )
-    .await?;
     if let Some(r) = reuse {
         delta::link(r, staging, owner)?;
         tracing::info!(

@@ -101,6 +101,12 @@ impl RestoreOpts {
     fn shares_files(&self) -> bool {
         self.delta.is_some() && self.until.is_none()
     }
+
+    /// Whether `--delta` compares and unpacks a first time while the server
+    /// stops ([`crate::delta`]): by size and mtime, without `--stop-first`.
+    fn two_pass(&self) -> bool {
+        self.delta == Some(DeltaMode::Mtime) && !self.stop_first
+    }
 }
 
 /// What a restore did (printed as JSON on stdout).
@@ -127,7 +133,7 @@ pub struct Report {
 }
 
 /// The test hook: `MYSNAP_TEST_PAUSE_AT=<point>` pauses a restore at that
-/// point (a [`Phase::name`], or [`SWAP_ASIDE`]), or a prune at
+/// point (a [`Phase::name`], [`SWAP_ASIDE`] or [`FIRST_PASS`]), or a prune at
 /// [`crate::prune::MANIFEST_DELETED`], until it is killed.
 pub const PAUSE_ENV: &str = "MYSNAP_TEST_PAUSE_AT";
 /// With the test hook: a pause also ends once the file this names exists.
@@ -135,6 +141,9 @@ pub const RESUME_ENV: &str = "MYSNAP_TEST_RESUME";
 /// The pause point inside the swap: the data directory set aside, the staged
 /// one not yet moved in.
 pub const SWAP_ASIDE: &str = "swap-aside";
+/// The pause point after a first pass of `--delta` ([`crate::delta`]): the
+/// server stopped, what differed staged, the data directory not yet set aside.
+pub const FIRST_PASS: &str = "first-pass";
 
 impl Phase {
     /// Logs the start of this phase (and pauses there when the test hook says so).
@@ -193,19 +202,35 @@ pub async fn restore(
     first.enter(int);
     int.stop_if_set()?;
     let mut down_since = None;
+    let mut first = None;
     if opts.stops_first() {
-        down_since = Some(stop_first(&plan, &mut live)?);
+        if opts.two_pass() {
+            let (pass, down) = first_pass(cfg, &plan, &mut live, int, progress)?;
+            first = Some(pass);
+            down_since = Some(down);
+            pause_at(FIRST_PASS, Some(int));
+        } else {
+            down_since = Some(live.stop_server()?);
+        }
+        set_aside(&plan, &mut live)?;
         live.enter(Phase::Stage, int)?;
     }
     let reuse = match opts.delta {
         None => None,
         Some(mode) => {
-            let mut reuse = compare(cfg, &plan, live.old_datadir(), mode, int).await?;
+            let mut reuse = compare(cfg, &plan, live.old_datadir(), mode, false, int).await?;
             reuse.copy = !opts.shares_files();
+            if let Some(first) = &first {
+                reuse = reuse.after(&first.reuse);
+            }
             Some(reuse)
         }
     };
-    let (streamed, unpack_secs) = stage(cfg, &plan, reuse.as_ref(), int, progress).await?;
+    let (mut streamed, mut unpack_secs) = stage(cfg, &plan, reuse.as_ref(), int, progress).await?;
+    if let Some(first) = &first {
+        streamed.fetched_bytes += first.streamed.fetched_bytes;
+        unpack_secs += first.secs;
+    }
     int.stop_if_set()?;
     // Rolled forward in the staging directory, before the live server stops.
     let replayed = roll_forward(cfg, opts, &plan).await?;
@@ -274,13 +299,15 @@ pub async fn restore(
 }
 
 /// `--delta`: the index read and compared with the local copy: the data
-/// directory set aside (`old_datadir`, the server stopped) and the other
+/// directory set aside (`old_datadir`, the server stopped), or where it is
+/// while the server runs (`running`: a first pass), and the other
 /// `data.paths` where they are.
 async fn compare(
     cfg: &Config,
     plan: &Plan,
     old_datadir: Option<PathBuf>,
     mode: DeltaMode,
+    running: bool,
     int: &Interrupt,
 ) -> anyhow::Result<Reuse> {
     let ix = plan.info.index.as_ref().expect("checked: indexed");
@@ -304,8 +331,9 @@ async fn compare(
         })
         .collect();
     let t = Instant::now();
-    let reuse =
-        tokio::task::block_in_place(|| delta::compare(&index, roots, mode, &|| int.is_set()))?;
+    let reuse = tokio::task::block_in_place(|| {
+        delta::compare(&index, roots, mode, running, &|| int.is_set())
+    })?;
     tracing::info!(
         "compared the local copy with backup {} ({mode:?}) in {:.1}s: {} file(s), {}, are the backup's",
         plan.m.backup_id,
@@ -772,8 +800,9 @@ async fn reusable_bytes(cfg: &Config, chosen: &crate::Chosen) -> anyhow::Result<
             },
         })
         .collect();
-    let reuse =
-        tokio::task::block_in_place(|| delta::compare(&index, roots, DeltaMode::Mtime, &|| false))?;
+    let reuse = tokio::task::block_in_place(|| {
+        delta::compare(&index, roots, DeltaMode::Mtime, true, &|| false)
+    })?;
     Ok(reuse.bytes)
 }
 
@@ -1121,10 +1150,81 @@ impl Drop for SwapGuard<'_> {
     }
 }
 
-/// [`Phase::Stop`] with `--stop-first`: the server stopped and the data
-/// directory set aside before unpacking.
-fn stop_first(plan: &Plan, live: &mut SwapGuard) -> anyhow::Result<Instant> {
-    let down = live.stop_server()?;
+/// A first pass of `--delta`: the comparison, what was streamed, its time.
+struct First {
+    reuse: Reuse,
+    streamed: Streamed,
+    secs: f64,
+}
+
+/// [`Phase::Stop`] of a two-pass `--delta` ([`crate::delta`]): the server
+/// stopped while the running server's files are compared with the backup
+/// by size and mtime and what differs is unpacked into the staging
+/// directory. Returns that pass and when the server was down; a failure
+/// of either leaves the data directory unchanged (the guard starts the
+/// server again).
+fn first_pass(
+    cfg: &Config,
+    plan: &Plan,
+    live: &mut SwapGuard,
+    int: &Interrupt,
+    progress: &dyn Progress,
+) -> anyhow::Result<(First, Instant)> {
+    let handle = tokio::runtime::Handle::current();
+    let pass = async {
+        let t = Instant::now();
+        let reuse = compare(
+            cfg,
+            plan,
+            Some(plan.datadir.clone()),
+            DeltaMode::Mtime,
+            true,
+            int,
+        )
+        .await?;
+        let to = crate::StageDir {
+            dir: &plan.staging,
+            owner: plan.owner,
+            cancel: int.flag(),
+            in_place: None,
+            reuse: Some(&reuse),
+        };
+        let streamed =
+            crate::unpack_into(cfg, plan.store.clone(), &plan.m, &plan.info, &to, progress).await?;
+        tracing::info!(
+            "first pass, while the server stops: {} fetched",
+            bytesize::ByteSize(streamed.fetched_bytes)
+        );
+        anyhow::Ok(First {
+            reuse,
+            streamed,
+            secs: t.elapsed().as_secs_f64(),
+        })
+    };
+    let (pass, stopped) = tokio::task::block_in_place(|| {
+        std::thread::scope(|s| {
+            let stopping = s.spawn(|| live.stop_server());
+            let pass = handle.block_on(pass);
+            let stopped = stopping
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("stopping the server panicked")));
+            (pass, stopped)
+        })
+    });
+    let down = stopped?;
+    let pass = pass.map_err(|e| {
+        if int.is_set() {
+            common::signal::Interrupted.into()
+        } else {
+            e.context("restore failed; the data directory is unchanged")
+        }
+    })?;
+    Ok((pass, down))
+}
+
+/// [`Phase::Stop`] with `--stop-first` or `--delta`, the server stopped:
+/// the data directory set aside before unpacking (again).
+fn set_aside(plan: &Plan, live: &mut SwapGuard) -> anyhow::Result<()> {
     if plan.datadir.symlink_metadata().is_ok() {
         let m = Move {
             from: plan.datadir.clone(),
@@ -1134,7 +1234,7 @@ fn stop_first(plan: &Plan, live: &mut SwapGuard) -> anyhow::Result<Instant> {
         live.save()?;
         live.rename(&m)?;
     }
-    Ok(down)
+    Ok(())
 }
 
 /// [`Phase::Stage`]: the archive unpacked into the staging directory;
