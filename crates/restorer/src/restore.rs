@@ -17,10 +17,12 @@
 //! 6. [`Phase::Start`]: the server started, and answering.
 //! 7. [`Phase::Replicate`]: with `--replica-of`, replication set up and running.
 //!
-//! With `--delta` ([`crate::delta`]) the server stops first (as with
-//! `--stop-first`), the set-aside data directory is compared with the
-//! backup's index, the unchanged files are hard-linked into the staging
-//! directory and only the others fetched; once the server answers the
+//! With `--delta` ([`crate::delta`]) the running server's files are
+//! compared with the backup's index and what differs is unpacked while the
+//! server stops ([`first_pass`]; `--delta=checksum` and `--stop-first` skip
+//! it); then, as with `--stop-first`, the data directory is set aside and
+//! compared, what changed since is fetched and the unchanged files are
+//! hard-linked into the staging directory; once the server answers the
 //! set-aside paths, which share those files, are removed (journaled:
 //! recovery from the commit on removes them too).
 //!

@@ -148,7 +148,7 @@ pub fn measure(b: &Bench, report: &mut Report) {
     .unwrap();
     writeln!(
         report.md,
-        "\nLast run, from each restore's JSON: the delta unpacked in {:.2} s and the server was down {:.2} s (it stops first); the full restore unpacked in {:.2} s, down {:.2} s.",
+        "\nLast run, from each restore's JSON: the delta unpacked in {:.2} s and the server was down {:.2} s (it stops during the first pass); the full restore unpacked in {:.2} s, down {:.2} s.",
         split_delta.0, split_delta.1, split_full.0, split_full.1
     )
     .unwrap();
