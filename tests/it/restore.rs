@@ -554,6 +554,50 @@ fn a_flipped_byte_in_an_indexed_archive_names_its_file_and_a_format_1_backup_sti
     assert_eq!(target.db.sql("SELECT id FROM d.t"), "7");
 }
 
+/// The stop begins near the end of the unpack (`mysql.stop_ahead`): a
+/// backup found bad only at its end has had the server stopped by then,
+/// which is started again on the unchanged data directory; a good one is
+/// swapped in with the stop overlapping the unpack.
+#[test]
+fn a_restore_that_fails_after_the_stop_began_starts_the_server_again() {
+    if !gate("a_restore_that_fails_after_the_stop_began_starts_the_server_again") {
+        return;
+    }
+    let (src, id, store_root, real) = backed_up_source_as(7, false);
+    let archive = std::fs::read(store_root.join(format!("db1/{id}/data.tar.zst"))).unwrap();
+    // One stream whose manifest names another SHA-256: checked once the
+    // whole stream is unpacked.
+    let wrong = "20261101T000012Z";
+    plant_archive(&store_root, &real, wrong, &archive);
+    let path = store_root.join(format!("db1/{wrong}/manifest.toml"));
+    let mut m = Manifest::parse(&std::fs::read_to_string(&path).unwrap(), "planted").unwrap();
+    m.archive.as_mut().unwrap().sha256 =
+        common::manifest::Sha256Hex::parse(&"ab".repeat(32)).unwrap();
+    std::fs::write(&path, m.to_toml()).unwrap();
+    let target = Target::second(&src);
+    // Every moment of the unpack is within an hour of its end: the stop
+    // begins at its first bytes.
+    let mut t: toml::Table =
+        toml::from_str(&std::fs::read_to_string(&target.config).unwrap()).unwrap();
+    set(&mut t, "mysql", "stop_ahead", "1h");
+    std::fs::write(&target.config, toml::to_string(&t).unwrap()).unwrap();
+    let out = target.restorer(&src, &["restore", wrong]);
+    let line = error_line(&out, 4);
+    assert!(
+        line.contains("the unpack failed after the server began to stop")
+            && line.contains("the server was started again"),
+        "{line}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("left: stopping the server"), "{stderr}");
+    target.assert_untouched("failed after the stop began");
+    let out = target.restorer(&src, &["restore", &id]);
+    assert_ok(&out, "restore with the stop ahead");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("left: stopping the server"), "{stderr}");
+    assert_eq!(target.db.sql("SELECT id FROM d.t"), "7");
+}
+
 #[test]
 fn a_target_without_room_is_refused_before_anything_changes_and_an_understated_size_stops_early() {
     if !gate("a_target_without_room_is_refused_before_anything_changes_and_an_understated_size_stops_early")

@@ -217,6 +217,11 @@ pub struct MysqlConfig {
     pub stop_command: Vec<String>,
     #[serde(default)]
     pub start_command: Vec<String>,
+    /// A restore runs `stop_command` when its unpack has about this long
+    /// left (estimated from its rate so far), so that the stop overlaps the
+    /// end of the unpack; `0s`: only once everything is written and checked.
+    #[serde(with = "humantime_serde", default = "default_stop_ahead")]
+    pub stop_ahead: Duration,
 }
 
 impl Default for MysqlConfig {
@@ -235,6 +240,7 @@ impl Default for MysqlConfig {
             max_hold: default_max_hold(),
             stop_command: Vec::new(),
             start_command: Vec::new(),
+            stop_ahead: default_stop_ahead(),
         }
     }
 }
@@ -914,6 +920,9 @@ fn default_lock_retries() -> u32 {
 }
 fn default_long_query_wait() -> Duration {
     Duration::from_secs(60)
+}
+fn default_stop_ahead() -> Duration {
+    Duration::from_millis(500)
 }
 fn default_max_hold() -> Duration {
     Duration::from_secs(10)

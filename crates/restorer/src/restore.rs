@@ -9,7 +9,10 @@
 //!    runs. With `--stop-first` the server is stopped and the data directory
 //!    set aside before this phase instead of after it.
 //! 3. [`Phase::Stop`]: the server stopped while the staged copy is flushed
-//!    (one `syncfs`; with `--stop-first`, flushed after staging).
+//!    (one `syncfs`; with `--stop-first`, flushed after staging). It begins
+//!    during the staging, when the unpack has about `mysql.stop_ahead` left
+//!    ([`stage_stopping_ahead`]; not with `--until`, whose replay follows
+//!    the unpack): a staging that fails after it starts the server again.
 //! 4. [`Phase::Swap`]: every live path set aside as `<name>.old-<time>`, the
 //!    staged one moved in.
 //! 5. [`Phase::Commit`]: from here the restored data stays; the staging
@@ -228,7 +231,33 @@ pub async fn restore(
             Some(reuse)
         }
     };
-    let (mut streamed, mut unpack_secs) = stage(cfg, &plan, reuse.as_ref(), int, progress).await?;
+    // The stop begins during the unpack's end unless a replay follows it.
+    let ahead = !opts.stops_first() && plan.replay.is_none() && !cfg.mysql.stop_ahead.is_zero();
+    let mut stopped_early = None;
+    let (mut streamed, mut unpack_secs) = if ahead {
+        let (staged, stopped) = stage_stopping_ahead(cfg, &plan, &mut live, int, progress);
+        match (staged, stopped) {
+            (Err(e), Some(_)) => {
+                let undid = undone(
+                    &mut live,
+                    e,
+                    "the unpack failed after the server began to stop",
+                );
+                return Err(undid.answering(cfg, opts.start_timeout).await);
+            }
+            (Err(e), None) => return Err(e),
+            (Ok(_), Some(Err(e))) => {
+                return Err(e.context("nothing was changed; the server was not stopped"))
+            }
+            (Ok(staged), Some(Ok(down))) => {
+                stopped_early = Some(down);
+                staged
+            }
+            (Ok(staged), None) => staged,
+        }
+    } else {
+        stage(cfg, &plan, reuse.as_ref(), int, progress).await?
+    };
     if let Some(first) = &first {
         streamed.fetched_bytes += first.streamed.fetched_bytes;
         unpack_secs += first.secs;
@@ -241,9 +270,14 @@ pub async fn restore(
         crate::flush_staged(&plan.staging)
             .map_err(|e| e.context("restore failed; the data directory is unchanged"))?;
     } else {
-        live.enter(Phase::Stop, int)?;
-        int.stop_if_set()?;
-        down_since = Some(stop(&plan.staging, &mut live)?);
+        if stopped_early.is_none() {
+            live.enter(Phase::Stop, int)?;
+            int.stop_if_set()?;
+        }
+        down_since = match stop(&plan.staging, &mut live, stopped_early) {
+            Ok(down) => Some(down),
+            Err(undid) => return Err(undid.answering(cfg, opts.start_timeout).await),
+        };
         // A signal during the stop waits until here: the guard starts the
         // server again.
         int.stop_if_set()?;
@@ -1281,31 +1315,188 @@ async fn stage(
     Ok((s, t.elapsed().as_secs_f64()))
 }
 
+/// [`Phase::Stage`] with the stop ahead: the server is stopped
+/// ([`Phase::Stop`], in a thread of its own) once the unpack has about
+/// `mysql.stop_ahead` left at its rate so far ([`StopAhead`]), so that the
+/// stop, which waits on the server's shutdown, overlaps the end of the
+/// unpack. Returns the staging and, when the stop began, how it ended
+/// (when it is down).
+#[allow(clippy::type_complexity)]
+fn stage_stopping_ahead(
+    cfg: &Config,
+    plan: &Plan,
+    live: &mut SwapGuard,
+    int: &Interrupt,
+    progress: &dyn Progress,
+) -> (
+    anyhow::Result<(Streamed, f64)>,
+    Option<anyhow::Result<Instant>>,
+) {
+    let handle = tokio::runtime::Handle::current();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let ahead = StopAhead::new(progress, cfg.mysql.stop_ahead, tx);
+    tokio::task::block_in_place(|| {
+        std::thread::scope(|s| {
+            let stopping = s.spawn(move || {
+                // No message: the unpack ended (or failed) first.
+                rx.recv().ok()?;
+                // A signal ends the unpack: no stop to undo.
+                if int.is_set() {
+                    return None;
+                }
+                tracing::info!(
+                    "the unpack has about {} left: stopping the server",
+                    humantime::format_duration(cfg.mysql.stop_ahead)
+                );
+                Some(
+                    live.enter(Phase::Stop, int)
+                        .and_then(|()| live.stop_server()),
+                )
+            });
+            let staged = handle.block_on(stage(cfg, plan, None, int, &ahead));
+            ahead.disarm();
+            let stopped = stopping
+                .join()
+                .unwrap_or_else(|_| Some(Err(anyhow::anyhow!("stopping the server panicked"))));
+            (staged, stopped)
+        })
+    })
+}
+
+/// The progress of an unpack, passed on to `inner`, that sends on `stop`
+/// once the estimated time left (the bytes left at the rate so far) is at
+/// most `ahead`; once.
+struct StopAhead<'a> {
+    inner: &'a dyn Progress,
+    ahead: Duration,
+    began: Instant,
+    total: std::sync::atomic::AtomicU64,
+    done: std::sync::atomic::AtomicU64,
+    stop: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
+}
+
+impl<'a> StopAhead<'a> {
+    fn new(inner: &'a dyn Progress, ahead: Duration, stop: std::sync::mpsc::Sender<()>) -> Self {
+        StopAhead {
+            inner,
+            ahead,
+            began: Instant::now(),
+            total: 0.into(),
+            done: 0.into(),
+            stop: std::sync::Mutex::new(Some(stop)),
+        }
+    }
+
+    /// No stop from here on (the unpack ended).
+    fn disarm(&self) {
+        drop(self.stop.lock().unwrap_or_else(|p| p.into_inner()).take());
+    }
+
+    /// Whether `done` of `total` bytes in `elapsed` leaves at most `ahead`.
+    fn near_end(done: u64, total: u64, elapsed: Duration, ahead: Duration) -> bool {
+        if done == 0 || total == 0 {
+            return false;
+        }
+        let left = total.saturating_sub(done) as f64 * elapsed.as_secs_f64() / done as f64;
+        left <= ahead.as_secs_f64()
+    }
+}
+
+impl Progress for StopAhead<'_> {
+    fn set_total(&self, bytes: u64) {
+        self.total.store(bytes, std::sync::atomic::Ordering::SeqCst);
+        self.inner.set_total(bytes);
+    }
+
+    fn advance(&self, bytes: u64) {
+        self.inner.advance(bytes);
+        let done = self
+            .done
+            .fetch_add(bytes, std::sync::atomic::Ordering::SeqCst)
+            + bytes;
+        let total = self.total.load(std::sync::atomic::Ordering::SeqCst);
+        if Self::near_end(done, total, self.began.elapsed(), self.ahead) {
+            let mut stop = self.stop.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(tx) = stop.take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    fn finish(&self) {
+        self.inner.finish();
+    }
+}
+
+/// A restore that failed after it stopped the server, and was undone.
+struct Undid {
+    error: anyhow::Error,
+    /// The recovery started the server again.
+    started: bool,
+}
+
+impl Undid {
+    /// The error, once the server started again answers (or its wait
+    /// for that failed, which the error then says too).
+    async fn answering(self, cfg: &Config, timeout: Duration) -> anyhow::Error {
+        if !self.started {
+            return self.error;
+        }
+        match wait_ready(cfg, timeout).await {
+            Ok(()) => self.error,
+            Err(e) => self
+                .error
+                .context(format!("but it does not answer: {e:#}; see its error log")),
+        }
+    }
+}
+
+/// `e`, after the guard's recovery ran ([`SwapGuard::rollback`]), saying
+/// where that left the server and the data directory.
+fn undone(live: &mut SwapGuard, e: anyhow::Error, what: &str) -> Undid {
+    let undone = live.rollback();
+    let started = matches!(undone, Undone::Started);
+    if e.downcast_ref::<common::signal::Interrupted>().is_some() {
+        return Undid { error: e, started };
+    }
+    let state = match undone {
+        Undone::Started => "the data directory is unchanged and the server was started again",
+        Undone::NotStopped => "the data directory is unchanged (the server was not running)",
+        Undone::StartFailed(_) => {
+            "the data directory is unchanged, but the server did not start again: start it by hand"
+        }
+        Undone::NotMovedBack => "the server is stopped: start it by hand",
+    };
+    Undid {
+        error: e.context(format!("{what}; {state}")),
+        started,
+    }
+}
+
 /// [`Phase::Stop`]: the server stopped right before the swap, the only
 /// moment it is down (unless `--stop-first`), while the copy in `staging`
 /// is flushed ([`crate::flush_staged`]): every byte of it is written and
 /// checked by now, so only an I/O error can fail the flush, and then the
-/// server is started again on the unchanged data directory.
-fn stop(staging: &Path, live: &mut SwapGuard) -> anyhow::Result<Instant> {
+/// server is started again on the unchanged data directory. `stopped`:
+/// it is down already (since then: [`stage_stopping_ahead`]).
+fn stop(staging: &Path, live: &mut SwapGuard, stopped: Option<Instant>) -> Result<Instant, Undid> {
     let (flushed, stopped) = std::thread::scope(|s| {
         let flush = s.spawn(|| crate::flush_staged(staging));
-        let stopped = live.stop_server();
+        let stopped = match stopped {
+            Some(down) => Ok(down),
+            None => live.stop_server(),
+        };
         let flushed = flush
             .join()
             .unwrap_or_else(|_| Err(anyhow::anyhow!("the flush of the staged copy panicked")));
         (flushed, stopped)
     });
-    let down = stopped.map_err(|e| e.context("nothing was changed; the server was not stopped"))?;
+    let down = stopped.map_err(|e| Undid {
+        error: e.context("nothing was changed; the server was not stopped"),
+        started: false,
+    })?;
     if let Err(e) = flushed {
-        let state = match live.rollback() {
-            Undone::Started => "the data directory is unchanged and the server was started again",
-            Undone::NotStopped => "the data directory is unchanged (the server was not running)",
-            Undone::StartFailed(_) => {
-                "the data directory is unchanged, but the server did not start again: start it by hand"
-            }
-            Undone::NotMovedBack => "the server is stopped: start it by hand",
-        };
-        return Err(e.context(format!("restore failed before the swap; {state}")));
+        return Err(undone(live, e, "restore failed before the swap"));
     }
     Ok(down)
 }
@@ -1770,7 +1961,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         let staging = dir.path().join("no-such-staging");
-        let err = format!("{:#}", stop(&staging, &mut live).unwrap_err());
+        let err = format!("{:#}", stop(&staging, &mut live, None).unwrap_err().error);
         child.wait().unwrap();
         assert!(err.contains("cannot flush the staged copy"), "{err}");
         assert!(err.contains("the server was started again"), "{err}");
@@ -1787,10 +1978,37 @@ mod tests {
             staging: None,
         };
         live.save().unwrap();
-        stop(dir.path(), &mut live).unwrap();
+        assert!(stop(dir.path(), &mut live, None).is_ok());
         live.finish();
         drop(live);
         assert!(!dir.path().join("started").exists());
+    }
+
+    #[test]
+    fn the_stop_is_sent_once_when_the_time_left_at_the_rate_so_far_is_within_ahead() {
+        let ms = Duration::from_millis;
+        // 100 of 1000 bytes in 1 s: 9 s left.
+        assert!(!StopAhead::near_end(100, 1000, ms(1000), ms(500)));
+        assert!(StopAhead::near_end(100, 1000, ms(1000), ms(9000)));
+        // 950 of 1000 in 1 s: about 53 ms left.
+        assert!(StopAhead::near_end(950, 1000, ms(1000), ms(500)));
+        assert!(!StopAhead::near_end(950, 1000, ms(1000), ms(50)));
+        // Nothing done yet, or no total: no estimate.
+        assert!(!StopAhead::near_end(0, 1000, ms(1000), ms(9000)));
+        assert!(!StopAhead::near_end(10, 0, ms(1000), ms(9000)));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = StopAhead::new(&common::progress::Silent, ms(3_600_000), tx);
+        p.set_total(1000);
+        p.advance(1);
+        p.advance(1);
+        p.disarm();
+        assert_eq!(rx.iter().count(), 1, "sent once");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = StopAhead::new(&common::progress::Silent, Duration::ZERO, tx);
+        p.set_total(1000);
+        p.advance(10);
+        p.disarm();
+        assert_eq!(rx.iter().count(), 0, "not sent far from the end");
     }
 
     #[test]
