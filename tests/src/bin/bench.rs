@@ -156,6 +156,9 @@ fn main() {
     let restore = restore(&b, &peers, &mut report, true);
     let target = &restore.target;
 
+    // Archive formats: one stream vs indexed frames, on the same data.
+    formats_only(&b, data_bytes, &mut report);
+
     // Scaling: the core figures at 1× and at --scale×.
     if b.args.scale > 1 {
         // 1×: what was measured above, and the default lock method's figures.
@@ -179,8 +182,10 @@ fn main() {
     drop(writer);
     drop(restore.target);
 
-    // Delta restore: last, it adds tables (the scaled data has them already).
+    // Delta restore and incremental backups: last, they add tables (the
+    // scaled data has them already).
     delta::measure(&b, &mut report);
+    incremental_only(&b, &mut report);
 
     report.json.insert("backup".into(), json_rows(&backup.rows));
     report
@@ -646,7 +651,8 @@ fn formats_only(b: &Bench, data_bytes: u64, report: &mut Report) {
     .unwrap();
     report.table(&rows, data_bytes);
     eprintln!("bench: restore, format 1 and 3");
-    let target = b.target_server("target");
+    // Beside the restore table's target (a full run keeps it for scaling).
+    let target = b.target_server("formats-target");
     let (id, archive, unpacked) = b.stored_backup_as("zstd", "");
     let limit_untar = limits::untar(b, &archive);
     b.copy_to_file_store(&archive);
