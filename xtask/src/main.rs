@@ -631,12 +631,22 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let program = dir.join("fake");
+        let source = dir.join("fake.sh");
         std::fs::write(
-            &program,
+            &source,
             "#!/bin/sh\ncase \"$1\" in\n--generate-completions) echo \"# $2 completion\";;\n\
              --generate-man) : > \"$2/fake.1\"; : > \"$2/fake-list.1\";;\n*) exit 2;;\nesac\n",
         )
         .unwrap();
+        // Copied by a child: a file this process held open for writing
+        // could still be open in a child another test forks (until its
+        // exec), and running it would then fail with ETXTBSY.
+        assert!(Command::new("cp")
+            .arg(&source)
+            .arg(&program)
+            .status()
+            .unwrap()
+            .success());
         std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
         let prefix = dir.join("prefix");
         let written = install_program_extras(&program, "fake", &prefix).unwrap();

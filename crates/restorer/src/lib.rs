@@ -2,10 +2,12 @@
 //!
 //! Restore streams the archive (parallel ranged GETs → SHA-256 → decompress →
 //! safe untar) into a staging directory beside the data directory while the
-//! server keeps running; only then it stops the server, keeps the old data
-//! directory as `<datadir>.old-<time>`, moves the new one in and starts the
-//! server. Any failure before the swap leaves the live data untouched
-//! (`restore.rs`: the phases and their guards), and a restore killed at any
+//! server keeps running; its stop begins as the unpack nears its end
+//! (`mysql.stop_ahead`); then it keeps the old data directory as
+//! `<datadir>.old-<time>`, moves the new one in and starts the server. Any
+//! failure before the swap leaves the live data untouched and the server
+//! running, started again if it was stopped (`restore.rs`: the phases and
+//! their guards), and a restore killed at any
 //! instant is finished or undone by the next one or `restorer recover`
 //! (`journal.rs`).
 //! The restorer is the store's reader and administrator: it writes to the
