@@ -1113,6 +1113,7 @@ impl<'a> SwapGuard<'a> {
     /// share files with the restored ones, are removed (as recovery would,
     /// [`journal::decide`]).
     fn remove_asides(&mut self) {
+        let t = Instant::now();
         let staging = &self.journal.staging;
         for m in self
             .journal
@@ -1124,6 +1125,10 @@ impl<'a> SwapGuard<'a> {
                 tracing::error!("{e:#}; remove it by hand");
             }
         }
+        tracing::debug!(
+            "set-aside paths removed in {:.3}s",
+            t.elapsed().as_secs_f64()
+        );
     }
 
     /// The restore is over: the journal goes (the staging directory's
