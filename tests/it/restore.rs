@@ -598,6 +598,46 @@ fn a_restore_that_fails_after_the_stop_began_starts_the_server_again() {
     assert_eq!(target.db.sql("SELECT id FROM d.t"), "7");
 }
 
+/// Killed (SIGKILL) once the stop ahead has stopped the server while the
+/// unpack goes on: `restorer recover` starts the server again on the old
+/// data; killed there again, the next restore finds the journal, undoes
+/// it and restores.
+#[test]
+fn a_restore_killed_after_the_stop_ahead_is_undone_by_recover_or_the_next_restore() {
+    if !gate("a_restore_killed_after_the_stop_ahead_is_undone_by_recover_or_the_next_restore") {
+        return;
+    }
+    let (src, id, _, _) = backed_up_source(7);
+    let target = Target::second(&src);
+    let mut t: toml::Table =
+        toml::from_str(&std::fs::read_to_string(&target.config).unwrap()).unwrap();
+    set(&mut t, "mysql", "stop_ahead", "1h");
+    std::fs::write(&target.config, toml::to_string(&t).unwrap()).unwrap();
+    let args = ["restore", id.as_str()];
+    let mut child = target.paused(&src, &args, "stopped-ahead");
+    assert!(
+        target.db.try_sql("SELECT 1").is_err(),
+        "the server answers after the stop ahead"
+    );
+    send_signal(&child, nix::sys::signal::Signal::SIGKILL);
+    child.wait().unwrap();
+    let out = target.restorer(&src, &["recover"]);
+    assert_ok(&out, "recover after the stop ahead");
+    let line = String::from_utf8_lossy(&out.stdout);
+    assert!(line.contains("found the journal"), "{line}");
+    assert!(target.serves_old_data(7, "recovered"), "{line}");
+    target.assert_clean_and_drop_old("recovered");
+    let mut child = target.paused(&src, &args, "stopped-ahead");
+    send_signal(&child, nix::sys::signal::Signal::SIGKILL);
+    child.wait().unwrap();
+    let out = target.restorer(&src, &args);
+    assert_ok(&out, "the next restore");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("found the journal"), "{log}");
+    assert!(!target.serves_old_data(7, "restored"), "restored");
+    target.assert_clean_and_drop_old("restored");
+}
+
 #[test]
 fn a_target_without_room_is_refused_before_anything_changes_and_an_understated_size_stops_early() {
     if !gate("a_target_without_room_is_refused_before_anything_changes_and_an_understated_size_stops_early")

@@ -138,7 +138,8 @@ pub struct Report {
 }
 
 /// The test hook: `MYSNAP_TEST_PAUSE_AT=<point>` pauses a restore at that
-/// point (a [`Phase::name`], [`SWAP_ASIDE`] or [`FIRST_PASS`]), or a prune at
+/// point (a [`Phase::name`], [`SWAP_ASIDE`], [`FIRST_PASS`] or
+/// [`STOPPED_AHEAD`]), or a prune at
 /// [`crate::prune::MANIFEST_DELETED`], until it is killed.
 pub const PAUSE_ENV: &str = "MYSNAP_TEST_PAUSE_AT";
 /// With the test hook: a pause also ends once the file this names exists.
@@ -149,6 +150,9 @@ pub const SWAP_ASIDE: &str = "swap-aside";
 /// The pause point after a first pass of `--delta` ([`crate::delta`]): the
 /// server stopped, what differed staged, the data directory not yet set aside.
 pub const FIRST_PASS: &str = "first-pass";
+/// The pause point after the stop ahead ([`stage_stopping_ahead`]): the
+/// server down, the unpack going on or done, nothing swapped.
+pub const STOPPED_AHEAD: &str = "stopped-ahead";
 
 impl Phase {
     /// Logs the start of this phase (and pauses there when the test hook says so).
@@ -246,14 +250,10 @@ pub async fn restore(
                 return Err(undid.answering(cfg, opts.start_timeout).await);
             }
             (Err(e), None) => return Err(e),
-            (Ok(_), Some(Err(e))) => {
-                return Err(e.context("nothing was changed; the server was not stopped"))
-            }
-            (Ok(staged), Some(Ok(down))) => {
-                stopped_early = Some(down);
+            (Ok(staged), stopped) => {
+                stopped_early = stopped;
                 staged
             }
-            (Ok(staged), None) => staged,
         }
     } else {
         stage(cfg, &plan, reuse.as_ref(), int, progress).await?
@@ -1353,10 +1353,11 @@ fn stage_stopping_ahead(
                     "the unpack has about {} left: stopping the server",
                     humantime::format_duration(cfg.mysql.stop_ahead)
                 );
-                Some(
-                    live.enter(Phase::Stop, int)
-                        .and_then(|()| live.stop_server()),
-                )
+                let stopped = live
+                    .enter(Phase::Stop, int)
+                    .and_then(|()| live.stop_server());
+                pause_at(STOPPED_AHEAD, Some(int));
+                Some(stopped)
             });
             let staged = handle.block_on(stage(cfg, plan, None, int, &ahead));
             ahead.disarm();
@@ -1483,14 +1484,15 @@ fn undone(live: &mut SwapGuard, e: anyhow::Error, what: &str) -> Undid {
 /// is flushed ([`crate::flush_staged`]): every byte of it is written and
 /// checked by now, so only an I/O error can fail the flush, and then the
 /// server is started again on the unchanged data directory. `stopped`:
-/// it is down already (since then: [`stage_stopping_ahead`]).
-fn stop(staging: &Path, live: &mut SwapGuard, stopped: Option<Instant>) -> Result<Instant, Undid> {
+/// how a stop begun already ended ([`stage_stopping_ahead`]).
+fn stop(
+    staging: &Path,
+    live: &mut SwapGuard,
+    stopped: Option<anyhow::Result<Instant>>,
+) -> Result<Instant, Undid> {
     let (flushed, stopped) = std::thread::scope(|s| {
         let flush = s.spawn(|| crate::flush_staged(staging));
-        let stopped = match stopped {
-            Some(down) => Ok(down),
-            None => live.stop_server(),
-        };
+        let stopped = stopped.unwrap_or_else(|| live.stop_server());
         let flushed = flush
             .join()
             .unwrap_or_else(|_| Err(anyhow::anyhow!("the flush of the staged copy panicked")));
