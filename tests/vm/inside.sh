@@ -83,6 +83,7 @@ on_exit() {
         sleeper=$(pgrep -P "$WATCHDOG")
         kill "$WATCHDOG" $sleeper 2>/dev/null
     fi
+    [ -n "${HEARTBEAT:-}" ] && kill "$HEARTBEAT" $(pgrep -P "$HEARTBEAT") 2>/dev/null
     cleanup
     exit $rc
 }
@@ -94,9 +95,10 @@ diagnose() {
     echo "=== diagnosis at $(date +%T), step: $(cat "$OUT/step" 2>/dev/null)"
     cat /proc/loadavg
     ps -eo pid,ppid,stat,wchan:28,etime,args --forest | grep -v ' \[.*\]$'
-    echo "--- dmsetup info -c"; timeout 10 dmsetup info -c
-    echo "--- dmsetup udevcookies"; timeout 10 dmsetup udevcookies
-    echo "--- lvs -a"; timeout 10 lvs -a
+    echo "--- dmsetup info -c"; timeout -k 2 10 dmsetup info -c
+    echo "--- dmsetup udevcookies"; timeout -k 2 10 dmsetup udevcookies
+    echo "--- lvs -a"; timeout -k 2 10 lvs -a
+    echo "--- kernel messages"; dmesg | tail -n 40
     echo "--- mounts under $D"; grep " $D/" /proc/self/mountinfo
     for f in "$RUN"/*.log "$RUN"/*.err; do
         [ -f "$f" ] && { echo "--- tail of $f"; tail -n 20 "$f"; }
@@ -113,6 +115,17 @@ diagnose() {
     descendants $$ | xargs -r kill -KILL 2>/dev/null
 ) &
 WATCHDOG=$!
+# A heartbeat for the host (cargo xtask vm-test): a count that stops when the
+# whole VM stalls, where the watchdog above cannot run or write.
+(
+    i=0
+    while :; do
+        i=$((i + 1))
+        echo "$i" >"$OUT/heartbeat"
+        sleep 5
+    done
+) &
+HEARTBEAT=$!
 
 # A private MariaDB: start_command/stop_command for mysnap, and a wait.
 server_cmds() { # NAME DATADIR PORT SERVER_ID -> sets START, STOP (TOML arrays)
