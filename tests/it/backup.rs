@@ -234,6 +234,13 @@ pub fn set(t: &mut toml::Table, section: &str, key: &str, value: impl Into<toml:
         .insert(key.into(), value.into());
 }
 
+/// Edits the config file at `path`.
+pub(crate) fn edit_config(path: &Path, tweak: impl FnOnce(&mut toml::Table)) {
+    let mut t: toml::Table = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    tweak(&mut t);
+    std::fs::write(path, toml::to_string(&t).unwrap()).unwrap();
+}
+
 /// Snapshots, starts an archiver slowed down by level-19 single-threaded
 /// compression, and sends it `signal` while it is still archiving.
 fn archiver_signalled_mid_way(

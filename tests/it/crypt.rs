@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 use common::manifest::Manifest;
 use mysnap_tests::gate;
 
-use crate::backup::{assert_ok, error_line, set, Rig, StoreKind};
+use crate::backup::{assert_ok, edit_config, error_line, set, Rig, StoreKind};
 use crate::restore::Target;
 
 /// A row no compressor could hide in plain text: an encrypted archive must not hold it.
@@ -50,13 +50,6 @@ fn auth_key(dir: &Path, name: &str) -> PathBuf {
 pub(crate) fn write_recipients(path: &Path, publics: &[&str]) {
     let _ = std::fs::remove_file(path);
     std::fs::write(path, publics.join("\n") + "\n").unwrap();
-}
-
-/// Edits the config file at `path`.
-fn edit_config(path: &Path, tweak: impl FnOnce(&mut toml::Table)) {
-    let mut t: toml::Table = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    tweak(&mut t);
-    std::fs::write(path, toml::to_string(&t).unwrap()).unwrap();
 }
 
 /// The restorer on the target, with `MYSNAP_IDENTITY_FILE` when given.

@@ -10,7 +10,7 @@ use mysnap_tests::{
     BtrfsVolume, MariaDb, MariaOpts,
 };
 
-use crate::backup::{assert_ok, error_line, set, Rig, StoreKind};
+use crate::backup::{assert_ok, edit_config, error_line, set, Rig, StoreKind};
 
 /// A second server to restore onto, with a config sharing the source's store.
 pub(crate) struct Target {
@@ -577,10 +577,7 @@ fn a_restore_that_fails_after_the_stop_began_starts_the_server_again() {
     let target = Target::second(&src);
     // Every moment of the unpack is within an hour of its end: the stop
     // begins at its first bytes.
-    let mut t: toml::Table =
-        toml::from_str(&std::fs::read_to_string(&target.config).unwrap()).unwrap();
-    set(&mut t, "mysql", "stop_ahead", "1h");
-    std::fs::write(&target.config, toml::to_string(&t).unwrap()).unwrap();
+    edit_config(&target.config, |t| set(t, "mysql", "stop_ahead", "1h"));
     let out = target.restorer(&src, &["restore", wrong]);
     let line = error_line(&out, 4);
     assert!(
@@ -609,10 +606,7 @@ fn a_restore_killed_after_the_stop_ahead_is_undone_by_recover_or_the_next_restor
     }
     let (src, id, _, _) = backed_up_source(7);
     let target = Target::second(&src);
-    let mut t: toml::Table =
-        toml::from_str(&std::fs::read_to_string(&target.config).unwrap()).unwrap();
-    set(&mut t, "mysql", "stop_ahead", "1h");
-    std::fs::write(&target.config, toml::to_string(&t).unwrap()).unwrap();
+    edit_config(&target.config, |t| set(t, "mysql", "stop_ahead", "1h"));
     let args = ["restore", id.as_str()];
     let mut child = target.paused(&src, &args, "stopped-ahead");
     assert!(

@@ -300,18 +300,13 @@ fn vm_test() -> anyhow::Result<()> {
         bail!("vm-test needs root (the VM runs LVM as root): run cargo xtask vm-test as root");
     }
     run(cargo().args(["build", "--workspace", "--bins"]))?;
-    match vm_run()? {
-        VmEnd::Exited => Ok(()),
-        VmEnd::Unresponsive(why) => {
-            eprintln!("xtask: vm-test: {why}; running the VM test once more");
-            match vm_run()? {
-                VmEnd::Exited => Ok(()),
-                VmEnd::Unresponsive(why) => {
-                    bail!("vm-test failed: {why}, twice in a row; the VM's output is above")
-                }
-            }
+    if let VmEnd::Unresponsive(why) = vm_run()? {
+        eprintln!("xtask: vm-test: {why}; running the VM test once more");
+        if let VmEnd::Unresponsive(why) = vm_run()? {
+            bail!("vm-test failed: {why}, twice in a row; the VM's output is above");
         }
     }
+    Ok(())
 }
 
 /// How a VM run that did not fail a step ended.
@@ -328,6 +323,13 @@ const VM_STALL: std::time::Duration = std::time::Duration::from_secs(300);
 /// The whole run, boot included; the script's watchdog ends a hung step at
 /// 1500 s after the script starts.
 const VM_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1800);
+
+/// Copies `from` to this process's stderr, in a thread of its own.
+fn echo(mut from: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from, &mut std::io::stderr());
+    })
+}
 
 /// One boot of the VM running the test. Err when a step failed.
 fn vm_run() -> anyhow::Result<VmEnd> {
@@ -378,20 +380,7 @@ fn vm_run() -> anyhow::Result<VmEnd> {
     let mut child = cmd
         .spawn()
         .with_context(|| format!("cannot start {}", vng.display()))?;
-    let console: Vec<_> = [
-        child
-            .stdout
-            .take()
-            .map(|o| Box::new(o) as Box<dyn std::io::Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|e| Box::new(e) as Box<dyn std::io::Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|mut from| std::thread::spawn(move || std::io::copy(&mut from, &mut std::io::stderr())))
-    .collect();
+    let console = [child.stdout.take().map(echo), child.stderr.take().map(echo)];
     let heartbeat = out.join("heartbeat");
     let step = || {
         std::fs::read_to_string(out.join("step"))
@@ -443,7 +432,9 @@ fn vm_run() -> anyhow::Result<VmEnd> {
     // The console's last lines before the report (not longer: a helper
     // QEMU left behind may hold the pipes open).
     let copied = Instant::now();
-    while !console.iter().all(|c| c.is_finished()) && copied.elapsed() < Duration::from_secs(10) {
+    while !console.iter().flatten().all(|c| c.is_finished())
+        && copied.elapsed() < Duration::from_secs(10)
+    {
         std::thread::sleep(Duration::from_millis(100));
     }
     let wall = started.elapsed().as_secs_f64();
